@@ -1,0 +1,33 @@
+# Two entry points (README "Quickstart"): `make demo` and `make test`. Both create the virtual
+# environment on first use and install the package with the exact versions CI uses
+# (.ci/constraints.txt); a cluster user installs with plain `pip install -e .` instead.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: setup demo test data clean-venv
+
+$(STAMP): pyproject.toml .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST from Debian (the embedded default's data); best effort: without root or apt the
+# harness says which package is missing, and the tests fall back to scikit-learn's digits.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  { (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null 2>&1 || \
+	    echo "note: could not install dataset-fashion-mnist (need root and apt)"; }
+
+demo: $(STAMP) data
+	HF_HUB_OFFLINE=1 $(BIN)/bench demo $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,94 @@
+"""The `bench` command: one entry point for the whole workflow (README, DESIGN.md).
+
+    bench prepare [key=value ...]              images -> VAE latent moments + PCA'd semantic features
+    bench train spec=redi [key=value ...]      one training run (resumes if its folder exists)
+    bench grid NAME [--stage train|eval] ...   submit an ablation grid (SLURM, local, debug)
+    bench status NAME                          what is queued, running, done, failed
+    bench sample / bench eval RUN_DIR ...      samples and metrics with provenance
+    bench report NAME                          tables beside the paper's numbers, plots
+    bench perf ...                             throughput benchmarks
+    bench demo [--quick]                       the embedded default end to end, offline, on CPU
+
+Every subcommand parses its own arguments; errors the user can fix are printed as one line
+(`bench: error: ...`) with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from bench.config import ConfigError
+
+# name -> (one-line help, "module:function" implementing it, or None when not built yet)
+SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
+    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)", "bench.prepare:main"),
+    "train": ("train one run: bench train spec=redi [key=value ...]", "bench.train:main"),
+    "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] [--dry-run] [--list]", "bench.launch:main_grid"),
+    "status": ("state of every cell of a grid: bench status NAME", "bench.launch:main_status"),
+    "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate:main_sample"),
+    "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate:main_eval"),
+    "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report:main"),
+    "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf:main"),
+    "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo:main"),
+}
+
+
+class UsageError(Exception):
+    """An error the user can fix; printed without a traceback."""
+
+
+def _resolve(target: str | None) -> Callable[[Sequence[str]], int] | None:
+    if target is None:
+        return None
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None  # not built yet
+        raise
+    return getattr(module, func_name, None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench",
+        description="redi-bench: reproduce, extend and stress-test ReDi (joint image-feature diffusion).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `bench SUBCOMMAND --help` for the options of each subcommand.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (help_text, _) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in SUBCOMMANDS:
+        parser.error(f"unknown subcommand {command!r}; choose one of {list(SUBCOMMANDS)}")
+    func = _resolve(SUBCOMMANDS[command][1])
+    if func is None:
+        print(f"bench {command}: not built yet in this version of redi-bench "
+              f"(see the open issues); nothing was done.", file=sys.stderr)
+        return 3
+    try:
+        return int(func(rest) or 0)
+    except (ConfigError, UsageError, FileNotFoundError) as err:
+        print(f"bench {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

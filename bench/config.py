@@ -1,0 +1,314 @@
+"""Typed configuration of a redi-bench experiment.
+
+Every setting lives in a dataclass here. Hydra only composes them: the YAML files in `ablations/`
+hold deltas, and `bench.compose.load_config` turns the composed DictConfig into these dataclasses with
+`OmegaConf.to_object`, so nothing downstream ever sees a DictConfig. `__post_init__` validates, so a
+bad value fails when the config loads, with a message that names the key and the allowed values.
+
+Fields whose metadata says `identity=False` do not change results (logging, paths, workers) and are
+left out of the run hash (`bench.identity`). Defaults follow the paper's Table 8 and section 4 of
+the reference where the paper states them; the embedded CPU default is a YAML delta
+(`ablations/scale/embedded.yaml`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+def _not_identity(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A field that does not change results (excluded from the run hash)."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"identity": False}, **kwargs)
+    return field(default=default, metadata={"identity": False}, **kwargs)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ConfigError(f"{key}={value!r} is out of range; it must lie in [{lo}, {hi}]")
+
+
+DATASETS = ("fashion_mnist", "digits", "imagefolder")
+VAE_KINDS = ("embedded", "diffusers")
+ENCODER_KINDS = ("efficientnet_lite0", "dinov2")
+FUSIONS = ("none", "merged", "separate")
+TRANSPORTS = ("flow", "ddpm")
+PATHS = ("linear", "gvp")
+DROP_MODES = ("sample", "batch_official")
+PRECISIONS = ("auto", "bf16", "fp32")
+SAMPLERS = ("sde", "euler", "heun", "ddpm")
+GUIDANCE_CHANNELS = ("latent", "all")
+LABEL_SAMPLING = ("random", "balanced")
+
+
+@dataclass
+class DataConfig:
+    """Which images, and where their prepared tensors live."""
+
+    name: str = "fashion_mnist"
+    """fashion_mnist (Debian's dataset-fashion-mnist), digits (scikit-learn, tests) or imagefolder."""
+    root: Optional[str] = _not_identity(None)
+    """Image folder (imagefolder) or the idx.gz folder (fashion_mnist); None = the standard place."""
+    image_size: int = 32
+    """Pixels per side after cropping/padding (ADM center crop for imagefolder: 256 or 512)."""
+    num_classes: int = 10
+    prepared_dir: str = _not_identity("results/prepared")
+    """Where `bench prepare` writes shards; the shards' own manifest is what identifies them."""
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASETS)
+        _range("data.image_size", self.image_size, 8)
+        _range("data.num_classes", self.num_classes, 1)
+
+
+@dataclass
+class VAEConfig:
+    """The latent autoencoder: the embedded tiny AutoencoderKL or a diffusers folder (SD-VAE)."""
+
+    kind: str = "embedded"
+    path: Optional[str] = _not_identity(None)
+    """A local diffusers folder or a Hugging Face repo id resolved from the local cache only."""
+    scaling_factor: float = 0.18215
+    """SD-VAE's latent scale; the embedded VAE stores its own (unit-std) factor in its config."""
+
+    def __post_init__(self) -> None:
+        _choice("vae.kind", self.kind, VAE_KINDS)
+        _range("vae.scaling_factor", self.scaling_factor, 0.0)
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen semantic encoder whose PCA-reduced features are the semantic channels."""
+
+    kind: str = "efficientnet_lite0"
+    """efficientnet_lite0 (embedded stand-in for DINOv2) or dinov2 (timm, from a local file)."""
+    variant: str = "vitb14_reg"
+    """For dinov2: vits14, vitb14, vitl14, each with or without `_reg`."""
+    weights: Optional[str] = _not_identity(None)
+    """Local weights file for dinov2 (nothing is downloaded)."""
+    pca_rank_max: int = 16
+    """PCA coordinates stored per token by prepare; a run may use any rank up to this."""
+    store_features: bool = True
+    """Also store the raw (un-PCA'd) patch features, the REPA alignment target (paper App. B.3)."""
+    online_features: bool = False
+    """Compute the REPA target with the encoder during training instead (the official code's way)."""
+
+    def __post_init__(self) -> None:
+        _choice("encoder.kind", self.kind, ENCODER_KINDS)
+        _range("encoder.pca_rank_max", self.pca_rank_max, 1)
+
+
+@dataclass
+class ModelConfig:
+    """The backbone (paper Table 7) and how the two modalities are fused (eq. 7-10)."""
+
+    size: str = "XL/2"
+    """Registry name: S, B, L, XL with patch 1, 2, 4, 8 (e.g. B/2), or `custom` with the fields below."""
+    hidden_size: int = 0
+    depth: int = 0
+    num_heads: int = 0
+    patch_size: int = 0
+    """Used only when size=custom (tiny CPU models)."""
+    fusion: str = "merged"
+    """none = latent only (SiT/DiT baseline); merged (paper default) or separate tokens."""
+    pca_rank: int = 8
+    """r, the semantic channels the model sees (paper: 8, Fig. 7)."""
+    whiten: bool = False
+    """Divide PCA coordinates by the square root of their eigenvalues (the official code does not)."""
+    learn_sigma: bool = False
+    """Double the output channels for a learned variance (DiT/DDPM); the SiT flow ignores it."""
+    class_dropout_prob: float = 0.1
+    conditional: bool = True
+    """False trains an unconditional model (num_classes = 1, paper Table 3)."""
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("model.fusion", self.fusion, FUSIONS)
+        _range("model.pca_rank", self.pca_rank, 1)
+        _range("model.class_dropout_prob", self.class_dropout_prob, 0.0, 1.0)
+        if self.size == "custom":
+            for key in ("hidden_size", "depth", "num_heads", "patch_size"):
+                if getattr(self, key) <= 0:
+                    raise ConfigError(f"model.{key} must be > 0 when model.size=custom")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The transport and the terms of the joint loss (eq. 6 / eq. 18, REPA)."""
+
+    transport: str = "flow"
+    path: str = "linear"
+    lambda_z: float = 1.0
+    p_drop: float = 0.0
+    """Probability of dropping the semantic modality (0.2 for Representation Guidance)."""
+    drop_mode: str = "sample"
+    """sample: per-sample drop, semantic input zeroed (the paper); batch_official: the official code."""
+    lambda_repa: float = 0.0
+    align_layer: int = 8
+    projector_hidden: int = 2048
+
+    def __post_init__(self) -> None:
+        _choice("objective.transport", self.transport, TRANSPORTS)
+        _choice("objective.path", self.path, PATHS)
+        _choice("objective.drop_mode", self.drop_mode, DROP_MODES)
+        _range("objective.lambda_z", self.lambda_z, 0.0)
+        _range("objective.p_drop", self.p_drop, 0.0, 1.0)
+        _range("objective.lambda_repa", self.lambda_repa, 0.0)
+        _range("objective.align_layer", self.align_layer, 1)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, constant learning rate (paper Table 8; official code: no warm-up, no clipping)."""
+
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    """0 disables clipping (the official code); peers using fp16/bf16 often use 1.0."""
+
+    def __post_init__(self) -> None:
+        _range("optim.lr", self.lr, 0.0)
+        _range("optim.beta1", self.beta1, 0.0, 1.0)
+        _range("optim.beta2", self.beta2, 0.0, 1.0)
+        _range("optim.weight_decay", self.weight_decay, 0.0)
+        _range("optim.max_grad_norm", self.max_grad_norm, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    """The loop: batch, length, EMA, precision, checkpoints."""
+
+    batch_size: int = 256
+    """Global batch, split over ranks."""
+    max_steps: int = 400_000
+    ema_decay: float = 0.9999
+    precision: str = "auto"
+    """auto = bf16 autocast where the device supports it, else fp32 (fp32 master weights always)."""
+    seed: int = 0
+    compile: bool = False
+    ckpt_every: int = _not_identity(50_000)
+    keep_last: int = _not_identity(2)
+    milestones: list[int] = _not_identity(default_factory=list)
+    """Steps whose checkpoints are kept for evaluation (in addition to the last `keep_last`)."""
+    log_every: int = _not_identity(100)
+    num_workers: int = _not_identity(0)
+
+    def __post_init__(self) -> None:
+        _range("train.batch_size", self.batch_size, 1)
+        _range("train.max_steps", self.max_steps, 1)
+        _range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        _choice("train.precision", self.precision, PRECISIONS)
+        _range("train.ckpt_every", self.ckpt_every, 1)
+        _range("train.keep_last", self.keep_last, 1)
+        _range("train.log_every", self.log_every, 1)
+
+
+@dataclass
+class GuidanceConfig:
+    """Sampling-time guidance (models/GUIDANCE.md): CFG, Representation Guidance, both."""
+
+    cfg_scale: float = 1.0
+    cfg_channels: str = "latent"
+    interval_low: float = 0.0
+    interval_high: float = 1.0
+    rg_scale: float = 1.0
+    rg_channels: str = "all"
+
+    def __post_init__(self) -> None:
+        _range("guidance.cfg_scale", self.cfg_scale, 0.0)
+        _range("guidance.rg_scale", self.rg_scale, 0.0)
+        _choice("guidance.cfg_channels", self.cfg_channels, GUIDANCE_CHANNELS)
+        _choice("guidance.rg_channels", self.rg_channels, GUIDANCE_CHANNELS)
+        _range("guidance.interval_low", self.interval_low, 0.0, 1.0)
+        _range("guidance.interval_high", self.interval_high, self.interval_low, 1.0)
+
+
+@dataclass
+class EvalConfig:
+    """How samples are drawn and scored. Not part of the run hash: it never changes training."""
+
+    sampler: str = "sde"
+    num_sampling_steps: int = 250
+    num_samples: int = 50_000
+    batch_size: int = 64
+    label_sampling: str = "random"
+    use_ema: bool = True
+    seed: int = 0
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    steps: list[int] = field(default_factory=list)
+    """Training steps to evaluate; empty = every kept checkpoint."""
+    metrics: list[str] = field(default_factory=lambda: ["fid"])
+    feature_network: str = "classifier"
+    """classifier (embedded Fashion-MNIST net), inception (needs inception_weights) or dinov2."""
+    inception_weights: Optional[str] = None
+    reference: Optional[str] = None
+    """Reference statistics or images: an ADM .npz, or None for the prepared test split."""
+
+    def __post_init__(self) -> None:
+        _choice("eval.sampler", self.sampler, SAMPLERS)
+        _choice("eval.label_sampling", self.label_sampling, LABEL_SAMPLING)
+        _range("eval.num_sampling_steps", self.num_sampling_steps, 1)
+        _range("eval.num_samples", self.num_samples, 1)
+        _range("eval.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class ExperimentConfig:
+    """One training run (and how it is evaluated). `spec` and `grid` name it; the rest defines it."""
+
+    spec: str = "redi"
+    grid: str = _not_identity("adhoc")
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = _not_identity(default_factory=EvalConfig)
+    output_root: str = _not_identity("results/runs")
+
+    def __post_init__(self) -> None:
+        # Cross-field checks: each names every key involved.
+        if self.model.fusion != "none" and self.model.pca_rank > self.encoder.pca_rank_max:
+            raise ConfigError(
+                f"model.pca_rank={self.model.pca_rank} exceeds encoder.pca_rank_max="
+                f"{self.encoder.pca_rank_max}: prepare stores only that many PCA coordinates; "
+                "lower model.pca_rank or re-run `bench prepare` with a larger encoder.pca_rank_max")
+        if self.model.fusion == "none" and self.objective.p_drop > 0:
+            raise ConfigError("objective.p_drop > 0 needs semantic channels, but model.fusion=none "
+                              "(latent only); set model.fusion=merged or objective.p_drop=0")
+        if self.model.fusion == "none" and self.eval.guidance.rg_scale != 1.0:
+            raise ConfigError("eval.guidance.rg_scale != 1 needs semantic channels, but "
+                              "model.fusion=none; Representation Guidance requires a ReDi model")
+        if self.objective.transport == "ddpm" and self.eval.sampler != "ddpm":
+            raise ConfigError(f"eval.sampler={self.eval.sampler!r} does not fit "
+                              "objective.transport=ddpm; use eval.sampler=ddpm")
+        if self.objective.transport == "flow" and self.eval.sampler == "ddpm":
+            raise ConfigError("eval.sampler=ddpm needs objective.transport=ddpm; the flow "
+                              "transport samples with sde, euler or heun")
+
+    @property
+    def semantic_channels(self) -> int:
+        """C_z as the model sees it (0 for latent-only)."""
+        return 0 if self.model.fusion == "none" else self.model.pca_rank
+
+    @property
+    def num_model_classes(self) -> int:
+        """Class count given to the network (1 for unconditional models, paper Table 3)."""
+        return self.data.num_classes if self.model.conditional else 1
