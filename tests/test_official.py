@@ -151,12 +151,9 @@ def test_guided_forward_matches_official(learn_sigma, mode):
                         cfg_channels="latent" if mode == "cfg_latent" else "all")
     with torch.no_grad():
         ours = guided_prediction(model, x, z, t, y, guidance)
-    # models.guidance forms the CFG weight (w - 1) with torch.where on Python floats, i.e. in float32
-    # (1.4 is off by 2.4e-8), times |f_c - f_u| ~ 1: ~1e-8. 1e-6 still catches any channel/branch mix-up
-    # (differences ~1). Tighten to ATOL64 once that weight is built in the output dtype.
-    atol_guidance = 1e-6
-    torch.testing.assert_close(ours.x[:, :C_X], official[:, :C_X], atol=atol_guidance, rtol=0)
-    torch.testing.assert_close(ours.z[:, :C_Z], official[:, C_X:], atol=atol_guidance, rtol=0)
+    # The guidance weights are formed in the output dtype (float64 here), so the same 1e-10 holds.
+    torch.testing.assert_close(ours.x[:, :C_X], official[:, :C_X], atol=ATOL64, rtol=0)
+    torch.testing.assert_close(ours.z[:, :C_Z], official[:, C_X:], atol=ATOL64, rtol=0)
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
