@@ -53,6 +53,15 @@ def _resolve(target: str | None) -> Callable[[Sequence[str]], int] | None:
     return getattr(module, func_name, None)
 
 
+def _is_user_error(err: Exception) -> bool:
+    """Errors the user can fix: config errors, missing files, and by convention every ValueError
+    subclass defined in bench/ (PrepareError, PCAError, PreparedDataError, ...), whose messages
+    name the setting to change. Anything else is a bug and keeps its traceback."""
+    if isinstance(err, (ConfigError, UsageError, FileNotFoundError)):
+        return True
+    return isinstance(err, ValueError) and type(err).__module__.startswith("bench.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench",
@@ -82,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     try:
         return int(func(rest) or 0)
-    except (ConfigError, UsageError, FileNotFoundError) as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         print(f"bench {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,227 @@
+"""The prepared-data format written by `bench prepare` and the loader the trainer uses.
+
+Layout of a prepared folder (`data.prepared_dir`):
+
+    manifest.json            written last; identifies everything below (settings hash, encoder,
+                             grids, r_max, counts, VAE and its scaling factor, classifier)
+    settings.json            the settings being prepared (guards against mixing two settings)
+    pca.safetensors/.json    the PCA (full basis, float64) fitted on the train split
+    pca_stats.safetensors    the merged float64 sums it came from
+    vae/                     the embedded AutoencoderKL (save_pretrained), when vae.kind=embedded
+    classifier/              the evaluation CNN (model.safetensors + classifier.json), if trained
+    train/shard-00000.safetensors, ...   and test/...
+
+A shard holds, for n images (row i of every tensor is one image):
+    moments   float32 (n, 2*C_x, h, w)   posterior [mean, std] along channels (see encoders.py)
+    semantic  float32 (n, r_max, gh, gw) PCA coordinates on the encoder grid, unwhitened:
+                                         ((f - mean)/std - pca_mean) @ components[:r_max].T
+    labels    int64   (n,)
+    indices   int64   (n,)               the image's index in its split (provenance)
+    features  float16 (n, D, gh, gw)     raw encoder features (only with encoder.store_features)
+
+The rank r <= r_max, whitening and the resize to the latent grid are chosen at load time:
+slicing the first r coordinates, dividing by sqrt(eigenvalue) and bilinear resizing
+(align_corners=False) are all per-channel linear maps, so the order does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+FORMAT_VERSION = "redi-bench-prepared/1"
+MANIFEST = "manifest.json"
+SHARD_KEYS = ("moments", "semantic", "labels", "indices")
+
+
+class PreparedDataError(ValueError):
+    """A prepared folder is missing, incomplete, or does not fit what the trainer asked for."""
+
+
+def shard_name(split: str, index: int) -> str:
+    """Relative path of a finished shard."""
+    return f"{split}/shard-{index:05d}.safetensors"
+
+
+def write_manifest(out: Path, settings_hash: str, cfg_data, cfg_encoder, vae_info, encoder_info,
+                   pca, plan, classifier: Optional[dict], timings: dict) -> Path:
+    """Write `manifest.json` (last, atomically): what produced the shards and what they hold.
+    `plan` lists every shard as (split, shard index, image indices)."""
+    from bench.atomic import atomic_write_json
+
+    splits: dict[str, dict] = {}
+    for split, index, indices in plan:
+        entry = splits.setdefault(split, {"shards": [], "counts": [], "count": 0})
+        entry["shards"].append(shard_name(split, index))
+        entry["counts"].append(len(indices))
+        entry["count"] += len(indices)
+    side = cfg_data.image_size // vae_info.downsample
+    r_max = cfg_encoder.pca_rank_max
+    vae = vae_info.to_json()
+    if Path(vae_info.path) == Path(out) / "vae":  # the embedded VAE moves with the folder
+        vae["path"] = "vae"
+    manifest = {
+        "format": FORMAT_VERSION, "settings_hash": settings_hash,
+        "data": {"name": cfg_data.name, "image_size": cfg_data.image_size,
+                 "num_classes": cfg_data.num_classes},
+        "vae": vae, "scaling_factor": vae_info.scaling_factor,
+        "latent_channels": vae_info.latent_channels, "latent_grid": [side, side],
+        "encoder": encoder_info.to_json(), "semantic_grid": list(encoder_info.grid),
+        "r_max": r_max, "store_features": cfg_encoder.store_features,
+        "pca": {"file": "pca.safetensors", "encoder_id": pca.encoder_id, "count": pca.count,
+                "num_images": pca.num_images, "source": pca.source,
+                "eigenvalues": pca.eigenvalues[:r_max].tolist(),
+                "explained_variance_ratio": pca.explained_variance_ratio()[:r_max].tolist()},
+        "splits": splits,
+        "classifier": ({"path": "classifier", "test_accuracy": classifier["test_accuracy"]}
+                       if classifier else None),
+        "timings": timings,
+    }
+    return atomic_write_json(Path(out) / MANIFEST, manifest)
+
+
+def read_manifest(prepared_dir: str | Path) -> dict:
+    """The manifest of a finished prepare, or PreparedDataError saying what to run."""
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise PreparedDataError(f"{path} not found: {prepared_dir} holds no finished prepare; run "
+                                "`bench prepare` (with the same data/vae/encoder settings) first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise PreparedDataError(f"{path} has format {manifest.get('format')!r}, not "
+                                f"{FORMAT_VERSION}; re-run `bench prepare`")
+    return manifest
+
+
+def check_manifest(manifest: dict, encoder_id: Optional[str] = None,
+                   rank: Optional[int] = None) -> None:
+    """Raise PreparedDataError when the shards come from another encoder or hold too few ranks."""
+    if encoder_id is not None and manifest["encoder"]["encoder_id"] != encoder_id:
+        raise PreparedDataError(f"the prepared shards come from encoder "
+                                f"{manifest['encoder']['encoder_id']!r}, not {encoder_id!r}; "
+                                "point data.prepared_dir at shards of this encoder or re-run prepare")
+    if rank is not None and not 1 <= rank <= manifest["r_max"]:
+        raise PreparedDataError(f"model.pca_rank={rank} must lie in [1, {manifest['r_max']}] "
+                                "(encoder.pca_rank_max when the shards were prepared)")
+
+
+class PreparedDataset(Dataset):
+    """One split of a prepared folder at rank r.
+
+    Items are dicts: `moments` (2*C_x, h, w), `semantic` (r, h, w) on the latent grid, `label` (),
+    and `features` (D, gh, gw) float16 when stored and requested. In memory the whole split is
+    also available as tensors: `.moments`, `.semantic`, `.labels`, `.features`.
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str, rank: int, whiten: bool = False,
+                 with_features: bool = True, in_memory: Optional[bool] = None) -> None:
+        self.root = Path(prepared_dir)
+        self.manifest = read_manifest(self.root)
+        check_manifest(self.manifest, rank=rank)
+        if split not in self.manifest["splits"]:
+            raise PreparedDataError(f"split {split!r} was not prepared in {self.root}; prepared: "
+                                    f"{sorted(self.manifest['splits'])}")
+        self.split, self.rank, self.whiten = split, rank, whiten
+        info = self.manifest["splits"][split]
+        self.shards = [self.root / name for name in info["shards"]]
+        self.counts = list(info["counts"])
+        self.offsets = [0]
+        for count in self.counts:
+            self.offsets.append(self.offsets[-1] + count)
+        self.latent_grid = tuple(self.manifest["latent_grid"])
+        self.with_features = with_features and bool(self.manifest["store_features"])
+        eigenvalues = torch.tensor(self.manifest["pca"]["eigenvalues"][:rank], dtype=torch.float64)
+        self.scale = (1.0 / eigenvalues.sqrt()).float() if whiten else None
+        for shard in self.shards:
+            if not shard.is_file():
+                raise PreparedDataError(f"shard {shard} listed in the manifest is missing; re-run "
+                                        "`bench prepare` (finished shards are kept)")
+        if in_memory is None:
+            in_memory = self._estimated_bytes() < 4 * 1024 ** 3
+        self.in_memory = in_memory
+        self._handles: dict[int, object] = {}
+        if in_memory:
+            self._load_all()
+
+    def _estimated_bytes(self) -> int:
+        return sum(shard.stat().st_size for shard in self.shards)
+
+    def _semantic(self, coords: torch.Tensor) -> torch.Tensor:
+        """(n, r_max, gh, gw) stored coords -> (n, r, h, w) on the latent grid, whitened if asked."""
+        coords = coords[:, : self.rank].float()
+        if self.scale is not None:
+            coords = coords * self.scale.view(1, -1, 1, 1)
+        if tuple(coords.shape[-2:]) != self.latent_grid:
+            coords = F.interpolate(coords, size=self.latent_grid, mode="bilinear",
+                                   align_corners=False)
+        return coords.contiguous()
+
+    def _load_all(self) -> None:
+        from safetensors.torch import load_file
+
+        parts: dict[str, list[torch.Tensor]] = {"moments": [], "semantic": [], "labels": [],
+                                                "features": []}
+        for shard in self.shards:
+            tensors = load_file(str(shard))
+            parts["moments"].append(tensors["moments"])
+            parts["semantic"].append(self._semantic(tensors["semantic"]))
+            parts["labels"].append(tensors["labels"])
+            if self.with_features:
+                parts["features"].append(tensors["features"])
+        self.moments = torch.cat(parts["moments"])
+        self.semantic = torch.cat(parts["semantic"])
+        self.labels = torch.cat(parts["labels"])
+        self.features = torch.cat(parts["features"]) if self.with_features else None
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        import bisect
+
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return shard, index - self.offsets[shard]
+
+    def __getitem__(self, index: int) -> dict:
+        if self.in_memory:
+            item = {"moments": self.moments[index], "semantic": self.semantic[index],
+                    "label": self.labels[index]}
+            if self.features is not None:
+                item["features"] = self.features[index]
+            return item
+        from safetensors import safe_open
+
+        shard, row = self._locate(int(index))
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
+        handle = self._handles[shard]
+        item = {"moments": handle.get_slice("moments")[row: row + 1][0],
+                "semantic": self._semantic(handle.get_slice("semantic")[row: row + 1])[0],
+                "label": handle.get_slice("labels")[row: row + 1][0]}
+        if self.with_features:
+            item["features"] = handle.get_slice("features")[row: row + 1][0]
+        return item
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # file handles do not cross process boundaries (DataLoader workers)
+        return state
+
+
+def load_prepared(prepared_dir: str | Path, split: str, rank: int, whiten: bool = False,
+                  with_features: bool = True, in_memory: Optional[bool] = None) -> PreparedDataset:
+    """Load one split of a finished prepare at PCA rank `rank` (<= r_max), optionally whitened.
+
+    The dataset's `.manifest` says which encoder, grids, VAE and scaling factor produced it; call
+    `check_manifest(ds.manifest, encoder_id=...)` to refuse shards of another encoder. Splits up to
+    4 GB are loaded into memory (tensors `.moments`, `.semantic`, `.labels`, `.features`); larger
+    ones are read item by item from the memory-mapped shards.
+    """
+    return PreparedDataset(prepared_dir, split, rank, whiten, with_features, in_memory)

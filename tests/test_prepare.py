@@ -1,0 +1,326 @@
+"""`bench prepare` end to end on scikit-learn digits with tiny settings: shard contents against
+independent recomputation, resume after a crash, array tasks, caching, and one clear error (and no
+partial shard) per kind of bad input."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import bench.prepare as prepare
+from bench.config import DataConfig, EncoderConfig, VAEConfig
+from bench.data import DatasetError, center_crop_arr, digits
+from bench.embedded import ClassifierSettings, EmbeddedVAESettings, load_classifier
+from bench.encoders import EncoderError, build_efficientnet_lite0, load_vae
+from bench.pca import PCAError, PCAStats
+from bench.prepare import PrepareError, PrepareOptions, prepare_embedded, run_prepare
+from bench.prepared import PreparedDataError, check_manifest, load_prepared
+
+SIZES = {"train": 96, "test": 40}  # 3 + 2 shards of 32
+R_MAX = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    """A randomly initialised f=4 AutoencoderKL (32x32 -> 4x8x8): the pipeline, not its quality."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3)
+    folder = tmp_path_factory.mktemp("vae") / "tiny"
+    vae.save_pretrained(folder)
+    return folder
+
+
+def _configs(out: Path, vae_dir: Path, **encoder):
+    return (DataConfig(name="digits", prepared_dir=str(out)),
+            VAEConfig(kind="diffusers", path=str(vae_dir), scaling_factor=0.5),
+            EncoderConfig(pca_rank_max=R_MAX, **encoder))
+
+
+def _options(**kw) -> PrepareOptions:
+    # EfficientNet at 64 px: block 7 gives a 4x4 grid, resized to the 8x8 latent grid at load.
+    base = dict(shard_size=32, batch_size=16, max_images=dict(SIZES), efficientnet_input_size=64,
+                train_classifier=False, progress=False)
+    return PrepareOptions(**(base | kw))
+
+
+def _shards(out: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.relative_to(out)): load_file(str(p)) for p in sorted(out.glob("*/shard-*.safetensors"))}
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Pass-1 files and temporaries: what a finished or failed prepare must not leave."""
+    return [p.name for p in out.rglob("*") if ".tmp-" in p.name or p.name.endswith(".enc.safetensors")]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_vae_dir):
+    out = tmp_path_factory.mktemp("prepared") / "ref"
+    run_prepare(*_configs(out, tiny_vae_dir), _options())
+    return out
+
+
+def test_shards_match_independent_computation(reference_run, tiny_vae_dir):
+    out = reference_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 96 and manifest["splits"]["test"]["count"] == 40
+    assert manifest["latent_grid"] == [8, 8] and manifest["semantic_grid"] == [4, 4]
+    assert manifest["r_max"] == R_MAX and manifest["scaling_factor"] == 0.5
+    assert manifest["encoder"]["encoder_id"] == "efficientnet_lite0_block7_64px"
+    assert not _leftovers(out)
+
+    # Recompute everything for the train split, outside the pipeline.
+    source = digits("train")
+    images, labels = source.images(range(96)), source.labels[:96]
+    encoder = build_efficientnet_lite0(32, input_size=64)
+    feats = torch.cat([encoder.encode(images[i:i + 16]) for i in range(0, 96, 16)])  # (96, 80, 4, 4)
+    tokens = feats.permute(0, 2, 3, 1).reshape(-1, 80).double().numpy()
+    mean, std = tokens.mean(0), tokens.std(0)
+    values, vectors = np.linalg.eigh(np.cov((tokens - mean) / std, rowvar=False))
+    values, vectors = values[::-1], vectors[:, ::-1].T
+
+    ds = load_prepared(out, "train", rank=3)
+    assert torch.equal(ds.labels, labels)
+    assert ds.moments.shape == (96, 8, 8, 8) and ds.semantic.shape == (96, 3, 8, 8)
+    assert ds.features.shape == (96, 80, 4, 4) and ds.features.dtype == torch.float16
+    vae = load_vae(VAEConfig(kind="diffusers", path=str(tiny_vae_dir)))
+    # Same network, same batches: float32 agreement.
+    torch.testing.assert_close(ds.moments, vae.encode_moments(images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ds.features.float(), feats, atol=2e-3 * float(feats.abs().max()),
+                               rtol=1e-3)  # float16 storage: 2^-11 relative rounding
+    eig = torch.tensor(manifest["pca"]["eigenvalues"])
+    # The streamed float64 fit vs a one-shot float64 fit of the same float32 features.
+    np.testing.assert_allclose(eig.numpy(), values[:R_MAX], rtol=1e-6)
+    # Semantic channels: official pipeline on the float16 features, then bilinear to 8x8.
+    comps = vectors[:3].copy()
+    signs = np.sign(comps[np.arange(3), np.abs(comps).argmax(1)])
+    z = ((ds.features.double().permute(0, 2, 3, 1).numpy() - mean) / std) @ (comps * signs[:, None]).T
+    expected = F.interpolate(torch.from_numpy(z).permute(0, 3, 1, 2), size=(8, 8), mode="bilinear",
+                             align_corners=False)
+    torch.testing.assert_close(ds.semantic.double(), expected, atol=1e-4, rtol=1e-4)
+
+    whitened = load_prepared(out, "train", rank=3, whiten=True)
+    torch.testing.assert_close(whitened.semantic, ds.semantic / eig[:3].sqrt().view(1, 3, 1, 1))
+    lazy = load_prepared(out, "test", rank=2, in_memory=False)
+    eager = load_prepared(out, "test", rank=2)
+    item = lazy[37]
+    for key, value in (("moments", eager.moments), ("semantic", eager.semantic),
+                       ("label", eager.labels), ("features", eager.features)):
+        torch.testing.assert_close(item[key], value[37])
+    with pytest.raises(PreparedDataError, match="model.pca_rank=5"):
+        load_prepared(out, "train", rank=5)
+    with pytest.raises(PreparedDataError, match="come from encoder"):
+        check_manifest(ds.manifest, encoder_id="dinov2_vitb14_reg_224px")
+
+
+def test_second_call_is_cached(reference_run, tiny_vae_dir, capsys):
+    mtimes = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
+    start = time.time()
+    run_prepare(*_configs(reference_run, tiny_vae_dir), _options())
+    assert time.time() - start < 5.0  # no encoding (a full run takes longer on 2 cores)
+    assert "up to date" in capsys.readouterr().out
+    assert mtimes == {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
+
+
+def test_crash_and_resume_equals_uninterrupted(reference_run, tiny_vae_dir, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    real = prepare._encode_shard
+    calls = []
+
+    def crash_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill after shard 2")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "_encode_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(*_configs(out, tiny_vae_dir), _options())
+    finished = sorted(p.name for p in out.rglob("*.enc.safetensors"))
+    assert finished == ["shard-00000.enc.safetensors", "shard-00001.enc.safetensors"]
+    assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp-*"))
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.enc.safetensors")}
+
+    resumed = []
+    monkeypatch.setattr(prepare, "_encode_shard", lambda *a, **k: resumed.append(1) or real(*a, **k))
+    monkeypatch.setattr(prepare, "_project_shard", _checking_projection(mtimes, prepare._project_shard))
+    run_prepare(*_configs(out, tiny_vae_dir), _options())
+    assert len(resumed) == 3  # 5 shards in all, 2 were finished before the crash
+    reference, again = _shards(reference_run), _shards(out)
+    assert reference.keys() == again.keys()
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(reference[name][key], again[name][key]), (name, key)
+    assert load_file(str(out / "pca.safetensors")).keys() == load_file(
+        str(reference_run / "pca.safetensors")).keys()
+    for key, value in load_file(str(reference_run / "pca.safetensors")).items():
+        assert torch.equal(value, load_file(str(out / "pca.safetensors"))[key]), key
+
+
+def _checking_projection(mtimes, real):
+    """Pass 2 wrapper asserting that pass-1 files from before the crash were not rewritten."""
+    def project(out, split, index, *args):
+        enc = out / split / f"shard-{index:05d}.enc.safetensors"
+        if enc in mtimes:
+            assert enc.stat().st_mtime_ns == mtimes[enc]
+        return real(out, split, index, *args)
+    return project
+
+
+def test_array_tasks_equal_single_run(reference_run, tiny_vae_dir, tmp_path, capsys):
+    out = tmp_path / "array"
+    run_prepare(*_configs(out, tiny_vae_dir), _options(task_index=1, task_count=2))
+    assert "waits for the other tasks" in capsys.readouterr().out
+    assert not (out / "pca.safetensors").exists() and not (out / "manifest.json").exists()
+    os.environ["SLURM_ARRAY_TASK_ID"], os.environ["SLURM_ARRAY_TASK_COUNT"] = "0", "2"
+    try:
+        run_prepare(*_configs(out, tiny_vae_dir), _options())  # task from the SLURM variables
+    finally:
+        del os.environ["SLURM_ARRAY_TASK_ID"], os.environ["SLURM_ARRAY_TASK_COUNT"]
+    assert not (out / "manifest.json").exists()  # task 1 still has to project its shards
+    run_prepare(*_configs(out, tiny_vae_dir), _options(task_index=1, task_count=2))
+    reference, arrayed = _shards(reference_run), _shards(out)
+    assert reference.keys() == arrayed.keys()
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(reference[name][key], arrayed[name][key]), (name, key)
+
+
+def test_other_settings_in_same_folder(reference_run, tiny_vae_dir, tmp_path):
+    out = tmp_path / "p"
+    run_prepare(*_configs(out, tiny_vae_dir), _options(max_images={"train": 32, "test": 8}))
+    with pytest.raises(PrepareError, match="other settings"):
+        run_prepare(*_configs(out, tiny_vae_dir), _options(max_images={"train": 32, "test": 16}))
+    run_prepare(*_configs(out, tiny_vae_dir),
+                _options(max_images={"train": 32, "test": 16}, overwrite=True))
+    assert json.loads((out / "manifest.json").read_text())["splits"]["test"]["count"] == 16
+
+
+def _no_shards(out: Path) -> bool:
+    return not out.exists() or (not list(out.rglob("shard-*")) and not list(out.rglob("*.tmp-*")))
+
+
+def test_mismatched_pca_file(reference_run, tiny_vae_dir, tmp_path):
+    other = PCAStats(80).update(torch.randn(200, 80)).finalize("dinov2_vitb14_reg_224px")
+    other.save(tmp_path / "other.safetensors")
+    out = tmp_path / "p"
+    with pytest.raises(PCAError, match="fitted on encoder 'dinov2_vitb14_reg_224px'"):
+        run_prepare(*_configs(out, tiny_vae_dir), _options(pca_path=str(tmp_path / "other")))
+    wrong_dim = PCAStats(16).update(torch.randn(100, 16)).finalize("efficientnet_lite0_block7_64px")
+    wrong_dim.save(tmp_path / "small.safetensors")
+    with pytest.raises(PCAError, match="dimension 16"):
+        run_prepare(*_configs(out, tiny_vae_dir), _options(pca_path=str(tmp_path / "small")))
+    from sklearn.decomposition import PCA
+
+    official = tmp_path / "dino_pca_model.pth"
+    torch.save({"pca_model": PCA().fit(np.random.default_rng(0).normal(size=(100, 80))),
+                "mean": np.zeros(80, np.float32), "std": np.ones(80, np.float32)}, official)
+    with pytest.raises(PCAError, match="trust_pickle"):
+        run_prepare(*_configs(out, tiny_vae_dir), _options(official_pca=str(official)))
+    assert _no_shards(out)
+    # A PCA of the right encoder is used as is (not refitted).
+    run_prepare(*_configs(out, tiny_vae_dir),
+                _options(pca_path=str(reference_run / "pca"), max_images={"train": 32, "test": 8}))
+    assert torch.equal(load_file(str(out / "pca.safetensors"))["components"],
+                       load_file(str(reference_run / "pca.safetensors"))["components"])
+    assert not (out / "pca_stats.safetensors").exists()
+
+
+def test_missing_weights(tiny_vae_dir, tmp_path):
+    out = tmp_path / "p"
+    with pytest.raises(EncoderError, match="encoder.weights: file"):
+        run_prepare(*_configs(out, tiny_vae_dir, weights=str(tmp_path / "none.pth")), _options())
+    with pytest.raises(EncoderError, match="vae.path"):
+        run_prepare(*_configs(out, tmp_path / "no_vae"), _options())
+    assert _no_shards(out)
+
+
+def _png(path: Path, width: int, height: int, seed: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+
+
+def test_image_folder_errors(tiny_vae_dir, tmp_path):
+    root = tmp_path / "images"
+    vae = VAEConfig(kind="diffusers", path=str(tiny_vae_dir))
+    enc = EncoderConfig(pca_rank_max=2)
+    out = tmp_path / "p"
+    (root / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="empty"):
+        run_prepare(DataConfig(name="imagefolder", root=str(root), image_size=256,
+                               prepared_dir=str(out)), vae, enc, _options(splits=("train",)))
+    for i in range(3):
+        _png(root / "train" / "cat" / f"{i}.png", 300, 260, i)
+    (root / "train" / "cat" / "3.png").write_bytes(b"not a png at all")
+    with pytest.raises(DatasetError, match="data.image_size=100"):
+        run_prepare(DataConfig(name="imagefolder", root=str(root), image_size=100,
+                               prepared_dir=str(out)), vae, enc, _options(splits=("train",)))
+    with pytest.raises(DatasetError, match=r"cannot decode image .*3\.png"):
+        run_prepare(DataConfig(name="imagefolder", root=str(root), image_size=256,
+                               prepared_dir=str(out)), vae, enc,
+                    _options(splits=("train",), shard_size=2, batch_size=2, max_images={}))
+    # The shard holding the corrupt image was never written, whole or partial.
+    assert not (out / "train" / "shard-00001.enc.safetensors").exists()
+    assert not list(out.rglob("*.tmp-*")) and not list(out.rglob("shard-00001*"))
+    with pytest.raises(DatasetError, match="data.image_size=8"):
+        run_prepare(DataConfig(name="fashion_mnist", root=str(tmp_path), image_size=8,
+                               prepared_dir=str(tmp_path / "q")), vae, enc, _options())
+
+
+def test_center_crop_matches_adm_arithmetic():
+    """512x768 at S=256: one BOX halving (2x2 means) to 256x384, no-op resize, crop 64 px each side."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (512, 768, 3), dtype=np.uint8)
+    got = center_crop_arr(Image.fromarray(arr), 256)
+    halved = arr.reshape(256, 2, 384, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    assert got.shape == (256, 256, 3)
+    assert np.abs(got.astype(np.float64) - halved[:, 64:320]).max() <= 1.0  # PIL rounds to uint8
+
+
+def test_embedded_pipeline_on_digits(tmp_path):
+    options = _options(vae=EmbeddedVAESettings(block_out_channels=(8, 16, 16), steps=3,
+                                               batch_size=16, scale_images=64),
+                       classifier=ClassifierSettings(width=8, feature_dim=16, epochs=0.25),
+                       train_classifier=True, max_images={"train": 32, "test": 16})
+    out = prepare_embedded(tmp_path / "a", data_name="digits", options=options, pca_rank_max=R_MAX)
+    manifest = json.loads((out / "manifest.json").read_text())
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert manifest["vae"]["kind"] == "embedded" and manifest["latent_grid"] == [8, 8]
+    assert manifest["scaling_factor"] == pytest.approx(vae_config["scaling_factor"])
+    assert "stand-in for DINOv2" in manifest["encoder"]["description"]
+    info = json.loads((out / "classifier" / "classifier.json").read_text())
+    assert manifest["classifier"]["test_accuracy"] == info["test_accuracy"]
+    classifier = load_classifier(out / "classifier")
+    batch = digits("test").images(range(4))
+    assert classifier.features(batch).shape == (4, 16) and classifier.logits(batch).shape == (4, 10)
+    torch.testing.assert_close(classifier.logits(batch), classifier.logits(batch.float()))
+    with pytest.raises(ValueError, match="0..255"):
+        classifier.logits(batch.float() / 127.5 - 1.0)
+    # Reproducible from the seed: a second folder gives identical weights and shards.
+    again = prepare_embedded(tmp_path / "b", data_name="digits", options=options, pca_rank_max=R_MAX)
+    first, second = _shards(out), _shards(again)
+    for name in first:
+        for key in first[name]:
+            assert torch.equal(first[name][key], second[name][key]), (name, key)
+    weights = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    weights2 = load_file(str(again / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)
