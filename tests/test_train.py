@@ -1,0 +1,263 @@
+"""The training loop: every spec trains and logs exactly its loss terms, bad configs write nothing,
+finished runs return at once, the NaN guard, and bit-exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.checkpoint import list_checkpoints, verify_checkpoint
+from bench.compose import dumps
+from bench.config import ConfigError
+from bench.identity import run_dir
+from bench.train import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
+from fixtures_train import SPECS, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Terms each spec switches on (ablations/spec/*.yaml): semantic with fusion != none, repa with lambda_repa > 0.
+EXPECTED_TERMS = {
+    "latent_only": {"loss", "loss/latent"},
+    "redi": {"loss", "loss/latent", "loss/semantic"},
+    "redi_rg": {"loss", "loss/latent", "loss/semantic"},
+    "redi_repa": {"loss", "loss/latent", "loss/semantic", "loss/repa"},
+    "repa": {"loss", "loss/latent", "loss/repa"},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Bit-exact comparisons need the same kernels as the single-threaded subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_spec_trains_and_logs_exactly_its_terms(spec, prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, tmp_path, spec=spec)
+    out = train(cfg)
+    assert out == run_dir(cfg)
+    lines = _metrics(out)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    for line in lines:
+        assert {k for k in line if k.startswith("loss")} == EXPECTED_TERMS[spec]
+        assert {"grad_norm", "lr", "images_per_s", "peak_memory_mb", "time"} <= set(line)
+        assert all(torch.isfinite(torch.tensor(line[k])) for k in EXPECTED_TERMS[spec])
+    assert [step for step, _ in list_checkpoints(out)] == [2, 4]
+    assert (out / "DONE").is_file()
+    assert json.loads((out / "config.json").read_text()) == json.loads(dumps(cfg))
+    weights = tensors_of(out / "checkpoints" / "0000004")
+    # The zero-initialised output head has moved, and the EMA (decay 0.9) lags behind the model.
+    assert weights["model.final_layer.linear.weight"].abs().max() > 0
+    assert not torch.equal(weights["model.final_layer.linear.weight"], weights["ema.final_layer.linear.weight"])
+
+
+def test_ddpm_with_learned_variance_logs_the_vlb(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, tmp_path, "objective.transport=ddpm", "eval.sampler=ddpm",
+                      "model.learn_sigma=true", "train.max_steps=2")
+    lines = _metrics(train(cfg))
+    assert {k for k in lines[-1] if k.startswith("loss")} == {"loss", "loss/latent", "loss/semantic", "loss/vlb"}
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_trains(prepared_dir, tmp_path):
+    assert resolve_precision("auto", torch.device("cpu")) is None  # measured slower in bf16 (bench/train.py)
+    assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    out = train(tiny_config(prepared_dir, tmp_path, "train.precision=bf16", "train.max_steps=2", "spec=redi_repa"))
+    line = _metrics(out)[-1]
+    assert all(torch.isfinite(torch.tensor(line[k])) for k in line if k.startswith("loss"))
+    weights = tensors_of(out / "checkpoints" / "0000002")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
+
+
+def test_milestones_are_saved_and_kept(prepared_dir, tmp_path):
+    out = train(tiny_config(prepared_dir, tmp_path, "train.max_steps=6", "train.ckpt_every=4",
+                            "train.keep_last=1", "train.milestones=[3]"))
+    assert [step for step, _ in list_checkpoints(out)] == [3, 6]  # 4 was pruned (keep_last=1)
+
+
+def test_finished_run_returns_at_once_and_changes_nothing(prepared_dir, tmp_path, capsys):
+    cfg = tiny_config(prepared_dir, tmp_path, "train.max_steps=2")
+    out = train(cfg)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    started = time.perf_counter()
+    assert train(cfg) == out
+    assert time.perf_counter() - started < 1.0  # no model is built, no data is loaded
+    assert "is finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_existing_folder_of_another_config_is_refused(prepared_dir, tmp_path):
+    out = train(tiny_config(prepared_dir, tmp_path, "train.max_steps=2"))
+    other = tiny_config(prepared_dir, tmp_path, "train.max_steps=2", "optim.lr=0.01")
+    with pytest.raises(ConfigError, match=r"optim.lr: saved 0.001 vs now 0.01"):
+        train(other, out)
+
+
+@pytest.fixture(scope="module")
+def odd_prepared(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("odd")
+    return {"dinov2": write_prepared(root / "dinov2", train_count=8, encoder_id="dinov2_vitb14_reg_224px"),
+            "nofeatures": write_prepared(root / "nofeatures", train_count=8, store_features=False)}
+
+
+BAD_LOAD = [  # rejected when the config is composed
+    (["spec=nope"], "Available specs"),
+    (["model.nope=1"], "Key 'nope' not in 'ModelConfig'"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["objective.p_drop=-0.2"], "objective.p_drop"),
+    (["objective.lambda_repa=-0.5"], "objective.lambda_repa"),
+    (["spec=latent_only", "objective.p_drop=0.2"], "needs semantic channels"),
+]
+BAD_TRAIN = [  # rejected by train() before anything is written
+    ("ok", ["model.pca_rank=6", "encoder.pca_rank_max=8"], "exceeds the 4 PCA coordinates stored"),
+    ("ok", ["encoder.kind=dinov2"], "shards from another encoder"),
+    ("dinov2", ["encoder.kind=dinov2", "encoder.variant=vitb14"], "shards from another encoder"),
+    ("dinov2", ["encoder.kind=dinov2", "encoder.variant=vitl14_reg"], "shards from another encoder"),
+    ("nofeatures", ["spec=redi_repa"], "store_features"),
+    ("ok", ["data.name=fashion_mnist"], "data.name"),
+    ("ok", ["model.hidden_size=30"], "hidden_size"),
+    ("ok", ["spec=repa", "objective.align_layer=3"], "align_layer"),
+    ("missing", [], "no finished prepare"),
+]
+
+
+@pytest.mark.parametrize("overrides, fragment", BAD_LOAD)
+def test_bad_config_fails_at_load(overrides, fragment, prepared_dir, tmp_path):
+    with pytest.raises(ConfigError, match=fragment):
+        tiny_config(prepared_dir, tmp_path / "runs", *overrides)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("data, overrides, fragment", BAD_TRAIN)
+def test_bad_config_fails_in_train_and_writes_nothing(data, overrides, fragment, prepared_dir, odd_prepared, tmp_path):
+    source = {"ok": prepared_dir, "missing": tmp_path / "nowhere"}.get(data) or odd_prepared[data]
+    cfg = tiny_config(source, tmp_path / "runs", *overrides)
+    with pytest.raises(ConfigError, match=fragment):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(prepared_dir, tmp_path):
+    # lr = 1e6: the first AdamW update moves every weight by ~1e6, the loss overflows two steps later.
+    cfg = tiny_config(prepared_dir, tmp_path, "optim.lr=1e6", "train.max_steps=40", "train.ckpt_every=1")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step \d+.*last good checkpoint is step") as err:
+        train(cfg)
+    bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    steps = [step for step, _ in list_checkpoints(run_dir(cfg))]
+    assert steps[-1] == bad_step - 1 and not (run_dir(cfg) / "DONE").exists()
+    verify_checkpoint(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}")  # intact: checksums match
+    assert all(torch.isfinite(t).all() for t in tensors_of(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}").values())
+
+
+def test_sampler_is_a_seeded_stream_of_epoch_permutations():
+    sampler = GlobalBatchSampler(num_items=10, batch_size=4, seed=3)
+    stream = torch.cat([sampler.indices(step) for step in range(5)])  # 20 positions = 2 epochs
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:].tolist()) == list(range(10))
+    assert not torch.equal(stream[:10], stream[10:])  # a new permutation each epoch
+    fresh = GlobalBatchSampler(num_items=10, batch_size=4, seed=3)
+    assert torch.equal(fresh.indices(3), sampler.indices(3))  # position is a function of the step
+    assert sampler.position(3) == {"samples_seen": 12, "epoch": 1, "offset": 2}
+
+
+@pytest.mark.timeout(240)
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(prepared_dir, tmp_path):
+    steps = 120
+    overrides = (f"train.max_steps={steps}", "train.ckpt_every=10", "train.keep_last=20", "spec=redi_repa",
+                 "objective.p_drop=0.2")
+    reference = train(tiny_config(prepared_dir, tmp_path / "reference", *overrides))
+
+    cfg = tiny_config(prepared_dir, tmp_path / "killed", *overrides)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(dumps(cfg))
+    command = [sys.executable, "-m", "bench.train", "--config", str(config_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    target = random.Random().randint(15, 60)  # a random step past the first checkpoint (10)
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = run_dir(cfg) / "metrics.jsonl"  # absolute: output_root is under tmp_path
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= target:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_dir = metrics.parent
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed_dir / "DONE").exists() and list_checkpoints(killed_dir)
+
+    resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed_from = int(re.search(r"resuming from checkpoint step (\d+)", resumed.stdout).group(1))
+    assert 10 <= resumed_from < steps
+    a = tensors_of(reference / "checkpoints" / f"{steps:07d}")
+    b = tensors_of(killed_dir / "checkpoints" / f"{steps:07d}")
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    # The log is continuous: every step once, in order, after the replayed tail was dropped.
+    assert [line["step"] for line in _metrics(killed_dir)] == list(range(1, steps + 1))
+
+
+@pytest.mark.timeout(120)
+def test_online_encoder_features_equal_the_stored_ones(tmp_path):
+    """encoder.online_features runs the encoder on the batch's images (found through the shards'
+    `indices`); on the same images it must give the features prepare stores."""
+    from bench.config import DataConfig, EncoderConfig
+    from bench.data import open_split
+    from bench.encoders import build_semantic_encoder
+    from bench.prepared import read_manifest
+    from bench.train import TrainingData
+
+    encoder = build_semantic_encoder(EncoderConfig(kind="efficientnet_lite0"), 32)
+    image_indices = torch.arange(40, 24, -1)  # 16 rows, not the identity map
+    images = open_split(DataConfig(name="digits", image_size=32), "train").images(image_indices.tolist())
+    stored = write_prepared(tmp_path / "prepared", train_count=16, shard_size=6, image_indices=image_indices,
+                            features=encoder.encode(images))
+    targets = {}
+    for online in (False, True):
+        cfg = tiny_config(stored, tmp_path / "runs", "spec=repa", f"encoder.online_features={online}")
+        data = TrainingData(cfg, read_manifest(stored), torch.device("cpu"))
+        _, _, _, targets[online] = data.batch(1, torch.Generator().manual_seed(0), slice(0, 8), token_grid=8)
+    assert targets[True].shape == (8, 64, encoder.info.channels)
+    # Stored features are float16: relative rounding 2^-11 ~ 5e-4, hence rtol 1e-3 (atol for ~0 values).
+    torch.testing.assert_close(targets[True], targets[False], rtol=1e-3, atol=1e-3)
+    assert targets[True].abs().max() > 0.1  # real features, not zeros
+    lines = _metrics(train(tiny_config(stored, tmp_path / "runs", "spec=repa", "encoder.online_features=true",
+                                       "train.max_steps=2")))
+    assert "loss/repa" in lines[-1]
+
+
+def test_resume_on_other_prepared_data_is_refused(prepared_dir, tmp_path):
+    cfg = tiny_config(prepared_dir, tmp_path / "runs", "train.max_steps=4")
+    out = train(cfg)
+    (out / "DONE").unlink()
+    shutil.rmtree(out / "checkpoints" / "0000004")
+    other = write_prepared(tmp_path / "other", seed=1)  # same format, other settings hash
+    moved = tiny_config(other, tmp_path / "runs", "train.max_steps=4")
+    assert run_dir(moved) == out  # data.prepared_dir is not part of the run identity
+    with pytest.raises(ConfigError, match="trained on other prepared data"):
+        train(moved)
+
+
+def test_cli_trains_and_reports_bad_data_in_one_line(prepared_dir, tmp_path, capsys):
+    from bench.cli import main as bench
+
+    assert bench(["train", *tiny_overrides(prepared_dir, tmp_path / "runs", "train.max_steps=1")]) == 0
+    assert bench(["train", *tiny_overrides(prepared_dir, tmp_path / "bad", "encoder.kind=dinov2")]) == 2
+    assert "bench train: error:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
