@@ -1,0 +1,419 @@
+"""The sampling and evaluation driver (bench.sampling, bench.evaluate) on a tiny trained run.
+
+What is measured: resumed / array-split sampling is bit-identical to an uninterrupted run; a shard
+equals an independent re-implementation of the pipeline (checkpoint -> sampler -> VAE decode of the
+latent channels / scaling factor -> DiT rounding); FD and accuracy equal an independent float64 /
+scipy computation; one eval.jsonl row per (step, metric, setting) with full provenance, and a re-run
+writes nothing; bad inputs fail with one clear error before anything is sampled; the semantic PCA
+picture equals an eigen-decomposition written here.
+
+The run is trained by the trainer itself (bench.train.train) on `fixtures_train.write_prepared`, with
+a tiny AutoencoderKL and evaluation classifier trained for a step or two by bench.embedded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from bench.atomic import atomic_write_json
+from bench.config import ConfigError, GuidanceConfig
+from bench.embedded import (ClassifierSettings, EmbeddedVAESettings, load_classifier,
+                            train_classifier, train_embedded_vae)
+from bench.evaluate import (EvaluationError, append_rows, evaluate, main_eval, missing_evaluations,
+                            read_eval_rows)
+from bench.sampling import (SamplingError, apply_eval_overrides, build_guidance, read_run_config,
+                            read_shard, sample, semantic_pca_rgb, shard_labels)
+from bench.train import train
+from fixtures_train import tiny_config, write_prepared
+
+SHARD = 8  # 32 samples = 4 shards of 2 batches each: enough structure for resume and array tasks
+EVAL_OVERRIDES = ("eval.sampler=euler", "eval.num_sampling_steps=3", "eval.num_samples=32",
+                  "eval.batch_size=4", "eval.label_sampling=random")
+PROVENANCE = {"step", "metric", "value", "setting", "setting_hash", "backend", "backend_version",
+              "feature_network", "feature_weights_sha256", "reference_sha256", "n", "seed",
+              "sampler", "sampling_steps", "guidance", "weights", "precision", "wall_time_s",
+              "created_at", "checkpoint_sha256", "samples_dir", "label_sampling"}
+
+
+def _train_decoder_and_classifier(prepared: Path) -> None:
+    """The embedded VAE (one step on random images) and the evaluation classifier (30 steps on
+    digits, enough for features that vary), trained by bench.embedded and recorded in the manifest
+    the way `bench prepare` records them."""
+    from bench.data import digits
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1,
+                                                         batch_size=4, scale_images=8),
+                             0, prepared / "vae", progress=False)
+    train_split, test_split = digits("train", 32), digits("test", 32)
+    clf = train_classifier(train_split.images(range(320)), train_split.labels[:320],
+                           test_split.images(range(64)), test_split.labels[:64], 10,
+                           ClassifierSettings(width=8, feature_dim=8, epochs=3.0, batch_size=32, lr=1e-2),
+                           0, prepared / "classifier", progress=False)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
+    manifest["classifier"] = {"path": "classifier", "test_accuracy": clf["test_accuracy"]}
+    atomic_write_json(prepared / "manifest.json", manifest)
+
+
+@contextmanager
+def _one_thread():
+    """One thread: same kernels in every call, and on a busy 2-core machine 20-50x faster than
+    two threads fighting other processes for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    with _one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("evaluate")
+    with _one_thread():
+        prepared = write_prepared(root / "prepared")
+        _train_decoder_and_classifier(prepared)
+        return train(tiny_config(prepared, root / "runs", *EVAL_OVERRIDES))  # checkpoints 2 and 4
+
+
+@pytest.fixture
+def run(trained, tmp_path) -> Path:
+    """A private copy of the trained run (tests write samples and eval rows into it)."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def _shards(result) -> list[dict]:
+    return [read_shard(p) for p in result.shards]
+
+
+def _no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: resumable, reproducible, and the pipeline it claims
+
+
+def test_resumed_sampling_is_bit_identical(run, monkeypatch):
+    import bench.sampling as sampling
+
+    full = sample(run, 4, shard_size=SHARD, progress=False)
+    assert full.complete and full.counts == [8, 8, 8, 8]
+    reference = _shards(full)
+    # Each shard has its own noise and labels (seeded by its index), not copies of one another.
+    assert not np.array_equal(reference[0]["images"], reference[1]["images"])
+    shutil.rmtree(full.folder)
+
+    # A "kill" after one shard (max_shards), then an exception inside shard 2 (injected).
+    first = sample(run, 4, shard_size=SHARD, max_shards=1, progress=False)
+    assert not first.complete and first.sampled_now == 8
+    real = sampling._sample_shard
+
+    def dies_at_shard_two(folder, index, *args, **kwargs):
+        if index == 2:
+            raise RuntimeError("killed")
+        return real(folder, index, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_sample_shard", dies_at_shard_two)
+    with pytest.raises(RuntimeError, match="killed"):
+        sample(run, 4, shard_size=SHARD, progress=False)
+    assert [p.is_file() for p in first.shards] == [True, True, False, False]
+    assert _no_temporaries(first.folder)
+    monkeypatch.setattr(sampling, "_sample_shard", real)
+    resumed = sample(run, 4, shard_size=SHARD, progress=False)
+    assert resumed.complete and resumed.sampled_now == 16  # only shards 2 and 3 were left
+    for want, got in zip(reference, _shards(resumed)):
+        assert np.array_equal(want["images"], got["images"])  # bit-identical uint8
+        assert np.array_equal(want["labels"], got["labels"])
+
+    # Two array tasks, the second first, give the same shards; more samples later reuse them.
+    shutil.rmtree(full.folder)
+    sample(run, 4, shard_size=SHARD, task_index=1, num_tasks=2, progress=False)
+    split = sample(run, 4, shard_size=SHARD, task_index=0, num_tasks=2, progress=False)
+    assert split.complete
+    for want, got in zip(reference, _shards(split)):
+        assert np.array_equal(want["images"], got["images"])
+    more = sample(run, 4, shard_size=SHARD, num_samples=40, progress=False)
+    assert more.complete and more.sampled_now == 8 and len(more.counts) == 5
+    assert (full.folder / "grid.png").is_file() and (full.folder / "grid_semantic_pca.png").is_file()
+
+
+def test_shard_equals_independent_pipeline(run):
+    """Shard 0's first batch rebuilt by hand: EMA weights, labels and noise from the generators of
+    (eval seed, shard 0), Euler, diffusers decode of latents / scaling factor, DiT rounding."""
+    from diffusers import AutoencoderKL
+
+    from bench.build import build_model
+    from bench.checkpoint import checkpoint_path, load_weights
+    from bench.prepared import read_manifest
+    from bench.train import derive_seed
+    from models.flow_sampling import sample_flow
+    from models.guidance import Guidance
+
+    result = sample(run, 2, shard_size=SHARD, progress=False)
+    shard = read_shard(result.shards[0])
+    cfg = read_run_config(run)
+    manifest = read_manifest(cfg.data.prepared_dir)
+    model = build_model(cfg, manifest)
+    model.load_state_dict(load_weights(checkpoint_path(run, 2), "ema"))
+    model.eval()
+    labels = torch.randint(0, 10, (SHARD,), dtype=torch.long,
+                           generator=torch.Generator().manual_seed(derive_seed(0, "sampling", "labels", 0)))
+    noise = torch.Generator().manual_seed(derive_seed(0, "sampling", "noise", 0))
+    batch = cfg.eval.batch_size
+    x, z = sample_flow(model, (batch, 4, 8, 8), (batch, cfg.semantic_channels, 8, 8), labels[:batch],
+                       Guidance(latent_channels=4, semantic_channels=cfg.semantic_channels), "euler", 3,
+                       generator=noise)
+    vae = AutoencoderKL.from_pretrained(Path(cfg.data.prepared_dir) / "vae").eval()
+    with torch.no_grad():
+        decoded = vae.decode(x / manifest["scaling_factor"]).sample.numpy()
+    expected = np.clip(127.5 * decoded + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(shard["labels"], labels.numpy())
+    assert np.array_equal(shard["images"][:batch], expected)  # same ops, same order: exact
+    assert np.array_equal(shard["semantic_grid"][:batch], z.numpy())
+
+
+def test_guidance_settings_reach_the_sampler(run):
+    from bench.prepared import read_manifest
+    from models.guidance import Guidance
+
+    cfg = apply_eval_overrides(read_run_config(run), [
+        "eval.guidance.cfg_scale=2.4", "eval.guidance.cfg_channels=all", "eval.guidance.interval_low=0.1",
+        "eval.guidance.interval_high=0.7", "eval.guidance.rg_scale=1.5", "eval.guidance.rg_channels=latent"])
+    with pytest.warns(RuntimeWarning, match="objective.p_drop=0"):  # RG on a run trained without drop
+        got = build_guidance(cfg, read_manifest(cfg.data.prepared_dir))
+    assert got == Guidance(latent_channels=4, semantic_channels=cfg.semantic_channels, cfg_scale=2.4,
+                           cfg_channels="all", interval=(0.1, 0.7), rg_scale=1.5, rg_channels="latent",
+                           null_class=10)
+
+
+def test_balanced_labels_cover_every_class_evenly():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.cat([shard_labels(start, count, 10, "balanced", g)
+                        for start, count in ((0, 16), (16, 16), (32, 5))])  # N = 37
+    counts = torch.bincount(labels, minlength=10)
+    assert int(counts.min()) == 3 and int(counts.max()) == 4  # floor / ceil of 37 / 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: rows, provenance, values, idempotence
+
+
+def test_every_checkpoint_gets_one_row_per_metric_and_rerun_writes_nothing(run):
+    assert missing_evaluations(run, "fd_classifier", "default") == [2, 4]
+    rows = evaluate(None, run, shard_size=SHARD, progress=False)
+    keys = sorted((r["step"], r["metric"], r["setting"]) for r in rows)
+    assert keys == [(s, m, "default") for s in (2, 4) for m in ("accuracy", "fd_classifier")]
+    guidance_fields = {f.name for f in dataclasses.fields(GuidanceConfig)}
+    for row in rows:
+        assert PROVENANCE <= set(row), PROVENANCE - set(row)
+        assert set(row["guidance"]) == guidance_fields
+        assert row["n"] == 32 and row["sampler"] == "euler" and row["weights"] == "ema"
+    before = (run / "eval.jsonl").read_bytes()
+    assert evaluate(None, run, shard_size=SHARD, progress=False) == []
+    assert (run / "eval.jsonl").read_bytes() == before
+    assert missing_evaluations(run, "fd_classifier", "default") == []
+    assert missing_evaluations(run, "fd_classifier", "other") == [2, 4]
+    assert len(read_eval_rows(run)) == 4
+    assert (run / "eval.jsonl").read_text().count("\n") == 4  # one line per row
+
+    # The values, recomputed independently: scipy sqrtm FD in float64 and a plain argmax accuracy.
+    from bench.data import digits
+
+    fd_row = next(r for r in rows if r["step"] == 4 and r["metric"] == "fd_classifier")
+    native = evaluate(None, run, [4], "native", backend="native", shard_size=SHARD, progress=False)
+    native_fd = next(r for r in native if r["metric"] == "fd_classifier")
+    assert native_fd["samples_dir"] == fd_row["samples_dir"]  # same setting: the samples are reused
+    acc_row = next(r for r in rows if r["step"] == 4 and r["metric"] == "accuracy")
+    classifier = load_classifier(Path(read_run_config(run).data.prepared_dir) / "classifier")
+    shards = [read_shard(p) for p in sorted(Path(fd_row["samples_dir"]).glob("shard-*.npz"))]
+    images = torch.from_numpy(np.concatenate([s["images"] for s in shards])).permute(0, 3, 1, 2)
+    labels = np.concatenate([s["labels"] for s in shards])
+    test = digits("test", 32)
+    with torch.no_grad():
+        f1 = classifier.features(images).double().numpy()
+        f2 = classifier.features(test.images(range(len(test)))).double().numpy()
+        predicted = classifier.logits(images).argmax(1).numpy()
+    # Independent float64 FD: tr sqrt(S1 S2) from the eigenvalues of sqrt(S2) S1 sqrt(S2) (the
+    # driver's backend uses S1 S2 or sqrt(S1) S2 sqrt(S1)); stable although the samples of this
+    # barely trained model are so alike that S1 is singular (scipy's sqrtm is not: LinAlgWarning).
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    w2, v2 = np.linalg.eigh(s2)
+    root2 = (v2 * np.sqrt(np.clip(w2, 0, None))) @ v2.T
+    middle = root2 @ s1 @ root2
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt)
+    # The features are float32 and their last bits depend on how images are batched (the driver
+    # extracts 256 at a time, this test all at once): ~1e-7 relative, which the FD carries linearly.
+    assert native_fd["value"] == pytest.approx(expected, rel=1e-6)
+    assert fd_row["value"] == pytest.approx(expected, rel=1e-6)
+    # Same features and statistics, two sqrt-trace algorithms (eigvals of S1 S2 vs symmetric eigh).
+    assert fd_row["value"] == pytest.approx(native_fd["value"], rel=1e-9)
+    assert acc_row["value"] == float((predicted == labels).mean())  # same argmax, exact
+
+
+def test_all_metrics_through_torch_fidelity(run):
+    from bench.features import extract_features, load_classifier_network
+    from bench.metrics import kernel_inception_distance
+
+    rows = evaluate(None, run, [4], "full", ["eval.metrics=[fid,kid,prc,is]"], shard_size=SHARD,
+                    progress=False)
+    by_name = {r["metric"]: r for r in rows}
+    assert set(by_name) == {"fd_classifier", "kid_classifier", "precision_classifier",
+                            "recall_classifier", "is_classifier", "accuracy"}
+    assert all(np.isfinite(r["value"]) for r in rows)
+    assert 0 <= by_name["precision_classifier"]["value"] <= 1 and by_name["is_classifier"]["value"] >= 1
+    # KID: torch-fidelity's estimate equals bench.metrics' own on the same features and seed.
+    from bench.data import digits
+
+    network = load_classifier_network(Path(read_run_config(run).data.prepared_dir) / "classifier")
+    shards = [read_shard(p) for p in sorted(Path(rows[0]["samples_dir"]).glob("shard-*.npz"))]
+    gen = extract_features(network, np.concatenate([s["images"] for s in shards]))
+    test = digits("test", 32)
+    real = extract_features(network, test.images(range(len(test))))
+    kid = by_name["kid_classifier"]
+    mean, std = kernel_inception_distance(gen, real, kid["extra"]["subsets"], kid["extra"]["subset_size"],
+                                          kid["extra"]["seed"])
+    # float64 on both sides, same subsets: only summation order differs.
+    assert kid["value"] == pytest.approx(mean, rel=1e-9, abs=1e-15)
+    assert kid["extra"]["std"] == pytest.approx(std, rel=1e-9, abs=1e-15)
+
+
+def test_a_setting_name_means_one_set_of_samples(run):
+    first = evaluate(None, run, [4], "default", shard_size=SHARD, progress=False)
+    with pytest.raises(EvaluationError, match="another --setting"):
+        evaluate(None, run, [4], "default", ["eval.num_samples=16", "eval.metrics=[kid]"],
+                 shard_size=SHARD, progress=False)
+    folder = Path(first[0]["samples_dir"])
+    shards_before = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.npz")}
+    rows = evaluate(None, run, [4], "n16", ["eval.num_samples=16"], shard_size=SHARD, progress=False)
+    assert {r["n"] for r in rows} == {16} and rows[0]["samples_dir"] == str(folder)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.npz")} == shards_before
+
+
+def test_a_given_config_supplies_only_eval_settings(run):
+    saved = read_run_config(run)
+    other_model = dataclasses.replace(saved, model=dataclasses.replace(saved.model, depth=3))
+    with pytest.raises(SamplingError, match="describes another run"):
+        evaluate(other_model, run, [4], progress=False)
+    fewer = dataclasses.replace(saved, eval=dataclasses.replace(saved.eval, num_samples=16),
+                                output_root="/elsewhere")  # not part of the run's identity
+    rows = evaluate(fewer, run, [4], "n16", shard_size=SHARD, progress=False)
+    assert {r["n"] for r in rows} == {16}
+
+
+def test_rows_are_appended_once(tmp_path):
+    rows = [{"step": 2, "metric": "fd", "setting": "a", "value": 1.0},
+            {"step": 2, "metric": "fd", "setting": "b", "value": 2.0}]
+    assert append_rows(tmp_path, rows) == rows
+    assert append_rows(tmp_path, rows + rows) == []
+    assert read_eval_rows(tmp_path) == rows and _no_temporaries(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one clear error each, before anything is sampled
+
+
+def test_reference_with_wrong_keys(run, tmp_path):
+    path = tmp_path / "ref.npz"
+    np.savez(path, images=np.zeros((16, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"has keys \['images'\]; expected 'arr_0'"):
+        evaluate(None, run, [4], overrides=[f"eval.reference={path}"], progress=False)
+    assert not (run / "samples").exists()
+
+
+def test_reference_images_of_another_size(run, tmp_path):
+    path = tmp_path / "ref.npz"
+    np.savez(path, arr_0=np.zeros((16, 28, 28, 3), np.uint8))
+    with pytest.raises(ValueError, match="are 28x28 but the samples are 32x32"):
+        evaluate(None, run, [4], overrides=[f"eval.reference={path}"], progress=False)
+    assert not (run / "samples").exists()
+
+
+def test_run_folder_without_checkpoints(run, capsys):
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(SamplingError, match="holds no checkpoints"):
+        evaluate(None, run, progress=False)
+    with pytest.raises(SamplingError, match="holds no checkpoints"):
+        sample(run, progress=False)
+    from bench.cli import main
+
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bench eval: error:" in err[0] and "no checkpoints" in err[0]
+
+
+@pytest.mark.parametrize("override", ["eval.guidance.cfg_scale=-1", "eval.guidance.rg_scale=-0.5"])
+def test_guidance_weights_below_zero(run, override):
+    key = override.split("=")[0].split(".")[-1]
+    with pytest.raises(ConfigError, match=f"{key}=-[0-9.]+ is out of range"):
+        evaluate(None, run, [4], overrides=[override], progress=False)
+    with pytest.raises(ConfigError, match="only eval.key=value overrides"):
+        evaluate(None, run, [4], overrides=["model.depth=3"], progress=False)
+    assert not (run / "samples").exists()
+
+
+def test_unknown_step_and_unsupported_metrics(run):
+    with pytest.raises(SamplingError, match=r"no checkpoint at steps \[3\]; available: \[2, 4\]"):
+        evaluate(None, run, [3], progress=False)
+    with pytest.raises(EvaluationError, match="sfid needs the ADM evaluator"):
+        evaluate(None, run, [4], overrides=["eval.metrics=[sfid]"], progress=False)
+    with pytest.raises(EvaluationError, match="not provided by backend 'clean-fid'"):
+        evaluate(None, run, [4], overrides=["eval.metrics=[prc]"], backend="clean-fid", progress=False)
+
+
+def test_cli_eval_prints_a_table(run, capsys):
+    assert main_eval([str(run), "--step", "2", "--shard-size", str(SHARD), "--no-progress",
+                      "eval.num_samples=16"]) == 0
+    out = capsys.readouterr().out
+    assert "fd_classifier" in out and "accuracy" in out and "2 new row(s)" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The semantic channels as RGB (paper Fig. 5)
+
+
+def _pca_reference(semantic: np.ndarray) -> np.ndarray:
+    """Eigen-decomposition of the token covariance (not an SVD), same sign and scaling rules."""
+    n, c, h, w = semantic.shape
+    tokens = semantic.transpose(0, 2, 3, 1).reshape(-1, c).astype(np.float64)
+    centred = tokens - tokens.mean(0)
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    top = vectors[:, np.argsort(values)[::-1][:3]].T  # (3, C) descending variance
+    top *= np.sign(top[np.arange(3), np.abs(top).argmax(1)])[:, None]
+    p = centred @ top.T
+    return np.rint((p - p.min(0)) / (p.max(0) - p.min(0)) * 255).reshape(n, h, w, 3)
+
+
+def test_semantic_pca_picture_matches_eigendecomposition():
+    rng = np.random.default_rng(0)
+    semantic = rng.normal(size=(3, 5, 4, 4)) * np.array([5.0, 3.0, 2.0, 1.0, 0.5])[None, :, None, None]
+    rgb = semantic_pca_rgb(semantic.astype(np.float32), image_size=16)
+    assert rgb.shape == (3, 16, 16, 3) and rgb.dtype == np.uint8
+    tokens = rgb[:, ::4, ::4]  # one pixel per token; nearest upsampling repeats it 4x4
+    assert np.array_equal(rgb, tokens.repeat(4, axis=1).repeat(4, axis=2))
+    # eigh vs SVD directions agree to ~1e-12: only a value on a .5 rounding boundary can move a level.
+    assert np.abs(tokens.astype(int) - _pca_reference(semantic)).max() <= 1
+    assert tokens[..., 0].min() == 0 and tokens[..., 0].max() == 255  # min-max to [0, 255]
+    two = semantic_pca_rgb(semantic[:, :2].astype(np.float32), image_size=4)
+    assert (two[..., 2] == 0).all()  # fewer than 3 channels: the missing colour is 0
