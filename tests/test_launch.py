@@ -1,0 +1,350 @@
+"""Launching grids (bench.launch) with stand-in job functions instead of the real trainer.
+
+What is checked: the debug executor runs a grid in-process and records submit/start/end rows;
+re-submitting after completion submits nothing and a queued/running cell is never submitted twice;
+a crashing cell leaves the others running (debug and the local subprocess executor) and status
+shows it failed with its error and an existing log path; a checkpointable TrainJob requeued after
+a preemption resumes from the run folder; the eval stage submits only the (step, setting) pairs
+missing from eval.jsonl and skips cleanly without an evaluator; --dry-run prints every job with
+its resources and GPU-hours equal to steps x batch / throughput / 3600 x GPUs computed here;
+profiles and options fail with one clear error. The real scheduler is in test_slurm_integration.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+
+from bench import launch
+from bench.cli import main as cli_main
+from bench.grids import GridError, expand, load_grid
+from bench.launch import (LaunchError, ProfileError, SchedulerError, TrainJob, grid_status, job_resources,
+                          job_state, load_profile, submit_grid)
+
+# The local executor unpickles the stand-ins in a fresh interpreter that cannot import this file.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _mark_checkpoint(run_dir: Path, step: int) -> None:
+    folder = run_dir / "checkpoints" / f"{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+
+
+def standin_train(cfg, run_dir, stop_after=None):
+    """Stand-in for bench.train.train: 'trains' by writing checkpoint markers every ckpt_every steps,
+    resuming from the newest one, logs where it started, and writes DONE at the end."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = max(launch.checkpoint_steps(run_dir), default=0)
+    with open(run_dir / "starts.log", "a") as handle:
+        handle.write(f"{start}\n")
+    for step in range(start + cfg.train.ckpt_every, cfg.train.max_steps + 1, cfg.train.ckpt_every):
+        _mark_checkpoint(run_dir, step)
+        with open(run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+        if stop_after is not None and step >= stop_after:
+            raise SystemExit(-1)  # what submitit's USR2 handler does after checkpoint() + requeue
+    (run_dir / "DONE").write_text(json.dumps({"step": cfg.train.max_steps}))
+    return run_dir
+
+
+def crashing_train(cfg, run_dir):
+    """The first cell (latent_only) crashes after its first checkpoint; the others train normally."""
+    if cfg.spec == "latent_only":
+        _mark_checkpoint(Path(run_dir), 2)
+        raise ValueError("stand-in crash in the latent_only cell")
+    return standin_train(cfg, run_dir)
+
+
+def preempted_once(cfg, run_dir):
+    """Stops after the first checkpoint the first time it runs (a preemption), then completes."""
+    first = not (Path(run_dir) / "starts.log").exists()
+    return standin_train(cfg, run_dir, stop_after=cfg.train.ckpt_every if first else None)
+
+
+def standin_eval(cfg, run_dir, steps, setting="default"):
+    """Stand-in for bench.evaluate.evaluate: one row per (requested step, metric name)."""
+    rows = [{"step": s, "metric": m, "value": 1.0 + s, "setting": setting} for s in steps
+            for m in launch.metric_names(cfg)]
+    with open(Path(run_dir) / "eval.jsonl", "a") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@pytest.fixture
+def out(tmp_path) -> list[str]:
+    """Overrides that put the smoke grid's run folders in a temporary output root."""
+    return [f"output_root={tmp_path / 'runs'}"]
+
+
+def _records(cell) -> list[dict]:
+    return launch.read_jsonl(Path(cell.run_dir) / launch.JOBS_FILE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Debug executor: in-process runs, records, idempotence
+
+
+def test_debug_runs_the_grid_in_process_and_resubmitting_submits_nothing(out):
+    sub = submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
+    assert sub.submitted == 2 and not sub.failed
+    for cell in expand("smoke", out):
+        assert (cell.run_dir / "DONE").is_file()
+        events = [r["event"] for r in _records(cell)]
+        assert events == ["submit", "start", "end"]
+        submit = _records(cell)[0]
+        assert submit["executor"] == "debug" and submit["stage"] == "train" and submit["cell"] == cell.name
+        assert {"job_id", "array_id", "stdout", "stderr", "time", "resources"} <= set(submit)
+    rows = grid_status("smoke", out)
+    assert [(r["cell"], r["state"], r["checkpoint"], r["step"]) for r in rows] == \
+        [("latent_only", "done", 4, 4), ("redi", "done", 4, 4)]
+    again = submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
+    assert again.submitted == 0 and [s["reason"] for s in again.skipped] == ["done", "done"]
+
+
+def test_a_crashing_cell_does_not_stop_the_others(out):
+    sub = submit_grid("smoke", debug=True, job_fn=crashing_train, overrides=out, quiet=True)
+    assert sub.failed == ["latent_only"]  # the first job crashed, the second still ran
+    rows = {r["cell"]: r for r in grid_status("smoke", out)}
+    assert rows["redi"]["state"] == "done"
+    failed = rows["latent_only"]
+    assert failed["state"] == "failed" and "stand-in crash in the latent_only cell" in failed["detail"]
+    assert Path(failed["log"]).is_file() and "ValueError" in Path(failed["log"]).read_text()
+    text = launch.format_status("smoke", list(rows.values()))
+    assert "latent_only: failed: ValueError: stand-in crash" in text and failed["log"] in text
+    # The failed cell (only) is submitted again; it resumes from its checkpoint at step 2.
+    retry = submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
+    assert [j["cell"] for j in retry.jobs] == ["latent_only"]
+    assert (expand("smoke", out)[0].run_dir / "starts.log").read_text().split() == ["2"]
+
+
+def test_local_executor_runs_lanes_of_subprocesses_and_survives_a_crash(out):
+    sub = submit_grid("smoke", local=True, job_fn=crashing_train, overrides=out, quiet=True)
+    assert sub.submitted == 2 and sub.jobs[0]["job_id"] == sub.jobs[1]["job_id"]  # one lane (parallelism 1)
+    deadline = time.time() + 60
+    while True:
+        rows = {r["cell"]: r for r in grid_status("smoke", out)}
+        if all(r["state"] in ("done", "failed") for r in rows.values()) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert rows["redi"]["state"] == "done"  # ran after the crashing cell, in the same lane
+    assert rows["latent_only"]["state"] == "failed" and "stand-in crash" in rows["latent_only"]["detail"]
+    assert Path(rows["latent_only"]["log"]).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Requeue: checkpoint() resubmits the same job, which resumes from the run folder
+
+
+def test_trainjob_requeued_after_preemption_resumes_from_its_checkpoint(out, tmp_path):
+    cell = expand("smoke", out)[0]
+    job = TrainJob("smoke", cell.name, cell.cfg, str(cell.run_dir), preempted_once)
+    assert isinstance(job, submitit.helpers.Checkpointable)
+    with pytest.raises(SystemExit):
+        job()
+    delayed = job.checkpoint()
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
+    delayed.dump(tmp_path / "requeued.pkl")  # what submitit writes before `scontrol requeue`
+    resumed = submitit.helpers.DelayedSubmission.load(tmp_path / "requeued.pkl")
+    resumed.result()
+    assert (cell.run_dir / "starts.log").read_text().split() == ["0", "2"]  # restarted at step 2
+    assert [r.get("outcome") for r in _records(cell) if r["event"] == "end"] == ["interrupted", "done"]
+    assert (cell.run_dir / "DONE").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Job states from records and the scheduler
+
+SUBMIT = {"event": "submit", "stage": "train", "executor": "slurm", "job_id": "7_1", "lane": None}
+START = {"event": "start", "stage": "train", "job_id": "7_1", "restarts": 0}
+
+
+@pytest.mark.parametrize("events, scheduler, expected", [
+    ([], "PENDING", ("queued", "", 0)),
+    ([START], "PENDING", ("queued", "requeued", 0)),
+    ([START, {**START, "restarts": 1}], "RUNNING", ("running", "", 1)),
+    ([], "RUNNING", ("running", "", 0)),
+    ([START, {"event": "end", "job_id": "7_1", "outcome": "done"}], None, ("done", "", 0)),
+    ([START, {"event": "end", "job_id": "7_1", "outcome": "done"}], "RUNNING", ("done", "", 0)),  # lane
+    ([START, {"event": "end", "job_id": "7_1", "outcome": "interrupted"}], "PENDING", ("queued", "requeued", 0)),
+    ([START, {"event": "end", "job_id": "7_1", "outcome": "failed", "error": "E: x"}], "RUNNING",
+     ("failed", "E: x", 0)),
+    ([START], "UNKNOWN: Unable to contact slurm controller", ("unknown", "Unable to contact slurm controller", 0)),
+    ([{**START, "job_id": "other"}], "PENDING", ("queued", "", 0)),  # events of another job are ignored
+])
+def test_job_state(events, scheduler, expected):
+    states = {} if scheduler is None else {"7_1": scheduler}
+    assert job_state(SUBMIT, events, states) == expected
+
+
+def test_a_job_that_vanished_is_failed_with_the_error_from_its_log(tmp_path):
+    log = tmp_path / "7_1_0_log.err"
+    log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
+    state, detail, _ = job_state({**SUBMIT, "stderr": str(log)}, [START], {})
+    assert state == "failed" and "RuntimeError: CUDA out of memory" in detail
+    state, detail, _ = job_state(SUBMIT, [START], {"7_1": "CANCELLED"})
+    assert state == "failed" and "CANCELLED" in detail
+
+
+def test_queued_or_running_cells_are_not_submitted_twice(out, monkeypatch):
+    cell = expand("smoke", out)[1]
+    launch.append_record(cell.run_dir, {**SUBMIT, "cell": cell.name})
+    monkeypatch.setattr(launch, "_squeue", lambda ids: {"7_1": "RUNNING"})
+    sub = submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
+    assert [j["cell"] for j in sub.jobs] == ["latent_only"]
+    assert sub.skipped == [{"cell": "redi", "reason": "already running (job 7_1)"}]
+    assert {r["cell"]: r["state"] for r in grid_status("smoke", out)} == {"latent_only": "done", "redi": "running"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval stage
+
+
+def test_eval_stage_submits_only_missing_pairs(out):
+    submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
+    first = expand("smoke", out)[0]
+    names = launch.metric_names(first.cfg)  # the names bench.evaluate records (e.g. fd_classifier, accuracy)
+    standin_eval(first.cfg, first.run_dir, [2], "default")  # step 2 of the first cell is measured
+    sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
+    assert [(j["cell"], j["setting"], j["steps"]) for j in sub.jobs] == \
+        [("latent_only", "default", [4]), ("redi", "default", [2, 4])]
+    rows = launch.read_jsonl(first.run_dir / "eval.jsonl")
+    assert sorted((r["step"], r["metric"]) for r in rows) == sorted((s, m) for s in (2, 4) for m in names)
+    status = grid_status("smoke", out)
+    assert [r["eval"] for r in status] == ["2/2 measured", "2/2 measured"]
+    assert status[0]["last_metric"].startswith(f"{names[-1]}=5 @4 (default)")
+    again = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
+    assert again.submitted == 0 and {s["reason"] for s in again.skipped} == {"measured"}
+
+
+def test_eval_waits_for_checkpoints(out):
+    sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
+    assert sub.submitted == 0 and all(s["reason"].startswith("waiting for checkpoints") for s in sub.skipped)
+
+
+def test_eval_stage_skips_cleanly_without_an_evaluator(out, monkeypatch, capsys):
+    monkeypatch.setattr(launch, "_evaluate_module", lambda: None)
+    sub = submit_grid("smoke", stage="eval", debug=True, overrides=out)
+    assert sub.submitted == 0 and "bench.evaluate.evaluate is not available" in sub.notes[0]
+    assert "eval stage skipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run and GPU-hours
+
+
+def test_dry_run_prints_jobs_resources_and_gpu_hours(tmp_path, capsys):
+    perf = tmp_path / "perf"
+    perf.mkdir()
+    row = {"kind": "train", "mode": "default", "spec": "redi", "model_size": "XL/2", "device": "cuda",
+           "images_per_s": 40.0, "created_at": "2026-01-01T00:00:00"}
+    (perf / "run.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "device": "cpu", "images_per_s": 1.0}) + "\n")
+    sub = submit_grid("table1", cluster="example", dry_run=True, perf_dir=perf, overrides=[f"output_root={tmp_path}"])
+    text = capsys.readouterr().out
+    assert sub.submitted == 0 and not list(tmp_path.glob("table1/*"))  # nothing written
+    assert "would submit 12 job(s)" in text and "1 node(s) x 8 GPU(s), 8 task(s)/node" in text
+    assert sub.resources == {"nodes": 1, "gpus_per_node": 8, "tasks_per_node": 8, "cpus_per_task": 10,
+                             "mem_gb": 480, "timeout_min": 1440}
+    jobs = {j["cell"]: j for j in sub.jobs}
+    assert all(name in text for name in jobs)
+    # GPU-hours = steps x batch / (images/s per GPU) / 3600 (x GPUs / GPUs): written out by hand.
+    expected = {"redi-sit_xl2": 4_000_000 * 256 / 40.0 / 3600,        # measured row (cuda)
+                "latent_only-dit_xl2": 7_000_000 * 256 / 26.0 / 3600,  # the profile's XL/2 figure
+                "redi-dit_l2": 400_000 * 256 / 38.0 / 3600}
+    for name, gpu_h in expected.items():
+        assert jobs[name]["gpu_h"] == pytest.approx(gpu_h, rel=1e-12)  # exact up to float rounding
+        assert jobs[name]["wall_h"] == pytest.approx(gpu_h / 8, rel=1e-12)
+    assert jobs["redi-sit_xl2"]["source"].startswith("measured")
+    assert sub.estimate["gpu_h"] == pytest.approx(sum(j["gpu_h"] for j in sub.jobs), rel=1e-12)
+    assert "GPU (GPUs x wall time)" in text
+
+
+def test_dry_run_without_a_profile_uses_the_grids_request(capsys, out):
+    sub = submit_grid("smoke", dry_run=True, overrides=out)
+    assert sub.executor is None and sub.resources["gpus_per_node"] == 0 and len(sub.jobs) == 2
+    assert "without a throughput figure" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles, options, errors
+
+
+def test_profiles_load_and_combine_with_grid_resources():
+    example, local, cluster = load_profile("example"), load_profile("local"), load_profile("local-slurm")
+    assert (example.executor, local.executor, cluster.executor) == ("slurm", "local", "slurm")
+    assert min(example.max_num_timeout, local.max_num_timeout, cluster.max_num_timeout) >= 1
+    table1 = load_grid("table1")
+    assert job_resources(table1, local, "train")["gpus_per_node"] == 0  # the machine, not the grid
+    with pytest.raises(ProfileError, match="asks for 8 GPUs per node but profile local-slurm has 0"):
+        job_resources(table1, cluster, "train")
+    smoke = job_resources(load_grid("smoke"), cluster, "train")
+    assert smoke["timeout_min"] == 60 and smoke["tasks_per_node"] == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("executor: slurm\npartitoin: gpu\n", r"unknown key\(s\) \['partitoin'\]; valid keys: \[.*'partition'"),
+    ("executor: slurm\ngpus_per_node: '8'\n", "gpus_per_node must be int"),
+    ("executor: slurm\nmax_num_timeout: 0\n", "max_num_timeout must be >= 1"),
+    ("executor: pbs\n", "executor must be slurm or local"),
+    ("- a list\n", "expected a mapping"),
+])
+def test_bad_profiles_fail_clearly(tmp_path, text, message):
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ProfileError, match=message):
+        load_profile("bad", tmp_path)
+
+
+def test_unknown_profile_lists_the_available_ones():
+    with pytest.raises(ProfileError, match="unknown cluster profile 'mars'.*example, local, local-slurm"):
+        load_profile("mars")
+
+
+def test_option_errors(out, monkeypatch, tmp_path):
+    with pytest.raises(LaunchError, match="use --cluster PROFILE"):
+        submit_grid("smoke", overrides=out)
+    with pytest.raises(LaunchError, match="choose one of"):
+        submit_grid("smoke", local=True, debug=True, overrides=out)
+    with pytest.raises(LaunchError, match="stage 'test'"):
+        submit_grid("smoke", stage="test", debug=True, overrides=out)
+    with pytest.raises(GridError, match="unknown grid 'nope'"):
+        submit_grid("nope", debug=True)
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "stopped" / "slurm.conf"))
+    began = time.time()
+    with pytest.raises(SchedulerError, match="SLURM_CONF=.*does not exist"):
+        submit_grid("smoke", cluster="local-slurm", job_fn=standin_train, overrides=out, quiet=True)
+    assert time.time() - began < 10  # no 60-second retry loop of the SLURM clients
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["grid", "nope", "--debug"], "unknown grid 'nope'"),
+    (["grid", "smoke", "--cluster", "mars"], "unknown cluster profile 'mars'"),
+    (["status", "nope"], "unknown grid 'nope'"),
+])
+def test_cli_reports_errors_in_one_line(argv, message, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_grid_and_status(out, capsys):
+    assert cli_main(["grid", "--list"]) == 0
+    assert "mini_table1" in capsys.readouterr().out
+    assert cli_main(["grid", "smoke", *out, "--dry-run"]) == 0
+    assert "would submit 2 job(s)" in capsys.readouterr().out
+    assert cli_main(["status", "smoke", *out]) == 0
+    text = capsys.readouterr().out
+    assert "latent_only  not submitted" in text and "summary: 2 not submitted" in text
+
+
+def test_run_folder_names_match_the_trainer():
+    train = pytest.importorskip("bench.train")
+    assert (launch.DONE_FILE, launch.METRICS_FILE) == (train.DONE_FILE, train.METRICS_FILE)
+    checkpoint = pytest.importorskip("bench.checkpoint")
+    assert (launch.CKPT_DIR, "state.json") == (checkpoint.CKPT_DIRNAME, checkpoint.META_FILE)

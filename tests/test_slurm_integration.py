@@ -1,0 +1,258 @@
+"""The launch path against a real single-node SLURM cluster (slurm/local-cluster.sh).
+
+The test starts the loopback cluster (or reuses one that is already running, which it then leaves
+running), submits the tiny `smoke` grid through `submit_grid(..., cluster="local-slurm")` as one job
+array with the real `bench.train.train` (a stand-in if the trainer is missing), and once each job has
+written its first checkpoint interrupts it for real: the first by the scheduler (`scontrol requeue`),
+the second by submitit's preemption path (SIGTERM + USR2: TrainJob.checkpoint() + self-requeue). Both
+must resume from their checkpoint (the trainer logs "resuming from checkpoint step N", N > 0) and
+finish; the eval stage runs the real `bench.evaluate.evaluate` (skipped with a reason if absent);
+submitting again submits nothing; an unreachable controller is one clear SchedulerError.
+Needs root, slurm-wlm and munge (`apt-get install -y slurm-wlm munge`); skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+import torch
+
+from bench import launch
+from bench.atomic import atomic_write_json
+from bench.grids import expand
+from fixtures_train import write_prepared
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
+BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel", "srun")
+RUN_SECONDS = 20  # how long each training job should run: well beyond the ~4 s a kill takes (KillWait)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _why_skip() -> str | None:
+    missing = [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        return f"SLURM/munge binaries absent ({', '.join(missing)}); apt-get install -y slurm-wlm munge"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (slurmd starts jobs as their user)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _script(action: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """SLURM_CONF of a running local cluster; stops it afterwards only if this fixture started it."""
+    reason = _why_skip()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ)
+    running = _script("status", env)  # the default folder: a cluster started by CI or by hand
+    started = None
+    if running.returncode != 0:
+        env.update(LOCAL_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")),
+                   LOCAL_SLURM_CTLD_PORT=str(_free_port()), LOCAL_SLURM_D_PORT=str(_free_port()))
+        started = _script("start", env)
+        assert started.returncode == 0, f"local-cluster.sh start failed:\n{started.stderr}"
+        running = started
+    conf = re.search(r"export SLURM_CONF=(\S+)", running.stdout).group(1)
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    try:
+        yield conf
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        if started is not None:
+            stopped = _script("stop", env)
+            assert stopped.returncode == 0, stopped.stderr
+
+
+def standin_train(cfg, run_dir):
+    """Used only when bench.train is missing: checkpoint markers at 0.3 s a step, resuming."""
+    run_dir = Path(run_dir)
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit())
+    start = steps[-1] if steps else 0
+    if start:
+        print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        time.sleep(0.3)
+        if step % cfg.train.ckpt_every == 0:
+            (run_dir / "checkpoints" / f"{step:07d}").mkdir(parents=True, exist_ok=True)
+            (run_dir / "checkpoints" / f"{step:07d}" / "state.json").write_text("{}")
+    (run_dir / "DONE").write_text("{}")
+    return run_dir
+
+
+def _prepare(root: Path) -> Path:
+    """The fixture's prepared folder, plus a tiny decoder and evaluation classifier when bench.evaluate
+    exists (trained for a few steps by bench.embedded, recorded as `bench prepare` records them)."""
+    prepared = write_prepared(root / "prepared")
+    if importlib.util.find_spec("bench.evaluate") is None:
+        return prepared
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few tiny steps: one thread is faster on a busy 2-core machine
+    try:
+        return _train_decoder_and_classifier(prepared)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_decoder_and_classifier(prepared: Path) -> Path:
+    from bench.data import digits
+    from bench.embedded import ClassifierSettings, EmbeddedVAESettings, train_classifier, train_embedded_vae
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1, batch_size=4,
+                                                         scale_images=8), 0, prepared / "vae", progress=False)
+    train_split, test_split = digits("train", 32), digits("test", 32)
+    clf = train_classifier(train_split.images(range(320)), train_split.labels[:320], test_split.images(range(64)),
+                           test_split.labels[:64], 10, ClassifierSettings(width=8, feature_dim=8, epochs=3.0,
+                                                                          batch_size=32, lr=1e-2),
+                           0, prepared / "classifier", progress=False)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
+    manifest["classifier"] = {"path": "classifier", "test_accuracy": clf["test_accuracy"]}
+    atomic_write_json(prepared / "manifest.json", manifest)
+    return prepared
+
+
+def _calibrated_steps(prepared: Path, root: Path) -> int:
+    """Steps that take about RUN_SECONDS on one core here: the interrupts must land mid-run on a
+    fast machine too. Measured on the smoke grid's model with the real trainer, one thread."""
+    from bench.train import train
+
+    cell = expand("smoke", [f"output_root={root / 'calibration'}", f"data.prepared_dir={prepared}"])[0]
+    cell.cfg.train.max_steps = 40
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the jobs (local-slurm profile: OMP_NUM_THREADS=1)
+    try:
+        began = time.perf_counter()
+        train(cell.cfg, root / "calibration" / "run")
+        seconds = time.perf_counter() - began
+    finally:
+        torch.set_num_threads(threads)
+    return max(200, int(40 / seconds * RUN_SECONDS) // 2 * 2)
+
+
+def _wait(what: str, predicate, timeout: float, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def trained(cluster, tmp_path_factory):
+    """The smoke grid trained on the cluster, with one requeue and one preemption; returns timings."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("grid")
+    began = time.time()
+    prepared = _prepare(root)
+    real = importlib.util.find_spec("bench.train") is not None
+    steps = _calibrated_steps(prepared, root) if real else 40  # the stand-in takes 0.3 s a step
+    overrides = [f"output_root={root / 'runs'}", f"data.prepared_dir={prepared}",
+                 f"train.max_steps={steps}", "train.log_every=2"]
+    sub = launch.submit_grid("smoke", cluster="local-slurm", overrides=overrides, quiet=True,
+                             job_fn=None if real else standin_train)
+    submitted = time.time()
+    cells = expand("smoke", overrides)
+    jobs = {j["cell"]: j["job_id"] for j in sub.jobs}
+    for cell in cells:  # interrupt each job once, right after its first checkpoint
+        _wait(f"the first checkpoint of {cell.name}", lambda: launch.checkpoint_steps(cell.run_dir), 120)
+    subprocess.run(["scontrol", "requeue", jobs["latent_only"]], check=True, timeout=60)
+    folder = Path(launch.read_jsonl(cells[1].run_dir / launch.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
+    submitit.SlurmJob(folder=folder, job_id=jobs["redi"])._interrupt(timeout=False)  # preemption: TERM + USR2
+    rows = _wait("every cell to finish", lambda: (lambda r: r if all(x["state"] in ("done", "failed")
+                                                                    for x in r) else None)(
+        launch.grid_status("smoke", overrides)), 240, every=1.0)
+    return {"sub": sub, "rows": rows, "cells": cells, "overrides": overrides, "real": real, "steps": steps,
+            "seconds": {"prepare": submitted - began, "train": time.time() - submitted}}
+
+
+def test_grid_is_one_array_and_submission_returns_at_once(trained):
+    sub = trained["sub"]
+    assert sub.executor == "slurm" and sub.submitted == 2
+    ids = [j["job_id"] for j in sub.jobs]
+    assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1"]
+
+
+def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
+    rows = {r["cell"]: r for r in trained["rows"]}
+    assert [r["state"] for r in rows.values()] == ["done", "done"], launch.format_status("smoke", trained["rows"])
+    for cell in trained["cells"]:
+        records = launch.read_jsonl(cell.run_dir / launch.JOBS_FILE)
+        starts = [r for r in records if r["event"] == "start"]
+        assert len(starts) == 2 and starts[0]["job_id"] == starts[1]["job_id"]  # the same job, restarted
+        assert starts[1]["restarts"] == 1  # SLURM_RESTART_COUNT
+        log = Path(records[0]["stdout"]).read_text()
+        resumed = [int(s) for s in re.findall(r"resuming from checkpoint step (\d+)", log)]
+        assert resumed and resumed[0] > 0, log[-2000:]
+        if trained["real"]:
+            steps = [json.loads(line)["step"] for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
+            assert steps == list(range(2, trained["steps"] + 1, 2))  # no gap, no duplicate after the restart
+    redi_log = Path(launch.read_jsonl(trained["cells"][1].run_dir / launch.JOBS_FILE)[0]["stdout"]).read_text()
+    assert "requeueing train of cell redi" in redi_log  # TrainJob.checkpoint() ran on USR2
+    print(f"\n{trained['steps']} steps per cell; timings: {trained['seconds']}")
+
+
+def test_eval_stage_runs_and_resubmission_submits_nothing(trained):
+    overrides = trained["overrides"]
+    again = launch.submit_grid("smoke", cluster="local-slurm", overrides=overrides, quiet=True)
+    assert again.submitted == 0 and [s["reason"] for s in again.skipped] == ["done", "done"]
+    module = importlib.util.find_spec("bench.evaluate") and __import__("bench.evaluate", fromlist=["evaluate"])
+    if not module or not hasattr(module, "evaluate"):
+        pytest.skip("bench.evaluate.evaluate is not available: the eval stage was not exercised")
+    began = time.time()
+    sub = launch.submit_grid("smoke", stage="eval", cluster="local-slurm", overrides=overrides, quiet=True)
+    assert sub.submitted == 2 and [j["steps"] for j in sub.jobs] == [[2, 4], [2, 4]]
+
+    def measured():
+        rows = launch.grid_status("smoke", overrides)
+        return rows if all(r["eval"] == "2/2 measured" or "failed" in r["eval"] for r in rows) else None
+    rows = _wait("the eval jobs", measured, 150, every=1.0)
+    assert [r["eval"] for r in rows] == ["2/2 measured", "2/2 measured"], launch.format_status("smoke", rows)
+    for cell in trained["cells"]:
+        evals = launch.read_jsonl(cell.run_dir / "eval.jsonl")
+        assert {(r["step"], r["setting"]) for r in evals} == {(2, "default"), (4, "default")}
+        assert all(isinstance(r["value"], float) for r in evals)
+    assert all(r["last_metric"] for r in rows)
+    again = launch.submit_grid("smoke", stage="eval", cluster="local-slurm", overrides=overrides, quiet=True)
+    assert again.submitted == 0 and {s["reason"] for s in again.skipped} == {"measured"}
+    print(f"\neval stage: {time.time() - began:.1f} s")
+
+
+def test_unreachable_controller_is_one_clear_error(cluster, tmp_path):
+    dead = tmp_path / "slurm.conf"  # the same cluster's config, but a port nobody listens on
+    dead.write_text(re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={_free_port()}", Path(cluster).read_text()))
+    os.environ["SLURM_CONF"] = str(dead)
+    try:
+        with pytest.raises(launch.SchedulerError, match="could not submit grid smoke to SLURM.*contact slurm controller"):
+            launch.submit_grid("smoke", cluster="local-slurm", overrides=[f"output_root={tmp_path}"], quiet=True)
+    finally:
+        os.environ["SLURM_CONF"] = cluster
