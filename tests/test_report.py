@@ -1,0 +1,531 @@
+"""bench.report / bench.plots: tables, seed statistics, provenance, paper columns, speed-ups, plots.
+
+Fixture run folders are written by hand in the trainer's and evaluator's formats (config.json =
+the full ExperimentConfig as JSON, metrics.jsonl, eval.jsonl rows with provenance, DONE marker),
+with values chosen so that every expected number is computed by hand in this file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the hub
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from bench.config import (DataConfig, EncoderConfig, EvalConfig, ExperimentConfig, GuidanceConfig,
+                          ModelConfig, ObjectiveConfig, TrainConfig, VAEConfig)
+from bench.paper import load_paper_numbers
+from bench.report import (NOT_MEASURED, ReportError, gather, main, mean_ci95, render_markdown,
+                          speedup, summarize, write_report)
+
+GOLDEN = Path(__file__).parent / "golden" / "report_mini_fixture.md"
+GRID = "mini_fixture"
+STEPS = [250, 500, 1000, 2000]
+# Two-sided 95% Student-t quantiles from printed tables (not from scipy, which the code uses).
+T975 = {1: 12.706204736174707, 2: 4.302652729749464}
+# Exact up to float64 rounding of a handful of operations.
+TOL = 1e-9
+
+# Provenance as bench.evaluate records it (sample count under "n", sampling steps under
+# "sampling_steps", the classifier's network id; accuracy rows carry no reference hash).
+PROV = dict(backend="torch-fidelity", backend_version="0.3.0",
+            feature_network="fmnist-classifier-d64", feature_weights_sha256="ab" * 32,
+            reference_sha256="cd" * 32, n=2000, sampler="euler", sampling_steps=25,
+            guidance=dataclasses.asdict(GuidanceConfig()), weights="ema", precision="fp32",
+            setting_hash="0123abcd", label_sampling="random")
+
+
+def embedded_config(spec: str, seed: int) -> ExperimentConfig:
+    fusion = "none" if spec in ("latent_only", "repa") else "merged"
+    return ExperimentConfig(
+        spec=spec, grid=GRID,
+        model=ModelConfig(size="custom", hidden_size=32, depth=2, num_heads=2, patch_size=1,
+                          fusion=fusion, pca_rank=4),
+        objective=ObjectiveConfig(lambda_repa=0.5 if spec.endswith("repa") else 0.0, align_layer=1),
+        train=TrainConfig(batch_size=8, max_steps=2000, seed=seed, log_every=250),
+        eval=EvalConfig(sampler="euler", num_sampling_steps=25, num_samples=2000))
+
+
+def eval_row(step: int, metric: str, value: float, prov: dict = PROV, **extra) -> dict:
+    reference = None if metric == "accuracy" else prov["reference_sha256"]
+    return {"step": step, "metric": metric, "value": value, "setting": "no_cfg", **prov,
+            "reference_sha256": reference, "seed": 0, "wall_time_s": 1.0,
+            "created_at": "2025-01-01T00:00:00+00:00", **extra}
+
+
+def write_run(root: Path, cfg: ExperimentConfig, evals: list[dict], *, last_step: int = 2000,
+              done: bool = True, folder: str | None = None) -> Path:
+    # Fixed folder names (not the config hash) so the golden file survives new config fields.
+    run = root / cfg.grid / (folder or f"{cfg.spec}-0000000{cfg.train.seed}")
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    ticks = []
+    for step in range(250, last_step + 1, 250):
+        tick = {"step": step, "loss": 2.0 / math.sqrt(step) + 0.01 * cfg.train.seed,
+                "loss/latent": 1.5 / math.sqrt(step), "lr": 3e-4, "grad_norm": 1.0,
+                "images_per_s": 100.0}
+        if cfg.spec.startswith("redi"):
+            tick["loss/semantic"] = 0.5 / math.sqrt(step)
+        ticks.append(json.dumps(tick))
+    (run / "metrics.jsonl").write_text("\n".join(ticks) + "\n")
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    if done:
+        (run / "DONE").write_text("")
+    return run
+
+
+FD = {("latent_only", 0): [40, 30, 20, 10], ("latent_only", 1): [42, 32, 22, 12],
+      ("redi", 0): [30, 15, 9, 7], ("redi", 1): [32, 17, 11, 9], ("repa", 0): [35, 25, 15, 9],
+      ("redi_repa", 0): [28, 14]}
+ACCURACY = {0: 0.60, 1: 0.64}  # by seed, the same at every step
+
+
+def build_fixture(root: Path) -> dict:
+    """Six runs: two seeds of latent_only and redi, one repa (plus one row evaluated with another
+    sample count), one redi_repa still training (evaluated up to step 500)."""
+    for (spec, seed), values in FD.items():
+        rows = [eval_row(s, "fd_classifier", v) for s, v in zip(STEPS, values)]
+        rows += [eval_row(s, "accuracy", ACCURACY[seed]) for s in STEPS[: len(values)]]
+        if spec == "repa":
+            rows.append(eval_row(2000, "fd_classifier", 14.0, {**PROV, "n": 1000}))
+        in_progress = spec == "redi_repa"
+        write_run(root, embedded_config(spec, seed), rows, last_step=750 if in_progress else 2000,
+                  done=not in_progress)
+    return {"name": GRID, "regenerates": "table1",
+            "specs": ["latent_only", "repa", "redi", "redi_repa"],
+            "eval": {"steps": STEPS, "settings": {"no_cfg": {}, "cfg": {"cfg_scale": 2.0}}}}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    grid = build_fixture(root)
+    return summarize(gather(GRID, root, grid=grid))
+
+
+def cell(report, condition: str, step: int, metric: str = "fd_classifier", group: int = 0):
+    c = report.cells
+    rows = c[(c["condition"] == condition) & (c["step"] == step) & (c["metric"] == metric)
+             & (c["group"] == group)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics and the speed-up
+
+
+def test_mean_ci95_uses_student_t_with_n_minus_1_dof():
+    mean, half, n = mean_ci95([10.0, 12.0])
+    # s = sqrt(2), s / sqrt(2) = 1, so the half-width is the t quantile itself.
+    assert (mean, n) == (11.0, 2) and half == pytest.approx(T975[1], abs=TOL)
+    mean, half, n = mean_ci95([1.0, 2.0, 6.0])
+    s = math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2)
+    assert mean == pytest.approx(3.0, abs=TOL)
+    assert half == pytest.approx(T975[2] * s / math.sqrt(3), abs=TOL)
+    value, half, n = mean_ci95([7.5])
+    assert (value, n) == (7.5, 1) and math.isnan(half)  # one seed: a value, no interval
+    assert mean_ci95([])[2] == 0
+
+
+def test_speedup_worked_example():
+    # Baseline final FID 10 at 400K; the method has FID 20 at 100K and 8 at 200K. Interpolating
+    # FID linearly against log(step), 10 is reached at
+    #   exp(log(1e5) + (20 - 10) / (20 - 8) * (log(2e5) - log(1e5))) = 1e5 * 2 ** (10 / 12)
+    # and the speed-up is 400K divided by that step.
+    expected_step = math.exp(math.log(1e5) + (20 - 10) / (20 - 8) * (math.log(2e5) - math.log(1e5)))
+    assert expected_step == pytest.approx(1e5 * 2 ** (10 / 12), rel=1e-12)
+    base = pd.Series([30.0, 15.0, 10.0], index=[1e5, 2e5, 4e5])
+    method = pd.Series([20.0, 8.0, 5.0], index=[1e5, 2e5, 4e5])
+    result = speedup(base, method)
+    assert result.reached and result.target == 10.0 and result.baseline_step == 400_000
+    # rel 1e-12: the same formula in float64, only the operation order differs.
+    assert result.step == pytest.approx(expected_step, rel=1e-12)
+    assert result.factor == pytest.approx(4e5 / expected_step, rel=1e-12)  # about 2.24
+    assert result.points == ((1e5, 20.0), (2e5, 8.0))
+    assert "2.24x sooner" in result.describe()
+
+
+def test_speedup_not_reached_first_point_and_higher_is_better():
+    base = pd.Series([20.0, 10.0], index=[100, 400])
+    never = speedup(base, pd.Series([30.0, 12.0], index=[100, 400]))
+    assert not never.reached and never.factor is None and "not reached" in never.describe()
+    first = speedup(base, pd.Series([9.0, 5.0], index=[100, 400]))
+    assert first.step == 100 and first.factor == 4.0 and "lower bound" in first.note
+    # Accuracy: higher is better; target 0.8 between 0.7 at 100 and 0.9 at 200 -> halfway in log.
+    up = speedup(pd.Series([0.5, 0.8], index=[100, 400]), pd.Series([0.7, 0.9], index=[100, 200]),
+                 lower_is_better=False)
+    assert up.step == pytest.approx(100 * math.sqrt(2), rel=1e-12)
+    with pytest.raises(ReportError, match="step <= 0"):
+        speedup(pd.Series([1.0], index=[0]), pd.Series([1.0], index=[1]))
+
+
+def test_speedup_on_the_papers_own_table_points_lies_between_the_tabulated_bounds():
+    # x23 (SiT): the baseline's 8.3 at 7M is crossed between ReDi's 9.7 at 300K and 7.5 at 400K
+    # (Table 9), so the log-interpolated factor must lie in (7M/400K, 7M/300K) = (17.5, 23.3).
+    paper = load_paper_numbers("table9")
+    redi = paper[(paper["method"] == "redi") & (paper["metric"] == "fid")]
+    curve = pd.Series(redi["value"].to_numpy(), index=redi["iterations"].astype(float).to_numpy())
+    base = paper[(paper["method"] == "latent_only") & (paper["metric"] == "fid")]
+    result = speedup(pd.Series(base["value"].to_numpy(), index=base["iterations"].astype(float)),
+                     curve)
+    assert result.points == ((300_000, 9.7), (400_000, 7.5))
+    assert 7e6 / 4e5 < result.factor < 7e6 / 3e5
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables from the fixture grid
+
+
+def test_tidy_tables_hold_every_run_row_and_status(report):
+    g = report.gathered
+    assert len(g.runs) == 6
+    assert sorted(g.runs["status"]) == ["done"] * 5 + ["training"]
+    assert g.runs.loc[g.runs["status"] == "training", "last_step"].item() == 750
+    assert {"model.fusion", "train.seed", "objective.lambda_repa"} <= set(g.runs.columns)
+    # eval rows joined with their run's flattened config (json_normalize).
+    assert len(g.evals) == sum(len(v) for v in FD.values()) * 2 + 1
+    assert (g.evals["data.name"] == "fashion_mnist").all()
+    assert len(g.metrics) == 5 * 8 + 3
+
+
+def test_cells_equal_hand_computed_mean_and_interval(report):
+    for step, (a, b) in zip(STEPS, zip(FD[("latent_only", 0)], FD[("latent_only", 1)])):
+        c = cell(report, "SiT-tiny/1", step)
+        mean = (a + b) / 2
+        half = T975[1] * np.std([a, b], ddof=1) / math.sqrt(2)
+        assert c["n_seeds"] == 2 and c["mean"] == pytest.approx(mean, abs=TOL)
+        assert c["half_width"] == pytest.approx(half, abs=TOL)
+        assert json.loads(c["seeds"]) == [0, 1]
+    acc = cell(report, "SiT-tiny/1 w/ ReDi", 2000, "accuracy")
+    assert acc["mean"] == pytest.approx(0.62, abs=TOL)
+    assert acc["half_width"] == pytest.approx(T975[1] * 0.02 * math.sqrt(2) / math.sqrt(2), abs=TOL)
+    single = cell(report, "SiT-tiny/1 w/ REPA", 2000)
+    assert single["mean"] == 9.0 and single["n_seeds"] == 1 and math.isnan(single["half_width"])
+
+
+def test_unmeasured_cells_are_not_measured_never_zero(report):
+    for step in (1000, 2000):
+        c = cell(report, "SiT-tiny/1 w/ REPA + ReDi", step)
+        assert c["n_seeds"] == 0 and math.isnan(c["mean"])
+    text = render_markdown(report)
+    assert "| SiT-tiny/1 w/ REPA + ReDi | 2K | 0 of 1 | not measured |" in text
+    assert "no_cfg/fd_classifier: SiT-tiny/1 w/ REPA + ReDi at step 2000" in report.missing
+    assert "setting cfg: nothing measured yet" in report.missing  # declared by the grid
+
+
+def test_mismatched_provenance_is_set_apart_with_the_reason(report):
+    main = cell(report, "SiT-tiny/1 w/ REPA", 2000)
+    apart = cell(report, "SiT-tiny/1 w/ REPA", 2000, group=1)
+    assert main["mean"] == 9.0  # the n=1000 value 14.0 is not averaged in
+    assert apart["mean"] == 14.0 and "n_samples 1000 (main table: 2000)" in apart["set_apart_reason"]
+    assert "n=1000" in apart["evaluator"] and "n=2000" in main["evaluator"]
+    assert "Why set apart: n_samples 1000 (main table: 2000)." in render_markdown(report)
+
+
+def test_other_reference_is_set_apart_not_averaged(tmp_path):
+    other = {**PROV, "reference_sha256": "ef" * 32}
+    # The issue's field names (n_samples, num_sampling_steps) are the same provenance as the
+    # evaluator's (n, sampling_steps): seeds 0 and 2 are averaged.
+    names = {"n": "n_samples", "sampling_steps": "num_sampling_steps"}
+    renamed = {names.get(k, k): v for k, v in PROV.items()}
+    write_run(tmp_path, embedded_config("redi", 0), [eval_row(2000, "fd_classifier", 7.0)])
+    write_run(tmp_path, embedded_config("redi", 1), [eval_row(2000, "fd_classifier", 9.0, other)])
+    write_run(tmp_path, embedded_config("redi", 2),
+              [eval_row(2000, "fd_classifier", 8.0, renamed)])
+    rep = summarize(gather(GRID, tmp_path, grid={"name": GRID}))
+    main = cell(rep, "SiT-tiny/1 w/ ReDi", 2000)
+    apart = cell(rep, "SiT-tiny/1 w/ ReDi", 2000, group=1)
+    assert (main["mean"], main["n_seeds"], apart["mean"], apart["n_seeds"]) == (7.5, 2, 9.0, 1)
+    assert apart["set_apart_reason"].startswith("reference_sha256 efefefefefef")
+
+
+def test_mini_grid_shows_paper_only_as_context_and_never_a_difference(report):
+    c = report.cells
+    assert not c["paper_comparable"].any() and c["diff"].isna().all()
+    paper = load_paper_numbers("table1")
+    expected = paper[(paper["model"] == "SiT-XL/2") & (paper["method"] == "redi")
+                     & (paper["iterations"] == 400_000) & (paper["metric"] == "fid")]["value"].item()
+    final = cell(report, "SiT-tiny/1 w/ ReDi", 2000)
+    assert final["paper"] == expected == 7.5
+    assert final["paper_label"] == "SiT-XL/2 w/ ReDi, 400K (table1)"
+    assert "not ImageNet 256" in final["paper_reason"]
+    assert math.isnan(cell(report, "SiT-tiny/1 w/ ReDi", 1000)["paper"])  # context once, at the end
+    text = render_markdown(report)
+    headers = [line for line in text.splitlines() if line.startswith("| Model |")]
+    assert headers and all("paper FID, context only" in h and "Δ" not in h for h in headers)
+
+
+def test_full_scale_grid_matches_the_paper_row_and_gives_the_difference(tmp_path):
+    cfg = ExperimentConfig(
+        spec="redi", grid="table1",
+        data=DataConfig(name="imagefolder", image_size=256, num_classes=1000),
+        vae=VAEConfig(kind="diffusers"), encoder=EncoderConfig(kind="dinov2", pca_rank_max=32),
+        model=ModelConfig(size="XL/2", fusion="merged", pca_rank=8),
+        train=TrainConfig(max_steps=400_000, seed=0),
+        eval=EvalConfig(sampler="sde", num_sampling_steps=250, num_samples=50_000,
+                        feature_network="inception"))
+    prov = {**PROV, "feature_network": "inception-v3-compat-pool3", "n": 50_000, "sampler": "sde",
+            "sampling_steps": 250}
+    write_run(tmp_path, cfg, [eval_row(400_000, "fid", 7.0, prov), eval_row(200_000, "fid", 9.0, prov)],
+              last_step=250, folder="redi-00000000")
+    rep = summarize(gather("table1", tmp_path, grid={"name": "table1", "regenerates": "table1"}))
+    final = cell(rep, "SiT-XL/2 w/ ReDi", 400_000, "fid")
+    assert final["paper_comparable"] and final["paper"] == 7.5
+    assert final["diff"] == pytest.approx(7.0 - 7.5, abs=TOL)
+    assert math.isnan(cell(rep, "SiT-XL/2 w/ ReDi", 200_000, "fid")["paper"])  # no 200K row
+    text = render_markdown(rep)
+    assert "| SiT-XL/2 w/ ReDi | 400K | 1 | 7.00 | 7.5 | -0.50 |" in text
+
+
+def test_per_row_guidance_of_a_setting_stays_in_one_column(tmp_path):
+    # Table 4: one setting scores DiT-B/2 with w_r = 1.5 and DiT-XL/2 with w_r = 1.1 (grid match);
+    # the evaluator is the same, so both rows share the column and the paper's rows match exactly.
+    prov = {**PROV, "feature_network": "inception-v3-compat-pool3", "n": 50_000,
+            "sampler": "ddpm", "sampling_steps": 250}
+    for size, w_r, fid_rg, fid in (("B/2", 1.5, 21.0, 26.0), ("XL/2", 1.1, 6.5, 9.0)):
+        cfg = ExperimentConfig(
+            spec="redi_rg", grid="table4",
+            data=DataConfig(name="imagefolder", image_size=256, num_classes=1000),
+            model=ModelConfig(size=size, fusion="merged", pca_rank=8, learn_sigma=True),
+            objective=ObjectiveConfig(transport="ddpm", p_drop=0.2),
+            eval=EvalConfig(sampler="ddpm", feature_network="inception"))
+        guided = {**prov, "guidance": {**PROV["guidance"], "rg_scale": w_r}}
+        rows = [eval_row(400_000, "fid", fid, prov, setting="no_rg"),
+                eval_row(400_000, "fid", fid_rg, guided, setting="rg")]
+        write_run(tmp_path, cfg, rows, last_step=250, folder=f"redi_rg-{size[:-2]}")
+    rep = summarize(gather("table4", tmp_path, grid={"name": "table4", "regenerates": ["table4"]}))
+    assert (rep.cells["group"] == 0).all()
+    got = {(r.setting, r.condition): (r.mean, r.paper, r.diff) for r in rep.cells.itertuples()}
+    # Paper Table 4: B 25.7 -> 20.2 with RG (w_r 1.5); XL 8.7 -> 5.9 (w_r 1.1).
+    for key, (mean, paper) in {("no_rg", "DiT-B/2 w/ ReDi (p_drop)"): (26.0, 25.7),
+                               ("rg", "DiT-B/2 w/ ReDi (p_drop)"): (21.0, 20.2),
+                               ("no_rg", "DiT-XL/2 w/ ReDi (p_drop)"): (9.0, 8.7),
+                               ("rg", "DiT-XL/2 w/ ReDi (p_drop)"): (6.5, 5.9)}.items():
+        assert got[key][:2] == (mean, paper) and got[key][2] == pytest.approx(mean - paper, abs=TOL)
+    text = render_markdown(rep)
+    assert "| DiT-XL/2 w/ ReDi (p_drop) | 400K | 1 | rg_scale=1.1 | 6.50 | 5.9 | +0.60 |" in text
+
+
+def test_fixture_speedups_equal_hand_interpolation(report):
+    rows = {(s["method"], s["baseline"]): s for s in report.speedups}
+    redi = rows[("SiT-tiny/1 w/ ReDi", "SiT-tiny/1")]
+    # Baseline final: mean(10, 12) = 11 at 2000. ReDi means: 16 at 500, 10 at 1000.
+    step = math.exp(math.log(500) + (16 - 11) / (16 - 10) * (math.log(1000) - math.log(500)))
+    assert redi["step"] == pytest.approx(step, rel=1e-12)
+    assert redi["factor"] == pytest.approx(2000 / step, rel=1e-12)
+    assert json.loads(redi["points"]) == [[500, 16], [1000, 10]]
+    assert "x23 (SiT-XL/2, x23_sit)" == redi["paper_claim"]  # the DiT claim is not a SiT claim
+    # The grid's baseline first, and REPA as the second baseline of the methods beyond it.
+    from bench.report import speedup_pairs
+
+    pairs = {(m, b) for m, b, _ in speedup_pairs(report.conditions, list(report.conditions[
+        "condition"]), {"baseline": "latent_only"})}
+    assert pairs == set(rows) == {("SiT-tiny/1 w/ REPA", "SiT-tiny/1"),
+                                  ("SiT-tiny/1 w/ ReDi", "SiT-tiny/1"),
+                                  ("SiT-tiny/1 w/ REPA + ReDi", "SiT-tiny/1"),
+                                  ("SiT-tiny/1 w/ ReDi", "SiT-tiny/1 w/ REPA"),
+                                  ("SiT-tiny/1 w/ REPA + ReDi", "SiT-tiny/1 w/ REPA")}
+    waiting = rows[("SiT-tiny/1 w/ REPA + ReDi", "SiT-tiny/1")]
+    assert not waiting["reached"]
+    assert "not reached (by 500)" in render_markdown(report)
+
+
+def test_markdown_matches_golden_file(report):
+    text = render_markdown(report)
+    if os.environ.get("REDI_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text(), "set REDI_UPDATE_GOLDEN=1 to regenerate after a deliberate change"
+
+
+def test_written_files_and_plots_open_as_images(report, tmp_path):
+    out = write_report(report, tmp_path / "out")
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "table.csv", "table.tex", "cells.csv", "speedups.csv", "runs.csv",
+            "evals.csv", "metrics.csv"} <= names
+    for stem in ("convergence_no_cfg_fd_classifier", "convergence_no_cfg_accuracy", "loss_curves"):
+        with Image.open(out / f"{stem}.png") as image:
+            image.verify()
+        assert (out / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    table = pd.read_csv(out / "table.csv")
+    assert (table["block"] == "main").sum() == 16
+    assert NOT_MEASURED in set(table.iloc[:, 3])
+    tex = (out / "table.tex").read_text()
+    assert r"\begin{tabular}" in tex and r"$\pm$" in tex and "w/ REPA + ReDi" in tex
+    assert not any(n.startswith(".") for n in names)  # no temporaries left behind
+
+
+def test_cli_prints_table_and_folder_and_fails_cleanly(tmp_path, capsys):
+    build_fixture(tmp_path / "runs")
+    code = main([GRID, "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
+                 "--no-plots"])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"wrote {tmp_path / 'rep' / GRID}" in printed
+    assert "| SiT-tiny/1 w/ ReDi | 2K | 2 | 8.00 ± 12.71 |" in printed
+    from bench.cli import main as bench_main  # the `bench` front door routes to bench.report:main
+
+    assert bench_main(["report", GRID, "--runs-root", str(tmp_path / "runs"), "--out",
+                       str(tmp_path / "rep2"), "--no-plots"]) == 0
+    assert (tmp_path / "rep2" / GRID / "report.md").is_file()
+    capsys.readouterr()
+    assert main(["nothing_here", "--runs-root", str(tmp_path / "runs")]) == 2
+    assert "no runs for grid 'nothing_here'" in capsys.readouterr().err
+    code = main([GRID, "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
+                 "--metric", "kid", "--no-plots"])
+    assert code == 2 and "--metric 'kid' was not measured" in capsys.readouterr().err
+
+
+def test_truncated_last_line_is_skipped_but_corrupt_middle_line_is_an_error(tmp_path):
+    run = write_run(tmp_path, embedded_config("redi", 0), [eval_row(2000, "fd_classifier", 7.0)])
+    with open(run / "eval.jsonl", "a") as f:
+        f.write('{"step": 2000, "metr')  # a writer mid-append
+    assert len(gather(GRID, tmp_path, grid={"name": GRID}).evals) == 1
+    (run / "eval.jsonl").write_text('{"oops"\n' + json.dumps(eval_row(250, "fid", 1.0)) + "\n")
+    with pytest.raises(ReportError, match="eval.jsonl line 1"):
+        gather(GRID, tmp_path, grid={"name": GRID})
+
+
+# ------------------------------------------------------------------------------------------------
+# Run folders written by the real trainer and evaluator (bench.train, bench.evaluate, tiny sizes)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three 4-step runs (latent_only seed 0, redi seeds 0 and 1) trained by bench.train.train and
+    scored by bench.evaluate.evaluate (FD and accuracy on a tiny classifier, 16 samples, checkpoints
+    2 and 4), on the trainer's test fixture data with a tiny VAE and classifier from bench.embedded
+    (the way tests/test_evaluate.py builds its prepared folder)."""
+    pytest.importorskip("bench.evaluate")
+    import torch
+    from fixtures_train import tiny_config, write_prepared  # tests/ is on sys.path under pytest
+
+    from bench.atomic import atomic_write_json
+    from bench.data import digits
+    from bench.embedded import (ClassifierSettings, EmbeddedVAESettings, train_classifier,
+                                train_embedded_vae)
+    from bench.evaluate import evaluate
+    from bench.train import train
+
+    root = tmp_path_factory.mktemp("real")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny kernels: one thread is much faster on a busy 2-core machine
+    try:
+        prepared = write_prepared(root / "prepared")
+        images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0),
+                               dtype=torch.uint8)
+        vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1,
+                                                             batch_size=4, scale_images=8),
+                                 0, prepared / "vae", progress=False)
+        train_split, test_split = digits("train", 32), digits("test", 32)
+        classifier = train_classifier(
+            train_split.images(range(320)), train_split.labels[:320], test_split.images(range(64)),
+            test_split.labels[:64], 10, ClassifierSettings(width=8, feature_dim=8, epochs=1.0,
+                                                           batch_size=32, lr=1e-2),
+            0, prepared / "classifier", progress=False)
+        manifest = json.loads((prepared / "manifest.json").read_text())
+        manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
+        manifest["classifier"] = {"path": "classifier", "test_accuracy": classifier["test_accuracy"]}
+        atomic_write_json(prepared / "manifest.json", manifest)
+        for spec, seed in (("latent_only", 0), ("redi", 0), ("redi", 1)):
+            cfg = tiny_config(prepared, root / "runs", "grid=real_fixture", f"train.seed={seed}",
+                              "eval.sampler=euler", "eval.num_sampling_steps=2",
+                              "eval.num_samples=16", "eval.batch_size=8", spec=spec)
+            evaluate(None, train(cfg), shard_size=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "runs"
+
+
+def test_report_on_real_trainer_and_evaluator_folders(trained, tmp_path):
+    rep = summarize(gather("real_fixture", trained, grid={"name": "real_fixture"}))
+    g = rep.gathered
+    assert list(g.runs["status"]) == ["done"] * 3 and set(g.runs["last_step"]) == {4}
+    assert set(g.runs["data.name"]) == {"digits"} and "model.hidden_size" in g.runs
+    assert list(rep.conditions["condition"]) == ["SiT-tiny/1", "SiT-tiny/1 w/ ReDi"]
+    assert (rep.cells["group"] == 0).all() and (rep.cells["n_seeds"] > 0).all()
+    # By hand from the evaluator's own eval.jsonl lines: mean and t-interval of the two ReDi seeds.
+    for metric in ("fd_classifier", "accuracy"):
+        for step in (2, 4):
+            values = [json.loads(line)["value"] for run in sorted(trained.glob("real_fixture/redi-*"))
+                      for line in (run / "eval.jsonl").read_text().splitlines()
+                      if json.loads(line)["step"] == step and json.loads(line)["metric"] == metric]
+            c = cell(rep, "SiT-tiny/1 w/ ReDi", step, metric)
+            assert len(values) == 2 and c["n_seeds"] == 2
+            # rel 1e-12: the same two-number mean and std in float64, only in another order.
+            assert c["mean"] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-15)
+            half = T975[1] * np.std(values, ddof=1) / math.sqrt(2)
+            assert c["half_width"] == pytest.approx(half, rel=1e-9, abs=1e-15)
+    assert cell(rep, "SiT-tiny/1", 4)["evaluator"] == "FD (digits classifier features, n=16)"
+    # Loss curves equal a hand mean of the trainer's own metrics.jsonl lines.
+    from bench.plots import loss_curves
+
+    conditions = {r: "SiT-tiny/1" if r.startswith("latent") else "SiT-tiny/1 w/ ReDi"
+                  for r in g.runs["run"]}
+    curves = loss_curves(g.metrics, conditions, "loss/semantic").set_index(["condition", "step"])
+    by_hand = [json.loads(line)["loss/semantic"] for run in sorted(trained.glob("real_fixture/redi-*"))
+               for line in (run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["step"] == 3]
+    assert curves.loc[("SiT-tiny/1 w/ ReDi", 3), "mean"] == pytest.approx(np.mean(by_hand), rel=1e-12)
+    assert ("SiT-tiny/1", 3) not in curves.index  # latent-only logs no semantic loss
+    out = write_report(rep, tmp_path / "out")
+    for stem in ("loss_curves", "convergence_default_fd_classifier"):
+        with Image.open(out / f"{stem}.png") as image:
+            image.verify()
+    assert "loss/semantic" in pd.read_csv(out / "metrics.csv").columns
+
+
+def test_grid_in_progress_without_any_evaluation(tmp_path):
+    write_run(tmp_path, embedded_config("redi", 0), [], last_step=500, done=False)
+    grid = {"name": GRID, "eval": {"steps": STEPS, "settings": ["no_cfg"]}}
+    rep = summarize(gather(GRID, tmp_path, grid=grid))
+    text = render_markdown(rep)
+    assert rep.cells.empty and "Nothing is evaluated yet" in text
+    assert "setting no_cfg: nothing measured yet" in text and "training 1" in text
+    out = write_report(rep, tmp_path / "out")
+    assert (out / "loss_curves.png").is_file() and not list(out.glob("convergence_*"))
+
+
+def test_real_grid_file_in_progress_lists_every_cell(tmp_path, capsys):
+    grids = pytest.importorskip("bench.grids")
+    cells = grids.expand(grids.load_grid("mini_table1"))
+    by_name = {c.name: c for c in cells}
+    for name, values in {"latent_only-seed=0": [30.0, 20.0, 10.0], "redi-seed=0": [20.0, 12.0, 8.0]}.items():
+        cell_ = by_name[name]
+        folder = tmp_path / "mini_table1" / cell_.run_dir.name
+        rows = [eval_row(s, "fd_classifier", v) for s, v in zip(cell_.eval_steps, values)]
+        write_run(tmp_path, cell_.cfg, rows, folder=folder.name)
+    assert main(["mini_table1", "--runs-root", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--no-plots"]) == 0
+    text = (tmp_path / "out" / "mini_table1" / "report.md").read_text()
+    assert "Runs: 8 in the grid; done 2, not started 6." in text
+    assert "| SiT-tiny/1 w/ REPA | 2K | 0 of 2 | not measured |" in text
+    assert "no_cfg/fd_classifier: SiT-tiny/1 w/ REPA + ReDi at step 500" in text
+    assert "| SiT-tiny/1 w/ ReDi | 2K | 1 of 2 | 8.00 | 7.5 | SiT-XL/2 w/ ReDi, 400K (table1) |" in text
+    assert "not from bench.grids" not in text  # the cells came from the grid, not from folders
+
+
+def test_report_imports_no_training_code(tmp_path):
+    # style_anchors §8: reporting reads results/ only; it must not pull in the trainer, sampler,
+    # evaluator or the model core (checked in a fresh interpreter, after a full report with plots).
+    import subprocess
+    import sys
+
+    build_fixture(tmp_path / "runs")
+    code = (f"import sys; from bench.report import main; "
+            f"assert main(['{GRID}', '--runs-root', r'{tmp_path / 'runs'}', '--out', "
+            f"r'{tmp_path / 'out'}']) == 0; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'models' or m in "
+            "('bench.train', 'bench.build', 'bench.sampling', 'bench.evaluate')); "
+            "assert not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
