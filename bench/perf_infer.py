@@ -2,8 +2,10 @@
 
 - sample: one sampling step = one network evaluation through `guided_prediction` (one batched call
   of 1, 2 or 3 branches) plus the Euler update, on the EMA network in eval mode, without the REPA
-  projector (`return_aligned=False`: sampling never needs it). images/s counts the B images being
-  sampled, so `guided / unguided` time per step is the cost of guidance.
+  projector (`return_aligned=False`: sampling never needs it), in `bench sample`'s precision (fp32,
+  bench.sampling.SAMPLING_PRECISION; --precision applies to training only). images/s counts the B
+  images being sampled, i.e. per-image network evaluations per second (divide by the step count for
+  finished images/s, as Table 6 reports), so `guided / unguided` time per step is the cost of guidance.
 - prepare: images/s of each frozen encoder `bench prepare` runs (VAE moments, semantic features).
 - eval: images/s of the evaluation feature network (the embedded classifier, or Inception-v3).
 Weights are random unless a local file is configured: cost depends on shapes, not values.

@@ -100,11 +100,13 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                 reference_of=ref))
     if "sample" in kinds:
         from bench.perf_infer import build_sample_workloads
+        from bench.sampling import SAMPLING_PRECISION
 
         sample_batch = args.sample_batch or batch
+        # `bench sample` always runs fp32 (no autocast): time what it runs, not the training precision
         for spec in specs:
             groups["sample"].append(_labelled(spec, lambda s=spec: build_sample_workloads(
-                s, configs[s], geometry, sample_batch, device, precision, args.seed)))
+                s, configs[s], geometry, sample_batch, device, SAMPLING_PRECISION, args.seed)))
     encoder_batch = args.encoder_batch or batch
     if "prepare" in kinds:
         from bench.perf_infer import build_prepare_workloads

@@ -222,3 +222,20 @@ def test_repa_projector_and_loss():
         repa_alignment_loss(a, b[:2])
     with pytest.raises(ValueError, match=r"\(B, L, D\)"):
         repa_alignment_loss(a[0], b[0])
+
+
+def test_attention_goes_through_sdpa_once_per_block(monkeypatch):
+    """Issue 2: attention is computed by F.scaled_dot_product_attention (the fused kernels), once
+    per block and per forward, on (B, heads, N, head_dim) with N = 2L for separate tokens."""
+    config = BackboneConfig(**TINY, fusion="separate", semantic_channels=3)
+    model = randomize(JointDiT(config))
+    shapes = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return real_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(backbone.F, "scaled_dot_product_attention", spy)
+    model(*batch(config))
+    assert shapes == [(2, 4, 2 * config.num_patches, 64 // 4)] * config.depth

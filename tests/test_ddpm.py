@@ -43,6 +43,7 @@ def schedule_from_betas(betas: list[float]) -> dict[str, list[float]]:
     post_var = [b * (1 - ap) / (1 - a) for b, a, ap in zip(betas, alphas_cumprod, prev)]
     return {
         "betas": betas,
+        "alphas": [1.0 - b for b in betas],
         "alphas_cumprod": alphas_cumprod,
         "alphas_cumprod_prev": prev,
         "posterior_variance": post_var,
@@ -526,3 +527,39 @@ def test_tiny_joint_dit_trains_and_samples_with_cfg_and_rg() -> None:
     assert torch.equal(xs, again[0]) and torch.equal(zs, again[1])
     plain = sample_ddpm(model, (3, 4, 8, 8), (3, 2, 8, 8), ys, None, 5, generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(xs, plain[0])  # guidance changes the trajectory
+
+
+def test_all_weights_one_equals_the_unguided_sampler() -> None:
+    """Issue 2 and 9: every guidance weight at 1 (with an interval and a null class) gives exactly the
+    unguided ancestral sampler, one single-branch call per step, on a net that depends on y and z."""
+
+    def net(x, t, y, z=None):
+        calls.append(x.shape[0])
+        yy = y.to(x.dtype).view(-1, 1, 1, 1)
+        ex = 0.5 * x + 0.3 * z.sum(1, keepdim=True) + 0.1 * yy
+        return BackboneOutput(torch.cat([ex, torch.tanh(x)], 1), torch.cat([0.2 * z - 0.05 * yy, -z.tanh()], 1), None)
+
+    y = torch.tensor([3, 7])
+    outputs = []
+    for guidance in (None, Guidance(latent_channels=2, semantic_channels=1, cfg_scale=1.0, rg_scale=1.0,
+                                    cfg_channels="all", interval=(0.3, 0.6), null_class=10)):
+        calls: list[int] = []
+        outputs.append(sample_ddpm(net, (2, 2, 3, 3), (2, 1, 3, 3), y, guidance, 7,
+                                   generator=torch.Generator().manual_seed(3), dtype=F64))
+        assert calls == [2] * 7
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+@pytest.mark.parametrize("table", ["table1", "table3", "table4", "table6"])
+def test_dit_rows_of_the_paper_grids_use_the_ddpm_transport(table) -> None:
+    """Issue 9: the DiT rows of Tables 1, 3, 4 and 6 select this transport through the config key
+    objective.transport (learned variance, DDPM sampling); Table 1's SiT rows stay on the flow."""
+    from bench.grids import expand
+
+    cells = expand(table)
+    dit = [c for c in cells if table != "table1" or "dit" in c.name]
+    assert dit and all(c.cfg.objective.transport == "ddpm" and c.cfg.model.learn_sigma
+                       and c.cfg.eval.sampler == "ddpm" for c in dit)
+    if table == "table1":
+        sit = [c for c in cells if "sit" in c.name]
+        assert len(sit) == len(dit) == 6 and all(c.cfg.objective.transport == "flow" for c in sit)

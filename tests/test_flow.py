@@ -252,21 +252,32 @@ def test_bf16_autocast_step_on_cpu():
 
 def test_tiny_model_overfits_one_batch():
     """Fixed batch, t and noise (the generator is re-seeded each step): pure regression, so the
-    loss must drop well below its initial value (~E[u^2] ~ 2 with zero-initialised heads)."""
+    loss must drop well below its initial value (~E[u^2] ~ 2 with zero-initialised heads).
+
+    "Within 30 s on CPU" is measured as CPU time of this process with one intra-op thread: on a
+    shared machine wall time also counts other jobs (and oversubscribed OpenMP threads spin), which
+    made a wall-clock bound fail under load although the work takes ~0.6 s (49 steps) when idle.
+    """
     model = tiny_model()
     gen = torch.Generator().manual_seed(1)
     x, z = torch.randn(4, CX, 8, 8, generator=gen), torch.randn(4, CZ, 8, 8, generator=gen)
     y = torch.arange(4)
     transport = FlowTransport(config(class_dropout_prob=0.0))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    start, first = time.monotonic(), None
-    for _ in range(400):
-        loss = transport.training_losses(model, x, z, y, torch.Generator().manual_seed(0))["loss"]
-        first = loss.item() if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < first / 10 or time.monotonic() - start > 30:
-            break
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start, first = time.process_time(), None
+        for _ in range(400):
+            loss = transport.training_losses(model, x, z, y, torch.Generator().manual_seed(0))["loss"]
+            first = loss.item() if first is None else first
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if loss.item() < first / 10 or time.process_time() - start > 30:
+                break
+        cpu_seconds = time.process_time() - start
+    finally:
+        torch.set_num_threads(threads)
     assert loss.item() < first / 10, (first, loss.item())
-    assert time.monotonic() - start < 30
+    assert cpu_seconds < 30

@@ -288,3 +288,138 @@ def test_sample_flow_latent_only_and_errors():
         sample_flow(oracle, (3, 2, 2, 2), None, y, guidance, "euler", 1, generator=torch.Generator())
     with pytest.raises(ValueError, match="last_step"):
         sample_sde_euler_maruyama(oracle_predict(), torch.zeros(1, 2, 1, 1, dtype=F64), None, 4, torch.Generator(), last_step="mean")
+
+
+class ConditionedNet:
+    """A network whose velocity depends on x, z, t and the label (unlike the Gaussian oracle, which
+    ignores y and z), so CFG and RG really change its output. Records its batch sizes."""
+
+    def __init__(self) -> None:
+        self.batches = []
+
+    def __call__(self, x, t, y, z=None):
+        self.batches.append(x.shape[0])
+        tb, yb = t.view(-1, 1, 1, 1), y.to(x.dtype).view(-1, 1, 1, 1)
+        vx = -0.8 * x + 0.3 * torch.tanh(z.sum(1, keepdim=True)) + 0.2 * yb * (1 - tb) + 0.1 * tb
+        vz = -0.5 * z + 0.1 * x.mean(1, keepdim=True) - 0.05 * yb
+        return Out(vx, vz, None)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "sde"])
+def test_all_weights_one_sampler_equals_unguided(method):
+    """Issue 2: every guidance weight at 1 (any channels, an interval, a null class) gives exactly
+    the unguided sampler, with one single-branch call per evaluation."""
+    y = torch.tensor([0, 3, 7, 9])
+    runs = []
+    for guidance in (Guidance(latent_channels=2, semantic_channels=1),
+                     Guidance(latent_channels=2, semantic_channels=1, cfg_scale=1.0, rg_scale=1.0,
+                              cfg_channels="all", rg_channels="latent", interval=(0.2, 0.7), null_class=10)):
+        net = ConditionedNet()
+        runs.append(sample_flow(net, (4, 2, 3, 3), (4, 1, 3, 3), y, guidance, method, 6,
+                                generator=torch.Generator().manual_seed(1), dtype=F64) + (net.batches,))
+    (x0, z0, calls0), (x1, z1, calls1) = runs
+    assert torch.equal(x0, x1) and torch.equal(z0, z1) and calls0 == calls1 and set(calls1) == {4}
+
+
+def test_guided_sde_equals_separate_calls_with_interval_on_one_minus_t():
+    """Issue 2: the guided sampler (CFG on latent channels with an interval, plus RG) equals the
+    same SDE driven by three separate network calls combined by GUIDANCE.md's rule, with the
+    interval read on the noise level s = 1 - t; and it makes one batched call per evaluation."""
+    w, w_r, null, low, high = 2.4, 1.5, 10, 0.5, 1.0
+    guidance = Guidance(latent_channels=2, semantic_channels=1, cfg_scale=w, rg_scale=w_r, null_class=null,
+                        interval=(low, high))
+    y = torch.tensor([1, 4, 8])
+    net = ConditionedNet()
+    x, z = sample_flow(net, (3, 2, 2, 2), (3, 1, 2, 2), y, guidance, "sde", 8,
+                       generator=torch.Generator().manual_seed(5), dtype=F64)
+    # one call per evaluation: 3 branches while s = 1 - t is inside [0.5, 1] (t = 0, 0.14, 0.27,
+    # 0.41 on linspace(0, 0.96, 8)), then 2 (the class-dropped branch is skipped outside it)
+    assert net.batches == [9] * 4 + [6] * 4
+
+    separate = ConditionedNet()
+
+    def manual(xs, zs, t):
+        c = separate(xs, t, y, zs)
+        u = separate(xs, t, torch.full_like(y, null), zs)
+        r = separate(xs, t, y, torch.zeros_like(zs))
+        inside = ((1 - t >= low) & (1 - t <= high)).to(F64).view(-1, 1, 1, 1)
+        vx = c.x + inside * (w - 1) * (c.x - u.x) + (w_r - 1) * (c.x - r.x)  # CFG on latents only
+        vz = c.z + (w_r - 1) * (c.z - r.z)
+        return vx, vz
+
+    gen = torch.Generator().manual_seed(5)
+    x0 = torch.randn((3, 2, 2, 2), generator=gen, dtype=F64)
+    z0 = torch.randn((3, 1, 2, 2), generator=gen, dtype=F64)
+    ref = sample_sde_euler_maruyama(manual, x0, z0, 8, gen)
+    # the same float64 operations, reordered: agreement to rounding
+    torch.testing.assert_close(x, ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(z, ref[1], rtol=0, atol=1e-12)
+    # the interval mattered: without it (CFG everywhere) the result differs
+    everywhere = sample_flow(ConditionedNet(), (3, 2, 2, 2), (3, 1, 2, 2), y,
+                             Guidance(latent_channels=2, semantic_channels=1, cfg_scale=w, rg_scale=w_r,
+                                      null_class=null), "sde", 8,
+                             generator=torch.Generator().manual_seed(5), dtype=F64)
+    assert not torch.allclose(everywhere[0], x)
+
+
+def test_sde_defaults_are_sits():
+    """Issue 2: sample_flow's SDE defaults are SiT's (sample_ddp.py): 250 evaluations on
+    linspace(0, 0.96, 250); the last one is the deterministic "Mean" step of size 0.04 to t = 1."""
+    times = []
+
+    def spy(x, t, y, z=None):
+        times.append(float(t[0]))
+        return Out(-x, None, None)
+
+    guidance = Guidance(latent_channels=2, semantic_channels=0)
+    y = torch.zeros(2, dtype=torch.long)
+    x = sample_flow(spy, (2, 2, 2, 2), None, y, guidance, generator=torch.Generator().manual_seed(0), dtype=F64)[0]
+    assert len(times) == 250
+    torch.testing.assert_close(torch.tensor(times, dtype=F64), torch.linspace(0, 0.96, 250, dtype=F64),
+                               rtol=0, atol=1e-12)
+    # explicit SiT settings reproduce the defaults bit for bit (same draws)
+    explicit = sample_flow(spy, (2, 2, 2, 2), None, y, guidance, "sde", 250, generator=torch.Generator().manual_seed(0),
+                           dtype=F64, diffusion_form="sigma", diffusion_norm=1.0, last_step="Mean",
+                           last_step_size=0.04)[0]
+    assert torch.equal(x, explicit)
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp"])
+def test_flow_loss_of_the_optimal_velocity_has_the_known_value(path):
+    """Issue 2: the joint flow loss against a known answer. For Gaussian data the optimal velocity is
+    E[u | x_t], so at that prediction the expected loss given t is the conditional variance
+    Var(u | x_t) = Var(u) - Cov(u, x_t)^2 / Var(x_t) per element, averaged per modality and
+    summed with lambda_z; a prediction off by a constant c adds exactly c^2 in expectation."""
+    from models.flow import FlowConfig, FlowTransport
+
+    batch, side, lambda_z = 2000, 4, 0.5
+    data = torch.Generator().manual_seed(0)
+    x1 = MU_X.view(1, -1, 1, 1) + S_X.view(1, -1, 1, 1) * torch.randn(batch, 2, side, side, generator=data, dtype=F64)
+    z1 = MU_Z.view(1, -1, 1, 1) + S_Z.view(1, -1, 1, 1) * torch.randn(batch, 1, side, side, generator=data, dtype=F64)
+    transport = FlowTransport(FlowConfig(num_classes=1, latent_channels=2, semantic_channels=1, path=path,
+                                         lambda_z=lambda_z, class_dropout_prob=0.0))
+    y = torch.zeros(batch, dtype=torch.long)
+    t = torch.rand(batch, generator=torch.Generator().manual_seed(1), dtype=F64)  # the loss's first draw
+
+    def conditional_variance(s):  # (B, C): Var(u | x_t) for each sample's t and each channel's std s
+        a, da, b, db = (c.view(-1, 1) for c in path_coefficients(path, t))
+        s2 = s.view(1, -1) ** 2
+        return da**2 * s2 + db**2 - (a * da * s2 + b * db) ** 2 / (a**2 * s2 + b**2)
+
+    vx, vz = conditional_variance(S_X), conditional_variance(S_Z)
+    expected = (vx.mean(1) + lambda_z * vz.mean(1)).mean()
+    # (v - u) is N(0, V) per element: its square has variance 2 V^2; per sample the modality means
+    # average 2*16 and 1*16 elements. Standard error of the batch mean, float64 throughout.
+    var_i = 2 * (vx**2).sum(1) / (2 * side * side) ** 2 * side * side \
+        + lambda_z**2 * 2 * (vz**2).sum(1) / (side * side) ** 2 * side * side
+    stderr = float(var_i.sum().sqrt() / batch)
+    for offset in (0.0, 0.3):
+        class Shifted(GaussianOracle):
+            def __call__(self, x, t, y, z=None):
+                out = super().__call__(x, t, y, z)
+                return Out(out.x + offset, out.z + offset, None)
+
+        losses = transport.training_losses(Shifted(path), x1, z1, y, torch.Generator().manual_seed(1))
+        want = float(expected) + (1 + lambda_z) * offset**2
+        assert abs(float(losses["loss"]) - want) < 5 * stderr + 1e-12, (float(losses["loss"]), want, stderr)
+    assert stderr < 0.01 * float(expected)  # the check resolves errors of about 5% of the loss

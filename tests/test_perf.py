@@ -40,9 +40,11 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One `bench perf --quick` over every kind (two specs keep it short), as CI runs it."""
+    """One `bench perf --quick` over every kind (two specs keep it short), as CI runs it; bf16
+    training is asked for explicitly so that the precision fields are checked on any CPU."""
     out = tmp_path_factory.mktemp("perf")
-    status, text = run_cli(["--quick", "--device", "cpu", "--specs", "latent_only,redi", "--out", str(out)])
+    status, text = run_cli(["--quick", "--device", "cpu", "--specs", "latent_only,redi", "--out", str(out),
+                            "--precision", "bf16"])
     files = sorted(out.glob("*.jsonl"))
     assert status == 0 and len(files) == 1, text
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
@@ -68,6 +70,7 @@ def test_rows_have_the_schema_and_consistent_numbers(quick_run):
     assert set(train) == {"latent_only", "redi", "reference", "reference_precomputed"}
     for spec in ("latent_only", "redi"):  # what the launcher's GPU-hour estimate reads
         assert train[spec]["mode"] == "default" and train[spec]["images_per_s"] > 0
+        assert train[spec]["precision"] == "bf16" and train["reference"]["precision"] == "fp32"
         assert train[spec]["activation_checkpointing"] is False and train[spec]["semantic_features"] == "precomputed"
     ref = train["reference"]
     assert (ref["mode"], ref["dtype"], ref["activation_checkpointing"], ref["semantic_features"],
@@ -80,6 +83,8 @@ def test_rows_have_the_schema_and_consistent_numbers(quick_run):
         assert row["state_memory_mb"] == pytest.approx((2 * row["parameters"] + 3 * trainable) * 4 / 2**20, abs=0.01)
     assert train["redi"]["semantic_channels"] == 8 and train["latent_only"]["semantic_channels"] == 0
     guidance = {(r["spec"], r["guidance"]): r["branches"] for r in rows if r["kind"] == "sample"}
+    # sampling is timed as `bench sample` runs it: fp32, whatever the training precision
+    assert {(r["precision"], r["dtype"]) for r in rows if r["kind"] == "sample"} == {("fp32", "fp32")}
     assert guidance == {("latent_only", "none"): 1, ("latent_only", "cfg"): 2, ("redi", "none"): 1,
                         ("redi", "cfg"): 2, ("redi", "rg"): 2, ("redi", "cfg+rg"): 3}
     assert {r["encoder"] for r in rows if r["kind"] == "prepare"} == {"vae_embedded", "efficientnet_lite0"}

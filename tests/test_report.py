@@ -529,3 +529,71 @@ def test_report_imports_no_training_code(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_bands(report, monkeypatch,
+                                                                                    tmp_path):
+    """Issue 7: FD against iterations on a log axis, the evaluator named on the y axis, one line per
+    condition (legend with its seed count), a 95% band where a point has >= 2 seeds; loss curves
+    with one panel per logged term."""
+    from matplotlib.collections import PolyCollection
+
+    import bench.plots as plots
+
+    figures = {}
+
+    def keep(figure, stem):  # capture the figure instead of writing PNG/PDF
+        figures[stem.name] = figure
+        return []
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_convergence(report, tmp_path)
+    plots.plot_losses(report, tmp_path)
+    axis = figures["convergence_no_cfg_fd_classifier"].axes[0]
+    assert axis.get_xscale() == "log" and "iterations" in axis.get_xlabel()
+    assert axis.get_ylabel() == "FD (Fashion-MNIST classifier features, n=2000)"
+    legend = [t.get_text() for t in axis.get_legend().get_texts()]
+    assert legend == ["SiT-tiny/1 (2 seeds)", "SiT-tiny/1 w/ REPA (1 seed)", "SiT-tiny/1 w/ ReDi (2 seeds)",
+                      "SiT-tiny/1 w/ REPA + ReDi (1 seed)"]
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    assert list(lines["SiT-tiny/1 w/ ReDi (2 seeds)"].get_xdata()) == STEPS
+    means = [(a + b) / 2 for a, b in zip(FD[("redi", 0)], FD[("redi", 1)])]
+    assert list(lines["SiT-tiny/1 w/ ReDi (2 seeds)"].get_ydata()) == pytest.approx(means, abs=TOL)
+    assert list(lines["SiT-tiny/1 w/ REPA + ReDi (1 seed)"].get_xdata()) == [250, 500]
+    # bands only for the two conditions with two seeds (latent only and ReDi)
+    assert sum(isinstance(c, PolyCollection) for c in axis.collections) == 2
+    loss = figures["loss_curves"]
+    assert [a.get_title() for a in loss.axes] == ["loss", "loss/latent", "loss/semantic"]
+    assert all(a.get_xscale() == "log" for a in loss.axes)
+
+
+def test_real_folders_with_another_sample_count_are_set_apart(trained, tmp_path):
+    """Issue 7, on folders written by the real trainer and evaluator: one ReDi seed re-scored by
+    bench.evaluate with 8 samples instead of 16 is not averaged with the other seed; it is set
+    apart, and the report says why."""
+    import shutil
+
+    import torch
+
+    from bench.evaluate import evaluate
+
+    root = tmp_path / "runs"
+    shutil.copytree(trained / "real_fixture", root / "real_fixture")
+    runs = sorted((root / "real_fixture").glob("redi-*"))
+    kept = {json.loads(line)["step"]: json.loads(line)["value"]
+            for line in (runs[0] / "eval.jsonl").read_text().splitlines()
+            if json.loads(line)["metric"] == "fd_classifier"}
+    (runs[1] / "eval.jsonl").unlink()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evaluate(None, runs[1], overrides=["eval.num_samples=8"], shard_size=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    rep = summarize(gather("real_fixture", root, grid={"name": "real_fixture"}))
+    main_cell = cell(rep, "SiT-tiny/1 w/ ReDi", 4)
+    apart = cell(rep, "SiT-tiny/1 w/ ReDi", 4, group=1)
+    assert main_cell["n_seeds"] == 1 and main_cell["mean"] == pytest.approx(kept[4], rel=1e-12)
+    assert apart["n_seeds"] == 1 and "n_samples 8 (main table: 16)" in apart["set_apart_reason"]
+    assert "n=8" in apart["evaluator"] and "n=16" in main_cell["evaluator"]
+    assert "Why set apart: n_samples 8 (main table: 16)." in render_markdown(rep)
