@@ -348,6 +348,16 @@ def _open_npz(path: Path):
     return data
 
 
+def _npz_member_shape(npz, key: str) -> tuple[int, ...]:
+    """Shape of member `key` from its .npy header alone (an ADM batch's `arr_0` can be gigabytes)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with npz.zip.open(f"{key}.npy") as handle:
+        reader = readers.get(np.lib.format.read_magic(handle))
+        if reader is not None:
+            return tuple(int(v) for v in reader(handle)[0])
+    return tuple(npz[key].shape)  # another header version: read the member
+
+
 def _images_sha256(images: torch.Tensor) -> str:
     digest = hashlib.sha256(f"uint8|{tuple(images.shape)}|".encode())
     digest.update(images.contiguous().numpy().tobytes())
@@ -392,14 +402,23 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
             use_stats = has_stats and use_precomputed and network_id.startswith("inception")
             if use_stats:
                 mu, sigma = as_float64(npz["mu"]), as_float64(npz["sigma"])
+                # ADM batches hold the images beside their statistics: a reference of another
+                # resolution is refused here too (a mu/sigma-only file cannot be checked).
+                shape = _npz_member_shape(npz, REFERENCE_IMAGES_KEY) if has_images else None
         if use_stats:
+            if shape is not None:
+                if len(shape) != 4 or shape[-1] != 3:
+                    raise MetricError(f"reference {source}: '{REFERENCE_IMAGES_KEY}' must be uint8 "
+                                      f"(N, H, W, 3); got shape {shape}")
+                _check_image_size(shape[1:3], image_size, source)
             if mu.shape != (feature_network.feature_dim,):
                 raise MetricError(f"reference {path}: precomputed 'mu' has shape {mu.shape} but "
                                   f"{network_id} gives {feature_network.feature_dim} features; "
                                   "pass use_precomputed=False to use its images instead")
             return mu, sigma, {"reference_source": source, "reference_sha256": reference_sha,
                                "statistics_source": "precomputed mu/sigma in the npz",
-                               "n_reference": None, "cache_hit": False, "cache_file": None}
+                               "n_reference": None, "cache_hit": False, "cache_file": None,
+                               "image_hw": tuple(shape[1:3]) if shape is not None else None}
         if not has_images:
             raise MetricError(f"reference {path} holds only precomputed statistics, which belong "
                               f"to the Inception network; {network_id} needs reference images "

@@ -877,18 +877,36 @@ def add_grid_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     where.add_argument("--local", action="store_true", help="subprocesses on this machine (profile local)")
     where.add_argument("--debug", action="store_true", help="in this process, one cell after another")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs, resources and GPU-hours only")
-    parser.add_argument("--list", action="store_true", help="list the grids and cluster profiles")
+    parser.add_argument("--list", action="store_true",
+                        help="with NAME: the grid's cells; without: the grids and cluster profiles")
     return parser
 
 
 def _parse(argv: Any, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    return argv if isinstance(argv, argparse.Namespace) else parser.parse_args(list(argv))
+    # Intermixed: `bench grid NAME --local output_root=...` (overrides after the options) works too.
+    return argv if isinstance(argv, argparse.Namespace) else parser.parse_intermixed_args(list(argv))
+
+
+def format_cells(grid: Grid, cells: Sequence[Cell]) -> str:
+    """`bench grid NAME --list`: every cell with its run folder, its own overrides (those beyond
+    the grid's `base`), the checkpoints the eval stage scores and its evaluation settings."""
+    lines = [f"grid {grid.name}: {grid.title} ({len(cells)} cells)", f"  base: {' '.join(grid.base) or '-'}"]
+    for cell in cells:
+        own = [o for o in cell.overrides if o not in grid.base and not o.startswith(("grid=", "train.milestones="))]
+        settings = ", ".join(s.name for s in settings_for(grid, cell))
+        lines.append(f"  {cell.name}  {cell.run_dir}\n    overrides: {' '.join(own) or '-'}\n"
+                     f"    eval steps: {list(cell.eval_steps) or 'every checkpoint'}; settings: {settings}")
+    return "\n".join(lines)
 
 
 def main_grid(argv: Any = None) -> int:
     """`bench grid NAME [overrides] [--stage train|eval] [--cluster P | --local | --debug] [--dry-run] [--list]`."""
     args = _parse(sys.argv[1:] if argv is None else argv, add_grid_arguments(
         argparse.ArgumentParser(prog="bench grid", description="Submit an ablation grid (returns at once).")))
+    if args.list and args.name:
+        grid = load_grid(args.name)
+        print(format_cells(grid, expand(grid, args.overrides)))
+        return 0
     if args.list or not args.name:
         for name in list_grids():
             print(f"{name:16s} {load_grid(name).title}")

@@ -157,9 +157,11 @@ def test_resumed_sampling_is_bit_identical(run, monkeypatch):
     assert (full.folder / "grid.png").is_file() and (full.folder / "grid_semantic_pca.png").is_file()
 
 
-def test_shard_equals_independent_pipeline(run):
-    """Shard 0's first batch rebuilt by hand: EMA weights, labels and noise from the generators of
-    (eval seed, shard 0), Euler, diffusers decode of latents / scaling factor, DiT rounding."""
+@pytest.mark.parametrize("use_ema, which", [(True, "ema"), (False, "model")])
+def test_shard_equals_independent_pipeline(run, use_ema, which):
+    """Shard 0's first batch rebuilt by hand: EMA (or raw) weights, labels and noise from the
+    generators of (eval seed, shard 0), Euler, diffusers decode of latents / scaling factor, DiT
+    rounding."""
     from diffusers import AutoencoderKL
 
     from bench.build import build_model
@@ -169,12 +171,17 @@ def test_shard_equals_independent_pipeline(run):
     from models.flow_sampling import sample_flow
     from models.guidance import Guidance
 
-    result = sample(run, 2, shard_size=SHARD, progress=False)
+    result = sample(run, 2, overrides=[f"eval.use_ema={str(use_ema).lower()}"], num_samples=SHARD,
+                    shard_size=SHARD, progress=False)
+    assert result.setting.weights == ("ema" if use_ema else "raw")
+    assert json.loads((result.folder / "plan.json").read_text())["weights"] == result.setting.weights
     shard = read_shard(result.shards[0])
     cfg = read_run_config(run)
     manifest = read_manifest(cfg.data.prepared_dir)
     model = build_model(cfg, manifest)
-    model.load_state_dict(load_weights(checkpoint_path(run, 2), "ema"))
+    model.load_state_dict(load_weights(checkpoint_path(run, 2), which))
+    ema, raw = (load_weights(checkpoint_path(run, 2), w) for w in ("ema", "model"))
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # so picking the wrong set would fail
     model.eval()
     labels = torch.randint(0, 10, (SHARD,), dtype=torch.long,
                            generator=torch.Generator().manual_seed(derive_seed(0, "sampling", "labels", 0)))
@@ -363,11 +370,32 @@ def test_run_folder_without_checkpoints(run, capsys):
     assert len(err) == 1 and "bench eval: error:" in err[0] and "no checkpoints" in err[0]
 
 
+def test_missing_inception_weights_name_the_setting(run, tmp_path, capsys):
+    from bench.cli import main
+    from bench.features import FeatureNetworkError
+
+    missing = tmp_path / "pt_inception.pth"
+    with pytest.raises(FeatureNetworkError, match="eval.inception_weights is not set"):
+        evaluate(None, run, [4], overrides=["eval.feature_network=inception"], progress=False)
+    assert main(["eval", str(run), "--step", "4", "eval.feature_network=inception",
+                 f"eval.inception_weights={missing}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"eval.inception_weights is {missing} does not exist" in err[0]
+    assert "nothing is downloaded" in err[0] and "Traceback" not in err[0]
+    assert not (run / "samples").exists()
+
+
 @pytest.mark.parametrize("override", ["eval.guidance.cfg_scale=-1", "eval.guidance.rg_scale=-0.5"])
-def test_guidance_weights_below_zero(run, override):
+def test_guidance_weights_below_zero(run, override, capsys):
+    from bench.cli import main
+
     key = override.split("=")[0].split(".")[-1]
     with pytest.raises(ConfigError, match=f"{key}=-[0-9.]+ is out of range"):
         evaluate(None, run, [4], overrides=[override], progress=False)
+    for command in ("eval", "sample"):  # the command line: one line naming the key, exit 2
+        assert main([command, str(run), "--step", "4", override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"bench {command}: error:" in err[0] and key in err[0], err
     with pytest.raises(ConfigError, match="only eval.key=value overrides"):
         evaluate(None, run, [4], overrides=["model.depth=3"], progress=False)
     assert not (run / "samples").exists()

@@ -13,6 +13,7 @@ profiles and options fail with one clear error. The real scheduler is in test_sl
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,36 @@ def test_debug_runs_the_grid_in_process_and_resubmitting_submits_nothing(out):
     assert again.submitted == 0 and [s["reason"] for s in again.skipped] == ["done", "done"]
 
 
+def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path):
+    """No stand-ins: bench.train.train and bench.evaluate.evaluate run in this process through the
+    debug executor (train stage, then eval stage), status reads what they wrote, and submitting
+    either stage again submits nothing."""
+    import torch
+    from fixtures_train import write_prepared
+    from test_evaluate import _train_decoder_and_classifier
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is faster
+    try:
+        prepared = write_prepared(tmp_path / "prepared")
+        _train_decoder_and_classifier(prepared)
+        overrides = [f"output_root={tmp_path / 'runs'}", f"data.prepared_dir={prepared}"]
+        train = submit_grid("smoke", debug=True, overrides=overrides, quiet=True)
+        assert train.submitted == 2 and not train.failed
+        evaluation = submit_grid("smoke", stage="eval", debug=True, overrides=overrides, quiet=True)
+        assert evaluation.submitted == 2 and not evaluation.failed
+    finally:
+        torch.set_num_threads(threads)
+    rows = grid_status("smoke", overrides)
+    assert [(r["state"], r["step"], r["checkpoint"], r["eval"]) for r in rows] == [("done", 4, 4, "2/2 measured")] * 2
+    for cell in expand("smoke", overrides):
+        evals = launch.read_jsonl(cell.run_dir / "eval.jsonl")
+        assert {(r["step"], r["metric"]) for r in evals} == {(s, m) for s in (2, 4) for m in launch.metric_names(cell.cfg)}
+        assert all(r["n"] == 16 and r["sampling_steps"] == 2 for r in evals)  # the grid's eval overrides
+    assert submit_grid("smoke", debug=True, overrides=overrides, quiet=True).submitted == 0
+    assert submit_grid("smoke", stage="eval", debug=True, overrides=overrides, quiet=True).submitted == 0
+
+
 def test_a_crashing_cell_does_not_stop_the_others(out):
     sub = submit_grid("smoke", debug=True, job_fn=crashing_train, overrides=out, quiet=True)
     assert sub.failed == ["latent_only"]  # the first job crashed, the second still ran
@@ -157,6 +188,95 @@ def test_trainjob_requeued_after_preemption_resumes_from_its_checkpoint(out, tmp
     assert (cell.run_dir / "starts.log").read_text().split() == ["0", "2"]  # restarted at step 2
     assert [r.get("outcome") for r in _records(cell) if r["event"] == "end"] == ["interrupted", "done"]
     assert (cell.run_dir / "DONE").is_file()
+
+
+def _fake_slurm_bin(folder: Path, capture: Path) -> Path:
+    """A fake `sbatch` (keeps the script, answers like sbatch) and a `squeue` that cannot reach its
+    controller, first on PATH; the real srun stays (submitit only checks that it exists)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sbatch").write_text(f'#!/bin/sh\ncp "$1" "{capture}"\necho "Submitted batch job 4242"\n')
+    (folder / "squeue").write_text("#!/bin/sh\necho 'squeue: error: Unable to contact slurm controller "
+                                   "(connect failure)' >&2\nexit 1\n")
+    (folder / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("sbatch", "squeue", "srun"):
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def test_slurm_submission_carries_the_profile_and_requeue_budget(out, tmp_path, monkeypatch, capsys):
+    """What goes to sbatch, read from the script submitit writes: one array of both cells capped by
+    array_parallelism, USR2 signal_delay_s before the limit, the profile's partition/account/qos/
+    setup lines, time limit from the grid within the profile; and each pickled job carries the
+    profile's max_num_timeout as submitit's requeue-after-timeout budget."""
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "site.yaml").write_text(
+        "executor: slurm\npartition: part-a\naccount: acct-b\nqos: qos-c\ngpus_per_node: 0\ncpus_per_task: 3\n"
+        "mem_gb: 7\ntime_min: 45\nsignal_delay_s: 77\nmax_num_timeout: 5\narray_parallelism: 1\n"
+        "setup: ['echo SETUP-LINE-1']\n")
+    script = tmp_path / "sbatch.sh"
+    monkeypatch.setenv("PATH", f"{_fake_slurm_bin(tmp_path / 'bin', script)}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    sub = submit_grid("smoke", cluster="site", job_fn=standin_train, overrides=out, quiet=True,
+                      profiles_dir=profiles)
+    assert [j["job_id"] for j in sub.jobs] == ["4242_0", "4242_1"]
+    text = script.read_text()
+    for line in ("#SBATCH --array=0-1%1", "#SBATCH --signal=USR2@77", "#SBATCH --partition=part-a",
+                 "#SBATCH --account=acct-b", "#SBATCH --qos=qos-c", "#SBATCH --cpus-per-task=3",
+                 "#SBATCH --mem=7GB", "#SBATCH --time=45", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
+                 "echo SETUP-LINE-1"):
+        assert line in text.splitlines(), (line, text)
+    for job, cell in zip(sub.jobs, expand("smoke", out)):
+        record = _records(cell)[0]
+        assert record["job_id"] == job["job_id"] and record["executor"] == "slurm"
+        pickled = Path(record["submitit_folder"].replace("4242_0", job["job_id"])) / f"{job['job_id']}_submitted.pkl"
+        delayed = submitit.helpers.DelayedSubmission.load(pickled)
+        assert isinstance(delayed.function, TrainJob) and delayed._timeout_countdown == 5
+    # The scheduler cannot be reached: status says so per cell (unknown + why), in one line each,
+    # and submitting again does not submit the cells a second time.
+    rows = grid_status("smoke", out)
+    assert {r["state"] for r in rows} == {"unknown"}
+    assert all("Unable to contact slurm controller" in r["detail"] for r in rows)
+    assert cli_main(["status", "smoke", *out]) == 0
+    shown = capsys.readouterr().out
+    assert "latent_only: unknown: squeue: error: Unable to contact slurm controller" in shown
+    again = submit_grid("smoke", cluster="site", job_fn=standin_train, overrides=out, quiet=True,
+                        profiles_dir=profiles)
+    assert again.submitted == 0 and all(s["reason"].startswith("already unknown (job 4242_") for s in again.skipped)
+
+
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _seen_environment(cfg, run_dir, steps=None, setting=None, task_index=None, num_tasks=None):
+    return {**{k: os.environ.get(k) for k in DIST_KEYS}, "task_index": task_index, "num_tasks": num_tasks}
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_multi_task_jobs_get_their_distributed_environment_from_submitit(out, monkeypatch, rank):
+    """Inside a 2-node, 4-task SLURM allocation (SLURM's variables as srun sets them), a TrainJob
+    exports torch's env:// variables from submitit before training, an EvalJob splits its sample
+    shards over the tasks, and only rank 0 writes the run folder's start/end records."""
+    for key in DIST_KEYS:  # absent before the job (monkeypatch restores whatever was there)
+        monkeypatch.setenv(key, "x")
+        monkeypatch.delenv(key)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "9001", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_JOB_NODELIST": "gpu[17-18]", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 2),
+             "SLURM_NODEID": str(rank // 2), "SLURM_NTASKS_PER_NODE": "2"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    cell = expand("smoke", out)[0]
+    seen = TrainJob("smoke", cell.name, cell.cfg, str(cell.run_dir), _seen_environment)()
+    assert {k: seen[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")} == \
+        {"RANK": str(rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(rank % 2), "MASTER_ADDR": "gpu17"}
+    assert int(seen["MASTER_PORT"]) > 1024
+    for key in DIST_KEYS:  # the next job of this process starts clean again
+        monkeypatch.delenv(key, raising=False)
+    evaluated = launch.EvalJob("smoke", cell.name, cell.cfg, str(cell.run_dir), _seen_environment,
+                               setting="default", steps=[2])()
+    assert (evaluated["task_index"], evaluated["num_tasks"]) == (rank, 4)
+    events = [r["event"] for r in _records(cell)]
+    assert events == (["start", "end", "start", "end"] if rank == 0 else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +456,15 @@ def test_cli_reports_errors_in_one_line(argv, message, capsys):
 def test_cli_grid_and_status(out, capsys):
     assert cli_main(["grid", "--list"]) == 0
     assert "mini_table1" in capsys.readouterr().out
+    assert cli_main(["grid", "mini_table4", "--list", *out]) == 0  # NAME --list: the grid's cells
+    text = capsys.readouterr().out
+    for cell in expand("mini_table4", out):
+        assert f"{cell.name}  {cell.run_dir}" in text
+    assert "overrides: spec=redi_rg train.seed=1" in text and "settings: no_rg, rg1.5" in text
+    assert "eval steps: [1000, 2000]" in text and not Path(out[0].split("=", 1)[1]).exists()
     assert cli_main(["grid", "smoke", *out, "--dry-run"]) == 0
+    assert "would submit 2 job(s)" in capsys.readouterr().out
+    assert cli_main(["grid", "smoke", "--dry-run", *out]) == 0  # overrides after the options too
     assert "would submit 2 job(s)" in capsys.readouterr().out
     assert cli_main(["status", "smoke", *out]) == 0
     text = capsys.readouterr().out

@@ -321,6 +321,37 @@ def test_inception_needs_a_local_safe_weights_file(tmp_path):
         InceptionFeatures(unsafe)
 
 
+def test_inception_from_a_user_weights_file_equals_torch_fidelitys_extractor(tmp_path, monkeypatch):
+    """A weights file in torch-fidelity's layout (here: a random initialisation, since the real
+    file cannot be downloaded) gives exactly the features of torch-fidelity's own extractor loaded
+    from the same file, and the file's sha256 as provenance."""
+    import io
+
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    with monkeypatch.context() as patch:  # build once without weights, to get a state dict
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        random_init = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                  feature_extractor_weights_path=empty)
+    weights = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save(random_init.state_dict(), weights)
+    network = build_feature_network("inception", inception_weights=weights)
+    assert isinstance(network, InceptionFeatures) and network.feature_dim == 2048
+    assert network.weights_sha256 == sha256_file(weights)
+    images = _images(11, n=2)
+    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                         feature_extractor_weights_path=str(weights))
+    with torch.no_grad():
+        expected = theirs(images)[0]
+    got = network.extract(images)
+    assert got.shape == (2, 2048) and not torch.equal(got[0], got[1])
+    assert torch.equal(got, expected)  # the same module and weights: bit-identical
+
+
 def test_dinov2_cls_features_from_a_local_file(tmp_path):
     import timm
 
@@ -416,3 +447,29 @@ def test_reference_precomputed_statistics_only_for_inception(tmp_path):
         reference_statistics(path, ModuleFeatures(TinyCNN(), "tiny-cnn"), tmp_path)
     with pytest.raises(MetricError, match="does not exist"):
         reference_statistics(tmp_path / "absent.npz", FakeInception(), tmp_path)
+
+
+def test_adm_reference_batch_uses_its_statistics_and_checks_its_image_size(tmp_path):
+    """The ADM layout (arr_0 images + mu/sigma + mu_s/sigma_s in one file): the precomputed
+    statistics are used for Inception, yet images of another resolution are still refused (read
+    from the .npy header only), and the other networks compute statistics from arr_0."""
+    class FakeInception:
+        network_id, weights_sha256, feature_dim = "inception-v3-compat-pool3", "0" * 64, 4
+
+    rng = np.random.default_rng(9)
+    mu, sigma = rng.normal(size=4), np.eye(4) * 3.0
+    path = tmp_path / "VIRTUAL_adm.npz"
+    np.savez(path, arr_0=_images(10, n=20).permute(0, 2, 3, 1).numpy(), mu=mu, sigma=sigma,
+             mu_s=np.zeros(2), sigma_s=np.eye(2))
+    got_mu, got_sigma, provenance = reference_statistics(path, FakeInception(), tmp_path,
+                                                         image_size=32)
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(got_sigma, sigma)
+    assert provenance["image_hw"] == (32, 32) and provenance["statistics_source"].startswith("precomputed")
+    with pytest.raises(MetricError, match="are 32x32 but the samples are 64x64"):
+        reference_statistics(path, FakeInception(), tmp_path, image_size=64)
+    # A network other than Inception ignores mu/sigma and uses the images (n = 20 >= D = 16).
+    network = ModuleFeatures(TinyCNN(), "tiny-cnn")
+    own_mu, _, own = reference_statistics(path, network, tmp_path / "cache", image_size=32)
+    assert own["n_reference"] == 20 and own["statistics_source"].startswith("features")
+    np.testing.assert_allclose(own_mu, extract_features(network, _images(10, n=20)).mean(0), rtol=1e-9)

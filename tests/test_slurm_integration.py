@@ -182,6 +182,7 @@ def trained(cluster, tmp_path_factory):
                              job_fn=None if real else standin_train)
     submitted = time.time()
     cells = expand("smoke", overrides)
+    finished_at_return = [(cell.run_dir / launch.DONE_FILE).is_file() for cell in cells]
     jobs = {j["cell"]: j["job_id"] for j in sub.jobs}
     for cell in cells:  # interrupt each job once, right after its first checkpoint
         _wait(f"the first checkpoint of {cell.name}", lambda: launch.checkpoint_steps(cell.run_dir), 120)
@@ -192,6 +193,7 @@ def trained(cluster, tmp_path_factory):
                                                                     for x in r) else None)(
         launch.grid_status("smoke", overrides)), 240, every=1.0)
     return {"sub": sub, "rows": rows, "cells": cells, "overrides": overrides, "real": real, "steps": steps,
+            "finished_at_return": finished_at_return,
             "seconds": {"prepare": submitted - began, "train": time.time() - submitted}}
 
 
@@ -200,6 +202,8 @@ def test_grid_is_one_array_and_submission_returns_at_once(trained):
     assert sub.executor == "slurm" and sub.submitted == 2
     ids = [j["job_id"] for j in sub.jobs]
     assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1"]
+    # Returned while the jobs were still queued or running (each trains for ~RUN_SECONDS).
+    assert trained["finished_at_return"] == [False, False]
 
 
 def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
@@ -221,10 +225,15 @@ def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
     print(f"\n{trained['steps']} steps per cell; timings: {trained['seconds']}")
 
 
-def test_eval_stage_runs_and_resubmission_submits_nothing(trained):
+def test_eval_stage_runs_and_resubmission_submits_nothing(trained, capsys):
     overrides = trained["overrides"]
     again = launch.submit_grid("smoke", cluster="local-slurm", overrides=overrides, quiet=True)
     assert again.submitted == 0 and [s["reason"] for s in again.skipped] == ["done", "done"]
+    from bench.cli import main as cli_main  # the command line a user types, too
+
+    assert cli_main(["grid", "smoke", "--cluster", "local-slurm", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "submitted 0 job(s)" in printed and "skip latent_only: done" in printed and "nothing to submit" in printed
     module = importlib.util.find_spec("bench.evaluate") and __import__("bench.evaluate", fromlist=["evaluate"])
     if not module or not hasattr(module, "evaluate"):
         pytest.skip("bench.evaluate.evaluate is not available: the eval stage was not exercised")
