@@ -13,9 +13,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are written, so JSON/text users stay light
+    import torch
 
 PathLike = Union[str, os.PathLike]
 
@@ -64,7 +65,7 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
 def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                             metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Save a dict of tensors as safetensors atomically (tensors made contiguous, on CPU)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # imports torch, only when tensors are written
 
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}

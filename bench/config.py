@@ -14,6 +14,7 @@ the reference where the paper states them; the embedded CPU default is a YAML de
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -34,11 +35,16 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
-def _range(key: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    if (low is not None and value < low) or (high is not None and value > high):
+def _range(key: str, value: float, low: float | None = None, high: float | None = None,
+           high_open: bool = False) -> None:
+    """`value` must be finite and lie in [low, high] ([low, high) with `high_open`)."""
+    above = high is not None and (value >= high if high_open else value > high)
+    # `nan < low` is False, so NaN (and inf) would slip through the comparisons: reject them first.
+    if not math.isfinite(value) or (low is not None and value < low) or above:
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ConfigError(f"{key}={value!r} is out of range; it must lie in [{lo}, {hi}]")
+        raise ConfigError(f"{key}={value!r} is out of range; it must be finite and lie in "
+                          f"[{lo}, {hi}{')' if high_open else ']'}")
 
 
 DATASETS = ("fashion_mnist", "digits", "imagefolder")
@@ -52,6 +58,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SAMPLERS = ("sde", "euler", "heun", "ddpm")
 GUIDANCE_CHANNELS = ("latent", "all")
 LABEL_SAMPLING = ("random", "balanced")
+# Kept in step with models.backbone (MODEL_SIZES, PATCH_SIZES) and bench.encoders
+# (DINOV2_TIMM_NAMES) by tests/test_config.py; repeated here so that loading a config needs no torch.
+MODEL_SIZE_NAMES = ("S", "B", "L", "XL")
+MODEL_PATCH_SIZES = (1, 2, 4, 8)
+DINOV2_VARIANTS = ("vits14", "vits14_reg", "vitb14", "vitb14_reg", "vitl14", "vitl14_reg")
 
 
 @dataclass
@@ -108,6 +119,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         _choice("encoder.kind", self.kind, ENCODER_KINDS)
+        _choice("encoder.variant", self.variant, DINOV2_VARIANTS)
         _range("encoder.pca_rank_max", self.pca_rank_max, 1)
 
 
@@ -138,7 +150,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _choice("model.fusion", self.fusion, FUSIONS)
         _range("model.pca_rank", self.pca_rank, 1)
-        _range("model.class_dropout_prob", self.class_dropout_prob, 0.0, 1.0)
+        # 1 would drop every label: the conditional embedding would never be trained.
+        _range("model.class_dropout_prob", self.class_dropout_prob, 0.0, 1.0, high_open=True)
+        if self.size != "custom":  # the names models.backbone.backbone_config accepts
+            size, _, patch = self.size.removeprefix("SiT-").removeprefix("DiT-").partition("/")
+            if size not in MODEL_SIZE_NAMES or patch not in [str(p) for p in MODEL_PATCH_SIZES]:
+                raise ConfigError(
+                    f"model.size={self.size!r} is not allowed; write <size>/<patch> with size in "
+                    f"{list(MODEL_SIZE_NAMES)} and patch in {list(MODEL_PATCH_SIZES)} (e.g. XL/2, "
+                    "optionally prefixed SiT- or DiT-), or custom with model.hidden_size/depth/"
+                    "num_heads/patch_size")
         if self.size == "custom":
             for key in ("hidden_size", "depth", "num_heads", "patch_size"):
                 if getattr(self, key) <= 0:
@@ -183,8 +204,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _range("optim.lr", self.lr, 0.0)
-        _range("optim.beta1", self.beta1, 0.0, 1.0)
-        _range("optim.beta2", self.beta2, 0.0, 1.0)
+        _range("optim.beta1", self.beta1, 0.0, 1.0, high_open=True)  # AdamW needs beta < 1
+        _range("optim.beta2", self.beta2, 0.0, 1.0, high_open=True)
         _range("optim.weight_decay", self.weight_decay, 0.0)
         _range("optim.max_grad_norm", self.max_grad_norm, 0.0)
 

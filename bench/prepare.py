@@ -36,11 +36,14 @@ from bench.data import ImageSource, DatasetError, open_split
 from bench.embedded import (ClassifierSettings, EmbeddedVAESettings, classifier_info,
                             train_classifier, train_embedded_vae)
 from bench.encoders import (LatentVAE, SemanticEncoder, build_semantic_encoder, load_vae)
-from bench.pca import PCAModel, PCAStats, import_official_pca
+from bench.pca import PCAError, PCAModel, PCAStats, import_official_pca
 from bench.prepared import (FORMAT_VERSION, MANIFEST, load_prepared, shard_name,  # noqa: F401
                             write_manifest)
 
 CLASSIFIER_DATASETS = ("fashion_mnist", "digits")
+OFFICIAL_PCA_ENCODER = "dinov2_vitb14_reg_"
+"""ReDi's dino_pca_model.pth was fitted on DINOv2 ViT-B/14-reg tokens; its 768 dimensions would also
+fit ViT-B/14 without registers, so the encoder is checked by id (the pickle does not record it)."""
 
 
 class PrepareError(ValueError):
@@ -162,6 +165,11 @@ def _enc_name(split: str, index: int) -> str:
     return shard_name(split, index).replace(".safetensors", ".enc.safetensors")
 
 
+def _same_settings(out: Path, settings_hash: str) -> bool:
+    path = out / "settings.json"
+    return path.is_file() and json.loads(path.read_text()).get("settings_hash") == settings_hash
+
+
 def _claim_folder(out: Path, settings_hash: str, settings: dict, options: PrepareOptions) -> None:
     """Refuse (or with overwrite, clear) a folder that holds another settings' work."""
     path = out / "settings.json"
@@ -233,10 +241,19 @@ def _ensure_embedded_assets(out: Path, cfg_data, cfg_vae, sources: dict[str, Ima
               f"({summary['seconds']:.0f}s)", flush=True)
 
 
-def _supplied_pca(encoder: SemanticEncoder, options: PrepareOptions) -> Optional[PCAModel]:
+def _supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
+                  settings_hash: str) -> Optional[PCAModel]:
     """The PCA given by pca_path or official_pca, checked against the encoder (None: fit one)."""
     info = encoder.info
     if options.official_pca:
+        if _same_settings(out, settings_hash) and (out / "pca.safetensors").is_file():
+            # Converted by an earlier (killed or array) run of these settings, whose hash covers the
+            # pickle's sha256: read the safetensors copy and never unpickle the file again.
+            return PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
+        if options.trust_pickle and not info.encoder_id.startswith(OFFICIAL_PCA_ENCODER):
+            raise PCAError(f"official_pca (--official-pca) is ReDi's PCA of DINOv2 ViT-B/14-reg "
+                           f"features, but the encoder is {info.encoder_id!r}; set encoder.kind=dinov2 "
+                           "encoder.variant=vitb14_reg, or fit a PCA for this encoder (no --official-pca)")
         model = import_official_pca(options.official_pca, info.encoder_id, options.trust_pickle)
         model.check_matches(info.encoder_id, info.channels, where=options.official_pca)
         return model
@@ -314,10 +331,6 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     if cfg_encoder.pca_rank_max > encoder.info.channels:
         raise PrepareError(f"encoder.pca_rank_max={cfg_encoder.pca_rank_max} exceeds the encoder's "
                            f"{encoder.info.channels} channels ({encoder.info.encoder_id})")
-    pca = _supplied_pca(encoder, options)  # validated before anything is written
-    if pca is None and "train" not in sources:
-        raise PrepareError("the PCA is fitted on the train split; include 'train' in splits or "
-                           "pass pca_path (a PCA fitted earlier)")
     downsample = (2 ** (len(options.vae.block_out_channels) - 1) if cfg_vae.kind == "embedded"
                   and not cfg_vae.path else None)
     vae = None if downsample else load_vae(cfg_vae)
@@ -333,6 +346,10 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         if manifest.get("settings_hash") == settings_hash:
             print(f"prepare: {out} is up to date (settings {settings_hash[:12]})", flush=True)
             return out
+    pca = _supplied_pca(encoder, options, out, settings_hash)  # validated before anything is written
+    if pca is None and "train" not in sources:
+        raise PrepareError("the PCA is fitted on the train split; include 'train' in splits or "
+                           "pass pca_path (a PCA fitted earlier)")
 
     out.mkdir(parents=True, exist_ok=True)
     _claim_folder(out, settings_hash, settings, options)
@@ -431,8 +448,10 @@ def main(argv=None) -> int:
                     "data.prepared_dir. Resumable; on SLURM, one shard list per array task "
                     "(sbatch --array=0-N-1 ... bench prepare ... reads SLURM_ARRAY_TASK_ID/COUNT).",
         epilog="Examples:\n  bench prepare                                  # the embedded default "
-               "(Fashion-MNIST)\n  bench prepare data=imagenet256 data.root=/data/imagenet/train "
-               "vae.path=/models/sd-vae-ft-ema encoder=dinov2 encoder.weights=/models/dinov2_vitb14_reg.pth",
+               "(Fashion-MNIST)\n  bench prepare scale=paper data.root=/data/imagenet "
+               "vae.path=/models/sd-vae-ft-ema encoder.weights=/models/dinov2_vitb14_reg4_pretrain.pth"
+               "\n  (data.root holds train/<class>/ and val/<class>/; scale=paper is ImageNet 256 with "
+               "SD-VAE and DINOv2-B/14-reg)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides (data.*, vae.*, encoder.*)")
     defaults = PrepareOptions()
@@ -452,14 +471,18 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    parser.add_argument("--no-classifier", action="store_true",
+                        help="do not train the evaluation classifier (fashion_mnist, digits)")
+    args = parser.parse_intermixed_args(  # overrides may follow options
+        list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.overrides)
     options = PrepareOptions(
         shard_size=args.shard_size, batch_size=args.batch_size, task_index=args.task_index,
         task_count=args.task_count, splits=tuple(s for s in args.splits.split(",") if s),
         max_images=_parse_max_images(args.max_images), pca_path=args.pca_path,
         official_pca=args.official_pca, trust_pickle=args.trust_pickle, overwrite=args.overwrite,
-        device=args.device, seed=args.seed, progress=not args.no_progress)
+        device=args.device, seed=args.seed, progress=not args.no_progress,
+        train_classifier=not args.no_classifier)
     out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options)  # errors: one line (bench.cli)
     print(f"prepare: output in {out}", flush=True)
     return 0

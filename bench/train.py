@@ -419,8 +419,9 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=not (main and sys.stdout.isatty()))
+    # tqdm draws on stderr: show the bar when that is a terminal (a batch job's log gets the JSON lines).
+    bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not (main and sys.stderr.isatty()))
     sums: dict[str, torch.Tensor] = {}
     tick_steps, tick_time, began = 0, time.perf_counter(), time.time()
     last_saved = start
@@ -501,7 +502,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. spec=redi train.max_steps=100")
     parser.add_argument("--config", help="a saved config.json instead of overrides")
     parser.add_argument("--run-dir", help="run folder (default: results/runs/<grid>/<spec>-<hash>)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_intermixed_args(  # overrides may follow options
+        list(sys.argv[1:] if argv is None else argv))
     if args.config and args.overrides:
         parser.error("give either --config or overrides, not both")
     cfg = from_dict(json.loads(Path(args.config).read_text())) if args.config else load_config(args.overrides)

@@ -51,6 +51,17 @@ def test_paper_scale_follows_table8_and_section4():
         (["eval.guidance.cfg_scale=-1"], "guidance.cfg_scale"),
         (["objective.transport=ddpm"], "eval.sampler"),
         (["model.depth=abc"], "model.depth"),
+        (["model.class_dropout_prob=1.0"], "model.class_dropout_prob=1.0 is out of range"),
+        (["model.class_dropout_prob=-0.1"], "model.class_dropout_prob"),
+        (["model.pca_rank=0"], "model.pca_rank=0"),  # a fusion with no semantic channels
+        (["model.size=XXL/2"], "model.size='XXL/2'"),
+        (["model.size=XL/3"], "model.size='XL/3'"),
+        (["encoder.variant=vitz14"], "encoder.variant='vitz14'"),
+        (["optim.beta1=1.0"], "optim.beta1"),
+        (["optim.beta2=1.5"], "optim.beta2"),
+        (["optim.lr=nan"], "optim.lr=nan"),
+        (["objective.lambda_z=inf"], "objective.lambda_z=inf"),
+        (["train.ema_decay=1.5"], "train.ema_decay"),
     ],
 )
 def test_bad_configs_fail_at_load_naming_the_key(overrides, fragment):
@@ -93,3 +104,78 @@ def test_cli_help_lists_every_design_subcommand():
 def test_cli_unknown_subcommand_is_one_clear_error():
     out = subprocess.run([sys.executable, "-m", "bench.cli", "frobnicate"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown subcommand" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_messages_name_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"model.fusion='concat' is not allowed; choose one of "
+                                          r"\['none', 'merged', 'separate'\]"):
+        load_config(["model.fusion=concat"])
+    with pytest.raises(ConfigError, match=r"must be finite and lie in \[0.0, 1.0\)"):
+        load_config(["model.class_dropout_prob=1.0"])
+    with pytest.raises(ConfigError, match=r"size in \['S', 'B', 'L', 'XL'\] and patch in \[1, 2, 4, 8\]"):
+        load_config(["model.size=B/3"])
+
+
+def test_load_time_lists_match_the_core_and_the_encoders():
+    """config.py repeats the backbone sizes and DINOv2 variants (to load without torch): same sets,
+    and every size the config accepts is one the backbone builds."""
+    from bench import config
+    from bench.encoders import DINOV2_TIMM_NAMES
+    from models.backbone import MODEL_SIZES, PATCH_SIZES, backbone_config
+
+    assert set(config.MODEL_SIZE_NAMES) == set(MODEL_SIZES)
+    assert tuple(config.MODEL_PATCH_SIZES) == tuple(PATCH_SIZES)
+    assert set(config.DINOV2_VARIANTS) == set(DINOV2_TIMM_NAMES)
+    for size in config.MODEL_SIZE_NAMES:
+        for patch in config.MODEL_PATCH_SIZES:
+            for prefix in ("", "SiT-", "DiT-"):
+                name = f"{prefix}{size}/{patch}"
+                assert load_config([f"model.size={name}"]).model.size == name
+                backbone_config(name, input_size=32, latent_channels=4)  # builds the config only
+
+
+def test_class_dropout_just_below_one_is_accepted():
+    assert load_config(["model.class_dropout_prob=0.99"]).model.class_dropout_prob == 0.99
+
+
+TINY_MODEL = ["model.size=custom", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+              "model.patch_size=1", "objective.align_layer=1", "objective.projector_hidden=16"]
+DDPM = ["objective.transport=ddpm", "eval.sampler=ddpm", "model.learn_sigma=true"]
+
+
+@pytest.mark.parametrize("transport", ["flow", "ddpm"])
+@pytest.mark.parametrize("spec", SPECS)
+def test_each_spec_trains_exactly_its_loss_terms(spec, transport):
+    """Issue 2: the loss terms of a composed spec, through the same builders as `bench train`
+    (bench.build), are present or absent exactly as the spec says, for both transports."""
+    import torch
+
+    from bench.build import build_model, build_transport
+
+    cfg = load_config([f"spec={spec}", *TINY_MODEL, *(DDPM if transport == "ddpm" else [])])
+    manifest = {"latent_grid": [4, 4], "latent_channels": 4, "encoder": {"channels": 8}}
+    torch.manual_seed(0)
+    model, objective = build_model(cfg, manifest), build_transport(cfg, manifest)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 4, 4, generator=g)
+    z = torch.randn(6, cfg.semantic_channels, 4, 4, generator=g) if cfg.semantic_channels else None
+    target = torch.randn(6, 16, 8, generator=g)  # encoder features on the 4x4 token grid
+    losses = objective.training_losses(model, x, z, torch.arange(6) % 10, g, align_target=target)
+    expected = {"loss", "loss/latent"}
+    expected |= {"loss/semantic"} if spec.startswith("redi") else set()
+    expected |= {"loss/repa"} if spec.endswith("repa") else set()
+    expected |= {"loss/vlb"} if transport == "ddpm" else set()
+    assert set(losses) == expected
+    assert (model.projector is not None) == spec.endswith("repa")
+    assert (model.z_embedder is not None) == spec.startswith("redi")
+    assert all(bool(torch.isfinite(v)) for v in losses.values())
+
+
+def test_cli_subcommand_not_built_yet_says_so_and_fails(monkeypatch, capsys):
+    """Issue 2: a subcommand whose module does not exist yet prints one line and exits non-zero."""
+    from bench import cli
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "report", ("help", "bench.no_such_module_yet:main"))
+    assert cli.main(["report", "x"]) == 3
+    err = capsys.readouterr().err
+    assert "bench report: not built yet" in err and "Traceback" not in err

@@ -69,3 +69,28 @@ def test_two_gloo_ranks_match_one_process(prepared_dir, tmp_path):
     for x, y in zip(single_log, ddp_log):
         for key in ("loss", "loss/latent", "loss/semantic", "loss/repa", "grad_norm"):
             assert y[key] == pytest.approx(x[key], rel=1e-6, abs=1e-7), (x["step"], key)
+
+
+def test_ranks_come_from_submitit_inside_a_multi_task_slurm_job(monkeypatch):
+    """Without torchrun's variables, a process of a 4-task submitit job (2 nodes) joins the group as
+    its SLURM task: rank, world size and local rank from SLURM, env:// from submitit, gloo on CPU."""
+    import torch.distributed as dist
+
+    from bench import distributed as dist_utils
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "x")  # recorded by monkeypatch, so what submitit exports is undone
+        monkeypatch.delenv(key)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "9001", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_JOB_NODELIST": "gpu[17-18]", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+             "SLURM_NTASKS_PER_NODE": "2"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    info = dist_utils.init_distributed()
+    assert (info.rank, info.world_size, info.local_rank, info.device) == (3, 4, 1, torch.device("cpu"))
+    assert calls == [dict(backend="gloo", init_method="env://", rank=3, world_size=4)]
+    assert os.environ["MASTER_ADDR"] == "gpu17" and int(os.environ["MASTER_PORT"]) > 1024

@@ -227,3 +227,40 @@ def test_vae_missing_path_is_one_clear_error(tmp_path):
         load_vae(VAEConfig(kind="diffusers", path="nobody/no-such-vae"))
     with pytest.raises(EncoderError, match="no trained embedded VAE"):
         load_vae(VAEConfig(kind="embedded"), embedded_dir=tmp_path)
+
+
+def test_vae_and_dinov2_resolve_from_the_hugging_face_cache_offline(tiny_vae_dir, tmp_path):
+    """vae.path as a repo id (stabilityai/sd-vae-ft-ema in scale=paper) and an unset encoder.weights
+    are read from the Hugging Face cache with HF_HUB_OFFLINE=1. A subprocess, because
+    huggingface_hub reads HF_HUB_CACHE when it is imported."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for repo, files in (("models--org--tiny-vae", sorted(tiny_vae_dir.iterdir())), (
+            "models--timm--vit_small_patch14_reg4_dinov2.lvd142m", [])):
+        snapshot = cache / repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (cache / repo / "refs").mkdir()
+        (cache / repo / "refs" / "main").write_text(commit)
+        for f in files:
+            shutil.copy(f, snapshot / f.name)
+    (cache / "models--timm--vit_small_patch14_reg4_dinov2.lvd142m" / "snapshots" / commit /
+     "model.safetensors").write_bytes(b"not read here")
+    code = (
+        "from bench.config import VAEConfig\n"
+        "from bench.encoders import _dinov2_from_hf_cache, load_vae\n"
+        "vae = load_vae(VAEConfig(kind='diffusers', path='org/tiny-vae', scaling_factor=0.18215))\n"
+        "print(vae.info.latent_channels, vae.info.downsample, vae.info.scaling_factor)\n"
+        "print(_dinov2_from_hf_cache('vit_small_patch14_reg4_dinov2'))\n"
+        "print(_dinov2_from_hf_cache('vit_large_patch14_dinov2'))\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    vae_line, dino_line, missing_line = result.stdout.strip().splitlines()[-3:]
+    assert vae_line == "4 2 0.18215"
+    assert dino_line.endswith(f"{commit}/model.safetensors") and missing_line == "None"

@@ -9,6 +9,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +24,7 @@ from safetensors.torch import load_file
 
 import bench.prepare as prepare
 from bench.config import DataConfig, EncoderConfig, VAEConfig
-from bench.data import DatasetError, center_crop_arr, digits
+from bench.data import DatasetError, center_crop_arr, digits, fashion_mnist, fashion_mnist_available
 from bench.embedded import ClassifierSettings, EmbeddedVAESettings, load_classifier
 from bench.encoders import EncoderError, build_efficientnet_lite0, load_vae
 from bench.pca import PCAError, PCAStats
@@ -324,3 +328,177 @@ def test_embedded_pipeline_on_digits(tmp_path):
     weights = load_file(str(out / "vae" / "diffusion_pytorch_model.safetensors"))
     weights2 = load_file(str(again / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(weights[k], weights2[k]) for k in weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: `bench prepare` in a subprocess, a real SIGKILL, and its one-line errors.
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_SIZES = ("--shard-size", "8", "--batch-size", "8", "--max-images", "train=48",
+             "--max-images", "test=16", "--no-progress", "--no-classifier")  # 6 + 2 shards
+
+
+def _cli(out: Path, vae_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "bench.cli", "prepare", "data.name=digits", f"data.prepared_dir={out}",
+            "vae.kind=diffusers", f"vae.path={vae_dir}", "vae.scaling_factor=0.5",
+            f"encoder.pca_rank_max={R_MAX}", f"model.pca_rank={R_MAX}", *CLI_SIZES, *extra]
+
+
+def _cli_env() -> dict:
+    # One thread: the killed-and-resumed run must reproduce the reference run's bits.
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, tiny_vae_dir):
+    out = tmp_path_factory.mktemp("cli") / "prepared"
+    result = subprocess.run(_cli(out, tiny_vae_dir), env=_cli_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result.stdout
+
+
+def test_cli_help_works():
+    script = Path(sys.executable).with_name("bench")  # the console script of pyproject.toml
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "bench.cli"]
+    result = subprocess.run([*command, "prepare", "--help"], env=_cli_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--shard-size", "--task-index", "--max-images", "--official-pca", "--trust-pickle",
+                 "--no-classifier", "scale=paper"):
+        assert flag in result.stdout, flag
+
+
+def test_cli_prepares_digits(cli_run):
+    out, stdout = cli_run
+    assert "images/s" in stdout and "finished" in stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 48 and manifest["splits"]["test"]["count"] == 16
+    assert len(manifest["splits"]["train"]["shards"]) == 6 and manifest["r_max"] == R_MAX
+    assert manifest["classifier"] is None and not (out / "classifier").exists()  # --no-classifier
+    assert not _leftovers(out)
+    ds = load_prepared(out, "train", rank=R_MAX)
+    assert torch.equal(ds.labels, digits("train").labels[:48])
+    assert ds.semantic.shape == (48, R_MAX, 8, 8) and ds.moments.shape == (48, 8, 8, 8)
+
+
+@pytest.mark.timeout(300)
+def test_cli_sigkill_midway_then_rerun_equals_uninterrupted(cli_run, tiny_vae_dir, tmp_path):
+    reference, _ = cli_run
+    out = tmp_path / "killed"
+    command = _cli(out, tiny_vae_dir)
+    process = subprocess.Popen(command, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if list((out / "train").glob("shard-*.enc.safetensors")):
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    encoded = sorted(p.name for p in out.rglob("*.enc.safetensors"))
+    assert encoded and not (out / "manifest.json").exists() and not list(out.rglob("shard-?????.safetensors"))
+    # What a kill during a write leaves behind: a temporary file, never a partial shard.
+    stale = out / "train" / ".shard-00005.enc.safetensors.tmp-99999-x"
+    stale.write_bytes(b"partial")
+
+    result = subprocess.run(command, env=_cli_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = int(re.search(r"encoded (\d+) images", result.stdout).group(1))
+    assert done == 64 - 8 * len(encoded)  # only the shards that were not finished are encoded again
+    assert not stale.exists() and not _leftovers(out)
+    first, again = _shards(reference), _shards(out)
+    assert first.keys() == again.keys() and len(first) == 8
+    for name in first:
+        for key in first[name]:
+            assert torch.equal(first[name][key], again[name][key]), (name, key)
+    for key, value in load_file(str(reference / "pca.safetensors")).items():
+        assert torch.equal(value, load_file(str(out / "pca.safetensors"))[key]), key
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tiny_vae_dir, tmp_path, capsys):
+    from sklearn.decomposition import PCA
+
+    from bench.cli import main as bench
+
+    official = tmp_path / "dino_pca_model.pth"
+    torch.save({"pca_model": PCA().fit(np.random.default_rng(0).normal(size=(100, 80))),
+                "mean": np.zeros(80, np.float32), "std": np.ones(80, np.float32)}, official)
+    cases = [(["--official-pca", str(official)], "--trust-pickle"),
+             ([f"encoder.weights={tmp_path / 'none.pth'}"], "encoder.weights: file"),
+             (["data.image_size=12"], "data.image_size=12")]
+    for extra, fragment in cases:  # in process (bench.cli's handler), options before overrides too
+        out = tmp_path / "p"
+        assert bench(_cli(out, tiny_vae_dir, *extra)[3:]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bench prepare: error:") and fragment in err and "\n" not in err, err
+        assert not out.exists()
+
+
+def test_official_pca_is_unpickled_once(tiny_vae_dir, tmp_path, monkeypatch):
+    """After the conversion, a resumed prepare reads the safetensors copy, not the pickle."""
+    from sklearn.decomposition import PCA
+
+    official = tmp_path / "dino_pca_model.pth"
+    torch.save({"pca_model": PCA().fit(np.random.default_rng(0).normal(size=(200, 80))),
+                "mean": np.zeros(80, np.float32), "std": np.ones(80, np.float32)}, official)
+    out = tmp_path / "p"
+    small = dict(official_pca=str(official), trust_pickle=True, max_images={"train": 16, "test": 8})
+    with pytest.raises(PCAError, match="DINOv2 ViT-B/14-reg features, but the encoder is 'efficientnet"):
+        run_prepare(*_configs(out, tiny_vae_dir), _options(**small))
+    assert not out.exists()
+    monkeypatch.setattr(prepare, "OFFICIAL_PCA_ENCODER", "efficientnet_lite0_")  # an 80-d stand-in file
+    run_prepare(*_configs(out, tiny_vae_dir), _options(**small))
+    assert json.loads((out / "pca.json").read_text())["source"] == "official:dino_pca_model.pth"
+    (out / "manifest.json").unlink()  # as if killed before the end
+    (out / "test" / "shard-00000.safetensors").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pickle was loaded again")
+
+    monkeypatch.setattr(prepare, "import_official_pca", refuse)
+    run_prepare(*_configs(out, tiny_vae_dir), _options(**small))
+    assert (out / "manifest.json").is_file()
+
+
+def test_atomic_module_does_not_import_torch():
+    code = "import sys, bench.atomic; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], env=_cli_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST from Debian's idx.gz files
+
+
+@pytest.mark.skipif(not fashion_mnist_available(), reason="dataset-fashion-mnist is not installed")
+def test_fashion_mnist_is_padded_to_32_rgb():
+    from bench.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, read_idx_gz
+
+    source = fashion_mnist("test", 32)
+    raw = read_idx_gz(Path(FASHION_MNIST_DIR) / FASHION_MNIST_FILES["test"][0])  # (10000, 28, 28)
+    assert len(source) == 10_000 and raw.shape == (10_000, 28, 28)
+    assert torch.equal(torch.bincount(source.labels), torch.full((10,), 1000))  # 1000 per class
+    images = source.images([0, 1, 9_999])
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])
+    assert torch.equal(images[:, 0, 2:30, 2:30], torch.from_numpy(raw[[0, 1, 9_999]].copy()))
+    border = images[:, :, [0, 1, 30, 31], :].sum() + images[:, :, :, [0, 1, 30, 31]].sum()
+    assert int(border) == 0  # zero padding: the background colour
+
+
+def test_fashion_mnist_bad_files_are_clear_errors(tmp_path):
+    import gzip
+
+    from bench.data import FASHION_MNIST_FILES
+
+    for image_file, label_file in FASHION_MNIST_FILES.values():
+        with gzip.open(tmp_path / image_file, "wb") as handle:  # header: 2 images of 28x28, 10 bytes
+            handle.write(bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(10))
+        with gzip.open(tmp_path / label_file, "wb") as handle:
+            handle.write(b"junk")
+    with pytest.raises(DatasetError, match="header says"):
+        fashion_mnist("train", 32, root=str(tmp_path))
+    with pytest.raises(DatasetError, match=r"data.root: .*not found"):
+        fashion_mnist("train", 32, root=str(tmp_path / "empty"))

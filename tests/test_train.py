@@ -76,14 +76,80 @@ def test_ddpm_with_learned_variance_logs_the_vlb(prepared_dir, tmp_path):
     assert {k for k in lines[-1] if k.startswith("loss")} == {"loss", "loss/latent", "loss/semantic", "loss/vlb"}
 
 
-def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_trains(prepared_dir, tmp_path):
+def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
+    """Record the dtypes the network returns and the loss terms have, inside bench.train's loop."""
+    import bench.train as train_module
+
+    seen: dict[str, set] = {"output": set(), "losses": set(), "params": set()}
+    real_model, real_transport = train_module.build_model, train_module.build_transport
+
+    def build_model(*args, **kwargs):
+        model = real_model(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, out: seen["output"].update({out.x.dtype, out.z.dtype}))
+        model.register_forward_pre_hook(
+            lambda module, inputs: seen["params"].update(p.dtype for p in module.parameters()))
+        return model
+
+    def build_transport(*args, **kwargs):
+        transport = real_transport(*args, **kwargs)
+        real_losses = transport.training_losses
+
+        def training_losses(*a, **k):
+            losses = real_losses(*a, **k)
+            seen["losses"].update(v.dtype for v in losses.values())
+            return losses
+
+        transport.training_losses = training_losses
+        return transport
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.setattr(train_module, "build_transport", build_transport)
+    return seen
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
     assert resolve_precision("auto", torch.device("cpu")) is None  # measured slower in bf16 (bench/train.py)
+    assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
+    seen = _spy_on_dtypes(monkeypatch)
     out = train(tiny_config(prepared_dir, tmp_path, "train.precision=bf16", "train.max_steps=2", "spec=redi_repa"))
+    # Autocast really ran the network in bf16, on fp32 master weights, with fp32 losses.
+    assert seen == {"output": {torch.bfloat16}, "losses": {torch.float32}, "params": {torch.float32}}
     line = _metrics(out)[-1]
     assert all(torch.isfinite(torch.tensor(line[k])) for k in line if k.startswith("loss"))
     weights = tensors_of(out / "checkpoints" / "0000002")
     assert all(t.dtype == torch.float32 for t in weights.values())  # fp32 master weights
+    state = json.loads((out / "checkpoints" / "0000002" / "state.json").read_text())
+    assert state["state"]["precision"] == "bf16"
+
+    seen = _spy_on_dtypes(monkeypatch)  # and auto on CPU is plain fp32
+    train(tiny_config(prepared_dir, tmp_path, "train.max_steps=1", "spec=redi"))
+    assert seen["output"] == {torch.float32} and seen["losses"] == {torch.float32}
+
+
+def test_gradient_clipping_bounds_the_update_norm_and_logs_the_raw_norm(prepared_dir, tmp_path):
+    """optim.max_grad_norm: the gradient the optimiser steps on has at most that norm; metrics.jsonl
+    logs the norm before clipping. Without clipping the two are the same."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    stepped: list[float] = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        stepped.append(torch.nn.utils.get_total_norm(grads).item())
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        clipped = _metrics(train(tiny_config(prepared_dir, tmp_path / "clip", "optim.max_grad_norm=0.01")))
+        clipped_steps, stepped[:] = list(stepped), []
+        raw = _metrics(train(tiny_config(prepared_dir, tmp_path / "raw")))
+    finally:
+        handle.remove()
+    assert len(clipped_steps) == 4 and len(stepped) == 4
+    for line, norm in zip(clipped, clipped_steps):
+        assert line["grad_norm"] > 0.1 and norm == pytest.approx(0.01, rel=1e-3)  # clip_grad_norm_ semantics
+    for line, norm in zip(raw, stepped):
+        assert norm == pytest.approx(line["grad_norm"], rel=1e-5)  # single process: the logged norm is the stepped one
 
 
 def test_milestones_are_saved_and_kept(prepared_dir, tmp_path):
@@ -124,6 +190,10 @@ BAD_LOAD = [  # rejected when the config is composed
     (["objective.p_drop=-0.2"], "objective.p_drop"),
     (["objective.lambda_repa=-0.5"], "objective.lambda_repa"),
     (["spec=latent_only", "objective.p_drop=0.2"], "needs semantic channels"),
+    (["model.pca_rank=0"], "model.pca_rank=0"),  # merged fusion with no semantic channels
+    (["objective.lambda_z=-1"], "objective.lambda_z"),
+    (["train.ema_decay=-0.5"], "train.ema_decay"),
+    (["model.class_dropout_prob=1.0"], "model.class_dropout_prob"),
 ]
 BAD_TRAIN = [  # rejected by train() before anything is written
     ("ok", ["model.pca_rank=6", "encoder.pca_rank_max=8"], "exceeds the 4 PCA coordinates stored"),
@@ -241,6 +311,19 @@ def test_online_encoder_features_equal_the_stored_ones(tmp_path):
     lines = _metrics(train(tiny_config(stored, tmp_path / "runs", "spec=repa", "encoder.online_features=true",
                                        "train.max_steps=2")))
     assert "loss/repa" in lines[-1]
+    # The switch's purpose: shards prepared without the raw features still train REPA online.
+    bare = write_prepared(tmp_path / "bare", train_count=16, shard_size=6, image_indices=image_indices,
+                          features=encoder.encode(images), store_features=False)
+    with pytest.raises(ConfigError, match="store_features"):
+        train(tiny_config(bare, tmp_path / "runs2", "spec=repa", "train.max_steps=2"))
+    cfg = tiny_config(bare, tmp_path / "runs2", "spec=repa", "encoder.online_features=true")
+    data = TrainingData(cfg, read_manifest(bare), torch.device("cpu"))
+    assert data.dataset.features is None  # nothing stored: the target can only come from the encoder
+    _, _, _, online_target = data.batch(1, torch.Generator().manual_seed(0), slice(0, 8), token_grid=8)
+    torch.testing.assert_close(online_target, targets[True])
+    lines = _metrics(train(tiny_config(bare, tmp_path / "runs2", "spec=repa", "encoder.online_features=true",
+                                       "train.max_steps=2")))
+    assert {k for k in lines[-1] if k.startswith("loss")} == EXPECTED_TERMS["repa"]
 
 
 def test_resume_on_other_prepared_data_is_refused(prepared_dir, tmp_path):
@@ -255,9 +338,24 @@ def test_resume_on_other_prepared_data_is_refused(prepared_dir, tmp_path):
         train(moved)
 
 
+def test_progress_bar_only_on_a_terminal(prepared_dir, tmp_path, capsys, monkeypatch):
+    train(tiny_config(prepared_dir, tmp_path / "a", "train.max_steps=2"))
+    assert "2/2" not in capsys.readouterr().err  # a batch job's log stays free of bar redraws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    train(tiny_config(prepared_dir, tmp_path / "b", "train.max_steps=2"))
+    err = capsys.readouterr().err
+    assert "2/2" in err and "step" in err and "loss=" in err
+
+
 def test_cli_trains_and_reports_bad_data_in_one_line(prepared_dir, tmp_path, capsys):
     from bench.cli import main as bench
 
     assert bench(["train", *tiny_overrides(prepared_dir, tmp_path / "runs", "train.max_steps=1")]) == 0
+    capsys.readouterr()
+    assert bench(["train", *tiny_overrides(prepared_dir, tmp_path / "runs", "train.max_steps=1")]) == 0
+    assert "is finished" in capsys.readouterr().out  # re-running a finished run says so and exits 0
+    overrides = tiny_overrides(prepared_dir, tmp_path / "runs", "train.max_steps=1")
+    assert bench(["train", *overrides[:3], "--run-dir", str(tmp_path / "mixed"), *overrides[3:]]) == 0
+    assert (tmp_path / "mixed" / "DONE").is_file()  # overrides may come before and after options
     assert bench(["train", *tiny_overrides(prepared_dir, tmp_path / "bad", "encoder.kind=dinov2")]) == 2
     assert "bench train: error:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
