@@ -63,6 +63,8 @@ LABEL_SAMPLING = ("random", "balanced")
 MODEL_SIZE_NAMES = ("S", "B", "L", "XL")
 MODEL_PATCH_SIZES = (1, 2, 4, 8)
 DINOV2_VARIANTS = ("vits14", "vits14_reg", "vitb14", "vitb14_reg", "vitl14", "vitl14_reg")
+FEATURE_NETWORKS = ("classifier", "inception", "dinov2")
+FD_DINOV2_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")  # bench.features.DINOV2_TIMM_NAMES
 
 
 @dataclass
@@ -277,12 +279,19 @@ class EvalConfig:
     feature_network: str = "classifier"
     """classifier (embedded Fashion-MNIST net), inception (needs inception_weights) or dinov2."""
     inception_weights: Optional[str] = None
+    """Inception-v3 weights file (pt_inception-2015-12-05) for eval.feature_network=inception."""
+    dinov2_weights: Optional[str] = None
+    """DINOv2 weights file for eval.feature_network=dinov2 (FD-DINOv2, as dgm-eval and EDM2)."""
+    dinov2_variant: str = "vitl14"
+    """The ViT of dinov2_weights; FD-DINOv2 is conventionally ViT-L/14 (CLS token, D = 1024)."""
     reference: Optional[str] = None
     """Reference statistics or images: an ADM .npz, or None for the prepared test split."""
 
     def __post_init__(self) -> None:
         _choice("eval.sampler", self.sampler, SAMPLERS)
         _choice("eval.label_sampling", self.label_sampling, LABEL_SAMPLING)
+        _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
+        _choice("eval.dinov2_variant", self.dinov2_variant, FD_DINOV2_VARIANTS)
         _range("eval.num_sampling_steps", self.num_sampling_steps, 1)
         _range("eval.num_samples", self.num_samples, 1)
         _range("eval.batch_size", self.batch_size, 1)

@@ -187,7 +187,9 @@ def build_network(cfg: ExperimentConfig, manifest: dict, device: torch.device):
                                   "inception with eval.inception_weights=FILE")
         classifier_dir = Path(cfg.data.prepared_dir) / entry["path"]
     network = build_feature_network(cfg.eval.feature_network, classifier_dir=classifier_dir,
-                                    inception_weights=cfg.eval.inception_weights)
+                                    inception_weights=cfg.eval.inception_weights,
+                                    dinov2_weights=cfg.eval.dinov2_weights,
+                                    dinov2_variant=cfg.eval.dinov2_variant)
     return network.to(device).eval()
 
 

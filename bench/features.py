@@ -256,7 +256,7 @@ def build_feature_network(kind: str, *, classifier_dir: Optional[Union[str, Path
     if kind == "inception":
         return InceptionFeatures(inception_weights)
     if kind == "dinov2":
-        return DinoV2Features(dinov2_weights, dinov2_variant)
+        return DinoV2Features(dinov2_weights, dinov2_variant, key="eval.dinov2_weights")
     raise FeatureNetworkError(f"eval.feature_network={kind!r} is unknown; choose one of "
                               "['classifier', 'inception', 'dinov2']")
 

@@ -179,3 +179,14 @@ def test_cli_subcommand_not_built_yet_says_so_and_fails(monkeypatch, capsys):
     assert cli.main(["report", "x"]) == 3
     err = capsys.readouterr().err
     assert "bench report: not built yet" in err and "Traceback" not in err
+
+
+def test_eval_feature_network_and_fd_dinov2_variants_are_checked_at_load():
+    from bench.config import FD_DINOV2_VARIANTS
+    from bench.features import DINOV2_TIMM_NAMES
+
+    assert set(FD_DINOV2_VARIANTS) == set(DINOV2_TIMM_NAMES)  # the two lists cannot drift apart
+    with pytest.raises(ConfigError, match="eval.feature_network"):
+        load_config(["eval.feature_network=clip"])
+    with pytest.raises(ConfigError, match="eval.dinov2_variant"):
+        load_config(["eval.dinov2_variant=vitb14_reg"])

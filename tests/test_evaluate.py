@@ -445,3 +445,18 @@ def test_semantic_pca_picture_matches_eigendecomposition():
     assert tokens[..., 0].min() == 0 and tokens[..., 0].max() == 255  # min-max to [0, 255]
     two = semantic_pca_rgb(semantic[:, :2].astype(np.float32), image_size=4)
     assert (two[..., 2] == 0).all()  # fewer than 3 channels: the missing colour is 0
+
+
+def test_missing_dinov2_weights_name_the_setting(run, tmp_path, capsys):
+    """FD-DINOv2 is reachable from the config, and a missing file names eval.dinov2_weights."""
+    from bench.cli import main
+    from bench.features import FeatureNetworkError
+
+    with pytest.raises(FeatureNetworkError, match="eval.dinov2_weights is not set"):
+        evaluate(None, run, [4], overrides=["eval.feature_network=dinov2"], progress=False)
+    missing = tmp_path / "dinov2_vitl14.pth"
+    assert main(["eval", str(run), "--step", "4", "eval.feature_network=dinov2",
+                 f"eval.dinov2_weights={missing}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"eval.dinov2_weights is {missing} does not exist" in err[0]
+    assert not (run / "samples").exists()
