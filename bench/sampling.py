@@ -157,6 +157,9 @@ def load_sampling_model(run_dir: Path, cfg: ExperimentConfig, manifest: dict, st
         raise SamplingError(f"checkpoint {step} of {run_dir} is unusable: {err}") from None
     model = build_model(cfg, manifest)
     model.load_state_dict(state)
+    # The REPA projector only feeds the training-time alignment loss; without it the forward skips
+    # one MLP over every token at each of the sampler's network calls.
+    model.projector = None
     return model.to(device).eval().requires_grad_(False), weights_sha
 
 
