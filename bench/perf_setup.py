@@ -101,11 +101,14 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> `bf16` where supported else `fp32`; `bf16` on a device without it is an error."""
+    """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 on CUDA with
+    bf16, fp32 on CPU: see bench/train.py), so "default" rows time the trainer's real step."""
+    from bench.train import resolve_precision as train_precision
+
     if precision not in ("auto", "bf16", "fp32"):
         raise PerfError(f"--precision {precision!r}: choose auto, bf16 or fp32")
     if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
+        return "fp32" if train_precision("auto", device) is None else "bf16"
     return precision
 
 

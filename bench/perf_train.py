@@ -75,21 +75,17 @@ def tokens_from_features(features: torch.Tensor, token_grid: int) -> torch.Tenso
 
 
 def make_optimizer(model: nn.Module, cfg: ExperimentConfig, fused: bool) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW over the trainable parameters; `fused` where the build supports it on this device."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+    """The default mode uses `bench train`'s own optimiser (so the two cannot drift apart); the
+    reference mode torch's default (non-fused) AdamW, as the official code."""
+    from bench.train import build_optimizer
+
     if fused:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs), "adamw-fused"
-        except (RuntimeError, TypeError):
-            pass  # no fused kernel for this device/dtype in this torch build
-    return torch.optim.AdamW(params, **kwargs), "adamw-default"
-
-
-@torch.no_grad()
-def ema_update_foreach(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * p for all parameters in one fused foreach kernel."""
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        optimizer = build_optimizer(model, cfg)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                      weight_decay=cfg.optim.weight_decay)
+    return optimizer, "adamw-fused" if optimizer.defaults.get("fused") else "adamw-default"
 
 
 def build_online_encoder(cfg: ExperimentConfig, geometry: Geometry, device: torch.device):
@@ -138,14 +134,12 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
         encoder = build_online_encoder(cfg, geometry, device)
     if options.online_encoder and pool.pca is None:
         raise ValueError("the reference mode's online encoder needs a PCA (pool.pca)")
-    if options.foreach_ema:
-        def update_ema() -> None:
-            ema_update_foreach(ema_params, params, decay)
-    else:
-        from bench.train import update_ema as official_update_ema
+    from bench.train import update_ema as train_update_ema, update_ema_official
 
-        def update_ema() -> None:
-            official_update_ema(ema, model, decay)
+    ema_step = train_update_ema if options.foreach_ema else update_ema_official  # default = bench train's
+
+    def update_ema() -> None:
+        ema_step(ema, model, decay)
 
     fields: dict = {}
 
