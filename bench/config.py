@@ -112,9 +112,10 @@ class EncoderConfig:
     """For dinov2: vits14, vitb14, vitl14, each with or without `_reg`."""
     weights: Optional[str] = _not_identity(None)
     """Local weights file for dinov2 (nothing is downloaded)."""
-    pca_rank_max: int = 16
-    """PCA coordinates stored per token by prepare; a run may use any rank up to this."""
-    store_features: bool = True
+    pca_rank_max: int = _not_identity(16)
+    """PCA coordinates stored per token by prepare; a run may use any rank up to this. Not in the
+    run hash: the first r coordinates do not depend on how many more were stored."""
+    store_features: bool = _not_identity(True)
     """Also store the raw (un-PCA'd) patch features, the REPA alignment target (paper App. B.3)."""
     online_features: bool = False
     """Compute the REPA target with the encoder during training instead (the official code's way)."""
@@ -147,7 +148,8 @@ class ModelConfig:
     class_dropout_prob: float = 0.1
     conditional: bool = True
     """False trains an unconditional model (num_classes = 1, paper Table 3)."""
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = _not_identity(False)
+    """Recompute activations in the backward pass: less memory, same numbers (not in the run hash)."""
 
     def __post_init__(self) -> None:
         _choice("model.fusion", self.fusion, FUSIONS)

@@ -190,3 +190,14 @@ def test_eval_feature_network_and_fd_dinov2_variants_are_checked_at_load():
         load_config(["eval.feature_network=clip"])
     with pytest.raises(ConfigError, match="eval.dinov2_variant"):
         load_config(["eval.dinov2_variant=vitb14_reg"])
+
+
+@pytest.mark.parametrize("override", ["model.grad_checkpointing=true", "encoder.pca_rank_max=32",
+                                      "encoder.store_features=false", "train.log_every=7"])
+def test_settings_that_leave_the_numbers_alone_keep_the_run_folder(override):
+    assert run_hash(load_config([override])) == run_hash(load_config([]))
+
+
+@pytest.mark.parametrize("override", ["model.pca_rank=4", "encoder.online_features=true", "train.seed=1"])
+def test_settings_that_change_the_numbers_change_the_run_folder(override):
+    assert run_hash(load_config([override])) != run_hash(load_config([]))
