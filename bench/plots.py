@@ -41,7 +41,8 @@ def _save(figure: Figure, stem: Path) -> list[Path]:
     for suffix in ("png", "pdf"):
         buffer = io.BytesIO()
         figure.savefig(buffer, format=suffix, dpi=150, bbox_inches="tight")
-        written.append(atomic_write_bytes(stem.with_suffix(f".{suffix}"), buffer.getvalue()))
+        # not with_suffix: a setting named like `rg1.5` would lose its `.5_<metric>` tail
+        written.append(atomic_write_bytes(stem.with_name(f"{stem.name}.{suffix}"), buffer.getvalue()))
     return written
 
 
