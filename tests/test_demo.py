@@ -1,0 +1,148 @@
+"""`bench demo --quick` through the real CLI, as a newcomer would run it: prepare, the local executor,
+training, evaluation and the report end to end (about 2 minutes on 2 quiet cores), then a second
+call that must reuse everything. Output goes to tmp_path (options), never to the repository's
+results/."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.demo import DemoError, Printer, _failed, _fmt_time
+
+SPECS = ("latent_only", "repa", "redi", "redi_rg")
+STEPS = (100, 200, 400)  # ablations/grids/demo_quick.yaml
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("bench")  # the venv's console script
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "bench.cli"]
+
+
+def _demo(tmp_path: Path) -> tuple[subprocess.CompletedProcess, float]:
+    args = ["demo", "--quick", "--out", str(tmp_path / "out"), "--runs-root", str(tmp_path / "runs"),
+            "--prepared-dir", str(tmp_path / "prepared"), "--every", "5"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    began = time.time()
+    # cwd=tmp_path: even a default relative path could not reach the repository's results/
+    proc = subprocess.run(_command() + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    return proc, time.time() - began
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    assert path.is_file() and path.stat().st_size > 5_000, path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    proc, seconds = _demo(tmp)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return tmp, proc, seconds
+
+
+def test_quick_demo_writes_every_promised_file(first_run):
+    tmp, proc, seconds = first_run
+    out = tmp / "out"
+    assert proc.stdout.rstrip().endswith(f"bench demo: output in {out}")
+    # progress: the cell, its step, images/s and the time left were printed while training
+    train_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("train ") and "img/s" in ln]
+    assert train_lines and all(" left" in ln and "step " in ln for ln in train_lines), proc.stdout
+    assert any(ln.startswith("eval: 15 evaluations") for ln in proc.stdout.splitlines()), proc.stdout
+
+    # the table: every spec at every step, plus redi_rg sampled with RG, with sane numbers
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    plain = {(r["spec"], int(r["step"])) for r in rows if r["sampling"] == "no guidance"}
+    assert plain == {(s, t) for s in SPECS for t in STEPS}
+    guided = [r for r in rows if r["sampling"] != "no guidance"]
+    assert {(r["spec"], r["sampling"], int(r["step"])) for r in guided} == \
+        {("redi_rg", "RG w_r=1.5", t) for t in STEPS}
+    for r in rows:
+        assert 0 < float(r["fd_classifier"]) < 1e4 and 0 <= float(r["accuracy"]) <= 1, r
+    summary = (out / "summary.md").read_text()
+    for spec in SPECS:
+        assert f"| {spec} | no guidance |" in summary
+    assert "| redi_rg | RG w_r=1.5 |" in summary and "FD @400" in summary and "acc @400" in summary
+    assert "cores" in summary and "torch" in summary and "this call:" in summary
+    assert "Speed-ups" in summary
+
+    # figures: the convergence plot, and one sample figure per spec; ReDi figures carry a second
+    # panel (the generated semantic maps), so they are wider than the latent-only ones
+    _png_size(out / "convergence.png")
+    widths = {name: _png_size(out / f"samples_{name}.png")[0]
+              for name in (*SPECS, "redi_rg_rg1.5")}
+    assert widths["redi"] > 1.5 * widths["latent_only"] and widths["redi_rg_rg1.5"] > 1.5 * widths["repa"]
+
+    # bench report's own files, including the per-setting plot of the setting with a dot in its name
+    for name in ("report.md", "table.csv", "table.tex", "speedups.csv",
+                 "convergence_plain_fd_classifier.png", "convergence_rg1.5_fd_classifier.png"):
+        assert (out / "report" / name).is_file(), name
+    runs = sorted((tmp / "runs" / "demo_quick").glob("*-*"))
+    assert [p.name.split("-")[0] for p in runs] == sorted(SPECS)
+    assert all((p / "DONE").is_file() and (p / "eval.jsonl").is_file() for p in runs)
+    calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert len(calls) == 1 and calls[0]["prepare"] is False and calls[0]["trained"] == 4
+    assert calls[0]["evaluated"] == 15
+
+
+def test_second_call_reuses_everything(first_run):
+    tmp, _, first_seconds = first_run
+    summary_before = (tmp / "out" / "table.csv").read_text()
+    proc, seconds = _demo(tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is up to date" in proc.stdout
+    assert "4 finished earlier (reused), 0 to train" in proc.stdout
+    assert "15 measured earlier (reused), 0 to run" in proc.stdout
+    assert seconds < min(60.0, first_seconds / 2), (seconds, first_seconds)
+    assert (tmp / "out" / "table.csv").read_text() == summary_before  # same numbers, regenerated
+    calls = [json.loads(line) for line in (tmp / "out" / "invocations.jsonl").read_text().splitlines()]
+    assert len(calls) == 2 and calls[1]["prepare"] is True
+    assert calls[1]["trained"] == 0 and calls[1]["evaluated"] == 0
+    assert "first call in this folder" in (tmp / "out" / "summary.md").read_text()
+
+
+def test_a_failing_cell_stops_the_demo_with_its_log(first_run, tmp_path):
+    """A prepared folder that lost a shard: every cell fails; the demo must say so with the log, not hang."""
+    import shutil
+
+    tmp, _, _ = first_run
+    shutil.copytree(tmp / "prepared", tmp_path / "prepared")
+    next((tmp_path / "prepared" / "train").glob("shard-*.safetensors")).unlink()
+    proc, seconds = _demo(tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    error = proc.stderr.strip()
+    assert error.startswith("bench demo: error: training of cell latent_only failed") and "Traceback" not in error
+    log = Path(error.split("log: ", 1)[1].split()[0])
+    assert log.is_file() and "is missing" in log.read_text()
+    assert seconds < 120
+
+
+def test_failure_message_names_the_log_and_progress_helpers(capsys):
+    rows = [{"cell": "latent_only", "state": "done", "detail": "", "log": None, "eval_errors": []},
+            {"cell": "redi", "state": "failed", "detail": "job ended without reporting an outcome",
+             "log": "/x/.submitit/train/1/1_0_log.err", "eval_errors": []}]
+    message = _failed(rows, "train")
+    assert "cell redi failed" in message and "/x/.submitit/train/1/1_0_log.err" in message
+    assert _failed(rows, "eval") is None
+    rows[0]["eval_errors"] = ["plain: MetricError: too few samples\n    log: /y.err"]
+    assert "/y.err" in _failed(rows, "eval")
+    assert issubclass(DemoError, ValueError)  # bench.cli prints it as one line
+    assert (_fmt_time(59), _fmt_time(61), _fmt_time(3725), _fmt_time(None)) == ("0m59s", "1m01s", "1h02m", "?")
+    printer = Printer(enabled=True, every=3600, tty=False)
+    printer.line("train 1/4 a", key="a")
+    printer.line("train 1/4 a again", key="a")  # same cell within `every`: not repeated
+    printer.line("train 2/4 b", key="b")  # a new cell: printed at once
+    assert capsys.readouterr().out.splitlines() == ["train 1/4 a", "train 2/4 b"]
