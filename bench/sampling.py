@@ -142,6 +142,27 @@ def require_checkpoint(run_dir: Path, step: int) -> Path:
     return checkpoint_path(Path(run_dir), step)
 
 
+EMA_INIT_WARNING = 0.05
+
+
+def ema_init_weight(decay: float, step: int) -> float:
+    """The weight the EMA still gives the initial network after `step` updates: it starts as a
+    copy of the initial weights (official), and each update keeps `decay` of the old average."""
+    return float(decay) ** int(step)
+
+
+def warn_if_ema_is_mostly_init(cfg: ExperimentConfig, step: int) -> None:
+    """A short run sampled from an EMA with a long horizon measures the initialisation: warn."""
+    share = ema_init_weight(cfg.train.ema_decay, step)
+    if cfg.eval.use_ema and share > EMA_INIT_WARNING:
+        import warnings
+
+        warnings.warn(f"the EMA at step {step} still gives the initial weights {share:.0%} "
+                      f"(train.ema_decay={cfg.train.ema_decay} ** {step}); its samples measure "
+                      "the initialisation. Train longer, lower train.ema_decay, or set "
+                      "eval.use_ema=false", RuntimeWarning, stacklevel=3)
+
+
 def load_sampling_model(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int,
                         use_ema: bool, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The network of checkpoint `step` (EMA or raw weights, verified), in eval mode on `device`,
@@ -407,6 +428,7 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
     if total < 1:
         raise SamplingError(f"num_samples must be >= 1, got {total}")
     guidance = build_guidance(cfg, manifest)  # validates before any file is written
+    warn_if_ema_is_mostly_init(cfg, int(step))
     model, weights_sha = load_sampling_model(run_dir, cfg, manifest, int(step), cfg.eval.use_ema, device)
     setting = sampling_setting(cfg, manifest, int(step), weights_sha, shard_size)
     folder = samples_dir(run_dir, setting)

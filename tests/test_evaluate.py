@@ -460,3 +460,22 @@ def test_missing_dinov2_weights_name_the_setting(run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"eval.dinov2_weights is {missing} does not exist" in err[0]
     assert not (run / "samples").exists()
+
+
+def test_ema_still_close_to_initialisation_warns():
+    """0.999 ** 1000 = 37% of the EMA is the initial network: sampling it must not pass silently."""
+    import warnings
+
+    from bench.sampling import ema_init_weight, warn_if_ema_is_mostly_init
+
+    assert ema_init_weight(0.999, 1000) == pytest.approx(0.3677, abs=1e-4)
+    from bench.compose import load_config
+
+    cfg = load_config(["train.ema_decay=0.999"])
+    with pytest.warns(RuntimeWarning, match="initial weights 37%"):
+        warn_if_ema_is_mostly_init(cfg, 1000)
+    for quiet in (load_config(["train.ema_decay=0.99"]),
+                  load_config(["train.ema_decay=0.999", "eval.use_ema=false"])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warn_if_ema_is_mostly_init(quiet, 1000)  # 0.99 ** 1000 ~ 4e-5; raw weights: no EMA
