@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=("synthetic", "real"), default="synthetic")
     p.add_argument("--prepared-dir", default="results/prepared", help="the prepared folder for --data real")
     p.add_argument("--data-root", default=None, help="the images for --data real (reference mode, prepare)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="default training path: auto = bf16 autocast where the device runs bf16 "
-                        "natively (sampling is timed in fp32, as bench sample runs)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="default training path (default: the config's train.precision, as bench train "
+                        "runs it; auto = bf16 autocast where the device runs bf16 natively). Sampling "
+                        "is timed in fp32, as bench sample runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the default path")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on the default path")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")

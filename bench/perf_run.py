@@ -48,11 +48,12 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     scale = args.scale or ("paper" if size is not None and size.registry else "embedded")
     kinds = _csv(args.kinds, "--kinds", KINDS)
     specs = _csv(args.specs, "--specs")
-    precision = resolve_precision(args.precision, device)
     no_size = SizeChoice("", (), registry=False)
     configs = {spec: compose_spec(spec, size or no_size, scale, args.overrides)
                for spec in dict.fromkeys(specs + ([args.reference_spec] if args.reference else []))}
     first = configs[specs[0]]
+    # Unless --precision says otherwise, the precision bench train would use for this config.
+    precision = resolve_precision(args.precision or first.train.precision, device)
     model_size = _size_label(first)
     batch = args.batch or first.train.batch_size
     rank = max([cfg.semantic_channels for cfg in configs.values()] + [1])

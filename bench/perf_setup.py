@@ -81,28 +81,15 @@ def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> E
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16/AMX.
+    """Native bf16 on `device`: the trainer's own test (bench.train.native_bf16)."""
+    from bench.train import native_bf16
 
-    On CPUs without these instructions bf16 is emulated and slower than fp32, so `auto` keeps fp32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return native_bf16(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 on CUDA with
-    bf16, fp32 on CPU: see bench/train.py), so "default" rows time the trainer's real step."""
+    """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 where it is
+    native, see bench.train.native_bf16), so "default" rows time the trainer's real step."""
     from bench.train import resolve_precision as train_precision
 
     if precision not in ("auto", "bf16", "fp32"):

@@ -19,10 +19,10 @@ REPA is the exception that keeps its large tensors local: projector outputs and 
 other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
 global mean and the logged value is the sum over ranks.
 
-Precision: fp32 master weights and losses; `auto` = bf16 autocast on CUDA devices that support it,
-fp32 on CPU, TF32 matmuls on CUDA as the official code. On CPU bf16 pays off only for wider models:
-on a 2-core Xeon with AMX, bf16 autocast was ~8% slower than fp32 for the embedded default (width
-128) but ~1.7x faster at width 256, depth 6 (bench perf); set train.precision=bf16 there.
+Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
+natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
+the official code. On a 2-core Xeon with AMX, bf16 was ~1.7x faster at width 256 (bench perf) but
+~8% slower for the embedded default (width 128), which therefore pins train.precision=fp32.
 Optimiser and EMA: fused AdamW and one foreach lerp for the EMA (`bench perf` times exactly these).
 """
 
@@ -238,14 +238,29 @@ class _RankRows:
                               None if out.aligned is None else self._pad(out.aligned))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
+    AMX-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def resolve_precision(setting: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None = fp32). See the module docstring for why `auto` is fp32 on CPU."""
-    if setting == "fp32" or (setting == "auto" and device.type != "cuda"):
+    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively."""
+    if setting == "fp32" or (setting == "auto" and not native_bf16(device)):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if setting == "bf16":
-            raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use auto or fp32")
-        return None
+        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use auto or fp32")
     return torch.bfloat16
 
 

@@ -107,8 +107,14 @@ def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
     return seen
 
 
-def test_precision_auto_is_fp32_on_cpu_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
-    assert resolve_precision("auto", torch.device("cpu")) is None  # measured slower in bf16 (bench/train.py)
+def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
+    from bench import train as train_module
+
+    cpu = torch.device("cpu")
+    for native in (False, True):  # auto = bf16 exactly where the device runs it natively
+        monkeypatch.setattr(train_module, "native_bf16", lambda device, native=native: native)
+        assert resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+    monkeypatch.undo()
     assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
     seen = _spy_on_dtypes(monkeypatch)
