@@ -92,7 +92,7 @@ def train_embedded_vae(images: torch.Tensor, settings: EmbeddedVAESettings, seed
     vae.train()
     loss_value = float("nan")
     bar = tqdm(_batches(len(images), settings.batch_size, settings.steps, generator),
-               total=settings.steps, desc="embedded VAE", disable=not progress)
+               total=settings.steps, desc="embedded VAE", disable=None if progress else True)
     for index in bar:
         x = _to_unit_range(images[index])
         posterior = vae.encode(x).latent_dist
@@ -213,7 +213,7 @@ def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor,
     start = time.time()
     model.train()
     bar = tqdm(_batches(len(train_images), settings.batch_size, steps, generator), total=steps,
-               desc="eval classifier", disable=not progress)
+               desc="eval classifier", disable=None if progress else True)
     for index in bar:
         x = train_images[index]
         flip = torch.rand(len(index), generator=generator) < 0.5

@@ -376,7 +376,7 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     encode_start = time.time()
     count = sum(len(r) for _, _, r in todo)
     with tqdm(total=count, desc=f"prepare task {task_index}/{task_count}", unit="img",
-              disable=not options.progress) as bar:
+              disable=None if options.progress else True) as bar:  # None: only on a terminal
         for split, index, indices in todo:
             tensors = _encode_shard(vae, encoder, sources[split], indices, options.batch_size,
                                     fit_pca=(split == "train"), bar=bar, device=device)

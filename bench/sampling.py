@@ -449,7 +449,7 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
         transport = build_transport(cfg, manifest)
         vae = load_decoder(cfg, manifest, device)
         with tqdm(total=sum(counts[i] for i in todo), unit="img", desc=f"sample step {step}",
-                  disable=not progress, dynamic_ncols=True) as bar:
+                  disable=None if progress else True, dynamic_ncols=True) as bar:
             for index in todo:
                 _sample_shard(folder, index, counts[index], setting, cfg, manifest, model,
                               transport, guidance, vae, device, bar)
