@@ -22,7 +22,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from bench import launch
+from bench import launch, launch_status
 from bench.cli import main as cli_main
 from bench.grids import GridError, expand, load_grid
 from bench.launch import (LaunchError, ProfileError, SchedulerError, TrainJob, grid_status, job_resources,
@@ -316,7 +316,7 @@ def test_a_job_that_vanished_is_failed_with_the_error_from_its_log(tmp_path):
 def test_queued_or_running_cells_are_not_submitted_twice(out, monkeypatch):
     cell = expand("smoke", out)[1]
     launch.append_record(cell.run_dir, {**SUBMIT, "cell": cell.name})
-    monkeypatch.setattr(launch, "_squeue", lambda ids: {"7_1": "RUNNING"})
+    monkeypatch.setattr(launch_status, "_squeue", lambda ids: {"7_1": "RUNNING"})  # where scheduler_states looks
     sub = submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
     assert [j["cell"] for j in sub.jobs] == ["latent_only"]
     assert sub.skipped == [{"cell": "redi", "reason": "already running (job 7_1)"}]
