@@ -53,7 +53,7 @@ check_binaries() {
 write_conf() {
     local host cpus mem_mb
     host="$(hostname -s)"
-    cpus="$(nproc)"
+    cpus="$(nproc --all)"
     # RealMemory must not exceed what slurmd detects, or the node is drained: use 80% of it.
     mem_mb="$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)"
     cat >"$CONF.tmp" <<EOF
