@@ -93,3 +93,29 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return {k: v.clone() for k, v in load_file(str(path / "weights.safetensors")).items()}
+
+
+def add_embedded_eval_assets(prepared: Path, classifier_epochs: float = 3.0) -> Path:
+    """The embedded VAE (one step on random images) and the evaluation classifier (a few epochs on
+    320 digits, enough for features that vary), trained by bench.embedded and recorded in the
+    manifest the way `bench prepare` records them. Returns `prepared`."""
+    import json
+
+    from bench.atomic import atomic_write_json
+    from bench.data import digits
+    from bench.embedded import ClassifierSettings, EmbeddedVAESettings, train_classifier, train_embedded_vae
+
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1, batch_size=4,
+                                                         scale_images=8), 0, prepared / "vae", progress=False)
+    train_split, test_split = digits("train", 32), digits("test", 32)
+    classifier = train_classifier(
+        train_split.images(range(320)), train_split.labels[:320], test_split.images(range(64)),
+        test_split.labels[:64], 10, ClassifierSettings(width=8, feature_dim=8, epochs=classifier_epochs,
+                                                       batch_size=32, lr=1e-2),
+        0, prepared / "classifier", progress=False)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
+    manifest["classifier"] = {"path": "classifier", "test_accuracy": classifier["test_accuracy"]}
+    atomic_write_json(prepared / "manifest.json", manifest)
+    return prepared

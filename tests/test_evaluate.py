@@ -26,16 +26,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.atomic import atomic_write_json
 from bench.config import ConfigError, GuidanceConfig
-from bench.embedded import (ClassifierSettings, EmbeddedVAESettings, load_classifier,
-                            train_classifier, train_embedded_vae)
+from bench.embedded import load_classifier
 from bench.evaluate import (EvaluationError, append_rows, evaluate, main_eval, missing_evaluations,
                             read_eval_rows)
 from bench.sampling import (SamplingError, apply_eval_overrides, build_guidance, read_run_config,
                             read_shard, sample, semantic_pca_rgb, shard_labels)
 from bench.train import train
-from fixtures_train import tiny_config, write_prepared
+from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared
 
 SHARD = 8  # 32 samples = 4 shards of 2 batches each: enough structure for resume and array tasks
 EVAL_OVERRIDES = ("eval.sampler=euler", "eval.num_sampling_steps=3", "eval.num_samples=32",
@@ -47,25 +45,7 @@ PROVENANCE = {"step", "metric", "value", "setting", "setting_hash", "backend", "
 
 
 def _train_decoder_and_classifier(prepared: Path) -> None:
-    """The embedded VAE (one step on random images) and the evaluation classifier (30 steps on
-    digits, enough for features that vary), trained by bench.embedded and recorded in the manifest
-    the way `bench prepare` records them."""
-    from bench.data import digits
-
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
-    vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1,
-                                                         batch_size=4, scale_images=8),
-                             0, prepared / "vae", progress=False)
-    train_split, test_split = digits("train", 32), digits("test", 32)
-    clf = train_classifier(train_split.images(range(320)), train_split.labels[:320],
-                           test_split.images(range(64)), test_split.labels[:64], 10,
-                           ClassifierSettings(width=8, feature_dim=8, epochs=3.0, batch_size=32, lr=1e-2),
-                           0, prepared / "classifier", progress=False)
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
-    manifest["classifier"] = {"path": "classifier", "test_accuracy": clf["test_accuracy"]}
-    atomic_write_json(prepared / "manifest.json", manifest)
+    add_embedded_eval_assets(prepared)
 
 
 @contextmanager

@@ -116,7 +116,7 @@ def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path)
     either stage again submits nothing."""
     import torch
     from fixtures_train import write_prepared
-    from test_evaluate import _train_decoder_and_classifier
+    from fixtures_train import add_embedded_eval_assets as _train_decoder_and_classifier
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is faster

@@ -406,12 +406,8 @@ def trained(tmp_path_factory):
     (the way tests/test_evaluate.py builds its prepared folder)."""
     pytest.importorskip("bench.evaluate")
     import torch
-    from fixtures_train import tiny_config, write_prepared  # tests/ is on sys.path under pytest
+    from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared  # tests/ is on sys.path
 
-    from bench.atomic import atomic_write_json
-    from bench.data import digits
-    from bench.embedded import (ClassifierSettings, EmbeddedVAESettings, train_classifier,
-                                train_embedded_vae)
     from bench.evaluate import evaluate
     from bench.train import train
 
@@ -420,21 +416,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)  # tiny kernels: one thread is much faster on a busy 2-core machine
     try:
         prepared = write_prepared(root / "prepared")
-        images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0),
-                               dtype=torch.uint8)
-        vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1,
-                                                             batch_size=4, scale_images=8),
-                                 0, prepared / "vae", progress=False)
-        train_split, test_split = digits("train", 32), digits("test", 32)
-        classifier = train_classifier(
-            train_split.images(range(320)), train_split.labels[:320], test_split.images(range(64)),
-            test_split.labels[:64], 10, ClassifierSettings(width=8, feature_dim=8, epochs=1.0,
-                                                           batch_size=32, lr=1e-2),
-            0, prepared / "classifier", progress=False)
-        manifest = json.loads((prepared / "manifest.json").read_text())
-        manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
-        manifest["classifier"] = {"path": "classifier", "test_accuracy": classifier["test_accuracy"]}
-        atomic_write_json(prepared / "manifest.json", manifest)
+        add_embedded_eval_assets(prepared, classifier_epochs=1.0)
         for spec, seed in (("latent_only", 0), ("redi", 0), ("redi", 1)):
             cfg = tiny_config(prepared, root / "runs", "grid=real_fixture", f"train.seed={seed}",
                               "eval.sampler=euler", "eval.num_sampling_steps=2",

@@ -30,9 +30,8 @@ import submitit
 import torch
 
 from bench import launch
-from bench.atomic import atomic_write_json
 from bench.grids import expand
-from fixtures_train import write_prepared
+from fixtures_train import add_embedded_eval_assets, write_prepared
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
@@ -121,22 +120,7 @@ def _prepare(root: Path) -> Path:
 
 
 def _train_decoder_and_classifier(prepared: Path) -> Path:
-    from bench.data import digits
-    from bench.embedded import ClassifierSettings, EmbeddedVAESettings, train_classifier, train_embedded_vae
-
-    images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1, batch_size=4,
-                                                         scale_images=8), 0, prepared / "vae", progress=False)
-    train_split, test_split = digits("train", 32), digits("test", 32)
-    clf = train_classifier(train_split.images(range(320)), train_split.labels[:320], test_split.images(range(64)),
-                           test_split.labels[:64], 10, ClassifierSettings(width=8, feature_dim=8, epochs=3.0,
-                                                                          batch_size=32, lr=1e-2),
-                           0, prepared / "classifier", progress=False)
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    manifest["scaling_factor"] = manifest["vae"]["scaling_factor"] = vae["scaling_factor"]
-    manifest["classifier"] = {"path": "classifier", "test_accuracy": clf["test_accuracy"]}
-    atomic_write_json(prepared / "manifest.json", manifest)
-    return prepared
+    return add_embedded_eval_assets(prepared)
 
 
 def _calibrated_steps(prepared: Path, root: Path) -> int:
