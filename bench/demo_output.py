@@ -22,7 +22,6 @@ import platform
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,14 +35,9 @@ def machine() -> dict:
     """CPU model, cores, torch: the facts a reader needs to compare timings."""
     import torch
 
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from bench.perf_timing import cpu_model
+
+    model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": model, "cores": cores, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),

@@ -80,13 +80,6 @@ def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> E
 # Precision policy
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Native bf16 on `device`: the trainer's own test (bench.train.native_bf16)."""
-    from bench.train import native_bf16
-
-    return native_bf16(device)
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 where it is
     native, see bench.train.native_bf16), so "default" rows time the trainer's real step."""

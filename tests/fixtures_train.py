@@ -95,6 +95,17 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_file(str(path / "weights.safetensors")).items()}
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bit-exact comparisons need the same kernels as the single-threaded subprocesses; a module
+    that imports this fixture runs every test on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def add_embedded_eval_assets(prepared: Path, classifier_epochs: float = 3.0) -> Path:
     """The embedded VAE (one step on random images) and the evaluation classifier (a few epochs on
     320 digits, enough for features that vary), trained by bench.embedded and recorded in the

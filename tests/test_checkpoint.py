@@ -14,15 +14,7 @@ from torch import nn
 from bench import checkpoint as ckpt
 from bench.identity import run_dir
 from bench.train import train
-from fixtures_train import prepared_dir, tensors_of, tiny_config  # noqa: F401
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from fixtures_train import one_thread, prepared_dir, tensors_of, tiny_config  # noqa: F401
 
 
 def _tiny_setup(seed: int = 0):

@@ -22,7 +22,7 @@ from bench.compose import dumps
 from bench.config import ConfigError
 from bench.identity import run_dir
 from bench.train import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
-from fixtures_train import SPECS, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
+from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,15 +34,6 @@ EXPECTED_TERMS = {
     "redi_repa": {"loss", "loss/latent", "loss/semantic", "loss/repa"},
     "repa": {"loss", "loss/latent", "loss/repa"},
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bit-exact comparisons need the same kernels as the single-threaded subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _metrics(path: Path) -> list[dict]:
