@@ -21,8 +21,9 @@ global mean and the logged value is the sum over ranks.
 
 Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
-the official code. On a 2-core Xeon with AMX, bf16 was ~1.7x faster at width 256 (bench perf) but
-~8% slower for the embedded default (width 128), which therefore pins train.precision=fp32.
+the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
+slower for the embedded default (width 128), which therefore pins train.precision=fp32 (bench perf
+rows in results/readme/perf/).
 Optimiser and EMA: fused AdamW and one foreach lerp for the EMA (`bench perf` times exactly these).
 """
 
