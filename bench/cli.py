@@ -22,17 +22,18 @@ from typing import Callable, Sequence
 
 from bench.config import ConfigError
 
-# name -> (one-line help, "module:function" implementing it, or None when not built yet)
-SUBCOMMANDS: dict[str, tuple[str, str | None]] = {
-    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)", "bench.prepare:main"),
-    "train": ("train one run: bench train spec=redi [key=value ...]", "bench.train:main"),
-    "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] [--dry-run] [--list]", "bench.launch:main_grid"),
-    "status": ("state of every cell of a grid: bench status NAME", "bench.launch:main_status"),
-    "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate:main_sample"),
-    "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate:main_eval"),
-    "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report:main"),
-    "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf:main"),
-    "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo:main"),
+# name -> (one-line help, "module:function" implementing it). Each module is imported only when its
+# subcommand runs, so `bench --help` and `bench status` start without loading torch.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)", "bench.prepare.pipeline:main"),
+    "train": ("train one run: bench train spec=redi [key=value ...]", "bench.train.loop:main"),
+    "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] [--dry-run] [--list]", "bench.launch.submit:main_grid"),
+    "status": ("state of every cell of a grid: bench status NAME", "bench.launch.submit:main_status"),
+    "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate.evaluation:main_sample"),
+    "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate.evaluation:main_eval"),
+    "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report.summary:main"),
+    "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
+    "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),
 }
 
 
@@ -40,17 +41,9 @@ class UsageError(Exception):
     """An error the user can fix; printed without a traceback."""
 
 
-def _resolve(target: str | None) -> Callable[[Sequence[str]], int] | None:
-    if target is None:
-        return None
+def _resolve(target: str) -> Callable[[Sequence[str]], int]:
     module_name, func_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None  # not built yet
-        raise
-    return getattr(module, func_name, None)
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 def _is_user_error(err: Exception) -> bool:
@@ -85,10 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         parser.error(f"unknown subcommand {command!r}; choose one of {list(SUBCOMMANDS)}")
     func = _resolve(SUBCOMMANDS[command][1])
-    if func is None:
-        print(f"bench {command}: not built yet in this version of redi-bench "
-              f"(see the open issues); nothing was done.", file=sys.stderr)
-        return 3
     try:
         return int(func(rest) or 0)
     except Exception as err:

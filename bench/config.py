@@ -58,13 +58,13 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SAMPLERS = ("sde", "euler", "heun", "ddpm")
 GUIDANCE_CHANNELS = ("latent", "all")
 LABEL_SAMPLING = ("random", "balanced")
-# Kept in step with models.backbone (MODEL_SIZES, PATCH_SIZES) and bench.encoders
+# Kept in step with models.backbone (MODEL_SIZES, PATCH_SIZES) and bench.prepare.encoders
 # (DINOV2_TIMM_NAMES) by tests/test_config.py; repeated here so that loading a config needs no torch.
 MODEL_SIZE_NAMES = ("S", "B", "L", "XL")
 MODEL_PATCH_SIZES = (1, 2, 4, 8)
 DINOV2_VARIANTS = ("vits14", "vits14_reg", "vitb14", "vitb14_reg", "vitl14", "vitl14_reg")
 FEATURE_NETWORKS = ("classifier", "inception", "dinov2")
-FD_DINOV2_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")  # bench.features.DINOV2_TIMM_NAMES
+FD_DINOV2_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")  # bench.evaluate.features.DINOV2_TIMM_NAMES
 
 
 @dataclass

@@ -21,9 +21,7 @@ same function (eq. 7-8 of the paper). Differences to keep in mind:
 
 from __future__ import annotations
 
-import argparse
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -180,29 +178,3 @@ def _meta_model(config: BackboneConfig) -> JointDiT:
     """A shape-only JointDiT on the meta device (no memory, no init cost), for key/shape checks."""
     with torch.device("meta"):
         return JointDiT(config)
-
-
-def load_official_checkpoint(path: str | Path, *, use_ema: bool = True, latent_channels: int = 4,
-                             **config_kwargs) -> tuple[BackboneConfig, JointDiT]:
-    """Read an official checkpoint file (.pt/.pth via torch.load(weights_only=True), or .safetensors)
-    and return (config, JointDiT in eval mode) computing what the official model computes.
-
-    `config_kwargs` go to `config_from_official_state_dict` (num_heads, align_layer, ...).
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        obj = load_file(str(path))
-    else:
-        # the official files carry an argparse.Namespace under "args": allow only that class.
-        allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-        if allow is None:
-            raise RuntimeError("loading official .pt checkpoints needs torch >= 2.5 (weights_only with an "
-                               "allow-listed argparse.Namespace); or convert the 'ema' dict to safetensors")
-        with allow([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = extract_official_weights(obj, use_ema=use_ema)
-    config = config_from_official_state_dict(sd, latent_channels, **config_kwargs)
-    model = JointDiT(config)
-    model.load_state_dict(import_official_state_dict(sd, config))
-    return config, model.eval()

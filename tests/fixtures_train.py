@@ -1,7 +1,7 @@
 """Shared fixtures of the training tests: a tiny prepared folder and tiny configs.
 
 Running `bench prepare` (VAE and classifier training, EfficientNet features) takes minutes, so the
-fixture writes the prepared format of `bench.prepared` directly: random moments / PCA coordinates /
+fixture writes the prepared format of `bench.prepare.dataset` directly: random moments / PCA coordinates /
 float16 features in real shards with a valid manifest, through the same atomic safetensors writer.
 """
 
@@ -16,7 +16,7 @@ import torch
 from bench.atomic import atomic_save_safetensors, atomic_write_json
 from bench.compose import load_config
 from bench.config import ExperimentConfig
-from bench.prepared import FORMAT_VERSION, MANIFEST, shard_name
+from bench.prepare.dataset import FORMAT_VERSION, MANIFEST, shard_name
 
 LATENT_CHANNELS, GRID, R_MAX, FEATURE_DIM = 4, 8, 4, 16
 EFFICIENTNET_ID = "efficientnet_lite0_block7_128px"
@@ -26,7 +26,7 @@ SPECS = ["latent_only", "redi", "redi_rg", "redi_repa", "repa"]
 def write_prepared(root: Path, *, train_count: int = 48, shard_size: int = 20, seed: int = 0,
                    encoder_id: str = EFFICIENTNET_ID, store_features: bool = True,
                    image_indices: Optional[torch.Tensor] = None, features: Optional[torch.Tensor] = None) -> Path:
-    """A prepared folder in `bench.prepared`'s format (train split only) with random tensors.
+    """A prepared folder in `bench.prepare.dataset`'s format (train split only) with random tensors.
 
     `image_indices` (N,) and `features` (N, D, GRID, GRID) replace the defaults (arange, random D=16).
     """
@@ -108,13 +108,13 @@ def one_thread():
 
 def add_embedded_eval_assets(prepared: Path, classifier_epochs: float = 3.0) -> Path:
     """The embedded VAE (one step on random images) and the evaluation classifier (a few epochs on
-    320 digits, enough for features that vary), trained by bench.embedded and recorded in the
+    320 digits, enough for features that vary), trained by bench.prepare.embedded and recorded in the
     manifest the way `bench prepare` records them. Returns `prepared`."""
     import json
 
     from bench.atomic import atomic_write_json
-    from bench.data import digits
-    from bench.embedded import ClassifierSettings, EmbeddedVAESettings, train_classifier, train_embedded_vae
+    from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings, train_classifier, train_embedded_vae
+    from bench.prepare.sources import digits
 
     images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     vae = train_embedded_vae(images, EmbeddedVAESettings(block_out_channels=(8, 8, 8), steps=1, batch_size=4,

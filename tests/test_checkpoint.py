@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
+from fixtures_train import one_thread, prepared_dir, tensors_of, tiny_config  # noqa: F401
 from torch import nn
 
-from bench import checkpoint as ckpt
 from bench.identity import run_dir
-from bench.train import train
-from fixtures_train import one_thread, prepared_dir, tensors_of, tiny_config  # noqa: F401
+from bench.train import checkpoint as ckpt
+from bench.train.loop import train
 
 
 def _tiny_setup(seed: int = 0):

@@ -120,7 +120,7 @@ def test_load_time_lists_match_the_core_and_the_encoders():
     """config.py repeats the backbone sizes and DINOv2 variants (to load without torch): same sets,
     and every size the config accepts is one the backbone builds."""
     from bench import config
-    from bench.encoders import DINOV2_TIMM_NAMES
+    from bench.prepare.encoders import DINOV2_TIMM_NAMES
     from models.backbone import MODEL_SIZES, PATCH_SIZES, backbone_config
 
     assert set(config.MODEL_SIZE_NAMES) == set(MODEL_SIZES)
@@ -147,10 +147,10 @@ DDPM = ["objective.transport=ddpm", "eval.sampler=ddpm", "model.learn_sigma=true
 @pytest.mark.parametrize("spec", SPECS)
 def test_each_spec_trains_exactly_its_loss_terms(spec, transport):
     """Issue 2: the loss terms of a composed spec, through the same builders as `bench train`
-    (bench.build), are present or absent exactly as the spec says, for both transports."""
+    (bench.train.build), are present or absent exactly as the spec says, for both transports."""
     import torch
 
-    from bench.build import build_model, build_transport
+    from bench.train.build import build_model, build_transport
 
     cfg = load_config([f"spec={spec}", *TINY_MODEL, *(DDPM if transport == "ddpm" else [])])
     manifest = {"latent_grid": [4, 4], "latent_channels": 4, "encoder": {"channels": 8}}
@@ -171,19 +171,9 @@ def test_each_spec_trains_exactly_its_loss_terms(spec, transport):
     assert all(bool(torch.isfinite(v)) for v in losses.values())
 
 
-def test_cli_subcommand_not_built_yet_says_so_and_fails(monkeypatch, capsys):
-    """Issue 2: a subcommand whose module does not exist yet prints one line and exits non-zero."""
-    from bench import cli
-
-    monkeypatch.setitem(cli.SUBCOMMANDS, "report", ("help", "bench.no_such_module_yet:main"))
-    assert cli.main(["report", "x"]) == 3
-    err = capsys.readouterr().err
-    assert "bench report: not built yet" in err and "Traceback" not in err
-
-
 def test_eval_feature_network_and_fd_dinov2_variants_are_checked_at_load():
     from bench.config import FD_DINOV2_VARIANTS
-    from bench.features import DINOV2_TIMM_NAMES
+    from bench.evaluate.features import DINOV2_TIMM_NAMES
 
     assert set(FD_DINOV2_VARIANTS) == set(DINOV2_TIMM_NAMES)  # the two lists cannot drift apart
     with pytest.raises(ConfigError, match="eval.feature_network"):

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_train import prepared_dir, tensors_of, tiny_config  # noqa: F401
 
 from bench.compose import dumps
-from bench.train import train
-from fixtures_train import prepared_dir, tensors_of, tiny_config  # noqa: F401
+from bench.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -42,7 +42,7 @@ def test_two_gloo_ranks_match_one_process(prepared_dir, tmp_path):
         env.pop(name, None)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "bench.train", "--config", str(config_path), "--run-dir", str(tmp_path / "ddp")],
+         "-m", "bench.train.loop", "--config", str(config_path), "--run-dir", str(tmp_path / "ddp")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     state = json.loads((tmp_path / "ddp" / "checkpoints" / f"{STEPS:07d}" / "state.json").read_text())
@@ -76,7 +76,7 @@ def test_ranks_come_from_submitit_inside_a_multi_task_slurm_job(monkeypatch):
     its SLURM task: rank, world size and local rank from SLURM, env:// from submitit, gloo on CPU."""
     import torch.distributed as dist
 
-    from bench import distributed as dist_utils
+    from bench.train import distributed as dist_utils
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "x")  # recorded by monkeypatch, so what submitit exports is undone

@@ -554,7 +554,7 @@ def test_all_weights_one_equals_the_unguided_sampler() -> None:
 def test_dit_rows_of_the_paper_grids_use_the_ddpm_transport(table) -> None:
     """Issue 9: the DiT rows of Tables 1, 3, 4 and 6 select this transport through the config key
     objective.transport (learned variance, DDPM sampling); Table 1's SiT rows stay on the flow."""
-    from bench.grids import expand
+    from bench.launch.grids import expand
 
     cells = expand(table)
     dit = [c for c in cells if table != "table1" or "dit" in c.name]

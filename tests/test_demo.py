@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.demo import DemoError, Printer, _failed, _fmt_time
+from bench.demo.run import DemoError, Printer, first_failure, fmt_time
 
 SPECS = ("latent_only", "repa", "redi", "redi_rg")
 STEPS = (100, 200, 400)  # ablations/grids/demo_quick.yaml
@@ -134,13 +134,13 @@ def test_failure_message_names_the_log_and_progress_helpers(capsys):
     rows = [{"cell": "latent_only", "state": "done", "detail": "", "log": None, "eval_errors": []},
             {"cell": "redi", "state": "failed", "detail": "job ended without reporting an outcome",
              "log": "/x/.submitit/train/1/1_0_log.err", "eval_errors": []}]
-    message = _failed(rows, "train")
+    message = first_failure(rows, "train")
     assert "cell redi failed" in message and "/x/.submitit/train/1/1_0_log.err" in message
-    assert _failed(rows, "eval") is None
+    assert first_failure(rows, "eval") is None
     rows[0]["eval_errors"] = ["plain: MetricError: too few samples\n    log: /y.err"]
-    assert "/y.err" in _failed(rows, "eval")
+    assert "/y.err" in first_failure(rows, "eval")
     assert issubclass(DemoError, ValueError)  # bench.cli prints it as one line
-    assert (_fmt_time(59), _fmt_time(61), _fmt_time(3725), _fmt_time(None)) == ("0m59s", "1m01s", "1h02m", "?")
+    assert (fmt_time(59), fmt_time(61), fmt_time(3725), fmt_time(None)) == ("0m59s", "1m01s", "1h02m", "?")
     printer = Printer(enabled=True, every=3600, tty=False)
     printer.line("train 1/4 a", key="a")
     printer.line("train 1/4 a again", key="a")  # same cell within `every`: not repeated

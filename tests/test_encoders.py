@@ -1,4 +1,4 @@
-"""Frozen encoders (bench.encoders): preprocessing against hand-written references, token layout,
+"""Frozen encoders (bench.prepare.encoders): preprocessing against hand-written references, token layout,
 local weights loading, and the VAE moments. No network: HF_HUB_OFFLINE=1 and local files only."""
 
 from __future__ import annotations
@@ -13,9 +13,17 @@ import pytest
 import torch
 
 from bench.config import EncoderConfig, VAEConfig
-from bench.encoders import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, EncoderError,
-                            align_to_grid, build_dinov2, build_efficientnet_lite0,
-                            build_semantic_encoder, load_vae, sample_latents)
+from bench.prepare.encoders import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    EncoderError,
+    align_to_grid,
+    build_dinov2,
+    build_efficientnet_lite0,
+    build_semantic_encoder,
+    load_vae,
+    sample_latents,
+)
 
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)
 
@@ -252,7 +260,7 @@ def test_vae_and_dinov2_resolve_from_the_hugging_face_cache_offline(tiny_vae_dir
      "model.safetensors").write_bytes(b"not read here")
     code = (
         "from bench.config import VAEConfig\n"
-        "from bench.encoders import _dinov2_from_hf_cache, load_vae\n"
+        "from bench.prepare.encoders import _dinov2_from_hf_cache, load_vae\n"
         "vae = load_vae(VAEConfig(kind='diffusers', path='org/tiny-vae', scaling_factor=0.18215))\n"
         "print(vae.info.latent_channels, vae.info.downsample, vae.info.scaling_factor)\n"
         "print(_dinov2_from_hf_cache('vit_small_patch14_reg4_dinov2'))\n"

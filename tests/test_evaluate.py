@@ -1,4 +1,4 @@
-"""The sampling and evaluation driver (bench.sampling, bench.evaluate) on a tiny trained run.
+"""The sampling and evaluation driver (bench.evaluate.sampling, bench.evaluate.evaluation) on a tiny trained run.
 
 What is measured: resumed / array-split sampling is bit-identical to an uninterrupted run; a shard
 equals an independent re-implementation of the pipeline (checkpoint -> sampler -> VAE decode of the
@@ -7,8 +7,8 @@ scipy computation; one eval.jsonl row per (step, metric, setting) with full prov
 writes nothing; bad inputs fail with one clear error before anything is sampled; the semantic PCA
 picture equals an eigen-decomposition written here.
 
-The run is trained by the trainer itself (bench.train.train) on `fixtures_train.write_prepared`, with
-a tiny AutoencoderKL and evaluation classifier trained for a step or two by bench.embedded.
+The run is trained by the trainer itself (bench.train.loop.train) on `fixtures_train.write_prepared`, with
+a tiny AutoencoderKL and evaluation classifier trained for a step or two by bench.prepare.embedded.
 """
 
 from __future__ import annotations
@@ -25,15 +25,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared
 
 from bench.config import ConfigError, GuidanceConfig
-from bench.embedded import load_classifier
-from bench.evaluate import (EvaluationError, append_rows, evaluate, main_eval, missing_evaluations,
-                            read_eval_rows)
-from bench.sampling import (SamplingError, apply_eval_overrides, build_guidance, read_run_config,
-                            read_shard, sample, semantic_pca_rgb, shard_labels)
-from bench.train import train
-from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared
+from bench.evaluate.evaluation import (
+    EvaluationError,
+    append_rows,
+    evaluate,
+    main_eval,
+    missing_evaluations,
+    read_eval_rows,
+)
+from bench.evaluate.sampling import (
+    SamplingError,
+    apply_eval_overrides,
+    build_guidance,
+    read_run_config,
+    read_shard,
+    sample,
+    semantic_pca_rgb,
+    shard_labels,
+)
+from bench.prepare.embedded import load_classifier
+from bench.train.loop import train
 
 SHARD = 8  # 32 samples = 4 shards of 2 batches each: enough structure for resume and array tasks
 EVAL_OVERRIDES = ("eval.sampler=euler", "eval.num_sampling_steps=3", "eval.num_samples=32",
@@ -94,7 +108,7 @@ def _no_temporaries(folder: Path) -> bool:
 
 
 def test_resumed_sampling_is_bit_identical(run, monkeypatch):
-    import bench.sampling as sampling
+    import bench.evaluate.sampling as sampling
 
     full = sample(run, 4, shard_size=SHARD, progress=False)
     assert full.complete and full.counts == [8, 8, 8, 8]
@@ -144,10 +158,10 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     rounding."""
     from diffusers import AutoencoderKL
 
-    from bench.build import build_model
-    from bench.checkpoint import checkpoint_path, load_weights
-    from bench.prepared import read_manifest
-    from bench.train import derive_seed
+    from bench.prepare.dataset import read_manifest
+    from bench.train.build import build_model
+    from bench.train.checkpoint import checkpoint_path, load_weights
+    from bench.train.loop import derive_seed
     from models.flow_sampling import sample_flow
     from models.guidance import Guidance
 
@@ -180,7 +194,7 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
 
 
 def test_guidance_settings_reach_the_sampler(run):
-    from bench.prepared import read_manifest
+    from bench.prepare.dataset import read_manifest
     from models.guidance import Guidance
 
     cfg = apply_eval_overrides(read_run_config(run), [
@@ -224,7 +238,7 @@ def test_every_checkpoint_gets_one_row_per_metric_and_rerun_writes_nothing(run):
     assert (run / "eval.jsonl").read_text().count("\n") == 4  # one line per row
 
     # The values, recomputed independently: scipy sqrtm FD in float64 and a plain argmax accuracy.
-    from bench.data import digits
+    from bench.prepare.sources import digits
 
     fd_row = next(r for r in rows if r["step"] == 4 and r["metric"] == "fd_classifier")
     native = evaluate(None, run, [4], "native", backend="native", shard_size=SHARD, progress=False)
@@ -260,8 +274,8 @@ def test_every_checkpoint_gets_one_row_per_metric_and_rerun_writes_nothing(run):
 
 
 def test_all_metrics_through_torch_fidelity(run):
-    from bench.features import extract_features, load_classifier_network
-    from bench.metrics import kernel_inception_distance
+    from bench.evaluate.features import extract_features, load_classifier_network
+    from bench.evaluate.quality import kernel_inception_distance
 
     rows = evaluate(None, run, [4], "full", ["eval.metrics=[fid,kid,prc,is]"], shard_size=SHARD,
                     progress=False)
@@ -270,8 +284,8 @@ def test_all_metrics_through_torch_fidelity(run):
                             "recall_classifier", "is_classifier", "accuracy"}
     assert all(np.isfinite(r["value"]) for r in rows)
     assert 0 <= by_name["precision_classifier"]["value"] <= 1 and by_name["is_classifier"]["value"] >= 1
-    # KID: torch-fidelity's estimate equals bench.metrics' own on the same features and seed.
-    from bench.data import digits
+    # KID: torch-fidelity's estimate equals bench.evaluate.quality' own on the same features and seed.
+    from bench.prepare.sources import digits
 
     network = load_classifier_network(Path(read_run_config(run).data.prepared_dir) / "classifier")
     shards = [read_shard(p) for p in sorted(Path(rows[0]["samples_dir"]).glob("shard-*.npz"))]
@@ -352,7 +366,7 @@ def test_run_folder_without_checkpoints(run, capsys):
 
 def test_missing_inception_weights_name_the_setting(run, tmp_path, capsys):
     from bench.cli import main
-    from bench.features import FeatureNetworkError
+    from bench.evaluate.features import FeatureNetworkError
 
     missing = tmp_path / "pt_inception.pth"
     with pytest.raises(FeatureNetworkError, match="eval.inception_weights is not set"):
@@ -430,7 +444,7 @@ def test_semantic_pca_picture_matches_eigendecomposition():
 def test_missing_dinov2_weights_name_the_setting(run, tmp_path, capsys):
     """FD-DINOv2 is reachable from the config, and a missing file names eval.dinov2_weights."""
     from bench.cli import main
-    from bench.features import FeatureNetworkError
+    from bench.evaluate.features import FeatureNetworkError
 
     with pytest.raises(FeatureNetworkError, match="eval.dinov2_weights is not set"):
         evaluate(None, run, [4], overrides=["eval.feature_network=dinov2"], progress=False)
@@ -446,7 +460,7 @@ def test_ema_still_close_to_initialisation_warns():
     """0.999 ** 1000 = 37% of the EMA is the initial network: sampling it must not pass silently."""
     import warnings
 
-    from bench.sampling import ema_init_weight, warn_if_ema_is_mostly_init
+    from bench.evaluate.sampling import ema_init_weight, warn_if_ema_is_mostly_init
 
     assert ema_init_weight(0.999, 1000) == pytest.approx(0.3677, abs=1e-4)
     from bench.compose import load_config

@@ -1,4 +1,4 @@
-"""Ablation grids (bench.grids, ablations/grids/): every grid composes, cells are stable, errors are clear.
+"""Ablation grids (bench.launch.grids, ablations/grids/): every grid composes, cells are stable, errors are clear.
 
 What is checked: every cell of every grid composes with `bench.compose.load_config` and every eval
 setting validates; the paper grids follow the paper's protocol (DiT = DDPM + learned sigma + DDPM
@@ -17,10 +17,18 @@ import pytest
 import yaml
 
 from bench.compose import load_config
-from bench.grids import (GRIDS_DIR, GridError, eval_config, expand, list_grids, load_grid, parse_grid,
-                         settings_for)
 from bench.identity import run_dir
-from bench.launch import metric_names
+from bench.launch.grids import (
+    GRIDS_DIR,
+    GridError,
+    eval_config,
+    expand,
+    list_grids,
+    load_grid,
+    parse_grid,
+    settings_for,
+)
+from bench.launch.jobs import metric_names
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / "results" / "paper"
 MINI = ("mini_table1", "mini_table4", "mini_table6", "mini_figure7")
@@ -47,7 +55,7 @@ def test_every_cell_and_every_setting_composes(name):
         for setting in settings:
             cfg = eval_config(cell, setting)
             assert run_dir(cfg) == cell.run_dir  # evaluation never changes the run's identity
-            assert metric_names(cfg)  # bench.evaluate can compute every requested metric
+            assert metric_names(cfg)  # bench.evaluate.evaluation can compute every requested metric
     for table in grid.regenerates:  # bench report pairs the grid with these published numbers
         assert (PAPER_CSV / f"{table}.csv").is_file() or table == "figure2", table
 
@@ -227,7 +235,7 @@ def test_parse_rejects_non_mapping(tmp_path):
 
 
 def test_report_reads_grids_through_this_module(tmp_path):
-    from bench.report import load_grid_spec
+    from bench.report.summary import load_grid_spec
 
     fields, expected = load_grid_spec("smoke", tmp_path)
     assert fields["regenerates"] == [] and fields["eval"]["settings"][0]["name"] == "default"

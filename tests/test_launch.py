@@ -1,4 +1,4 @@
-"""Launching grids (bench.launch) with stand-in job functions instead of the real trainer.
+"""Launching grids (bench.launch.submit) with stand-in job functions instead of the real trainer.
 
 What is checked: the debug executor runs a grid in-process and records submit/start/end rows;
 re-submitting after completion submits nothing and a queued/running cell is never submitted twice;
@@ -22,11 +22,15 @@ import cloudpickle
 import pytest
 import submitit
 
-from bench import launch, launch_status
 from bench.cli import main as cli_main
-from bench.grids import GridError, expand, load_grid
-from bench.launch import (LaunchError, ProfileError, SchedulerError, TrainJob, grid_status, job_resources,
-                          job_state, load_profile, submit_grid)
+from bench.launch import jobs as launch_jobs
+from bench.launch import status as launch_status
+from bench.launch import submit as launch
+from bench.launch.grids import GridError, expand, load_grid
+from bench.launch.jobs import TrainJob
+from bench.launch.profiles import ProfileError
+from bench.launch.status import job_state
+from bench.launch.submit import LaunchError, SchedulerError, grid_status, job_resources, load_profile, submit_grid
 
 # The local executor unpickles the stand-ins in a fresh interpreter that cannot import this file.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -39,11 +43,11 @@ def _mark_checkpoint(run_dir: Path, step: int) -> None:
 
 
 def standin_train(cfg, run_dir, stop_after=None):
-    """Stand-in for bench.train.train: 'trains' by writing checkpoint markers every ckpt_every steps,
+    """Stand-in for bench.train.loop.train: 'trains' by writing checkpoint markers every ckpt_every steps,
     resuming from the newest one, logs where it started, and writes DONE at the end."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = max(launch.checkpoint_steps(run_dir), default=0)
+    start = max(launch_jobs.checkpoint_steps(run_dir), default=0)
     with open(run_dir / "starts.log", "a") as handle:
         handle.write(f"{start}\n")
     for step in range(start + cfg.train.ckpt_every, cfg.train.max_steps + 1, cfg.train.ckpt_every):
@@ -71,9 +75,9 @@ def preempted_once(cfg, run_dir):
 
 
 def standin_eval(cfg, run_dir, steps, setting="default"):
-    """Stand-in for bench.evaluate.evaluate: one row per (requested step, metric name)."""
+    """Stand-in for bench.evaluate.evaluation.evaluate: one row per (requested step, metric name)."""
     rows = [{"step": s, "metric": m, "value": 1.0 + s, "setting": setting} for s in steps
-            for m in launch.metric_names(cfg)]
+            for m in launch_jobs.metric_names(cfg)]
     with open(Path(run_dir) / "eval.jsonl", "a") as handle:
         handle.write("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -86,7 +90,7 @@ def out(tmp_path) -> list[str]:
 
 
 def _records(cell) -> list[dict]:
-    return launch.read_jsonl(Path(cell.run_dir) / launch.JOBS_FILE)
+    return launch_jobs.read_jsonl(Path(cell.run_dir) / launch_jobs.JOBS_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,12 +115,12 @@ def test_debug_runs_the_grid_in_process_and_resubmitting_submits_nothing(out):
 
 
 def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path):
-    """No stand-ins: bench.train.train and bench.evaluate.evaluate run in this process through the
+    """No stand-ins: bench.train.loop.train and bench.evaluate.evaluation.evaluate run in this process through the
     debug executor (train stage, then eval stage), status reads what they wrote, and submitting
     either stage again submits nothing."""
     import torch
-    from fixtures_train import write_prepared
     from fixtures_train import add_embedded_eval_assets as _train_decoder_and_classifier
+    from fixtures_train import write_prepared
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models on a shared 2-core machine: one thread is faster
@@ -133,8 +137,8 @@ def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path)
     rows = grid_status("smoke", overrides)
     assert [(r["state"], r["step"], r["checkpoint"], r["eval"]) for r in rows] == [("done", 4, 4, "2/2 measured")] * 2
     for cell in expand("smoke", overrides):
-        evals = launch.read_jsonl(cell.run_dir / "eval.jsonl")
-        assert {(r["step"], r["metric"]) for r in evals} == {(s, m) for s in (2, 4) for m in launch.metric_names(cell.cfg)}
+        evals = launch_jobs.read_jsonl(cell.run_dir / "eval.jsonl")
+        assert {(r["step"], r["metric"]) for r in evals} == {(s, m) for s in (2, 4) for m in launch_jobs.metric_names(cell.cfg)}
         assert all(r["n"] == 16 and r["sampling_steps"] == 2 for r in evals)  # the grid's eval overrides
     assert submit_grid("smoke", debug=True, overrides=overrides, quiet=True).submitted == 0
     assert submit_grid("smoke", stage="eval", debug=True, overrides=overrides, quiet=True).submitted == 0
@@ -272,7 +276,7 @@ def test_multi_task_jobs_get_their_distributed_environment_from_submitit(out, mo
     assert int(seen["MASTER_PORT"]) > 1024
     for key in DIST_KEYS:  # the next job of this process starts clean again
         monkeypatch.delenv(key, raising=False)
-    evaluated = launch.EvalJob("smoke", cell.name, cell.cfg, str(cell.run_dir), _seen_environment,
+    evaluated = launch_jobs.EvalJob("smoke", cell.name, cell.cfg, str(cell.run_dir), _seen_environment,
                                setting="default", steps=[2])()
     assert (evaluated["task_index"], evaluated["num_tasks"]) == (rank, 4)
     events = [r["event"] for r in _records(cell)]
@@ -330,12 +334,12 @@ def test_queued_or_running_cells_are_not_submitted_twice(out, monkeypatch):
 def test_eval_stage_submits_only_missing_pairs(out):
     submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
     first = expand("smoke", out)[0]
-    names = launch.metric_names(first.cfg)  # the names bench.evaluate records (e.g. fd_classifier, accuracy)
+    names = launch_jobs.metric_names(first.cfg)  # the names bench.evaluate.evaluation records (e.g. fd_classifier, accuracy)
     standin_eval(first.cfg, first.run_dir, [2], "default")  # step 2 of the first cell is measured
     sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
     assert [(j["cell"], j["setting"], j["steps"]) for j in sub.jobs] == \
         [("latent_only", "default", [4]), ("redi", "default", [2, 4])]
-    rows = launch.read_jsonl(first.run_dir / "eval.jsonl")
+    rows = launch_jobs.read_jsonl(first.run_dir / "eval.jsonl")
     assert sorted((r["step"], r["metric"]) for r in rows) == sorted((s, m) for s in (2, 4) for m in names)
     status = grid_status("smoke", out)
     assert [r["eval"] for r in status] == ["2/2 measured", "2/2 measured"]
@@ -347,13 +351,6 @@ def test_eval_stage_submits_only_missing_pairs(out):
 def test_eval_waits_for_checkpoints(out):
     sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
     assert sub.submitted == 0 and all(s["reason"].startswith("waiting for checkpoints") for s in sub.skipped)
-
-
-def test_eval_stage_skips_cleanly_without_an_evaluator(out, monkeypatch, capsys):
-    monkeypatch.setattr(launch, "_evaluate_module", lambda: None)
-    sub = submit_grid("smoke", stage="eval", debug=True, overrides=out)
-    assert sub.submitted == 0 and "bench.evaluate.evaluate is not available" in sub.notes[0]
-    assert "eval stage skipped" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +469,8 @@ def test_cli_grid_and_status(out, capsys):
 
 
 def test_run_folder_names_match_the_trainer():
-    train = pytest.importorskip("bench.train")
-    assert (launch.DONE_FILE, launch.METRICS_FILE) == (train.DONE_FILE, train.METRICS_FILE)
-    checkpoint = pytest.importorskip("bench.checkpoint")
-    assert (launch.CKPT_DIR, "state.json") == (checkpoint.CKPT_DIRNAME, checkpoint.META_FILE)
+    from bench.train import checkpoint
+    from bench.train import loop as train
+
+    assert (launch_jobs.DONE_FILE, launch_jobs.METRICS_FILE) == (train.DONE_FILE, train.METRICS_FILE)
+    assert (launch_jobs.CKPT_DIR, "state.json") == (checkpoint.CKPT_DIRNAME, checkpoint.META_FILE)

@@ -1,4 +1,4 @@
-"""Metrics core (bench.metrics, bench.features): the Frechet distance against scipy and closed forms,
+"""Metrics core (bench.evaluate.quality, bench.evaluate.features): the Frechet distance against scipy and closed forms,
 KID against a naive implementation, the torch-fidelity and clean-fid backends, quantisation,
 feature networks and cached reference statistics. CPU only, tiny networks, nothing downloaded."""
 
@@ -17,12 +17,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.atomic import atomic_save_safetensors, atomic_write_json, sha256_file
-from bench.features import (DinoV2Features, FeatureNetworkError, InceptionFeatures, ModuleFeatures,
-                            build_feature_network, extract_features, load_classifier_network,
-                            reference_statistics, register_with_torch_fidelity)
-from bench.metrics import (FeatureStatistics, MetricError, MetricResult, conditional_accuracy,
-                           feature_statistics, frechet_distance, get_backend,
-                           kernel_inception_distance, to_uint8)
+from bench.evaluate.features import (
+    DinoV2Features,
+    FeatureNetworkError,
+    InceptionFeatures,
+    ModuleFeatures,
+    build_feature_network,
+    extract_features,
+    load_classifier_network,
+    reference_statistics,
+    register_with_torch_fidelity,
+)
+from bench.evaluate.quality import (
+    FeatureStatistics,
+    MetricError,
+    MetricResult,
+    conditional_accuracy,
+    feature_statistics,
+    frechet_distance,
+    get_backend,
+    kernel_inception_distance,
+    to_uint8,
+)
 
 
 def _random_orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -289,7 +305,7 @@ def test_registered_extractor_through_torch_fidelity_matches_our_pipeline():
 
 
 def test_embedded_classifier_loads_as_a_feature_network(tmp_path):
-    from bench.embedded import CLASSIFIER_FORMAT, EvalClassifier
+    from bench.prepare.embedded import CLASSIFIER_FORMAT, EvalClassifier
 
     torch.manual_seed(0)
     model = EvalClassifier(num_classes=10, width=4, feature_dim=6).eval()

@@ -12,11 +12,16 @@ import math
 
 import pytest
 import torch
-
-from models.backbone import BackboneConfig, JointDiT, sincos_pos_embed_2d
-from models.official import (config_from_official_state_dict, export_official_state_dict,
-                             extract_official_weights, import_official_state_dict, load_official_checkpoint)
 from official_reference import OfficialReDiSiT, mae_pos_embed
+
+from bench.train.official import load_official_checkpoint
+from models.backbone import BackboneConfig, JointDiT, sincos_pos_embed_2d
+from models.official import (
+    config_from_official_state_dict,
+    export_official_state_dict,
+    extract_official_weights,
+    import_official_state_dict,
+)
 
 C_X, C_Z, NUM_CLASSES, BATCH = 4, 3, 10, 3  # C_z != C_x so that a swapped split cannot pass
 # float64 end to end: the two implementations differ only in summation order (SDPA vs explicit

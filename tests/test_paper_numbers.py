@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.paper import (
+from bench.report.published import (
     KEY_COLUMNS,
     PAPER_COLUMNS,
     PaperNumbersError,

@@ -1,4 +1,4 @@
-"""Streaming float64 PCA (bench.pca) against one-shot references: numpy eigh and scikit-learn."""
+"""Streaming float64 PCA (bench.prepare.pca) against one-shot references: numpy eigh and scikit-learn."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.pca import PCAError, PCAModel, PCAStats, import_official_pca
+from bench.prepare.pca import PCAError, PCAModel, PCAStats, import_official_pca
 
 
 def _data(n: int = 4000, d: int = 12, seed: int = 0) -> np.ndarray:

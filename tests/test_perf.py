@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench import perf
-from bench.perf_setup import (ENCODER_SHAPES, PerfError, compose_spec, parse_size, synthetic_geometry,
-                              synthetic_pool)
-from bench.perf_timing import Workload, paired_time_ratio, summarize
-from bench.perf_train import DEFAULT_LOSS_RTOL, FP32_LOSS_RTOL, loss_agreement
+from bench.perf import command as perf
+from bench.perf.setup import ENCODER_SHAPES, PerfError, compose_spec, parse_size, synthetic_geometry, synthetic_pool
+from bench.perf.timing import Workload, paired_time_ratio, summarize
+from bench.perf.training import DEFAULT_LOSS_RTOL, FP32_LOSS_RTOL, loss_agreement
 
 ROW_KEYS = {"kind", "name", "model_size", "spec", "batch", "images_per_s", "iqr", "min", "max", "repeats",
             "device", "device_name", "cpu_model", "threads", "dtype", "precision", "torch_version",
@@ -156,7 +155,7 @@ def test_paired_ratio_is_per_image_and_per_round():
 
 
 def test_encoder_shapes_match_the_real_encoder():
-    from bench.encoders import build_efficientnet_lite0
+    from bench.prepare.encoders import build_efficientnet_lite0
 
     info = build_efficientnet_lite0(32).info
     assert (info.channels, info.grid) == (ENCODER_SHAPES["efficientnet_lite0"][0],

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import bench.prepare as prepare
+import bench.prepare.pipeline as prepare
 from bench.config import DataConfig, EncoderConfig, VAEConfig
-from bench.data import DatasetError, center_crop_arr, digits, fashion_mnist, fashion_mnist_available
-from bench.embedded import ClassifierSettings, EmbeddedVAESettings, load_classifier
-from bench.encoders import EncoderError, build_efficientnet_lite0, load_vae
-from bench.pca import PCAError, PCAStats
-from bench.prepare import PrepareError, PrepareOptions, prepare_embedded, run_prepare
-from bench.prepared import PreparedDataError, check_manifest, load_prepared
+from bench.prepare.dataset import PreparedDataError, check_manifest, load_prepared
+from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings, load_classifier
+from bench.prepare.encoders import EncoderError, build_efficientnet_lite0, load_vae
+from bench.prepare.pca import PCAError, PCAStats
+from bench.prepare.pipeline import PrepareError, PrepareOptions, prepare_embedded, run_prepare
+from bench.prepare.sources import DatasetError, center_crop_arr, digits, fashion_mnist, fashion_mnist_available
 
 SIZES = {"train": 96, "test": 40}  # 3 + 2 shards of 32
 R_MAX = 4
@@ -474,7 +474,7 @@ def test_atomic_module_does_not_import_torch():
 
 @pytest.mark.skipif(not fashion_mnist_available(), reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_is_padded_to_32_rgb():
-    from bench.data import FASHION_MNIST_DIR, FASHION_MNIST_FILES, read_idx_gz
+    from bench.prepare.sources import FASHION_MNIST_DIR, FASHION_MNIST_FILES, read_idx_gz
 
     source = fashion_mnist("test", 32)
     raw = read_idx_gz(Path(FASHION_MNIST_DIR) / FASHION_MNIST_FILES["test"][0])  # (10000, 28, 28)
@@ -491,7 +491,7 @@ def test_fashion_mnist_is_padded_to_32_rgb():
 def test_fashion_mnist_bad_files_are_clear_errors(tmp_path):
     import gzip
 
-    from bench.data import FASHION_MNIST_FILES
+    from bench.prepare.sources import FASHION_MNIST_FILES
 
     for image_file, label_file in FASHION_MNIST_FILES.values():
         with gzip.open(tmp_path / image_file, "wb") as handle:  # header: 2 images of 28x28, 10 bytes

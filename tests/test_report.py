@@ -1,4 +1,4 @@
-"""bench.report / bench.plots: tables, seed statistics, provenance, paper columns, speed-ups, plots.
+"""bench.report.summary / bench.report.plots: tables, seed statistics, provenance, paper columns, speed-ups, plots.
 
 Fixture run folders are written by hand in the trainer's and evaluator's formats (config.json =
 the full ExperimentConfig as JSON, metrics.jsonl, eval.jsonl rows with provenance, DONE marker),
@@ -20,11 +20,22 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bench.config import (DataConfig, EncoderConfig, EvalConfig, ExperimentConfig, GuidanceConfig,
-                          ModelConfig, ObjectiveConfig, TrainConfig, VAEConfig)
-from bench.paper import load_paper_numbers
-from bench.report import (NOT_MEASURED, ReportError, gather, main, mean_ci95, render_markdown,
-                          speedup, summarize, write_report)
+from bench.config import (
+    DataConfig,
+    EncoderConfig,
+    EvalConfig,
+    ExperimentConfig,
+    GuidanceConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    TrainConfig,
+    VAEConfig,
+)
+from bench.report.common import NOT_MEASURED
+from bench.report.published import load_paper_numbers
+from bench.report.stats import speedup
+from bench.report.summary import ReportError, gather, main, mean_ci95, summarize, write_report
+from bench.report.tables import render_markdown
 
 GOLDEN = Path(__file__).parent / "golden" / "report_mini_fixture.md"
 GRID = "mini_fixture"
@@ -34,7 +45,7 @@ T975 = {1: 12.706204736174707, 2: 4.302652729749464}
 # Exact up to float64 rounding of a handful of operations.
 TOL = 1e-9
 
-# Provenance as bench.evaluate records it (sample count under "n", sampling steps under
+# Provenance as bench.evaluate.evaluation records it (sample count under "n", sampling steps under
 # "sampling_steps", the classifier's network id; accuracy rows carry no reference hash).
 PROV = dict(backend="torch-fidelity", backend_version="0.3.0",
             feature_network="fmnist-classifier-d64", feature_weights_sha256="ab" * 32,
@@ -325,7 +336,7 @@ def test_fixture_speedups_equal_hand_interpolation(report):
     assert json.loads(redi["points"]) == [[500, 16], [1000, 10]]
     assert "x23 (SiT-XL/2, x23_sit)" == redi["paper_claim"]  # the DiT claim is not a SiT claim
     # The grid's baseline first, and REPA as the second baseline of the methods beyond it.
-    from bench.report import speedup_pairs
+    from bench.report.stats import speedup_pairs
 
     pairs = {(m, b) for m, b, _ in speedup_pairs(report.conditions, list(report.conditions[
         "condition"]), {"baseline": "latent_only"})}
@@ -371,7 +382,7 @@ def test_cli_prints_table_and_folder_and_fails_cleanly(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and f"wrote {tmp_path / 'rep' / GRID}" in printed
     assert "| SiT-tiny/1 w/ ReDi | 2K | 2 | 8.00 ± 12.71 |" in printed
-    from bench.cli import main as bench_main  # the `bench` front door routes to bench.report:main
+    from bench.cli import main as bench_main  # the `bench` front door routes to bench.report.summary:main
 
     assert bench_main(["report", GRID, "--runs-root", str(tmp_path / "runs"), "--out",
                        str(tmp_path / "rep2"), "--no-plots"]) == 0
@@ -395,21 +406,20 @@ def test_truncated_last_line_is_skipped_but_corrupt_middle_line_is_an_error(tmp_
 
 
 # ------------------------------------------------------------------------------------------------
-# Run folders written by the real trainer and evaluator (bench.train, bench.evaluate, tiny sizes)
+# Run folders written by the real trainer and evaluator (bench.train.loop, bench.evaluate.evaluation, tiny sizes)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three 4-step runs (latent_only seed 0, redi seeds 0 and 1) trained by bench.train.train and
-    scored by bench.evaluate.evaluate (FD and accuracy on a tiny classifier, 16 samples, checkpoints
-    2 and 4), on the trainer's test fixture data with a tiny VAE and classifier from bench.embedded
+    """Three 4-step runs (latent_only seed 0, redi seeds 0 and 1) trained by bench.train.loop.train and
+    scored by bench.evaluate.evaluation.evaluate (FD and accuracy on a tiny classifier, 16 samples, checkpoints
+    2 and 4), on the trainer's test fixture data with a tiny VAE and classifier from bench.prepare.embedded
     (the way tests/test_evaluate.py builds its prepared folder)."""
-    pytest.importorskip("bench.evaluate")
     import torch
     from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared  # tests/ is on sys.path
 
-    from bench.evaluate import evaluate
-    from bench.train import train
+    from bench.evaluate.evaluation import evaluate
+    from bench.train.loop import train
 
     root = tmp_path_factory.mktemp("real")
     threads = torch.get_num_threads()
@@ -448,7 +458,7 @@ def test_report_on_real_trainer_and_evaluator_folders(trained, tmp_path):
             assert c["half_width"] == pytest.approx(half, rel=1e-9, abs=1e-15)
     assert cell(rep, "SiT-tiny/1", 4)["evaluator"] == "FD (digits classifier features, n=16)"
     # Loss curves equal a hand mean of the trainer's own metrics.jsonl lines.
-    from bench.plots import loss_curves
+    from bench.report.plots import loss_curves
 
     conditions = {r: "SiT-tiny/1" if r.startswith("latent") else "SiT-tiny/1 w/ ReDi"
                   for r in g.runs["run"]}
@@ -477,7 +487,8 @@ def test_grid_in_progress_without_any_evaluation(tmp_path):
 
 
 def test_real_grid_file_in_progress_lists_every_cell(tmp_path, capsys):
-    grids = pytest.importorskip("bench.grids")
+    from bench.launch import grids
+
     cells = grids.expand(grids.load_grid("mini_table1"))
     by_name = {c.name: c for c in cells}
     for name, values in {"latent_only-seed=0": [30.0, 20.0, 10.0], "redi-seed=0": [20.0, 12.0, 8.0]}.items():
@@ -492,7 +503,7 @@ def test_real_grid_file_in_progress_lists_every_cell(tmp_path, capsys):
     assert "| SiT-tiny/1 w/ REPA | 2K | 0 of 2 | not measured |" in text
     assert "no_cfg/fd_classifier: SiT-tiny/1 w/ REPA + ReDi at step 500" in text
     assert "| SiT-tiny/1 w/ ReDi | 2K | 1 of 2 | 8.00 | 7.5 | SiT-XL/2 w/ ReDi, 400K (table1) |" in text
-    assert "not from bench.grids" not in text  # the cells came from the grid, not from folders
+    assert "not from bench.launch.grids" not in text  # the cells came from the grid, not from folders
 
 
 def test_report_imports_no_training_code(tmp_path):
@@ -502,11 +513,11 @@ def test_report_imports_no_training_code(tmp_path):
     import sys
 
     build_fixture(tmp_path / "runs")
-    code = (f"import sys; from bench.report import main; "
+    code = (f"import sys; from bench.report.summary import main; "
             f"assert main(['{GRID}', '--runs-root', r'{tmp_path / 'runs'}', '--out', "
             f"r'{tmp_path / 'out'}']) == 0; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'models' or m in "
-            "('bench.train', 'bench.build', 'bench.sampling', 'bench.evaluate')); "
+            "('bench.train.loop', 'bench.train.build', 'bench.evaluate.sampling', 'bench.evaluate.evaluation')); "
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120)
@@ -520,7 +531,7 @@ def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_ban
     with one panel per logged term."""
     from matplotlib.collections import PolyCollection
 
-    import bench.plots as plots
+    import bench.report.plots as plots
 
     figures = {}
 
@@ -551,13 +562,13 @@ def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_ban
 
 def test_real_folders_with_another_sample_count_are_set_apart(trained, tmp_path):
     """Issue 7, on folders written by the real trainer and evaluator: one ReDi seed re-scored by
-    bench.evaluate with 8 samples instead of 16 is not averaged with the other seed; it is set
+    bench.evaluate.evaluation with 8 samples instead of 16 is not averaged with the other seed; it is set
     apart, and the report says why."""
     import shutil
 
     import torch
 
-    from bench.evaluate import evaluate
+    from bench.evaluate.evaluation import evaluate
 
     root = tmp_path / "runs"
     shutil.copytree(trained / "real_fixture", root / "real_fixture")

@@ -2,18 +2,17 @@
 
 The test starts the loopback cluster (or reuses one that is already running, which it then leaves
 running), submits the tiny `smoke` grid through `submit_grid(..., cluster="local-slurm")` as one job
-array with the real `bench.train.train` (a stand-in if the trainer is missing), and once each job has
+array with the real `bench.train.loop.train`, and once each job has
 written its first checkpoint interrupts it for real: the first by the scheduler (`scontrol requeue`),
 the second by submitit's preemption path (SIGTERM + USR2: TrainJob.checkpoint() + self-requeue). Both
 must resume from their checkpoint (the trainer logs "resuming from checkpoint step N", N > 0) and
-finish; the eval stage runs the real `bench.evaluate.evaluate` (skipped with a reason if absent);
+finish; the eval stage runs the real `bench.evaluate.evaluation.evaluate`;
 submitting again submits nothing; an unreachable controller is one clear SchedulerError.
 Needs root, slurm-wlm and munge (`apt-get install -y slurm-wlm munge`); skipped otherwise.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -28,10 +27,11 @@ import cloudpickle
 import pytest
 import submitit
 import torch
-
-from bench import launch
-from bench.grids import expand
 from fixtures_train import add_embedded_eval_assets, write_prepared
+
+from bench.launch import jobs as launch_jobs
+from bench.launch import submit as launch
+from bench.launch.grids import expand
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
@@ -89,28 +89,10 @@ def cluster(tmp_path_factory):
             assert stopped.returncode == 0, stopped.stderr
 
 
-def standin_train(cfg, run_dir):
-    """Used only when bench.train is missing: checkpoint markers at 0.3 s a step, resuming."""
-    run_dir = Path(run_dir)
-    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit())
-    start = steps[-1] if steps else 0
-    if start:
-        print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
-    for step in range(start + 1, cfg.train.max_steps + 1):
-        time.sleep(0.3)
-        if step % cfg.train.ckpt_every == 0:
-            (run_dir / "checkpoints" / f"{step:07d}").mkdir(parents=True, exist_ok=True)
-            (run_dir / "checkpoints" / f"{step:07d}" / "state.json").write_text("{}")
-    (run_dir / "DONE").write_text("{}")
-    return run_dir
-
-
 def _prepare(root: Path) -> Path:
-    """The fixture's prepared folder, plus a tiny decoder and evaluation classifier when bench.evaluate
-    exists (trained for a few steps by bench.embedded, recorded as `bench prepare` records them)."""
+    """The fixture's prepared folder, plus a tiny decoder and evaluation classifier (trained for a few
+    steps by bench.prepare.embedded, recorded as `bench prepare` records them)."""
     prepared = write_prepared(root / "prepared")
-    if importlib.util.find_spec("bench.evaluate") is None:
-        return prepared
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few tiny steps: one thread is faster on a busy 2-core machine
     try:
@@ -126,7 +108,7 @@ def _train_decoder_and_classifier(prepared: Path) -> Path:
 def _calibrated_steps(prepared: Path, root: Path) -> int:
     """Steps that take about RUN_SECONDS on one core here: the interrupts must land mid-run on a
     fast machine too. Measured on the smoke grid's model with the real trainer, one thread."""
-    from bench.train import train
+    from bench.train.loop import train
 
     cell = expand("smoke", [f"output_root={root / 'calibration'}", f"data.prepared_dir={prepared}"])[0]
     cell.cfg.train.max_steps = 40
@@ -158,25 +140,23 @@ def trained(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
     began = time.time()
     prepared = _prepare(root)
-    real = importlib.util.find_spec("bench.train") is not None
-    steps = _calibrated_steps(prepared, root) if real else 40  # the stand-in takes 0.3 s a step
+    steps = _calibrated_steps(prepared, root)
     overrides = [f"output_root={root / 'runs'}", f"data.prepared_dir={prepared}",
                  f"train.max_steps={steps}", "train.log_every=2"]
-    sub = launch.submit_grid("smoke", cluster="local-slurm", overrides=overrides, quiet=True,
-                             job_fn=None if real else standin_train)
+    sub = launch.submit_grid("smoke", cluster="local-slurm", overrides=overrides, quiet=True)
     submitted = time.time()
     cells = expand("smoke", overrides)
-    finished_at_return = [(cell.run_dir / launch.DONE_FILE).is_file() for cell in cells]
+    finished_at_return = [(cell.run_dir / launch_jobs.DONE_FILE).is_file() for cell in cells]
     jobs = {j["cell"]: j["job_id"] for j in sub.jobs}
     for cell in cells:  # interrupt each job once, right after its first checkpoint
-        _wait(f"the first checkpoint of {cell.name}", lambda: launch.checkpoint_steps(cell.run_dir), 120)
+        _wait(f"the first checkpoint of {cell.name}", lambda: launch_jobs.checkpoint_steps(cell.run_dir), 120)
     subprocess.run(["scontrol", "requeue", jobs["latent_only"]], check=True, timeout=60)
-    folder = Path(launch.read_jsonl(cells[1].run_dir / launch.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
+    folder = Path(launch_jobs.read_jsonl(cells[1].run_dir / launch_jobs.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
     submitit.SlurmJob(folder=folder, job_id=jobs["redi"])._interrupt(timeout=False)  # preemption: TERM + USR2
     rows = _wait("every cell to finish", lambda: (lambda r: r if all(x["state"] in ("done", "failed")
                                                                     for x in r) else None)(
         launch.grid_status("smoke", overrides)), 240, every=1.0)
-    return {"sub": sub, "rows": rows, "cells": cells, "overrides": overrides, "real": real, "steps": steps,
+    return {"sub": sub, "rows": rows, "cells": cells, "overrides": overrides, "steps": steps,
             "finished_at_return": finished_at_return,
             "seconds": {"prepare": submitted - began, "train": time.time() - submitted}}
 
@@ -194,17 +174,16 @@ def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
     rows = {r["cell"]: r for r in trained["rows"]}
     assert [r["state"] for r in rows.values()] == ["done", "done"], launch.format_status("smoke", trained["rows"])
     for cell in trained["cells"]:
-        records = launch.read_jsonl(cell.run_dir / launch.JOBS_FILE)
+        records = launch_jobs.read_jsonl(cell.run_dir / launch_jobs.JOBS_FILE)
         starts = [r for r in records if r["event"] == "start"]
         assert len(starts) == 2 and starts[0]["job_id"] == starts[1]["job_id"]  # the same job, restarted
         assert starts[1]["restarts"] == 1  # SLURM_RESTART_COUNT
         log = Path(records[0]["stdout"]).read_text()
         resumed = [int(s) for s in re.findall(r"resuming from checkpoint step (\d+)", log)]
         assert resumed and resumed[0] > 0, log[-2000:]
-        if trained["real"]:
-            steps = [json.loads(line)["step"] for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
-            assert steps == list(range(2, trained["steps"] + 1, 2))  # no gap, no duplicate after the restart
-    redi_log = Path(launch.read_jsonl(trained["cells"][1].run_dir / launch.JOBS_FILE)[0]["stdout"]).read_text()
+        steps = [json.loads(line)["step"] for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(2, trained["steps"] + 1, 2))  # no gap, no duplicate after the restart
+    redi_log = Path(launch_jobs.read_jsonl(trained["cells"][1].run_dir / launch_jobs.JOBS_FILE)[0]["stdout"]).read_text()
     assert "requeueing train of cell redi" in redi_log  # TrainJob.checkpoint() ran on USR2
     print(f"\n{trained['steps']} steps per cell; timings: {trained['seconds']}")
 
@@ -218,9 +197,6 @@ def test_eval_stage_runs_and_resubmission_submits_nothing(trained, capsys):
     assert cli_main(["grid", "smoke", "--cluster", "local-slurm", *overrides]) == 0
     printed = capsys.readouterr().out
     assert "submitted 0 job(s)" in printed and "skip latent_only: done" in printed and "nothing to submit" in printed
-    module = importlib.util.find_spec("bench.evaluate") and __import__("bench.evaluate", fromlist=["evaluate"])
-    if not module or not hasattr(module, "evaluate"):
-        pytest.skip("bench.evaluate.evaluate is not available: the eval stage was not exercised")
     began = time.time()
     sub = launch.submit_grid("smoke", stage="eval", cluster="local-slurm", overrides=overrides, quiet=True)
     assert sub.submitted == 2 and [j["steps"] for j in sub.jobs] == [[2, 4], [2, 4]]
@@ -231,7 +207,7 @@ def test_eval_stage_runs_and_resubmission_submits_nothing(trained, capsys):
     rows = _wait("the eval jobs", measured, 150, every=1.0)
     assert [r["eval"] for r in rows] == ["2/2 measured", "2/2 measured"], launch.format_status("smoke", rows)
     for cell in trained["cells"]:
-        evals = launch.read_jsonl(cell.run_dir / "eval.jsonl")
+        evals = launch_jobs.read_jsonl(cell.run_dir / "eval.jsonl")
         assert {(r["step"], r["setting"]) for r in evals} == {(2, "default"), (4, "default")}
         assert all(isinstance(r["value"], float) for r in evals)
     assert all(r["last_metric"] for r in rows)

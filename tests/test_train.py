@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
 
-from bench.checkpoint import list_checkpoints, verify_checkpoint
 from bench.compose import dumps
 from bench.config import ConfigError
 from bench.identity import run_dir
-from bench.train import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
-from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
+from bench.train.checkpoint import list_checkpoints, verify_checkpoint
+from bench.train.loop import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,8 +68,8 @@ def test_ddpm_with_learned_variance_logs_the_vlb(prepared_dir, tmp_path):
 
 
 def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
-    """Record the dtypes the network returns and the loss terms have, inside bench.train's loop."""
-    import bench.train as train_module
+    """Record the dtypes the network returns and the loss terms have, inside bench.train.loop's loop."""
+    import bench.train.loop as train_module
 
     seen: dict[str, set] = {"output": set(), "losses": set(), "params": set()}
     real_model, real_transport = train_module.build_model, train_module.build_transport
@@ -99,7 +99,7 @@ def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
 
 
 def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
-    from bench import train as train_module
+    from bench.train import loop as train_module
 
     cpu = torch.device("cpu")
     for native in (False, True):  # auto = bf16 exactly where the device runs it natively
@@ -253,7 +253,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(prepared_dir, tmp
     cfg = tiny_config(prepared_dir, tmp_path / "killed", *overrides)
     config_path = tmp_path / "config.json"
     config_path.write_text(dumps(cfg))
-    command = [sys.executable, "-m", "bench.train", "--config", str(config_path)]
+    command = [sys.executable, "-m", "bench.train.loop", "--config", str(config_path)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     target = random.Random().randint(15, 60)  # a random step past the first checkpoint (10)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -286,10 +286,10 @@ def test_online_encoder_features_equal_the_stored_ones(tmp_path):
     """encoder.online_features runs the encoder on the batch's images (found through the shards'
     `indices`); on the same images it must give the features prepare stores."""
     from bench.config import DataConfig, EncoderConfig
-    from bench.data import open_split
-    from bench.encoders import build_semantic_encoder
-    from bench.prepared import read_manifest
-    from bench.train import TrainingData
+    from bench.prepare.dataset import read_manifest
+    from bench.prepare.encoders import build_semantic_encoder
+    from bench.prepare.sources import open_split
+    from bench.train.loop import TrainingData
 
     encoder = build_semantic_encoder(EncoderConfig(kind="efficientnet_lite0"), 32)
     image_indices = torch.arange(40, 24, -1)  # 16 rows, not the identity map
@@ -362,7 +362,7 @@ def test_foreach_ema_equals_the_official_loop():
     """The trainer's one-kernel EMA is the official mul_/add_ loop up to float32 rounding."""
     import copy
 
-    from bench.train import update_ema, update_ema_official
+    from bench.train.loop import update_ema, update_ema_official
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
@@ -380,9 +380,10 @@ def test_foreach_ema_equals_the_official_loop():
 
 def test_bench_perf_default_times_the_trainers_own_choices():
     """`bench perf`'s default rows use the trainer's precision rule, optimiser and EMA: they cannot drift."""
-    from bench import perf_setup, perf_train
     from bench.config import ExperimentConfig
-    from bench.train import build_optimizer
+    from bench.perf import setup as perf_setup
+    from bench.perf import training as perf_train
+    from bench.train.loop import build_optimizer
 
     cpu = torch.device("cpu")
     assert perf_setup.resolve_precision("auto", cpu) == ("fp32" if resolve_precision("auto", cpu) is None else "bf16")

@@ -1,0 +1,5 @@
+"""Demo: `bench demo`, Table 1 in miniature on the embedded default, end to end on CPU.
+
+- `run`:    the stages (prepare, train, evaluate, report) through the local executor (`main`)
+- `output`: the summary, table, convergence plot and sample figures it leaves behind
+"""

@@ -1,0 +1,351 @@
+"""`bench demo [--quick]`: the paper's central comparison (Table 1 in miniature) on this machine.
+
+The same machinery as a cluster run, end to end, offline, on CPU:
+
+    prepare   the embedded default (bench.prepare.pipeline.prepare_embedded), cached by content hash;
+    train     grid `demo` (or `demo_quick`) through bench.launch.submit.submit_grid with the local executor
+              (subprocesses, one cell after another), followed here with a progress line;
+    eval      the same grid's eval stage (plain sampling for every spec, plus Representation
+              Guidance for redi_rg), followed the same way;
+    report    bench.report.summary into OUT/report, then OUT/summary.md, a combined convergence figure and
+              one sample figure per spec (bench.demo.output).
+
+Re-running reuses everything finished: prepare returns at once, the launcher skips finished cells
+and measured evaluations, and only the report is written again. Interrupting (Ctrl-C) stops the
+jobs too (they share the terminal's process group); the next run resumes from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
+from bench.prepare.pipeline import PrepareOptions
+
+POLL_SECONDS = 2.0
+FALLBACK_IMAGES_PER_S = 200.0  # before the first log tick (slurm/profiles/local.yaml says ~210)
+# Sampling one image for one solver step is a forward pass, about a third of a training image's
+# forward + backward; refined from the evaluations' own timings (eval.jsonl) once one is measured.
+SAMPLE_STEP_PER_TRAIN_IMAGE = 1 / 3
+EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
+
+
+class DemoError(ValueError):
+    """A demo stage failed or cannot start; the message names the log or the setting to change."""
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Which grid, which data, where everything goes, and how the data is prepared."""
+
+    grid: str
+    data_name: str
+    prepared_dir: Path
+    runs_root: Path
+    out_dir: Path
+    prepare: PrepareOptions
+    prepare_note: str
+    budget_min: int
+    prepare_minutes: int
+    """A first prepare on 2 cores (measured; ablations/grids/demo*.yaml); cached afterwards."""
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"output_root={self.runs_root}", f"data.prepared_dir={self.prepared_dir}"]
+
+
+def make_plan(quick: bool, out: Optional[str], runs_root: Optional[str],
+              prepared_dir: Optional[str], progress: bool = True) -> DemoPlan:
+    if quick:  # scikit-learn digits and small prepare networks: a smoke run of the whole path
+        options = PrepareOptions(
+            vae=EmbeddedVAESettings(block_out_channels=(16, 32, 32), steps=200, scale_images=1024),
+            classifier=ClassifierSettings(width=16, feature_dim=32, epochs=10), progress=False)
+        grid, data, budget, minutes = "demo_quick", "digits", 5, 1
+        note = ("scikit-learn digits (1,437 train / 360 test images), small VAE and classifier: a "
+                "smoke run of the whole path whose numbers say nothing about the methods")
+        prepared, out_default = "results/prepared-quick", "results/demo-quick"
+    else:  # exactly `bench prepare`'s default, so either command fills the cache for the other
+        options = PrepareOptions(progress=progress)
+        grid, data, budget, minutes = "demo", "fashion_mnist", 45, 15
+        note = "Fashion-MNIST (60,000 train / 10,000 test images), the embedded default"
+        prepared, out_default = "results/prepared", "results/demo"
+    return DemoPlan(grid, data, Path(prepared_dir or prepared).resolve(),
+                    Path(runs_root or "results/runs").resolve(), Path(out or out_default).resolve(),
+                    options, note, budget, minutes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress
+
+
+def fmt_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+@dataclass
+class Printer:
+    """One progress line: rewritten in place on a terminal, else printed every `every` seconds."""
+
+    enabled: bool = True
+    every: float = 20.0
+    tty: bool = field(default_factory=lambda: sys.stdout.isatty())
+    _last: float = 0.0
+    _key: str = ""
+    _open: bool = False
+
+    def line(self, text: str, key: str = "") -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        if self.tty:
+            if key != self._key and self._open:
+                print(flush=True)  # keep the finished cell's last line
+            print("\r" + text[:160].ljust(100), end="", flush=True)
+            self._open = True
+        elif key != self._key or now - self._last >= self.every:
+            print(text, flush=True)
+            self._last = now
+        self._key = key
+
+    def say(self, text: str) -> None:
+        if self._open:
+            print(flush=True)
+            self._open = False
+        print(text, flush=True)
+
+
+@dataclass
+class Work:
+    """What one stage waits for, and the estimates behind the time-left figures."""
+
+    cells: list
+    started: float = field(default_factory=time.time)
+    images_per_s: float = FALLBACK_IMAGES_PER_S
+    sample_step_s: Optional[float] = None  # measured seconds per (image x solver step x pass)
+
+    def sample_step_seconds(self) -> float:
+        return self.sample_step_s or SAMPLE_STEP_PER_TRAIN_IMAGE / self.images_per_s
+
+
+def _last_tick(run: Path) -> dict:
+    from bench.launch.jobs import METRICS_FILE, read_jsonl
+
+    rows = read_jsonl(run / METRICS_FILE)
+    return rows[-1] if rows else {}
+
+
+def train_seconds_left(work: Work, rows: Sequence[dict]) -> float:
+    left = 0.0
+    for cell, row in zip(work.cells, rows):
+        if row["state"] != "done":
+            steps = cell.cfg.train.max_steps - (row["step"] or 0)
+            left += steps * cell.cfg.train.batch_size / work.images_per_s
+    return left
+
+
+def eval_todo(grid, cells) -> list[tuple]:
+    """(cell, setting name, eval config, step) of every evaluation not measured yet."""
+    from bench.launch.grids import eval_config, settings_for
+    from bench.launch.jobs import measured_steps
+
+    todo = []
+    for cell in cells:
+        for setting in settings_for(grid, cell):
+            cfg = eval_config(cell, setting)
+            done = measured_steps(cfg, Path(cell.run_dir), cell.eval_steps, setting.name)
+            todo += [(cell, setting.name, cfg, step) for step in cell.eval_steps if step not in done]
+    return todo
+
+
+def _passes(cfg) -> int:
+    """Network evaluations per image and solver step (guided passes are batched together)."""
+    g = cfg.eval.guidance
+    return 1 + (g.cfg_scale != 1.0) + (g.rg_scale != 1.0)
+
+
+def eval_seconds(todo: Sequence[tuple], work: Work) -> float:
+    per_unit = work.sample_step_seconds()
+    return sum(cfg.eval.num_samples * cfg.eval.num_sampling_steps * _passes(cfg) * per_unit
+               + EVAL_OVERHEAD_S for _, _, cfg, _ in todo)
+
+
+def measured_sample_step(cells) -> Optional[float]:
+    """Seconds per image x solver step x pass, from the wall times eval.jsonl records."""
+    from bench.evaluate.evaluation import EVAL_FILE
+    from bench.launch.jobs import read_jsonl
+
+    total = cost = 0.0
+    for cell in cells:
+        seen = {}
+        for r in read_jsonl(Path(cell.run_dir) / EVAL_FILE):
+            g = r.get("guidance") or {}
+            units = r.get("n", 0) * r.get("sampling_steps", 0) * (
+                1 + (g.get("cfg_scale", 1.0) != 1.0) + (g.get("rg_scale", 1.0) != 1.0))
+            seen[(r.get("step"), r.get("setting"))] = (r.get("wall_time_s") or 0.0, units)
+        for seconds, units in seen.values():
+            total, cost = total + seconds, cost + units
+    return total / cost if cost and total else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+
+
+def first_failure(rows: Sequence[dict], stage: str) -> Optional[str]:
+    for r in rows:
+        if stage == "train" and r["state"] == "failed":
+            return f"training of cell {r['cell']} failed: {r['detail']}\n  log: {r['log']}"
+        if stage == "eval" and r.get("eval_errors"):
+            return f"evaluation of cell {r['cell']} failed: {r['eval_errors'][0]}"
+    return None
+
+
+def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
+    """Submit the training cells (finished ones are skipped) and follow them; returns # trained."""
+    from bench.launch.submit import grid_status, submit_grid
+
+    sub = submit_grid(plan.grid, "train", local=True, overrides=plan.overrides, quiet=True)
+    done_before = [s["cell"] for s in sub.skipped if s["reason"] == "done"]
+    printer.say(f"train: {len(cells)} cells; {len(done_before)} finished earlier (reused), "
+                f"{len(cells) - len(done_before)} to train"
+                + (f"; logs under {Path(sub.jobs[0]['log']).parent}" if sub.jobs else ""))
+    if len(done_before) == len(cells):
+        return 0
+    while True:
+        rows = grid_status(grid, plan.overrides)
+        error = first_failure(rows, "train")
+        if error:
+            raise DemoError(error + "\n  fix the cause and run `bench demo` again: it resumes")
+        if all(r["state"] == "done" for r in rows):
+            return len(cells) - len(done_before)
+        active = next((i for i, r in enumerate(rows) if r["state"] == "running"), None)
+        if active is not None:
+            cell, row = cells[active], rows[active]
+            tick = _last_tick(Path(row["run_dir"]))
+            work.images_per_s = float(tick.get("images_per_s") or work.images_per_s)
+            step = row["step"] or 0
+            left_cell = (row["max_steps"] - step) * cell.cfg.train.batch_size / work.images_per_s
+            left = train_seconds_left(work, rows) + eval_seconds(eval_todo(grid, cells), work)
+            printer.line(f"train {active + 1}/{len(cells)} {cell.cfg.spec:<11} step {step}/{row['max_steps']}"
+                         f"  {work.images_per_s:.0f} img/s  cell {fmt_time(left_cell)} left, demo "
+                         f"~{fmt_time(left)} left (elapsed {fmt_time(time.time() - work.started)})",
+                         key=cell.name)
+        time.sleep(POLL_SECONDS)
+
+
+def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
+    """Submit the missing evaluations and follow them; returns # evaluations run."""
+    from bench.launch.grids import settings_for
+    from bench.launch.status import scheduler_states
+    from bench.launch.submit import grid_status, submit_grid
+
+    todo = eval_todo(grid, cells)
+    total = sum(len(settings_for(grid, c)) * len(c.eval_steps) for c in cells)
+    printer.say(f"eval: {total} evaluations (spec x sampling setting x step); {total - len(todo)} "
+                f"measured earlier (reused), {len(todo)} to run")
+    if not todo:
+        return 0
+    sub = submit_grid(plan.grid, "eval", local=True, overrides=plan.overrides, quiet=True)
+    jobs = [{"executor": "local", "job_id": j["job_id"]} for j in sub.jobs if j.get("job_id")]
+    first = len(todo)
+    while True:
+        rows = grid_status(grid, plan.overrides)
+        error = first_failure(rows, "eval")
+        if error:
+            raise DemoError(error + "\n  fix the cause and run `bench demo` again: it resumes")
+        todo = eval_todo(grid, cells)
+        if not todo:
+            return first
+        if jobs and all(s == "GONE" for s in scheduler_states(jobs).values()):
+            time.sleep(POLL_SECONDS)  # the last row may land just after the job exits
+            if eval_todo(grid, cells):
+                raise DemoError(f"the evaluation jobs ended with {len(todo)} evaluations missing; "
+                                f"see the logs under {Path(sub.jobs[0]['log']).parent}")
+        work.sample_step_s = measured_sample_step(cells) or work.sample_step_s
+        cell, setting, _, step = todo[0]
+        printer.line(f"eval {total - len(todo) + 1}/{total} {cell.cfg.spec:<11} [{setting}] step {step}"
+                     f"  demo ~{fmt_time(eval_seconds(todo, work))} left (elapsed "
+                     f"{fmt_time(time.time() - work.started)})", key=f"{cell.name}/{setting}/{step}")
+        time.sleep(POLL_SECONDS)
+
+
+def run_demo(plan: DemoPlan, printer: Printer) -> Path:
+    from bench.demo.output import write_outputs
+    from bench.launch.grids import expand, load_grid
+    from bench.prepare.pipeline import PrepareError, prepare_embedded
+    from bench.prepare.sources import DatasetError
+
+    began = time.time()
+    printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid} "
+                f"(latent only, REPA, ReDi, ReDi + Representation Guidance), target under "
+                f"{plan.budget_min} min on 2 CPU cores for a first run\n  data: {plan.prepare_note}\n"
+                f"  prepared: {plan.prepared_dir}\n  runs: {plan.runs_root / plan.grid}\n"
+                f"  output: {plan.out_dir}")
+    manifest = plan.prepared_dir / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    printer.say("prepare: " + ("checking the cached prepared data ..." if stamp else
+                               "first run: training the VAE and the evaluation classifier, then "
+                               f"encoding the images (about {plan.prepare_minutes} min on 2 cores; "
+                               "cached for every later run) ..."))
+    t0 = time.time()
+    try:
+        prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16)
+    except DatasetError as err:
+        if plan.grid == "demo_quick":
+            raise
+        raise DemoError(f"{err}; or run `bench demo --quick` (scikit-learn digits, nothing to "
+                        "install)") from None
+    except PrepareError as err:  # e.g. the folder holds another prepare: name the demo's option
+        raise DemoError(f"{err} (bench demo: --prepared-dir DIR chooses the folder)") from None
+    times = {"prepare": time.time() - t0}
+    grid = load_grid(plan.grid)
+    cells = expand(grid, plan.overrides)
+    work = Work(cells, started=began)
+    t0 = time.time()
+    trained = run_train(plan, grid, cells, work, printer)
+    times["train"] = time.time() - t0
+    t0 = time.time()
+    evaluated = run_eval(plan, grid, cells, work, printer)
+    times["eval"] = time.time() - t0
+    printer.say("report: tables, convergence plots, speed-ups and sample figures ...")
+    same = manifest.is_file() and manifest.stat().st_mtime_ns == stamp  # prepare wrote nothing
+    reused = {"prepare": same, "trained": trained, "cells": len(cells), "evaluated": evaluated}
+    printer.say(write_outputs(plan, grid, cells, times, reused, began))
+    return plan.out_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bench demo", description="Table 1 of ReDi in miniature on this machine (CPU, offline): "
+        "prepare, train latent only / REPA / ReDi / ReDi+RG, evaluate, report.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of the same path on scikit-learn digits (~2 min)")
+    parser.add_argument("--out", help="output folder (default results/demo or results/demo-quick)")
+    parser.add_argument("--runs-root", help="where the run folders go (default results/runs)")
+    parser.add_argument("--prepared-dir", help="prepared data (default results/prepared, as "
+                        "`bench prepare`, or results/prepared-quick)")
+    parser.add_argument("--no-progress", action="store_true", help="stage lines only")
+    parser.add_argument("--every", type=float, default=20.0,
+                        help="seconds between progress lines when stdout is not a terminal")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the jobs inherit it: nothing is downloaded
+    plan = make_plan(args.quick, args.out, args.runs_root, args.prepared_dir, not args.no_progress)
+    printer = Printer(enabled=not args.no_progress, every=args.every)
+    try:
+        out = run_demo(plan, printer)
+    except KeyboardInterrupt:
+        print("\nbench demo: stopped. Finished cells, checkpoints and evaluations are kept; run the "
+              "same command again to resume.", file=sys.stderr, flush=True)
+        raise
+    print(f"bench demo: output in {out}", flush=True)
+    return 0

@@ -1,0 +1,9 @@
+"""Launch: ablation grids expanded into cells and submitted with submitit (SLURM, local, debug).
+
+- `grids`:    grid files (`ablations/grids/*.yaml`) -> cells: `load_grid`, `expand`, `settings_for`
+- `profiles`: cluster profiles (`slurm/profiles/*.yaml`) and per-job resources: `load_profile`
+- `jobs`:     what runs on the nodes (`TrainJob`, `EvalJob`) and the run-folder records they write
+- `plan`:     what a submission would run and its GPU-hours (`--dry-run`)
+- `status`:   `bench status`: each cell's state from its run folder and the scheduler
+- `submit`:   `bench grid` / `bench status` command lines: `submit_grid`, `main_grid`, `main_status`
+"""

@@ -1,0 +1,210 @@
+"""What runs on the nodes, and the run-folder files it and `bench status` read and write.
+
+`TrainJob` and `EvalJob` (submitit `Checkpointable`s) do one cell's work and record `start` / `end`
+rows in the run folder's `jobs.jsonl`; `Lane` runs several of them one after another in one local
+job. The helpers read a run folder: jobs.jsonl records, complete checkpoints, the steps logged in
+metrics.jsonl and the (step, setting) pairs eval.jsonl already covers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import submitit
+
+from bench.config import ExperimentConfig
+
+# Run-folder files; DONE and metrics.jsonl are bench/train/loop.py's (checked in tests/test_launch.py).
+DONE_FILE, METRICS_FILE, EVAL_FILE, JOBS_FILE, CKPT_DIR = "DONE", "metrics.jsonl", "eval.jsonl", "jobs.jsonl", "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; lines that do not parse (a writer killed mid-line) are skipped."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def append_record(run_dir: Path, row: dict) -> None:
+    """Append one row to `<run_dir>/jobs.jsonl` in a single write (appends of one line do not interleave)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "unix": time.time()}) + "\n"
+    with open(run_dir / JOBS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (`checkpoints/<step:07d>/state.json`, written last)."""
+    folder = Path(run_dir) / CKPT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "state.json").is_file())
+
+
+def logged_step(run_dir: Path) -> Optional[int]:
+    """The last step logged in metrics.jsonl (None before the first log tick)."""
+    steps = [int(r["step"]) for r in read_jsonl(Path(run_dir) / METRICS_FILE) if isinstance(r.get("step"), (int, float))]
+    return max(steps) if steps else None
+
+
+def metric_names(cfg: ExperimentConfig) -> list[str]:
+    """The eval.jsonl metric names an evaluation of `cfg` records (bench.evaluate.evaluation's naming).
+
+    Without bench.evaluate.evaluation, the names of eval.metrics as written. Raises ValueError (bench.evaluate.evaluation's
+    EvaluationError) when the metrics cannot be computed for this config.
+    """
+    # Imported here, not at the top: it pulls in torch, and `bench grid`/`bench status` stay torch-free.
+    from bench.evaluate import evaluation
+
+    kinds = evaluation.plan_metrics(cfg, evaluation.DEFAULT_BACKEND)
+    return [name for kind in kinds for name in evaluation.metric_names(kind, cfg.eval.feature_network)]
+
+
+def measured_steps(cfg: ExperimentConfig, run_dir: Path, steps: Sequence[int], setting: str) -> set[int]:
+    """Steps of `steps` whose eval.jsonl rows (step, metric, setting) cover every metric of `cfg`."""
+    names = set(metric_names(cfg))
+    have: dict[int, set[str]] = {}
+    for row in read_jsonl(Path(run_dir) / EVAL_FILE):
+        if str(row.get("setting", "default")) == setting and isinstance(row.get("step"), int):
+            have.setdefault(row["step"], set()).add(str(row.get("metric")))
+    return {step for step in steps if names <= have.get(step, set())}
+
+
+def last_metric(run_dir: Path) -> str:
+    rows = [r for r in read_jsonl(Path(run_dir) / EVAL_FILE) if "value" in r]
+    if not rows:
+        return ""
+    r = rows[-1]
+    value = f"{r['value']:.4g}" if isinstance(r["value"], (int, float)) else str(r["value"])
+    return f"{r.get('metric')}={value} @{r.get('step')} ({r.get('setting', 'default')})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs (what runs on the nodes)
+
+
+def _job_environment() -> Optional[submitit.JobEnvironment]:
+    try:
+        return submitit.JobEnvironment()
+    except Exception:  # called outside a submitit job (direct calls, tests)
+        return None
+
+
+class CellJob(submitit.helpers.Checkpointable):
+    """One cell's work in a job; records start/end in the run folder and requeues itself."""
+
+    stage = "train"
+
+    def __init__(self, grid: str, cell: str, cfg: ExperimentConfig, run_dir: str,
+                 fn: Optional[Callable] = None, setting: Optional[str] = None, steps: Sequence[int] = ()) -> None:
+        self.grid, self.cell, self.cfg, self.run_dir, self.fn = grid, cell, cfg, str(run_dir), fn
+        self.setting, self.steps = setting, list(steps)
+
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def __call__(self) -> Any:
+        env = _job_environment()
+        main = env is None or env.global_rank == 0
+        tag = {"stage": self.stage, "cell": self.cell, "job_id": env.job_id if env else None,
+               **({"setting": self.setting} if self.setting else {})}
+        if main:
+            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+            append_record(Path(self.run_dir), {"event": "start", **tag, "host": socket.gethostname(),
+                                               "pid": os.getpid(), "restarts": restarts})
+            print(f"bench: {self.stage} of cell {self.cell} (grid {self.grid}) in {self.run_dir}, job "
+                  f"{tag['job_id']}, restart {restarts}", flush=True)
+        try:
+            result = self.run()
+        except Exception as err:
+            if main:
+                append_record(Path(self.run_dir), {"event": "end", **tag, "outcome": "failed",
+                                                   "error": f"{type(err).__name__}: {err}"[:1000]})
+            raise
+        except BaseException:  # SystemExit from submitit's requeue, KeyboardInterrupt
+            if main:
+                append_record(Path(self.run_dir), {"event": "end", **tag, "outcome": "interrupted"})
+            raise
+        if main:
+            append_record(Path(self.run_dir), {"event": "end", **tag, "outcome": "done"})
+        return str(result) if isinstance(result, Path) else result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Requeue this same job; the work resumes from what the run folder holds (no state here)."""
+        print(f"bench: requeueing {self.stage} of cell {self.cell}; it resumes from {self.run_dir}", flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+class TrainJob(CellJob):
+    """Train one cell: `fn(cfg, run_dir)`, by default `bench.train.loop.train` (resumes by itself)."""
+
+    stage = "train"
+
+    def run(self) -> Any:
+        env = _job_environment()
+        if env is not None and env.num_tasks > 1 and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+            # One task per GPU: torch's env:// variables from SLURM's (bench.train.distributed joins them).
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        fn = self.fn
+        if fn is None:
+            from bench.train.loop import train as fn
+        return fn(self.cfg, Path(self.run_dir))
+
+
+class EvalJob(CellJob):
+    """Score one cell's checkpoints under one setting: `fn(cfg, run_dir, steps=..., setting=...)`."""
+
+    stage = "eval"
+
+    def run(self) -> Any:
+        fn = self.fn
+        if fn is None:  # imported on the node only: submitting stays torch-free
+            from bench.evaluate.evaluation import evaluate as fn
+        env = _job_environment()
+        extra = {"setting": self.setting}
+        if env is not None and env.num_tasks > 1:  # bench.evaluate.evaluation splits the sample shards over tasks
+            extra.update(task_index=env.global_rank, num_tasks=env.num_tasks)
+        params = inspect.signature(fn).parameters
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kwargs = {k: v for k, v in extra.items() if takes_any or k in params}
+        return fn(self.cfg, Path(self.run_dir), steps=self.steps, **kwargs)
+
+
+class Lane(submitit.helpers.Checkpointable):
+    """Several cells run one after another in one local job; a failing cell does not stop the rest."""
+
+    def __init__(self, jobs: Sequence[CellJob]) -> None:
+        self.jobs = list(jobs)
+
+    def __call__(self) -> list:
+        results, failures = [], []
+        for job in self.jobs:
+            try:
+                results.append(job())
+            except Exception as err:
+                traceback.print_exc()
+                failures.append(f"{job.cell}: {type(err).__name__}: {err}")
+        if failures:
+            raise RuntimeError(f"{len(failures)} of {len(self.jobs)} cells failed: " + "; ".join(failures))
+        return results

@@ -1,0 +1,210 @@
+"""`bench status`: the state of every cell of a grid.
+
+A cell's state joins its run folder's `jobs.jsonl` records (the newest `submit` row of a stage and
+the `start` / `end` rows that follow it) with the scheduler (`squeue`; `sacct` is never needed, a
+local job's controller process is looked up in /proc) and with the run folder itself (DONE,
+checkpoints, metrics.jsonl, eval.jsonl).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Optional, Sequence
+
+from bench.config import ExperimentConfig
+from bench.launch.grids import GRIDS_DIR, Cell, Grid, Setting, eval_config, expand, load_grid, settings_for
+from bench.launch.jobs import (
+    DONE_FILE,
+    JOBS_FILE,
+    checkpoint_steps,
+    last_metric,
+    logged_step,
+    measured_steps,
+    read_jsonl,
+)
+
+# squeue's job states (%T) that count as queued and as running; any other state has ended.
+QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
+RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Job states from the records and the scheduler
+
+
+def _squeue(job_ids: set[str]) -> dict[str, str]:
+    """job id -> SLURM state, via one `squeue -h -r -j IDS -o "%i %T"` call.
+
+    Jobs absent from the answer are gone (ended more than MinJobAge ago); an unreachable scheduler
+    gives `UNKNOWN: <why>` for all of them.
+    """
+    if not job_ids:
+        return {}
+    cmd = ["squeue", "-h", "-r", "-j", ",".join(sorted(job_ids)), "-o", "%i %T"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {j: f"UNKNOWN: squeue failed ({err})" for j in job_ids}
+    if proc.returncode != 0:
+        if "invalid job id" in proc.stderr.lower():
+            return {}
+        why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        return {j: f"UNKNOWN: {why}" for j in job_ids}
+    states = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
+def _pid_alive(pid: str) -> bool:
+    """A local job's controller process is alive (and is one: zombies and reused pids are not)."""
+    try:
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return b"submitit" in cmdline
+
+
+def scheduler_states(submits: Sequence[dict]) -> dict[str, str]:
+    """job id -> scheduler state (SLURM's name, RUNNING/GONE for local, GONE for debug)."""
+    slurm = {r["job_id"] for r in submits if r.get("executor") == "slurm"}
+    out = _squeue(slurm)
+    for r in submits:
+        if r.get("executor") == "local":
+            out[r["job_id"]] = "RUNNING" if _pid_alive(r["job_id"]) else "GONE"
+    return out
+
+
+def _tail_error(path: Optional[str]) -> str:
+    """The last informative line of a job's stderr log (the exception, usually)."""
+    if not path or not Path(path).is_file():
+        return ""
+    lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()[-200:] if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln or "Exception" in ln]
+    return (errors or lines or [""])[-1][:300]
+
+
+def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> tuple[str, str, int]:
+    """(state, detail, restarts) of the job of one `submit` record, from the events that follow it.
+
+    state: queued, running, done, failed or unknown; detail: the error or why the state is unknown.
+    """
+    jid = submit.get("job_id")
+    mine = [e for e in events if e.get("job_id") == jid and e.get("event") in ("start", "end")]
+    starts = [e for e in mine if e["event"] == "start"]
+    restarts = max([int(e.get("restarts", 0)) for e in starts] + [max(len(starts) - 1, 0)])
+    last = mine[-1] if mine else None
+    scheduler = states.get(jid, "GONE")
+    if last and last["event"] == "end" and last.get("outcome") == "failed":
+        return "failed", str(last.get("error", "")), restarts
+    if last and last["event"] == "end" and last.get("outcome") == "done":
+        return "done", "", restarts  # (a local lane may still be running other cells)
+    if scheduler in QUEUED:
+        return "queued", ("requeued" if starts else ""), restarts
+    if scheduler in RUNNING:
+        started = last is not None and last["event"] == "start"
+        return ("running" if started or submit.get("lane") is None else "queued"), "", restarts
+    if scheduler.startswith("UNKNOWN"):
+        return "unknown", scheduler.split(":", 1)[-1].strip(), restarts
+    why = f"job ended as {scheduler}" if scheduler != "GONE" else "job ended without reporting an outcome"
+    tail = _tail_error(submit.get("stderr"))
+    return "failed", why + (f"; log: {tail}" if tail else " (cancelled, out of memory, time limit or node failure?)"), restarts
+
+
+def last_submit(records: Sequence[dict], stage: str, setting: Optional[str] = None) -> tuple[Optional[dict], list[dict]]:
+    """The newest submit record of (stage, setting) and the records of that stage/setting after it."""
+    def ours(r: dict) -> bool:
+        return r.get("stage") == stage and (setting is None or r.get("setting") == setting)
+    for index in range(len(records) - 1, -1, -1):
+        if records[index].get("event") == "submit" and ours(records[index]):
+            return records[index], [r for r in records[index + 1:] if ours(r)]
+    return None, []
+
+
+# ----------------------------------------------------------------------------------------------
+# One row per cell of a grid
+
+
+def eval_pairs(grid: Grid, cell: Cell, run: Path) -> list[tuple[Setting, ExperimentConfig, list[int]]]:
+    """(setting, its config, the steps it should score) for every setting of the cell."""
+    steps = list(cell.eval_steps) or checkpoint_steps(run)
+    return [(s, eval_config(cell, s), steps) for s in settings_for(grid, cell)]
+
+
+def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path | str = GRIDS_DIR) -> list[dict]:
+    """One row per cell: training state, steps reached, evaluation progress, last metric, job, log.
+
+    state: done, running, queued, failed (detail and log say why), not submitted, or unknown (the
+    scheduler could not be asked; detail says why).
+    """
+    grid = load_grid(name, grids_dir) if isinstance(name, str) else name
+    cells = expand(grid, overrides)
+    runs = [Path(c.run_dir).resolve() for c in cells]
+    records = [read_jsonl(run / JOBS_FILE) for run in runs]
+    submits = [r for rows in records for r in rows if r.get("event") == "submit"]
+    latest: dict[tuple, dict] = {}
+    for r in submits:
+        latest[(r.get("cell"), r.get("stage"), r.get("setting"))] = r
+    states = scheduler_states(list(latest.values()))
+    rows = []
+    for cell, run, recs in zip(cells, runs, records):
+        sub, events = last_submit(recs, "train")
+        row = {"cell": cell.name, "spec": cell.cfg.spec, "run_dir": str(run), "state": "not submitted",
+               "step": logged_step(run), "checkpoint": max(checkpoint_steps(run), default=None),
+               "max_steps": cell.cfg.train.max_steps, "job_id": sub.get("job_id") if sub else None,
+               "restarts": 0, "log": sub.get("stdout") if sub else None, "detail": "", "eval": "",
+               "eval_errors": [], "last_metric": last_metric(run)}
+        if sub is not None:
+            row["state"], row["detail"], row["restarts"] = job_state(sub, events, states)
+        if (run / DONE_FILE).is_file():
+            row["state"], row["detail"] = "done", ""
+        elif sub is not None:
+            if row["state"] == "done":  # the job returned but the trainer wrote no DONE marker
+                row["state"], row["detail"] = "failed", f"job ended but {run / DONE_FILE} is missing"
+            if row["state"] == "failed":
+                row["log"] = sub.get("stderr")
+        measured = total = 0
+        notes = []
+        for setting, cfg, steps in eval_pairs(grid, cell, run):
+            try:
+                done = measured_steps(cfg, run, steps, setting.name)
+            except ValueError as err:  # bench.evaluate.evaluation cannot compute the requested metrics
+                notes.append(f"{setting.name}: cannot evaluate")
+                row["eval_errors"].append(f"{setting.name}: {err}")
+                continue
+            measured, total = measured + len(done), total + len(steps)
+            esub, eevents = last_submit(recs, "eval", setting.name)
+            if esub is not None and len(done) < len(steps):
+                st, detail, _ = job_state(esub, eevents, states)
+                if st != "done":
+                    notes.append(f"{setting.name}: {st}")
+                if st == "failed":
+                    row["eval_errors"].append(f"{setting.name}: {detail}\n    log: {esub.get('stderr')}")
+        row["eval"] = f"{measured}/{total} measured" + (f"; {'; '.join(notes)}" if notes else "") if total else ""
+        rows.append(row)
+    return rows
+
+
+def format_status(name: str, rows: Sequence[dict]) -> str:
+    """A plain table of `grid_status` rows, failed cells followed by their log path."""
+    def steps(r: dict) -> str:
+        return f"{r['step'] if r['step'] is not None else '-'}/{r['max_steps']} (ckpt {r['checkpoint'] or '-'})"
+    table = [("cell", "state", "step", "eval", "last metric", "job")]
+    for r in rows:
+        job = (r["job_id"] or "-") + (f" x{r['restarts'] + 1}" if r["restarts"] else "")
+        table.append((r["cell"], r["state"], steps(r), r["eval"] or "-", r["last_metric"] or "-", job))
+    widths = [max(len(str(t[i])) for t in table) for i in range(len(table[0]))]
+    lines = [f"grid {name}: {len(rows)} cells"] + ["  ".join(str(v).ljust(w) for v, w in zip(t, widths)).rstrip()
+                                                   for t in table]
+    for r in rows:
+        if r["state"] in ("failed", "unknown") or r["detail"]:
+            lines.append(f"  {r['cell']}: {r['state']}: {r['detail']}" + (f"\n    log: {r['log']}" if r["log"] else ""))
+        lines += [f"  {r['cell']} eval {error}" for error in r.get("eval_errors", [])]
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    lines.append("summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    return "\n".join(lines)

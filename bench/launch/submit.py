@@ -1,0 +1,292 @@
+"""`bench grid` / `bench status`: submit a grid's cells with submitit and follow them.
+
+Executors: `slurm` (AutoExecutor(cluster="slurm") with a profile of `slurm/profiles/`), `local`
+(subprocesses that outlive the command; the cells run in `array_parallelism` lanes) and `debug`
+(in-process, one cell after another). One submission per stage is ONE job array (`executor.batch()`).
+Submission returns once the jobs are queued; nothing ever waits on a result.
+
+Training jobs are `TrainJob`s (submitit `Checkpointable`): on preemption and on timeout (up to the
+profile's `max_num_timeout`) submitit calls `checkpoint()`, which requeues the same job, and
+`bench.train.loop.train` resumes from the newest checkpoint of the run folder. A job that the scheduler
+requeues by itself (`scontrol requeue`) restarts the same pickle, with the same effect.
+
+Every run folder keeps `jobs.jsonl`: a `submit` row per submission (stage, job and array id, log
+paths, time, resources) written here, and `start` / `end` rows written by the job itself (outcome
+done, failed with the error, or interrupted). `status` joins these with the scheduler (`squeue`;
+`sacct` is never needed) and with the run folder (DONE, checkpoints, metrics.jsonl, eval.jsonl).
+Submitting again skips finished cells and cells whose job is queued or running; the eval stage
+submits only the (checkpoint, setting) pairs that have no metric in eval.jsonl yet.
+
+The work is split over bench/launch_*.py: `launch_profiles` (cluster profiles, resources, errors),
+`launch_jobs` (the jobs and the run-folder files), `launch_status` (job states, `bench status`) and
+`launch_plan` (what to submit, its cost); this file submits and holds the command line. Every public
+name of those modules is importable from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import submitit
+
+from bench.launch.grids import GRIDS_DIR, Cell, Grid, expand, list_grids, load_grid, settings_for
+
+# Also re-exported: `from bench.launch.submit import X` works for every public name of bench/launch_*.py.
+from bench.launch.jobs import (
+    Lane,
+    append_record,
+)
+from bench.launch.plan import (
+    PlannedJob,
+    Submission,
+    estimate,
+    format_submission,
+    plan_eval,
+    plan_train,
+)
+from bench.launch.profiles import (
+    PROFILES_DIR,
+    LaunchError,
+    Profile,
+    SchedulerError,
+    job_resources,
+    list_profiles,
+    load_profile,
+)
+from bench.launch.status import format_status, grid_status
+
+STAGES = ("train", "eval")
+
+
+# ----------------------------------------------------------------------------------------------
+# Submitting: the executor, one job array per stage, debug runs in this process
+
+
+def _check_slurm_client() -> None:
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():
+        raise SchedulerError(f"SLURM_CONF={conf} does not exist; unset it or point it at the cluster's slurm.conf "
+                             "(for the local test cluster: eval \"$(slurm/local-cluster.sh start)\")")
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise SchedulerError("sbatch/srun not found: this machine is not a SLURM client; use --local or --debug, "
+                             "or install slurm-wlm and start slurm/local-cluster.sh")
+
+
+def _executor(kind: str, folder: Path, profile: Profile, res: dict, name: str) -> submitit.AutoExecutor:
+    """A submitit AutoExecutor of `kind` with the profile's and the grid's parameters."""
+    if kind == "slurm":
+        _check_slurm_client()
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=profile.max_num_timeout)
+        params: dict[str, Any] = {"slurm_signal_delay_s": profile.signal_delay_s,
+                                  "slurm_array_parallelism": profile.array_parallelism,
+                                  "nodes": res["nodes"], "cpus_per_task": res["cpus_per_task"]}
+        params.update({f"slurm_{k}": getattr(profile, k) for k in ("partition", "account", "qos", "constraint")
+                       if getattr(profile, k)})
+        if res["gpus_per_node"]:
+            params["gpus_per_node"] = res["gpus_per_node"]
+        if res["mem_gb"]:
+            params["mem_gb"] = float(res["mem_gb"])
+        if profile.setup:
+            params["slurm_setup"] = list(profile.setup)
+        if profile.additional_parameters:
+            params["slurm_additional_parameters"] = dict(profile.additional_parameters)
+    elif kind == "local":
+        executor = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=profile.max_num_timeout)
+        params = {"gpus_per_node": res["gpus_per_node"]} if res["gpus_per_node"] else {}
+        if profile.setup:
+            params["local_setup"] = list(profile.setup)
+    else:
+        executor, params = submitit.AutoExecutor(folder=folder, cluster="debug"), {}
+    executor.update_parameters(name=name, timeout_min=res["timeout_min"], tasks_per_node=res["tasks_per_node"], **params)
+    return executor
+
+
+def _sbatch_error(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Command")]
+    return (useful or lines or [type(err).__name__])[-1][:400]
+
+
+def _run_debug(plan: Sequence[PlannedJob], handles: Sequence[Any], quiet: bool) -> list[str]:
+    """Run debug jobs in this process, one after another; a failing cell does not stop the others."""
+    failed = []
+    for planned, handle in zip(plan, handles):
+        previous = os.environ.get("SUBMITIT_DEBUG_JOB_ID")
+        os.environ["SUBMITIT_DEBUG_JOB_ID"] = handle.job_id  # submitit.JobEnvironment() inside the job
+        try:
+            error = handle.exception()  # runs the job; unlike results(), never opens pdb on failure
+        finally:
+            if previous is None:
+                os.environ.pop("SUBMITIT_DEBUG_JOB_ID", None)
+            else:
+                os.environ["SUBMITIT_DEBUG_JOB_ID"] = previous
+        label = planned.cell.name + (f" [{planned.setting}]" if planned.setting else "")
+        if error is not None:
+            handle.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
+            handle.paths.stderr.write_text("".join(traceback.format_exception(error)))
+            failed.append(label)
+        if not quiet:
+            print(f"debug: {label}: " + (f"FAILED ({type(error).__name__}: {error}); log {handle.paths.stderr}"
+                                          if error is not None else "done"), flush=True)
+    return failed
+
+
+def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, local: bool = False,
+                debug: bool = False, dry_run: bool = False, job_fn: Optional[Callable] = None,
+                overrides: Sequence[str] = (), quiet: bool = False, grids_dir: Path | str = GRIDS_DIR,
+                profiles_dir: Path | str = PROFILES_DIR, perf_dir: Path | str = "results/perf") -> Submission:
+    """Submit the cells of grid `name` for `stage` as one job array; return without waiting.
+
+    cluster: a profile of slurm/profiles/ (its `executor` says slurm or local); local: the `local`
+    profile; debug: in-process, now (with the `local` profile's resources). job_fn replaces
+    bench.train.loop.train (train: fn(cfg, run_dir)) or bench.evaluate.evaluation.evaluate (eval: fn(cfg, run_dir,
+    steps=[...], setting=NAME)); it must be picklable for slurm/local. overrides go to every cell
+    (e.g. output_root=..., data.prepared_dir=...). dry_run prints the jobs, their resources and
+    GPU-hours and submits nothing.
+    """
+    if stage not in STAGES:
+        raise LaunchError(f"stage {stage!r} is not one of {list(STAGES)}")
+    if sum((cluster is not None, bool(local), bool(debug))) > 1:
+        raise LaunchError("choose one of --cluster PROFILE, --local or --debug")
+    if cluster is None and not local and not debug and not dry_run:
+        raise LaunchError(f"where should the jobs run? use --cluster PROFILE ({', '.join(list_profiles(profiles_dir))}), "
+                          "--local or --debug (or --dry-run to see the plan)")
+    grid = load_grid(name, grids_dir)
+    profile = load_profile(cluster, profiles_dir) if cluster else (
+        load_profile("local", profiles_dir) if (local or debug) else None)
+    kind = "debug" if debug else (profile.executor if profile else None)
+    cells = expand(grid, overrides)
+    out = Submission(grid.name, stage, kind, profile.name if profile else None, {}, [], [], dry_run)
+    plan, out.skipped = (plan_train if stage == "train" else plan_eval)(grid, cells, job_fn)
+    out.resources = res = job_resources(grid, profile, stage)
+    for job in plan:
+        job.estimate = estimate(job, res, grid, profile, perf_dir)
+        if profile and job.estimate.get("wall_h") and profile.executor == "slurm":
+            budget = profile.time_min / 60 * (profile.max_num_timeout + 1)
+            if job.estimate["wall_h"] > budget:
+                out.notes.append(f"{job.cell.name}: ~{job.estimate['wall_h']:.0f} h exceeds the requeue budget of "
+                                 f"{budget:.0f} h (time_min x (max_num_timeout + 1)); raise max_num_timeout")
+    known = [j.estimate for j in plan if j.estimate.get("wall_h") is not None]
+    out.estimate = {"gpu_h": sum(e["gpu_h"] for e in known), "wall_h": sum(e["wall_h"] for e in known),
+                    "unknown": len([j for j in plan if j.job.stage == "train"]) - len(known)}
+    out.notes += [f"also measure: {command}" for command in grid.perf]
+    out.jobs = [{"cell": j.cell.name, "setting": j.setting, "steps": list(j.steps), "run_dir": str(j.run_dir),
+                 **{k: j.estimate.get(k) for k in ("throughput", "source", "wall_h", "gpu_h")}} for j in plan]
+    if dry_run or not plan:
+        if not plan and not dry_run:
+            out.notes.append("nothing to submit")
+        if not quiet:
+            print(format_submission(out))
+        return out
+    assert profile is not None and kind is not None
+    folder = Path(cells[0].cfg.output_root).resolve() / grid.name / ".submitit" / stage / "%j"
+    executor = _executor(kind, folder, profile, res, f"{grid.name}-{stage}")
+    lanes: list[Any] = [j.job for j in plan]
+    lane_of = list(range(len(plan)))
+    if kind == "local" and len(plan) > profile.array_parallelism:  # local: no scheduler caps the parallelism
+        count = profile.array_parallelism
+        lanes = [Lane([j.job for j in plan[i::count]]) for i in range(count)]
+        lane_of = [i % count for i in range(len(plan))]
+    try:
+        with executor.batch():
+            handles = [executor.submit(fn) for fn in lanes]
+    except SchedulerError:
+        raise
+    except Exception as err:
+        if kind != "slurm":
+            raise
+        raise SchedulerError(f"could not submit grid {grid.name} to SLURM (profile {profile.name}, SLURM_CONF="
+                             f"{os.environ.get('SLURM_CONF', 'unset')}): {_sbatch_error(err)}. Is the controller "
+                             "running and reachable? (local test cluster: slurm/local-cluster.sh start)") from None
+    for index, job in enumerate(plan):
+        handle = handles[lane_of[index]]
+        array_id, _, array_index = handle.job_id.partition("_")
+        record = {"event": "submit", "stage": stage, "cell": job.cell.name, "grid": grid.name, "executor": kind,
+                  "profile": profile.name, "job_id": handle.job_id, "array_id": array_id,
+                  "array_index": int(array_index) if array_index.isdigit() else None,
+                  "lane": lane_of[index] if len(lanes) < len(plan) else None,
+                  "stdout": str(handle.paths.stdout), "stderr": str(handle.paths.stderr),
+                  "submitit_folder": str(handle.paths.folder), "resources": res,
+                  "overrides": list(job.cell.overrides)}
+        if job.setting is not None:
+            record.update(setting=job.setting, steps=list(job.steps))
+        append_record(job.run_dir, record)
+        out.jobs[index].update(job_id=handle.job_id, log=record["stdout"])
+    if kind == "debug":
+        out.failed = _run_debug(plan, handles, quiet)
+    if not quiet:
+        print(format_submission(out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (wired into bench/cli.py as `bench grid` and `bench status`)
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `bench grid`."""
+    parser.add_argument("name", nargs="?", help="grid name (ablations/grids/NAME.yaml); --list shows them")
+    parser.add_argument("overrides", nargs="*", help="key=value for every cell (e.g. output_root=/shared/runs)")
+    parser.add_argument("--stage", choices=STAGES, default="train")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="PROFILE", help="a profile of slurm/profiles/ (e.g. example, local-slurm)")
+    where.add_argument("--local", action="store_true", help="subprocesses on this machine (profile local)")
+    where.add_argument("--debug", action="store_true", help="in this process, one cell after another")
+    parser.add_argument("--dry-run", action="store_true", help="print the jobs, resources and GPU-hours only")
+    parser.add_argument("--list", action="store_true",
+                        help="with NAME: the grid's cells; without: the grids and cluster profiles")
+    return parser
+
+
+def _parse(argv: Any, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    # Intermixed: `bench grid NAME --local output_root=...` (overrides after the options) works too.
+    return argv if isinstance(argv, argparse.Namespace) else parser.parse_intermixed_args(list(argv))
+
+
+def format_cells(grid: Grid, cells: Sequence[Cell]) -> str:
+    """`bench grid NAME --list`: every cell with its run folder, its own overrides (those beyond
+    the grid's `base`), the checkpoints the eval stage scores and its evaluation settings."""
+    lines = [f"grid {grid.name}: {grid.title} ({len(cells)} cells)", f"  base: {' '.join(grid.base) or '-'}"]
+    for cell in cells:
+        own = [o for o in cell.overrides if o not in grid.base and not o.startswith(("grid=", "train.milestones="))]
+        settings = ", ".join(s.name for s in settings_for(grid, cell))
+        lines.append(f"  {cell.name}  {cell.run_dir}\n    overrides: {' '.join(own) or '-'}\n"
+                     f"    eval steps: {list(cell.eval_steps) or 'every checkpoint'}; settings: {settings}")
+    return "\n".join(lines)
+
+
+def main_grid(argv: Any = None) -> int:
+    """`bench grid NAME [overrides] [--stage train|eval] [--cluster P | --local | --debug] [--dry-run] [--list]`."""
+    args = _parse(sys.argv[1:] if argv is None else argv, add_grid_arguments(
+        argparse.ArgumentParser(prog="bench grid", description="Submit an ablation grid (returns at once).")))
+    if args.list and args.name:
+        grid = load_grid(args.name)
+        print(format_cells(grid, expand(grid, args.overrides)))
+        return 0
+    if args.list or not args.name:
+        for name in list_grids():
+            print(f"{name:16s} {load_grid(name).title}")
+        print("profiles: " + ", ".join(list_profiles()))
+        return 0 if args.list else 2
+    sub = submit_grid(args.name, args.stage, cluster=args.cluster, local=args.local, debug=args.debug,
+                      dry_run=args.dry_run, overrides=args.overrides)
+    return 1 if sub.failed else 0
+
+
+def main_status(argv: Any = None) -> int:
+    """`bench status NAME [overrides]`: the state of every cell of a grid."""
+    parser = argparse.ArgumentParser(prog="bench status", description="State of every cell of a grid.")
+    parser.add_argument("name")
+    parser.add_argument("overrides", nargs="*", help="the key=value given to `bench grid` (e.g. output_root=...)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell")
+    args = _parse(sys.argv[1:] if argv is None else argv, parser)
+    rows = grid_status(args.name, args.overrides)
+    print("\n".join(json.dumps(r) for r in rows) if args.json else format_status(args.name, rows))
+    return 0

@@ -1,0 +1,9 @@
+"""Perf: `bench perf`, throughput of training, sampling, prepare and evaluation, with targets.
+
+- `command`:  the command line (`main`)
+- `run`:      configs -> workloads -> timing -> rows and targets (`run_perf`, `write_results`)
+- `setup`:    model size, specs, precision policy and data the workloads run on
+- `training`: the training-step workloads; `infer`: sampling, prepare and evaluation workloads
+- `timing`:   warm-up, interleaved repeats, medians and the provenance every row carries
+- `targets`:  the speed targets checked and the printed report
+"""

@@ -1,0 +1,166 @@
+"""The targets `bench perf` checks, and its printed report (a table, then a `targets` section).
+
+Speed targets are ratios of *paired* repeats (perf_timing.paired_time_ratio), so load on a shared
+machine cancels out; they are judged here, by the benchmark itself, never by timed unit tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from bench.perf.timing import Workload, paired_time_ratio
+
+SPEEDUP_OVER_REFERENCE = 2.0  # default training path vs the official-style reference mode
+MERGED_OVERHEAD = 1.03  # ReDi merged tokens vs latent-only, time per step
+GUIDED_STEP = 2.1  # a guided sampling step (CFG or RG, one batched call) vs an unguided one
+
+# The official zelaki/ReDi training step as given in issue 10 ("measured on this machine type": the
+# project's 2-core CPU machines; the CPU model is not stated there), fp32 with the official choices
+# (activation checkpointing on every block). Context only: the PASS/FAIL speed target compares with
+# this harness's own reference mode, timed in the same run.
+OFFICIAL_IMAGES_PER_S = {
+    ("S/2", 16): (2.6, "SiT-S/2, 32x32x12 input, fp32, batch 16"),
+    ("custom:6,256,4,1", 64): (43.0, "depth 6, width 256, patch 1, 8x8x8 input, fp32, batch 64"),
+}
+
+
+def _target(name: str, status: str, measured: Optional[float], threshold: Optional[float] = None,
+            comparison: str = "", detail: str = "") -> dict:
+    return {"name": name, "status": status, "measured": measured, "threshold": threshold,
+            "comparison": comparison, "detail": detail}
+
+
+def _check(name: str, measured: float, threshold: float, comparison: str, detail: str = "") -> dict:
+    ok = measured >= threshold if comparison == ">=" else measured <= threshold
+    return _target(name, "PASS" if ok else "FAIL", measured, threshold, comparison, detail)
+
+
+def _find(workloads: list[Workload], **fields) -> Optional[Workload]:
+    for workload in workloads:
+        if all(workload.fields.get(k) == v for k, v in fields.items()):
+            return workload
+    return None
+
+
+def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], model_size: str,
+                    batch: int) -> list[dict]:
+    """Every target the issue states, PASS/FAIL with the measured value; INFO for reported-only
+    ratios; SKIP (with the reason) when a needed workload was not run."""
+    targets: list[dict] = []
+    train = measured.get("train", [])
+    if train:
+        reference = _find(train, spec="reference")
+        ref_spec = reference.fields.get("reference_of") if reference else None
+        default = _find(train, spec=ref_spec, mode="default") if ref_spec else None
+        if reference and default:
+            name = f"train: default >= {SPEEDUP_OVER_REFERENCE:.1f}x reference mode ({ref_spec}, batch {batch})"
+            targets.append(_check(name, paired_time_ratio(reference, default), SPEEDUP_OVER_REFERENCE, ">=",
+                                  "speed-up = reference time per step / default time per step"))
+            precomputed = _find(train, spec="reference_precomputed")
+            if precomputed:
+                targets.append(_target("train: default speed-up over the reference without its online encoder",
+                                       "INFO", paired_time_ratio(precomputed, default),
+                                       detail="fp32 + checkpointing only"))
+        else:
+            targets.append(_target(f"train: default >= {SPEEDUP_OVER_REFERENCE:.1f}x reference mode", "SKIP",
+                                   None, detail="needs --reference and --reference-spec among --specs"))
+        latent = _find(train, spec="latent_only", mode="default")
+        merged = _find(train, spec="redi", mode="default")
+        if latent and merged:
+            targets.append(_check(f"train: redi merged <= {MERGED_OVERHEAD:.2f}x latent_only time per step",
+                                  paired_time_ratio(merged, latent), MERGED_OVERHEAD, "<="))
+        else:
+            targets.append(_target(f"train: redi merged <= {MERGED_OVERHEAD:.2f}x latent_only", "SKIP", None,
+                                   detail="needs specs latent_only and redi"))
+        for spec in ("redi_separate", "repa", "redi_repa"):
+            other = _find(train, spec=spec, mode="default")
+            if latent and other:
+                targets.append(_target(f"train: {spec} / latent_only time per step", "INFO",
+                                       paired_time_ratio(other, latent)))
+        official = OFFICIAL_IMAGES_PER_S.get((model_size, batch))
+        if official and default:
+            from bench.perf.timing import summarize
+
+            value, what = official
+            fast = summarize(default.images_per_s()).median
+            targets.append(_target(f"train: default images/s / official implementation ({what}: {value} images/s)",
+                                   "INFO", fast / value))
+    sample = measured.get("sample", [])
+    if sample:
+        spec = "redi" if _find(sample, spec="redi") else sample[0].fields.get("spec")
+        unguided = _find(sample, spec=spec, guidance="none")
+        for mode, limit in (("cfg", GUIDED_STEP), ("rg", GUIDED_STEP), ("cfg+rg", None)):
+            guided = _find(sample, spec=spec, guidance=mode)
+            if guided is None or unguided is None:
+                if limit is not None:
+                    targets.append(_target(f"sample: {mode} step <= {limit:.1f}x unguided", "SKIP", None,
+                                           detail=f"spec {spec} has no {mode} guidance"))
+                continue
+            ratio = paired_time_ratio(guided, unguided)
+            if limit is None:
+                targets.append(_target(f"sample: {mode} step / unguided ({spec}, 3 branches)", "INFO", ratio))
+            else:
+                targets.append(_check(f"sample: {mode} step <= {limit:.1f}x unguided ({spec}, one batched call)",
+                                      ratio, limit, "<="))
+    for check in checks:
+        rel, precision = check["rel_err"], check["precision"]
+        loss = check["loss"]
+        vs_fp32 = abs(loss["default"] - loss["fp32"]) / abs(loss["fp32"])
+        targets.append(_check(f"loss: default ({precision}) vs float64, relative, {check['spec']}",
+                              rel["default"], check["default_rtol"], "<=", f"fp32 vs default: {vs_fp32:.2e}"))
+        targets.append(_check(f"loss: fp32 and reference (checkpointed) vs float64, relative, {check['spec']}",
+                              max(rel["fp32"], rel["reference"]), check["fp32_rtol"], "<="))
+    return targets
+
+
+def _fmt(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    if value == 0 or 1e-2 <= abs(value) < 1e5:
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+    return f"{value:.2e}"
+
+
+def format_report(rows: list[dict], targets: list[dict], base: dict, precision: str, batch: int,
+                  quick: bool = False) -> str:
+    """The printed table (one line per row) and the targets section."""
+    header = (f"bench perf  {base['run_id']}\n"
+              f"model {base['model_size']} ({base['scale']} scale), batch {batch}, data {base['data']}, "
+              f"default precision {precision}\n"
+              f"device {base['device']} ({base['device_name']}), {base['threads']} threads, torch "
+              f"{base['torch_version']}, commit {base['git_commit']}\n"
+              f"load average (1/5/15 min) at start {base['load_avg_start']}, at end {base['load_avg_end']}\n"
+              f"command: {base['command']}")
+    columns = ("kind", "workload", "batch", "images/s", "IQR", "min", "max", "ms/call", "peak MB", "notes")
+    table = []
+    for r in rows:
+        notes = row_notes(r)
+        table.append((r["kind"], r["name"], str(r["batch"]), _fmt(r["images_per_s"]), _fmt(r["iqr"]),
+                      _fmt(r["min"]), _fmt(r["max"]), f"{1000 * r['seconds_per_call']:.1f}",
+                      _fmt(r["peak_memory_mb"]), notes))
+    widths = [max(len(columns[i]), *(len(line[i]) for line in table)) if table else len(columns[i])
+              for i in range(len(columns))]
+    lines = [header, "", "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+    lines += ["", "targets"]
+    if quick:
+        lines.append("  (--quick times a toy model in milliseconds per call for CI: its speed verdicts are noise; "
+                     "judge the targets with e.g. --size custom:6,256,4,1 --batch 64 or --size S/2 --batch 16)")
+    for t in targets:
+        measured = "" if t["measured"] is None else f"measured {_fmt(t['measured'])}"
+        if t["measured"] is not None and t["name"].startswith(("train", "sample")):
+            measured += "x"
+        detail = f"  ({t['detail']})" if t["detail"] else ""
+        lines.append(f"  {t['status']:<4}  {t['name']}: {measured}{detail}".rstrip())
+    return "\n".join(lines)
+
+
+def row_notes(r: dict) -> str:
+    """The notes column of one row of the printed table: what distinguishes rows of its kind."""
+    if r["kind"] == "train":
+        return (f"{r['mode']}, {r['dtype']}, ckpt={'on' if r['activation_checkpointing'] else 'off'}, "
+                f"{r['optimizer']}, features {r['semantic_features']}, {r['tokens']} tokens, state "
+                f"{r['state_memory_mb']:.0f} MB, saved activations {r['activation_memory_mb']:.0f} MB")
+    if r["kind"] == "sample":
+        return f"{r['branches']} branch(es), {r['dtype']}, {r['tokens']} tokens"
+    return f"{r['image_size']} px, {r['weights']}"  # prepare, eval

@@ -1,0 +1,283 @@
+"""Training-step workloads of `bench perf`: the default fast path and the official-style reference.
+
+One step = sample the VAE posterior, (reference only: run the semantic encoder on the images, PCA,
+resize), forward through the objective, backward, optimiser step, EMA update.
+
+| | default (`bench train`'s fast path) | reference (the official ReDi `train_redi.py`) |
+|---|---|---|
+| precision | bf16 autocast where native (fp32 master weights) | fp32 |
+| activation checkpointing | off (`--checkpointing` turns it on) | every block |
+| semantic features | precomputed by `bench prepare` | encoder run online on the images every step |
+| optimiser | AdamW, `fused=True` where available | AdamW with torch's default implementation |
+| EMA | one `_foreach_lerp_` over all parameters | a Python loop over parameters (`update_ema`) |
+| NaN guard | gradient norm + one host sync per step, as `bench train` | none |
+| torch.compile | optional (`--compile`) | no |
+
+The online encoder is the scale's own: EfficientNet-Lite0 with its real ImageNet weights for the
+embedded scale; DINOv2-B/14-reg for the paper scale, from local weights when they exist, otherwise
+the same timm architecture with random weights (same cost; labelled `stand-in` in the rows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from bench.config import ExperimentConfig
+from bench.perf.setup import BatchPool, Geometry, autocast
+from bench.perf.timing import Workload
+from bench.train.build import build_model, build_transport
+
+# Relative |loss_default - loss_float64| / loss_float64 accepted for the default (bf16 autocast)
+# path. bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%), but the loss is a mean of squared
+# errors over every element, so per-element rounding mostly averages out: measured 8e-6 to 1.6e-3
+# from custom:2,64,2,1 to S/2 (every spec, two seeds), growing with width and depth. 1% leaves room
+# for XL while still catching a real precision bug (fp16 overflow, a loss reduced in bf16, a missing
+# cast), which moves the loss by far more. fp32 and the checkpointed reference must agree with
+# float64 to 1e-5: measured <= 1e-7 (fp32 roundoff over a few thousand terms).
+DEFAULT_LOSS_RTOL = 1e-2
+FP32_LOSS_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How the training step runs (see the module docstring's table)."""
+
+    mode: str = "default"
+    """default or reference."""
+    precision: str = "fp32"
+    """Resolved precision: bf16 (autocast) or fp32."""
+    checkpointing: bool = False
+    fused_optimizer: bool = True
+    foreach_ema: bool = True
+    compile: bool = False
+    online_encoder: bool = False
+
+    @classmethod
+    def reference(cls) -> "StepOptions":
+        return cls(mode="reference", precision="fp32", checkpointing=True, fused_optimizer=False,
+                   foreach_ema=False, compile=False, online_encoder=True)
+
+
+def tokens_from_features(features: torch.Tensor, token_grid: int) -> torch.Tensor:
+    """Encoder feature maps (B, D, gh, gw) -> REPA targets (B, L, D) on the model's token grid
+    (bilinear resize only when the grids differ; row-major tokens as the backbone)."""
+    from bench.prepare.encoders import align_to_grid
+
+    maps = align_to_grid(features.float(), (token_grid, token_grid))
+    return maps.flatten(2).transpose(1, 2)
+
+
+def make_optimizer(model: nn.Module, cfg: ExperimentConfig, fused: bool) -> tuple[torch.optim.Optimizer, str]:
+    """The default mode uses `bench train`'s own optimiser (so the two cannot drift apart); the
+    reference mode torch's default (non-fused) AdamW, as the official code."""
+    from bench.train.loop import build_optimizer
+
+    if fused:
+        optimizer = build_optimizer(model, cfg)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                      weight_decay=cfg.optim.weight_decay)
+    return optimizer, "adamw-fused" if optimizer.defaults.get("fused") else "adamw-default"
+
+
+def build_online_encoder(cfg: ExperimentConfig, geometry: Geometry, device: torch.device):
+    """The semantic encoder the official code runs every step, and a label for the rows."""
+    from bench.prepare import encoders
+
+    if geometry.encoder_kind == "efficientnet_lite0":
+        encoder = encoders.build_efficientnet_lite0(geometry.image_size, weights=cfg.encoder.weights)
+        label = "efficientnet_lite0 (real weights)"
+    else:
+        try:
+            encoder = encoders.build_dinov2(cfg.encoder.variant, geometry.image_size, cfg.encoder.weights)
+            label = f"dinov2_{cfg.encoder.variant} (real weights)"
+        except encoders.EncoderError:
+            import timm
+
+            model = timm.create_model(encoders.DINOV2_TIMM_NAMES[cfg.encoder.variant], pretrained=False,
+                                      img_size=224 * (geometry.image_size // 256))
+            encoder = encoders.DinoV2Encoder(model, cfg.encoder.variant, geometry.image_size)
+            label = f"dinov2_{cfg.encoder.variant} stand-in (random weights, same architecture and cost)"
+    return encoder.to(device), label
+
+
+def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, pool: BatchPool,
+                         device: torch.device, options: StepOptions, seed: int = 0,
+                         encoder: Optional[tuple[nn.Module, str]] = None) -> Workload:
+    """A Workload whose run() is one full training step of `cfg` (see the module docstring)."""
+    from bench.prepare.encoders import align_to_grid, sample_latents
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.grad_checkpointing = options.checkpointing
+    torch.manual_seed(seed)  # the same initial weights for every workload of a spec
+    model = build_model(cfg, geometry.manifest()).to(device).train()
+    transport = build_transport(cfg, geometry.manifest())
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer, optimizer_name = make_optimizer(model, cfg, options.fused_optimizer)
+    forward = torch.compile(model) if options.compile else model
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    semantic = cfg.semantic_channels
+    use_repa = cfg.objective.lambda_repa > 0
+    token_grid = model.config.grid_size
+    decay = cfg.train.ema_decay
+    if options.online_encoder and encoder is None:
+        encoder = build_online_encoder(cfg, geometry, device)
+    if options.online_encoder and pool.pca is None:
+        raise ValueError("the reference mode's online encoder needs a PCA (pool.pca)")
+    from bench.train.loop import update_ema as train_update_ema
+    from bench.train.loop import update_ema_official
+
+    ema_step = train_update_ema if options.foreach_ema else update_ema_official  # default = bench train's
+
+    def update_ema() -> None:
+        ema_step(ema, model, decay)
+
+    fields: dict = {}
+
+    def step() -> None:
+        batch = pool.next()
+        z = target = None
+        if options.online_encoder:
+            with torch.no_grad():  # official: DINOv2 -> standardise -> PCA -> bilinear to the latent grid
+                feats = encoder[0].encode(batch["images"])  # (B, D, gh, gw)
+                if semantic:
+                    z = pool.pca.project_map(feats, semantic)  # (B, r, gh, gw)
+                    z = align_to_grid(z, (geometry.latent_grid, geometry.latent_grid))  # (B, r, h, w)
+                if use_repa:
+                    target = tokens_from_features(feats, token_grid)  # (B, L, D)
+        else:
+            if semantic:
+                z = batch["semantic"][:, :semantic]  # (B, r, h, w), precomputed by prepare
+            if use_repa:
+                target = tokens_from_features(batch["features"], token_grid)
+        x = sample_latents(batch["moments"], geometry.scaling_factor, generator)  # (B, C_x, h, w)
+        probe = _SavedBytes() if "activation_memory_mb" not in fields else contextlib.nullcontext()
+        with probe, autocast(device, options.precision):
+            loss = transport.training_losses(forward, x, z, batch["labels"], generator, target)["loss"]
+        if isinstance(probe, _SavedBytes):
+            fields["activation_memory_mb"] = round(probe.total / 2**20, 2)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if options.mode == "default":
+            # bench train's NaN guard: total gradient norm and one host sync per step (the
+            # official loop has none); clipping reuses the norm
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
+                raise FloatingPointError(f"{name}: non-finite loss or gradient while benchmarking")
+            if cfg.optim.max_grad_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(trainable, cfg.optim.max_grad_norm, grad_norm)
+        elif cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+        optimizer.step()
+        update_ema()
+
+    batch_size = pool.batches[0]["moments"].shape[0]
+    fields.update({
+        "mode": options.mode, "precision": options.precision,
+        "dtype": "bf16-autocast (fp32 weights)" if options.precision == "bf16" else "fp32",
+        "activation_checkpointing": options.checkpointing, "optimizer": optimizer_name,
+        "ema": "foreach_lerp" if options.foreach_ema else "python-loop",
+        "compile": options.compile, "nan_guard": options.mode == "default",
+        "semantic_features": "online" if options.online_encoder else "precomputed",
+        "online_encoder": encoder[1] if options.online_encoder else None,
+        "fusion": cfg.model.fusion, "semantic_channels": semantic, "lambda_repa": cfg.objective.lambda_repa,
+        "tokens": model.num_tokens, "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": batch_size,
+        # exact bytes of what training keeps per model: weights, gradients, AdamW moments, EMA
+        "state_memory_mb": round((2 * _nbytes(params) + 3 * _nbytes(trainable)) / 2**20, 2),
+    })
+    return Workload(kind="train", name=name, run=step, images_per_call=batch_size, fields=fields,
+                    device=device)
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes autograd saves for backward (each storage once): the activation memory of
+    a step, which activation checkpointing trades for recomputation. With checkpointing, only what
+    the checkpoint keeps (block inputs) reaches these outer hooks."""
+
+    def __init__(self) -> None:
+        self.total, self._seen = 0, set()
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in self._seen and storage.nbytes():
+                self._seen.add(key)
+                self.total += storage.nbytes()
+            return tensor
+
+        super().__init__(pack, lambda tensor: tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss agreement: default precision and the reference path against float64
+
+
+def _perturbed(model: nn.Module, seed: int) -> nn.Module:
+    """Make every weight non-trivial: adaLN-Zero and the zero-initialised heads would otherwise
+    give a zero prediction, and the loss would agree in any precision."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p))
+    return model
+
+
+class _Float64(nn.Module):
+    """Runs a float64 copy of the network on float32 inputs, so all variants see the same draws."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y, z=None):
+        return self.model(x.double(), t.double(), y, None if z is None else z.double())
+
+
+def loss_agreement(cfg: ExperimentConfig, geometry: Geometry, pool: BatchPool, device: torch.device,
+                   precision: str, seed: int = 0) -> dict:
+    """Loss of one batch, same weights and the same random draws, in float64, fp32, the default
+    precision and the reference mode (fp32 + checkpointing); relative errors against float64."""
+    from bench.prepare.encoders import sample_latents
+
+    torch.manual_seed(seed)
+    model = _perturbed(build_model(cfg, geometry.manifest()), seed).to(device).train()
+    transport = build_transport(cfg, geometry.manifest())
+    batch = pool.batches[0]
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = sample_latents(batch["moments"], geometry.scaling_factor, g)
+    semantic = cfg.semantic_channels
+    z = batch["semantic"][:, :semantic] if semantic else None
+    target = (tokens_from_features(batch["features"], model.config.grid_size)
+              if cfg.objective.lambda_repa > 0 else None)
+
+    def loss_of(net, dtype_precision: str) -> float:
+        gen = torch.Generator(device=device).manual_seed(seed + 1)  # identical t, noise, drops
+        with torch.no_grad(), autocast(device, dtype_precision):
+            return float(transport.training_losses(net, x, z, batch["labels"], gen, target)["loss"])
+
+    reference_cfg = dataclasses.replace(model.config, grad_checkpointing=True)
+    checkpointed = type(model)(reference_cfg).to(device).train()
+    checkpointed.load_state_dict(model.state_dict())
+    exact = loss_of(_Float64(copy.deepcopy(model).double()), "fp32")
+    values = {"float64": exact, "fp32": loss_of(model, "fp32"), "default": loss_of(model, precision),
+              "reference": loss_of(checkpointed, "fp32")}
+    rel = {k: abs(v - exact) / abs(exact) for k, v in values.items() if k != "float64"}
+    return {"spec": cfg.spec, "precision": precision, "loss": values, "rel_err": rel,
+            "default_rtol": DEFAULT_LOSS_RTOL, "fp32_rtol": FP32_LOSS_RTOL,
+            "ok": rel["default"] <= DEFAULT_LOSS_RTOL and rel["fp32"] <= FP32_LOSS_RTOL
+            and rel["reference"] <= FP32_LOSS_RTOL}

@@ -1,0 +1,9 @@
+"""Prepare: images -> VAE latent moments + PCA-reduced semantic features, as resumable shards.
+
+- `sources`:   image datasets (Fashion-MNIST, scikit-learn digits, image folders): `open_split`, `ImageSource`
+- `encoders`:  frozen VAE and semantic encoders from local files: `load_vae`, `build_semantic_encoder`
+- `pca`:       streaming float64 PCA of encoder tokens: `PCAModel`, `PCAStats`, `import_official_pca`
+- `embedded`:  the embedded default's own VAE and evaluation classifier, trained on CPU
+- `pipeline`:  `bench prepare` itself: `run_prepare`, `prepare_embedded`, `PrepareOptions`
+- `dataset`:   the prepared folder's format and the loader training reads: `read_manifest`, `load_prepared`
+"""

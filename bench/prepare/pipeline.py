@@ -1,0 +1,492 @@
+"""`bench prepare`: images -> VAE moments + PCA-reduced semantic features, as resumable shards.
+
+Two passes, each shard written atomically (temporary name, then os.replace):
+  pass 1  per shard: VAE posterior moments and raw encoder features (float16) plus the shard's
+          float64 PCA sums (train split) -> `<split>/shard-XXXXX.enc.safetensors`;
+  fit     once every train shard has its sums: merge them in shard order and eigendecompose
+          (bench.prepare.pca) -> `pca.safetensors/.json` (skipped when a PCA is supplied);
+  pass 2  per shard: project the features onto the first r_max components -> the final
+          `<split>/shard-XXXXX.safetensors` (format in bench.prepare.dataset); the pass-1 file is removed.
+Shards are dealt to array tasks round-robin (task index/count from the options or
+SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). A task finds finished work and skips it, so a killed
+run resumes, and any task that finds all train sums present fits the PCA (the result is the same
+whoever does it). `manifest.json` is written when every shard is final, and a second call with the
+same settings (same content hash) returns at once.
+
+The embedded default (`prepare_embedded`) also trains the tiny AutoencoderKL and the evaluation
+classifier first (bench.prepare.embedded), in task 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from bench.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temporaries, sha256_file, sha256_json
+from bench.prepare.dataset import FORMAT_VERSION, MANIFEST, load_prepared, shard_name, write_manifest  # noqa: F401
+from bench.prepare.embedded import (
+    ClassifierSettings,
+    EmbeddedVAESettings,
+    classifier_info,
+    train_classifier,
+    train_embedded_vae,
+)
+from bench.prepare.encoders import LatentVAE, SemanticEncoder, build_semantic_encoder, load_vae
+from bench.prepare.pca import PCAError, PCAModel, PCAStats, import_official_pca
+from bench.prepare.sources import DatasetError, ImageSource, open_split
+
+CLASSIFIER_DATASETS = ("fashion_mnist", "digits")
+OFFICIAL_PCA_ENCODER = "dinov2_vitb14_reg_"
+"""ReDi's dino_pca_model.pth was fitted on DINOv2 ViT-B/14-reg tokens; its 768 dimensions would also
+fit ViT-B/14 without registers, so the encoder is checked by id (the pickle does not record it)."""
+CPU = torch.device("cpu")
+
+
+class PrepareError(ValueError):
+    """Prepare cannot run with these settings or this folder; the message says what to change."""
+
+
+@dataclass
+class PrepareOptions:
+    """Prepare-only knobs (not part of the experiment config)."""
+
+    shard_size: int = 1024
+    batch_size: int = 16
+    """Encoder batch; EfficientNet-Lite0 on CPU is fastest at small batches (cache-bound)."""
+    task_index: Optional[int] = None
+    task_count: Optional[int] = None
+    """Array task; None reads SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (else 0 of 1)."""
+    splits: tuple[str, ...] = ("train", "test")
+    max_images: dict = field(default_factory=dict)
+    """Per split, keep only the first N images (e.g. {"train": 20000}); the classifier and the
+    embedded VAE still use the whole train split."""
+    efficientnet_input_size: int = 128
+    pca_path: Optional[str] = None
+    """Use this PCA (a .safetensors/.json pair) instead of fitting one."""
+    official_pca: Optional[str] = None
+    """Import ReDi's pcs/dino_pca_model.pth (a pickle: needs trust_pickle=True)."""
+    trust_pickle: bool = False
+    seed: int = 0
+    vae: EmbeddedVAESettings = field(default_factory=EmbeddedVAESettings)
+    classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
+    train_classifier: bool = True
+    overwrite: bool = False
+    """Replace a prepared folder that holds other settings (otherwise that is an error)."""
+    progress: bool = True
+    device: str = "auto"
+    """auto = cuda when available, else cpu (the embedded default runs on CPU)."""
+
+
+def _device(options: PrepareOptions) -> torch.device:
+    if options.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(options.device)
+
+
+def _task(options: PrepareOptions) -> tuple[int, int]:
+    index = options.task_index
+    count = options.task_count
+    if index is None:  # SLURM numbers tasks from --array's first id (SLURM_ARRAY_TASK_MIN)
+        index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0")) - int(
+            os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    if count is None:
+        count = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    if count < 1 or not 0 <= index < count:
+        raise PrepareError(f"task index {index} of {count} tasks is invalid (0 <= index < count)")
+    return index, count
+
+
+def _weights_fingerprint(path: Optional[str]) -> Optional[str]:
+    return sha256_file(path) if path and Path(path).is_file() else None
+
+
+def _vae_fingerprint(cfg_vae, options: PrepareOptions) -> dict:
+    if cfg_vae.kind == "embedded" and not cfg_vae.path:
+        return {"kind": "embedded", "trained": asdict(options.vae), "seed": options.seed}
+    folder = Path(cfg_vae.path or "")
+    files = sorted(p for p in folder.glob("*") if p.suffix in (".json", ".safetensors", ".bin"))
+    return {"kind": cfg_vae.kind, "path": cfg_vae.path, "scaling_factor": cfg_vae.scaling_factor,
+            "files": {p.name: sha256_file(p) for p in files} if folder.is_dir() else None}
+
+
+def _settings(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions,
+              sources: dict[str, ImageSource], encoder: SemanticEncoder) -> dict:
+    """Everything that changes the prepared tensors (the content hash covers exactly this)."""
+    return {
+        "format": FORMAT_VERSION,
+        "data": {"name": cfg_data.name, "image_size": cfg_data.image_size,
+                 "num_classes": cfg_data.num_classes,
+                 "inputs": {s: src.fingerprint for s, src in sources.items()},
+                 "max_images": {s: options.max_images.get(s) for s in sources}},
+        "vae": _vae_fingerprint(cfg_vae, options),
+        "encoder": {"info": encoder.info.to_json() | {"weights": None},
+                    "weights_sha256": _weights_fingerprint(encoder.info.weights),
+                    "pca_rank_max": cfg_encoder.pca_rank_max,
+                    "store_features": cfg_encoder.store_features},
+        "pca": {"path_sha256": _weights_fingerprint(options.pca_path and
+                                                    str(Path(options.pca_path).with_suffix(
+                                                        ".safetensors"))),
+                "official_sha256": _weights_fingerprint(options.official_pca)},
+        "shard_size": options.shard_size,
+        "classifier": (asdict(_classifier_settings(cfg_data, options)) | {"seed": options.seed}
+                       if _wants_classifier(cfg_data, options) else None),
+    }
+
+
+def _classifier_settings(cfg_data, options: PrepareOptions) -> ClassifierSettings:
+    """The classifier settings in effect: on Fashion-MNIST it must reach 90% (DESIGN.md)."""
+    settings = options.classifier
+    if cfg_data.name == "fashion_mnist" and settings.min_test_accuracy == 0.0:
+        settings = replace(settings, min_test_accuracy=0.9)
+    return settings
+
+
+def _wants_classifier(cfg_data, options: PrepareOptions) -> bool:
+    return options.train_classifier and cfg_data.name in CLASSIFIER_DATASETS
+
+
+def _plan(sources: dict[str, ImageSource], options: PrepareOptions) -> list[tuple[str, int, range]]:
+    """Every shard as (split, shard index, image indices), in a fixed order."""
+    plan = []
+    for split, source in sources.items():
+        limit = options.max_images.get(split)
+        n = len(source) if limit is None else min(len(source), int(limit))
+        for shard in range(math.ceil(n / options.shard_size)):
+            plan.append((split, shard, range(shard * options.shard_size,
+                                             min(n, (shard + 1) * options.shard_size))))
+    return plan
+
+
+def _enc_name(split: str, index: int) -> str:
+    return shard_name(split, index).replace(".safetensors", ".enc.safetensors")
+
+
+def _same_settings(out: Path, settings_hash: str) -> bool:
+    path = out / "settings.json"
+    return path.is_file() and json.loads(path.read_text()).get("settings_hash") == settings_hash
+
+
+def _claim_folder(out: Path, settings_hash: str, settings: dict, options: PrepareOptions) -> None:
+    """Refuse (or with overwrite, clear) a folder that holds another settings' work."""
+    path = out / "settings.json"
+    if path.is_file():
+        previous = json.loads(path.read_text()).get("settings_hash")
+        if previous != settings_hash:
+            if not options.overwrite:
+                raise PrepareError(f"{out} holds a prepare with other settings (hash {previous} vs "
+                                   f"{settings_hash}); choose another data.prepared_dir or pass "
+                                   "overwrite=True (--overwrite) to replace it")
+            for name in ("train", "test", "vae", "classifier"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in (MANIFEST, "settings.json", "pca.safetensors", "pca.json",
+                         "pca_stats.safetensors"):
+                (out / name).unlink(missing_ok=True)
+    atomic_write_json(path, {"settings_hash": settings_hash, "settings": settings})
+
+
+def _encode_shard(vae: LatentVAE, encoder: SemanticEncoder, source: ImageSource, indices: range,
+                  batch_size: int, fit_pca: bool, bar,
+                  device: torch.device = CPU) -> dict[str, torch.Tensor]:
+    """Pass 1 for one shard: moments, float16 features, labels, indices (+ float64 PCA sums)."""
+    moments, features = [], []
+    stats = PCAStats(encoder.info.channels) if fit_pca else None
+    for start in range(indices.start, indices.stop, batch_size):
+        batch = range(start, min(indices.stop, start + batch_size))
+        images = source.images(batch).to(device)
+        moments.append(vae.encode_moments(images).cpu())
+        feats = encoder.encode(images).cpu()  # (B, D, gh, gw) float32
+        if stats is not None:
+            stats.update(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))
+        features.append(feats.half())
+        bar.update(len(batch))
+    out = {"moments": torch.cat(moments), "features": torch.cat(features),
+           "labels": source.labels[indices.start: indices.stop].clone(),
+           "indices": torch.arange(indices.start, indices.stop, dtype=torch.int64)}
+    if stats is not None:
+        out |= stats.to_tensors()
+    return out
+
+
+def _ensure_embedded_assets(out: Path, cfg_data, cfg_vae, sources: dict[str, ImageSource],
+                            options: PrepareOptions, task_index: int) -> None:
+    """Train the embedded VAE and the evaluation classifier when they are missing (task 0)."""
+    need_vae = cfg_vae.kind == "embedded" and not cfg_vae.path and \
+        not (out / "vae" / "config.json").is_file()
+    need_classifier = _wants_classifier(cfg_data, options) and classifier_info(out / "classifier") is None
+    if not (need_vae or need_classifier):
+        return
+    if task_index != 0:
+        raise PrepareError("the embedded VAE/classifier are trained by array task 0; run task 0 "
+                           "first (or prepare once with task_count=1), then the other tasks")
+    train = sources.get("train") or open_split(cfg_data, "train")
+    train_images = train.images(range(len(train)))
+    if need_vae:
+        print("prepare: training the embedded AutoencoderKL ...", flush=True)
+        summary = train_embedded_vae(train_images, options.vae, options.seed, out / "vae",
+                                     options.progress)
+        print(f"prepare: VAE done in {summary['seconds']:.0f}s, PSNR {summary['train_psnr_db']:.1f} dB, "
+              f"scaling factor {summary['scaling_factor']:.4f}", flush=True)
+    if need_classifier:
+        test = sources.get("test") or open_split(cfg_data, "test")
+        print("prepare: training the evaluation classifier ...", flush=True)
+        summary = train_classifier(train_images, train.labels, test.images(range(len(test))),
+                                   test.labels, cfg_data.num_classes,
+                                   _classifier_settings(cfg_data, options),
+                                   options.seed, out / "classifier", options.progress)
+        print(f"prepare: classifier test accuracy {summary['test_accuracy']:.4f} "
+              f"({summary['seconds']:.0f}s)", flush=True)
+
+
+def _supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
+                  settings_hash: str) -> Optional[PCAModel]:
+    """The PCA given by pca_path or official_pca, checked against the encoder (None: fit one)."""
+    info = encoder.info
+    if options.official_pca:
+        if _same_settings(out, settings_hash) and (out / "pca.safetensors").is_file():
+            # Converted by an earlier (killed or array) run of these settings, whose hash covers the
+            # pickle's sha256: read the safetensors copy and never unpickle the file again.
+            return PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
+        if options.trust_pickle and not info.encoder_id.startswith(OFFICIAL_PCA_ENCODER):
+            raise PCAError(f"official_pca (--official-pca) is ReDi's PCA of DINOv2 ViT-B/14-reg "
+                           f"features, but the encoder is {info.encoder_id!r}; set encoder.kind=dinov2 "
+                           "encoder.variant=vitb14_reg, or fit a PCA for this encoder (no --official-pca)")
+        model = import_official_pca(options.official_pca, info.encoder_id, options.trust_pickle)
+        model.check_matches(info.encoder_id, info.channels, where=options.official_pca)
+        return model
+    if options.pca_path:
+        return PCAModel.load(options.pca_path, info.encoder_id, info.channels)
+    return None
+
+
+def _fit_pca(out: Path, plan, encoder: SemanticEncoder) -> Optional[PCAModel]:
+    """Merge every train shard's sums (in shard order) and fit; None while some are missing."""
+    from safetensors.torch import load_file
+
+    train = [(split, index) for split, index, _ in plan if split == "train"]
+    if not train:
+        raise PrepareError("the PCA is fitted on the train split; include 'train' in splits or "
+                           "pass pca_path")
+    files = [out / _enc_name(split, index) for split, index in train]
+    if not all(f.is_file() for f in files):
+        return None
+    total = PCAStats(encoder.info.channels)
+    images = 0
+    for f in files:
+        tensors = load_file(str(f))
+        total.merge(PCAStats.from_tensors(tensors))
+        images += int(tensors["labels"].shape[0])
+    model = total.finalize(encoder.info.encoder_id, num_images=images)
+    atomic_save_safetensors(out / "pca_stats.safetensors", total.to_tensors(prefix=""))
+    model.save(out / "pca.safetensors")
+    return model
+
+
+def _project_shard(out: Path, split: str, index: int, pca: PCAModel, r_max: int,
+                   store_features: bool) -> None:
+    """Pass 2 for one shard: PCA coordinates from the stored features; final shard; drop pass 1."""
+    from safetensors.torch import load_file
+
+    enc = out / _enc_name(split, index)
+    tensors = load_file(str(enc))
+    final = {key: tensors[key] for key in ("moments", "labels", "indices")}
+    features = tensors["features"]
+    # Chunks of 64 images bound the float64 temporaries (ImageNet: 64 x 256 tokens x 768).
+    final["semantic"] = torch.cat([pca.project_map(features[i: i + 64].float(), r_max).float()
+                                   for i in range(0, len(features), 64)])
+    if store_features:
+        final["features"] = tensors["features"]
+    atomic_save_safetensors(out / shard_name(split, index), final,
+                            metadata={"format": FORMAT_VERSION, "split": split, "shard": str(index)})
+    enc.unlink()
+
+
+def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions] = None) -> Path:
+    """Prepare `cfg_data` with the VAE and semantic encoder of the configs (bench.config's
+    DataConfig, VAEConfig, EncoderConfig) into `cfg_data.prepared_dir`; returns that folder.
+
+    Returns after this task's share when other array tasks still have work; the folder is complete
+    when `manifest.json` exists. Read it with `bench.prepare.dataset.load_prepared`.
+    """
+    options = options or PrepareOptions()
+    if options.shard_size < 1 or options.batch_size < 1:
+        raise PrepareError("shard_size and batch_size must be >= 1")
+    task_index, task_count = _task(options)
+    out = Path(cfg_data.prepared_dir)
+    started = time.time()
+
+    # Everything that can fail cheaply fails before the first file is written.
+    sources = {split: open_split(cfg_data, split) for split in options.splits}
+    for split, source in sources.items():
+        if len(source) == 0:
+            raise DatasetError(f"the {split} split of data.name={cfg_data.name} is empty")
+        if int(source.labels.max()) >= cfg_data.num_classes:
+            raise PrepareError(f"labels go up to {int(source.labels.max())} but data.num_classes="
+                               f"{cfg_data.num_classes}; set data.num_classes to the class count")
+    encoder = build_semantic_encoder(cfg_encoder, cfg_data.image_size,
+                                     options.efficientnet_input_size)
+    if cfg_encoder.pca_rank_max > encoder.info.channels:
+        raise PrepareError(f"encoder.pca_rank_max={cfg_encoder.pca_rank_max} exceeds the encoder's "
+                           f"{encoder.info.channels} channels ({encoder.info.encoder_id})")
+    downsample = (2 ** (len(options.vae.block_out_channels) - 1) if cfg_vae.kind == "embedded"
+                  and not cfg_vae.path else None)
+    vae = None if downsample else load_vae(cfg_vae)
+    downsample = downsample or vae.info.downsample
+    if cfg_data.image_size % downsample:
+        raise PrepareError(f"data.image_size={cfg_data.image_size} is not a multiple of the VAE's "
+                           f"downsampling factor {downsample}")
+    settings = _settings(cfg_data, cfg_vae, cfg_encoder, options, sources, encoder)
+    settings_hash = sha256_json(settings)
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings_hash") == settings_hash:
+            print(f"prepare: {out} is up to date (settings {settings_hash[:12]})", flush=True)
+            return out
+    pca = _supplied_pca(encoder, options, out, settings_hash)  # validated before anything is written
+    if pca is None and "train" not in sources:
+        raise PrepareError("the PCA is fitted on the train split; include 'train' in splits or "
+                           "pass pca_path (a PCA fitted earlier)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_folder(out, settings_hash, settings, options)
+    if task_count == 1:
+        remove_stale_temporaries(out)
+        for split in sources:
+            remove_stale_temporaries(out / split)
+    if pca is not None and not (out / "pca.safetensors").is_file():
+        pca.save(out / "pca.safetensors")  # a supplied/imported PCA, converted once
+    elif pca is None and (out / "pca.safetensors").is_file():  # fitted by an earlier (array) run
+        info = encoder.info
+        pca = PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
+    _ensure_embedded_assets(out, cfg_data, cfg_vae, sources, options, task_index)
+    vae = vae or load_vae(cfg_vae, embedded_dir=out / "vae")
+    device = _device(options)
+    vae, encoder = vae.to(device), encoder.to(device)
+
+    plan = _plan(sources, options)
+    mine = [item for position, item in enumerate(plan) if position % task_count == task_index]
+    todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
+            and not (out / _enc_name(s, i)).is_file()]
+    from tqdm import tqdm
+
+    encode_start = time.time()
+    count = sum(len(r) for _, _, r in todo)
+    with tqdm(total=count, desc=f"prepare task {task_index}/{task_count}", unit="img",
+              disable=None if options.progress else True) as bar:  # None: only on a terminal
+        for split, index, indices in todo:
+            tensors = _encode_shard(vae, encoder, sources[split], indices, options.batch_size,
+                                    fit_pca=(split == "train"), bar=bar, device=device)
+            atomic_save_safetensors(out / _enc_name(split, index), tensors,
+                                    metadata={"format": FORMAT_VERSION, "pass": "1"})
+    encode_seconds = time.time() - encode_start
+    if count:
+        print(f"prepare: encoded {count} images in {encode_seconds:.1f}s "
+              f"({count / max(encode_seconds, 1e-9):.1f} images/s)", flush=True)
+
+    if pca is None and (out / "pca.safetensors").is_file():  # another task fitted it meanwhile
+        pca = PCAModel.load(out / "pca.safetensors", encoder.info.encoder_id, encoder.info.channels)
+    if pca is None:
+        pca = _fit_pca(out, plan, encoder)
+        if pca is None:
+            print("prepare: this task's shards are encoded; the PCA waits for the other tasks' "
+                  "train shards. Re-run prepare (any task) once they finish.", flush=True)
+            return out
+    for split, index, _ in mine:
+        if not (out / shard_name(split, index)).is_file():
+            _project_shard(out, split, index, pca, cfg_encoder.pca_rank_max,
+                           cfg_encoder.store_features)
+    if all((out / shard_name(s, i)).is_file() for s, i, _ in plan):
+        write_manifest(out, settings_hash, cfg_data, cfg_encoder, vae.info, encoder.info, pca,
+                       plan, classifier_info(out / "classifier"),
+                       {"last_task_seconds": time.time() - started,
+                        "encode_seconds": encode_seconds, "encoded_images": count})
+        print(f"prepare: finished {out} ({len(plan)} shards)", flush=True)
+    else:
+        print("prepare: this task is done; other tasks' shards are still missing", flush=True)
+    return out
+
+
+def prepare_embedded(prepared_dir: str | Path = "results/prepared", data_name: str = "fashion_mnist",
+                     options: Optional[PrepareOptions] = None, pca_rank_max: int = 16,
+                     data_root: Optional[str] = None) -> Path:
+    """The embedded default: Fashion-MNIST 32x32 (or digits for tests), the tiny AutoencoderKL and
+    the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max."""
+    from bench.config import DataConfig, EncoderConfig, VAEConfig
+
+    options = options or PrepareOptions()
+    cfg_data = DataConfig(name=data_name, root=data_root, image_size=32, num_classes=10,
+                          prepared_dir=str(prepared_dir))
+    cfg_encoder = EncoderConfig(kind="efficientnet_lite0", pca_rank_max=pca_rank_max)
+    return run_prepare(cfg_data, VAEConfig(kind="embedded"), cfg_encoder, options)
+
+
+def _parse_max_images(values: list[str]) -> dict:
+    limits = {}
+    for value in values:
+        split, _, count = value.partition("=")
+        if not count.isdigit():
+            raise PrepareError(f"--max-images {value!r}: write SPLIT=N, e.g. --max-images train=20000")
+        limits[split] = int(count)
+    return limits
+
+
+def main(argv=None) -> int:
+    """`bench prepare [key=value ...] [options]`: the data/vae/encoder groups of the experiment
+    config say what to prepare (the same overrides as `bench train`), the options how."""
+    import argparse
+    import sys
+
+    from bench.compose import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="bench prepare",
+        description="Images -> VAE latent moments and PCA-reduced semantic features, as shards in "
+                    "data.prepared_dir. Resumable; on SLURM, one shard list per array task "
+                    "(sbatch --array=0-N-1 ... bench prepare ... reads SLURM_ARRAY_TASK_ID/COUNT).",
+        epilog="Examples:\n  bench prepare                                  # the embedded default "
+               "(Fashion-MNIST)\n  bench prepare scale=paper data.root=/data/imagenet "
+               "vae.path=/models/sd-vae-ft-ema encoder.weights=/models/dinov2_vitb14_reg4_pretrain.pth"
+               "\n  (data.root holds train/<class>/ and val/<class>/; scale=paper is ImageNet 256 with "
+               "SD-VAE and DINOv2-B/14-reg)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="config overrides (data.*, vae.*, encoder.*)")
+    defaults = PrepareOptions()
+    parser.add_argument("--shard-size", type=int, default=defaults.shard_size)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--task-index", type=int, help="array task (default: $SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--task-count", type=int, help="array size (default: $SLURM_ARRAY_TASK_COUNT)")
+    parser.add_argument("--splits", default=",".join(defaults.splits), help="comma-separated")
+    parser.add_argument("--max-images", action="append", default=[], metavar="SPLIT=N",
+                        help="keep the first N images of a split")
+    parser.add_argument("--pca", dest="pca_path", help="use this PCA (.safetensors) instead of fitting")
+    parser.add_argument("--official-pca", help="import ReDi's pcs/dino_pca_model.pth (a pickle)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow unpickling --official-pca (only for a file you trust)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a prepared folder that holds other settings")
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-classifier", action="store_true",
+                        help="do not train the evaluation classifier (fashion_mnist, digits)")
+    args = parser.parse_intermixed_args(  # overrides may follow options
+        list(sys.argv[1:] if argv is None else argv))
+    cfg = load_config(args.overrides)
+    options = PrepareOptions(
+        shard_size=args.shard_size, batch_size=args.batch_size, task_index=args.task_index,
+        task_count=args.task_count, splits=tuple(s for s in args.splits.split(",") if s),
+        max_images=_parse_max_images(args.max_images), pca_path=args.pca_path,
+        official_pca=args.official_pca, trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+        device=args.device, seed=args.seed, progress=not args.no_progress,
+        train_classifier=not args.no_classifier)
+    out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options)  # errors: one line (bench.cli)
+    print(f"prepare: output in {out}", flush=True)
+    return 0

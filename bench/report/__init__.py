@@ -1,0 +1,12 @@
+"""Report: a grid's run folders as the paper's tables, plots and speed-ups. Reads only files.
+
+- `summary`:     `bench report`: `gather` (tidy tables), `summarize` (a `Report`), `main`
+- `records`:     the `Gathered` tables and the `Report` the other modules render
+- `common`:      shared vocabulary: metric names and labels, provenance fields, `ReportError`
+- `groups`:      conditions (spec + varying settings) and provenance groups
+- `stats`:       seed means with 95% t-intervals and the speed-up (`mean_ci95`, `speedup`)
+- `published`:   the paper's numbers from `results/paper/*.csv`: `load_paper_numbers`
+- `paper_match`: the paper's number beside a measured one, or why it is not comparable
+- `tables`:      Markdown, LaTeX and CSV output: `render_markdown`, `write_report`
+- `plots`:       convergence and loss plots: `plot_convergence`, `plot_losses`
+"""

@@ -1,0 +1,151 @@
+"""The paper's number beside a measured one (`results/paper/`, read through bench.report.published).
+
+It gets a difference only when the setting is the paper's (ImageNet 256, Inception, 50K samples,
+same table, model, method and iterations); otherwise the paper's number of the corresponding
+full-scale setting is shown once, as labelled context, with no difference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from bench.report.common import PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
+from bench.report.groups import guidance_of, model_name
+
+
+@dataclass(frozen=True)
+class PaperMatch:
+    value: float
+    comparable: bool  # False: context only, no difference is computed
+    label: str        # the paper's setting, e.g. "SiT-XL/2 w/ ReDi, 400K (table1)"
+    reason: str       # why it is context only ("" when comparable)
+    same_step: bool = True  # False: context from another training length
+
+
+def paper_method(spec: str, guidance: dict) -> str:
+    """The paper's `method` for a spec evaluated with this guidance (redi_rg without RG = redi)."""
+    if spec == "redi_rg" and float(guidance.get("rg_scale") or 1.0) == 1.0:
+        return "redi"
+    return spec
+
+
+def paper_cfg(guidance: dict) -> str:
+    scale = guidance.get("cfg_scale")
+    return "none" if scale in (None, 1, 1.0) else str(guidance.get("cfg_channels", "latent"))
+
+
+def not_comparable_reasons(cfg: dict, provenance: str, metric: str) -> list[str]:
+    """Why a measured number cannot be compared with the paper's ImageNet-256 FID-50K."""
+    p = json.loads(provenance)
+    data = (cfg.get("data.name"), as_int(cfg.get("data.image_size")),
+            as_int(cfg.get("data.num_classes")))
+    reasons = [] if data == ("imagefolder", 256, 1000) else [
+        f"trained on {cfg.get('data.name')} at {cfg.get('data.image_size')} px, not ImageNet 256"]
+    if metric not in PAPER_METRICS:
+        reasons.append(f"{metric} is not a metric of the paper")
+    if not str(p.get("feature_network")).startswith("inception"):
+        reasons.append(f"{p.get('feature_network')} features, not Inception-v3")
+    if as_int(p.get("n_samples")) != 50_000:
+        reasons.append(f"n={p.get('n_samples')} samples, the paper uses 50K")
+    return reasons
+
+
+def _filter(rows: pd.DataFrame, column: str, value: Any, *, soft: bool = False) -> pd.DataFrame:
+    """Rows equal to `value` (None: no filter); `soft` keeps all rows when none is equal."""
+    if value is None:
+        return rows
+    if isinstance(value, float):
+        kept = rows[np.isclose(rows[column].astype("float64"), value, rtol=0, atol=1e-9)]
+    else:  # NA (a cell the paper leaves empty) never equals a value
+        kept = rows.loc[np.array([False if pd.isna(v) else v == value for v in rows[column]],
+                                 dtype=bool)]
+    return rows if soft and kept.empty else kept
+
+
+def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenance: str,
+                metric: str, step: int, context: dict | None = None) -> PaperMatch | None:
+    """The paper's number for a measured cell: exact when comparable, else context only.
+
+    Exact: same table, metric, model, method, fusion, conditioning, r, CFG/RG setting and
+    iterations. Context: the same method in the regenerated table at full scale, the grid's
+    `paper: {model, iterations}` if it names one, else same family, largest model, earliest length.
+    """
+    # An FD of other features is set beside the paper's FID only as context.
+    paper_metric = metric if metric in PAPER_METRICS else (
+        "fid" if metric.startswith("fd_") else None)
+    if paper.empty or not tables or paper_metric is None:
+        return None
+    guidance = guidance_of(provenance)
+    method = paper_method(str(cfg.get("spec")), guidance)
+    reasons = not_comparable_reasons(cfg, provenance, metric)
+    rows = paper[paper["table"].isin(list(tables)) & (paper["metric"] == paper_metric)]
+    for column, value in (("method", method), ("fusion", cfg.get("model.fusion")),
+                          ("conditional", bool(cfg.get("model.conditional", True))),
+                          ("cfg", paper_cfg(guidance))):
+        rows = _filter(rows, column, value)
+    if method.startswith("redi"):
+        rows = _filter(rows, "pca_rank", as_int(cfg.get("model.pca_rank")), soft=bool(reasons))
+    if method == "redi_rg":
+        rows = _filter(rows, "rg_scale", float(guidance.get("rg_scale")), soft=bool(reasons))
+    if not reasons:
+        rows = _filter(rows, "model", model_name(cfg))
+        rows = _filter(rows, "iterations", int(step))
+        if paper_cfg(guidance) != "none":
+            rows = _filter(rows, "cfg_scale", float(guidance["cfg_scale"]))
+        # Tables repeat rows (Table 9 = Table 1 at 400K): the grid's first table wins.
+        rows = next((rows[rows["table"] == t] for t in tables if (rows["table"] == t).sum() == 1),
+                    rows)
+        if len(rows) != 1:
+            return None
+        row = rows.iloc[0]
+        protocol = _sampler_protocol(json.loads(provenance))
+        if row["sampler"] and protocol != row["sampler"]:  # e.g. ODE Euler vs the paper's SDE
+            return PaperMatch(float(row["value"]), False, _paper_label(row),
+                              f"sampled with {protocol}, the paper with {row['sampler']}")
+        return PaperMatch(float(row["value"]), True, _paper_label(row), "")
+    context = context or {}
+    family = "DiT" if cfg.get("objective.transport") == "ddpm" else "SiT"
+    rows = rows[rows["iterations"].notna()]
+    rows = _filter(rows, "model", context.get("model"), soft=True)
+    rows = _filter(rows, "iterations", as_int(context.get("iterations")), soft=True)
+    same_family = rows[rows["model"].str.startswith(family)]
+    rows = (same_family if not same_family.empty else rows).assign(
+        _size=lambda r: r["size"].map(SIZE_RANK).fillna(-1))
+    if rows.empty:
+        return None
+    row = rows.sort_values(["_size", "iterations"], ascending=[False, True], kind="stable").iloc[0]
+    return PaperMatch(float(row["value"]), False, _paper_label(row), "; ".join(reasons),
+                      same_step=False)
+
+
+def _sampler_protocol(provenance: dict) -> str:
+    """The paper's sampler vocabulary: 'ddpm-250', 'sde-em-250'; other samplers as 'euler-25'."""
+    name = {"sde": "sde-em"}.get(str(provenance.get("sampler")), str(provenance.get("sampler")))
+    return f"{name}-{provenance.get('num_sampling_steps')}"
+
+
+def _paper_label(row: pd.Series) -> str:
+    name = row["model"] + SPEC_SUFFIX.get(row["method"], f" {row['method']}")
+    if row["method"] == "redi_rg":
+        name = f"{row['model']} w/ ReDi + RG (w_r={row['rg_scale']:g})"
+    return f"{name}, {fmt_steps(int(row['iterations']))} ({row['table']})"
+
+
+def paper_tables(grid: dict) -> list[str]:
+    regenerates = grid.get("regenerates") or []
+    return [regenerates] if isinstance(regenerates, str) else [str(t) for t in regenerates]
+
+
+def load_paper(notes: list[str]) -> pd.DataFrame:
+    from bench.report.published import PaperNumbersError, load_paper_numbers
+
+    try:
+        return load_paper_numbers()
+    except PaperNumbersError as err:
+        notes.append(f"paper numbers not available ({err}): no paper column")
+        return pd.DataFrame()

@@ -1,0 +1,286 @@
+"""`bench report NAME`: a grid's runs as tables beside the paper's numbers, plots and speed-ups.
+
+Reads only `results/` (run folders and `results/paper/`) and the grid's YAML; imports nothing from
+training (style_anchors §8). Three tidy tables come first, as in lingua's `analysis.py`:
+`runs` (one row per run, config.json flattened with `pd.json_normalize`), `metrics` (metrics.jsonl)
+and `evals` (eval.jsonl joined with its run's config). Everything else is computed from them:
+
+- a row is a *condition* (spec plus every result-changing setting that varies within a spec,
+  seed excepted) at an evaluated step; its seeds give a mean and a 95% t-interval;
+- eval rows whose provenance (evaluator, reference, sample count, sampler, guidance, weights)
+  differs are never averaged; per (setting, metric) the main table holds one evaluator (that of
+  the largest provenance group) and one provenance per condition; every other row is set apart
+  in its own table, with the fields that differ;
+- the paper's number gets a difference only when the setting is the paper's (ImageNet 256,
+  Inception, 50K samples, same table, model, method, iterations); otherwise the paper's number of
+  the corresponding full-scale setting is shown once, as labelled context, with no difference;
+- the speed-up "reaches the baseline's final FID N times sooner" (Fig. 2) is interpolated linearly
+  in log(step) on the method's seed-mean curve.
+
+The work is split over bench/report_*.py: `report_common` (the vocabulary), `report_groups`
+(conditions and provenance groups), `report_paper` (the paper's numbers), `report_stats` (seed
+statistics and speed-ups) and `report_tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
+folders into tidy tables, summarizes them into a `Report` (bench/report/records.py) and holds the
+command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from bench.launch import grids
+from bench.report.common import (
+    EVAL_ALIASES,
+    PROVENANCE_FIELDS,
+    SEED_COLUMN,
+    ReportError,
+    metric_rank,
+)
+from bench.report.groups import (
+    assign_groups,
+    evaluator_label,
+    label_runs,
+    per_run_values,
+    provenance_difference,
+    rank_provenance,
+)
+from bench.report.paper_match import (
+    load_paper,
+    match_paper,
+    paper_tables,
+)
+from bench.report.records import CELL_COLUMNS, Gathered, Report
+from bench.report.stats import find_speedups, mean_ci95
+from bench.report.tables import (
+    blocks,
+    to_markdown,
+    write_report,
+)
+
+# ------------------------------------------------------------------------------------------------
+# Run folders: results/runs/<grid>/<spec>-<hash>/{config.json, metrics.jsonl, eval.jsonl, DONE}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; an unterminated last line (a writer mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ReportError(f"{path} line {number}: not valid JSON ({err}); fix or delete "
+                              "that line") from None
+        if not isinstance(row, dict):
+            raise ReportError(f"{path} line {number}: expected a JSON object, got "
+                              f"{type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def flatten_config(config: dict) -> dict[str, Any]:
+    """One flat row of a config.json (keys joined with '.'); lists become JSON text."""
+    flat = pd.json_normalize(config, sep=".").iloc[0].to_dict()
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()}
+
+
+def load_grid_spec(name: str, runs_root: Path) -> tuple[dict, list[tuple[Path, Any, Any]] | None]:
+    """The grid's fields and its expected runs (folder, config, eval steps) via bench.launch.grids.
+
+    Without the grid's YAML (a folder of runs from elsewhere) the expected runs are None: the report
+    then shows the folders that exist and cannot list runs that were never started.
+    """
+    if name not in grids.list_grids():
+        return {"name": name}, None
+    grid = grids.load_grid(name)
+    fields = {k: getattr(grid, k) for k in ("name", "regenerates", "specs", "axes", "eval", "paper", "baseline")}
+    # Re-rooted: the grid knows results/runs, the user may pass --runs-root.
+    expected = [(runs_root / name / cell.run_dir.name, dataclasses.asdict(cell.cfg), cell.eval_steps)
+                for cell in grids.expand(grid)]
+    return fields, expected
+
+
+def gather(name: str, runs_root: str | Path = "results/runs", grid: dict | None = None) -> Gathered:
+    """Every run of grid `name` as the tidy tables runs, metrics and evals.
+
+    `grid` (the YAML's fields as a dict) replaces reading ablations/grids/NAME.yaml; the runs are
+    then the folders found under `runs_root/NAME`.
+    """
+    runs_root = Path(runs_root)
+    expected = None
+    if grid is None:
+        grid, expected = load_grid_spec(name, runs_root)
+    found = sorted(p for p in (runs_root / name).glob("*")
+                   if p.is_dir() and not p.name.startswith("."))
+    notes = []
+    if expected is None:
+        expected = [(p, None, None) for p in found]
+        notes.append("runs never started are not listed: the rows come from the run folders "
+                     f"found, not from bench.launch.grids.expand({name!r})")
+    elif stray := sorted({p.name for p in found} - {folder.name for folder, *_ in expected}):
+        notes.append(f"run folders not in the grid (ignored): {', '.join(stray)}")
+    if not expected:
+        raise ReportError(f"no runs for grid {name!r} under {runs_root / name}; train some first "
+                          f"(`bench grid {name}`) or pass --runs-root")
+    run_rows, metric_rows, eval_rows = [], [], []
+    for folder, config, eval_steps in expected:
+        ticks = [{"run": folder.name, **t} for t in read_jsonl(folder / "metrics.jsonl")]
+        metric_rows += ticks
+        # guidance as canonical JSON text: one provenance field, not flattened into columns
+        eval_rows += [{"run": folder.name, **{EVAL_ALIASES.get(k, k): v for k, v in r.items()},
+                       "guidance": json.dumps(r.get("guidance"), sort_keys=True)}
+                      for r in read_jsonl(folder / "eval.jsonl")]
+        run_rows.append({**_run_row(folder, config, ticks),
+                         "expected_steps": json.dumps(sorted(int(s) for s in eval_steps or []))})
+    runs = pd.DataFrame(run_rows)
+    metrics = pd.DataFrame(metric_rows) if metric_rows else pd.DataFrame(columns=["run", "step"])
+    # Only the run's identity columns: the full config per log tick would be mostly repetition.
+    ids = [c for c in ("run", "spec", SEED_COLUMN) if c in runs.columns]
+    metrics = metrics.merge(runs[ids], on="run", how="left", suffixes=("", ".run"))
+    evals = pd.json_normalize(eval_rows, sep=".") if eval_rows else pd.DataFrame(
+        columns=["run", "step", "metric", "value"])
+    for column in (*PROVENANCE_FIELDS, "setting", "seed", "created_at"):
+        if column not in evals.columns:
+            evals[column] = None
+    evals = evals.merge(runs, on="run", how="left", suffixes=("", ".run"))
+    return Gathered(name, dict(grid), runs, metrics, evals, notes)
+
+
+def _run_row(folder: Path, config: dict | None, ticks: list[dict]) -> dict[str, Any]:
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
+    status = ("done" if (folder / "DONE").exists() else "training" if ticks
+              else "started" if folder.is_dir() else "not started")
+    last_step = max((int(t["step"]) for t in ticks if "step" in t), default=None)
+    row = {"run": folder.name, "run_dir": str(folder), "status": status, "last_step": last_step}
+    return {**row, **flatten_config(config)} if config else row
+
+
+# ------------------------------------------------------------------------------------------------
+# The summary every output is rendered from
+
+
+def _grid_settings(grid: dict) -> list[str]:
+    settings = (grid.get("eval") or {}).get("settings") or []
+    return [str(s.get("name")) if isinstance(s, dict) else str(s) for s in settings]
+
+
+def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None = None) -> Report:
+    """Aggregate seeds, separate provenance groups, attach the paper's numbers, find speed-ups."""
+    runs, conditions = label_runs(g.runs, g.grid)
+    values = per_run_values(g.evals).merge(runs[["run", "condition"]], on="run", how="left")
+    measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
+    metric = metric or next((m for m in ("fid", "fd_classifier", "fd_dinov2") if m in measured),
+                            measured[0] if measured else "fid")
+    if measured and metric not in measured:
+        raise ReportError(f"--metric {metric!r} was not measured in grid {g.name!r}; "
+                          f"measured metrics: {measured}")
+    notes = list(g.notes)
+    paper = load_paper(notes) if paper is None else paper
+    tables = paper_tables(g.grid)
+    if not tables:
+        notes.append("the grid does not say which paper table it regenerates: no paper column")
+    configs = runs.dropna(subset=["spec"]).groupby("condition").first() \
+        if "spec" in runs else pd.DataFrame()
+    seed_of = dict(zip(runs["run"], runs[SEED_COLUMN])) if SEED_COLUMN in runs else {}
+    n_runs = dict(zip(conditions["condition"], conditions["n_runs"]))
+    grid_steps = sorted({int(s) for s in ((g.grid.get("eval") or {}).get("steps") or [])})
+    expected = {c: json.loads(t) or grid_steps
+                for c, t in zip(conditions["condition"], conditions["expected_steps"])}
+    rows, missing = [], []
+
+    def add(setting: str, name: str, group: int, reason: str, condition: str,
+            provenance: str, steps: Sequence[int], part: pd.DataFrame) -> None:
+        cfg = configs.loc[condition].to_dict() if condition in configs.index else {}
+        for step in steps:
+            cell = part[(part["condition"] == condition) & (part["step"] == step)
+                        & (part["provenance"] == provenance)]
+            mean, half, n = mean_ci95(cell["value"])
+            if n == 0:
+                missing.append(f"{setting}/{name}: {condition} at step {step}")
+            match = match_paper(paper, tables, cfg, provenance, name, step,
+                                g.grid.get("paper")) if cfg else None
+            if match and not match.same_step and step != steps[-1]:
+                match = None  # context of another length is shown once, at the final length
+            rows.append({
+                "setting": setting, "metric": name, "group": group, "provenance": provenance,
+                "set_apart_reason": reason, "condition": condition, "spec": cfg.get("spec"),
+                "evaluator": evaluator_label(name, provenance, cfg.get("data.name")),
+                "step": int(step), "n_seeds": n, "n_runs": n_runs[condition], "mean": mean,
+                "half_width": half, "ci_low": mean - half, "ci_high": mean + half,
+                "seeds": json.dumps(sorted(int(seed_of[r]) for r in cell["run"] if r in seed_of)),
+                "paper": match.value if match else math.nan,
+                "paper_comparable": bool(match and match.comparable),
+                "paper_label": match.label if match else "",
+                "paper_reason": match.reason if match else "",
+                "diff": mean - match.value if match and match.comparable else math.nan})
+
+    for (setting, name), frame in values.groupby(["setting", "metric"], sort=True):
+        main, apart = assign_groups(frame)
+        fallback = rank_provenance(frame)[0]
+        in_main = [main.get(c) == p for c, p in zip(frame["condition"], frame["provenance"])]
+        main_steps = sorted(frame.loc[in_main, "step"].unique())
+        for condition in conditions["condition"]:
+            provenance = main.get(condition, fallback)
+            own = frame[(frame["condition"] == condition) & (frame["provenance"] == provenance)]
+            steps = sorted({*(expected[condition] or main_steps), *own["step"]})
+            add(setting, name, 0, "", condition, provenance, steps, frame)
+        for index, provenance in enumerate(apart, start=1):
+            part = frame[frame["provenance"] == provenance]
+            for condition in conditions["condition"]:
+                if main.get(condition) == provenance or condition not in set(part["condition"]):
+                    continue
+                reason = provenance_difference(provenance, main.get(condition, fallback))
+                steps = sorted(part.loc[part["condition"] == condition, "step"].unique())
+                add(setting, name, index, reason, condition, provenance, steps, part)
+    missing += [f"setting {s}: nothing measured yet" for s in dict.fromkeys(_grid_settings(g.grid))
+                if s not in set(values["setting"])]
+    cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
+    final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
+    speedups = find_speedups(cells, conditions, metric, g.grid, final)
+    return Report(g, metric, conditions, cells, speedups, missing, notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`bench report NAME [--runs-root R] [--out O] [--metric M]`: print the tables, write files."""
+    parser = argparse.ArgumentParser(prog="bench report", description="Tables beside the paper's "
+                                     "numbers, convergence plots and speed-ups of one grid.")
+    parser.add_argument("name", metavar="NAME", help="grid name (ablations/grids/NAME.yaml)")
+    parser.add_argument("--runs-root", default="results/runs", help="default: %(default)s")
+    parser.add_argument("--out", default="results/reports", help="files go to OUT/NAME "
+                        "(default: %(default)s)")
+    parser.add_argument("--metric", default=None, help="primary metric of plots and speed-ups "
+                        "(default: fid if measured, else fd_classifier)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        report = summarize(gather(args.name, args.runs_root), args.metric)
+        out = write_report(report, Path(args.out) / args.name, plots=not args.no_plots)
+    except ReportError as err:
+        print(f"bench report: error: {err}", file=sys.stderr)
+        return 2
+    for setting, title, _, table in blocks(report):
+        print(f"\n{args.name}, setting {setting}: {title}\n{to_markdown(table)}")
+    for s in report.speedups:
+        print(f"speed-up [{s['setting']}]: {s['sentence']}")
+    if report.missing:
+        print(f"not measured yet: {len(report.missing)} cells (listed in report.md)")
+    print(f"wrote {out}")
+    return 0

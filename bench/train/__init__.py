@@ -1,0 +1,8 @@
+"""Train: one run, resumable bit for bit, on one process or many (DDP).
+
+- `build`:       config + prepared manifest -> network (`build_model`) and objective (`build_transport`)
+- `loop`:        `bench train`: the training loop, its data order and logging (`train`, `main`)
+- `checkpoint`:  atomic safetensors + JSON checkpoints: `save_checkpoint`, `load_checkpoint`, `list_checkpoints`
+- `official`:    released SiT-ReDi checkpoint files -> a JointDiT (`load_official_checkpoint`)
+- `distributed`: process groups from torchrun, submitit or a single process: `init_distributed`
+"""

@@ -1,0 +1,555 @@
+"""`bench train`: one training run, resumable, on one process or many (DDP).
+
+Run folder (`bench.identity.run_dir(cfg)`): `config.json` (the resolved config, written once),
+`checkpoints/<step>/` (bench.train.checkpoint), `metrics.jsonl` (one JSON line per log tick, rank 0) and
+`DONE` once the checkpoint at `train.max_steps` exists. Re-running a finished run returns at once;
+re-running an unfinished one resumes from its newest valid checkpoint, bit-exactly.
+
+Randomness and ranks (why a run does not depend on the number of ranks). Each step takes the global
+batch of B samples at positions [step*B, (step+1)*B) of an endless stream of per-epoch permutations
+(`GlobalBatchSampler`, seeded by (seed, epoch)): the position is a function of the step, so resume
+continues the exact order. EVERY rank assembles the whole global batch of latent moments, PCA
+coordinates and labels (a few MB), draws the VAE posterior noise and calls the objective on all B
+samples with the same seeded generators, so every rank draws exactly the numbers a single process
+would. Only the network is split: `_RankRows` runs it on rank r's rows [r*B/W, (r+1)*B/W) and fills
+the other rows with the other ranks' outputs (all_gather, detached). Every rank therefore computes
+the single-process loss on the single-process draws, but back-propagates only through its own rows;
+scaling the loss by W before DDP's gradient averaging gives exactly the single-process gradient.
+REPA is the exception that keeps its large tensors local: projector outputs and encoder targets of
+other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
+global mean and the logged value is the sum over ranks.
+
+Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
+natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
+the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
+slower for the embedded default (width 128), which therefore pins train.precision=fp32 (bench perf
+rows in results/readme/perf/).
+Optimiser and EMA: fused AdamW and one foreach lerp for the EMA (`bench perf` times exactly these).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from bench.atomic import atomic_write_text
+from bench.compose import dumps, from_dict, load_config
+from bench.config import ConfigError, ExperimentConfig
+from bench.identity import identity_dict, run_hash
+from bench.identity import run_dir as default_run_dir
+from bench.train import checkpoint as ckpt
+from bench.train import distributed as dist_utils
+from bench.train.build import build_model, build_transport
+from models.backbone import BackboneOutput
+
+CONFIG_FILE, DONE_FILE, METRICS_FILE = "config.json", "DONE", "metrics.jsonl"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf; training stopped before the bad update."""
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """A 63-bit seed for one named random stream of a run (independent streams, stable across versions)."""
+    text = "/".join(str(part) for part in (seed, *names))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class GlobalBatchSampler:
+    """Global batch `step` = positions [step*B, (step+1)*B) of the concatenated per-epoch permutations."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(self.num_items, generator=generator)
+        return self._perms[epoch]
+
+    def position(self, step: int) -> dict:
+        """The stream position before global batch `step` (saved in checkpoints)."""
+        seen = step * self.batch_size
+        return {"samples_seen": seen, "epoch": seen // self.num_items, "offset": seen % self.num_items}
+
+    def indices(self, step: int) -> torch.Tensor:
+        positions = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        epochs, offsets = positions // self.num_items, positions % self.num_items
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            out[mask] = self.permutation(epoch)[offsets[mask]]
+        return out
+
+
+def _encoder_matches(kind: str, variant: str, encoder_id: str) -> bool:
+    if kind == "dinov2":
+        return encoder_id.startswith(f"dinov2_{variant}_") and encoder_id.endswith("px") and \
+            encoder_id[len(f"dinov2_{variant}_"):-2].isdigit()
+    return encoder_id.startswith(f"{kind}_")
+
+
+def check_prepared(cfg: ExperimentConfig, manifest: dict, prepared_dir: str) -> None:
+    """ConfigError when the prepared shards do not fit the config (nothing has been written yet)."""
+    where = f"data.prepared_dir={prepared_dir}"
+    encoder_id = manifest["encoder"]["encoder_id"]
+    if not _encoder_matches(cfg.encoder.kind, cfg.encoder.variant, encoder_id):
+        wanted = cfg.encoder.kind + (f" {cfg.encoder.variant}" if cfg.encoder.kind == "dinov2" else "")
+        raise ConfigError(f"{where}: shards from another encoder ({encoder_id!r}) but encoder.kind/"
+                          f"variant ask for {wanted}; point data.prepared_dir at shards of this encoder "
+                          "or re-run `bench prepare`")
+    for key in ("name", "image_size", "num_classes"):
+        if manifest["data"][key] != getattr(cfg.data, key):
+            raise ConfigError(f"{where}: shards were prepared with data.{key}={manifest['data'][key]!r}, "
+                              f"the config says {getattr(cfg.data, key)!r}")
+    if manifest["vae"]["kind"] != cfg.vae.kind:
+        raise ConfigError(f"{where}: shards were encoded by a {manifest['vae']['kind']!r} VAE, the config "
+                          f"says vae.kind={cfg.vae.kind!r}")
+    if cfg.vae.kind == "diffusers" and not math.isclose(manifest["scaling_factor"], cfg.vae.scaling_factor):
+        raise ConfigError(f"{where}: shards record vae.scaling_factor={manifest['scaling_factor']}, the "
+                          f"config says {cfg.vae.scaling_factor}")
+    if cfg.semantic_channels > manifest["r_max"]:
+        raise ConfigError(f"model.pca_rank={cfg.model.pca_rank} exceeds the {manifest['r_max']} PCA "
+                          f"coordinates stored in {prepared_dir} (r_max); lower model.pca_rank or re-run "
+                          "`bench prepare` with a larger encoder.pca_rank_max")
+    if cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
+        raise ConfigError(f"objective.lambda_repa > 0 needs the raw encoder features, but {prepared_dir} "
+                          "was prepared with encoder.store_features=false; re-run prepare with "
+                          "encoder.store_features=true or set encoder.online_features=true")
+
+
+class TrainingData:
+    """The train split of the prepared folder and how one global batch becomes model inputs.
+
+    The REPA target is the stored raw encoder features (default) or, with encoder.online_features,
+    the encoder run on this rank's images each step (the official code's way; the images are read
+    again from data.name through the shards' `indices`).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, manifest: dict, device: torch.device) -> None:
+        from bench.prepare.dataset import load_prepared
+
+        self.cfg, self.device = cfg, device
+        self.use_features = cfg.objective.lambda_repa > 0
+        self.online = self.use_features and cfg.encoder.online_features
+        self.dataset = load_prepared(cfg.data.prepared_dir, "train", max(cfg.semantic_channels, 1),
+                                     whiten=cfg.model.whiten, with_features=self.use_features and not self.online)
+        self.scaling_factor = float(manifest["scaling_factor"])
+        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
+        if self.online:
+            self._open_encoder(manifest)
+
+    def _open_encoder(self, manifest: dict) -> None:
+        from safetensors import safe_open
+
+        from bench.prepare.encoders import build_semantic_encoder
+        from bench.prepare.sources import open_split
+
+        self.encoder = build_semantic_encoder(self.cfg.encoder, self.cfg.data.image_size,
+                                              int(manifest["encoder"]["input_size"])).to(self.device)
+        if self.encoder.info.encoder_id != manifest["encoder"]["encoder_id"]:
+            raise ConfigError(f"encoder.online_features: the encoder is {self.encoder.info.encoder_id!r} but "
+                              f"the shards were prepared with {manifest['encoder']['encoder_id']!r}")
+        self.images = open_split(self.cfg.data, "train")
+        parts = []
+        for shard in self.dataset.shards:  # dataset row -> image index in the split
+            with safe_open(str(shard), framework="pt") as handle:
+                parts.append(handle.get_tensor("indices").clone())
+        self.image_index = torch.cat(parts)
+
+    def _rows(self, indices: torch.Tensor, local: slice) -> dict[str, torch.Tensor]:
+        ds, stored = self.dataset, self.use_features and not self.online
+        if ds.in_memory:
+            out = {"moments": ds.moments[indices], "semantic": ds.semantic[indices], "label": ds.labels[indices]}
+            if stored:
+                out["features"] = ds.features[indices[local]]
+        else:  # larger-than-memory splits: item by item from the memory-mapped shards
+            items = [ds[int(i)] for i in indices]
+            out = {key: torch.stack([item[key] for item in items]) for key in ("moments", "semantic", "label")}
+            if stored:
+                out["features"] = torch.stack([item["features"] for item in items[local]])
+        if self.online:
+            images = self.images.images(self.image_index[indices[local]].tolist())
+            out["features"] = self.encoder.encode(images.to(self.device))  # (B_local, D, gh, gw)
+        return out
+
+    def batch(self, step: int, generator: torch.Generator, local: slice, token_grid: int):
+        """(x, z, y, align_target) of global batch `step`; align_target has zeros outside `local`."""
+        from bench.prepare.encoders import align_to_grid, sample_latents
+
+        rows = self._rows(self.sampler.indices(step), local)
+        moments = rows["moments"].to(self.device, torch.float32)
+        x = sample_latents(moments, self.scaling_factor, generator)  # (B, C_x, h, w), official sample_posterior
+        z = rows["semantic"].to(self.device, torch.float32) if self.cfg.semantic_channels else None
+        y = rows["label"].to(self.device, torch.long)
+        if not self.cfg.model.conditional:
+            y = torch.zeros_like(y)
+        target = None
+        if self.use_features:
+            feats = align_to_grid(rows["features"].to(self.device, torch.float32), (token_grid, token_grid))
+            feats = feats.flatten(2).transpose(1, 2)  # (B_local, L, D), row-major tokens as the backbone
+            target = feats.new_zeros((x.shape[0], *feats.shape[1:]))
+            target[local] = feats
+        return x, z, y, target
+
+
+# ----------------------------------------------------------------------------------------------
+# Model pieces
+
+
+class _RankRows:
+    """Runs the network on this rank's rows of the global batch; see the module docstring."""
+
+    def __init__(self, net: nn.Module, rank: int, world: int, local_batch: int) -> None:
+        self.net, self.rank, self.world = net, rank, world
+        self.rows = slice(rank * local_batch, (rank + 1) * local_batch)
+
+    def _gather(self, local: torch.Tensor) -> torch.Tensor:
+        local = local.float()
+        parts = dist_utils.all_gather_rows(local)
+        parts[self.rank] = local  # keep the autograd graph on our own rows
+        return torch.cat(parts)
+
+    def _pad(self, local: torch.Tensor) -> torch.Tensor:
+        local = local.float()
+        before = local.new_zeros((self.rows.start, *local.shape[1:]))
+        after = local.new_zeros(((self.world - 1 - self.rank) * local.shape[0], *local.shape[1:]))
+        return torch.cat([before, local, after])
+
+    def __call__(self, x, t, y, z=None) -> BackboneOutput:
+        r = self.rows
+        out = self.net(x[r], t[r], y[r], None if z is None else z[r])
+        return BackboneOutput(self._gather(out.x), None if out.z is None else self._gather(out.z),
+                              None if out.aligned is None else self._pad(out.aligned))
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
+    AMX-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively."""
+    if setting == "fp32" or (setting == "auto" and not native_bf16(device)):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use auto or fp32")
+    return torch.bfloat16
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (Table 8), with torch's fused kernel wherever this build
+    has one for the parameters' device (CUDA, and CPU since torch 2.4): the same update, one kernel."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                  weight_decay=cfg.optim.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype in this build
+        return torch.optim.AdamW(params, **kwargs)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for every parameter, as one foreach kernel:
+    lerp(e, p, 1 - decay) = e + (1 - decay)(p - e), equal to the official loop up to rounding."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+@torch.no_grad()
+def update_ema_official(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """The official code's update_ema: a Python loop of mul_/add_ (bench perf's reference mode)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folder
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_saved_config(run_dir: Path, cfg: ExperimentConfig) -> bool:
+    """True if `run_dir` already has a config.json; ConfigError if it describes another run."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return False
+    saved, current = _flatten(identity_dict(from_dict(json.loads(path.read_text())))), _flatten(identity_dict(cfg))
+    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differ[:5])
+        raise ConfigError(f"{run_dir} holds a run with another configuration ({shown}); use a fresh "
+                          "run folder or the saved config")
+    return True
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines past the checkpoint we resume from (they will be logged again)."""
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _logged_step(line) <= last_step]
+        if len(kept) != len(lines):
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    state.update({name: g.get_state() for name, g in generators.items()})
+    return state
+
+
+def _restore_rng(state: dict[str, torch.Tensor], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    cuda = [state[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in state]
+    if torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    for name, generator in generators.items():
+        generator.set_state(state[name])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
+    """Train `cfg` in `run_dir` (default: its identity folder), resuming if it has checkpoints.
+
+    Every check that can fail (config vs. saved config, prepared shards vs. config, model and
+    objective settings, batch vs. ranks) runs before the first file is written. Returns the run folder.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    joined = dist_utils.is_distributed()  # a caller's process group is left alone at the end
+    info = dist_utils.init_distributed()
+    owns_group = info.world_size > 1 and not joined
+    try:
+        return _train(cfg, run_dir, info)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
+    from bench.prepare.dataset import PreparedDataError, read_manifest
+    from bench.prepare.encoders import EncoderError
+    from bench.prepare.sources import DatasetError
+
+    device, world, main = info.device, info.world_size, info.is_main
+    has_config = _check_saved_config(run_dir, cfg)
+    final_ckpt = ckpt.checkpoint_path(run_dir, cfg.train.max_steps)
+    if has_config and (run_dir / DONE_FILE).is_file() and (final_ckpt / ckpt.META_FILE).is_file():
+        if main:
+            print(f"train: {run_dir} is finished (step {cfg.train.max_steps}); nothing to do", flush=True)
+        return run_dir
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
+    try:
+        manifest = read_manifest(cfg.data.prepared_dir)
+        check_prepared(cfg, manifest, cfg.data.prepared_dir)
+        data = TrainingData(cfg, manifest, device)
+    except (PreparedDataError, EncoderError, DatasetError) as err:
+        raise ConfigError(str(err)) from None
+    torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
+    model = build_model(cfg, manifest).to(device)
+    transport = build_transport(cfg, manifest)
+    autocast_dtype = resolve_precision(cfg.train.precision, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the official code trains fp32 with TF32
+        torch.backends.cudnn.allow_tf32 = True
+    ema = copy.deepcopy(model).requires_grad_(False)  # initialised from the model (official)
+    optimizer = build_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    generators = {name: torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, name))
+                  for name in ("objective", "latent_noise")}
+
+    # -- first write: the run folder, its config, leftovers of a killed writer -----------------
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not has_config:
+            atomic_write_text(run_dir / CONFIG_FILE, dumps(cfg) + "\n")
+        ckpt.remove_stale_temporaries(run_dir)
+    dist_utils.barrier()
+
+    start = 0
+    resume = ckpt.select_resume_checkpoint(run_dir) if main else None
+    resume_step = dist_utils.broadcast_int(-1 if resume is None else int(resume.name))
+    if resume_step >= 0:
+        meta, rng = ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, resume_step), model=model, ema=ema,
+                                         optimizer=optimizer, device=device)
+        _restore_rng(rng, generators)
+        start = int(meta["step"])
+        if meta["state"].get("prepared") != manifest.get("settings_hash") or \
+                meta["state"]["data"] != data.sampler.position(start):
+            raise ConfigError(f"{run_dir} was trained on other prepared data (settings "
+                              f"{meta['state'].get('prepared')}) than {cfg.data.prepared_dir} holds now "
+                              f"({manifest.get('settings_hash')}); point data.prepared_dir at the original "
+                              "shards or start a new run")
+        if main:
+            print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
+            _truncate_metrics(run_dir / METRICS_FILE, start)
+
+    local_batch = cfg.train.batch_size // world
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    forward = _RankRows(net, info.rank, world, local_batch) if world > 1 else net
+    local_rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
+    token_grid = model.config.grid_size
+    keep = set(cfg.train.milestones) | {cfg.train.max_steps}
+    state_extra = {"run_hash": run_hash(cfg), "world_size": world, "prepared": manifest.get("settings_hash"),
+                   "precision": "fp32" if autocast_dtype is None else "bf16", "tf32": device.type == "cuda"}
+
+    from tqdm import tqdm
+
+    # tqdm draws on stderr: show the bar when that is a terminal (a batch job's log gets the JSON lines).
+    bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+               disable=not (main and sys.stderr.isatty()))
+    sums: dict[str, torch.Tensor] = {}
+    tick_steps, tick_time, began = 0, time.perf_counter(), time.time()
+    last_saved = start
+    model.train()
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        x, z, y, align = data.batch(step - 1, generators["latent_noise"], local_rows, token_grid)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            losses = transport.training_losses(forward, x, z, y, generators["objective"], align_target=align)
+        (losses["loss"] * world).backward()  # x W: DDP averages, the loss is already the global mean
+        grads = [p.grad for p in params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        bad = (~torch.isfinite(losses["loss"].detach()) | ~torch.isfinite(grad_norm)).float()
+        if dist_utils.all_reduce_mean(bad).item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {step} (loss={losses['loss'].item():.4g}, "
+                f"grad_norm={grad_norm.item():.4g}); stopped before the update. The last good checkpoint "
+                f"is step {last_saved} in {run_dir / ckpt.CKPT_DIRNAME}. Lower optim.lr, set "
+                "optim.max_grad_norm (e.g. 1.0)" + (" or train.precision=fp32" if autocast_dtype else ""))
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.max_grad_norm, grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg.train.ema_decay)
+
+        for key, value in losses.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+        tick_steps += 1
+        bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            record = _log_record(sums, tick_steps, world, cfg, step, time.perf_counter() - tick_time,
+                                 time.time() - began, device)
+            if main:
+                with open(run_dir / METRICS_FILE, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            sums, tick_steps, tick_time = {}, 0, time.perf_counter()
+        if step % cfg.train.ckpt_every == 0 or step in keep:  # keep = milestones and the final step
+            if main:
+                ckpt.save_checkpoint(run_dir, step, model=model, ema=ema, optimizer=optimizer,
+                                     rng=_rng_state(generators),
+                                     state={"data": data.sampler.position(step), **state_extra})
+                ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
+            last_saved = step
+            dist_utils.barrier()
+    bar.close()
+    if main:
+        atomic_write_text(run_dir / DONE_FILE, json.dumps({"step": cfg.train.max_steps, "time": time.time()}) + "\n")
+        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
+    dist_utils.barrier()
+    return run_dir
+
+
+def _log_record(sums: dict, steps: int, world: int, cfg: ExperimentConfig, step: int, seconds: float,
+                elapsed: float, device: torch.device) -> dict:
+    """Mean of every logged term over the steps since the last tick, made global over ranks."""
+    keys = sorted(sums)
+    means = dist_utils.all_reduce_mean(torch.stack([sums[k] for k in keys]) / steps)
+    values = dict(zip(keys, means.tolist()))
+    if "loss/repa" in values and world > 1:  # each rank holds its share of the REPA mean (docstring)
+        share = values["loss/repa"]
+        values["loss/repa"] = share * world
+        values["loss"] += cfg.objective.lambda_repa * share * (world - 1)
+    memory, kind = _peak_memory_mb(device)
+    return {"step": step, **values, "lr": cfg.optim.lr,
+            "images_per_s": steps * cfg.train.batch_size / max(seconds, 1e-9),
+            "peak_memory_mb": memory, "memory_kind": kind, "time": time.time(), "elapsed_s": elapsed}
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry points
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`bench train [key=value ...]` or `python -m bench.train.loop --config RUN/config.json [--run-dir DIR]`."""
+    parser = argparse.ArgumentParser(prog="bench train", description="Train one run (resumes if started).")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. spec=redi train.max_steps=100")
+    parser.add_argument("--config", help="a saved config.json instead of overrides")
+    parser.add_argument("--run-dir", help="run folder (default: results/runs/<grid>/<spec>-<hash>)")
+    args = parser.parse_intermixed_args(  # overrides may follow options
+        list(sys.argv[1:] if argv is None else argv))
+    if args.config and args.overrides:
+        parser.error("give either --config or overrides, not both")
+    cfg = from_dict(json.loads(Path(args.config).read_text())) if args.config else load_config(args.overrides)
+    try:
+        train(cfg, Path(args.run_dir) if args.run_dir else None)
+    except NonFiniteLossError as err:
+        print(f"bench train: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
