@@ -36,8 +36,15 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from models.flow import DROP_MODES, joint_mse, mean_flat
-from models.repa import repa_alignment_loss
+from models.joint_objective import (
+    AlignmentLoss,
+    JointObjective,
+    JointObjectiveConfig,
+    joint_mse,
+    joint_term,
+    logged_semantic,
+    mean_flat,
+)
 
 BETA_SCHEDULES = ("linear",)
 
@@ -47,28 +54,18 @@ BETA_SCHEDULES = ("linear",)
 
 
 @dataclass(frozen=True, kw_only=True)
-class DDPMConfig:
-    """Settings of the DiT transport (training objective); validated on construction.
+class DDPMConfig(JointObjectiveConfig):
+    """Settings of the DiT transport: the shared joint-objective fields (models.joint_objective:
+    lambda_z, p_drop, drop_mode, class_dropout_prob, lambda_repa, with the same names and meaning
+    as in FlowConfig) and the diffusion's own; validated on construction."""
 
-    drop_mode (same names and meaning as FlowConfig): "sample" (paper wording): each sample's
-    semantic input z_t is exact zeros with probability p_drop and its semantic terms are masked;
-    "batch_official" (released train_redi.py): one draw per step for the whole batch, and the
-    *clean* semantic target is zeroed before noising (input = scaled noise), lambda_z = 0 that step.
-    """
-
-    num_classes: int  # index num_classes is the null label (CFG); 1 for unconditional models
-    latent_channels: int
-    semantic_channels: int
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
     learn_sigma: bool = True  # DiT: eps + learned-range variance, hybrid loss
-    lambda_z: float = 1.0  # weight of every semantic term (eq. 6)
-    p_drop: float = 0.0  # modality drop for Representation Guidance (paper 0.2)
-    drop_mode: str = "sample"
-    class_dropout_prob: float = 0.1  # CFG label dropout (DiT default)
-    lambda_repa: float = 0.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise ValueError(f"DDPMConfig.{message}")
@@ -80,18 +77,6 @@ class DDPMConfig:
         # linear: beta_T = 0.02 * 1000 / T reaches 1 at T = 20, where abar_T = 0 and eps -> x_0 is singular.
         require(self.beta_schedule != "linear" or self.num_timesteps > 20,
                 f"num_timesteps must be > 20 for the linear schedule, got {self.num_timesteps}")
-        require(self.latent_channels >= 1, f"latent_channels must be >= 1, got {self.latent_channels}")
-        require(self.semantic_channels >= 0, f"semantic_channels must be >= 0, got {self.semantic_channels}")
-        require(self.num_classes >= 1, f"num_classes must be >= 1 (1 for unconditional), got {self.num_classes}")
-        for name in ("lambda_z", "lambda_repa"):
-            value = getattr(self, name)
-            require(math.isfinite(value) and value >= 0, f"{name} must be a finite weight >= 0, got {value}")
-        for name in ("p_drop", "class_dropout_prob"):
-            value = getattr(self, name)
-            require(0.0 <= value <= 1.0, f"{name} is a probability and must lie in [0, 1], got {value}")
-        require(self.p_drop == 0 or self.semantic_channels > 0,
-                "p_drop > 0 needs semantic_channels > 0 (nothing to drop); set p_drop=0")
-        require(self.drop_mode in DROP_MODES, f"drop_mode must be one of {DROP_MODES}, got {self.drop_mode!r}")
 
 
 def named_beta_schedule(name: str, num_timesteps: int) -> Tensor:
@@ -255,26 +240,12 @@ class DDPMTerms:
 class DDPMTransport:
     """DiT's hybrid objective on the joint (latent, semantic) input: eq. 5-6 plus the VLB term."""
 
-    def __init__(self, config: DDPMConfig) -> None:
+    def __init__(self, config: DDPMConfig, alignment_loss: AlignmentLoss | None = None) -> None:
+        """`alignment_loss(aligned, target) -> scalar` is the REPA term, as for FlowTransport;
+        defaults to models.repa.repa_alignment_loss (imported only when lambda_repa > 0)."""
         self.config = config
         self.diffusion = GaussianDiffusion.from_config(config)
-
-    def _check_inputs(self, x: Tensor, z: Optional[Tensor], y: Tensor, generator: torch.Generator) -> None:
-        cfg = self.config
-        if not isinstance(generator, torch.Generator):
-            raise ValueError("training_losses needs an explicit torch.Generator (all randomness is seeded)")
-        if x.ndim != 4 or x.shape[1] != cfg.latent_channels:
-            raise ValueError(f"x must be (B, {cfg.latent_channels}, H, W) (latent_channels), got {tuple(x.shape)}")
-        if cfg.semantic_channels == 0:
-            if z is not None:
-                raise ValueError("z given but DDPMConfig.semantic_channels is 0; pass z=None")
-        elif z is None or z.shape != (x.shape[0], cfg.semantic_channels, *x.shape[2:]):
-            got = None if z is None else tuple(z.shape)
-            raise ValueError(f"z must be (B, {cfg.semantic_channels}, H, W) on x's grid, got {got}")
-        if y.shape != (x.shape[0],) or y.dtype != torch.long:
-            raise ValueError(f"y must be a ({x.shape[0]},) long tensor, got {tuple(y.shape)} {y.dtype}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
-            raise ValueError(f"labels must lie in [0, {cfg.num_classes}] (index {cfg.num_classes} is null)")
+        self.objective = JointObjective(config, alignment_loss)
 
     def _split_output(self, out: Optional[Tensor], channels: int, name: str) -> tuple[Tensor, Optional[Tensor]]:
         """(B, k*C, H, W) -> eps (B, C, H, W), variance values (B, C, H, W) or None when k = 1."""
@@ -303,47 +274,33 @@ class DDPMTransport:
 
         Random draws, in this order, all from `generator` and whatever the settings (so the stream
         does not depend on p_drop etc., as in FlowTransport): t (B,) uniform on {0..T-1}; eps_x;
-        eps_z (if any); label uniforms (B,); drop uniforms (B,) ("batch_official" uses the first).
+        eps_z (if any); label uniforms (B,); drop uniforms (B,) ("batch_official" uses the first of
+        each of the `drop_groups` blocks; models.joint_objective).
         """
-        cfg, diff = self.config, self.diffusion
-        self._check_inputs(x, z, y, generator)
-        batch, gdev = x.shape[0], generator.device
+        cfg, diff, objective = self.config, self.diffusion, self.objective
+        objective.check_inputs(x, z, y, generator)
         dtype = torch.promote_types(x.dtype, torch.float32)  # loss math in >= float32
-        t = torch.randint(0, diff.num_timesteps, (batch,), generator=generator, device=gdev).to(x.device)
-
-        def normal(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, device=gdev, dtype=dtype).to(x.device)
-
+        t = torch.randint(0, diff.num_timesteps, (x.shape[0],), generator=generator, device=generator.device).to(x.device)
         x0 = x.to(dtype)
-        eps_x = normal(x0)
         z0 = None if z is None else z.to(dtype)
-        eps_z = None if z0 is None else normal(z0)  # independent noise, same t (eq. 5)
-        label_u = torch.rand(batch, generator=generator, device=gdev, dtype=dtype).to(x.device)
-        drop_u = torch.rand(batch, generator=generator, device=gdev, dtype=dtype).to(x.device)
-
+        draws = objective.draw(generator, x0, z0, dtype)  # independent noise, same t (eq. 5)
+        eps_x, eps_z = draws.eps_x, draws.eps_z
         # CFG label dropout per sample (DiT does it in its LabelEmbedder); null label = num_classes.
-        labels = torch.where(label_u < cfg.class_dropout_prob, torch.full_like(y, cfg.num_classes), y)
+        labels = objective.drop_labels(y, draws.label_u)
 
         x_t = diff.q_sample(x0, t, eps_x)
         z_t = kept = None
         if z0 is not None:
-            if cfg.drop_mode == "sample":
-                kept = drop_u >= cfg.p_drop  # (B,)
-                # Paper sec. 3.5 "zero out z_t": the exact-zeros null input RG uses at sampling.
-                z_t = torch.where(kept.view(-1, 1, 1, 1), diff.q_sample(z0, t, eps_z), torch.zeros_like(z0))
-            else:
-                dropped = bool(drop_u[0] < cfg.p_drop)
-                if dropped:
-                    z0 = torch.zeros_like(z0)  # official: clean target zeroed before noising
-                z_t = diff.q_sample(z0, t, eps_z)
-                kept = torch.full((batch,), not dropped, dtype=torch.bool, device=x.device)
+            kept, z0 = objective.modality_drop(z0, draws.drop_u)
+            # "sample": the exact-zeros null input RG uses at sampling (paper sec. 3.5 "zero out z_t").
+            z_t = objective.semantic_input(diff.q_sample(z0, t, eps_z), kept)
 
         out = model(x_t, t.to(dtype), labels, z=z_t)  # DiT: the integer index as a float
         eps_pred_x, var_x = self._split_output(out.x, cfg.latent_channels, "x")
         eps_pred_z = var_z = None
         if z0 is not None:
             eps_pred_z, var_z = self._split_output(out.z, cfg.semantic_channels, "z")
-        # eq. 6 per modality, each averaged over its own elements (shared with the flow transport).
+        # eq. 6 per modality, each averaged over its own elements (models.joint_objective).
         mse = joint_mse(eps_pred_x, eps_x, eps_pred_z, eps_z, kept, 1.0)
         zero = torch.zeros((), dtype=dtype, device=x.device)
         # torch.where (not a product): a dropped sample's term is exactly 0 whatever its value.
@@ -357,16 +314,7 @@ class DDPMTransport:
                 vlb_z = diff.vb_terms_bpd(z0, z_t, t, eps_pred_z.detach().to(dtype), var_z.to(dtype))
                 vlb_semantic = torch.where(kept, vlb_z, zero)
 
-        repa = None
-        if cfg.lambda_repa > 0:
-            if out.aligned is None or align_target is None:
-                raise ValueError(
-                    "lambda_repa > 0 needs the model's projector output (build the backbone with a "
-                    "projector) and align_target (encoder features); got "
-                    f"aligned={'None' if out.aligned is None else 'tensor'}, "
-                    f"align_target={'None' if align_target is None else 'tensor'}"
-                )
-            repa = repa_alignment_loss(out.aligned, align_target)
+        repa = objective.alignment_term(out.aligned, align_target)
         return DDPMTerms(t, labels, kept, mse.latent, semantic_mse, vlb_latent, vlb_semantic, repa)
 
     def training_losses(
@@ -389,21 +337,13 @@ class DDPMTransport:
         """
         cfg = self.config
         terms = self.per_sample_losses(model, x, z, y, generator, align_target)
-        per_sample = terms.latent_mse
+        # Semantic terms are already masked: joint_term adds lambda_z * each (eq. 6, official lam).
+        per_sample = joint_term(terms.latent_mse, terms.semantic_mse, None, cfg.lambda_z)
         losses = {"loss/latent": terms.latent_mse.mean().detach()}
         if terms.semantic_mse is not None:
-            per_sample = per_sample + cfg.lambda_z * terms.semantic_mse
-            kept = terms.semantic_kept
-            losses["loss/semantic"] = (terms.semantic_mse.sum() / kept.sum().clamp(min=1)).detach()
+            losses["loss/semantic"] = logged_semantic(terms.semantic_mse, terms.semantic_kept)
         if terms.vlb_latent is not None:
-            vlb = terms.vlb_latent
-            if terms.vlb_semantic is not None:
-                vlb = vlb + cfg.lambda_z * terms.vlb_semantic
+            vlb = joint_term(terms.vlb_latent, terms.vlb_semantic, None, cfg.lambda_z)
             per_sample = per_sample + vlb
             losses["loss/vlb"] = vlb.mean().detach()
-        loss = per_sample.mean()
-        if terms.repa is not None:
-            loss = loss + cfg.lambda_repa * terms.repa
-            losses["loss/repa"] = terms.repa.detach()
-        losses["loss"] = loss
-        return losses
+        return self.objective.finish(per_sample, terms.repa, losses)

@@ -15,26 +15,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
+from models.joint_objective import (
+    AlignmentLoss,
+    JointObjective,
+    JointObjectiveConfig,
+    joint_mse,
+    logged_semantic,
+)
+
 PATHS = ("linear", "gvp")
-DROP_MODES = ("sample", "batch_official")
 DIFFUSION_FORMS = ("sigma", "linear", "constant")
-
-AlignmentLoss = Callable[[Tensor, Tensor], Tensor]
-
-
-def mean_flat(x: Tensor) -> Tensor:
-    """Mean over every dimension except the batch: (B, ...) -> (B,)."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
-
-
-def _at_least_f32(x: Tensor) -> Tensor:
-    """Cast half/bfloat16 to float32 (loss math stays in float32 under autocast); keep float64."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _broadcast_t(t: Tensor | float, like: Tensor) -> Tensor:
@@ -104,84 +99,20 @@ class FlowPath:
 
 
 # ----------------------------------------------------------------------------
-# Joint loss (shared with the DDPM transport)
-
-
-class JointMSE(NamedTuple):
-    """Per-sample terms of the joint loss, each (B,)."""
-
-    total: Tensor  # latent + lambda_z * semantic on kept samples; latent alone on dropped ones
-    latent: Tensor  # mean_flat((pred_x - target_x)^2)
-    semantic: Tensor | None  # mean_flat((pred_z - target_z)^2), unmasked; None without z
-
-
-def joint_mse(
-    pred_x: Tensor,
-    target_x: Tensor,
-    pred_z: Tensor | None,
-    target_z: Tensor | None,
-    keep_z: Tensor | None,
-    lambda_z: float,
-) -> JointMSE:
-    """Joint per-modality MSE (ReDi eq. 6 / eq. 18, reduction as in the official code).
-
-    Each modality is averaged over its own elements (mean over C, H, W per sample), then
-    total = latent + lambda_z * semantic. `keep_z` (B,) bool marks samples whose semantic term
-    counts; a dropped sample's semantic term is exactly 0 (torch.where, not a product, so a
-    dropped sample contributes 0 and no gradient). keep_z None means every sample is kept.
-    Predictions are cast to float32 (float64 stays) before the difference.
-    """
-    latent = mean_flat((_at_least_f32(pred_x) - _at_least_f32(target_x)) ** 2)
-    if pred_z is None or target_z is None:
-        if (pred_z is None) != (target_z is None):
-            raise ValueError("joint_mse: pred_z and target_z must both be tensors or both be None")
-        return JointMSE(total=latent, latent=latent, semantic=None)
-    semantic = mean_flat((_at_least_f32(pred_z) - _at_least_f32(target_z)) ** 2)
-    weighted = lambda_z * semantic
-    if keep_z is not None:
-        weighted = torch.where(keep_z.to(device=semantic.device, dtype=torch.bool), weighted, torch.zeros_like(weighted))
-    return JointMSE(total=latent + weighted, latent=latent, semantic=semantic)
-
-
-# ----------------------------------------------------------------------------
 # Configuration and transport
 
 
 @dataclass(frozen=True, kw_only=True)
-class FlowConfig:
-    """Settings of the flow objective. `num_classes` is the null label index used for CFG."""
+class FlowConfig(JointObjectiveConfig):
+    """Settings of the flow objective: the shared joint-objective fields (models.joint_objective)
+    and the interpolation path."""
 
-    num_classes: int
-    latent_channels: int
-    semantic_channels: int
     path: str = "linear"
-    lambda_z: float = 1.0  # weight of the semantic term (eq. 18)
-    p_drop: float = 0.0  # modality drop probability for Representation Guidance (paper 0.2)
-    drop_mode: str = "sample"  # "sample" (paper) or "batch_official" (released code)
-    class_dropout_prob: float = 0.1  # label dropout for CFG (SiT default)
-    lambda_repa: float = 0.0  # REPA weight (official 0.5)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.path not in PATHS:
             raise ValueError(f"FlowConfig.path must be one of {PATHS}, got {self.path!r}")
-        if self.drop_mode not in DROP_MODES:
-            raise ValueError(f"FlowConfig.drop_mode must be one of {DROP_MODES}, got {self.drop_mode!r}")
-        for name in ("p_drop", "class_dropout_prob"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"FlowConfig.{name} is a probability and must lie in [0, 1], got {value}")
-        for name in ("lambda_z", "lambda_repa"):
-            value = getattr(self, name)
-            if not (value >= 0.0 and math.isfinite(value)):
-                raise ValueError(f"FlowConfig.{name} must be a finite weight >= 0, got {value}")
-        if self.num_classes < 1:
-            raise ValueError(f"FlowConfig.num_classes must be >= 1 (1 for unconditional), got {self.num_classes}")
-        if self.latent_channels < 1:
-            raise ValueError(f"FlowConfig.latent_channels must be >= 1, got {self.latent_channels}")
-        if self.semantic_channels < 0:
-            raise ValueError(f"FlowConfig.semantic_channels must be >= 0, got {self.semantic_channels}")
-        if self.semantic_channels == 0 and self.p_drop > 0:
-            raise ValueError("FlowConfig.p_drop > 0 needs semantic channels; set p_drop=0 for a latent-only model")
 
 
 class FlowTransport:
@@ -192,24 +123,7 @@ class FlowTransport:
         models.repa.repa_alignment_loss (imported only when lambda_repa > 0)."""
         self.config = config
         self.path = FlowPath(config.path)
-        if alignment_loss is None and config.lambda_repa > 0:
-            from models.repa import repa_alignment_loss as alignment_loss
-        self.alignment_loss = alignment_loss
-
-    def _check_inputs(self, x: Tensor, z: Tensor | None, y: Tensor) -> None:
-        cfg = self.config
-        if x.ndim != 4 or x.shape[1] != cfg.latent_channels:
-            raise ValueError(f"x must be (B, {cfg.latent_channels}, H, W), got {tuple(x.shape)}")
-        if cfg.semantic_channels == 0:
-            if z is not None:
-                raise ValueError("z given but FlowConfig.semantic_channels is 0; pass z=None")
-        elif z is None or z.shape != (x.shape[0], cfg.semantic_channels, *x.shape[2:]):
-            got = None if z is None else tuple(z.shape)
-            raise ValueError(f"z must be (B, {cfg.semantic_channels}, H, W) on x's grid, got {got}")
-        if y.shape != (x.shape[0],):
-            raise ValueError(f"y must be (B,) = ({x.shape[0]},), got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
-            raise ValueError(f"labels must lie in [0, {cfg.num_classes}] (index {cfg.num_classes} is null)")
+        self.objective = JointObjective(config, alignment_loss)
 
     @staticmethod
     def _prediction(out_channels: Tensor, channels: int, name: str) -> Tensor:
@@ -237,50 +151,31 @@ class FlowTransport:
         Modality drop (Representation Guidance, paper §3.5), probability p_drop:
         - "sample" (paper's wording, default): per sample, the semantic INPUT z_t is exact zeros
           (the null input guided_prediction uses at inference) and its semantic loss is masked.
-        - "batch_official" (released train_redi.py): one decision per step for the whole local
-          batch (drop uniform [0]); the CLEAN semantic target is zeroed before noising, so the
-          input is z_t = sigma_t * eps_z (scaled noise, not zeros), and lambda_z = 0 for the step.
+        - "batch_official" (released train_redi.py): one decision per step for each process's
+          local batch (`drop_groups` blocks of rows, each on its first drop uniform); the CLEAN
+          semantic target is zeroed before noising, so the input is z_t = sigma_t * eps_z (scaled
+          noise, not zeros), and lambda_z = 0 for the block.
+        (models.joint_objective.JointObjective.modality_drop)
 
         Returns `loss` (to backprop), `loss/latent`, and `loss/semantic` (only when C_z > 0;
         mean over the samples not dropped; 0 when every sample was dropped) and `loss/repa`
         (only when lambda_repa > 0). The logged terms are detached.
         """
-        cfg = self.config
-        self._check_inputs(x, z, y)
-        batch = x.shape[0]
+        cfg, objective = self.config, self.objective
+        objective.check_inputs(x, z, y, generator)
         dtype = torch.promote_types(x.dtype, torch.float32)
-        gdev = generator.device
-
-        def uniform(*shape: int) -> Tensor:
-            return torch.rand(shape, generator=generator, device=gdev, dtype=dtype).to(x.device)
-
-        def normal(like: Tensor) -> Tensor:
-            return torch.randn(like.shape, generator=generator, device=gdev, dtype=dtype).to(x.device)
-
-        t = uniform(batch)  # same t for both modalities (eq. 18)
+        t = torch.rand((x.shape[0],), generator=generator, device=generator.device, dtype=dtype).to(x.device)
         x1 = x.to(dtype)
-        eps_x = normal(x1)
         z1 = None if z is None else z.to(dtype)
-        eps_z = None if z1 is None else normal(z1)  # independent noise per modality
-        label_u = uniform(batch)
-        drop_u = uniform(batch)
+        draws = objective.draw(generator, x1, z1, dtype)  # same t, independent noise per modality (eq. 18)
+        y_in = objective.drop_labels(y, draws.label_u)
 
-        # CFG label dropout: index num_classes is the null label.
-        y_in = torch.where(label_u < cfg.class_dropout_prob, torch.full_like(y, cfg.num_classes), y)
-
-        x_t, u_x = self.path.interpolate(t, x1, eps_x)
+        x_t, u_x = self.path.interpolate(t, x1, draws.eps_x)
         z_in = u_z = keep_z = None
         if z1 is not None:
-            if cfg.drop_mode == "sample":
-                keep_z = drop_u >= cfg.p_drop  # (B,)
-                z_t, u_z = self.path.interpolate(t, z1, eps_z)
-                z_in = torch.where(keep_z.view(-1, 1, 1, 1), z_t, torch.zeros_like(z_t))
-            else:
-                dropped = bool(drop_u[0] < cfg.p_drop)
-                if dropped:
-                    z1 = torch.zeros_like(z1)  # official: x1[:, latent:] = 0 before interpolation
-                z_in, u_z = self.path.interpolate(t, z1, eps_z)
-                keep_z = torch.full((batch,), not dropped, dtype=torch.bool, device=x.device)
+            keep_z, z1 = objective.modality_drop(z1, draws.drop_u)
+            z_t, u_z = self.path.interpolate(t, z1, draws.eps_z)
+            z_in = objective.semantic_input(z_t, keep_z)
 
         out = model(x_t, t, y_in, z=z_in)
         pred_x = self._prediction(out.x, cfg.latent_channels, "x")
@@ -291,23 +186,7 @@ class FlowTransport:
             pred_z = self._prediction(out.z, cfg.semantic_channels, "z")
 
         terms = joint_mse(pred_x, u_x, pred_z, u_z, keep_z, cfg.lambda_z)
-        loss = terms.total.mean()
         losses = {"loss/latent": terms.latent.mean().detach()}
         if terms.semantic is not None:
-            kept = keep_z.sum()
-            kept_sum = torch.where(keep_z, terms.semantic, torch.zeros_like(terms.semantic)).sum()
-            # All samples dropped: nothing was learned on the semantic term this step; log 0.
-            losses["loss/semantic"] = (kept_sum / kept.clamp(min=1)).detach()
-        if cfg.lambda_repa > 0:
-            if out.aligned is None or align_target is None:
-                raise ValueError(
-                    "lambda_repa > 0 needs the model's projector output (out.aligned; build the "
-                    "backbone with a projector) and align_target (encoder features); got "
-                    f"aligned={'None' if out.aligned is None else 'tensor'}, "
-                    f"align_target={'None' if align_target is None else 'tensor'}"
-                )
-            repa = self.alignment_loss(_at_least_f32(out.aligned), _at_least_f32(align_target))
-            loss = loss + cfg.lambda_repa * repa
-            losses["loss/repa"] = repa.detach()
-        losses["loss"] = loss
-        return losses
+            losses["loss/semantic"] = logged_semantic(terms.semantic, keep_z)
+        return objective.finish(terms.total, objective.alignment_term(out.aligned, align_target), losses)

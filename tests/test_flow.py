@@ -8,7 +8,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from models.flow import FlowConfig, FlowTransport, joint_mse
+from models.flow import FlowConfig, FlowTransport
+from models.joint_objective import joint_mse
 
 F64 = torch.float64
 CX, CZ, NUM_CLASSES = 3, 2, 7
