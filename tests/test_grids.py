@@ -220,6 +220,15 @@ def test_unknown_grid_lists_the_available_ones():
     (lambda t: t.replace("{name: plain}", "{name: 'no cfg'}"), "needs a name of letters"),
     (lambda t: t.replace("{spec: latent_only, width: wide}", "{spec: latent_only, colour: wide}"),
      r"unknown key\(s\) \['colour'\] in exclude"),
+    # Types and keys come from the schema (GridSchema merged through OmegaConf); the message still
+    # names the grid, where the key is, and what was expected.
+    (lambda t: t.replace("train.max_steps=20]}", "train.max_steps=20], colour: red}"),
+     r"grid rules .*unknown key\(s\) \['colour'\] in patches\[0\]; valid keys: \['match', 'overrides', 'eval_steps'\]"),
+    (lambda t: t.replace("steps: [10, 30]", "steps: [10, ten]"), r"grid rules .*: eval\.steps\[1\] must be int, got 'ten'"),
+    (lambda t: t.replace("eval_steps: [10]", "eval_steps: 10"), r"cells\[1\]\.eval_steps must be list\[int\], got 10"),
+    (lambda t: t + "resources: {hours: many}\n", r": resources\.hours must be Optional\[float\], got 'many'"),
+    (lambda t: t + "resources: {nodes: -1}\n", r"resources\.nodes must be a non-negative number"),
+    (lambda t: t.replace("{name: plain}", "{overrides: []}"), r"eval\.settings\[0\] needs `name`"),
 ])
 def test_malformed_grids_fail_with_one_clear_error(tmp_path, edit, message):
     grid_text = edit(RULES)
@@ -240,3 +249,33 @@ def test_report_reads_grids_through_this_module(tmp_path):
     fields, expected = load_grid_spec("smoke", tmp_path)
     assert fields["regenerates"] == [] and fields["eval"]["settings"][0]["name"] == "default"
     assert [item[0].name for item in expected] == [Path(p).name for p in SMOKE.values()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 15.6: the smoke grid's evaluation is valid on real data, and the command line wins
+
+
+def test_smoke_eval_has_enough_samples_for_the_prepared_classifier():
+    """FD needs at least as many samples as feature dimensions; `bench prepare` trains the
+    classifier with ClassifierSettings' defaults, the features the smoke grid is scored on."""
+    from bench.prepare.embedded import ClassifierSettings
+
+    grid = load_grid("smoke")
+    for cell in expand(grid):
+        for setting in settings_for(grid, cell):
+            cfg = eval_config(cell, setting)
+            assert cfg.eval.feature_network == "classifier"
+            assert cfg.eval.num_samples >= ClassifierSettings().feature_dim
+
+
+def test_command_line_eval_overrides_win_over_the_grids_eval_settings():
+    grid = load_grid("smoke")
+    cells = expand(grid, ["eval.num_samples=300", "eval.batch_size=50"])
+    for cell in cells:
+        for setting in settings_for(grid, cell):
+            cfg = eval_config(cell, setting)
+            assert (cfg.eval.num_samples, cfg.eval.batch_size) == (300, 50)  # the user's, not the grid's 128/64
+            assert cfg.eval.num_sampling_steps == 2  # what the user did not type stays the grid's
+    plain = expand(grid)  # without a command line the grid's settings apply
+    assert eval_config(plain[0], settings_for(grid, plain[0])[0]).eval.num_samples == 128
+    assert [c.run_dir for c in cells] == [c.run_dir for c in plain]  # eval.* never changes identity

@@ -139,7 +139,7 @@ def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path)
     for cell in expand("smoke", overrides):
         evals = launch_jobs.read_jsonl(cell.run_dir / "eval.jsonl")
         assert {(r["step"], r["metric"]) for r in evals} == {(s, m) for s in (2, 4) for m in launch_jobs.metric_names(cell.cfg)}
-        assert all(r["n"] == 16 and r["sampling_steps"] == 2 for r in evals)  # the grid's eval overrides
+        assert all(r["n"] == 128 and r["sampling_steps"] == 2 for r in evals)  # the grid's eval overrides
     assert submit_grid("smoke", debug=True, overrides=overrides, quiet=True).submitted == 0
     assert submit_grid("smoke", stage="eval", debug=True, overrides=overrides, quiet=True).submitted == 0
 

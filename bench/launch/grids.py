@@ -16,38 +16,106 @@ A grid is specs x axes x seeds in a few lines (ablations/README.md has the full 
     eval: {steps: [...], overrides: [...], settings: [{name, overrides, match}], resources: {...}}
     resources: {gpus_per_node: 8, nodes: 1, hours: 24}
 
-A cell is the list of overrides base + [spec=S] + axes + patches + extra + [train.milestones=...,
-grid=NAME]; `bench.compose.load_config` turns it into a config, and `bench.identity.run_dir` into
-its folder. Names, overrides and folders depend only on the YAML's content, never on the order of
+The keys and their types are the dataclasses `GridSchema` and friends below, merged with the YAML
+through OmegaConf as experiment configs are. A cell is the list of overrides base + [spec=S] + axes
++ patches + extra + command line + [train.milestones=..., grid=NAME]; `bench.compose.load_config`
+turns it into a config, and `bench.identity.run_dir` into its folder. Names, overrides and folders depend only on the YAML's content, never on the order of
 its mapping keys. Evaluation settings may only change `eval.*` keys (non-identity), so every setting
-of a cell evaluates the same run folder.
+of a cell evaluates the same run folder; `eval.*` keys given on the command line win over them.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 import re
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from omegaconf import MISSING
 
 from bench.compose import ABLATIONS_DIR, available, load_config
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import run_dir as identity_run_dir
 
 GRIDS_DIR = ABLATIONS_DIR / "grids"
-TOP_KEYS = ("name", "title", "regenerates", "base", "specs", "axes", "cells", "patches", "exclude",
-            "eval", "resources", "throughput", "perf", "paper", "baseline", "notes")
-EVAL_KEYS = ("steps", "overrides", "settings", "resources")
-SETTING_KEYS = ("name", "overrides", "match")
-PATCH_KEYS = ("match", "overrides", "eval_steps")
-CELL_KEYS = ("name", "overrides", "eval_steps")
-RESOURCE_TYPES = {"gpus_per_node": int, "nodes": int, "hours": (int, float), "cpus_per_task": int,
-                  "mem_gb": (int, float)}
-DEFAULT_SETTINGS = [{"name": "default", "overrides": [], "match": {}}]
 SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")  # what bench.evaluate.evaluation accepts
+
+
+# ----------------------------------------------------------------------------------------------
+# The schema: what a grid file may hold, typed. OmegaConf merges the YAML into these dataclasses
+# (as bench.compose does for experiment configs), so an unknown key or a value of the wrong type
+# fails with the key's path; the checks OmegaConf cannot express follow in `parse_grid`.
+
+
+@dataclass
+class ResourcesSchema:
+    """SLURM resources of a stage; unset keys fall back to the cluster profile."""
+
+    gpus_per_node: Optional[int] = None
+    nodes: Optional[int] = None
+    hours: Optional[float] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+
+
+@dataclass
+class SettingSchema:
+    """One evaluation protocol: a name (recorded in eval.jsonl), eval.* overrides, the cells it fits."""
+
+    name: str = MISSING
+    overrides: list[str] = field(default_factory=list)
+    match: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSchema:
+    steps: list[int] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    settings: list[Any] = field(default_factory=lambda: [{"name": "default"}])  # SettingSchema each
+    resources: ResourcesSchema = field(default_factory=ResourcesSchema)
+
+
+@dataclass
+class PatchSchema:
+    match: dict[str, Any] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class CellSchema:
+    """An explicit extra cell; in the YAML also just its list of overrides."""
+
+    name: Optional[str] = None
+    overrides: list[str] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GridSchema:
+    """A grid file (ablations/README.md documents each key)."""
+
+    name: str = MISSING
+    title: str = ""
+    regenerates: list[str] = field(default_factory=list)  # a single id may be written without [ ]
+    base: list[str] = field(default_factory=list)
+    specs: list[str] = field(default_factory=list)
+    axes: dict[str, Any] = field(default_factory=dict)  # key: [values] or name: {label: [overrides]}
+    cells: list[Any] = field(default_factory=list)  # CellSchema each
+    patches: list[Any] = field(default_factory=list)  # PatchSchema each
+    exclude: list[dict[str, Any]] = field(default_factory=list)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    resources: ResourcesSchema = field(default_factory=ResourcesSchema)
+    throughput: dict[str, float] = field(default_factory=dict)  # model size -> images/s per GPU
+    perf: list[str] = field(default_factory=list)  # `bench perf` commands that measure this grid
+    paper: Optional[dict[str, Any]] = None
+    baseline: Optional[str] = None
+    notes: str = ""
 
 
 class GridError(ConfigError):
@@ -89,6 +157,9 @@ class Cell:
     """spec, cell name and each axis' label: what `match`, `patches` and `exclude` compare."""
     eval_steps: tuple[int, ...]
     """Training steps whose checkpoints the eval stage scores (<= train.max_steps)."""
+    command_line: tuple[str, ...] = ()
+    """The overrides given to `expand` (the user's command line): they also win over the grid's
+    evaluation settings (`eval_config`)."""
 
 
 @dataclass(frozen=True)
@@ -129,15 +200,53 @@ def _fail(path: Path, message: str) -> GridError:
     return GridError(f"grid {path.stem} ({path}): {message}")
 
 
-def _strings(path: Path, key: str, value: Any) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _fail(path, f"{key} must be a list of `key=value` strings, got {value!r}")
-    return list(value)
+def _typed(path: Path, where: str, schema: type, raw: Any) -> Any:
+    """`raw` merged into `schema` (OmegaConf structured config) -> a schema instance, or GridError
+    naming the grid, `where`.key, what is wrong and what is allowed."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+    valid = [f.name for f in dataclass_fields(schema)]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(path, f"{where} must be a mapping with keys {valid}, got {raw!r}")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw))
+    except ConfigKeyError:
+        unknown = sorted(set(map(str, raw)) - set(valid))
+        raise _fail(path, f"unknown key(s) {unknown} in {where}; valid keys: {valid}") from None
+    except MissingMandatoryValue as err:
+        raise _fail(path, f"{where} needs `{err.full_key}`") from None
+    except OmegaConfBaseException as err:
+        key = str(getattr(err, "full_key", "") or "")
+        loc = key if where == "the file" else f"{where}.{key}"
+        expected, value = _expected_and_given(schema, raw, key)
+        raise _fail(path, f"{loc} must be {expected}, got {value!r} (a list is written [a, b]; "
+                          "overrides are `key=value` strings)") from None
+
+
+def _expected_and_given(schema: type, raw: Any, key: str) -> tuple[str, Any]:
+    """The schema's type at dotted/indexed `key` (as text) and the value the YAML gave there."""
+    import typing
+
+    expected: Any = schema
+    value = raw
+    for part in re.findall(r"[^.\[\]]+", key):
+        if dataclasses.is_dataclass(expected):
+            expected = typing.get_type_hints(expected).get(part, Any)
+        elif typing.get_origin(expected) in (list, dict):
+            expected = typing.get_args(expected)[-1]
+        try:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            pass
+    text = getattr(expected, "__name__", None) if not typing.get_args(expected) else None
+    return (text or str(expected).replace("typing.", "")), value
 
 
 def _keys(path: Path, where: str, data: Any, allowed: Sequence[str]) -> dict:
+    """A `match`/`exclude` mapping: its keys must be labels of the cells (spec, cell, axis names)."""
     if not isinstance(data, dict):
         raise _fail(path, f"{where} must be a mapping with keys {list(allowed)}, got {data!r}")
     unknown = sorted(set(data) - set(allowed))
@@ -146,21 +255,18 @@ def _keys(path: Path, where: str, data: Any, allowed: Sequence[str]) -> dict:
     return data
 
 
-def _steps(path: Path, key: str, value: Any) -> list[int]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                              for v in value):
+def _steps(path: Path, key: str, value: list[int]) -> list[int]:
+    if any(v <= 0 for v in value):
         raise _fail(path, f"{key} must be a list of positive integers (training steps), got {value!r}")
     return sorted(set(value))
 
 
-def _resources(path: Path, where: str, value: Any) -> dict:
-    data = _keys(path, where, value or {}, tuple(RESOURCE_TYPES))
-    for key, expected in RESOURCE_TYPES.items():
-        if key in data and (not isinstance(data[key], expected) or isinstance(data[key], bool) or data[key] < 0):
-            raise _fail(path, f"{where}.{key} must be a non-negative number, got {data[key]!r}")
-    return dict(data)
+def _resources(path: Path, where: str, value: ResourcesSchema) -> dict:
+    data = {k: v for k, v in vars(value).items() if v is not None}
+    for key, number in data.items():
+        if number < 0:
+            raise _fail(path, f"{where}.{key} must be a non-negative number, got {number!r}")
+    return data
 
 
 def _eval_only(path: Path, where: str, overrides: list[str]) -> list[str]:
@@ -172,65 +278,58 @@ def _eval_only(path: Path, where: str, overrides: list[str]) -> list[str]:
 
 
 def parse_grid(raw: Any, path: Path) -> Grid:
-    """Validate the YAML content of a grid file (see the module docstring for the schema)."""
-    data = _keys(path, "the file", raw, TOP_KEYS)
-    if data.get("name") != path.stem:
-        raise _fail(path, f"name: {data.get('name')!r} must equal the file name {path.stem!r}")
-    specs = data.get("specs") or []
+    """Validate the YAML content of a grid file: types and keys through `GridSchema`, then the
+    rules a schema cannot state (names, specs, axes, labels, eval-only overrides)."""
+    if isinstance(raw, dict) and isinstance(raw.get("regenerates"), str):
+        raw = {**raw, "regenerates": [raw["regenerates"]]}
+    data: GridSchema = _typed(path, "the file", GridSchema, raw)
+    if data.name != path.stem:
+        raise _fail(path, f"name: {data.name!r} must equal the file name {path.stem!r}")
     known = available("spec")
-    if not isinstance(specs, list) or any(s not in known for s in specs):
-        raise _fail(path, f"specs: {specs!r} must be a list of specs from {known}")
-    axes = data.get("axes") or {}
-    if not isinstance(axes, dict):
-        raise _fail(path, f"axes must be a mapping (key: [values] or name: {{label: [overrides]}}), got {axes!r}")
+    if any(s not in known for s in data.specs):
+        raise _fail(path, f"specs: {data.specs!r} must be a list of specs from {known}")
+    axes = data.axes
     for key, values in axes.items():
         if isinstance(values, dict):
             if not values:
                 raise _fail(path, f"axes.{key} has no bundles")
             for label, bundle in values.items():
-                _strings(path, f"axes.{key}.{label}", bundle)
+                if not isinstance(bundle, list) or not all(isinstance(v, str) for v in bundle):
+                    raise _fail(path, f"axes.{key}.{label} must be a list of `key=value` strings, got {bundle!r}")
         elif not isinstance(values, list) or not values:
             raise _fail(path, f"axes.{key} must be a non-empty list of values or a mapping of bundles")
+    labels = _label_keys(axes)
     cells = []
-    for index, item in enumerate(data.get("cells") or []):
-        item = {"overrides": item} if isinstance(item, list) else _keys(path, f"cells[{index}]", item, CELL_KEYS)
-        cells.append({"name": item.get("name"), "overrides": _strings(path, f"cells[{index}]", item.get("overrides")),
-                      "eval_steps": _steps(path, f"cells[{index}].eval_steps", item.get("eval_steps")) or None})
+    for index, item in enumerate(data.cells):
+        cell: CellSchema = _typed(path, f"cells[{index}]", CellSchema,
+                                  {"overrides": item} if isinstance(item, list) else item)
+        cells.append({"name": cell.name, "overrides": cell.overrides,
+                      "eval_steps": _steps(path, f"cells[{index}].eval_steps", cell.eval_steps) or None})
     patches = []
-    for index, item in enumerate(data.get("patches") or []):
-        item = _keys(path, f"patches[{index}]", item, PATCH_KEYS)
-        patches.append({"match": _keys(path, f"patches[{index}].match", item.get("match") or {}, _label_keys(axes)),
-                        "overrides": _strings(path, f"patches[{index}].overrides", item.get("overrides")),
-                        "eval_steps": _steps(path, f"patches[{index}].eval_steps", item.get("eval_steps")) or None})
-    exclude = [_keys(path, f"exclude[{i}]", m, _label_keys(axes)) for i, m in enumerate(data.get("exclude") or [])]
-    ev = _keys(path, "eval", data.get("eval") or {}, EVAL_KEYS)
+    for index, item in enumerate(data.patches):
+        patch: PatchSchema = _typed(path, f"patches[{index}]", PatchSchema, item)
+        patches.append({"match": _keys(path, f"patches[{index}].match", patch.match, labels),
+                        "overrides": patch.overrides,
+                        "eval_steps": _steps(path, f"patches[{index}].eval_steps", patch.eval_steps) or None})
+    exclude = [_keys(path, f"exclude[{i}]", m, labels) for i, m in enumerate(data.exclude)]
     settings = []
-    for index, item in enumerate(ev.get("settings") or DEFAULT_SETTINGS):
-        item = _keys(path, f"eval.settings[{index}]", item, SETTING_KEYS)
-        if not isinstance(item.get("name"), str) or not SETTING_NAME.fullmatch(item["name"]):
-            raise _fail(path, f"eval.settings[{index}] needs a name of letters, digits and _.+=- "
-                              f"(it is recorded in eval.jsonl), got {item.get('name')!r}")
-        settings.append({"name": item["name"],
-                         "overrides": _eval_only(path, f"eval.settings[{index}]",
-                                                 _strings(path, f"eval.settings[{index}].overrides",
-                                                          item.get("overrides"))),
-                         "match": _keys(path, f"eval.settings[{index}].match", item.get("match") or {},
-                                        _label_keys(axes))})
-    evaluation = {"steps": _steps(path, "eval.steps", ev.get("steps")),
-                  "overrides": _eval_only(path, "eval.overrides", _strings(path, "eval.overrides", ev.get("overrides"))),
-                  "settings": settings, "resources": _resources(path, "eval.resources", ev.get("resources"))}
-    throughput = data.get("throughput") or {}
-    if not isinstance(throughput, dict) or not all(isinstance(v, (int, float)) and v > 0 for v in throughput.values()):
-        raise _fail(path, f"throughput must map model sizes to images/s per GPU (> 0), got {throughput!r}")
-    regenerates = data.get("regenerates") or []
-    return Grid(name=path.stem, path=path, title=str(data.get("title") or ""),
-                regenerates=[regenerates] if isinstance(regenerates, str) else [str(r) for r in regenerates],
-                base=_strings(path, "base", data.get("base")), specs=list(specs), axes=dict(axes), cells=cells,
-                patches=patches, exclude=exclude, eval=evaluation,
-                resources=_resources(path, "resources", data.get("resources")),
-                throughput={str(k): float(v) for k, v in throughput.items()},
-                perf=_strings(path, "perf", data.get("perf")), paper=data.get("paper"),
-                baseline=data.get("baseline"), notes=str(data.get("notes") or ""))
+    for index, item in enumerate(data.eval.settings):
+        where = f"eval.settings[{index}]"
+        setting: SettingSchema = _typed(path, where, SettingSchema, item)
+        if not SETTING_NAME.fullmatch(setting.name):
+            raise _fail(path, f"{where} needs a name of letters, digits and _.+=- "
+                              f"(it is recorded in eval.jsonl), got {setting.name!r}")
+        settings.append({"name": setting.name, "overrides": _eval_only(path, where, setting.overrides),
+                         "match": _keys(path, f"{where}.match", setting.match, labels)})
+    evaluation = {"steps": _steps(path, "eval.steps", data.eval.steps),
+                  "overrides": _eval_only(path, "eval.overrides", data.eval.overrides),
+                  "settings": settings, "resources": _resources(path, "eval.resources", data.eval.resources)}
+    if not all(v > 0 for v in data.throughput.values()):
+        raise _fail(path, f"throughput must map model sizes to images/s per GPU (> 0), got {data.throughput!r}")
+    return Grid(name=path.stem, path=path, title=data.title, regenerates=data.regenerates, base=data.base,
+                specs=data.specs, axes=axes, cells=cells, patches=patches, exclude=exclude, eval=evaluation,
+                resources=_resources(path, "resources", data.resources), throughput=data.throughput,
+                perf=data.perf, paper=data.paper, baseline=data.baseline, notes=data.notes)
 
 
 def _label_keys(axes: Mapping[str, Any]) -> tuple[str, ...]:
@@ -338,7 +437,7 @@ def expand(grid: Grid | str, overrides: Sequence[str] = ()) -> list[Cell]:
             raise GridError(f"grid {grid.name}: cells {seen_dirs[folder]!r} and {name!r} are the same run "
                             f"({folder}); remove one or make them differ in a training setting")
         seen_names[name], seen_dirs[folder] = name, name
-        cells.append(Cell(name, tuple(cell_overrides), cfg, folder, labels, steps))
+        cells.append(Cell(name, tuple(cell_overrides), cfg, folder, labels, steps, tuple(overrides)))
     if not cells:
         raise GridError(f"grid {grid.name} has no cells (specs: {grid.specs}, cells: {len(grid.cells)})")
     return cells
@@ -361,11 +460,14 @@ def settings_for(grid: Grid, cell: Cell) -> list[Setting]:
 
 
 def eval_config(cell: Cell, setting: Setting) -> ExperimentConfig:
-    """The cell's config with the setting's `eval.*` overrides (same run folder, validated)."""
+    """The cell's config with the setting's `eval.*` overrides (same run folder, validated), then
+    the command line's `eval.*` overrides again: what the user typed wins over the grid's file."""
     from omegaconf import OmegaConf
 
+    typed = [o for o in cell.command_line if o.startswith("eval.")]
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(cell.cfg), OmegaConf.from_dotlist(list(setting.overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(cell.cfg), OmegaConf.from_dotlist(list(setting.overrides)),
+                                 OmegaConf.from_dotlist(typed))
         cfg = OmegaConf.to_object(merged)
     except ConfigError as err:
         raise GridError(f"cell {cell.name}, eval setting {setting.name}: {err}") from None
