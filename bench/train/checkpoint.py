@@ -31,10 +31,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from bench.atomic import atomic_write_text, sha256_file
+from bench.atomic import atomic_write_text, crash_point, sha256_file
+from bench.runfolder import checkpoint_path, checkpoints_dir, list_checkpoints
 
 FORMAT_VERSION = 1
-CKPT_DIRNAME = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.safetensors"
 META_FILE = "state.json"
@@ -146,21 +146,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 # Listing, verifying, pruning
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CKPT_DIRNAME
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"{step:07d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every finished checkpoint folder, sorted by step (not verified)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(p.name), p) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(found)
+# checkpoints_dir, checkpoint_path and list_checkpoints are the run folder's (bench.runfolder).
 
 
 def read_meta(ckpt_dir: Path) -> dict:
@@ -278,6 +264,7 @@ def save_checkpoint(
     save_file(_cpu_contiguous(tensors), str(tmp / STATE_FILE), metadata={"format": str(FORMAT_VERSION)})
     for name in (WEIGHTS_FILE, STATE_FILE):
         _fsync_file(tmp / name)
+    crash_point("checkpoint:files")
     meta = {
         "format": FORMAT_VERSION,
         "step": int(step),
