@@ -82,6 +82,29 @@ def make_temporary_dir(directory: Path) -> Path:
             continue
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status; else set and restore)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                          metadata: Optional[Mapping[str, str]] = None) -> None:
+    """safetensors' save_file, then the mode the umask asks for: safetensors creates its files 0600."""
+    from safetensors.torch import save_file  # imports torch, only when tensors are written
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync the result, then rename it onto `path`."""
     path = Path(path)
@@ -124,11 +147,9 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
 def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                             metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Save a dict of tensors as safetensors atomically (tensors made contiguous, on CPU)."""
-    from safetensors.torch import save_file  # imports torch, only when tensors are written
-
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    return _atomic_write(path, lambda tmp: save_safetensors_file(clean, tmp, meta))
 
 
 def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) -> Path:
@@ -142,6 +163,7 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
     tmp = make_temporary_dir(directory)
     try:
         save(str(tmp))
+        _follow_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}{TMP_MARK}old-{os.getpid()}")
             os.replace(directory, old)
@@ -153,6 +175,16 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
         _remove_tree(tmp)
         raise
     return directory
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give what a library wrote into `folder` the modes of the umask (safetensors writes 0600)."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _remove_tree(path: Path) -> None:

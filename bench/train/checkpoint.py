@@ -28,10 +28,10 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from bench.atomic import atomic_write_text, crash_point, sha256_file
+from bench.atomic import atomic_write_text, crash_point, save_safetensors_file, sha256_file
 from bench.runfolder import checkpoint_path, checkpoints_dir, list_checkpoints
 
 FORMAT_VERSION = 1
@@ -260,8 +260,8 @@ def save_checkpoint(
     optim_tensors, optim_meta = _split_optimizer_state(optimizer.state_dict())
     tensors = dict(optim_tensors)
     tensors.update({f"rng.{name}": value for name, value in rng.items()})
-    save_file(_cpu_contiguous(weights), str(tmp / WEIGHTS_FILE), metadata={"format": str(FORMAT_VERSION)})
-    save_file(_cpu_contiguous(tensors), str(tmp / STATE_FILE), metadata={"format": str(FORMAT_VERSION)})
+    save_safetensors_file(_cpu_contiguous(weights), tmp / WEIGHTS_FILE, {"format": str(FORMAT_VERSION)})
+    save_safetensors_file(_cpu_contiguous(tensors), tmp / STATE_FILE, {"format": str(FORMAT_VERSION)})
     for name in (WEIGHTS_FILE, STATE_FILE):
         _fsync_file(tmp / name)
     crash_point("checkpoint:files")
