@@ -4,6 +4,19 @@ Every file the harness writes goes to a temporary name in the same folder and is
 place with `os.replace`, which is atomic on POSIX: a reader (or a re-run after a crash) sees either
 the old file or the complete new one, never a partial file. Temporary names end in `.tmp-<pid>` so
 a crashed writer's leftovers are easy to recognise and never mistaken for finished output.
+
+Temporary files and folders are created with the modes every Unix tool asks for (0666 / 0777), so
+the process umask decides what the finished files are, as for any other program: a group on a
+shared cluster can read results when the umask says so (tempfile's private 0600 / 0700 did not).
+
+`crash_point(name)` is a test-only hook: when the environment variable REDI_BENCH_KILL_AT names
+this point (`NAME`, `NAME@N` for its N-th time in the process, `...:STOP` to stop instead of
+die), the process sends itself SIGKILL (or SIGSTOP) there. The kill tests use it to die at an
+exact moment (mid-append, mid-checkpoint) instead of sleeping and hoping; unset, it costs one
+environment lookup. Points: `atomic:<file name>` (temporary written, not yet renamed),
+`append:<file name>` (half a JSONL append written), `checkpoint:files` (a checkpoint's tensors
+written, its state.json not yet), `train:step` (after an optimiser step), `sample:shard` (after
+a sample shard).
 """
 
 from __future__ import annotations
@@ -11,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
@@ -21,16 +35,84 @@ if TYPE_CHECKING:  # torch is imported where tensors are written, so JSON/text u
 PathLike = Union[str, os.PathLike]
 
 TMP_MARK = ".tmp-"
+KILL_ENV = "REDI_BENCH_KILL_AT"
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str, before: Optional[Callable[[], None]] = None) -> None:
+    """Test-only: die here when REDI_BENCH_KILL_AT names this point (module docstring); `before`
+    runs first (e.g. writes half a line)."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    point, _, how = spec.partition(":")
+    point, _, count = point.partition("@")
+    if point != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(count or 1):
+        if before is not None:
+            before()
+        os.kill(os.getpid(), signal.SIGSTOP if how == "STOP" else signal.SIGKILL)
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _create_temporary_file(path: Path) -> Path:
+    """A new empty file beside `path`, mode 0666 minus the umask (O_EXCL: never someone else's)."""
+    while True:
+        tmp = _temporary_name(path)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def make_temporary_dir(directory: Path) -> Path:
+    """A new empty folder beside `directory`, mode 0777 minus the umask."""
+    while True:
+        tmp = _temporary_name(directory)
+        try:
+            os.mkdir(tmp, 0o777)
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status; else set and restore)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
+                          metadata: Optional[Mapping[str, str]] = None) -> None:
+    """safetensors' save_file, then the mode the umask asks for: safetensors creates its files 0600."""
+    from safetensors.torch import save_file  # imports torch, only when tensors are written
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata is not None else None)
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync the result, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent)
-    os.close(fd)
+    tmp = str(_create_temporary_file(path))
     try:
         write(tmp)
+        crash_point(f"atomic:{path.name}")
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -65,11 +147,9 @@ def atomic_write_json(path: PathLike, obj: Any) -> Path:
 def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
                             metadata: Optional[Mapping[str, str]] = None) -> Path:
     """Save a dict of tensors as safetensors atomically (tensors made contiguous, on CPU)."""
-    from safetensors.torch import save_file  # imports torch, only when tensors are written
-
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    return _atomic_write(path, lambda tmp: save_safetensors_file(clean, tmp, meta))
 
 
 def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) -> Path:
@@ -80,10 +160,10 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}{TMP_MARK}{os.getpid()}-",
-                                dir=directory.parent))
+    tmp = make_temporary_dir(directory)
     try:
         save(str(tmp))
+        _follow_umask(tmp)
         if directory.exists():
             old = directory.with_name(f".{directory.name}{TMP_MARK}old-{os.getpid()}")
             os.replace(directory, old)
@@ -95,6 +175,16 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
         _remove_tree(tmp)
         raise
     return directory
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give what a library wrote into `folder` the modes of the umask (safetensors writes 0600)."""
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _remove_tree(path: Path) -> None:

@@ -55,6 +55,7 @@ TRANSPORTS = ("flow", "ddpm")
 PATHS = ("linear", "gvp")
 DROP_MODES = ("sample", "batch_official")
 PRECISIONS = ("auto", "bf16", "fp32")
+LOG_SINKS = ("tensorboard", "wandb")
 SAMPLERS = ("sde", "euler", "heun", "ddpm")
 GUIDANCE_CHANNELS = ("latent", "all")
 LABEL_SAMPLING = ("random", "balanced")
@@ -231,6 +232,8 @@ class TrainConfig:
     milestones: list[int] = _not_identity(default_factory=list)
     """Steps whose checkpoints are kept for evaluation (in addition to the last `keep_last`)."""
     log_every: int = _not_identity(100)
+    log_to: list[str] = _not_identity(default_factory=list)
+    """Where metrics go besides the run folder's JSONL: any of tensorboard, wandb (bench.metrics_log)."""
     num_workers: int = _not_identity(0)
 
     def __post_init__(self) -> None:
@@ -241,6 +244,8 @@ class TrainConfig:
         _range("train.ckpt_every", self.ckpt_every, 1)
         _range("train.keep_last", self.keep_last, 1)
         _range("train.log_every", self.log_every, 1)
+        for sink in self.log_to:
+            _choice("train.log_to", sink, LOG_SINKS)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from fixtures_train import one_thread, prepared_dir, tensors_of, tiny_config  # noqa: F401
 from torch import nn
 
+from bench import runfolder
 from bench.identity import run_dir
 from bench.train import checkpoint as ckpt
 from bench.train.loop import train
@@ -71,10 +72,10 @@ def test_latest_is_chosen_by_step_number_not_time(tmp_path):
     model, ema, optimizer = _tiny_setup()
     for step in (10, 2, 100):
         ckpt.save_checkpoint(tmp_path, step, model=model, ema=ema, optimizer=optimizer, rng={}, state={})
-    os.utime(ckpt.checkpoint_path(tmp_path, 2), (2e9, 2e9))  # newest mtime on the oldest step
+    os.utime(runfolder.checkpoint_path(tmp_path, 2), (2e9, 2e9))  # newest mtime on the oldest step
     (tmp_path / "checkpoints" / "0000050.tmp-999").mkdir()  # a killed writer's leftover is ignored
-    assert ckpt.select_resume_checkpoint(tmp_path) == ckpt.checkpoint_path(tmp_path, 100)
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 10, 100]
+    assert ckpt.select_resume_checkpoint(tmp_path) == runfolder.checkpoint_path(tmp_path, 100)
+    assert [s for s, _ in runfolder.list_checkpoints(tmp_path)] == [2, 10, 100]
     ckpt.remove_stale_temporaries(tmp_path)
     assert not (tmp_path / "checkpoints" / "0000050.tmp-999").exists()
 
@@ -84,7 +85,7 @@ def test_pruning_keeps_the_last_k_and_the_milestones(tmp_path):
     for step in range(1, 8):
         ckpt.save_checkpoint(tmp_path, step, model=model, ema=ema, optimizer=optimizer, rng={}, state={})
     assert ckpt.prune_checkpoints(tmp_path, keep_last=2, keep_steps=[3]) == [1, 2, 4, 5]
-    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 6, 7]
+    assert [s for s, _ in runfolder.list_checkpoints(tmp_path)] == [3, 6, 7]
 
 
 def _truncate(path):
@@ -108,32 +109,41 @@ def _incomplete_meta(path):
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_byte, _drop_meta, _incomplete_meta])
-def test_damaged_checkpoint_is_detected_and_the_run_resumes_from_the_previous_one(damage, prepared_dir, tmp_path):
+def test_damaged_final_checkpoint_of_a_finished_run_is_rebuilt_from_the_previous_one(damage, prepared_dir, tmp_path,
+                                                                                     capsys):
+    """DONE stays: a finished run whose final checkpoint is corrupt must not say 'nothing to do'."""
     cfg = tiny_config(prepared_dir, tmp_path, "train.max_steps=4", "train.ckpt_every=2")
     out = train(cfg)
-    final = ckpt.checkpoint_path(out, 4)
-    expected = tensors_of(final)
+    final = runfolder.checkpoint_path(out, 4)
+    expected, log = tensors_of(final), (out / runfolder.METRICS_FILE).read_text()
     damage(final)
-    (out / "DONE").unlink()
     with pytest.raises(ckpt.CorruptCheckpointError):
         ckpt.verify_checkpoint(final)
+    capsys.readouterr()
     with pytest.warns(RuntimeWarning, match="checkpoint at step 4 is invalid"):
         train(cfg)
+    said = capsys.readouterr().out
+    assert "marked finished but its final checkpoint is unusable" in said and "nothing to do" not in said
+    assert "resuming from checkpoint step 2" in said
     assert (out / "checkpoints" / "0000004.corrupt").is_dir()  # kept aside, never picked again
-    again = tensors_of(ckpt.checkpoint_path(out, 4))  # steps 3-4 replayed from checkpoint 2
+    again = tensors_of(runfolder.checkpoint_path(out, 4))  # steps 3-4 replayed from checkpoint 2
     assert all(torch.equal(expected[k], again[k]) for k in expected)
-    assert (out / "DONE").is_file()
+    assert (out / "DONE").is_file() and ckpt.verify_checkpoint(runfolder.checkpoint_path(out, 4))
+    assert [r["step"] for r in runfolder.read_jsonl(out / runfolder.METRICS_FILE)] == [1, 2, 3, 4]
+    assert len(log.splitlines()) == 4
+    train(cfg)
+    assert "nothing to do" in capsys.readouterr().out  # repaired: finished again
 
 
 def test_no_valid_checkpoint_starts_from_scratch(prepared_dir, tmp_path):
     cfg = tiny_config(prepared_dir, tmp_path, "train.max_steps=2", "train.ckpt_every=2")
     out = train(cfg)
-    expected = tensors_of(ckpt.checkpoint_path(out, 2))
-    _truncate(ckpt.checkpoint_path(out, 2))
+    expected = tensors_of(runfolder.checkpoint_path(out, 2))
+    _truncate(runfolder.checkpoint_path(out, 2))
     (out / "DONE").unlink()
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         train(cfg)
-    again = tensors_of(ckpt.checkpoint_path(out, 2))
+    again = tensors_of(runfolder.checkpoint_path(out, 2))
     assert all(torch.equal(expected[k], again[k]) for k in expected)
     shutil.rmtree(run_dir(cfg))

@@ -28,25 +28,19 @@ import torch
 from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared
 
 from bench.config import ConfigError, GuidanceConfig
-from bench.evaluate.evaluation import (
-    EvaluationError,
-    append_rows,
-    evaluate,
-    main_eval,
-    missing_evaluations,
-    read_eval_rows,
-)
+from bench.evaluate.evaluation import EvaluationError, evaluate, main_eval, missing_evaluations
 from bench.evaluate.sampling import (
     SamplingError,
     apply_eval_overrides,
     build_guidance,
-    read_run_config,
     read_shard,
     sample,
     semantic_pca_rgb,
     shard_labels,
 )
+from bench.metrics_log import MetricsLogger
 from bench.prepare.embedded import load_classifier
+from bench.runfolder import read_eval_rows, read_run_config
 from bench.train.loop import train
 
 SHARD = 8  # 32 samples = 4 shards of 2 batches each: enough structure for resume and array tasks
@@ -159,8 +153,9 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     from diffusers import AutoencoderKL
 
     from bench.prepare.dataset import read_manifest
+    from bench.runfolder import checkpoint_path
     from bench.train.build import build_model
-    from bench.train.checkpoint import checkpoint_path, load_weights
+    from bench.train.checkpoint import load_weights
     from bench.train.loop import derive_seed
     from models.flow_sampling import sample_flow
     from models.guidance import Guidance
@@ -326,8 +321,9 @@ def test_a_given_config_supplies_only_eval_settings(run):
 def test_rows_are_appended_once(tmp_path):
     rows = [{"step": 2, "metric": "fd", "setting": "a", "value": 1.0},
             {"step": 2, "metric": "fd", "setting": "b", "value": 2.0}]
-    assert append_rows(tmp_path, rows) == rows
-    assert append_rows(tmp_path, rows + rows) == []
+    log = MetricsLogger(tmp_path)
+    assert log.log_eval(rows) == rows
+    assert log.log_eval(rows + rows) == []
     assert read_eval_rows(tmp_path) == rows and _no_temporaries(tmp_path)
 
 

@@ -22,6 +22,7 @@ import cloudpickle
 import pytest
 import submitit
 
+from bench import runfolder
 from bench.cli import main as cli_main
 from bench.launch import jobs as launch_jobs
 from bench.launch import status as launch_status
@@ -37,26 +38,26 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _mark_checkpoint(run_dir: Path, step: int) -> None:
-    folder = run_dir / "checkpoints" / f"{step:07d}"
+    folder = runfolder.checkpoint_path(run_dir, step)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "state.json").write_text(json.dumps({"step": step}))
 
 
 def standin_train(cfg, run_dir, stop_after=None):
     """Stand-in for bench.train.loop.train: 'trains' by writing checkpoint markers every ckpt_every steps,
-    resuming from the newest one, logs where it started, and writes DONE at the end."""
+    resuming from the newest one, logs where it started, and writes DONE at the end (the run folder's
+    names and log appender are bench.runfolder's, as the trainer's)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    start = max(launch_jobs.checkpoint_steps(run_dir), default=0)
+    start = max(runfolder.checkpoint_steps(run_dir), default=0)
     with open(run_dir / "starts.log", "a") as handle:
         handle.write(f"{start}\n")
     for step in range(start + cfg.train.ckpt_every, cfg.train.max_steps + 1, cfg.train.ckpt_every):
         _mark_checkpoint(run_dir, step)
-        with open(run_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+        runfolder.append_jsonl(run_dir / runfolder.METRICS_FILE, [{"step": step, "loss": 1.0 / step}])
         if stop_after is not None and step >= stop_after:
             raise SystemExit(-1)  # what submitit's USR2 handler does after checkpoint() + requeue
-    (run_dir / "DONE").write_text(json.dumps({"step": cfg.train.max_steps}))
+    runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
     return run_dir
 
 
@@ -78,8 +79,7 @@ def standin_eval(cfg, run_dir, steps, setting="default"):
     """Stand-in for bench.evaluate.evaluation.evaluate: one row per (requested step, metric name)."""
     rows = [{"step": s, "metric": m, "value": 1.0 + s, "setting": setting} for s in steps
             for m in launch_jobs.metric_names(cfg)]
-    with open(Path(run_dir) / "eval.jsonl", "a") as handle:
-        handle.write("".join(json.dumps(r) + "\n" for r in rows))
+    runfolder.append_jsonl(Path(run_dir) / runfolder.EVAL_FILE, rows)
     return rows
 
 
@@ -90,7 +90,7 @@ def out(tmp_path) -> list[str]:
 
 
 def _records(cell) -> list[dict]:
-    return launch_jobs.read_jsonl(Path(cell.run_dir) / launch_jobs.JOBS_FILE)
+    return runfolder.read_jsonl(Path(cell.run_dir) / runfolder.JOBS_FILE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path)
     rows = grid_status("smoke", overrides)
     assert [(r["state"], r["step"], r["checkpoint"], r["eval"]) for r in rows] == [("done", 4, 4, "2/2 measured")] * 2
     for cell in expand("smoke", overrides):
-        evals = launch_jobs.read_jsonl(cell.run_dir / "eval.jsonl")
+        evals = runfolder.read_eval_rows(cell.run_dir)
         assert {(r["step"], r["metric"]) for r in evals} == {(s, m) for s in (2, 4) for m in launch_jobs.metric_names(cell.cfg)}
         assert all(r["n"] == 128 and r["sampling_steps"] == 2 for r in evals)  # the grid's eval overrides
     assert submit_grid("smoke", debug=True, overrides=overrides, quiet=True).submitted == 0
@@ -339,7 +339,7 @@ def test_eval_stage_submits_only_missing_pairs(out):
     sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
     assert [(j["cell"], j["setting"], j["steps"]) for j in sub.jobs] == \
         [("latent_only", "default", [4]), ("redi", "default", [2, 4])]
-    rows = launch_jobs.read_jsonl(first.run_dir / "eval.jsonl")
+    rows = runfolder.read_eval_rows(first.run_dir)
     assert sorted((r["step"], r["metric"]) for r in rows) == sorted((s, m) for s in (2, 4) for m in names)
     status = grid_status("smoke", out)
     assert [r["eval"] for r in status] == ["2/2 measured", "2/2 measured"]
@@ -466,11 +466,3 @@ def test_cli_grid_and_status(out, capsys):
     assert cli_main(["status", "smoke", *out]) == 0
     text = capsys.readouterr().out
     assert "latent_only  not submitted" in text and "summary: 2 not submitted" in text
-
-
-def test_run_folder_names_match_the_trainer():
-    from bench.train import checkpoint
-    from bench.train import loop as train
-
-    assert (launch_jobs.DONE_FILE, launch_jobs.METRICS_FILE) == (train.DONE_FILE, train.METRICS_FILE)
-    assert (launch_jobs.CKPT_DIR, "state.json") == (checkpoint.CKPT_DIRNAME, checkpoint.META_FILE)

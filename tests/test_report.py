@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from bench import runfolder
 from bench.config import (
     DataConfig,
     EncoderConfig,
@@ -77,7 +78,7 @@ def write_run(root: Path, cfg: ExperimentConfig, evals: list[dict], *, last_step
     # Fixed folder names (not the config hash) so the golden file survives new config fields.
     run = root / cfg.grid / (folder or f"{cfg.spec}-0000000{cfg.train.seed}")
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    runfolder.config_path(run).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     ticks = []
     for step in range(250, last_step + 1, 250):
         tick = {"step": step, "loss": 2.0 / math.sqrt(step) + 0.01 * cfg.train.seed,
@@ -85,11 +86,11 @@ def write_run(root: Path, cfg: ExperimentConfig, evals: list[dict], *, last_step
                 "images_per_s": 100.0}
         if cfg.spec.startswith("redi"):
             tick["loss/semantic"] = 0.5 / math.sqrt(step)
-        ticks.append(json.dumps(tick))
-    (run / "metrics.jsonl").write_text("\n".join(ticks) + "\n")
-    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+        ticks.append(tick)
+    runfolder.append_jsonl(run / runfolder.METRICS_FILE, ticks)
+    runfolder.append_jsonl(run / runfolder.EVAL_FILE, evals)
     if done:
-        (run / "DONE").write_text("")
+        runfolder.write_done(run, last_step, 0.0)
     return run
 
 

@@ -21,7 +21,8 @@ from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_con
 from bench.compose import dumps
 from bench.config import ConfigError
 from bench.identity import run_dir
-from bench.train.checkpoint import list_checkpoints, verify_checkpoint
+from bench.runfolder import list_checkpoints
+from bench.train.checkpoint import verify_checkpoint
 from bench.train.loop import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
 
 REPO = Path(__file__).resolve().parents[1]

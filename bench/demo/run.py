@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from bench import runfolder
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
 from bench.prepare.pipeline import PrepareOptions
 
@@ -138,9 +139,7 @@ class Work:
 
 
 def _last_tick(run: Path) -> dict:
-    from bench.launch.jobs import METRICS_FILE, read_jsonl
-
-    rows = read_jsonl(run / METRICS_FILE)
+    rows = runfolder.read_jsonl(run / runfolder.METRICS_FILE)
     return rows[-1] if rows else {}
 
 
@@ -181,13 +180,10 @@ def eval_seconds(todo: Sequence[tuple], work: Work) -> float:
 
 def measured_sample_step(cells) -> Optional[float]:
     """Seconds per image x solver step x pass, from the wall times eval.jsonl records."""
-    from bench.evaluate.evaluation import EVAL_FILE
-    from bench.launch.jobs import read_jsonl
-
     total = cost = 0.0
     for cell in cells:
         seen = {}
-        for r in read_jsonl(Path(cell.run_dir) / EVAL_FILE):
+        for r in runfolder.read_eval_rows(cell.run_dir):
             g = r.get("guidance") or {}
             units = r.get("n", 0) * r.get("sampling_steps", 0) * (
                 1 + (g.get("cfg_scale", 1.0) != 1.0) + (g.get("rg_scale", 1.0) != 1.0))

@@ -18,11 +18,12 @@ Inception features, which no backend here provides: asking for it is an error.
 Reference: `eval.reference` (an ADM .npz with `arr_0` images and/or `mu`/`sigma`) or, by default, the
 data's TEST split images; statistics are cached by content hash (bench.evaluate.features.reference_statistics).
 
-eval.jsonl is written by rewriting the whole file to a temporary name and os.replace-ing it, under an
-exclusive flock on `<run_dir>/.eval.lock`: a reader never sees a torn line, concurrent array tasks
-cannot both add the same row, and a row lost to a crash (or to flock not working across NFS nodes)
-is simply missing, so the next `bench eval` computes it again. A row whose (step, metric, setting)
-already exists is never written twice. A setting name stands for one set of samples: adding a metric
+eval.jsonl rows go through the run's metrics logger (bench.metrics_log: also to the sinks of
+train.log_to), appended under an exclusive flock on the file that also decides which rows are new
+(bench.runfolder's JSONL policy): concurrent array tasks cannot both add the same row, a row whose
+(step, metric, setting) already exists is never written twice, and a row lost to a kill mid-append
+is a torn last line that readers ignore and the next append cuts, so the next `bench eval`
+computes it again. A setting name stands for one set of samples: adding a metric
 to a (step, setting) whose rows came from other samples (setting hash, n) or, on the same feature
 network, another reference is an error asking for another --setting name.
 """
@@ -31,36 +32,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
-import json
 import re
 import sys
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from bench.atomic import atomic_write_text
+from bench.compose import to_dict
 from bench.config import ExperimentConfig
 from bench.evaluate.sampling import (
     DEFAULT_SHARD_SIZE,
     SamplingError,
-    checkpoint_steps,
     read_run_manifest,
     read_shard,
     resolve_run_config,
     sample,
+    samples_folder,
     sampling_setting,
 )
+from bench.identity import run_hash
+from bench.metrics_log import MetricsLogger
+from bench.runfolder import EVAL_FILE, checkpoint_path, checkpoint_steps, checkpoints_dir, eval_key, read_eval_rows
 
-__all__ = ["evaluate", "missing_evaluations", "sample", "read_eval_rows", "main_eval", "main_sample"]
+__all__ = ["evaluate", "missing_evaluations", "sample", "main_eval", "main_sample"]
 
-EVAL_FILE = "eval.jsonl"
-LOCK_FILE = ".eval.lock"
 DEFAULT_BACKEND = "torch-fidelity"
 KID_SUBSETS, KID_MAX_SUBSET, TF_SEED = 100, 1000, 2020  # torch-fidelity's defaults
 PRC_NEIGHBORHOOD, IS_SPLITS = 3, 10
@@ -77,53 +76,6 @@ class EvaluationError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # eval.jsonl
-
-
-def read_eval_rows(run_dir: Path) -> list[dict]:
-    """Every row of `<run_dir>/eval.jsonl` (unreadable lines are skipped)."""
-    path = Path(run_dir) / EVAL_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
-
-
-def _key(row: dict) -> tuple[int, str, str]:
-    return int(row["step"]), str(row["metric"]), str(row["setting"])
-
-
-@contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
-    with open(Path(run_dir) / LOCK_FILE, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def append_rows(run_dir: Path, rows: Sequence[dict]) -> list[dict]:
-    """Add the rows whose (step, metric, setting) is not recorded yet; returns those added."""
-    path = Path(run_dir) / EVAL_FILE
-    with _locked(run_dir):
-        text = path.read_text() if path.is_file() else ""
-        seen = {_key(r) for r in read_eval_rows(run_dir)}
-        new = []
-        for row in rows:
-            if _key(row) not in seen:
-                seen.add(_key(row))
-                new.append(row)
-        if new:
-            if text and not text.endswith("\n"):
-                text += "\n"
-            text += "".join(json.dumps(r, sort_keys=True) + "\n" for r in new)
-            atomic_write_text(path, text)
-    return new
 
 
 def missing_evaluations(run_dir: Path, metric: str, setting: str = "default",
@@ -331,7 +283,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     cfg = resolve_run_config(run_dir, cfg, overrides)
     available = checkpoint_steps(run_dir)
     if not available:
-        raise SamplingError(f"{run_dir / 'checkpoints'} holds no checkpoints; train the run first")
+        raise SamplingError(f"{checkpoints_dir(run_dir)} holds no checkpoints; train the run first")
     wanted = sorted(set(int(s) for s in (steps or cfg.eval.steps or available)))
     absent = [s for s in wanted if s not in available]
     if absent:
@@ -342,42 +294,42 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     network = build_network(cfg, manifest, run_device)
     network_kind = cfg.eval.feature_network
     names = [name for kind in kinds for name in metric_names(kind, network_kind)]
-    existing = {_key(r): r for r in read_eval_rows(run_dir)}
+    existing = {eval_key(r): r for r in read_eval_rows(run_dir)}
     todo = [s for s in wanted if any((s, name, setting) not in existing for name in names)]
     if not todo:
         return []
     reference = load_reference(cfg, network, need_images=bool({"kid", "prc"} & set(kinds)))
 
     written: list[dict] = []
-    for step in todo:
-        common = _provenance(run_dir, cfg, manifest, step, setting, shard_size, network, reference)
-        missing = [k for k in kinds if any((step, n, setting) not in existing
-                                           for n in metric_names(k, network_kind))]
-        _check_protocol(existing, step, setting, common)
-        samples = sample(run_dir, step, cfg, num_samples=cfg.eval.num_samples, shard_size=shard_size,
-                         task_index=task_index, num_tasks=num_tasks, device=run_device,
-                         progress=progress)
-        if not samples.complete:
-            print(f"eval: step {step}: this task's shards are done; the metrics wait for the other "
-                  f"{num_tasks - 1} task(s) (re-run any task once they finish)", flush=True)
-            continue
-        began = time.perf_counter()
-        results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind)
-        seconds = (samples.sampling_seconds(), time.perf_counter() - began)
-        written += append_rows(run_dir, [_row(common, name, value, used, extra, kind, *seconds)
-                                         for name, kind, value, used, extra in results])
+    with MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
+                       config=to_dict(cfg)) as log:
+        for step in todo:
+            common = _provenance(run_dir, cfg, manifest, step, setting, shard_size, network, reference)
+            missing = [k for k in kinds if any((step, n, setting) not in existing
+                                               for n in metric_names(k, network_kind))]
+            _check_protocol(existing, step, setting, common)
+            samples = sample(run_dir, step, cfg, num_samples=cfg.eval.num_samples, shard_size=shard_size,
+                             task_index=task_index, num_tasks=num_tasks, device=run_device,
+                             progress=progress)
+            if not samples.complete:
+                print(f"eval: step {step}: this task's shards are done; the metrics wait for the other "
+                      f"{num_tasks - 1} task(s) (re-run any task once they finish)", flush=True)
+                continue
+            began = time.perf_counter()
+            results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind)
+            seconds = (samples.sampling_seconds(), time.perf_counter() - began)
+            written += log.log_eval([_row(common, name, value, used, extra, kind, *seconds)
+                                     for name, kind, value, used, extra in results])
     return written
 
 
 def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int, setting: str,
                 shard_size: int, network, reference: Reference) -> dict:
     """The fields every row of this (step, setting) carries."""
-    from bench.train.checkpoint import WEIGHTS_FILE, checkpoint_path, read_meta
+    from bench.train.checkpoint import WEIGHTS_FILE, read_meta
 
     weights_sha = read_meta(checkpoint_path(run_dir, step))["sha256"][WEIGHTS_FILE]
     plan = sampling_setting(cfg, manifest, step, weights_sha, shard_size)
-    from bench.evaluate.sampling import samples_dir
-
     return {"step": int(step), "setting": setting, "setting_hash": plan.hash,
             "n": int(cfg.eval.num_samples), "seed": plan.seed, "sampler": plan.sampler,
             "sampling_steps": plan.num_sampling_steps, "guidance": plan.guidance,
@@ -389,7 +341,7 @@ def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int,
             "reference_source": reference.provenance.get("reference_source"),
             "n_reference": reference.provenance.get("n_reference"),
             "spec": cfg.spec, "run_dir": str(run_dir),
-            "samples_dir": str(samples_dir(run_dir, plan))}
+            "samples_dir": str(samples_folder(run_dir, plan))}
 
 
 def _row(common: dict, name: str, value: float, backend: str, extra: dict, kind: str,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -41,11 +40,18 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from bench.atomic import atomic_write_bytes, atomic_write_json, sha256_json
+from bench.atomic import atomic_write_bytes, atomic_write_json, crash_point, sha256_json
 from bench.compose import from_dict, to_dict
 from bench.config import ConfigError, ExperimentConfig
+from bench.runfolder import (
+    checkpoint_path,
+    checkpoint_steps,
+    checkpoints_dir,
+    config_path,
+    read_run_config,
+    samples_dir,
+)
 
-SAMPLES_DIRNAME = "samples"
 SHARD_FORMAT = "redi-bench-samples/1"
 DEFAULT_SHARD_SIZE = 1000
 GRID_SAMPLES = 64
@@ -61,14 +67,6 @@ class SamplingError(ValueError):
 # The run: config, overrides, manifest, model, VAE
 
 
-def read_run_config(run_dir: Path) -> ExperimentConfig:
-    """The resolved config that `bench train` saved in `run_dir/config.json`."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise SamplingError(f"{path} not found: {run_dir} is not a run folder written by `bench train`")
-    return from_dict(json.loads(path.read_text()))
-
-
 def resolve_run_config(run_dir: Path, cfg: Optional[ExperimentConfig] = None,
                        overrides: Iterable[str] = ()) -> ExperimentConfig:
     """The run's saved config with the evaluation settings of `cfg` (when given, e.g. a grid's
@@ -80,7 +78,7 @@ def resolve_run_config(run_dir: Path, cfg: Optional[ExperimentConfig] = None,
     if cfg is not None:
         if run_hash(cfg) != run_hash(saved):
             raise SamplingError(f"the given config describes another run (hash {run_hash(cfg)}) than "
-                                f"{Path(run_dir) / 'config.json'} (hash {run_hash(saved)}); only its "
+                                f"{config_path(run_dir)} (hash {run_hash(saved)}); only its "
                                 "eval.* settings may differ")
         saved = dataclasses.replace(saved, eval=copy.deepcopy(cfg.eval))  # re-validated
     return apply_eval_overrides(saved, overrides)
@@ -122,20 +120,11 @@ def read_run_manifest(cfg: ExperimentConfig) -> dict:
         raise SamplingError(f"data.prepared_dir of the run: {err}") from None
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the run's checkpoint folders, ascending."""
-    from bench.train.checkpoint import list_checkpoints
-
-    return [step for step, _ in list_checkpoints(Path(run_dir))]
-
-
 def require_checkpoint(run_dir: Path, step: int) -> Path:
     """The folder of checkpoint `step`, or one SamplingError listing what exists."""
-    from bench.train.checkpoint import checkpoint_path
-
     available = checkpoint_steps(run_dir)
     if not available:
-        raise SamplingError(f"{Path(run_dir) / 'checkpoints'} holds no checkpoints; train the run "
+        raise SamplingError(f"{checkpoints_dir(run_dir)} holds no checkpoints; train the run "
                             "first (`bench train`)")
     if step not in available:
         raise SamplingError(f"{run_dir} has no checkpoint at step {step}; available steps: {available}")
@@ -274,8 +263,9 @@ def sampling_setting(cfg: ExperimentConfig, manifest: dict, step: int, weights_s
         shard_size=int(shard_size), batch_size=e.batch_size)
 
 
-def samples_dir(run_dir: Path, setting: SamplingSetting) -> Path:
-    return Path(run_dir) / SAMPLES_DIRNAME / f"{setting.step:07d}" / setting.hash
+def samples_folder(run_dir: Path, setting: SamplingSetting) -> Path:
+    """Where the shards of `setting` live (bench.runfolder's samples/<step>/<setting hash>)."""
+    return samples_dir(run_dir, setting.step, setting.hash)
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -431,7 +421,7 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
     warn_if_ema_is_mostly_init(cfg, int(step))
     model, weights_sha = load_sampling_model(run_dir, cfg, manifest, int(step), cfg.eval.use_ema, device)
     setting = sampling_setting(cfg, manifest, int(step), weights_sha, shard_size)
-    folder = samples_dir(run_dir, setting)
+    folder = samples_folder(run_dir, setting)
     counts = shard_counts(total, setting.shard_size)
     todo = [i for i in range(len(counts)) if i % num_tasks == task_index
             and not shard_is_finished(shard_path(folder, i), counts[i])]
@@ -453,6 +443,7 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
             for index in todo:
                 _sample_shard(folder, index, counts[index], setting, cfg, manifest, model,
                               transport, guidance, vae, device, bar)
+                crash_point("sample:shard")
                 sampled += counts[index]
     result = SampleSet(folder, setting, total, counts, sampled, time.perf_counter() - began)
     if shard_is_finished(shard_path(folder, 0), counts[0]) and not (folder / "grid.png").is_file():

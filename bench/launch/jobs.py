@@ -2,14 +2,13 @@
 
 `TrainJob` and `EvalJob` (submitit `Checkpointable`s) do one cell's work and record `start` / `end`
 rows in the run folder's `jobs.jsonl`; `Lane` runs several of them one after another in one local
-job. The helpers read a run folder: jobs.jsonl records, complete checkpoints, the steps logged in
-metrics.jsonl and the (step, setting) pairs eval.jsonl already covers.
+job. The helpers read a run folder (through bench.runfolder): jobs.jsonl records and the
+(step, setting) pairs eval.jsonl already covers.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import socket
 import time
@@ -20,52 +19,16 @@ from typing import Any, Callable, Optional, Sequence
 import submitit
 
 from bench.config import ExperimentConfig
-
-# Run-folder files; DONE and metrics.jsonl are bench/train/loop.py's (checked in tests/test_launch.py).
-DONE_FILE, METRICS_FILE, EVAL_FILE, JOBS_FILE, CKPT_DIR = "DONE", "metrics.jsonl", "eval.jsonl", "jobs.jsonl", "checkpoints"
-
+from bench.runfolder import EVAL_FILE, JOBS_FILE, append_jsonl, read_jsonl
 
 # ----------------------------------------------------------------------------------------------
-# Run folders
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; lines that do not parse (a writer killed mid-line) are skipped."""
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
+# Run folders (their layout and JSONL policy: bench.runfolder)
 
 
 def append_record(run_dir: Path, row: dict) -> None:
-    """Append one row to `<run_dir>/jobs.jsonl` in a single write (appends of one line do not interleave)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "unix": time.time()}) + "\n"
-    with open(run_dir / JOBS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints (`checkpoints/<step:07d>/state.json`, written last)."""
-    folder = Path(run_dir) / CKPT_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "state.json").is_file())
-
-
-def logged_step(run_dir: Path) -> Optional[int]:
-    """The last step logged in metrics.jsonl (None before the first log tick)."""
-    steps = [int(r["step"]) for r in read_jsonl(Path(run_dir) / METRICS_FILE) if isinstance(r.get("step"), (int, float))]
-    return max(steps) if steps else None
+    """Append one row, stamped with the time, to `<run_dir>/jobs.jsonl`."""
+    append_jsonl(Path(run_dir) / JOBS_FILE,
+                 [{**row, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "unix": time.time()}])
 
 
 def metric_names(cfg: ExperimentConfig) -> list[str]:

@@ -13,18 +13,10 @@ from typing import Callable, Optional, Sequence
 
 from bench.config import ExperimentConfig
 from bench.launch.grids import Cell, Grid
-from bench.launch.jobs import (
-    DONE_FILE,
-    JOBS_FILE,
-    CellJob,
-    EvalJob,
-    TrainJob,
-    checkpoint_steps,
-    measured_steps,
-    read_jsonl,
-)
+from bench.launch.jobs import CellJob, EvalJob, TrainJob, measured_steps
 from bench.launch.profiles import LaunchError, Profile
 from bench.launch.status import eval_pairs, job_state, last_submit, scheduler_states
+from bench.runfolder import DONE_FILE, JOBS_FILE, checkpoint_steps, read_jsonl
 
 
 @dataclass

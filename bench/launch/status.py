@@ -14,15 +14,8 @@ from typing import Optional, Sequence
 
 from bench.config import ExperimentConfig
 from bench.launch.grids import GRIDS_DIR, Cell, Grid, Setting, eval_config, expand, load_grid, settings_for
-from bench.launch.jobs import (
-    DONE_FILE,
-    JOBS_FILE,
-    checkpoint_steps,
-    last_metric,
-    logged_step,
-    measured_steps,
-    read_jsonl,
-)
+from bench.launch.jobs import last_metric, measured_steps
+from bench.runfolder import DONE_FILE, JOBS_FILE, checkpoint_steps, last_logged_step, read_jsonl
 
 # squeue's job states (%T) that count as queued and as running; any other state has ended.
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
@@ -153,7 +146,7 @@ def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path
     for cell, run, recs in zip(cells, runs, records):
         sub, events = last_submit(recs, "train")
         row = {"cell": cell.name, "spec": cell.cfg.spec, "run_dir": str(run), "state": "not submitted",
-               "step": logged_step(run), "checkpoint": max(checkpoint_steps(run), default=None),
+               "step": last_logged_step(run), "checkpoint": max(checkpoint_steps(run), default=None),
                "max_steps": cell.cfg.train.max_steps, "job_id": sub.get("job_id") if sub else None,
                "restarts": 0, "log": sub.get("stdout") if sub else None, "detail": "", "eval": "",
                "eval_errors": [], "last_metric": last_metric(run)}

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from bench import runfolder
 from bench.launch import grids
 from bench.report.common import (
     EVAL_ALIASES,
@@ -66,30 +67,16 @@ from bench.report.tables import (
 )
 
 # ------------------------------------------------------------------------------------------------
-# Run folders: results/runs/<grid>/<spec>-<hash>/{config.json, metrics.jsonl, eval.jsonl, DONE}
+# Run folders: results/runs/<grid>/<spec>-<hash>/ (bench.runfolder)
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; an unterminated last line (a writer mid-append) is skipped."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):
-                break
-            raise ReportError(f"{path} line {number}: not valid JSON ({err}); fix or delete "
-                              "that line") from None
-        if not isinstance(row, dict):
-            raise ReportError(f"{path} line {number}: expected a JSON object, got "
-                              f"{type(row).__name__}")
-        rows.append(row)
-    return rows
+    """Rows of a run folder's JSONL log (bench.runfolder's policy: a torn last line is skipped, a
+    corrupt line in the middle is an error naming the file and line)."""
+    try:
+        return runfolder.read_jsonl(path)
+    except runfolder.RunFolderError as err:
+        raise ReportError(str(err)) from None
 
 
 def flatten_config(config: dict) -> dict[str, Any]:
@@ -138,12 +125,12 @@ def gather(name: str, runs_root: str | Path = "results/runs", grid: dict | None 
                           f"(`bench grid {name}`) or pass --runs-root")
     run_rows, metric_rows, eval_rows = [], [], []
     for folder, config, eval_steps in expected:
-        ticks = [{"run": folder.name, **t} for t in read_jsonl(folder / "metrics.jsonl")]
+        ticks = [{"run": folder.name, **t} for t in read_jsonl(folder / runfolder.METRICS_FILE)]
         metric_rows += ticks
         # guidance as canonical JSON text: one provenance field, not flattened into columns
         eval_rows += [{"run": folder.name, **{EVAL_ALIASES.get(k, k): v for k, v in r.items()},
                        "guidance": json.dumps(r.get("guidance"), sort_keys=True)}
-                      for r in read_jsonl(folder / "eval.jsonl")]
+                      for r in read_jsonl(folder / runfolder.EVAL_FILE)]
         run_rows.append({**_run_row(folder, config, ticks),
                          "expected_steps": json.dumps(sorted(int(s) for s in eval_steps or []))})
     runs = pd.DataFrame(run_rows)
@@ -161,12 +148,11 @@ def gather(name: str, runs_root: str | Path = "results/runs", grid: dict | None 
 
 
 def _run_row(folder: Path, config: dict | None, ticks: list[dict]) -> dict[str, Any]:
-    if (folder / "config.json").is_file():
-        try:
-            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ReportError(f"{folder / 'config.json'}: not valid JSON ({err})") from None
-    status = ("done" if (folder / "DONE").exists() else "training" if ticks
+    try:
+        config = runfolder.read_config_json(folder) or config
+    except runfolder.RunFolderError as err:
+        raise ReportError(str(err)) from None
+    status = ("done" if runfolder.is_done(folder) else "training" if ticks
               else "started" if folder.is_dir() else "not started")
     last_step = max((int(t["step"]) for t in ticks if "step" in t), default=None)
     row = {"run": folder.name, "run_dir": str(folder), "status": status, "last_step": last_step}

@@ -28,13 +28,13 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from bench.atomic import atomic_write_text, sha256_file
+from bench.atomic import atomic_write_text, crash_point, save_safetensors_file, sha256_file
+from bench.runfolder import checkpoint_path, checkpoints_dir, list_checkpoints
 
 FORMAT_VERSION = 1
-CKPT_DIRNAME = "checkpoints"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.safetensors"
 META_FILE = "state.json"
@@ -146,21 +146,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 # Listing, verifying, pruning
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CKPT_DIRNAME
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"{step:07d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every finished checkpoint folder, sorted by step (not verified)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(p.name), p) for p in root.iterdir() if p.is_dir() and p.name.isdigit()]
-    return sorted(found)
+# checkpoints_dir, checkpoint_path and list_checkpoints are the run folder's (bench.runfolder).
 
 
 def read_meta(ckpt_dir: Path) -> dict:
@@ -274,10 +260,11 @@ def save_checkpoint(
     optim_tensors, optim_meta = _split_optimizer_state(optimizer.state_dict())
     tensors = dict(optim_tensors)
     tensors.update({f"rng.{name}": value for name, value in rng.items()})
-    save_file(_cpu_contiguous(weights), str(tmp / WEIGHTS_FILE), metadata={"format": str(FORMAT_VERSION)})
-    save_file(_cpu_contiguous(tensors), str(tmp / STATE_FILE), metadata={"format": str(FORMAT_VERSION)})
+    save_safetensors_file(_cpu_contiguous(weights), tmp / WEIGHTS_FILE, {"format": str(FORMAT_VERSION)})
+    save_safetensors_file(_cpu_contiguous(tensors), tmp / STATE_FILE, {"format": str(FORMAT_VERSION)})
     for name in (WEIGHTS_FILE, STATE_FILE):
         _fsync_file(tmp / name)
+    crash_point("checkpoint:files")
     meta = {
         "format": FORMAT_VERSION,
         "step": int(step),

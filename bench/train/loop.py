@@ -1,9 +1,25 @@
 """`bench train`: one training run, resumable, on one process or many (DDP).
 
-Run folder (`bench.identity.run_dir(cfg)`): `config.json` (the resolved config, written once),
-`checkpoints/<step>/` (bench.train.checkpoint), `metrics.jsonl` (one JSON line per log tick, rank 0) and
-`DONE` once the checkpoint at `train.max_steps` exists. Re-running a finished run returns at once;
-re-running an unfinished one resumes from its newest valid checkpoint, bit-exactly.
+Run folder (`bench.identity.run_dir(cfg)`, layout in bench.runfolder): `config.json` (the resolved
+config, written once), `checkpoints/<step>/` (bench.train.checkpoint), `metrics.jsonl` (one row per log
+tick, rank 0, through bench.metrics_log) and `DONE` once the checkpoint at `train.max_steps` exists.
+Re-running a finished run returns at once (after verifying the final checkpoint: a corrupt one is
+rebuilt from the newest good checkpoint); re-running an unfinished one resumes from its newest valid
+checkpoint, bit-exactly. One `bench train` at a time works on a run folder: it holds the folder's
+`.train.lock` (flock, released by the kernel when the process ends however it ends), and a second
+one refuses with a message naming the holder.
+
+Nothing lost, nothing doubled. A resume from step S (S = 0 for a fresh start) first cuts
+metrics.jsonl after its last row at or before S, so the rows of a killed process are logged again,
+once. Each row is the mean over the steps since the previous row; when a checkpoint falls inside
+such a window (ckpt_every not a multiple of log_every), the checkpoint carries the window's partial
+sums and step count (`state.log_window`, per rank), and the resumed run continues them: the row is
+the same number whether or not the run was interrupted. Python's and NumPy's global RNGs are seeded
+from train.seed (nothing here draws from them, but a library might), so their states stored in the
+checkpoints are the same for two runs of one config. After a kill at any moment and a re-run of the
+same command, the checkpoints and metrics.jsonl are byte-identical to an uninterrupted run's except
+the measured fields of a row (`time`, `elapsed_s`, `images_per_s`: wall clock; `peak_memory_mb`: the
+process's memory) and DONE's `time` (tests/test_kill.py).
 
 Randomness and ranks (why a run does not depend on the number of ranks). Each step takes the global
 batch of B samples at positions [step*B, (step+1)*B) of an endless stream of per-epoch permutations
@@ -30,30 +46,33 @@ Optimiser and EMA: fused AdamW and one foreach lerp for the EMA (`bench perf` ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
 import math
+import random
 import resource
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from bench.atomic import atomic_write_text
-from bench.compose import dumps, from_dict, load_config
+from bench import runfolder
+from bench.atomic import atomic_write_text, crash_point
+from bench.compose import dumps, from_dict, load_config, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
+from bench.metrics_log import MetricsLogger, check_sinks, forget_after
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
 from models.backbone import BackboneOutput
-
-CONFIG_FILE, DONE_FILE, METRICS_FILE = "config.json", "DONE", "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -314,10 +333,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _check_saved_config(run_dir: Path, cfg: ExperimentConfig) -> bool:
     """True if `run_dir` already has a config.json; ConfigError if it describes another run."""
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
+    if not runfolder.config_path(run_dir).is_file():
         return False
-    saved, current = _flatten(identity_dict(from_dict(json.loads(path.read_text())))), _flatten(identity_dict(cfg))
+    saved, current = _flatten(identity_dict(runfolder.read_run_config(run_dir))), _flatten(identity_dict(cfg))
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differ:
         shown = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in differ[:5])
@@ -326,21 +344,46 @@ def _check_saved_config(run_dir: Path, cfg: ExperimentConfig) -> bool:
     return True
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines past the checkpoint we resume from (they will be logged again)."""
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if _logged_step(line) <= last_step]
-        if len(kept) != len(lines):
-            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics line; a line cut short by a kill counts as past every checkpoint."""
+def _finished(run_dir: Path, cfg: ExperimentConfig, main: bool) -> bool:
+    """DONE is there and the final checkpoint verifies. A DONE whose final checkpoint is missing or
+    corrupt is stale: say so; the resume (newest good checkpoint) rebuilds the final one."""
+    if not runfolder.is_done(run_dir):
+        return False
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
+        ckpt.verify_checkpoint(runfolder.checkpoint_path(run_dir, cfg.train.max_steps))
+        return True
+    except ckpt.CorruptCheckpointError as err:
+        if main:
+            print(f"train: {run_dir} is marked finished but its final checkpoint is unusable ({err}); "
+                  "training again from the newest good checkpoint to rebuild it", flush=True)
+        return False
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Python's and NumPy's global RNGs from the run's seed (their states are saved in checkpoints)."""
+    random.seed(derive_seed(seed, "python"))
+    np.random.seed(derive_seed(seed, "numpy") % 2**32)
+
+
+def _log_window(sums: dict[str, torch.Tensor], steps: int) -> dict:
+    """The partial logging window at a checkpoint: every rank's float32 sums (exact as JSON floats)."""
+    if not steps:
+        return {"steps": 0, "sums": {}}
+    keys = sorted(sums)
+    ranks = dist_utils.all_gather_rows(torch.stack([sums[k] for k in keys]))
+    return {"steps": steps, "sums": {k: [float(r[i]) for r in ranks] for i, k in enumerate(keys)}}
+
+
+def _resume_window(window: Optional[dict], rank: int, world: int, device: torch.device
+                   ) -> tuple[dict[str, torch.Tensor], int]:
+    """This rank's sums and step count of the window a checkpoint carried (none in older ones). With
+    another number of ranks the ranks' mean is used: the same row up to float rounding."""
+    if not window or not window.get("steps"):
+        return {}, 0
+    sums = {key: torch.tensor(values[rank] if len(values) == world else sum(values) / len(values),
+                              dtype=torch.float32, device=device)
+            for key, values in window["sums"].items()}
+    return sums, int(window["steps"])
 
 
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
@@ -388,13 +431,13 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
 
     device, world, main = info.device, info.world_size, info.is_main
     has_config = _check_saved_config(run_dir, cfg)
-    final_ckpt = ckpt.checkpoint_path(run_dir, cfg.train.max_steps)
-    if has_config and (run_dir / DONE_FILE).is_file() and (final_ckpt / ckpt.META_FILE).is_file():
+    if has_config and _finished(run_dir, cfg, main):
         if main:
             print(f"train: {run_dir} is finished (step {cfg.train.max_steps}); nothing to do", flush=True)
         return run_dir
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
+    check_sinks(cfg.train.log_to)
     try:
         manifest = read_manifest(cfg.data.prepared_dir)
         check_prepared(cfg, manifest, cfg.data.prepared_dir)
@@ -402,6 +445,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     except (PreparedDataError, EncoderError, DatasetError) as err:
         raise ConfigError(str(err)) from None
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
+    seed_global_rngs(cfg.train.seed)  # a checkpoint's python/numpy states then restore over these
     model = build_model(cfg, manifest).to(device)
     transport = build_transport(cfg, manifest)
     autocast_dtype = resolve_precision(cfg.train.precision, device)
@@ -414,22 +458,41 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     generators = {name: torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, name))
                   for name in ("objective", "latent_noise")}
 
-    # -- first write: the run folder, its config, leftovers of a killed writer -----------------
+    # -- first write: the lock, the run folder, its config, leftovers of a killed writer --------
+    with contextlib.ExitStack() as held:
+        refused = None
+        if main:
+            try:
+                held.enter_context(runfolder.train_lock(run_dir))
+            except runfolder.RunFolderError as err:
+                refused = err
+        if dist_utils.broadcast_int(int(refused is not None)):
+            raise refused or runfolder.RunFolderError(f"{run_dir} is being trained by another process")
+        return _train_locked(cfg, run_dir, info, has_config, manifest, data, model, transport, autocast_dtype,
+                             ema, optimizer, params, generators)
+
+
+def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, has_config: bool,
+                  manifest: dict, data: TrainingData, model: nn.Module, transport, autocast_dtype, ema: nn.Module,
+                  optimizer: torch.optim.Optimizer, params: list, generators: dict) -> Path:
+    """The part of `_train` that writes: it runs holding the run folder's lock (rank 0)."""
+    device, world, main = info.device, info.world_size, info.is_main
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         if not has_config:
-            atomic_write_text(run_dir / CONFIG_FILE, dumps(cfg) + "\n")
+            atomic_write_text(runfolder.config_path(run_dir), dumps(cfg) + "\n")
         ckpt.remove_stale_temporaries(run_dir)
+        if runfolder.is_done(run_dir):  # stale (_finished said so): the rebuilt final checkpoint writes it again
+            (run_dir / runfolder.DONE_FILE).unlink()
     dist_utils.barrier()
 
-    start = 0
+    start, window = 0, None
     resume = ckpt.select_resume_checkpoint(run_dir) if main else None
     resume_step = dist_utils.broadcast_int(-1 if resume is None else int(resume.name))
     if resume_step >= 0:
-        meta, rng = ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, resume_step), model=model, ema=ema,
+        meta, rng = ckpt.load_checkpoint(runfolder.checkpoint_path(run_dir, resume_step), model=model, ema=ema,
                                          optimizer=optimizer, device=device)
         _restore_rng(rng, generators)
-        start = int(meta["step"])
+        start, window = int(meta["step"]), meta["state"].get("log_window")
         if meta["state"].get("prepared") != manifest.get("settings_hash") or \
                 meta["state"]["data"] != data.sampler.position(start):
             raise ConfigError(f"{run_dir} was trained on other prepared data (settings "
@@ -438,7 +501,8 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
                               "shards or start a new run")
         if main:
             print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
-            _truncate_metrics(run_dir / METRICS_FILE, start)
+    if main:  # rows past the resume point (any, on a fresh start) were a killed process's: cut them
+        forget_after(run_dir, start)
 
     local_batch = cfg.train.batch_size // world
     net: nn.Module = model
@@ -458,8 +522,29 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     # tqdm draws on stderr: show the bar when that is a terminal (a batch job's log gets the JSON lines).
     bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (main and sys.stderr.isatty()))
-    sums: dict[str, torch.Tensor] = {}
-    tick_steps, tick_time, began = 0, time.perf_counter(), time.time()
+    log = MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
+                        config=to_dict(cfg), resume_step=start) if main else None
+    try:
+        _loop(cfg, run_dir, info, data, model, transport, autocast_dtype, ema, optimizer, params, generators,
+              forward, local_rows, token_grid, keep, state_extra, start, window, bar, log)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    if main:
+        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
+        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
+    dist_utils.barrier()
+    return run_dir
+
+
+def _loop(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, data: TrainingData, model: nn.Module,
+          transport, autocast_dtype, ema: nn.Module, optimizer: torch.optim.Optimizer, params: list,
+          generators: dict, forward, local_rows: slice, token_grid: int, keep: set, state_extra: dict,
+          start: int, window: Optional[dict], bar, log: Optional[MetricsLogger]) -> None:
+    device, world, main = info.device, info.world_size, info.is_main
+    sums, tick_steps = _resume_window(window, info.rank, world, device)
+    timed_steps, tick_time, began = 0, time.perf_counter(), time.time()
     last_saved = start
     model.train()
     for step in range(start + 1, cfg.train.max_steps + 1):
@@ -475,7 +560,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {step} (loss={losses['loss'].item():.4g}, "
                 f"grad_norm={grad_norm.item():.4g}); stopped before the update. The last good checkpoint "
-                f"is step {last_saved} in {run_dir / ckpt.CKPT_DIRNAME}. Lower optim.lr, set "
+                f"is step {last_saved} in {runfolder.checkpoints_dir(run_dir)}. Lower optim.lr, set "
                 "optim.max_grad_norm (e.g. 1.0)" + (" or train.precision=fp32" if autocast_dtype else ""))
         if cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.max_grad_norm, grad_norm)
@@ -486,35 +571,32 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
-        tick_steps += 1
+        tick_steps, timed_steps = tick_steps + 1, timed_steps + 1
         bar.update(1)
+        crash_point("train:step")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            record = _log_record(sums, tick_steps, world, cfg, step, time.perf_counter() - tick_time,
+            record = _log_record(sums, tick_steps, timed_steps, world, cfg, step, time.perf_counter() - tick_time,
                                  time.time() - began, device)
-            if main:
-                with open(run_dir / METRICS_FILE, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
+            if log is not None:
+                log.log_train(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            sums, tick_steps, tick_time = {}, 0, time.perf_counter()
+            sums, tick_steps, timed_steps, tick_time = {}, 0, 0, time.perf_counter()
         if step % cfg.train.ckpt_every == 0 or step in keep:  # keep = milestones and the final step
+            log_window = _log_window(sums, tick_steps)  # every rank takes part in the gather
             if main:
                 ckpt.save_checkpoint(run_dir, step, model=model, ema=ema, optimizer=optimizer,
                                      rng=_rng_state(generators),
-                                     state={"data": data.sampler.position(step), **state_extra})
+                                     state={"data": data.sampler.position(step), **state_extra,
+                                            "log_window": log_window})
                 ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
             last_saved = step
             dist_utils.barrier()
-    bar.close()
-    if main:
-        atomic_write_text(run_dir / DONE_FILE, json.dumps({"step": cfg.train.max_steps, "time": time.time()}) + "\n")
-        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
-    dist_utils.barrier()
-    return run_dir
 
 
-def _log_record(sums: dict, steps: int, world: int, cfg: ExperimentConfig, step: int, seconds: float,
-                elapsed: float, device: torch.device) -> dict:
-    """Mean of every logged term over the steps since the last tick, made global over ranks."""
+def _log_record(sums: dict, steps: int, timed_steps: int, world: int, cfg: ExperimentConfig, step: int,
+                seconds: float, elapsed: float, device: torch.device) -> dict:
+    """Mean of every logged term over the `steps` since the last tick (some maybe before a resume),
+    made global over ranks; the throughput over the `timed_steps` this process ran in `seconds`."""
     keys = sorted(sums)
     means = dist_utils.all_reduce_mean(torch.stack([sums[k] for k in keys]) / steps)
     values = dict(zip(keys, means.tolist()))
@@ -524,7 +606,7 @@ def _log_record(sums: dict, steps: int, world: int, cfg: ExperimentConfig, step:
         values["loss"] += cfg.objective.lambda_repa * share * (world - 1)
     memory, kind = _peak_memory_mb(device)
     return {"step": step, **values, "lr": cfg.optim.lr,
-            "images_per_s": steps * cfg.train.batch_size / max(seconds, 1e-9),
+            "images_per_s": timed_steps * cfg.train.batch_size / max(seconds, 1e-9),
             "peak_memory_mb": memory, "memory_kind": kind, "time": time.time(), "elapsed_s": elapsed}
 
 
