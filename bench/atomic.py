@@ -23,7 +23,7 @@ PathLike = Union[str, os.PathLike]
 TMP_MARK = ".tmp-"
 
 
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync the result, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         with open(tmp, "wb") as handle:
             handle.write(data)
 
-    return _atomic_write(path, write)
+    return atomic_write_with(path, write)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -69,7 +69,7 @@ def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
 
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    return atomic_write_with(path, lambda tmp: save_file(clean, tmp, metadata=meta))
 
 
 def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) -> Path:
