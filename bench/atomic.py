@@ -105,7 +105,7 @@ def save_safetensors_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
     os.chmod(path, 0o666 & ~current_umask())
 
 
-def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(tmp_path)`, fsync the result, then rename it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         with open(tmp, "wb") as handle:
             handle.write(data)
 
-    return _atomic_write(path, write)
+    return atomic_write_with(path, write)
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -149,7 +149,7 @@ def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     """Save a dict of tensors as safetensors atomically (tensors made contiguous, on CPU)."""
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return _atomic_write(path, lambda tmp: save_safetensors_file(clean, tmp, meta))
+    return atomic_write_with(path, lambda tmp: save_safetensors_file(clean, tmp, meta))
 
 
 def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) -> Path:

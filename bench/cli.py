@@ -5,6 +5,7 @@
     bench grid NAME [--stage train|eval] ...   submit an ablation grid (SLURM, local, debug)
     bench status NAME                          what is queued, running, done, failed
     bench sample / bench eval RUN_DIR ...      samples and metrics with provenance
+    bench export RUN_DIR --step N              those samples as the .npz ADM's evaluator reads
     bench report NAME                          tables beside the paper's numbers, plots
     bench perf ...                             throughput benchmarks
     bench demo [--quick]                       the embedded default end to end, offline, on CPU
@@ -31,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("state of every cell of a grid: bench status NAME", "bench.launch.submit:main_status"),
     "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate.evaluation:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate.evaluation:main_eval"),
+    "export": ("an evaluated step's samples as ADM's .npz: bench export RUN --step N", "bench.evaluate.export:main_export"),
     "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report.summary:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),

@@ -66,6 +66,7 @@ MODEL_PATCH_SIZES = (1, 2, 4, 8)
 DINOV2_VARIANTS = ("vits14", "vits14_reg", "vitb14", "vitb14_reg", "vitl14", "vitl14_reg")
 FEATURE_NETWORKS = ("classifier", "inception", "dinov2")
 FD_DINOV2_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")  # bench.evaluate.features.DINOV2_TIMM_NAMES
+REFERENCE_BATCHES = ("adm-imagenet256",)  # bench.evaluate.adm.REFERENCE_BATCHES
 
 
 @dataclass
@@ -293,12 +294,17 @@ class EvalConfig:
     """The ViT of dinov2_weights; FD-DINOv2 is conventionally ViT-L/14 (CLS token, D = 1024)."""
     reference: Optional[str] = None
     """Reference statistics or images: an ADM .npz, or None for the prepared test split."""
+    expected_reference: Optional[str] = None
+    """A published reference batch the numbers must be computed against (adm-imagenet256: ADM's
+    VIRTUAL_imagenet256_labeled.npz): eval.reference must then be set, and its SHA-256 is checked."""
 
     def __post_init__(self) -> None:
         _choice("eval.sampler", self.sampler, SAMPLERS)
         _choice("eval.label_sampling", self.label_sampling, LABEL_SAMPLING)
         _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
         _choice("eval.dinov2_variant", self.dinov2_variant, FD_DINOV2_VARIANTS)
+        if self.expected_reference is not None:
+            _choice("eval.expected_reference", self.expected_reference, REFERENCE_BATCHES)
         _range("eval.num_sampling_steps", self.num_sampling_steps, 1)
         _range("eval.num_samples", self.num_samples, 1)
         _range("eval.batch_size", self.batch_size, 1)

@@ -268,7 +268,11 @@ def test_every_checkpoint_gets_one_row_per_metric_and_rerun_writes_nothing(run):
     assert acc_row["value"] == float((predicted == labels).mean())  # same argmax, exact
 
 
-def test_all_metrics_through_torch_fidelity(run):
+def test_all_metrics_on_the_classifier(run):
+    """FD, KID, precision/recall and IS on the embedded classifier: KID equals torch-fidelity's
+    estimate's own recomputation, precision/recall and IS equal float64 brute-force definitions."""
+    from test_adm import inception_score_scipy, precision_recall_float64
+
     from bench.evaluate.features import extract_features, load_classifier_network
     from bench.evaluate.quality import kernel_inception_distance
 
@@ -278,13 +282,12 @@ def test_all_metrics_through_torch_fidelity(run):
     assert set(by_name) == {"fd_classifier", "kid_classifier", "precision_classifier",
                             "recall_classifier", "is_classifier", "accuracy"}
     assert all(np.isfinite(r["value"]) for r in rows)
-    assert 0 <= by_name["precision_classifier"]["value"] <= 1 and by_name["is_classifier"]["value"] >= 1
-    # KID: torch-fidelity's estimate equals bench.evaluate.quality' own on the same features and seed.
     from bench.prepare.sources import digits
 
     network = load_classifier_network(Path(read_run_config(run).data.prepared_dir) / "classifier")
     shards = [read_shard(p) for p in sorted(Path(rows[0]["samples_dir"]).glob("shard-*.npz"))]
-    gen = extract_features(network, np.concatenate([s["images"] for s in shards]))
+    images = np.concatenate([s["images"] for s in shards])
+    gen = extract_features(network, images)
     test = digits("test", 32)
     real = extract_features(network, test.images(range(len(test))))
     kid = by_name["kid_classifier"]
@@ -293,6 +296,118 @@ def test_all_metrics_through_torch_fidelity(run):
     # float64 on both sides, same subsets: only summation order differs.
     assert kid["value"] == pytest.approx(mean, rel=1e-9, abs=1e-15)
     assert kid["extra"]["std"] == pytest.approx(std, rel=1e-9, abs=1e-15)
+    # Precision/recall: counts of comparisons, the same decisions in float32 and float64 here.
+    precision, recall = precision_recall_float64(real, gen)
+    assert (by_name["precision_classifier"]["value"], by_name["recall_classifier"]["value"]) == (precision, recall)
+    with torch.no_grad():
+        logits = network.logits(torch.from_numpy(images)).double().numpy()
+    # ADM's IS on the classifier's logits, one split (N < 5,000): float32 logits, float64 after.
+    assert by_name["is_classifier"]["value"] == pytest.approx(inception_score_scipy(logits, 5000), rel=1e-9)
+    assert by_name["is_classifier"]["reference_sha256"] is None  # no reference enters the IS
+
+
+def test_adm_metrics_on_inception_against_a_reference_batch(run, tmp_path, monkeypatch):
+    """FID, sFID, IS, precision, recall (and KID) through `bench eval` on the Inception port
+    (random weights) against an ADM-layout reference (arr_0 images, mu/sigma, mu_s/sigma_s): each
+    value equals an independent float64 computation on the port's outputs, and every row records
+    the reference facts and the differences from ADM. The file is not ADM's, so the rows say so."""
+    from test_adm import inception_score_scipy, precision_recall_float64, random_inception_weights
+
+    import bench.evaluate.quality as quality
+    from bench.atomic import sha256_file
+    from bench.evaluate.adm import ADM_DIFFERENCES
+    from bench.evaluate.features import build_feature_network
+
+    weights = random_inception_weights(tmp_path / "pt_inception-2015-12-05.pth")
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    stats = {"mu": rng.normal(size=2048) * 0.1, "sigma": np.diag(rng.uniform(0.5, 1.5, 2048)),
+             "mu_s": rng.normal(size=2023) * 0.1, "sigma_s": np.diag(rng.uniform(0.5, 1.5, 2023))}
+    reference = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(reference, arr_0=real, **stats)
+    # 8 samples stand in for 50K: the sample-count guard of the Frechet distances (tested in
+    # test_metrics.py) is lifted, the formulas are the same.
+    monkeypatch.setattr(quality, "check_sample_count", lambda *args, **kwargs: None)
+    overrides = ["eval.feature_network=inception", f"eval.inception_weights={weights}",
+                 f"eval.reference={reference}", "eval.expected_reference=adm-imagenet256",
+                 "eval.metrics=[fid,sfid,is,prc,kid]", "eval.num_samples=8"]
+    with pytest.warns(RuntimeWarning, match="not the published VIRTUAL_imagenet256_labeled.npz"):
+        rows = evaluate(None, run, [4], "adm", overrides, backend="native", shard_size=SHARD, progress=False)
+    by_name = {r["metric"]: r for r in rows}
+    assert set(by_name) == {"fid", "sfid", "is", "precision", "recall", "kid"}
+    for row in rows:
+        assert row["adm_differences"] == ADM_DIFFERENCES and row["feature_network"] == "inception-v3-compat-pool3"
+        if row["metric"] != "is":
+            assert row["reference_sha256"] == sha256_file(reference) and row["reference_is_adm"] is False
+            assert row["reference_expected"] == "adm-imagenet256" and row["reference_batch"] is None
+            assert row["reference_source"] == str(reference.resolve())
+
+    network = build_feature_network("inception", inception_weights=weights)
+    (shard,) = [read_shard(p) for p in sorted(Path(rows[0]["samples_dir"]).glob("shard-*.npz"))]
+    out = {k: v.double().numpy() for k, v in network.outputs(shard["images"]).items()}  # one batch, as eval
+    ref_features = network.extract(real).double().numpy()
+
+    def frechet(features: np.ndarray, mu: np.ndarray, sigma_diagonal: np.ndarray) -> float:
+        # tr sqrt(S1 S2) = nuclear norm of sqrt(S2) A with S1 = A A^T: no matrix square root at all.
+        centred = (features - features.mean(0)) / np.sqrt(len(features) - 1)
+        nuclear = np.linalg.svd(np.sqrt(sigma_diagonal)[:, None] * centred.T, compute_uv=False).sum()
+        return float(((features.mean(0) - mu) ** 2).sum() + (centred ** 2).sum() + sigma_diagonal.sum()
+                     - 2 * nuclear)
+
+    # float64 on both sides from the same float32 features: 1e-9 relative.
+    assert by_name["fid"]["value"] == pytest.approx(
+        frechet(out["features"], stats["mu"], np.diag(stats["sigma"])), rel=1e-9)
+    assert by_name["sfid"]["value"] == pytest.approx(
+        frechet(out["spatial"], stats["mu_s"], np.diag(stats["sigma_s"])), rel=1e-9)
+    assert by_name["sfid"]["extra"]["feature_dim"] == 2023
+    assert by_name["is"]["value"] == pytest.approx(inception_score_scipy(out["logits"], 5000), rel=1e-9)
+    expected_pr = precision_recall_float64(ref_features, out["features"])
+    assert (by_name["precision"]["value"], by_name["recall"]["value"]) == expected_pr
+
+
+def test_export_writes_the_evaluated_samples_as_adms_npz(run, tmp_path, capsys):
+    """`bench export` writes arr_0 uint8 (N, H, W, 3), exactly the evaluated N in sample order, and
+    arr_1 the labels; read back the way ADM's evaluator streams it (zip member, .npy header)."""
+    import zipfile
+
+    from bench.cli import main
+
+    rows = evaluate(None, run, [4], "default", shard_size=SHARD, progress=False)
+    shards = [read_shard(p) for p in sorted(Path(rows[0]["samples_dir"]).glob("shard-*.npz"))]
+    images, labels = np.concatenate([s["images"] for s in shards]), np.concatenate([s["labels"] for s in shards])
+    out = tmp_path / "samples.npz"
+    assert main(["export", str(run), "--step", "4", "--out", str(out)]) == 0
+    assert "arr_0 uint8 (32, 32, 32, 3)" in capsys.readouterr().out and _no_temporaries(tmp_path)
+    with np.load(out, allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["arr_0", "arr_1"]
+        assert npz["arr_0"].dtype == np.uint8 and np.array_equal(npz["arr_0"], images)
+        assert np.array_equal(npz["arr_1"], labels)
+    with zipfile.ZipFile(out) as archive, archive.open("arr_0.npy") as member:  # ADM's reader
+        version = np.lib.format.read_magic(member)
+        shape, fortran, dtype = {(1, 0): np.lib.format.read_array_header_1_0,
+                                 (2, 0): np.lib.format.read_array_header_2_0}[version](member)
+        assert (shape, fortran, dtype) == ((32, 32, 32, 3), False, np.dtype(np.uint8))
+        assert member.read() == images.tobytes()
+    # Fewer images: the first M when their shards are exactly those of M (M = 16: two shards).
+    assert main(["export", str(run), "--step", "4", "--num-samples", "16", "--out", str(out)]) == 0
+    with np.load(out, allow_pickle=False) as npz:
+        assert np.array_equal(npz["arr_0"], images[:16])
+    # 20 would need a last shard of 4: not there. An unevaluated setting: nothing to export.
+    for args, message in ((["--num-samples", "20"], "does not hold the 20 samples"),
+                          (["--setting", "other"], "no rows for step 4, setting 'other'")):
+        assert main(["export", str(run), "--step", "4", *args, "--out", str(tmp_path / "x.npz")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "bench export: error:" in err[0] and message in err[0], err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_expected_reference_unset_is_one_error_before_sampling(run, capsys):
+    from bench.cli import main
+
+    assert main(["eval", str(run), "--step", "4", "eval.expected_reference=adm-imagenet256"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval.reference is not set" in err[0]
+    assert "VIRTUAL_imagenet256_labeled.npz" in err[0] and not (run / "samples").exists()
 
 
 def test_a_setting_name_means_one_set_of_samples(run):
@@ -394,10 +509,14 @@ def test_guidance_weights_below_zero(run, override, capsys):
 def test_unknown_step_and_unsupported_metrics(run):
     with pytest.raises(SamplingError, match=r"no checkpoint at steps \[3\]; available: \[2, 4\]"):
         evaluate(None, run, [3], progress=False)
-    with pytest.raises(EvaluationError, match="sfid needs the ADM evaluator"):
+    with pytest.raises(EvaluationError, match="sfid .* needs eval.feature_network=inception, not classifier"):
         evaluate(None, run, [4], overrides=["eval.metrics=[sfid]"], progress=False)
-    with pytest.raises(EvaluationError, match="not provided by backend 'clean-fid'"):
-        evaluate(None, run, [4], overrides=["eval.metrics=[prc]"], backend="clean-fid", progress=False)
+    with pytest.raises(EvaluationError, match="'is' needs class logits"):
+        evaluate(None, run, [4], overrides=["eval.metrics=[is]", "eval.feature_network=dinov2"], progress=False)
+    with pytest.raises(EvaluationError, match="'accuracy' .* needs eval.feature_network=classifier"):
+        evaluate(None, run, [4], overrides=["eval.metrics=[accuracy]", "eval.feature_network=inception"],
+                 progress=False)
+    assert not (run / "samples").exists()
 
 
 def test_cli_eval_prints_a_table(run, capsys):

@@ -4,5 +4,10 @@
 - `features`:   feature networks (Inception, DINOv2, the embedded classifier): `build_feature_network`
 - `quality`:    sample-quality numbers: uint8 quantisation, feature statistics, Frechet distance, KID,
                 conditional accuracy, and the interchangeable backends (`get_backend`)
+- `adm`:        ADM's evaluator written out: its reference batch, sFID features, IS, precision/recall
+- `reference`:  eval.reference / eval.expected_reference: statistics, images, the facts rows record
 - `evaluation`: `bench eval`: the (step, metric, setting) rows of eval.jsonl
+- `export`:     `bench export`: evaluated samples as the .npz ADM's evaluator reads
+
+Definitions, and where the harness differs from ADM's evaluator: README.md in this folder.
 """

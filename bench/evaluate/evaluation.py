@@ -2,21 +2,24 @@
 
 For every requested checkpoint that lacks a (step, metric, setting) row: sample (bench.evaluate.sampling:
 sharded, resumable), stream the uint8 shards through the feature network, compute the metrics with
-`bench.evaluate.quality` (and torch-fidelity for precision/recall and IS), and append one row per metric.
+`bench.evaluate.quality` (Frechet distances and KID, on the chosen backend) and `bench.evaluate.adm`
+(ADM's sFID features, IS and precision/recall), and append one row per metric.
 
 Metric names (eval.metrics, recorded under the name on the right; the suffix names the feature
 network, because a Frechet distance on other features is not FID and is not comparable with it):
     fid / fd   -> fid (inception) | fd_classifier | fd_dinov2
+    sfid       -> sfid                  (inception only: ADM's mixed_6/conv features, D = 2023)
     kid        -> kid | kid_classifier | kid_dinov2          (mean; the std is in `extra`)
-    prc        -> precision*, recall*   (torch-fidelity's k-NN manifolds, k = 3; torch-fidelity only)
-    is         -> is_classifier          (needs logits: the embedded classifier; torch-fidelity only)
+    prc        -> precision*, recall*   (ADM's k-NN manifolds, k = 3, reference = real)
+    is         -> is | is_classifier    (ADM's IS, splits of 5,000, on logits: inception or classifier)
     accuracy   -> accuracy              (argmax of the classifier = requested label; conditional runs)
 `accuracy` is added on its own when the feature network is the embedded classifier and the run is
-class-conditional (the embedded default's pair, DESIGN.md). sFID needs the ADM evaluator's spatial
-Inception features, which no backend here provides: asking for it is an error.
+class-conditional (the embedded default's pair). With eval.feature_network=inception the five
+metrics are ADM's definitions on torch-fidelity's port of its Inception graph; bench/evaluate/README.md
+says where the harness and ADM still differ, and each row records it (`adm_differences`).
 
-Reference: `eval.reference` (an ADM .npz with `arr_0` images and/or `mu`/`sigma`) or, by default, the
-data's TEST split images; statistics are cached by content hash (bench.evaluate.features.reference_statistics).
+Reference: `bench.evaluate.reference` (eval.reference, eval.expected_reference; the TEST split by
+default); statistics are cached by content hash (bench.evaluate.features.reference_statistics).
 
 eval.jsonl rows go through the run's metrics logger (bench.metrics_log: also to the sinks of
 train.log_to), appended under an exclusive flock on the file that also decides which rows are new
@@ -31,7 +34,6 @@ network, another reference is an error asking for another --setting name.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 import time
@@ -44,6 +46,8 @@ import torch
 
 from bench.compose import to_dict
 from bench.config import ExperimentConfig
+from bench.evaluate.adm import ADM_DIFFERENCES
+from bench.evaluate.reference import Reference, load_reference, reference_file
 from bench.evaluate.sampling import (
     DEFAULT_SHARD_SIZE,
     SamplingError,
@@ -62,11 +66,11 @@ __all__ = ["evaluate", "missing_evaluations", "sample", "main_eval", "main_sampl
 
 DEFAULT_BACKEND = "torch-fidelity"
 KID_SUBSETS, KID_MAX_SUBSET, TF_SEED = 100, 1000, 2020  # torch-fidelity's defaults
-PRC_NEIGHBORHOOD, IS_SPLITS = 3, 10
 METRIC_ALIASES = {"fid": "fd", "fd": "fd", "kid": "kid", "prc": "prc", "precision": "prc",
                   "recall": "prc", "is": "is", "accuracy": "accuracy", "sfid": "sfid"}
-BACKEND_METRICS = {"native": {"fd", "kid"}, "clean-fid": {"fd", "kid"},
-                   "torch-fidelity": {"fd", "kid", "prc", "is"}}
+REFERENCE_FIELDS = ("reference_source", "reference_sha256", "reference_batch", "reference_is_adm",
+                    "reference_expected", "n_reference")
+"""What each row records about the reference (bench.evaluate.reference); null where none is used."""
 SETTING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
@@ -90,11 +94,13 @@ def missing_evaluations(run_dir: Path, metric: str, setting: str = "default",
 
 
 # ---------------------------------------------------------------------------------------------
-# Which metrics, on which network, against which reference
+# Which metrics, on which network
 
 
 def plan_metrics(cfg: ExperimentConfig, backend: str) -> list[str]:
-    """The metric kinds to compute (fd, kid, prc, is, accuracy), validated against the backend."""
+    """The metric kinds to compute (fd, sfid, kid, prc, is, accuracy), validated against the
+    feature network and the backend (which computes the Frechet distances and KID; sFID's spatial
+    features, IS and precision/recall follow ADM's definitions, `bench.evaluate.adm`)."""
     from bench.evaluate.quality import BACKENDS
 
     if backend not in BACKENDS:
@@ -104,22 +110,22 @@ def plan_metrics(cfg: ExperimentConfig, backend: str) -> list[str]:
         kind = METRIC_ALIASES.get(str(name).lower())
         if kind is None:
             raise EvaluationError(f"eval.metrics: {name!r} is unknown; choose from {sorted(METRIC_ALIASES)}")
-        if kind == "sfid":
-            raise EvaluationError("eval.metrics: sfid needs the ADM evaluator's spatial Inception "
-                                  "features (mixed_6/conv), which no backend here provides; drop it "
-                                  "and run guided-diffusion's evaluator on the exported samples")
         if kind not in kinds:
             kinds.append(kind)
-    classifier = cfg.eval.feature_network == "classifier"
-    if classifier and cfg.model.conditional and "accuracy" not in kinds:
+    network = cfg.eval.feature_network
+    if network == "classifier" and cfg.model.conditional and "accuracy" not in kinds:
         kinds.append("accuracy")
     for kind in kinds:
-        if kind in ("prc", "is", "fd", "kid") and kind not in BACKEND_METRICS[backend]:
-            raise EvaluationError(f"metric {kind!r} is not provided by backend {backend!r}; use "
-                                  "--backend torch-fidelity")
-        if kind in ("is", "accuracy") and not classifier:
-            raise EvaluationError(f"metric {kind!r} needs class logits; only eval.feature_network="
-                                  "classifier (the embedded evaluation network) provides them here")
+        if kind == "sfid" and network != "inception":
+            raise EvaluationError("eval.metrics: sfid is the Frechet distance of ADM's spatial "
+                                  "Inception features (mixed_6/conv); it needs eval.feature_network="
+                                  f"inception, not {network}")
+        if kind == "is" and network == "dinov2":
+            raise EvaluationError("metric 'is' needs class logits: eval.feature_network=inception "
+                                  "(ADM's IS) or classifier (the embedded evaluation network)")
+        if kind == "accuracy" and network != "classifier":
+            raise EvaluationError("metric 'accuracy' compares the requested label with the embedded "
+                                  "classifier's argmax; it needs eval.feature_network=classifier")
         if kind == "accuracy" and not cfg.model.conditional:
             raise EvaluationError("metric 'accuracy' needs a class-conditional run; this run is "
                                   "unconditional (model.conditional=false)")
@@ -129,7 +135,7 @@ def plan_metrics(cfg: ExperimentConfig, backend: str) -> list[str]:
 def metric_names(kind: str, network_kind: str) -> list[str]:
     """Recorded names of a metric kind on a feature network (module docstring)."""
     suffix = "" if network_kind == "inception" else f"_{network_kind}"
-    return {"fd": ["fid" if network_kind == "inception" else f"fd{suffix}"],
+    return {"fd": ["fid" if network_kind == "inception" else f"fd{suffix}"], "sfid": ["sfid"],
             "kid": [f"kid{suffix}"], "prc": [f"precision{suffix}", f"recall{suffix}"],
             "is": [f"is{suffix}"], "accuracy": ["accuracy"]}[kind]
 
@@ -153,85 +159,46 @@ def build_network(cfg: ExperimentConfig, manifest: dict, device: torch.device):
     return network.to(device).eval()
 
 
-@dataclasses.dataclass
-class Reference:
-    """Reference statistics (float64), their provenance, and the images when KID/PRC need them."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    provenance: dict
-    images: Optional[object]
-    _features: Optional[np.ndarray] = None
-
-    def features(self, network) -> np.ndarray:
-        from bench.evaluate.features import extract_features
-
-        if self._features is None:
-            self._features = extract_features(network, self.images)
-        return self._features
-
-
-def load_reference(cfg: ExperimentConfig, network, need_images: bool) -> Reference:
-    from bench.evaluate.features import REFERENCE_IMAGES_KEY, reference_statistics
-
-    cache = Path(cfg.data.prepared_dir) / "refstats"
-    if cfg.eval.reference:
-        source: object = Path(cfg.eval.reference)
-        images = None
-        mu, sigma, provenance = reference_statistics(source, network, cache, image_size=cfg.data.image_size)
-        if need_images:
-            with np.load(source, allow_pickle=False) as npz:
-                if REFERENCE_IMAGES_KEY not in npz.files:
-                    raise EvaluationError(f"eval.reference={source} holds only statistics; KID and "
-                                          f"precision/recall need its images ('{REFERENCE_IMAGES_KEY}')")
-                images = npz[REFERENCE_IMAGES_KEY]
-        return Reference(mu, sigma, provenance, images)
-    from bench.prepare.sources import open_split
-
-    test = open_split(cfg.data, "test")  # the reference of the embedded default: the TEST split
-    images = test.images(range(len(test)))
-    mu, sigma, provenance = reference_statistics(images, network, cache, image_size=cfg.data.image_size)
-    provenance["reference_source"] = f"{cfg.data.name} test split ({len(test)} images)"
-    return Reference(mu, sigma, provenance, images if need_images else None)
-
-
 # ---------------------------------------------------------------------------------------------
 # Computing the metrics of one finished sample set
 
 
 @torch.no_grad()
 def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_size: int = 256):
-    """Features (N, D) float64, logits (N, K) or None, labels (N,), streaming shard by shard."""
-    from bench.evaluate.features import extract_features
-
-    features, logits, labels = [], [], []
+    """Network outputs of all samples in shard order, float64 numpy: `features` (N, D), `logits`
+    (N, K) when asked, `spatial` (N, 2023) for Inception; and the labels (N,). Shard by shard."""
+    outputs: dict[str, list[np.ndarray]] = {}
+    labels = []
     for path in shards:
         shard = read_shard(path)
-        features.append(extract_features(network, shard["images"], batch_size))
-        if want_logits:
-            logits.extend(network.logits(shard["images"][i: i + batch_size]).cpu().double().numpy()
-                          for i in range(0, len(shard["images"]), batch_size))
+        for start in range(0, len(shard["images"]), batch_size):
+            batch = network.outputs(shard["images"][start: start + batch_size], logits=want_logits)
+            for key, value in batch.items():
+                outputs.setdefault(key, []).append(value.cpu().double().numpy())
         labels.append(shard["labels"])
-    return (np.concatenate(features), np.concatenate(logits) if want_logits else None,
-            np.concatenate(labels))
+    return {key: np.concatenate(parts) for key, parts in outputs.items()}, np.concatenate(labels)
 
 
 def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend_name: str,
                     shards: Sequence[Path], network_kind: str) -> list[tuple[str, str, float, str, dict]]:
     """[(recorded name, kind, value, backend, extra)] for the requested kinds (prc: two rows)."""
+    from bench.evaluate import adm
     from bench.evaluate.quality import check_sample_count, conditional_accuracy, get_backend
 
     backend = get_backend(backend_name)
-    features, logits, labels = _sample_outputs(network, shards, "accuracy" in kinds or "is" in kinds)
+    outputs, labels = _sample_outputs(network, shards, "accuracy" in kinds or "is" in kinds)
+    features = outputs["features"]
     n, dim = features.shape
     out: list[tuple[str, str, float, str, dict]] = []
     for kind in kinds:
         names = metric_names(kind, network_kind)
-        if kind == "fd":
-            check_sample_count(n, dim, False, "FD of the samples (raise eval.num_samples)")
-            mu, sigma = backend.statistics(features)
-            out.append((names[0], kind, backend.frechet_distance(mu, sigma, reference.mu, reference.sigma),
-                        backend_name, {}))
+        if kind in ("fd", "sfid"):
+            ours = features if kind == "fd" else outputs["spatial"]
+            mu_ref, sigma_ref = (reference.mu, reference.sigma) if kind == "fd" else reference.spatial
+            check_sample_count(n, ours.shape[1], False, f"{names[0]} of the samples (raise eval.num_samples)")
+            mu, sigma = backend.statistics(ours)
+            out.append((names[0], kind, backend.frechet_distance(mu, sigma, mu_ref, sigma_ref),
+                        backend_name, {"feature_dim": int(ours.shape[1])}))
         elif kind == "kid":
             real = reference.features(network)
             size = min(KID_MAX_SUBSET, n, len(real))
@@ -239,22 +206,18 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
             out.append((names[0], kind, mean, backend_name,
                         {"std": std, "subsets": KID_SUBSETS, "subset_size": size, "seed": TF_SEED}))
         elif kind == "prc":
-            from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-
             real = reference.features(network)
-            prc = prc_features_to_metric(torch.from_numpy(features).float(), torch.from_numpy(real).float(),
-                                         prc_neighborhood=PRC_NEIGHBORHOOD, verbose=False)
-            extra = {"neighborhood": PRC_NEIGHBORHOOD, "n_reference": len(real)}
-            out.append((names[0], kind, float(prc[KEY_METRIC_PRECISION]), backend_name, extra))
-            out.append((names[1], kind, float(prc[KEY_METRIC_RECALL]), backend_name, extra))
+            precision, recall = adm.precision_recall(real, features, device=network.device)
+            extra = {"neighbourhood": adm.PR_NEIGHBOURHOOD, "n_reference": len(real),
+                     "definition": "ADM k-NN manifolds, reference = real, samples = generated"}
+            out.append((names[0], kind, precision, "native", extra))
+            out.append((names[1], kind, recall, "native", extra))
         elif kind == "is":
-            from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-
-            isc = isc_features_to_metric(torch.from_numpy(logits), splits=IS_SPLITS, rng_seed=TF_SEED)
-            out.append((names[0], kind, float(isc[KEY_METRIC_ISC_MEAN]), backend_name,
-                        {"std": float(isc[KEY_METRIC_ISC_STD]), "splits": IS_SPLITS}))
+            mean, std, splits = adm.inception_score(outputs["logits"], adm.IS_SPLIT_SIZE)
+            out.append((names[0], kind, mean, "native",
+                        {"std": std, "splits": splits, "split_size": adm.IS_SPLIT_SIZE}))
         elif kind == "accuracy":
-            out.append((names[0], kind, conditional_accuracy(logits, labels), "native", {}))
+            out.append((names[0], kind, conditional_accuracy(outputs["logits"], labels), "native", {}))
     return out
 
 
@@ -289,6 +252,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     if absent:
         raise SamplingError(f"{run_dir} has no checkpoint at steps {absent}; available: {available}")
     kinds = plan_metrics(cfg, backend)
+    reference_file(cfg)  # an unset or missing eval.reference fails here, before anything is built
     manifest = read_run_manifest(cfg)
     run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network = build_network(cfg, manifest, run_device)
@@ -298,7 +262,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     todo = [s for s in wanted if any((s, name, setting) not in existing for name in names)]
     if not todo:
         return []
-    reference = load_reference(cfg, network, need_images=bool({"kid", "prc"} & set(kinds)))
+    reference = load_reference(cfg, network, kinds)
 
     written: list[dict] = []
     with MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
@@ -337,25 +301,21 @@ def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int,
             "label_sampling": plan.label_sampling, "batch_size": plan.batch_size,
             "shard_size": plan.shard_size, "checkpoint_sha256": weights_sha,
             "feature_network": network.network_id, "feature_weights_sha256": network.weights_sha256,
-            "reference_sha256": reference.provenance.get("reference_sha256"),
-            "reference_source": reference.provenance.get("reference_source"),
-            "n_reference": reference.provenance.get("n_reference"),
+            **{key: reference.provenance.get(key) for key in REFERENCE_FIELDS},
+            "adm_differences": ADM_DIFFERENCES if cfg.eval.feature_network == "inception" else None,
             "spec": cfg.spec, "run_dir": str(run_dir),
             "samples_dir": str(samples_folder(run_dir, plan))}
 
 
 def _row(common: dict, name: str, value: float, backend: str, extra: dict, kind: str,
          sampling_seconds: float, metric_seconds: float) -> dict:
-    from bench.evaluate.quality import MetricResult, get_backend
+    from bench.evaluate.quality import get_backend
 
-    result = MetricResult(metric=name, value=float(value), backend=backend,
-                          backend_version=get_backend(backend).version,
-                          feature_network=common["feature_network"],
-                          feature_weights_sha256=common["feature_weights_sha256"],
-                          reference_sha256=None if kind in ("accuracy", "is") else common["reference_sha256"],
-                          n_samples=common["n"], extra=extra).to_json()
-    result.pop("n_samples")  # recorded as "n"
-    return {**common, **result, "sampling_seconds": sampling_seconds,
+    row = {**common, "metric": name, "value": float(value), "backend": backend,
+           "backend_version": get_backend(backend).version, "extra": extra}
+    if kind in ("accuracy", "is"):  # no reference enters these numbers
+        row |= {key: None for key in REFERENCE_FIELDS}
+    return {**row, "sampling_seconds": sampling_seconds,
             "metric_seconds": metric_seconds, "wall_time_s": sampling_seconds + metric_seconds,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

@@ -1,17 +1,19 @@
-"""Feature networks for the Frechet distance and KID, and their registration with torch-fidelity.
+"""Feature networks for the Frechet distance, KID, precision/recall and IS, and reference statistics.
 
 Three networks, all taking uint8 RGB images `(B, 3, H, W)` and returning float32 features `(B, D)`:
 
 - `classifier`: the embedded default's independent Fashion-MNIST CNN (`bench.prepare.embedded`), penultimate
   features (D = its feature_dim) and class logits (for the conditional accuracy);
-- `inception`: torch-fidelity's `inception-v3-compat` (the TF FID Inception, pool3, D = 2048) built
-  from a user-supplied weights file (`eval.inception_weights`); torch-fidelity itself would download;
+- `inception`: torch-fidelity's `inception-v3-compat` (the TF FID Inception) built from a
+  user-supplied weights file (`eval.inception_weights`; torch-fidelity itself would download). One
+  pass gives all of ADM's tensors: pool3 (D = 2048), the sFID map (`bench.evaluate.adm`, D = 2023)
+  and the logits without bias that ADM's IS uses (1008 classes);
 - `dinov2`: FD-DINOv2 as EDM2 / dgm-eval compute it: bicubic antialiased resize to 224 on the 0..255
   scale, /255, ImageNet mean/std, ViT-L/14 final-norm CLS token (D = 1024), timm from a local file.
 
 Nothing is downloaded. Each network carries `network_id` and `weights_sha256`; both go into the
 cache key of `reference_statistics` (statistics of an ADM-style reference `.npz` or of images in
-memory, cached by content hash) and into every `bench.evaluate.quality.MetricResult`.
+memory, cached by content hash) and into every eval.jsonl row.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.atomic import atomic_write_bytes, sha256_file
+from bench.evaluate import adm
 from bench.evaluate.quality import FeatureStatistics, MetricError, as_float64, check_sample_count
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,8 +43,6 @@ DINOV2_TIMM_NAMES = {
 REFERENCE_IMAGES_KEY = "arr_0"
 REFERENCE_STAT_KEYS = ("mu", "sigma")
 CACHE_FORMAT = "redi-bench-refstats/1"
-FEATURE_LAYER = "features"
-"""The one feature name our torch-fidelity extractors provide (used for FID, KID and PRC)."""
 
 ImagesLike = Union[np.ndarray, torch.Tensor]
 
@@ -103,9 +104,18 @@ class FeatureNetwork(nn.Module):
 
     @torch.no_grad()
     def logits(self, images: ImagesLike) -> torch.Tensor:
-        """Class logits `(B, K)`; only classifier networks have them."""
+        """Class logits `(B, K)`; only the classifier and Inception have them."""
         raise FeatureNetworkError(f"feature network {self.network_id} has no class logits; the "
-                                  "conditional accuracy needs eval.feature_network=classifier")
+                                  "IS and the conditional accuracy need eval.feature_network="
+                                  "classifier (IS: or inception)")
+
+    @torch.no_grad()
+    def outputs(self, images: ImagesLike, logits: bool = False) -> dict[str, torch.Tensor]:
+        """`features` (and `logits` when asked) of a batch; Inception adds `spatial` from the same pass."""
+        out = {"features": self.extract(images)}
+        if logits:
+            out["logits"] = self.logits(images).float()
+        return out
 
     def describe(self) -> dict:
         """Provenance: id, weights hash, feature dimension, preprocessing."""
@@ -115,6 +125,11 @@ class FeatureNetwork(nn.Module):
     def _device(self) -> torch.device:
         first = next(self.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs (CPU for a network without parameters)."""
+        return self._device()
 
 
 class ModuleFeatures(FeatureNetwork):
@@ -170,7 +185,10 @@ def _require_file(path: Optional[Union[str, Path]], key: str, what: str) -> Path
 
 
 class InceptionFeatures(FeatureNetwork):
-    """torch-fidelity's `inception-v3-compat` pool3 features (D = 2048) from a local weights file.
+    """torch-fidelity's `inception-v3-compat` from a local weights file: pool3 features (D = 2048)
+    for FID, KID and precision/recall; from the same pass ADM's sFID features (`spatial`, the first
+    7 channels of `Mixed_6d.branch1x1` = the graph's `mixed_6/conv`, D = 2023) and the logits
+    without bias of ADM's IS (`logits_unbiased`, 1008 classes).
 
     torch-fidelity resizes with its TF1-exact bilinear resize to 299 and maps x -> (x - 128) / 128.
     Its own loader unpickles the file (`weights_only=False`); here the file is first read with
@@ -192,15 +210,65 @@ class InceptionFeatures(FeatureNetwork):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         buffer.seek(0)
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                  feature_extractor_weights_path=buffer)
+        self.model.eval()
+        self._spatial: list[torch.Tensor] = []
+        spatial_module = self.model.get_submodule(adm.SPATIAL_PORT_MODULE)
+        spatial_module.register_forward_hook(lambda module, args, out: self._spatial.append(out))
         self.network_id = "inception-v3-compat-pool3"
         self.weights_sha256 = sha256_file(path)
         self.feature_dim = 2048
         self.preprocessing = "torch-fidelity: TF1 bilinear resize to 299, (x-128)/128"
+        self.spatial = InceptionSpatial(self)
+
+    @property
+    def has_logits(self) -> bool:
+        return True
+
+    def _forward_all(self, images: ImagesLike) -> dict[str, torch.Tensor]:
+        x = as_uint8_nchw(images).to(self._device()).contiguous()
+        self._spatial.clear()
+        pool, logits = self.model(x)
+        (spatial,) = self._spatial  # the hook saw Mixed_6d.branch1x1 once
+        self._spatial.clear()
+        return {"features": pool.float(), "spatial": adm.spatial_features(spatial).float(),
+                "logits": logits.float()}
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)[0]
+        return self._forward_all(images)["features"]
+
+    @torch.no_grad()
+    def logits(self, images: ImagesLike) -> torch.Tensor:
+        return self._forward_all(images)["logits"]
+
+    @torch.no_grad()
+    def outputs(self, images: ImagesLike, logits: bool = False) -> dict[str, torch.Tensor]:
+        return self._forward_all(images)
+
+
+class InceptionSpatial(FeatureNetwork):
+    """ADM's sFID features of an `InceptionFeatures` (D = 2023) as a feature network of their own
+    (own id, so reference statistics are cached and read from `mu_s`/`sigma_s` separately)."""
+
+    def __init__(self, inception: InceptionFeatures) -> None:
+        super().__init__()
+        self._inception = [inception]  # a list: not a submodule, so no parameters are shared twice
+        self.network_id = "inception-v3-compat-mixed6conv7"
+        self.weights_sha256 = inception.weights_sha256
+        self.feature_dim = adm.SPATIAL_DIM
+        self.preprocessing = inception.preprocessing
+
+    def _device(self) -> torch.device:
+        return self._inception[0]._device()
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self._inception[0]._forward_all(images)["spatial"]
+
+
+PRECOMPUTED_KEYS = {"inception-v3-compat-pool3": ("mu", "sigma"),
+                    "inception-v3-compat-mixed6conv7": ("mu_s", "sigma_s")}
+"""Networks whose statistics an ADM reference batch holds precomputed (TF graph), and the keys."""
 
 
 class DinoV2Features(FeatureNetwork):
@@ -271,65 +339,6 @@ def extract_features(network: FeatureNetwork, images: ImagesLike,
 
 
 # ---------------------------------------------------------------------------------------------
-# torch-fidelity registration
-
-
-def _torch_fidelity_base():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-
-    class BoundFeatureExtractor(FeatureExtractorBase):
-        """A torch-fidelity extractor bound (as a class attribute) to one `FeatureNetwork`;
-        torch-fidelity builds it as `cls(name, features_list, **calculate_metrics_kwargs)`."""
-
-        bound_network: FeatureNetwork
-
-        def __init__(self, name, features_list, **kwargs) -> None:
-            super().__init__(name, features_list)
-            self.network = type(self).bound_network
-
-        @staticmethod
-        def get_provided_features_list():
-            return (FEATURE_LAYER,)
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            if metric in ("fid", "kid", "prc"):
-                return FEATURE_LAYER
-            raise NotImplementedError(f"metric {metric!r} needs logits; not provided")
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
-
-        def forward(self, x):
-            return (self.network.extract(x),)
-
-    return BoundFeatureExtractor
-
-
-def register_with_torch_fidelity(network: FeatureNetwork) -> str:
-    """Register `network` via `torch_fidelity.register_feature_extractor`; returns the name to pass
-    as `calculate_metrics(feature_extractor=...)`. The name holds the network id and weights hash,
-    so registering the same weights again (e.g. a reloaded copy) rebinds the existing name."""
-    import torch_fidelity
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-    name = f"redi-{network.network_id}-{network.weights_sha256[:12]}"
-    existing = FEATURE_EXTRACTORS_REGISTRY.get(name)
-    if existing is not None:
-        existing.bound_network = network  # same id and weights hash: same features
-        return name
-    base = _torch_fidelity_base()
-    cls = type(f"Bound_{network.network_id.replace('-', '_')}", (base,), {"bound_network": network})
-    torch_fidelity.register_feature_extractor(name, cls)
-    return name
-
-
-# ---------------------------------------------------------------------------------------------
 # Reference statistics
 
 
@@ -377,14 +386,16 @@ def _check_image_size(hw: tuple[int, int], image_size, source: str) -> None:
 def reference_statistics(reference: Union[str, Path, ImagesLike], feature_network: FeatureNetwork,
                          cache_dir: Union[str, Path], image_size=None, batch_size: int = 256,
                          allow_rank_deficient: bool = False, use_precomputed: bool = True,
+                         reference_sha256: Optional[str] = None,
                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """`(mu, sigma, provenance)` of a reference: an ADM-style `.npz` or uint8 images in memory.
 
-    A `.npz` with `mu`/`sigma` is used as is only for the Inception network (ADM's statistics are
-    TF-Inception pool3) when `use_precomputed`; otherwise the features of its `arr_0` images are
-    computed once and cached in `cache_dir` under a name holding the reference sha256 and the
-    network id + weights sha256. `image_size` (int or (H, W)) is the samples' size; a reference of
-    another size is refused.
+    A `.npz`'s precomputed statistics are used as is only for the Inception networks they belong
+    to (`PRECOMPUTED_KEYS`: ADM's `mu`/`sigma` are TF-Inception pool3, `mu_s`/`sigma_s` its sFID
+    map) when `use_precomputed`; otherwise the features of its `arr_0` images are computed once and
+    cached in `cache_dir` under a name holding the reference sha256 and the network id + weights
+    sha256. `image_size` (int or (H, W)) is the samples' size; a reference of another size is
+    refused. `reference_sha256`, when the caller has hashed the file already, saves hashing again.
     """
     network_id, weights_sha = feature_network.network_id, feature_network.weights_sha256
     images = None
@@ -392,16 +403,17 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
         path = Path(reference)
         if not path.is_file():
             raise MetricError(f"reference file {path} does not exist (eval.reference)")
-        reference_sha, source = sha256_file(path), str(path)
+        reference_sha, source = reference_sha256 or sha256_file(path), str(path)
+        stat_keys = PRECOMPUTED_KEYS.get(network_id)
         with _open_npz(path) as npz:  # lazy: arr_0 is not read here
             keys = list(npz.files)
             has_images = REFERENCE_IMAGES_KEY in keys
-            has_stats = all(k in keys for k in REFERENCE_STAT_KEYS)
-            if not has_images and not has_stats:
+            if not has_images and not all(k in keys for k in REFERENCE_STAT_KEYS):
                 raise _reference_keys_error(path, keys)
-            use_stats = has_stats and use_precomputed and network_id.startswith("inception")
+            use_stats = (use_precomputed and stat_keys is not None
+                         and all(k in keys for k in stat_keys))
             if use_stats:
-                mu, sigma = as_float64(npz["mu"]), as_float64(npz["sigma"])
+                mu, sigma = as_float64(npz[stat_keys[0]]), as_float64(npz[stat_keys[1]])
                 # ADM batches hold the images beside their statistics: a reference of another
                 # resolution is refused here too (a mu/sigma-only file cannot be checked).
                 shape = _npz_member_shape(npz, REFERENCE_IMAGES_KEY) if has_images else None
@@ -412,16 +424,17 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
                                       f"(N, H, W, 3); got shape {shape}")
                 _check_image_size(shape[1:3], image_size, source)
             if mu.shape != (feature_network.feature_dim,):
-                raise MetricError(f"reference {path}: precomputed 'mu' has shape {mu.shape} but "
-                                  f"{network_id} gives {feature_network.feature_dim} features; "
-                                  "pass use_precomputed=False to use its images instead")
+                raise MetricError(f"reference {path}: precomputed '{stat_keys[0]}' has shape "
+                                  f"{mu.shape} but {network_id} gives {feature_network.feature_dim} "
+                                  "features; pass use_precomputed=False to use its images instead")
             return mu, sigma, {"reference_source": source, "reference_sha256": reference_sha,
-                               "statistics_source": "precomputed mu/sigma in the npz",
+                               "statistics_source": f"precomputed {'/'.join(stat_keys)} in the npz",
                                "n_reference": None, "cache_hit": False, "cache_file": None,
                                "image_hw": tuple(shape[1:3]) if shape is not None else None}
         if not has_images:
-            raise MetricError(f"reference {path} holds only precomputed statistics, which belong "
-                              f"to the Inception network; {network_id} needs reference images "
+            wanted = f"'{stat_keys[0]}'/'{stat_keys[1]}' or " if stat_keys else ""
+            raise MetricError(f"reference {path} holds only precomputed statistics ({sorted(keys)}), "
+                              f"none of them for {network_id}, which needs {wanted}reference images "
                               f"under '{REFERENCE_IMAGES_KEY}'")
     else:
         images = as_uint8_nchw(reference).cpu()

@@ -1,5 +1,5 @@
 """Sample-quality metrics: quantisation, feature statistics, Frechet distance, KID, conditional
-accuracy, three interchangeable backends and the `MetricResult` record.
+accuracy and three interchangeable backends.
 
 Numerics (reference section 4.6). Statistics are float64 (EDM2 accumulates in float64). The Frechet
 distance takes the trace of sqrt(S1 S2) from the eigenvalues of the symmetric PSD matrix
@@ -16,8 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -260,15 +259,6 @@ class MetricBackend:
     def frechet_distance(self, mu1, sigma1, mu2, sigma2) -> float:
         return frechet_distance(mu1, sigma1, mu2, sigma2)
 
-    def frechet_distance_from_features(self, features1: ArrayLike, features2: ArrayLike,
-                                       allow_rank_deficient: bool = False) -> float:
-        f1, f2 = as_float64(features1), as_float64(features2)
-        for f in (f1, f2):
-            if f.ndim != 2 or f.shape[1] != f1.shape[1]:
-                raise MetricError(f"features must be (N1, D) and (N2, D); got {f1.shape}, {f2.shape}")
-            check_sample_count(len(f), f.shape[1], allow_rank_deficient, f"{self.name} FD")
-        return self.frechet_distance(*self.statistics(f1), *self.statistics(f2))
-
     def kid(self, features1, features2, subsets: int, subset_size: int,
             seed: int) -> tuple[float, float]:
         return kernel_inception_distance(features1, features2, subsets, subset_size, seed)
@@ -348,27 +338,3 @@ def get_backend(name: str = "native") -> MetricBackend:
     if name not in BACKENDS:
         raise MetricError(f"metric backend {name!r} is unknown; choose one of {sorted(BACKENDS)}")
     return BACKENDS[name]()
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class MetricResult:
-    """One number with everything needed to trust and reproduce it."""
-
-    metric: str
-    """fid, fd_dinov2, fd_classifier, kid, kid_std or accuracy."""
-    value: float
-    backend: str
-    backend_version: str
-    feature_network: Optional[str]
-    feature_weights_sha256: Optional[str]
-    reference_sha256: Optional[str]
-    n_samples: int
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form: reference provenance, KID subsets, and the driver's sampler settings."""
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
