@@ -188,9 +188,18 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     with torch.no_grad():
         decoded = vae.decode(x / manifest["scaling_factor"]).sample.numpy()
     expected = np.clip(127.5 * decoded + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    # Exact: labels, noise, weights and the sampler are the same ops in the same order, so the
+    # generated semantic channels (and the latents they are denoised with) must match bit for bit.
     assert np.array_equal(shard["labels"], labels.numpy())
-    assert np.array_equal(shard["images"][:batch], expected)  # same ops, same order: exact
     assert np.array_equal(shard["semantic_grid"][:batch], z.numpy())
+    # Within one quantisation level: the VAE decoder is a conv net whose float result may differ
+    # in the last bits with the batch it runs in and the thread count (oneDNN's blocking), so a
+    # value lying on a level boundary may round either way. Tolerance: |difference| <= 1 level and
+    # at most 0.1% of the values differ at all (seen: 1 of 12,288 on a loaded 2-core machine).
+    got = shard["images"][:batch].astype(np.int16)
+    difference = np.abs(got - expected.astype(np.int16))
+    assert got.shape == expected.shape and int(difference.max()) <= 1, int(difference.max())
+    assert np.count_nonzero(difference) <= 1e-3 * difference.size, np.count_nonzero(difference)
 
 
 def test_guidance_settings_reach_the_sampler(run):
