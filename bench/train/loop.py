@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from bench.atomic import atomic_write_text
-from bench.compose import dumps, from_dict, load_config
+from bench.compose import dumps, from_dict, load_config, load_config_file
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
@@ -542,7 +542,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         list(sys.argv[1:] if argv is None else argv))
     if args.config and args.overrides:
         parser.error("give either --config or overrides, not both")
-    cfg = from_dict(json.loads(Path(args.config).read_text())) if args.config else load_config(args.overrides)
+    cfg = load_config_file(args.config) if args.config else load_config(args.overrides)
     try:
         train(cfg, Path(args.run_dir) if args.run_dir else None)
     except NonFiniteLossError as err:
