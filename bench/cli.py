@@ -1,4 +1,4 @@
-"""The `bench` command: one entry point for the whole workflow (README, DESIGN.md).
+"""The `bench` command: one entry point for the whole workflow (README.md).
 
     bench prepare [key=value ...]              images -> VAE latent moments + PCA'd semantic features
     bench train spec=redi [key=value ...]      one training run (resumes if its folder exists)

@@ -507,7 +507,7 @@ def test_real_grid_file_in_progress_lists_every_cell(tmp_path, capsys):
 
 
 def test_report_imports_no_training_code(tmp_path):
-    # style_anchors §8: reporting reads results/ only; it must not pull in the trainer, sampler,
+    # The report layer reads results/ only (bench/report/__init__.py); it must not pull in the trainer, sampler,
     # evaluator or the model core (checked in a fresh interpreter, after a full report with plots).
     import subprocess
     import sys

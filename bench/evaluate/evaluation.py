@@ -12,7 +12,7 @@ network, because a Frechet distance on other features is not FID and is not comp
     is         -> is_classifier          (needs logits: the embedded classifier; torch-fidelity only)
     accuracy   -> accuracy              (argmax of the classifier = requested label; conditional runs)
 `accuracy` is added on its own when the feature network is the embedded classifier and the run is
-class-conditional (the embedded default's pair, DESIGN.md). sFID needs the ADM evaluator's spatial
+class-conditional (the embedded default's pair, docs/embedded.md). sFID needs the ADM evaluator's spatial
 Inception features, which no backend here provides: asking for it is an error.
 
 Reference: `eval.reference` (an ADM .npz with `arr_0` images and/or `mu`/`sigma`) or, by default, the

@@ -1,7 +1,7 @@
 """`bench report NAME`: a grid's runs as tables beside the paper's numbers, plots and speed-ups.
 
 Reads only `results/` (run folders and `results/paper/`) and the grid's YAML; imports nothing from
-training (style_anchors §8). Three tidy tables come first, as in lingua's `analysis.py`:
+training (the report layer reads files only). Three tidy tables come first, as in lingua's `analysis.py`:
 `runs` (one row per run, config.json flattened with `pd.json_normalize`), `metrics` (metrics.jsonl)
 and `evals` (eval.jsonl joined with its run's config). Everything else is computed from them:
 
@@ -17,9 +17,9 @@ and `evals` (eval.jsonl joined with its run's config). Everything else is comput
 - the speed-up "reaches the baseline's final FID N times sooner" (Fig. 2) is interpolated linearly
   in log(step) on the method's seed-mean curve.
 
-The work is split over bench/report_*.py: `report_common` (the vocabulary), `report_groups`
-(conditions and provenance groups), `report_paper` (the paper's numbers), `report_stats` (seed
-statistics and speed-ups) and `report_tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
+The work is split over the modules of bench/report/: `common` (the vocabulary), `groups`
+(conditions and provenance groups), `published` and `paper_match` (the paper's numbers), `stats`
+(seed statistics and speed-ups) and `tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
 folders into tidy tables, summarizes them into a `Report` (bench/report/records.py) and holds the
 command line.
 """
