@@ -179,6 +179,29 @@ def test_speedup_not_reached_first_point_and_higher_is_better():
         speedup(pd.Series([1.0], index=[0]), pd.Series([1.0], index=[1]))
 
 
+def test_speedup_where_the_baseline_got_worse_targets_its_best_value():
+    """The quick demo's case: FD rises with training. Against the baseline's last (worse) value
+    every method would look 4x faster; the target is the baseline's best value, at its step."""
+    base = pd.Series([40.0, 50.0, 60.0], index=[100, 200, 400])  # best at 100, then worse
+    rising = pd.Series([45.0, 55.0, 65.0], index=[100, 200, 400])  # never as good as 40
+    result = speedup(base, rising)
+    assert (result.target, result.baseline_step, result.target_kind) == (40.0, 100, "best")
+    assert not result.reached and "sooner" not in result.describe()
+    assert "baseline's best fid 40" in result.describe() and "got worse after its best: 60" in result.note
+    # A method as good as the baseline's best at the same first step: reached, but not sooner.
+    same = speedup(base, pd.Series([39.0, 58.0, 70.0], index=[100, 200, 400]))
+    assert same.reached and same.factor == 1.0 and "not sooner" in same.describe()
+    assert "x sooner" not in same.describe()
+    # Best in the middle: target 30 at 200; the method reaches it halfway (in log) from 100 to 200.
+    middle = speedup(pd.Series([50.0, 30.0, 35.0], index=[100, 200, 400]),
+                     pd.Series([40.0, 20.0], index=[50, 100]))
+    assert (middle.target, middle.baseline_step) == (30.0, 200)
+    assert middle.step == pytest.approx(50 * math.sqrt(2), rel=1e-12)
+    assert middle.factor == pytest.approx(200 / (50 * math.sqrt(2)), rel=1e-12)
+    # A baseline that improves to the end keeps the paper's definition: its final value.
+    assert speedup(pd.Series([20.0, 10.0], index=[100, 400]), rising).target_kind == "final"
+
+
 def test_speedup_on_the_papers_own_table_points_lies_between_the_tabulated_bounds():
     # x23 (SiT): the baseline's 8.3 at 7M is crossed between ReDi's 9.7 at 300K and 7.5 at 400K
     # (Table 9), so the log-interpolated factor must lie in (7M/400K, 7M/300K) = (17.5, 23.3).
