@@ -324,6 +324,9 @@ class ExperimentConfig:
     output_root: str = _not_identity("results/runs")
 
     def __post_init__(self) -> None:
+        if not str(self.output_root).strip():  # would silently write ./adhoc/ into the current folder
+            raise ConfigError("output_root is empty; give the folder that holds the run folders, "
+                              "e.g. output_root=results/runs")
         # Cross-field checks: each names every key involved.
         if self.model.fusion != "none" and self.model.pca_rank > self.encoder.pca_rank_max:
             raise ConfigError(

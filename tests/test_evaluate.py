@@ -282,6 +282,20 @@ def test_every_checkpoint_gets_one_row_per_metric_and_rerun_writes_nothing(run):
     assert acc_row["value"] == float((predicted == labels).mean())  # same argmax, exact
 
 
+def test_classifier_is_named_after_the_data_it_was_trained_on(run, tmp_path):
+    """The run's prepare is scikit-learn digits: its classifier is no Fashion-MNIST network."""
+    import shutil
+
+    from bench.evaluate.features import load_classifier_network
+
+    classifier = Path(read_run_config(run).data.prepared_dir) / "classifier"
+    network = load_classifier_network(classifier)
+    assert network.network_id.startswith("digits-classifier-d") and "fmnist" not in network.network_id
+    shutil.copytree(classifier, tmp_path / "fm" / "classifier")  # the embedded default keeps its name
+    (tmp_path / "fm" / "manifest.json").write_text(json.dumps({"data": {"name": "fashion_mnist"}}))
+    assert load_classifier_network(tmp_path / "fm" / "classifier").network_id.startswith("fmnist-classifier-d")
+
+
 def test_all_metrics_through_torch_fidelity(run):
     from bench.evaluate.features import extract_features, load_classifier_network
     from bench.evaluate.quality import kernel_inception_distance
