@@ -225,3 +225,31 @@ def remove_stale_temporaries(directory: PathLike) -> int:
                 entry.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+class OutputPathError(ValueError):
+    """A folder the command must write to cannot be written; the message names it and the option."""
+
+
+def check_writable_dir(path: PathLike, option: str) -> Path:
+    """Create `path` if needed and prove it takes a file, before any work is done.
+
+    `option` names how the user chose the folder (`--out`, `output_root=`), so the one-line error
+    says what to change. A probe file is written and removed: permission bits alone do not say it
+    (root ignores them; a read-only mount does not).
+    """
+    if not str(path).strip():
+        raise OutputPathError(f"{option.rstrip('= ')} is empty; give a folder (relative paths are "
+                              "under the current folder)")
+    path = Path(path).expanduser()
+    named = f"{option}{path}" if option.endswith("=") else f"{option} {path}"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputPathError(f"{named}: {existing} is not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.unlink(_create_temporary_file(path / ".write-probe"))
+    except OSError as err:
+        raise OutputPathError(f"{named}: cannot write there ({err.strerror or err}); "
+                              "choose a writable folder") from None
+    return path

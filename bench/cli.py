@@ -1,4 +1,4 @@
-"""The `bench` command: one entry point for the whole workflow (README, DESIGN.md).
+"""The `bench` command: one entry point for the whole workflow (README.md).
 
     bench prepare [key=value ...]              images -> VAE latent moments + PCA'd semantic features
     bench train spec=redi [key=value ...]      one training run (resumes if its folder exists)
@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = _resolve(SUBCOMMANDS[command][1])
     try:
         return int(func(rest) or 0)
+    except BrokenPipeError:
+        return _reader_went_away()
     except Exception as err:
         if not _is_user_error(err):
             raise
@@ -90,6 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bench {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (`bench grid ... | head`): end quietly, as `cat` would.
+
+    Python would print a BrokenPipeError traceback, and another one when it flushes stdout at
+    exit; pointing stdout at /dev/null first makes that last flush harmless (Python's docs, "Note
+    on SIGPIPE"). 141 = 128 + SIGPIPE, the status a shell reports for a writer the pipe ended.
+    """
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

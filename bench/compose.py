@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from bench.config import ConfigError, ExperimentConfig
 
@@ -29,6 +29,62 @@ def available(group: str) -> list[str]:
     return sorted(p.stem for p in (ABLATIONS_DIR / group).glob("*.yaml"))
 
 
+def _section_error(path: Sequence[str], cls: type) -> ConfigError:
+    """`a.b.typo` is not a setting: name it and list the valid keys of its section."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    section = ".".join(path[:-1]) or "the top level"
+    return ConfigError(f"{'.'.join(path)} is not a setting: {section} has the keys {names}. "
+                       "The settings are a fixed typed schema (bench/config.py); check the spelling")
+
+
+def check_key(key: str, cls: type = ExperimentConfig) -> None:
+    """Raise ConfigError unless the dotted `key` names a field of the typed schema.
+
+    Hydra would let `+section.new_key=...` add a key that nothing reads (silently: the run and its
+    hash stay the same), and its own error for a mistyped key recommends exactly that `+`.
+    """
+    parts = key.split(".")
+    for index, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            raise _section_error(parts[: index + 1], cls)
+        kind = _field_type(cls, name)
+        if index < len(parts) - 1:
+            if not (isinstance(kind, type) and dataclasses.is_dataclass(kind)):
+                raise ConfigError(f"{'.'.join(parts[: index + 1])} is a value, not a section; "
+                                  f"{key} does not exist")
+            cls = kind
+
+
+def check_dict_keys(data: Any, cls: type = ExperimentConfig, prefix: str = "") -> None:
+    """Every key of a nested dict (a saved config.json) must be a field of the schema."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a JSON object, "
+                          f"got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name, value in data.items():
+        if name not in names:
+            raise _section_error([*filter(None, prefix.rstrip(".").split(".")), str(name)], cls)
+        kind = _field_type(cls, name)
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            check_dict_keys(value, kind, f"{prefix}{name}.")
+
+
+def _field_type(cls: type, name: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    groups = {p.name for p in ABLATIONS_DIR.iterdir() if p.is_dir() and p.name != "grids"}
+    for item in overrides:
+        key = item.split("=", 1)[0].strip().lstrip("+~")
+        if key in groups or key.split("@", 1)[0] in groups:
+            continue  # spec=..., scale=...: config groups, not settings
+        check_key(key)
+
+
 def load_config(overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Compose `ablations/config.yaml` with `overrides` (`key=value`, `spec=redi`, `scale=paper`)."""
     from hydra import compose, initialize_config_dir
@@ -37,11 +93,13 @@ def load_config(overrides: Iterable[str] = ()) -> ExperimentConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
+    _check_overrides(overrides)
     _register_schema()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(ABLATIONS_DIR), version_base=None):
             composed = compose(config_name="config", overrides=overrides)
+        check_dict_keys(OmegaConf.to_container(composed))  # a YAML delta cannot add keys either
         cfg = OmegaConf.to_object(composed)
     except ConfigError:
         raise
@@ -69,7 +127,9 @@ def _explain(err: Exception) -> str:
         text = f"{text}: {str(err.__cause__).strip()}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
-    return " ".join(lines)[:600]
+    key = getattr(err, "full_key", None)  # omegaconf knows the key even when its text does not say it
+    prefix = f"{key}: " if key and key not in lines[0] else ""
+    return (prefix + " ".join(lines))[:600]
 
 
 def to_dict(cfg: Any) -> dict:
@@ -81,6 +141,7 @@ def from_dict(data: dict) -> ExperimentConfig:
     """Rebuild the dataclasses from `to_dict` output (a run folder's `config.json`)."""
     from omegaconf import OmegaConf
 
+    check_dict_keys(data)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), data)
         cfg = OmegaConf.to_object(merged)
@@ -90,6 +151,25 @@ def from_dict(data: dict) -> ExperimentConfig:
         raise ConfigError(f"saved config is not valid for this version of redi-bench: {_explain(err)}") from None
     assert isinstance(cfg, ExperimentConfig)
     return cfg
+
+
+def load_config_file(path: str | Path) -> ExperimentConfig:
+    """A saved `config.json` (`bench train --config`): every failure is one line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--config {path}: not valid JSON (line {err.lineno}, column {err.colno}: "
+                          f"{err.msg})") from None
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        text = str(err).removeprefix("saved config is not valid for this version of redi-bench: ")
+        raise ConfigError(f"--config {path}: {text}") from None
 
 
 def dumps(cfg: ExperimentConfig) -> str:

@@ -193,6 +193,10 @@ class ObjectiveConfig:
         _choice("objective.drop_mode", self.drop_mode, DROP_MODES)
         _range("objective.lambda_z", self.lambda_z, 0.0)
         _range("objective.p_drop", self.p_drop, 0.0, 1.0)
+        if self.p_drop == 1.0:  # eq. 18 with the drop always on: no gradient reaches the semantic head
+            raise ConfigError("objective.p_drop=1.0 drops the semantic channels at every step, so the "
+                              "semantic head is never trained; Representation Guidance needs a "
+                              "small drop (the paper: 0.2), and 0 trains plain ReDi")
         _range("objective.lambda_repa", self.lambda_repa, 0.0)
         _range("objective.align_layer", self.align_layer, 1)
 
@@ -241,6 +245,10 @@ class TrainConfig:
         _range("train.batch_size", self.batch_size, 1)
         _range("train.max_steps", self.max_steps, 1)
         _range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.ema_decay == 1.0:  # ema <- 1.0 * ema + 0 * weights: the EMA stays at initialisation
+            raise ConfigError("train.ema_decay=1.0 never moves the EMA: it would stay the initial "
+                              "weights however long the run trains; use a decay below 1 (the paper: "
+                              "0.9999; short runs: 0.99, so that 1/(1-decay) is well below max_steps)")
         _choice("train.precision", self.precision, PRECISIONS)
         _range("train.ckpt_every", self.ckpt_every, 1)
         _range("train.keep_last", self.keep_last, 1)
@@ -327,6 +335,9 @@ class ExperimentConfig:
     output_root: str = _not_identity("results/runs")
 
     def __post_init__(self) -> None:
+        if not str(self.output_root).strip():  # would silently write ./adhoc/ into the current folder
+            raise ConfigError("output_root is empty; give the folder that holds the run folders, "
+                              "e.g. output_root=results/runs")
         # Cross-field checks: each names every key involved.
         if self.model.fusion != "none" and self.model.pca_rank > self.encoder.pca_rank_max:
             raise ConfigError(

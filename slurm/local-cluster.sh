@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node SLURM cluster on this machine, for tests and for trying `bench grid --cluster
-# local-slurm` on a laptop (facts: shared/reference/local_slurm.md).
+# local-slurm` on a laptop (what it does and why: docs/local-slurm.md).
 #
 #   slurm/local-cluster.sh start    # idempotent; prints `export SLURM_CONF=...` on stdout
 #   slurm/local-cluster.sh status   # running or stopped (exit 0 / 3)

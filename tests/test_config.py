@@ -41,7 +41,7 @@ def test_paper_scale_follows_table8_and_section4():
     "overrides, fragment",
     [
         (["spec=nope"], "Available specs"),
-        (["model.nope=1"], "Key 'nope' not in 'ModelConfig'"),
+        (["model.nope=1"], "model.nope is not a setting"),
         (["objective.p_drop=-0.1"], "objective.p_drop"),
         (["optim.lr=-1"], "optim.lr"),
         (["model.fusion=concat"], "model.fusion"),
@@ -62,6 +62,8 @@ def test_paper_scale_follows_table8_and_section4():
         (["optim.lr=nan"], "optim.lr=nan"),
         (["objective.lambda_z=inf"], "objective.lambda_z=inf"),
         (["train.ema_decay=1.5"], "train.ema_decay"),
+        (["train.ema_decay=1.0"], "never moves the EMA"),
+        (["spec=redi_rg", "objective.p_drop=1.0"], "semantic head is never trained"),
     ],
 )
 def test_bad_configs_fail_at_load_naming_the_key(overrides, fragment):
@@ -191,3 +193,49 @@ def test_settings_that_leave_the_numbers_alone_keep_the_run_folder(override):
 @pytest.mark.parametrize("override", ["model.pca_rank=4", "encoder.online_features=true", "train.seed=1"])
 def test_settings_that_change_the_numbers_change_the_run_folder(override):
     assert run_hash(load_config([override])) != run_hash(load_config([]))
+
+
+@pytest.mark.parametrize("override", ["+model.typo_key=3", "++model.typo_key=3", "model.typo_key=3"])
+def test_keys_cannot_be_appended_and_the_error_lists_the_section(override):
+    """Hydra's `+` would add a key nothing reads (same run, same hash); its own error recommends it."""
+    with pytest.raises(ConfigError) as err:
+        load_config(["spec=redi", override])
+    message = str(err.value)
+    assert message.startswith("model.typo_key is not a setting")
+    for key in ("size", "fusion", "pca_rank", "class_dropout_prob"):
+        assert f"'{key}'" in message
+    assert "+" not in message  # never recommended as the fix
+    with pytest.raises(ConfigError, match=r"eval.guidance.nope is not a setting: eval.guidance has the keys \['cfg_scale'"):
+        load_config(["+eval.guidance.nope=1"])
+    with pytest.raises(ConfigError, match="the top level has the keys"):
+        load_config(["+typo=1"])
+
+
+def test_config_file_errors_are_one_line_naming_the_file_and_key(tmp_path):
+    from bench.compose import load_config_file
+
+    good = to_dict(load_config(["spec=redi"]))
+    assert load_config_file(_write(tmp_path / "ok.json", json.dumps(good))) == load_config(["spec=redi"])
+    cases = {
+        "bad_value.json": (json.dumps({**good, "model": {**good["model"], "depth": "abc"}}), "model.depth"),
+        "bad_choice.json": (json.dumps({**good, "model": {**good["model"], "fusion": "x"}}), "model.fusion='x'"),
+        "typo.json": (json.dumps({**good, "train": {**good["train"], "typo": 1}}), "train.typo is not a setting"),
+        "broken.json": ('{"model": {', "not valid JSON (line 1, column 12"),
+    }
+    for name, (text, fragment) in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_config_file(_write(tmp_path / name, text))
+        message = str(err.value)
+        assert message.startswith(f"--config {tmp_path / name}: ") and fragment in message, message
+        assert "\n" not in message
+    # through the CLI: one line on stderr, exit 2, no traceback
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "--config", str(tmp_path / "broken.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == f"bench train: error: --config {tmp_path / 'broken.json'}: not valid JSON " \
+                                 "(line 1, column 12: Expecting property name enclosed in double quotes)"
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

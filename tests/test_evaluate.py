@@ -183,9 +183,18 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     with torch.no_grad():
         decoded = vae.decode(x / manifest["scaling_factor"]).sample.numpy()
     expected = np.clip(127.5 * decoded + 128.0, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    # Exact: labels, noise, weights and the sampler are the same ops in the same order, so the
+    # generated semantic channels (and the latents they are denoised with) must match bit for bit.
     assert np.array_equal(shard["labels"], labels.numpy())
-    assert np.array_equal(shard["images"][:batch], expected)  # same ops, same order: exact
     assert np.array_equal(shard["semantic_grid"][:batch], z.numpy())
+    # Within one quantisation level: the VAE decoder is a conv net whose float result may differ
+    # in the last bits with the batch it runs in and the thread count (oneDNN's blocking), so a
+    # value lying on a level boundary may round either way. Tolerance: |difference| <= 1 level and
+    # at most 0.1% of the values differ at all (seen: 1 of 12,288 on a loaded 2-core machine).
+    got = shard["images"][:batch].astype(np.int16)
+    difference = np.abs(got - expected.astype(np.int16))
+    assert got.shape == expected.shape and int(difference.max()) <= 1, int(difference.max())
+    assert np.count_nonzero(difference) <= 1e-3 * difference.size, np.count_nonzero(difference)
 
 
 def test_guidance_settings_reach_the_sampler(run):
@@ -266,6 +275,20 @@ def test_every_checkpoint_gets_one_row_per_metric_and_rerun_writes_nothing(run):
     # Same features and statistics, two sqrt-trace algorithms (eigvals of S1 S2 vs symmetric eigh).
     assert fd_row["value"] == pytest.approx(native_fd["value"], rel=1e-9)
     assert acc_row["value"] == float((predicted == labels).mean())  # same argmax, exact
+
+
+def test_classifier_is_named_after_the_data_it_was_trained_on(run, tmp_path):
+    """The run's prepare is scikit-learn digits: its classifier is no Fashion-MNIST network."""
+    import shutil
+
+    from bench.evaluate.features import load_classifier_network
+
+    classifier = Path(read_run_config(run).data.prepared_dir) / "classifier"
+    network = load_classifier_network(classifier)
+    assert network.network_id.startswith("digits-classifier-d") and "fmnist" not in network.network_id
+    shutil.copytree(classifier, tmp_path / "fm" / "classifier")  # the embedded default keeps its name
+    (tmp_path / "fm" / "manifest.json").write_text(json.dumps({"data": {"name": "fashion_mnist"}}))
+    assert load_classifier_network(tmp_path / "fm" / "classifier").network_id.startswith("fmnist-classifier-d")
 
 
 def test_all_metrics_on_the_classifier(run):

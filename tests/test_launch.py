@@ -466,3 +466,42 @@ def test_cli_grid_and_status(out, capsys):
     assert cli_main(["status", "smoke", *out]) == 0
     text = capsys.readouterr().out
     assert "latent_only  not submitted" in text and "summary: 2 not submitted" in text
+
+
+def test_dry_run_without_a_cluster_says_how_to_get_resources_and_costs(tmp_path, capsys):
+    """No --cluster: the plan says so, names the profiles, and how a cost becomes known."""
+    assert cli_main(["grid", "table1", "--dry-run", f"output_root={tmp_path}"]) == 0
+    text = capsys.readouterr().out
+    assert "to no executor (no --cluster given)" in text
+    assert "add --cluster PROFILE (example, local, local-slurm)" in text and "`bench perf`" in text
+    assert "estimate: unknown, no job has a throughput figure" in text and "0 h GPU" not in text
+
+
+@pytest.mark.parametrize("root, fragment", [
+    ("/dev/null/runs", "output_root=/dev/null/runs: /dev/null is not a folder"),
+    ("/proc/redi-bench-runs", "output_root=/proc/redi-bench-runs: cannot write there"),
+])
+def test_unwritable_output_root_is_one_line_before_any_job(root, fragment, capsys):
+    """Issue 15.15: checked before submitting, one line, no traceback, nothing started."""
+    assert cli_main(["grid", "smoke", "--local", f"output_root={root}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"bench grid: error: {fragment}") and len(err.strip().splitlines()) == 1
+
+
+def test_empty_output_root_is_refused(capsys):
+    """An empty output_root= would write ./adhoc/ into the current folder."""
+    assert cli_main(["grid", "smoke", "--dry-run", "output_root="]) == 2
+    assert "output_root is empty" in capsys.readouterr().err
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    """`bench grid ... | head` (issue 15.9): the reader is gone before the output is written; no
+    BrokenPipeError traceback, the status a shell gives a writer the pipe ended (141)."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cli", "grid", "table1", "--dry-run",
+                             f"output_root={tmp_path}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc.stdout.close()  # like `head` that has read what it wanted
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err

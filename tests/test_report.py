@@ -180,6 +180,29 @@ def test_speedup_not_reached_first_point_and_higher_is_better():
         speedup(pd.Series([1.0], index=[0]), pd.Series([1.0], index=[1]))
 
 
+def test_speedup_where_the_baseline_got_worse_targets_its_best_value():
+    """The quick demo's case: FD rises with training. Against the baseline's last (worse) value
+    every method would look 4x faster; the target is the baseline's best value, at its step."""
+    base = pd.Series([40.0, 50.0, 60.0], index=[100, 200, 400])  # best at 100, then worse
+    rising = pd.Series([45.0, 55.0, 65.0], index=[100, 200, 400])  # never as good as 40
+    result = speedup(base, rising)
+    assert (result.target, result.baseline_step, result.target_kind) == (40.0, 100, "best")
+    assert not result.reached and "sooner" not in result.describe()
+    assert "baseline's best fid 40" in result.describe() and "got worse after its best: 60" in result.note
+    # A method as good as the baseline's best at the same first step: reached, but not sooner.
+    same = speedup(base, pd.Series([39.0, 58.0, 70.0], index=[100, 200, 400]))
+    assert same.reached and same.factor == 1.0 and "not sooner" in same.describe()
+    assert "x sooner" not in same.describe()
+    # Best in the middle: target 30 at 200; the method reaches it halfway (in log) from 100 to 200.
+    middle = speedup(pd.Series([50.0, 30.0, 35.0], index=[100, 200, 400]),
+                     pd.Series([40.0, 20.0], index=[50, 100]))
+    assert (middle.target, middle.baseline_step) == (30.0, 200)
+    assert middle.step == pytest.approx(50 * math.sqrt(2), rel=1e-12)
+    assert middle.factor == pytest.approx(200 / (50 * math.sqrt(2)), rel=1e-12)
+    # A baseline that improves to the end keeps the paper's definition: its final value.
+    assert speedup(pd.Series([20.0, 10.0], index=[100, 400]), rising).target_kind == "final"
+
+
 def test_speedup_on_the_papers_own_table_points_lies_between_the_tabulated_bounds():
     # x23 (SiT): the baseline's 8.3 at 7M is crossed between ReDi's 9.7 at 300K and 7.5 at 400K
     # (Table 9), so the log-interpolated factor must lie in (7M/400K, 7M/300K) = (17.5, 23.3).
@@ -231,7 +254,8 @@ def test_unmeasured_cells_are_not_measured_never_zero(report):
     text = render_markdown(report)
     assert "| SiT-tiny/1 w/ REPA + ReDi | 2K | 0 of 1 | not measured |" in text
     assert "no_cfg/fd_classifier: SiT-tiny/1 w/ REPA + ReDi at step 2000" in report.missing
-    assert "setting cfg: nothing measured yet" in report.missing  # declared by the grid
+    # declared by the grid, measured nowhere: every expected cell is listed, not one line
+    assert "setting cfg: SiT-tiny/1 at step 500 (nothing measured in this setting yet)" in report.missing
 
 
 def test_mismatched_provenance_is_set_apart_with_the_reason(report):
@@ -390,7 +414,7 @@ def test_cli_prints_table_and_folder_and_fails_cleanly(tmp_path, capsys):
     assert (tmp_path / "rep2" / GRID / "report.md").is_file()
     capsys.readouterr()
     assert main(["nothing_here", "--runs-root", str(tmp_path / "runs")]) == 2
-    assert "no runs for grid 'nothing_here'" in capsys.readouterr().err
+    assert "unknown grid 'nothing_here'" in capsys.readouterr().err
     code = main([GRID, "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
                  "--metric", "kid", "--no-plots"])
     assert code == 2 and "--metric 'kid' was not measured" in capsys.readouterr().err
@@ -482,7 +506,9 @@ def test_grid_in_progress_without_any_evaluation(tmp_path):
     rep = summarize(gather(GRID, tmp_path, grid=grid))
     text = render_markdown(rep)
     assert rep.cells.empty and "Nothing is evaluated yet" in text
-    assert "setting no_cfg: nothing measured yet" in text and "training 1" in text
+    # one line per expected cell (the grid's steps), not one line for the whole setting
+    assert sum("setting no_cfg: SiT-tiny/1 w/ ReDi at step" in line for line in text.splitlines()) == len(STEPS)
+    assert "training 1" in text
     out = write_report(rep, tmp_path / "out")
     assert (out / "loss_curves.png").is_file() and not list(out.glob("convergence_*"))
 
@@ -508,7 +534,7 @@ def test_real_grid_file_in_progress_lists_every_cell(tmp_path, capsys):
 
 
 def test_report_imports_no_training_code(tmp_path):
-    # style_anchors §8: reporting reads results/ only; it must not pull in the trainer, sampler,
+    # The report layer reads results/ only (bench/report/__init__.py); it must not pull in the trainer, sampler,
     # evaluator or the model core (checked in a fresh interpreter, after a full report with plots).
     import subprocess
     import sys
@@ -591,3 +617,70 @@ def test_real_folders_with_another_sample_count_are_set_apart(trained, tmp_path)
     assert apart["n_seeds"] == 1 and "n_samples 8 (main table: 16)" in apart["set_apart_reason"]
     assert "n=8" in apart["evaluator"] and "n=16" in main_cell["evaluator"]
     assert "Why set apart: n_samples 8 (main table: 16)." in render_markdown(rep)
+
+
+def _write_grid_runs(root: Path, name: str, measured: bool) -> int:
+    """The run folders of a real grid as bench.launch.grids expands it, every applicable eval
+    setting measured at every step (or none); returns the number of (setting, run, step) cells."""
+    from bench.launch import grids
+
+    grid = grids.load_grid(name)
+    count = 0
+    for cell in grids.expand(grid):
+        rows = []
+        for setting in grids.settings_for(grid, cell):
+            for step in cell.eval_steps:
+                rows += [eval_row(step, "fd_classifier", 10.0, setting=setting.name),
+                         eval_row(step, "accuracy", 0.5, setting=setting.name)]
+                count += 1
+        run = root / name / cell.run_dir.name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps(dataclasses.asdict(cell.cfg)))
+        if measured:
+            (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return count
+
+
+def test_settings_a_grid_does_not_apply_are_never_missing(tmp_path):
+    """demo_quick's rg1.5 matches only redi_rg (issue 15.7): a complete grid has nothing missing,
+    and an empty one misses exactly its 15 evaluations (4 specs x 3 steps plain + 3 with RG)."""
+    assert _write_grid_runs(tmp_path / "full", "demo_quick", measured=True) == 15
+    report = summarize(gather("demo_quick", tmp_path / "full"))
+    assert report.missing == []
+    rg = report.cells[(report.cells["setting"] == "rg1.5") & (report.cells["metric"] == "fd_classifier")]
+    assert set(rg["spec"]) == {"redi_rg"} and len(rg) == 3
+    _write_grid_runs(tmp_path / "empty", "demo_quick", measured=False)
+    missing = summarize(gather("demo_quick", tmp_path / "empty")).missing
+    assert len(missing) == 15 and sum("setting rg1.5:" in m for m in missing) == 3
+
+
+def test_report_cli_counts_every_missing_cell_and_names_unknown_grids(tmp_path, capsys):
+    """No runs of table1 at all: every expected cell is listed, not one line per setting."""
+    from bench.launch import grids
+
+    cells = grids.expand(grids.load_grid("table1"))
+    expected = sum(len(c.eval_steps) for c in cells)
+    assert len(cells) == 12 and expected > 12
+    assert main(["table1", f"output_root={tmp_path / 'runs'}", "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    captured = capsys.readouterr()
+    assert f"nothing measured yet: {expected} cells (listed in report.md)" in captured.out
+    assert captured.err == ""  # output_root= is the spelling of bench grid and bench status
+    assert main(["nosuchgrid", f"output_root={tmp_path / 'runs'}", "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench report: error: unknown grid 'nosuchgrid'") and "table1" in err
+    # the old option still works, with a deprecation line
+    assert main(["table1", "--runs-root", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--no-plots"]) == 0
+    assert "--runs-root is deprecated; write output_root=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--out", "/dev/null/reports"], "--out /dev/null/reports/mini_table1: /dev/null is not a folder"),
+    (["--out", "/proc/redi-bench-reports"], "--out /proc/redi-bench-reports/mini_table1: cannot write there"),
+    (["output_root="], "output_root is empty"),
+])
+def test_report_unwritable_or_odd_paths_are_one_line(tmp_path, capsys, args, fragment):
+    """Checked before any work (issue 15.15): one line, exit 2, no traceback."""
+    argv = ["mini_table1", f"output_root={tmp_path}", "--out", str(tmp_path / "out"), "--no-plots", *args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1, err

@@ -216,8 +216,8 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float) ->
           if history else []),
         f"- evaluator: {evaluator.iloc[0] if len(evaluator) else 'FD'} against the test split; "
         "accuracy = share of samples the classifier assigns to their conditioning class", "",
-        table, "", "Speed-ups (FD; \"reaches the baseline's final FD N times sooner\", interpolated "
-        "in log steps):", "",
+        table, "", "Speed-ups (FD; \"reaches the baseline's final FD N times sooner\", or its best FD "
+        "where the baseline got worse with training; interpolated in log steps, docs/method.md):", "",
         *(f"- {s}" for s in speedups or ["none measurable yet"]), "",
         "One training seed per spec and one sampling seed, so differences smaller than the seed "
         "spread are not evidence: on the Fashion-MNIST embedded default a prototype measured FD 29.0 "

@@ -14,7 +14,7 @@ network, because a Frechet distance on other features is not FID and is not comp
     is         -> is | is_classifier    (ADM's IS, splits of 5,000, on logits: inception or classifier)
     accuracy   -> accuracy              (argmax of the classifier = requested label; conditional runs)
 `accuracy` is added on its own when the feature network is the embedded classifier and the run is
-class-conditional (the embedded default's pair). With eval.feature_network=inception the five
+class-conditional (the embedded default's pair, docs/embedded.md). With eval.feature_network=inception the five
 metrics are ADM's definitions on torch-fidelity's port of its Inception graph; bench/evaluate/README.md
 says where the harness and ADM still differ, and each row records it (`adm_differences`).
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -171,9 +172,20 @@ def load_classifier_network(directory: Union[str, Path]) -> ModuleFeatures:
 
     model = load_classifier(directory)  # raises FileNotFoundError with the fix when absent
     dim = model.config["feature_dim"]
-    return ModuleFeatures(model, network_id=f"fmnist-classifier-d{dim}",
+    return ModuleFeatures(model, network_id=f"{_classifier_data(directory)}-classifier-d{dim}",
                           weights_sha256=sha256_file(Path(directory) / "model.safetensors"),
                           preprocessing="uint8 RGB 32x32 -> x/127.5-1; penultimate ReLU features")
+
+
+def _classifier_data(directory: Union[str, Path]) -> str:
+    """What the classifier was trained on, from its prepare's manifest.json: `fmnist` (the name
+    eval rows have always carried) for Fashion-MNIST, else the dataset's name (digits, ...)."""
+    manifest = Path(directory).parent / "manifest.json"
+    try:
+        name = json.loads(manifest.read_text())["data"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "fmnist"  # a classifier folder without its prepare: the embedded default's
+    return "fmnist" if name == "fashion_mnist" else str(name)
 
 
 def _require_file(path: Optional[Union[str, Path]], key: str, what: str) -> Path:

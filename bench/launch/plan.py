@@ -157,7 +157,7 @@ def _hours(h: float) -> str:
 
 def format_submission(sub: Submission) -> str:
     """What was (or, with --dry-run, would be) submitted, the skipped cells, resources and cost."""
-    where = f"{sub.executor or 'no executor'}" + (f" (profile {sub.profile})" if sub.profile else "")
+    where = f"{sub.executor or 'no executor (no --cluster given)'}" + (f" (profile {sub.profile})" if sub.profile else "")
     verb = "would submit" if sub.dry_run else "submitted"
     lines = [f"grid {sub.grid}, stage {sub.stage}: {verb} {len(sub.jobs)} job(s) to {where}"
              + (" as one array" if len(sub.jobs) > 1 and not sub.dry_run else "")]
@@ -172,7 +172,10 @@ def format_submission(sub: Submission) -> str:
         lines.append(f"  {what}: " + (f"job {j['job_id']}, " if j.get("job_id") else "") + cost)
     for s in sub.skipped:
         lines.append(f"  skip {s['cell']}" + (f" [{s['setting']}]" if s.get("setting") else "") + f": {s['reason']}")
-    if sub.estimate and sub.jobs and sub.stage == "train":
+    if sub.estimate and sub.jobs and sub.stage == "train" and sub.estimate["unknown"] == len(sub.jobs):
+        lines.append("  estimate: unknown, no job has a throughput figure (run `bench perf` on the target "
+                     "machine, or set `throughput` in the grid or the profile)")
+    elif sub.estimate and sub.jobs and sub.stage == "train":
         e = sub.estimate
         lines.append(f"  estimate: {_hours(e['gpu_h'])} GPU (GPUs x wall time), {_hours(e['wall_h'])} of job wall time"
                      + (f" ({e['unknown']} job(s) without a throughput figure)" if e["unknown"] else ""))

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import submitit
 
+from bench.atomic import check_writable_dir
 from bench.launch.grids import GRIDS_DIR, Cell, Grid, expand, list_grids, load_grid, settings_for
 
 # Also re-exported: `from bench.launch.submit import X` works for every public name of bench/launch_*.py.
@@ -179,6 +180,11 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     out.notes += [f"also measure: {command}" for command in grid.perf]
     out.jobs = [{"cell": j.cell.name, "setting": j.setting, "steps": list(j.steps), "run_dir": str(j.run_dir),
                  **{k: j.estimate.get(k) for k in ("throughput", "source", "wall_h", "gpu_h")}} for j in plan]
+    if dry_run and profile is None:
+        out.notes.append(f"no --cluster given: resources are the grid's own and no profile's; add --cluster "
+                         f"PROFILE ({', '.join(list_profiles(profiles_dir))}) to plan for that cluster. Costs "
+                         "need a training throughput: `bench perf` on the target machine (rows in "
+                         f"{perf_dir}) or `throughput` in the grid or the profile")
     if dry_run or not plan:
         if not plan and not dry_run:
             out.notes.append("nothing to submit")
@@ -186,6 +192,7 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
             print(format_submission(out))
         return out
     assert profile is not None and kind is not None
+    check_writable_dir(cells[0].cfg.output_root, "output_root=")  # one line now, not a traceback later
     folder = Path(cells[0].cfg.output_root).resolve() / grid.name / ".submitit" / stage / "%j"
     executor = _executor(kind, folder, profile, res, f"{grid.name}-{stage}")
     lanes: list[Any] = [j.job for j in plan]

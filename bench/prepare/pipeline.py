@@ -142,7 +142,7 @@ def _settings(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions,
 
 
 def _classifier_settings(cfg_data, options: PrepareOptions) -> ClassifierSettings:
-    """The classifier settings in effect: on Fashion-MNIST it must reach 90% (DESIGN.md)."""
+    """The classifier settings in effect: on Fashion-MNIST it must reach 90% (docs/embedded.md)."""
     settings = options.classifier
     if cfg_data.name == "fashion_mnist" and settings.min_test_accuracy == 0.0:
         settings = replace(settings, min_test_accuracy=0.9)

@@ -3,7 +3,7 @@
 `bench.report.summary` computes every number; this file only draws them. Each figure is saved as PNG and
 PDF, written atomically. The y-axis names the evaluator ("FD (Fashion-MNIST classifier features,
 n=2000)") because FDs of different feature networks, references or sample counts are different
-quantities (peers_and_pitfalls §0).
+quantities: FDs are comparable only with the same features, reference and n.
 """
 
 from __future__ import annotations

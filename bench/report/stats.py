@@ -1,7 +1,7 @@
 """Seed statistics and the speed-up of `bench report`.
 
 A cell's seeds give a mean and a two-sided 95% t-interval (`mean_ci95`). The speed-up "reaches the
-baseline's final FID N times sooner" (paper Fig. 2) is interpolated linearly in log(step) on the
+baseline's final FID N times sooner" (paper Fig. 2; its best FID where the baseline got worse) is interpolated linearly in log(step) on the
 method's seed-mean curve (`speedup`); `find_speedups` pairs every method with its baseline
 (`speedup_pairs`) and sets the paper's stated factor beside it, as context.
 """
@@ -47,6 +47,7 @@ class SpeedUp:
     factor: float | None           # baseline_step / step
     points: tuple[tuple[float, float], ...]  # the (step, value) points used
     note: str
+    target_kind: str = "final"     # "best" when the baseline got worse after its best point
 
     @property
     def reached(self) -> bool:
@@ -54,13 +55,14 @@ class SpeedUp:
 
     def describe(self) -> str:
         """One sentence in the paper's words, with the points used."""
-        head = (f"{self.method} vs {self.baseline}'s final {self.metric} {self.target:.4g} "
+        head = (f"{self.method} vs {self.baseline}'s {self.target_kind} {self.metric} {self.target:.4g} "
                 f"(at {fmt_steps(self.baseline_step)})")
         if not self.reached:
             return f"{head}: not reached ({self.note})"
         points = ", ".join(f"{fmt_steps(s)}: {v:.4g}" for s, v in self.points)
-        return (f"{head}: reached {self.factor:.2f}x sooner, at {fmt_steps(self.step)} "
-                f"(points {points}; {self.note})")
+        verdict = (f"reached {self.factor:.2f}x sooner" if self.factor > 1 else
+                   f"reached, but not sooner (factor {self.factor:.2f})")
+        return f"{head}: {verdict}, at {fmt_steps(self.step)} (points {points}; {self.note})"
 
 
 def speedup(baseline: pd.Series, method: pd.Series, *, lower_is_better: bool = True,
@@ -69,30 +71,37 @@ def speedup(baseline: pd.Series, method: pd.Series, *, lower_is_better: bool = T
     """The speed-up factor as the paper states it, by linear interpolation in log(step).
 
     `baseline` and `method` map step (> 0) to value, e.g. seed-mean FID. The target is the
-    baseline's value at its last step S_b. The first segment (s0, f0) -> (s1, f1) of the method's
-    curve that reaches the target gives log s* = log s0 + (f0 - target) / (f0 - f1) * (log s1 -
+    baseline's value at its last step S_b (the paper's curves improve to the end). Where the
+    baseline got worse after its best point, the target is that best value and S_b the first step
+    that reached it: matching a baseline's worse last value would call a method faster for reaching
+    what the baseline had already beaten (docs/method.md, "Speed-up"). The first segment
+    (s0, f0) -> (s1, f1) of the method's curve that reaches the target gives log s* = log s0 + (f0 - target) / (f0 - f1) * (log s1 -
     log s0) and the factor S_b / s*. If the first point already reaches it, s* = s0 (a lower bound).
     """
     base, curve = _clean_curve(baseline, "baseline"), _clean_curve(method, "method")
-    target, baseline_step = float(base.iloc[-1]), int(base.index[-1])
     sign = 1.0 if lower_is_better else -1.0  # reached when sign * value <= sign * target
+    best = int(np.argmin(sign * base.to_numpy(np.float64)))  # the first step at the best value
+    target, baseline_step = float(base.iloc[best]), int(base.index[best])
+    worse_last = sign * float(base.iloc[-1]) > sign * target
     steps, values = curve.index.to_numpy(np.float64), curve.to_numpy(np.float64)
     common = dict(method=method_name, baseline=baseline_name, metric=metric, target=target,
-                  baseline_step=baseline_step)
+                  baseline_step=baseline_step, target_kind="best" if worse_last else "final")
+    got_worse = (f"; the baseline got worse after its best: {float(base.iloc[-1]):.4g} at "
+                 f"{fmt_steps(int(base.index[-1]))}") if worse_last else ""
     if sign * values[0] <= sign * target:
         return SpeedUp(**common, step=steps[0], factor=baseline_step / steps[0],
                        points=((steps[0], values[0]),),
-                       note="reached at the first evaluated step: the factor is a lower bound")
+                       note="reached at the first evaluated step: the factor is a lower bound" + got_worse)
     for i in range(1, len(steps)):
         if sign * values[i] <= sign * target:
             s0, s1, f0, f1 = steps[i - 1], steps[i], values[i - 1], values[i]
             fraction = (f0 - target) / (f0 - f1)
             step = math.exp(math.log(s0) + fraction * (math.log(s1) - math.log(s0)))
             return SpeedUp(**common, step=step, factor=baseline_step / step,
-                           points=((s0, f0), (s1, f1)), note="interpolated in log(step)")
+                           points=((s0, f0), (s1, f1)), note="interpolated in log(step)" + got_worse)
     best = values.min() if lower_is_better else values.max()
     return SpeedUp(**common, step=None, factor=None, points=((steps[-1], values[-1]),),
-                   note=f"best {best:.4g} by {fmt_steps(steps[-1])}")
+                   note=f"best {best:.4g} by {fmt_steps(steps[-1])}" + got_worse)
 
 
 def _clean_curve(curve: pd.Series, name: str) -> pd.Series:

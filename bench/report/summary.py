@@ -1,7 +1,7 @@
 """`bench report NAME`: a grid's runs as tables beside the paper's numbers, plots and speed-ups.
 
 Reads only `results/` (run folders and `results/paper/`) and the grid's YAML; imports nothing from
-training (style_anchors §8). Three tidy tables come first, as in lingua's `analysis.py`:
+training (the report layer reads files only). Three tidy tables come first, as in lingua's `analysis.py`:
 `runs` (one row per run, config.json flattened with `pd.json_normalize`), `metrics` (metrics.jsonl)
 and `evals` (eval.jsonl joined with its run's config). Everything else is computed from them:
 
@@ -17,9 +17,9 @@ and `evals` (eval.jsonl joined with its run's config). Everything else is comput
 - the speed-up "reaches the baseline's final FID N times sooner" (Fig. 2) is interpolated linearly
   in log(step) on the method's seed-mean curve.
 
-The work is split over bench/report_*.py: `report_common` (the vocabulary), `report_groups`
-(conditions and provenance groups), `report_paper` (the paper's numbers), `report_stats` (seed
-statistics and speed-ups) and `report_tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
+The work is split over the modules of bench/report/: `common` (the vocabulary), `groups`
+(conditions and provenance groups), `published` and `paper_match` (the paper's numbers), `stats`
+(seed statistics and speed-ups) and `tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
 folders into tidy tables, summarizes them into a `Report` (bench/report/records.py) and holds the
 command line.
 """
@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from bench import runfolder
+from bench.atomic import OutputPathError, check_writable_dir
 from bench.launch import grids
 from bench.report.common import (
     EVAL_ALIASES,
@@ -85,8 +86,9 @@ def flatten_config(config: dict) -> dict[str, Any]:
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()}
 
 
-def load_grid_spec(name: str, runs_root: Path) -> tuple[dict, list[tuple[Path, Any, Any]] | None]:
-    """The grid's fields and its expected runs (folder, config, eval steps) via bench.launch.grids.
+def load_grid_spec(name: str, runs_root: Path) -> tuple[dict, list[tuple[Path, Any, Any, Any]] | None]:
+    """The grid's fields and its expected runs (folder, config, eval steps, names of the eval
+    settings whose `match` the run satisfies) via bench.launch.grids.
 
     Without the grid's YAML (a folder of runs from elsewhere) the expected runs are None: the report
     then shows the folders that exist and cannot list runs that were never started.
@@ -96,8 +98,8 @@ def load_grid_spec(name: str, runs_root: Path) -> tuple[dict, list[tuple[Path, A
     grid = grids.load_grid(name)
     fields = {k: getattr(grid, k) for k in ("name", "regenerates", "specs", "axes", "eval", "paper", "baseline")}
     # Re-rooted: the grid knows results/runs, the user may pass --runs-root.
-    expected = [(runs_root / name / cell.run_dir.name, dataclasses.asdict(cell.cfg), cell.eval_steps)
-                for cell in grids.expand(grid)]
+    expected = [(runs_root / name / cell.run_dir.name, dataclasses.asdict(cell.cfg), cell.eval_steps,
+                 [s.name for s in grids.settings_for(grid, cell)]) for cell in grids.expand(grid)]
     return fields, expected
 
 
@@ -115,16 +117,19 @@ def gather(name: str, runs_root: str | Path = "results/runs", grid: dict | None 
                    if p.is_dir() and not p.name.startswith("."))
     notes = []
     if expected is None:
-        expected = [(p, None, None) for p in found]
+        if not found and not (runs_root / name).is_dir():
+            raise ReportError(f"unknown grid {name!r}: no ablations/grids/{name}.yaml and no run "
+                              f"folders under {runs_root / name}; known grids: {grids.list_grids()}")
+        expected = [(p, None, None, None) for p in found]
         notes.append("runs never started are not listed: the rows come from the run folders "
                      f"found, not from bench.launch.grids.expand({name!r})")
     elif stray := sorted({p.name for p in found} - {folder.name for folder, *_ in expected}):
         notes.append(f"run folders not in the grid (ignored): {', '.join(stray)}")
     if not expected:
         raise ReportError(f"no runs for grid {name!r} under {runs_root / name}; train some first "
-                          f"(`bench grid {name}`) or pass --runs-root")
+                          f"(`bench grid {name}`) or pass output_root=DIR")
     run_rows, metric_rows, eval_rows = [], [], []
-    for folder, config, eval_steps in expected:
+    for folder, config, eval_steps, settings in expected:
         ticks = [{"run": folder.name, **t} for t in read_jsonl(folder / runfolder.METRICS_FILE)]
         metric_rows += ticks
         # guidance as canonical JSON text: one provenance field, not flattened into columns
@@ -132,7 +137,8 @@ def gather(name: str, runs_root: str | Path = "results/runs", grid: dict | None 
                        "guidance": json.dumps(r.get("guidance"), sort_keys=True)}
                       for r in read_jsonl(folder / runfolder.EVAL_FILE)]
         run_rows.append({**_run_row(folder, config, ticks),
-                         "expected_steps": json.dumps(sorted(int(s) for s in eval_steps or []))})
+                         "expected_steps": json.dumps(sorted(int(s) for s in eval_steps or [])),
+                         "expected_settings": None if settings is None else json.dumps(settings)})
     runs = pd.DataFrame(run_rows)
     metrics = pd.DataFrame(metric_rows) if metric_rows else pd.DataFrame(columns=["run", "step"])
     # Only the run's identity columns: the full config per log tick would be mostly repetition.
@@ -191,6 +197,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     expected = {c: json.loads(t) or grid_steps
                 for c, t in zip(conditions["condition"], conditions["expected_steps"])}
     rows, missing = [], []
+    applies = _settings_per_condition(runs)
 
     def add(setting: str, name: str, group: int, reason: str, condition: str,
             provenance: str, steps: Sequence[int], part: pd.DataFrame) -> None:
@@ -224,6 +231,8 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
         in_main = [main.get(c) == p for c, p in zip(frame["condition"], frame["provenance"])]
         main_steps = sorted(frame.loc[in_main, "step"].unique())
         for condition in conditions["condition"]:
+            if setting not in applies.get(condition, {setting}):
+                continue  # the grid's `match` does not give this condition that setting
             provenance = main.get(condition, fallback)
             own = frame[(frame["condition"] == condition) & (frame["provenance"] == provenance)]
             steps = sorted({*(expected[condition] or main_steps), *own["step"]})
@@ -236,30 +245,63 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
                 reason = provenance_difference(provenance, main.get(condition, fallback))
                 steps = sorted(part.loc[part["condition"] == condition, "step"].unique())
                 add(setting, name, index, reason, condition, provenance, steps, part)
-    missing += [f"setting {s}: nothing measured yet" for s in dict.fromkeys(_grid_settings(g.grid))
-                if s not in set(values["setting"])]
+    for name in dict.fromkeys(_grid_settings(g.grid)):
+        if name in set(values["setting"]):
+            continue
+        todo = [f"setting {name}: {c} at step {step} (nothing measured in this setting yet)"
+                for c in conditions["condition"] if name in applies.get(c, {name})
+                for step in expected[c]]
+        missing += todo or [f"setting {name}: nothing measured yet"]
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
     speedups = find_speedups(cells, conditions, metric, g.grid, final)
     return Report(g, metric, conditions, cells, speedups, missing, notes)
 
 
+def _settings_per_condition(runs: pd.DataFrame) -> dict[str, set[str]]:
+    """condition -> the eval settings the grid applies to its runs (absent: every setting)."""
+    if "expected_settings" not in runs or "condition" not in runs:
+        return {}
+    out: dict[str, set[str]] = {}
+    for condition, part in runs.groupby("condition", sort=False):
+        texts = [t for t in part["expected_settings"] if isinstance(t, str)]
+        if len(texts) == len(part):  # every run of it came from the grid
+            out[condition] = {name for text in texts for name in json.loads(text)}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`bench report NAME [--runs-root R] [--out O] [--metric M]`: print the tables, write files."""
+    """`bench report NAME [output_root=R] [--out O] [--metric M]`: print the tables, write files."""
     parser = argparse.ArgumentParser(prog="bench report", description="Tables beside the paper's "
                                      "numbers, convergence plots and speed-ups of one grid.")
     parser.add_argument("name", metavar="NAME", help="grid name (ablations/grids/NAME.yaml)")
-    parser.add_argument("--runs-root", default="results/runs", help="default: %(default)s")
+    parser.add_argument("overrides", nargs="*", metavar="output_root=DIR",
+                        help="where the run folders are, as given to `bench grid` and `bench status` "
+                        "(default: results/runs)")
+    parser.add_argument("--runs-root", default=None, help=argparse.SUPPRESS)  # deprecated spelling
     parser.add_argument("--out", default="results/reports", help="files go to OUT/NAME "
                         "(default: %(default)s)")
     parser.add_argument("--metric", default=None, help="primary metric of plots and speed-ups "
                         "(default: fid if measured, else fd_classifier)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    runs_root = "results/runs"
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        if key.strip() != "output_root" or not _:
+            parser.error(f"{item!r}: bench report takes only output_root=DIR (the run folders' root)")
+        runs_root = value
+    if args.runs_root is not None:
+        print(f"bench report: --runs-root is deprecated; write output_root={args.runs_root} as for "
+              "`bench grid` and `bench status`", file=sys.stderr)
+        runs_root = args.runs_root
     try:
-        report = summarize(gather(args.name, args.runs_root), args.metric)
+        if not runs_root.strip():
+            raise ReportError("output_root is empty; give the folder that holds the run folders")
+        check_writable_dir(Path(args.out) / args.name, "--out")
+        report = summarize(gather(args.name, runs_root), args.metric)
         out = write_report(report, Path(args.out) / args.name, plots=not args.no_plots)
-    except ReportError as err:
+    except (ReportError, OutputPathError) as err:
         print(f"bench report: error: {err}", file=sys.stderr)
         return 2
     for setting, title, _, table in blocks(report):
@@ -267,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in report.speedups:
         print(f"speed-up [{s['setting']}]: {s['sentence']}")
     if report.missing:
-        print(f"not measured yet: {len(report.missing)} cells (listed in report.md)")
+        nothing = "nothing measured yet" if report.gathered.evals.empty else "not measured yet"
+        print(f"{nothing}: {len(report.missing)} cells (listed in report.md)")
     print(f"wrote {out}")
     return 0

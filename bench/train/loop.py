@@ -49,7 +49,6 @@ import argparse
 import contextlib
 import copy
 import hashlib
-import json
 import math
 import random
 import resource
@@ -64,7 +63,7 @@ from torch import nn
 
 from bench import runfolder
 from bench.atomic import atomic_write_text, crash_point
-from bench.compose import dumps, from_dict, load_config, to_dict
+from bench.compose import dumps, load_config, load_config_file, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
@@ -624,7 +623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         list(sys.argv[1:] if argv is None else argv))
     if args.config and args.overrides:
         parser.error("give either --config or overrides, not both")
-    cfg = from_dict(json.loads(Path(args.config).read_text())) if args.config else load_config(args.overrides)
+    cfg = load_config_file(args.config) if args.config else load_config(args.overrides)
     try:
         train(cfg, Path(args.run_dir) if args.run_dir else None)
     except NonFiniteLossError as err:
