@@ -17,7 +17,9 @@ the single-process loss on the single-process draws, but back-propagates only th
 scaling the loss by W before DDP's gradient averaging gives exactly the single-process gradient.
 REPA is the exception that keeps its large tensors local: projector outputs and encoder targets of
 other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
-global mean and the logged value is the sum over ranks.
+global mean and the logged value is the sum over ranks. objective.drop_mode=batch_official depends
+on the number of ranks on purpose: the official code draws its drop decision once per step per
+process, so rank r's rows are dropped on their own draw (block r of the objective's drop uniforms).
 
 Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
@@ -403,7 +405,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         raise ConfigError(str(err)) from None
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     model = build_model(cfg, manifest).to(device)
-    transport = build_transport(cfg, manifest)
+    transport = build_transport(cfg, manifest, processes=world)  # batch_official drops per rank
     autocast_dtype = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the official code trains fp32 with TF32
