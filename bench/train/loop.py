@@ -50,6 +50,7 @@ from bench.compose import dumps, from_dict, load_config
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
+from bench.prepare.dataset import Manifest, PreparedDataError
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -108,7 +109,7 @@ def _encoder_matches(kind: str, variant: str, encoder_id: str) -> bool:
     return encoder_id.startswith(f"{kind}_")
 
 
-def check_prepared(cfg: ExperimentConfig, manifest: dict, prepared_dir: str) -> None:
+def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str) -> None:
     """ConfigError when the prepared shards do not fit the config (nothing has been written yet)."""
     where = f"data.prepared_dir={prepared_dir}"
     encoder_id = manifest["encoder"]["encoder_id"]
@@ -127,10 +128,11 @@ def check_prepared(cfg: ExperimentConfig, manifest: dict, prepared_dir: str) -> 
     if cfg.vae.kind == "diffusers" and not math.isclose(manifest["scaling_factor"], cfg.vae.scaling_factor):
         raise ConfigError(f"{where}: shards record vae.scaling_factor={manifest['scaling_factor']}, the "
                           f"config says {cfg.vae.scaling_factor}")
-    if cfg.semantic_channels > manifest["r_max"]:
-        raise ConfigError(f"model.pca_rank={cfg.model.pca_rank} exceeds the {manifest['r_max']} PCA "
-                          f"coordinates stored in {prepared_dir} (r_max); lower model.pca_rank or re-run "
-                          "`bench prepare` with a larger encoder.pca_rank_max")
+    if cfg.semantic_channels:
+        try:
+            manifest.check_rank(cfg.semantic_channels)
+        except PreparedDataError as err:
+            raise ConfigError(str(err)) from None
     if cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
         raise ConfigError(f"objective.lambda_repa > 0 needs the raw encoder features, but {prepared_dir} "
                           "was prepared with encoder.store_features=false; re-run prepare with "
@@ -384,7 +386,7 @@ def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
-    from bench.prepare.dataset import PreparedDataError, read_manifest
+    from bench.prepare.dataset import read_manifest
     from bench.prepare.encoders import EncoderError
     from bench.prepare.sources import DatasetError
 
