@@ -174,7 +174,12 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The transport and the terms of the joint loss (eq. 6 / eq. 18, REPA)."""
+    """The transport and the terms of the joint loss (eq. 6 / eq. 18, REPA).
+
+    bench.train.build passes these to the core's models.joint_objective.JointObjectiveConfig (the
+    fields both transports share). Checked here too, so that a bad value fails at load time with
+    the key the user typed and without importing torch; tests/test_joint_objective.py holds the
+    two sets of rules equal."""
 
     transport: str = "flow"
     path: str = "linear"

@@ -130,3 +130,30 @@ def test_each_spec_switches_its_terms_on_and_off_with_its_weights(spec, transpor
         assert seen == []
     # float32 sums of the same terms in another order: agreement to a few ulp of values ~ 1-10.
     torch.testing.assert_close(losses["loss"].detach(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("key, values", [
+    ("lambda_z", [0.0, 2.5, -0.1, float("nan"), float("inf")]),
+    ("lambda_repa", [0.0, 0.5, -1.0, float("nan")]),
+    ("p_drop", [0.0, 0.2, 1.0, -0.01, 1.01, float("nan")]),
+    ("drop_mode", ["sample", "batch_official", "batch", "per_sample"]),
+])
+def test_load_time_rules_of_bench_config_equal_the_cores(key, values):
+    """bench/config.py checks the objective's fields at load time (user's key names, no torch);
+    the core validates them once for both transports. Both accept exactly the same values."""
+    from bench.config import DROP_MODES, PATHS, ConfigError, ObjectiveConfig
+    from models import flow, joint_objective
+
+    assert DROP_MODES == joint_objective.DROP_MODES and PATHS == flow.PATHS
+    for value in values:
+        try:
+            ObjectiveConfig(**{key: value})
+            bench_ok = True
+        except ConfigError:
+            bench_ok = False
+        try:
+            JointObjectiveConfig(num_classes=10, latent_channels=4, semantic_channels=8, **{key: value})
+            core_ok = True
+        except ValueError:
+            core_ok = False
+        assert bench_ok == core_ok, (key, value)

@@ -27,8 +27,10 @@ slicing the first r coordinates, dividing by sqrt(eigenvalue) and bilinear resiz
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,29 +87,125 @@ def write_manifest(out: Path, settings_hash: str, cfg_data, cfg_encoder, vae_inf
     return atomic_write_json(Path(out) / MANIFEST, manifest)
 
 
-def read_manifest(prepared_dir: str | Path) -> dict:
+@dataclass(frozen=True)
+class Manifest(Mapping):
+    """A finished prepare's `manifest.json`, read and type-checked once (`read_manifest`).
+
+    The typed fields are the contract between `bench prepare` and the stages that read its shards
+    (train, sample, evaluate, perf); `check_rank` is the one check that a PCA rank was stored. The
+    JSON itself stays readable as a mapping (`manifest["encoder"]["encoder_id"]`), exactly as written.
+    """
+
+    folder: Path
+    format: str
+    settings_hash: str
+    data: dict  # name, image_size, num_classes
+    vae: dict  # VAEInfo.to_json(); its "path" is relative to `folder` for the embedded VAE
+    scaling_factor: float
+    latent_channels: int
+    latent_grid: tuple[int, int]
+    encoder: dict  # EncoderInfo.to_json(): encoder_id, grid, channels, input_size, ...
+    semantic_grid: tuple[int, int]
+    r_max: int  # PCA coordinates stored per token (encoder.pca_rank_max of the prepare)
+    store_features: bool  # raw encoder features stored too (the REPA target)
+    pca: dict
+    splits: dict  # split -> {shards, counts, count}
+    classifier: Optional[dict]
+    timings: dict
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Any, folder: Path, where: str = MANIFEST) -> "Manifest":
+        """Validate the JSON content; PreparedDataError names the file, the key and the fix."""
+        fix = "re-run `bench prepare` with the same settings to rebuild it"
+        if not isinstance(raw, dict):
+            raise PreparedDataError(f"{where} is not a JSON object; {fix}")
+        if raw.get("format") != FORMAT_VERSION:
+            raise PreparedDataError(f"{where} has format {raw.get('format')!r}, not {FORMAT_VERSION}; "
+                                    "re-run `bench prepare`")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in ("folder", "raw"):
+                continue
+            if f.name not in raw:
+                raise PreparedDataError(f"{where} has no {f.name!r}; {fix}")
+            value, kind = raw[f.name], _MANIFEST_TYPES[f.name]
+            if kind == "grid":
+                ok = isinstance(value, list) and len(value) == 2 and all(_is_int(v) and v > 0 for v in value)
+                value = tuple(value) if ok else value
+            elif kind is int:
+                ok = _is_int(value) and value > 0
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            elif kind == "dict?":
+                ok = value is None or isinstance(value, dict)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise PreparedDataError(f"{where}: {f.name}={value!r} is not {_MANIFEST_TYPE_TEXT[f.name]}; {fix}")
+            values[f.name] = value
+        return cls(folder=Path(folder), raw=raw, **values)
+
+    def check_rank(self, rank: int) -> None:
+        """PreparedDataError unless 1 <= rank <= r_max: the shards hold the first r_max PCA
+        coordinates, so a run may use any rank up to that (model.pca_rank)."""
+        if not 1 <= rank <= self.r_max:
+            raise PreparedDataError(
+                f"model.pca_rank={rank} exceeds the {self.r_max} PCA coordinates stored in {self.folder} "
+                f"(r_max, the encoder.pca_rank_max it was prepared with); use model.pca_rank in "
+                f"[1, {self.r_max}] or re-run `bench prepare` with a larger encoder.pca_rank_max")
+
+    # The JSON as written, read-only.
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_MANIFEST_TYPES: dict[str, Any] = {
+    "format": str, "settings_hash": str, "data": dict, "vae": dict, "scaling_factor": float,
+    "latent_channels": int, "latent_grid": "grid", "encoder": dict, "semantic_grid": "grid", "r_max": int,
+    "store_features": bool, "pca": dict, "splits": dict, "classifier": "dict?", "timings": dict,
+}
+_MANIFEST_TYPE_TEXT = {
+    "format": "a string", "settings_hash": "a string", "scaling_factor": "a number > 0",
+    "latent_channels": "an integer > 0", "r_max": "an integer > 0", "latent_grid": "[height, width]",
+    "semantic_grid": "[height, width]", "store_features": "true or false", "classifier": "an object or null",
+    **{key: "an object" for key in ("data", "vae", "encoder", "pca", "splits", "timings")},
+}
+
+
+def read_manifest(prepared_dir: str | Path) -> Manifest:
     """The manifest of a finished prepare, or PreparedDataError saying what to run."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise PreparedDataError(f"{path} not found: {prepared_dir} holds no finished prepare; run "
                                 "`bench prepare` (with the same data/vae/encoder settings) first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise PreparedDataError(f"{path} has format {manifest.get('format')!r}, not "
-                                f"{FORMAT_VERSION}; re-run `bench prepare`")
-    return manifest
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PreparedDataError(f"{path} is not valid JSON ({err}); re-run `bench prepare` with the same "
+                                "settings to rebuild it") from None
+    return Manifest.from_json(raw, Path(prepared_dir), str(path))
 
 
-def check_manifest(manifest: dict, encoder_id: Optional[str] = None,
+def check_manifest(manifest: Manifest, encoder_id: Optional[str] = None,
                    rank: Optional[int] = None) -> None:
     """Raise PreparedDataError when the shards come from another encoder or hold too few ranks."""
-    if encoder_id is not None and manifest["encoder"]["encoder_id"] != encoder_id:
+    if encoder_id is not None and manifest.encoder.get("encoder_id") != encoder_id:
         raise PreparedDataError(f"the prepared shards come from encoder "
-                                f"{manifest['encoder']['encoder_id']!r}, not {encoder_id!r}; "
+                                f"{manifest.encoder.get('encoder_id')!r}, not {encoder_id!r}; "
                                 "point data.prepared_dir at shards of this encoder or re-run prepare")
-    if rank is not None and not 1 <= rank <= manifest["r_max"]:
-        raise PreparedDataError(f"model.pca_rank={rank} must lie in [1, {manifest['r_max']}] "
-                                "(encoder.pca_rank_max when the shards were prepared)")
+    if rank is not None:
+        manifest.check_rank(rank)
 
 
 class PreparedDataset(Dataset):

@@ -69,10 +69,15 @@ def build_model(cfg: ExperimentConfig, manifest: dict) -> JointDiT:
     return JointDiT(backbone_settings(cfg, manifest))
 
 
-def build_transport(cfg: ExperimentConfig, manifest: dict) -> Transport:
-    """The training objective of `cfg` (flow: SiT velocity loss; ddpm: DiT's hybrid loss)."""
+def build_transport(cfg: ExperimentConfig, manifest: dict, processes: int = 1) -> Transport:
+    """The training objective of `cfg` (flow: SiT velocity loss; ddpm: DiT's hybrid loss).
+
+    `processes` is the number of training processes (DDP ranks). Only objective.drop_mode=
+    batch_official reads it: the official code draws its drop decision once per step per process,
+    so each rank's local batch is dropped on its own draw (models.joint_objective.modality_drop).
+    """
     objective = cfg.objective
-    common = dict(
+    shared = dict(  # models.joint_objective.JointObjectiveConfig: the fields both transports share
         num_classes=cfg.num_model_classes,
         latent_channels=int(_manifest_value(manifest, "latent_channels")),
         semantic_channels=cfg.semantic_channels,
@@ -81,10 +86,11 @@ def build_transport(cfg: ExperimentConfig, manifest: dict) -> Transport:
         drop_mode=objective.drop_mode,
         class_dropout_prob=cfg.model.class_dropout_prob,
         lambda_repa=objective.lambda_repa,
+        drop_groups=processes,
     )
     try:
         if objective.transport == "flow":
-            return FlowTransport(FlowConfig(path=objective.path, **common))
-        return DDPMTransport(DDPMConfig(learn_sigma=cfg.model.learn_sigma, **common))
+            return FlowTransport(FlowConfig(path=objective.path, **shared))
+        return DDPMTransport(DDPMConfig(learn_sigma=cfg.model.learn_sigma, **shared))
     except ValueError as err:
         raise ConfigError(f"objective settings are not valid: {err}") from None

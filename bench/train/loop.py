@@ -33,7 +33,9 @@ the single-process loss on the single-process draws, but back-propagates only th
 scaling the loss by W before DDP's gradient averaging gives exactly the single-process gradient.
 REPA is the exception that keeps its large tensors local: projector outputs and encoder targets of
 other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
-global mean and the logged value is the sum over ranks.
+global mean and the logged value is the sum over ranks. objective.drop_mode=batch_official depends
+on the number of ranks on purpose: the official code draws its drop decision once per step per
+process, so rank r's rows are dropped on their own draw (block r of the objective's drop uniforms).
 
 Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
@@ -68,6 +70,7 @@ from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
+from bench.prepare.dataset import Manifest, PreparedDataError
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -124,7 +127,7 @@ def _encoder_matches(kind: str, variant: str, encoder_id: str) -> bool:
     return encoder_id.startswith(f"{kind}_")
 
 
-def check_prepared(cfg: ExperimentConfig, manifest: dict, prepared_dir: str) -> None:
+def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str) -> None:
     """ConfigError when the prepared shards do not fit the config (nothing has been written yet)."""
     where = f"data.prepared_dir={prepared_dir}"
     encoder_id = manifest["encoder"]["encoder_id"]
@@ -143,10 +146,11 @@ def check_prepared(cfg: ExperimentConfig, manifest: dict, prepared_dir: str) -> 
     if cfg.vae.kind == "diffusers" and not math.isclose(manifest["scaling_factor"], cfg.vae.scaling_factor):
         raise ConfigError(f"{where}: shards record vae.scaling_factor={manifest['scaling_factor']}, the "
                           f"config says {cfg.vae.scaling_factor}")
-    if cfg.semantic_channels > manifest["r_max"]:
-        raise ConfigError(f"model.pca_rank={cfg.model.pca_rank} exceeds the {manifest['r_max']} PCA "
-                          f"coordinates stored in {prepared_dir} (r_max); lower model.pca_rank or re-run "
-                          "`bench prepare` with a larger encoder.pca_rank_max")
+    if cfg.semantic_channels:
+        try:
+            manifest.check_rank(cfg.semantic_channels)
+        except PreparedDataError as err:
+            raise ConfigError(str(err)) from None
     if cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
         raise ConfigError(f"objective.lambda_repa > 0 needs the raw encoder features, but {prepared_dir} "
                           "was prepared with encoder.store_features=false; re-run prepare with "
@@ -424,7 +428,7 @@ def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
-    from bench.prepare.dataset import PreparedDataError, read_manifest
+    from bench.prepare.dataset import read_manifest
     from bench.prepare.encoders import EncoderError
     from bench.prepare.sources import DatasetError
 
@@ -446,7 +450,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     seed_global_rngs(cfg.train.seed)  # a checkpoint's python/numpy states then restore over these
     model = build_model(cfg, manifest).to(device)
-    transport = build_transport(cfg, manifest)
+    transport = build_transport(cfg, manifest, processes=world)  # batch_official drops per rank
     autocast_dtype = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the official code trains fp32 with TF32
