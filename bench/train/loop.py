@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from bench import runfolder
-from bench.atomic import atomic_write_text, crash_point
+from bench.atomic import atomic_write_text, crash_point, remove_stale_temporaries
 from bench.compose import dumps, from_dict, load_config, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
@@ -481,6 +481,7 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
         if not has_config:
             atomic_write_text(runfolder.config_path(run_dir), dumps(cfg) + "\n")
         ckpt.remove_stale_temporaries(run_dir)
+        remove_stale_temporaries(run_dir)  # config.json / DONE of a killed trainer (none other writes here)
         if runfolder.is_done(run_dir):  # stale (_finished said so): the rebuilt final checkpoint writes it again
             (run_dir / runfolder.DONE_FILE).unlink()
     dist_utils.barrier()
