@@ -157,7 +157,8 @@ def _outputs(run: Path) -> dict:
         name = str(path.relative_to(run))
         if path.suffix == ".npz":
             shard = read_shard(path)
-            out["files"].append((name, sorted((k, v.dtype.str, v.tobytes()) for k, v in shard.items() if k != "seconds")))
+            members = sorted((k, v.dtype.str, v.tobytes()) for k, v in shard.items() if k != "seconds")
+            out["files"].append((name, members))
         else:
             out["files"].append((name, path.read_bytes()))
     return out

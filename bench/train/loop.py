@@ -469,13 +469,15 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         if dist_utils.broadcast_int(int(refused is not None)):
             raise refused or runfolder.RunFolderError(f"{run_dir} is being trained by another process")
         return _train_locked(cfg, run_dir, info, has_config, manifest, data, model, transport, autocast_dtype,
-                             ema, optimizer, params, generators)
+                             ema, optimizer, params, generators, held)
 
 
 def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, has_config: bool,
                   manifest: dict, data: TrainingData, model: nn.Module, transport, autocast_dtype, ema: nn.Module,
-                  optimizer: torch.optim.Optimizer, params: list, generators: dict) -> Path:
-    """The part of `_train` that writes: it runs holding the run folder's lock (rank 0)."""
+                  optimizer: torch.optim.Optimizer, params: list, generators: dict,
+                  held: contextlib.ExitStack) -> Path:
+    """The part of `_train` that writes, holding the run folder's lock (rank 0) until `held` closes;
+    the progress bar and the metrics logger close with it, however the loop ends."""
     device, world, main = info.device, info.world_size, info.is_main
     if main:
         if not has_config:
@@ -523,27 +525,9 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
     # tqdm draws on stderr: show the bar when that is a terminal (a batch job's log gets the JSON lines).
     bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (main and sys.stderr.isatty()))
-    log = MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
-                        config=to_dict(cfg), resume_step=start) if main else None
-    try:
-        _loop(cfg, run_dir, info, data, model, transport, autocast_dtype, ema, optimizer, params, generators,
-              forward, local_rows, token_grid, keep, state_extra, start, window, bar, log)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    if main:
-        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
-        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
-    dist_utils.barrier()
-    return run_dir
-
-
-def _loop(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, data: TrainingData, model: nn.Module,
-          transport, autocast_dtype, ema: nn.Module, optimizer: torch.optim.Optimizer, params: list,
-          generators: dict, forward, local_rows: slice, token_grid: int, keep: set, state_extra: dict,
-          start: int, window: Optional[dict], bar, log: Optional[MetricsLogger]) -> None:
-    device, world, main = info.device, info.world_size, info.is_main
+    held.callback(bar.close)
+    log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
+                                           config=to_dict(cfg), resume_step=start)) if main else None
     sums, tick_steps = _resume_window(window, info.rank, world, device)
     timed_steps, tick_time, began = 0, time.perf_counter(), time.time()
     last_saved = start
@@ -592,6 +576,11 @@ def _loop(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, data:
                 ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
             last_saved = step
             dist_utils.barrier()
+    if main:
+        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
+        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
+    dist_utils.barrier()
+    return run_dir
 
 
 def _log_record(sums: dict, steps: int, timed_steps: int, world: int, cfg: ExperimentConfig, step: int,
