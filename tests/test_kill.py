@@ -29,7 +29,7 @@ from bench import runfolder
 from bench.atomic import KILL_ENV, TMP_MARK
 from bench.compose import dumps
 from bench.evaluate.evaluation import evaluate
-from bench.evaluate.sampling import read_shard
+from bench.evaluate.sampling import read_shard, sample
 from bench.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,20 +148,34 @@ def trained_run(tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
 
 
-def _outputs(run: Path) -> dict:
-    """eval.jsonl rows and every sample file (shards as arrays) without the measured fields."""
-    out = {"eval": _rows(run / "eval.jsonl", EVAL_MEASURED), "files": []}
-    for path in sorted((run / "samples").rglob("*")):
+def _sample_files(folder: Path) -> list:
+    """Every finished sample file under `folder` (shards as arrays without `seconds`)."""
+    files = []
+    for path in sorted(folder.rglob("*")):
         if not path.is_file() or TMP_MARK in path.name:
             continue
-        name = str(path.relative_to(run))
         if path.suffix == ".npz":
-            shard = read_shard(path)
-            members = sorted((k, v.dtype.str, v.tobytes()) for k, v in shard.items() if k != "seconds")
-            out["files"].append((name, members))
+            members = sorted((k, v.dtype.str, v.tobytes()) for k, v in read_shard(path).items() if k != "seconds")
+            files.append((str(path.relative_to(folder)), members))
         else:
-            out["files"].append((name, path.read_bytes()))
-    return out
+            files.append((str(path.relative_to(folder)), path.read_bytes()))
+    return files
+
+
+def _outputs(run: Path) -> dict:
+    """eval.jsonl rows and every sample file, without the measured fields."""
+    return {"eval": _rows(run / "eval.jsonl", EVAL_MEASURED), "files": _sample_files(run / "samples")}
+
+
+@pytest.mark.timeout(600)
+def test_sample_killed_between_and_mid_shard_then_rerun_equals_an_uninterrupted_run(trained_run, tmp_path):
+    reference = Path(shutil.copytree(trained_run, tmp_path / "reference"))
+    sample(reference, 2, shard_size=int(SHARD), progress=False)
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    _killed_at(["sample", str(run), "--step", "2", "--shard-size", SHARD, "--no-progress"], tmp_path,
+               ["sample:shard@2", "atomic:shard-00003.npz"])
+    assert _sample_files(run / "samples") == _sample_files(reference / "samples")
+    assert len(_sample_files(run / "samples")) == 4 + 3  # 4 shards, plan.json, grid.png, its PCA view
 
 
 @pytest.mark.timeout(900)
