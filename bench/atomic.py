@@ -16,7 +16,7 @@ exact moment (mid-append, mid-checkpoint) instead of sleeping and hoping; unset,
 environment lookup. Points: `atomic:<file name>` (temporary written, not yet renamed),
 `append:<file name>` (half a JSONL append written), `checkpoint:files` (a checkpoint's tensors
 written, its state.json not yet), `train:step` (after an optimiser step), `sample:shard` (after
-a sample shard).
+a sample shard), `eval:rows` (an evaluation's rows computed, not yet appended).
 """
 
 from __future__ import annotations
@@ -45,15 +45,18 @@ def crash_point(name: str, before: Optional[Callable[[], None]] = None) -> None:
     spec = os.environ.get(KILL_ENV)
     if not spec:
         return
-    point, _, how = spec.partition(":")
-    point, _, count = point.partition("@")
+    stop = spec.endswith(":STOP")
+    point, _, count = spec.removesuffix(":STOP").partition("@")
     if point != name:
         return
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
     if _crash_hits[name] == int(count or 1):
+        if stop:  # stopped, the process holds its locks until SIGCONT or SIGKILL
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if before is not None:
             before()
-        os.kill(os.getpid(), signal.SIGSTOP if how == "STOP" else signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _temporary_name(path: Path) -> Path:

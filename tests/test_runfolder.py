@@ -192,7 +192,8 @@ def test_tensorboard_and_wandb_receive_the_logged_rows(prepared_dir, tmp_path, m
 
     events = EventAccumulator(str(out / runfolder.TENSORBOARD_DIR))
     events.Reload()
-    assert {"train/loss", "train/loss/latent", "train/loss/semantic", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/loss/latent", "train/loss/semantic", "train/grad_norm"} <= \
+        set(events.Tags()["scalars"])
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
     # TensorBoard stores float32: the JSONL value rounded to float32, exactly.
     assert logged == [(r["step"], float(np.float32(r["loss"]))) for r in rows]

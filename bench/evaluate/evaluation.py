@@ -44,6 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from bench.atomic import crash_point
 from bench.compose import to_dict
 from bench.config import ExperimentConfig
 from bench.evaluate.adm import ADM_DIFFERENCES
@@ -282,6 +283,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
             began = time.perf_counter()
             results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind)
             seconds = (samples.sampling_seconds(), time.perf_counter() - began)
+            crash_point("eval:rows")
             written += log.log_eval([_row(common, name, value, used, extra, kind, *seconds)
                                      for name, kind, value, used, extra in results])
     return written

@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from bench import runfolder
-from bench.atomic import atomic_write_text, crash_point
+from bench.atomic import atomic_write_text, crash_point, remove_stale_temporaries
 from bench.compose import dumps, load_config, load_config_file, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
@@ -472,18 +472,21 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         if dist_utils.broadcast_int(int(refused is not None)):
             raise refused or runfolder.RunFolderError(f"{run_dir} is being trained by another process")
         return _train_locked(cfg, run_dir, info, has_config, manifest, data, model, transport, autocast_dtype,
-                             ema, optimizer, params, generators)
+                             ema, optimizer, params, generators, held)
 
 
 def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, has_config: bool,
                   manifest: dict, data: TrainingData, model: nn.Module, transport, autocast_dtype, ema: nn.Module,
-                  optimizer: torch.optim.Optimizer, params: list, generators: dict) -> Path:
-    """The part of `_train` that writes: it runs holding the run folder's lock (rank 0)."""
+                  optimizer: torch.optim.Optimizer, params: list, generators: dict,
+                  held: contextlib.ExitStack) -> Path:
+    """The part of `_train` that writes, holding the run folder's lock (rank 0) until `held` closes;
+    the progress bar and the metrics logger close with it, however the loop ends."""
     device, world, main = info.device, info.world_size, info.is_main
     if main:
         if not has_config:
             atomic_write_text(runfolder.config_path(run_dir), dumps(cfg) + "\n")
         ckpt.remove_stale_temporaries(run_dir)
+        remove_stale_temporaries(run_dir)  # config.json / DONE of a killed trainer (none other writes here)
         if runfolder.is_done(run_dir):  # stale (_finished said so): the rebuilt final checkpoint writes it again
             (run_dir / runfolder.DONE_FILE).unlink()
     dist_utils.barrier()
@@ -525,27 +528,9 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
     # tqdm draws on stderr: show the bar when that is a terminal (a batch job's log gets the JSON lines).
     bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=not (main and sys.stderr.isatty()))
-    log = MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
-                        config=to_dict(cfg), resume_step=start) if main else None
-    try:
-        _loop(cfg, run_dir, info, data, model, transport, autocast_dtype, ema, optimizer, params, generators,
-              forward, local_rows, token_grid, keep, state_extra, start, window, bar, log)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-    if main:
-        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
-        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
-    dist_utils.barrier()
-    return run_dir
-
-
-def _loop(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, data: TrainingData, model: nn.Module,
-          transport, autocast_dtype, ema: nn.Module, optimizer: torch.optim.Optimizer, params: list,
-          generators: dict, forward, local_rows: slice, token_grid: int, keep: set, state_extra: dict,
-          start: int, window: Optional[dict], bar, log: Optional[MetricsLogger]) -> None:
-    device, world, main = info.device, info.world_size, info.is_main
+    held.callback(bar.close)
+    log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
+                                           config=to_dict(cfg), resume_step=start)) if main else None
     sums, tick_steps = _resume_window(window, info.rank, world, device)
     timed_steps, tick_time, began = 0, time.perf_counter(), time.time()
     last_saved = start
@@ -594,6 +579,11 @@ def _loop(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, data:
                 ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
             last_saved = step
             dist_utils.barrier()
+    if main:
+        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
+        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
+    dist_utils.barrier()
+    return run_dir
 
 
 def _log_record(sums: dict, steps: int, timed_steps: int, world: int, cfg: ExperimentConfig, step: int,
