@@ -52,6 +52,7 @@ from bench.evaluate.sampling import (
     checkpoint_steps,
     read_run_manifest,
     read_shard,
+    resolve_device,
     resolve_run_config,
     sample,
     sampling_setting,
@@ -265,7 +266,8 @@ def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_si
 
 
 def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend_name: str,
-                    shards: Sequence[Path], network_kind: str) -> list[tuple[str, str, float, str, dict]]:
+                    shards: Sequence[Path], network_kind: str,
+                    allow_rank_deficient: bool = False) -> list[tuple[str, str, float, str, dict]]:
     """[(recorded name, kind, value, backend, extra)] for the requested kinds (prc: two rows)."""
     from bench.evaluate.quality import check_sample_count, conditional_accuracy, get_backend
 
@@ -276,7 +278,7 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
     for kind in kinds:
         names = metric_names(kind, network_kind)
         if kind == "fd":
-            check_sample_count(n, dim, False, "FD of the samples (raise eval.num_samples)")
+            check_sample_count(n, dim, allow_rank_deficient, "FD of the samples (raise eval.num_samples)")
             mu, sigma = backend.statistics(features)
             out.append((names[0], kind, backend.frechet_distance(mu, sigma, reference.mu, reference.sigma),
                         backend_name, {}))
@@ -314,7 +316,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
              setting: str = "default", overrides: Sequence[str] = (), *,
              backend: str = DEFAULT_BACKEND, shard_size: int = DEFAULT_SHARD_SIZE,
              task_index: int = 0, num_tasks: int = 1, device: Optional[str] = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, allow_rank_deficient: bool = False) -> list[dict]:
     """Evaluate checkpoints of `run_dir` and append one eval.jsonl row per (step, metric, setting).
 
     The model, data and VAE always come from `run_dir/config.json`; `cfg` (None = the saved one)
@@ -338,9 +340,15 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
         raise SamplingError(f"{run_dir} has no checkpoint at steps {absent}; available: {available}")
     kinds = plan_metrics(cfg, backend)
     manifest = read_run_manifest(cfg)
-    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_device = resolve_device(device)
     network = build_network(cfg, manifest, run_device)
     network_kind = cfg.eval.feature_network
+    if "fd" in kinds:  # before sampling, not after it: the count and the width are known now
+        from bench.evaluate.quality import check_sample_count
+
+        check_sample_count(int(cfg.eval.num_samples), int(network.feature_dim), allow_rank_deficient,
+                           f"FD of {cfg.eval.num_samples} samples on {network.network_id} "
+                           "(raise eval.num_samples, or pass --allow-rank-deficient to accept it)")
     names = [name for kind in kinds for name in metric_names(kind, network_kind)]
     existing = {_key(r): r for r in read_eval_rows(run_dir)}
     todo = [s for s in wanted if any((s, name, setting) not in existing for name in names)]
@@ -362,7 +370,8 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
                   f"{num_tasks - 1} task(s) (re-run any task once they finish)", flush=True)
             continue
         began = time.perf_counter()
-        results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind)
+        results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind,
+                                  allow_rank_deficient)
         seconds = (samples.sampling_seconds(), time.perf_counter() - began)
         written += append_rows(run_dir, [_row(common, name, value, used, extra, kind, *seconds)
                                          for name, kind, value, used, extra in results])
@@ -500,12 +509,16 @@ def main_eval(argv: Optional[Sequence[str]] = None) -> int:
     _common_arguments(parser)
     parser.add_argument("--setting", default="default", help="short name of this sampler+guidance setting")
     parser.add_argument("--backend", default=DEFAULT_BACKEND, help="torch-fidelity, clean-fid or native")
+    parser.add_argument("--allow-rank-deficient", action="store_true",
+                        help="compute FD with fewer samples than feature dimensions (a rank-deficient "
+                        "covariance: the number is dominated by estimation error)")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     def body() -> int:
         new = evaluate(None, args.run_dir, args.steps, args.setting, args.overrides,
                        backend=args.backend, shard_size=args.shard_size, task_index=args.task_index,
-                       num_tasks=args.num_tasks, device=args.device, progress=not args.no_progress)
+                       num_tasks=args.num_tasks, device=args.device, progress=not args.no_progress,
+                       allow_rank_deficient=args.allow_rank_deficient)
         shown = [r for r in read_eval_rows(args.run_dir) if r.get("setting") == args.setting
                  and (not args.steps or r["step"] in args.steps)]
         print(f"eval: {len(new)} new row(s) in {Path(args.run_dir) / EVAL_FILE}")
