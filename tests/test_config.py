@@ -205,7 +205,7 @@ def test_keys_cannot_be_appended_and_the_error_lists_the_section(override):
     for key in ("size", "fusion", "pca_rank", "class_dropout_prob"):
         assert f"'{key}'" in message
     assert "+" not in message  # never recommended as the fix
-    with pytest.raises(ConfigError, match=r"eval.guidance.nope is not a setting: eval.guidance has the keys \['cfg_scale'"):
+    with pytest.raises(ConfigError, match=r"eval.guidance.nope is not a setting: eval.guidance has the keys"):
         load_config(["+eval.guidance.nope=1"])
     with pytest.raises(ConfigError, match="the top level has the keys"):
         load_config(["+typo=1"])

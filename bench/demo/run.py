@@ -308,7 +308,8 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
                     work.estimated = True
                     finish = time.strftime("%H:%M", time.localtime(time.time() + left))
                     printer.say(f"estimate for this machine, from its first minute of training "
-                                f"({speed}, smoothed over {work.ticks} log ticks): training ~{fmt_time(train_seconds_left(work, rows))}, "
+                                f"({speed}, smoothed over {work.ticks} log ticks): training "
+                                f"~{fmt_time(train_seconds_left(work, rows))}, "
                                 f"evaluation ~{fmt_time(eval_left)}; done around {finish}")
             else:
                 speed, times = "measuring speed", f"time left: measuring ({work.ticks}/{MIN_TICKS} ticks)"

@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from bench.atomic import atomic_write_text
+from bench.atomic import atomic_write_text, check_writable_dir
 from bench.compose import dumps, from_dict, load_config, load_config_file
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
@@ -543,6 +543,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.config and args.overrides:
         parser.error("give either --config or overrides, not both")
     cfg = load_config_file(args.config) if args.config else load_config(args.overrides)
+    check_writable_dir(args.run_dir or cfg.output_root, "--run-dir" if args.run_dir else "output_root=")
     try:
         train(cfg, Path(args.run_dir) if args.run_dir else None)
     except NonFiniteLossError as err:
