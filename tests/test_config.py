@@ -239,3 +239,15 @@ def test_config_file_errors_are_one_line_naming_the_file_and_key(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("output_root=/dev/null/runs", "output_root=/dev/null/runs: /dev/null is not a folder"),
+    ("output_root=", "output_root is empty"),
+])
+def test_train_refuses_odd_output_roots_in_one_line(tmp_path, override, fragment):
+    """Issue 15.15: before any training, one line; an empty root would write ./adhoc/ here."""
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "train.max_steps=1", override],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
