@@ -406,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="bench demo", description="Table 1 of ReDi in miniature on this machine (CPU, offline): "
         "prepare, train latent only / REPA / ReDi / ReDi+RG, evaluate, report.")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of the same path on scikit-learn digits (~2 min)")
+                        help="a smoke run of the same path on scikit-learn digits (minutes: see the README)")
     parser.add_argument("--out", help="output folder (default results/demo or results/demo-quick)")
     parser.add_argument("--runs-root", help="where the run folders go (default results/runs)")
     parser.add_argument("--prepared-dir", help="prepared data (default results/prepared, as "
