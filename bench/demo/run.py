@@ -38,13 +38,13 @@ SAMPLE_STEP_PER_TRAIN_IMAGE = 1 / 3
 EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
 # What a first run took where it was measured. A machine differs by 3x or more (issue 16: AMD EPYC
 # without native bf16, or other jobs beside it), so no budget is promised: the demo measures this
-# machine's training speed in its first ticks and prints its own estimate (`Estimate`).
+# machine's training speed in its first ticks and prints its own estimate (`Work.observe`).
 FULL_MEASURED = ("a first run took 36.9 min on a 2-vCPU Intel Xeon with AMX (quiet, 2026-11-30) and "
                  "about 105 min on a 2-vCPU AMD EPYC (partly beside other jobs)")
 FULL_PREPARE_MEASURED = "14 min on the Xeon, 53 min on the EPYC"
-QUICK_MEASURED = ("a first run took about 2 min on a quiet 2-vCPU Intel Xeon and 11.8 min on the same "
-                  "kind of machine at load average 3-7")
-QUICK_PREPARE_MEASURED = "44 s quiet, 5.8 min at load average 3-7, on a 2-vCPU Intel Xeon"
+QUICK_MEASURED = ("a first run took about 2 min on a quiet 2-vCPU Intel Xeon and 11.8 min on a 2-core "
+                  "machine at load average 3-7 (2026-11)")
+QUICK_PREPARE_MEASURED = "44 s on the quiet Xeon, 5.8 min on the loaded machine"
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
 # average over log ticks, shown only after MIN_TICKS of them (single ticks swing with the load and
 # with a cell's start-up, and made the time left jump from 42 min to 1 min).
@@ -70,7 +70,7 @@ class DemoPlan:
     prepare_note: str
     measured: str
     """What a first run took where it was measured (machine, load, date); this machine's own
-    estimate is printed once its first training ticks are measured (`Estimate`)."""
+    estimate is printed once its first training ticks are measured (`Work.observe`)."""
     prepare_measured: str
 
     @property
