@@ -26,7 +26,8 @@ data:
 demo: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(BIN)/bench demo $(ARGS)
 
-test: $(STAMP)
+# `data` first: the Fashion-MNIST tests need the dataset (installed as root, as .ci/run does).
+test: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
 
 lint: $(STAMP)

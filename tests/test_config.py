@@ -205,7 +205,7 @@ def test_keys_cannot_be_appended_and_the_error_lists_the_section(override):
     for key in ("size", "fusion", "pca_rank", "class_dropout_prob"):
         assert f"'{key}'" in message
     assert "+" not in message  # never recommended as the fix
-    with pytest.raises(ConfigError, match=r"eval.guidance.nope is not a setting: eval.guidance has the keys \['cfg_scale'"):
+    with pytest.raises(ConfigError, match=r"eval.guidance.nope is not a setting: eval.guidance has the keys"):
         load_config(["+eval.guidance.nope=1"])
     with pytest.raises(ConfigError, match="the top level has the keys"):
         load_config(["+typo=1"])
@@ -239,3 +239,15 @@ def test_config_file_errors_are_one_line_naming_the_file_and_key(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("output_root=/dev/null/runs", "output_root=/dev/null/runs: /dev/null is not a folder"),
+    ("output_root=", "output_root is empty"),
+])
+def test_train_refuses_odd_output_roots_in_one_line(tmp_path, override, fragment):
+    """Issue 15.15: before any training, one line; an empty root would write ./adhoc/ here."""
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "train.max_steps=1", override],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

@@ -28,7 +28,13 @@ import torch
 from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared
 
 from bench.config import ConfigError, GuidanceConfig
-from bench.evaluate.evaluation import EvaluationError, evaluate, main_eval, missing_evaluations
+from bench.evaluate.evaluation import (
+    EvaluationError,
+    evaluate,
+    main_eval,
+    main_sample,
+    missing_evaluations,
+)
 from bench.evaluate.sampling import (
     SamplingError,
     apply_eval_overrides,
@@ -611,3 +617,27 @@ def test_ema_still_close_to_initialisation_warns():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             warn_if_ema_is_mostly_init(quiet, 1000)  # 0.99 ** 1000 ~ 4e-5; raw weights: no EMA
+
+
+def test_too_few_samples_for_fd_is_refused_before_sampling(run, capsys):
+    """The check used to fire after sampling; now it runs before any sample is drawn, and the
+    escape hatch the library had is on the command line."""
+    samples_before = sorted(p for p in run.rglob("shard-*.npz"))
+    argv = [str(run), "--step", "2", "--setting", "n4", "--shard-size", "2", "--no-progress", "eval.num_samples=4"]
+    assert main_eval(argv) == 2
+    err = capsys.readouterr().err
+    assert "4 samples < 8 feature dimensions" in err and "--allow-rank-deficient" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert sorted(p for p in run.rglob("shard-*.npz")) == samples_before  # nothing was sampled
+    assert main_eval([*argv, "--allow-rank-deficient"]) == 0
+    assert "fd_classifier" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU: --device cuda is valid here")
+def test_device_cuda_without_a_gpu_is_one_line(run, capsys):
+    for command in (main_eval, main_sample):
+        assert command([str(run), "--step", "2", "--device", "cuda", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda: no CUDA device is visible" in err and "Traceback" not in err
+    assert main_eval([str(run), "--step", "2", "--device", "tpu", "--no-progress"]) == 2
+    assert "--device 'tpu' is not a device; use cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -386,7 +386,7 @@ def test_dry_run_prints_jobs_resources_and_gpu_hours(tmp_path, capsys):
 def test_dry_run_without_a_profile_uses_the_grids_request(capsys, out):
     sub = submit_grid("smoke", dry_run=True, overrides=out)
     assert sub.executor is None and sub.resources["gpus_per_node"] == 0 and len(sub.jobs) == 2
-    assert "without a throughput figure" in capsys.readouterr().out
+    assert "no job has a throughput figure" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------

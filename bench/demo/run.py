@@ -18,6 +18,7 @@ jobs too (they share the terminal's process group); the next run resumes from th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import runfolder
+from bench.atomic import check_writable_dir
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
 from bench.prepare.pipeline import PrepareOptions
 
@@ -35,6 +37,21 @@ FALLBACK_IMAGES_PER_S = 200.0  # before the first log tick (slurm/profiles/local
 # forward + backward; refined from the evaluations' own timings (eval.jsonl) once one is measured.
 SAMPLE_STEP_PER_TRAIN_IMAGE = 1 / 3
 EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
+# What a first run took where it was measured. A machine differs by 3x or more (issue 16: AMD EPYC
+# without native bf16, or other jobs beside it), so no budget is promised: the demo measures this
+# machine's training speed in its first ticks and prints its own estimate (`Work.observe`).
+FULL_MEASURED = ("a first run took 36.9 min on a 2-vCPU Intel Xeon with AMX (quiet, 2026-11-30) and "
+                 "about 105 min on a 2-vCPU AMD EPYC (partly beside other jobs)")
+FULL_PREPARE_MEASURED = "14 min on the Xeon, 53 min on the EPYC"
+QUICK_MEASURED = ("a first run took about 2 min on a quiet 2-vCPU Intel Xeon and 11.8 min on a 2-core "
+                  "machine at load average 3-7 (2026-11)")
+QUICK_PREPARE_MEASURED = "44 s on the quiet Xeon, 5.8 min on the loaded machine"
+# Smoothing of the measured training speed behind every time-left figure: an exponential moving
+# average over log ticks, shown only after MIN_TICKS of them (single ticks swing with the load and
+# with a cell's start-up, and made the time left jump from 42 min to 1 min).
+RATE_SMOOTHING = 0.3
+MIN_TICKS = 3
+ESTIMATE_AFTER_S = 60.0  # the one-time estimate line: after this much training is measured
 
 
 class DemoError(ValueError):
@@ -52,9 +69,10 @@ class DemoPlan:
     out_dir: Path
     prepare: PrepareOptions
     prepare_note: str
-    budget_min: int
-    prepare_minutes: int
-    """A first prepare on 2 cores (measured; ablations/grids/demo*.yaml); cached afterwards."""
+    measured: str
+    """What a first run took where it was measured (machine, load, date); this machine's own
+    estimate is printed once its first training ticks are measured (`Work.observe`)."""
+    prepare_measured: str
 
     @property
     def overrides(self) -> list[str]:
@@ -67,18 +85,22 @@ def make_plan(quick: bool, out: Optional[str], runs_root: Optional[str],
         options = PrepareOptions(
             vae=EmbeddedVAESettings(block_out_channels=(16, 32, 32), steps=200, scale_images=1024),
             classifier=ClassifierSettings(width=16, feature_dim=32, epochs=10), progress=False)
-        grid, data, budget, minutes = "demo_quick", "digits", 5, 1
+        grid, data = "demo_quick", "digits"
+        measured = QUICK_MEASURED
+        prepare_measured = QUICK_PREPARE_MEASURED
         note = ("scikit-learn digits (1,437 train / 360 test images), small VAE and classifier: a "
                 "smoke run of the whole path whose numbers say nothing about the methods")
         prepared, out_default = "results/prepared-quick", "results/demo-quick"
     else:  # exactly `bench prepare`'s default, so either command fills the cache for the other
         options = PrepareOptions(progress=progress)
-        grid, data, budget, minutes = "demo", "fashion_mnist", 45, 15
+        grid, data = "demo", "fashion_mnist"
+        measured = FULL_MEASURED
+        prepare_measured = FULL_PREPARE_MEASURED
         note = "Fashion-MNIST (60,000 train / 10,000 test images), the embedded default"
         prepared, out_default = "results/prepared", "results/demo"
     return DemoPlan(grid, data, Path(prepared_dir or prepared).resolve(),
                     Path(runs_root or "results/runs").resolve(), Path(out or out_default).resolve(),
-                    options, note, budget, minutes)
+                    options, note, measured, prepare_measured)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +155,24 @@ class Work:
     started: float = field(default_factory=time.time)
     images_per_s: float = FALLBACK_IMAGES_PER_S
     sample_step_s: Optional[float] = None  # measured seconds per (image x solver step x pass)
+    ticks: int = 0  # log ticks folded into images_per_s
+    train_started: Optional[float] = None
+    _last_tick: tuple = ()
+    estimated: bool = False  # the one-time estimate line was printed
+
+    def observe(self, run: str, tick: dict) -> None:
+        """Fold a new log tick's images/s into the moving average (each tick once)."""
+        key, rate = (run, tick.get("step")), tick.get("images_per_s")
+        if key == self._last_tick or not isinstance(rate, (int, float)) or rate <= 0:
+            return
+        self._last_tick = key
+        self.images_per_s = float(rate) if self.ticks == 0 else \
+            RATE_SMOOTHING * float(rate) + (1 - RATE_SMOOTHING) * self.images_per_s
+        self.ticks += 1
+
+    @property
+    def measured(self) -> bool:
+        return self.ticks >= MIN_TICKS
 
     def sample_step_seconds(self) -> float:
         return self.sample_step_s or SAMPLE_STEP_PER_TRAIN_IMAGE / self.images_per_s
@@ -197,6 +237,29 @@ def measured_sample_step(cells) -> Optional[float]:
 # Stages
 
 
+@contextlib.contextmanager
+def children_stderr_to(log: Path):
+    """Processes started inside get `log` as their stderr; this process keeps its own.
+
+    The local executor starts one controller process per job (`submitit.local._local`) on the
+    terminal's stderr. Ctrl-C reaches it with the rest of the terminal's process group and its
+    KeyboardInterrupt traceback landed in the user's terminal after "bench demo: stopped"; its
+    jobs already write their own logs. Popen inherits file descriptor 2 as it is at the fork, so
+    pointing fd 2 at a log file while the jobs are submitted sends the controllers' output there.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "ab") as handle:
+            os.dup2(handle.fileno(), 2)
+        yield log
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def first_failure(rows: Sequence[dict], stage: str) -> Optional[str]:
     for r in rows:
         if stage == "train" and r["state"] == "failed":
@@ -210,13 +273,15 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
     """Submit the training cells (finished ones are skipped) and follow them; returns # trained."""
     from bench.launch.submit import grid_status, submit_grid
 
-    sub = submit_grid(plan.grid, "train", local=True, overrides=plan.overrides, quiet=True)
+    with children_stderr_to(plan.runs_root / plan.grid / ".submitit" / "executors.log"):
+        sub = submit_grid(plan.grid, "train", local=True, overrides=plan.overrides, quiet=True)
     done_before = [s["cell"] for s in sub.skipped if s["reason"] == "done"]
     printer.say(f"train: {len(cells)} cells; {len(done_before)} finished earlier (reused), "
                 f"{len(cells) - len(done_before)} to train"
                 + (f"; logs under {Path(sub.jobs[0]['log']).parent}" if sub.jobs else ""))
     if len(done_before) == len(cells):
         return 0
+    work.train_started = time.time()
     while True:
         rows = grid_status(grid, plan.overrides)
         error = first_failure(rows, "train")
@@ -227,14 +292,25 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
         active = next((i for i, r in enumerate(rows) if r["state"] == "running"), None)
         if active is not None:
             cell, row = cells[active], rows[active]
-            tick = _last_tick(Path(row["run_dir"]))
-            work.images_per_s = float(tick.get("images_per_s") or work.images_per_s)
+            work.observe(row["run_dir"], _last_tick(Path(row["run_dir"])))
             step = row["step"] or 0
-            left_cell = (row["max_steps"] - step) * cell.cfg.train.batch_size / work.images_per_s
-            left = train_seconds_left(work, rows) + eval_seconds(eval_todo(grid, cells), work)
+            if work.measured:
+                left_cell = (row["max_steps"] - step) * cell.cfg.train.batch_size / work.images_per_s
+                eval_left = eval_seconds(eval_todo(grid, cells), work)
+                left = train_seconds_left(work, rows) + eval_left
+                speed = f"{work.images_per_s:.0f} img/s"
+                times = f"cell {fmt_time(left_cell)} left, demo ~{fmt_time(left)} left"
+                if not work.estimated and time.time() - (work.train_started or 0) >= ESTIMATE_AFTER_S:
+                    work.estimated = True
+                    finish = time.strftime("%H:%M", time.localtime(time.time() + left))
+                    printer.say(f"estimate for this machine, from its first minute of training "
+                                f"({speed}, smoothed over {work.ticks} log ticks): training "
+                                f"~{fmt_time(train_seconds_left(work, rows))}, "
+                                f"evaluation ~{fmt_time(eval_left)}; done around {finish}")
+            else:
+                speed, times = "measuring speed", f"time left: measuring ({work.ticks}/{MIN_TICKS} ticks)"
             printer.line(f"train {active + 1}/{len(cells)} {cell.cfg.spec:<11} step {step}/{row['max_steps']}"
-                         f"  {work.images_per_s:.0f} img/s  cell {fmt_time(left_cell)} left, demo "
-                         f"~{fmt_time(left)} left (elapsed {fmt_time(time.time() - work.started)})",
+                         f"  {speed}  {times} (elapsed {fmt_time(time.time() - work.started)})",
                          key=cell.name)
         time.sleep(POLL_SECONDS)
 
@@ -251,7 +327,8 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
                 f"measured earlier (reused), {len(todo)} to run")
     if not todo:
         return 0
-    sub = submit_grid(plan.grid, "eval", local=True, overrides=plan.overrides, quiet=True)
+    with children_stderr_to(plan.runs_root / plan.grid / ".submitit" / "executors.log"):
+        sub = submit_grid(plan.grid, "eval", local=True, overrides=plan.overrides, quiet=True)
     jobs = [{"executor": "local", "job_id": j["job_id"]} for j in sub.jobs if j.get("job_id")]
     first = len(todo)
     while True:
@@ -283,15 +360,15 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
 
     began = time.time()
     printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid} "
-                f"(latent only, REPA, ReDi, ReDi + Representation Guidance), target under "
-                f"{plan.budget_min} min on 2 CPU cores for a first run\n  data: {plan.prepare_note}\n"
+                f"(latent only, REPA, ReDi, ReDi + Representation Guidance)\n  time: {plan.measured}; "
+                f"this machine's estimate follows its first minute of training\n  data: {plan.prepare_note}\n"
                 f"  prepared: {plan.prepared_dir}\n  runs: {plan.runs_root / plan.grid}\n"
                 f"  output: {plan.out_dir}")
     manifest = plan.prepared_dir / "manifest.json"
     stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
     printer.say("prepare: " + ("checking the cached prepared data ..." if stamp else
                                "first run: training the VAE and the evaluation classifier, then "
-                               f"encoding the images (about {plan.prepare_minutes} min on 2 cores; "
+                               f"encoding the images (measured: {plan.prepare_measured}; "
                                "cached for every later run) ..."))
     t0 = time.time()
     try:
@@ -325,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="bench demo", description="Table 1 of ReDi in miniature on this machine (CPU, offline): "
         "prepare, train latent only / REPA / ReDi / ReDi+RG, evaluate, report.")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of the same path on scikit-learn digits (~2 min)")
+                        help="a smoke run of the same path on scikit-learn digits (minutes: see the README)")
     parser.add_argument("--out", help="output folder (default results/demo or results/demo-quick)")
     parser.add_argument("--runs-root", help="where the run folders go (default results/runs)")
     parser.add_argument("--prepared-dir", help="prepared data (default results/prepared, as "
@@ -336,6 +413,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the jobs inherit it: nothing is downloaded
     plan = make_plan(args.quick, args.out, args.runs_root, args.prepared_dir, not args.no_progress)
+    # Up front, not at the report stage after all the work (issue 15.15): one line each.
+    for folder, option in ((plan.out_dir, "--out"), (plan.runs_root, "--runs-root"),
+                           (plan.prepared_dir, "--prepared-dir")):
+        check_writable_dir(folder, option)
     printer = Printer(enabled=not args.no_progress, every=args.every)
     try:
         out = run_demo(plan, printer)

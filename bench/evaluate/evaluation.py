@@ -54,6 +54,7 @@ from bench.evaluate.sampling import (
     SamplingError,
     read_run_manifest,
     read_shard,
+    resolve_device,
     resolve_run_config,
     sample,
     samples_folder,
@@ -181,7 +182,8 @@ def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_si
 
 
 def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend_name: str,
-                    shards: Sequence[Path], network_kind: str) -> list[tuple[str, str, float, str, dict]]:
+                    shards: Sequence[Path], network_kind: str,
+                    allow_rank_deficient: bool = False) -> list[tuple[str, str, float, str, dict]]:
     """[(recorded name, kind, value, backend, extra)] for the requested kinds (prc: two rows)."""
     from bench.evaluate import adm
     from bench.evaluate.quality import check_sample_count, conditional_accuracy, get_backend
@@ -196,7 +198,7 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
         if kind in ("fd", "sfid"):
             ours = features if kind == "fd" else outputs["spatial"]
             mu_ref, sigma_ref = (reference.mu, reference.sigma) if kind == "fd" else reference.spatial
-            check_sample_count(n, ours.shape[1], False, f"{names[0]} of the samples (raise eval.num_samples)")
+            check_sample_count(n, ours.shape[1], allow_rank_deficient, f"{names[0]} of the samples (raise eval.num_samples)")
             mu, sigma = backend.statistics(ours)
             out.append((names[0], kind, backend.frechet_distance(mu, sigma, mu_ref, sigma_ref),
                         backend_name, {"feature_dim": int(ours.shape[1])}))
@@ -230,7 +232,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
              setting: str = "default", overrides: Sequence[str] = (), *,
              backend: str = DEFAULT_BACKEND, shard_size: int = DEFAULT_SHARD_SIZE,
              task_index: int = 0, num_tasks: int = 1, device: Optional[str] = None,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, allow_rank_deficient: bool = False) -> list[dict]:
     """Evaluate checkpoints of `run_dir` and append one eval.jsonl row per (step, metric, setting).
 
     The model, data and VAE always come from `run_dir/config.json`; `cfg` (None = the saved one)
@@ -255,9 +257,15 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     kinds = plan_metrics(cfg, backend)
     reference_file(cfg)  # an unset or missing eval.reference fails here, before anything is built
     manifest = read_run_manifest(cfg)
-    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_device = resolve_device(device)
     network = build_network(cfg, manifest, run_device)
     network_kind = cfg.eval.feature_network
+    if "fd" in kinds:  # before sampling, not after it: the count and the width are known now
+        from bench.evaluate.quality import check_sample_count
+
+        check_sample_count(int(cfg.eval.num_samples), int(network.feature_dim), allow_rank_deficient,
+                           f"FD of {cfg.eval.num_samples} samples on {network.network_id} "
+                           "(raise eval.num_samples, or pass --allow-rank-deficient to accept it)")
     names = [name for kind in kinds for name in metric_names(kind, network_kind)]
     existing = {eval_key(r): r for r in read_eval_rows(run_dir)}
     todo = [s for s in wanted if any((s, name, setting) not in existing for name in names)]
@@ -281,7 +289,8 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
                       f"{num_tasks - 1} task(s) (re-run any task once they finish)", flush=True)
                 continue
             began = time.perf_counter()
-            results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind)
+            results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind,
+                                      allow_rank_deficient)
             seconds = (samples.sampling_seconds(), time.perf_counter() - began)
             crash_point("eval:rows")
             written += log.log_eval([_row(common, name, value, used, extra, kind, *seconds)
@@ -414,12 +423,16 @@ def main_eval(argv: Optional[Sequence[str]] = None) -> int:
     _common_arguments(parser)
     parser.add_argument("--setting", default="default", help="short name of this sampler+guidance setting")
     parser.add_argument("--backend", default=DEFAULT_BACKEND, help="torch-fidelity, clean-fid or native")
+    parser.add_argument("--allow-rank-deficient", action="store_true",
+                        help="compute FD with fewer samples than feature dimensions (a rank-deficient "
+                        "covariance: the number is dominated by estimation error)")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     def body() -> int:
         new = evaluate(None, args.run_dir, args.steps, args.setting, args.overrides,
                        backend=args.backend, shard_size=args.shard_size, task_index=args.task_index,
-                       num_tasks=args.num_tasks, device=args.device, progress=not args.no_progress)
+                       num_tasks=args.num_tasks, device=args.device, progress=not args.no_progress,
+                       allow_rank_deficient=args.allow_rank_deficient)
         shown = [r for r in read_eval_rows(args.run_dir) if r.get("setting") == args.setting
                  and (not args.steps or r["step"] in args.steps)]
         print(f"eval: {len(new)} new row(s) in {Path(args.run_dir) / EVAL_FILE}")

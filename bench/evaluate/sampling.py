@@ -84,6 +84,23 @@ def resolve_run_config(run_dir: Path, cfg: Optional[ExperimentConfig] = None,
     return apply_eval_overrides(saved, overrides)
 
 
+def resolve_device(device) -> torch.device:
+    """--device as given (None: cuda when available), refused at once when it cannot run here."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SamplingError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SamplingError(f"--device {device}: no CUDA device is visible on this machine "
+                            "(torch.cuda.is_available() is False); use --device cpu, or leave "
+                            "--device out to use a GPU only when there is one")
+    if resolved.type not in ("cpu", "cuda"):
+        raise SamplingError(f"--device {device!r}: only cpu and cuda are supported")
+    return resolved
+
+
 def apply_eval_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:
     """`cfg` with `eval.key=value` overrides applied (validated like any config). Training keys are
     refused: the model must be the one the checkpoints were trained as."""
@@ -412,8 +429,7 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
         available = checkpoint_steps(run_dir)
         step = available[-1] if available else -1
     require_checkpoint(run_dir, int(step))
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     total = int(num_samples if num_samples is not None else cfg.eval.num_samples)
     if total < 1:
         raise SamplingError(f"num_samples must be >= 1, got {total}")

@@ -157,7 +157,7 @@ def _hours(h: float) -> str:
 
 def format_submission(sub: Submission) -> str:
     """What was (or, with --dry-run, would be) submitted, the skipped cells, resources and cost."""
-    where = f"{sub.executor or 'no executor (no --cluster given)'}" + (f" (profile {sub.profile})" if sub.profile else "")
+    where = (sub.executor or "no executor (no --cluster given)") + (f" (profile {sub.profile})" if sub.profile else "")
     verb = "would submit" if sub.dry_run else "submitted"
     lines = [f"grid {sub.grid}, stage {sub.stage}: {verb} {len(sub.jobs)} job(s) to {where}"
              + (" as one array" if len(sub.jobs) > 1 and not sub.dry_run else "")]

@@ -314,6 +314,16 @@ def sample_latents(moments: torch.Tensor, scaling_factor: float,
     return (mean + std * eps) * scaling_factor
 
 
+def _loading_options() -> dict:
+    """diffusers' `low_cpu_mem_usage` stated, not defaulted. Its default (True) needs `accelerate`;
+    without it diffusers falls back to False and prints a six-line notice on every load (every
+    evaluation). False is that same fallback, said on purpose: loading a VAE of at most ~84 MB the
+    ordinary way costs nothing worth a dependency. With accelerate installed its default stays."""
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+
+
 def load_vae(cfg_vae, embedded_dir: Optional[str | Path] = None) -> LatentVAE:
     """The VAE of `cfg_vae` (a `bench.config.VAEConfig`): `embedded` reads the tiny AutoencoderKL
     that prepare trained (in `embedded_dir`, scaling factor from its config); `diffusers` reads a
@@ -325,7 +335,7 @@ def load_vae(cfg_vae, embedded_dir: Optional[str | Path] = None) -> LatentVAE:
         if not (folder / "config.json").is_file():
             raise EncoderError(f"vae.path: no trained embedded VAE in {folder} (config.json "
                                "missing); run `bench prepare` with vae.kind=embedded first")
-        vae = AutoencoderKL.from_pretrained(str(folder))
+        vae = AutoencoderKL.from_pretrained(str(folder), **_loading_options())
         return LatentVAE(vae, "embedded", str(folder), float(vae.config.scaling_factor))
     if not cfg_vae.path:
         raise EncoderError("vae.path is not set; point vae.path at a local diffusers AutoencoderKL "
@@ -333,9 +343,9 @@ def load_vae(cfg_vae, embedded_dir: Optional[str | Path] = None) -> LatentVAE:
     source = cfg_vae.path
     try:
         if Path(source).is_dir():
-            vae = AutoencoderKL.from_pretrained(source)
+            vae = AutoencoderKL.from_pretrained(source, **_loading_options())
         else:
-            vae = AutoencoderKL.from_pretrained(source, local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(source, local_files_only=True, **_loading_options())
     except (OSError, ValueError) as err:
         raise EncoderError(f"vae.path={source!r}: not a local AutoencoderKL folder and not in the "
                            "Hugging Face cache (nothing is downloaded); point vae.path at a folder "

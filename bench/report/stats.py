@@ -1,9 +1,9 @@
 """Seed statistics and the speed-up of `bench report`.
 
 A cell's seeds give a mean and a two-sided 95% t-interval (`mean_ci95`). The speed-up "reaches the
-baseline's final FID N times sooner" (paper Fig. 2; its best FID where the baseline got worse) is interpolated linearly in log(step) on the
-method's seed-mean curve (`speedup`); `find_speedups` pairs every method with its baseline
-(`speedup_pairs`) and sets the paper's stated factor beside it, as context.
+baseline's final FID N times sooner" (paper Fig. 2; its best FID where the baseline got worse) is
+interpolated linearly in log(step) on the method's seed-mean curve (`speedup`); `find_speedups`
+pairs every method with its baseline (`speedup_pairs`) and sets the paper's stated factor beside it, as context.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def speedup(baseline: pd.Series, method: pd.Series, *, lower_is_better: bool = T
     baseline got worse after its best point, the target is that best value and S_b the first step
     that reached it: matching a baseline's worse last value would call a method faster for reaching
     what the baseline had already beaten (docs/method.md, "Speed-up"). The first segment
-    (s0, f0) -> (s1, f1) of the method's curve that reaches the target gives log s* = log s0 + (f0 - target) / (f0 - f1) * (log s1 -
-    log s0) and the factor S_b / s*. If the first point already reaches it, s* = s0 (a lower bound).
+    (s0, f0) -> (s1, f1) of the method's curve that reaches the target gives
+    log s* = log s0 + (f0 - target) / (f0 - f1) * (log s1 - log s0) and the factor S_b / s*. If the first point already reaches it, s* = s0 (a lower bound).
     """
     base, curve = _clean_curve(baseline, "baseline"), _clean_curve(method, "method")
     sign = 1.0 if lower_is_better else -1.0  # reached when sign * value <= sign * target

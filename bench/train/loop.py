@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from bench import runfolder
-from bench.atomic import atomic_write_text, crash_point, remove_stale_temporaries
+from bench.atomic import atomic_write_text, check_writable_dir, crash_point, remove_stale_temporaries
 from bench.compose import dumps, load_config, load_config_file, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import identity_dict, run_hash
@@ -618,6 +618,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.config and args.overrides:
         parser.error("give either --config or overrides, not both")
     cfg = load_config_file(args.config) if args.config else load_config(args.overrides)
+    check_writable_dir(args.run_dir or cfg.output_root, "--run-dir" if args.run_dir else "output_root=")
     try:
         train(cfg, Path(args.run_dir) if args.run_dir else None)
     except NonFiniteLossError as err:
