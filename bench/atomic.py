@@ -249,10 +249,19 @@ def check_writable_dir(path: PathLike, option: str) -> Path:
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise OutputPathError(f"{named}: {existing} is not a folder; choose another path")
+    # Folders made for the probe are removed again: a command that fails later (a config or data
+    # error) leaves no empty run folder behind; the real writes create them.
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         os.unlink(_create_temporary_file(path / ".write-probe"))
     except OSError as err:
         raise OutputPathError(f"{named}: cannot write there ({err.strerror or err}); "
                               "choose a writable folder") from None
+    finally:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
     return path

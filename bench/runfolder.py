@@ -81,7 +81,7 @@ def read_jsonl(path: PathLike) -> list[dict]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a parent is a file (/dev/null/...)
         return []
     return _parse(path, text)
 

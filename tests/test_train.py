@@ -183,7 +183,7 @@ def odd_prepared(tmp_path_factory) -> dict[str, Path]:
 
 BAD_LOAD = [  # rejected when the config is composed
     (["spec=nope"], "Available specs"),
-    (["model.nope=1"], "Key 'nope' not in 'ModelConfig'"),
+    (["model.nope=1"], "model.nope is not a setting: model has the keys"),
     (["optim.lr=-1"], "optim.lr"),
     (["objective.p_drop=-0.2"], "objective.p_drop"),
     (["objective.lambda_repa=-0.5"], "objective.lambda_repa"),

@@ -24,16 +24,14 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from bench.atomic import atomic_write_with
-from bench.evaluate.evaluation import read_eval_rows
 from bench.evaluate.sampling import (
-    SAMPLES_DIRNAME,
     SamplingError,
-    read_run_config,
     read_shard,
     shard_counts,
     shard_is_finished,
     shard_path,
 )
+from bench.runfolder import SAMPLES_DIR, read_eval_rows, read_run_config
 
 
 def _samples_folder(run_dir: Path, step: int, setting: str) -> tuple[Path, int, int]:
@@ -49,7 +47,7 @@ def _samples_folder(run_dir: Path, step: int, setting: str) -> tuple[Path, int, 
     if len(hashes) != 1:
         raise SamplingError(f"step {step}, setting {setting!r} has rows from several sample sets "
                             f"{sorted(hashes)}; eval.jsonl was edited by hand")
-    folder = Path(run_dir) / SAMPLES_DIRNAME / f"{step:07d}" / hashes.pop()
+    folder = Path(run_dir) / SAMPLES_DIR / f"{step:07d}" / hashes.pop()
     plan_file = folder / "plan.json"
     if not plan_file.is_file():
         raise SamplingError(f"{folder} (the samples of step {step}, setting {setting!r}) is gone; "
