@@ -2,7 +2,7 @@
 
 Every file the harness writes goes to a temporary name in the same folder and is then moved into
 place with `os.replace`, which is atomic on POSIX: a reader (or a re-run after a crash) sees either
-the old file or the complete new one, never a partial file. Temporary names end in `.tmp-<pid>` so
+the old file or the complete new one, never a partial file. Temporary names hold `.tmp-<pid>-` so
 a crashed writer's leftovers are easy to recognise and never mistaken for finished output.
 
 Temporary files and folders are created with the modes every Unix tool asks for (0666 / 0777), so
@@ -74,7 +74,7 @@ def _create_temporary_file(path: Path) -> Path:
             continue
 
 
-def make_temporary_dir(directory: Path) -> Path:
+def _make_temporary_dir(directory: Path) -> Path:
     """A new empty folder beside `directory`, mode 0777 minus the umask."""
     while True:
         tmp = _temporary_name(directory)
@@ -163,7 +163,7 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temporary_dir(directory)
+    tmp = _make_temporary_dir(directory)
     try:
         save(str(tmp))
         _follow_umask(tmp)

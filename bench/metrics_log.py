@@ -5,16 +5,17 @@ report`, the demo): training ticks go to metrics.jsonl, evaluation rows to eval.
 `bench.runfolder`'s one appender. `train.log_to` adds views for people who watch runs in the tools
 they already use; a sink never decides what is recorded, and none is required:
 
-    tensorboard   event files in <run>/tensorboard/ (torch.utils.tensorboard's writer); watch with
-                  `tensorboard --logdir results/runs`
+    tensorboard   event files in <run>/tensorboard/train/ and .../eval/ (torch.utils.tensorboard's
+                  writer; two TensorBoard runs); watch with `tensorboard --logdir results/runs`
     wandb         a Weights & Biases run in <run>/wandb/, offline unless WANDB_MODE says otherwise
                   (WANDB_MODE=online streams it); `wandb sync <run>/wandb/offline-run-*` uploads it.
                   Run id = the run hash, so every (re)start of a run adds to the same W&B run.
 
 Scalars: every numeric field of a training row but `step` and the wall-clock `time`, as
-`train/<field>` at its step; an evaluation row as `eval/<setting>/<metric>` at its step. After a
-resume from step S, TensorBoard's `purge_step` (S + 1) hides the events a killed process wrote past
-S, as the JSONL log is cut at S (`forget_after`). Only rank 0 logs.
+`train/<field>` at its step; an evaluation row as `eval/<setting>/<metric>` at its step. When
+training (re)starts from step S (0 for a fresh start), TensorBoard's `purge_step` (S + 1) hides the
+training events a killed process wrote past S, as the JSONL log is cut at S (`forget_after`); the
+evaluation events live in their own folder, which no purge touches. Only rank 0 logs.
 
 A sink whose library is missing is one ConfigError naming `train.log_to` (`check_sinks`), raised
 before the run writes anything.
@@ -68,19 +69,25 @@ def _scalars(row: dict, prefix: str) -> dict[str, float]:
 
 
 class _TensorBoard:
-    def __init__(self, run_dir: Path, resume_step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    """One writer per kind of row (train, eval), opened at its first row."""
 
-        self.writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR),
-                                    purge_step=resume_step + 1 if resume_step else None)
+    def __init__(self, run_dir: Path, resume_step: Optional[int]) -> None:
+        self.root, self.resume_step, self.writers = run_dir / TENSORBOARD_DIR, resume_step, {}
 
     def log(self, scalars: dict[str, float], step: int) -> None:
+        kind = next(iter(scalars)).split("/")[0]
+        if kind not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = self.resume_step + 1 if kind == "train" and self.resume_step is not None else None
+            self.writers[kind] = SummaryWriter(log_dir=str(self.root / kind), purge_step=purge)
         for key, value in scalars.items():
-            self.writer.add_scalar(key, value, global_step=step)
-        self.writer.flush()
+            self.writers[kind].add_scalar(key, value, global_step=step)
+        self.writers[kind].flush()
 
     def close(self) -> None:
-        self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
 
 
 class _WandB:
@@ -100,10 +107,11 @@ class _WandB:
 
 
 class MetricsLogger:
-    """The run's metrics: `log_train` / `log_eval` write JSONL and every sink of `sinks`."""
+    """The run's metrics: `log_train` / `log_eval` write JSONL and every sink of `sinks`. A trainer
+    passes the step it (re)starts from as `resume_step`; an evaluator passes nothing."""
 
     def __init__(self, run_dir: Path, sinks: Sequence[str] = (), *, run_name: str = "", run_id: str = "",
-                 config: Optional[dict] = None, resume_step: int = 0) -> None:
+                 config: Optional[dict] = None, resume_step: Optional[int] = None) -> None:
         check_sinks(sinks)
         self.run_dir = Path(run_dir)
         self.sinks: list[Any] = []
@@ -121,8 +129,10 @@ class MetricsLogger:
     def log_train(self, row: dict) -> None:
         """One training tick: a metrics.jsonl row, and its scalars in every sink."""
         append_jsonl(self.run_dir / METRICS_FILE, [row])
+        scalars = _scalars(row, "train/")
         for sink in self.sinks:
-            sink.log(_scalars(row, "train/"), int(row["step"]))
+            if scalars:
+                sink.log(scalars, int(row["step"]))
 
     def log_eval(self, rows: Sequence[dict]) -> list[dict]:
         """Evaluation rows not recorded yet (by (step, metric, setting)); returns those written."""

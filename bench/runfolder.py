@@ -87,19 +87,28 @@ def read_jsonl(path: PathLike) -> list[dict]:
 
 
 @contextmanager
-def _locked_log(path: Path) -> Iterator[Any]:
-    """The file opened for reading and appending, exclusively flocked, its torn last line cut off."""
+def _locked_log(path: Path, read: bool) -> Iterator[Any]:
+    """The file opened for appending, exclusively flocked, its torn last line cut off; yields the
+    handle and (when `read`, else b"") its complete lines as bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            handle.seek(0)
-            data = handle.read()
-            end = data.rfind(b"\n") + 1
-            if end != len(data):  # a torn append of a killed writer
-                handle.truncate(end)
+            size = handle.seek(0, os.SEEK_END)
+            if size:
+                handle.seek(size - 1)
+                torn = handle.read(1) != b"\n"
+            else:
+                torn = False
+            data = b""
+            if read or torn:  # a long log is read whole only when needed (after a kill: rarely)
+                handle.seek(0)
+                data = handle.read()
+                data = data[: data.rfind(b"\n") + 1]
+                if torn:  # the torn append of a killed writer
+                    handle.truncate(len(data))
             handle.seek(0, os.SEEK_END)
-            yield handle, data[:end]
+            yield handle, data if read else b""
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -112,7 +121,7 @@ def append_jsonl(path: PathLike, rows: Sequence[dict],
     under the same lock as the write: two processes adding the same row write it once.
     """
     path = Path(path)
-    with _locked_log(path) as (handle, existing):
+    with _locked_log(path, read=key is not None) as (handle, existing):
         if key is not None:
             seen = {key(row) for row in _parse(path, existing.decode("utf-8"))}
             fresh = []
@@ -144,7 +153,7 @@ def truncate_jsonl(path: PathLike, keep: Callable[[dict], bool]) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    with _locked_log(path) as (handle, existing):
+    with _locked_log(path, read=True) as (handle, existing):
         _parse(path, existing.decode("utf-8"))  # a corrupted middle line is an error, not cut silently
         offset = 0
         for line in existing.split(b"\n")[:-1]:

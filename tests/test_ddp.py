@@ -15,6 +15,7 @@ import pytest
 import torch
 from fixtures_train import prepared_dir, tensors_of, tiny_config  # noqa: F401
 
+from bench import runfolder
 from bench.compose import dumps
 from bench.train.loop import train
 
@@ -72,8 +73,8 @@ def test_two_gloo_ranks_match_one_process(prepared_dir, tmp_path):
     # Logged terms are the global ones: rank 0's log matches the single process's at every step.
     # 1e-6 relative: the same summation-order rounding, on values of order 1. grad_norm also catches
     # a missing loss factor W, which AdamW's scale-invariant update would hide in the weights.
-    single_log = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
-    ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    single_log = runfolder.read_jsonl(single / runfolder.METRICS_FILE)
+    ddp_log = runfolder.read_jsonl(tmp_path / "ddp" / runfolder.METRICS_FILE)
     assert [x["step"] for x in ddp_log] == list(range(1, STEPS + 1))
     for x, y in zip(single_log, ddp_log):
         for key in ("loss", "loss/latent", "loss/semantic", "loss/repa", "grad_norm"):

@@ -190,7 +190,7 @@ def test_tensorboard_and_wandb_receive_the_logged_rows(prepared_dir, tmp_path, m
     rows = read_jsonl(out / runfolder.METRICS_FILE)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
 
-    events = EventAccumulator(str(out / runfolder.TENSORBOARD_DIR))
+    events = EventAccumulator(str(out / runfolder.TENSORBOARD_DIR / "train"))
     events.Reload()
     assert {"train/loss", "train/loss/latent", "train/loss/semantic", "train/grad_norm"} <= \
         set(events.Tags()["scalars"])
@@ -203,9 +203,16 @@ def test_tensorboard_and_wandb_receive_the_logged_rows(prepared_dir, tmp_path, m
     assert [h["train/loss"] for h in history] == [r["loss"] for r in rows]
     assert {"train/loss/latent", "train/grad_norm", "train/images_per_s"} <= set(history[0])
 
+    shutil.rmtree(runfolder.checkpoint_path(out, 4))  # as if killed after step 4's row, before its checkpoint
+    (out / runfolder.DONE_FILE).unlink()
+    train(cfg)  # resumes from 2: steps 3 and 4 are logged again, and TensorBoard shows them once
+    events = EventAccumulator(str(out / runfolder.TENSORBOARD_DIR / "train"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == logged
+
     with MetricsLogger(out, ["tensorboard"]) as log:  # evaluation rows go the same way
         log.log_eval([{"step": 4, "metric": "fd_classifier", "setting": "default", "value": 12.5}])
-    events = EventAccumulator(str(out / runfolder.TENSORBOARD_DIR))
+    events = EventAccumulator(str(out / runfolder.TENSORBOARD_DIR / "eval"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("eval/default/fd_classifier")] == [(4, 12.5)]
     assert read_jsonl(out / runfolder.EVAL_FILE)[0]["value"] == 12.5

@@ -29,7 +29,7 @@ import submitit
 import torch
 from fixtures_train import add_embedded_eval_assets, write_prepared
 
-from bench.launch import jobs as launch_jobs
+from bench import runfolder
 from bench.launch import submit as launch
 from bench.launch.grids import expand
 
@@ -146,12 +146,12 @@ def trained(cluster, tmp_path_factory):
     sub = launch.submit_grid("smoke", cluster="local-slurm", overrides=overrides, quiet=True)
     submitted = time.time()
     cells = expand("smoke", overrides)
-    finished_at_return = [(cell.run_dir / launch_jobs.DONE_FILE).is_file() for cell in cells]
+    finished_at_return = [(cell.run_dir / runfolder.DONE_FILE).is_file() for cell in cells]
     jobs = {j["cell"]: j["job_id"] for j in sub.jobs}
     for cell in cells:  # interrupt each job once, right after its first checkpoint
-        _wait(f"the first checkpoint of {cell.name}", lambda: launch_jobs.checkpoint_steps(cell.run_dir), 120)
+        _wait(f"the first checkpoint of {cell.name}", lambda: runfolder.checkpoint_steps(cell.run_dir), 120)
     subprocess.run(["scontrol", "requeue", jobs["latent_only"]], check=True, timeout=60)
-    folder = Path(launch_jobs.read_jsonl(cells[1].run_dir / launch_jobs.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
+    folder = Path(runfolder.read_jsonl(cells[1].run_dir / runfolder.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
     submitit.SlurmJob(folder=folder, job_id=jobs["redi"])._interrupt(timeout=False)  # preemption: TERM + USR2
     rows = _wait("every cell to finish", lambda: (lambda r: r if all(x["state"] in ("done", "failed")
                                                                     for x in r) else None)(
@@ -174,7 +174,7 @@ def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
     rows = {r["cell"]: r for r in trained["rows"]}
     assert [r["state"] for r in rows.values()] == ["done", "done"], launch.format_status("smoke", trained["rows"])
     for cell in trained["cells"]:
-        records = launch_jobs.read_jsonl(cell.run_dir / launch_jobs.JOBS_FILE)
+        records = runfolder.read_jsonl(cell.run_dir / runfolder.JOBS_FILE)
         starts = [r for r in records if r["event"] == "start"]
         assert len(starts) == 2 and starts[0]["job_id"] == starts[1]["job_id"]  # the same job, restarted
         assert starts[1]["restarts"] == 1  # SLURM_RESTART_COUNT
@@ -183,7 +183,7 @@ def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
         assert resumed and resumed[0] > 0, log[-2000:]
         steps = [json.loads(line)["step"] for line in (cell.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(2, trained["steps"] + 1, 2))  # no gap, no duplicate after the restart
-    redi_log = Path(launch_jobs.read_jsonl(trained["cells"][1].run_dir / launch_jobs.JOBS_FILE)[0]["stdout"]).read_text()
+    redi_log = Path(runfolder.read_jsonl(trained["cells"][1].run_dir / runfolder.JOBS_FILE)[0]["stdout"]).read_text()
     assert "requeueing train of cell redi" in redi_log  # TrainJob.checkpoint() ran on USR2
     print(f"\n{trained['steps']} steps per cell; timings: {trained['seconds']}")
 
@@ -207,7 +207,7 @@ def test_eval_stage_runs_and_resubmission_submits_nothing(trained, capsys):
     rows = _wait("the eval jobs", measured, 150, every=1.0)
     assert [r["eval"] for r in rows] == ["2/2 measured", "2/2 measured"], launch.format_status("smoke", rows)
     for cell in trained["cells"]:
-        evals = launch_jobs.read_jsonl(cell.run_dir / "eval.jsonl")
+        evals = runfolder.read_jsonl(cell.run_dir / "eval.jsonl")
         assert {(r["step"], r["setting"]) for r in evals} == {(2, "default"), (4, "default")}
         assert all(isinstance(r["value"], float) for r in evals)
     assert all(r["last_metric"] for r in rows)

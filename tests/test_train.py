@@ -18,10 +18,10 @@ import pytest
 import torch
 from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
 
+from bench import runfolder
 from bench.compose import dumps
 from bench.config import ConfigError
 from bench.identity import run_dir
-from bench.runfolder import list_checkpoints
 from bench.train.checkpoint import verify_checkpoint
 from bench.train.loop import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
 
@@ -38,7 +38,7 @@ EXPECTED_TERMS = {
 
 
 def _metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return runfolder.read_jsonl(path / runfolder.METRICS_FILE)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -52,7 +52,7 @@ def test_every_spec_trains_and_logs_exactly_its_terms(spec, prepared_dir, tmp_pa
         assert {k for k in line if k.startswith("loss")} == EXPECTED_TERMS[spec]
         assert {"grad_norm", "lr", "images_per_s", "peak_memory_mb", "time"} <= set(line)
         assert all(torch.isfinite(torch.tensor(line[k])) for k in EXPECTED_TERMS[spec])
-    assert [step for step, _ in list_checkpoints(out)] == [2, 4]
+    assert [step for step, _ in runfolder.list_checkpoints(out)] == [2, 4]
     assert (out / "DONE").is_file()
     assert json.loads((out / "config.json").read_text()) == json.loads(dumps(cfg))
     weights = tensors_of(out / "checkpoints" / "0000004")
@@ -153,7 +153,7 @@ def test_gradient_clipping_bounds_the_update_norm_and_logs_the_raw_norm(prepared
 def test_milestones_are_saved_and_kept(prepared_dir, tmp_path):
     out = train(tiny_config(prepared_dir, tmp_path, "train.max_steps=6", "train.ckpt_every=4",
                             "train.keep_last=1", "train.milestones=[3]"))
-    assert [step for step, _ in list_checkpoints(out)] == [3, 6]  # 4 was pruned (keep_last=1)
+    assert [step for step, _ in runfolder.list_checkpoints(out)] == [3, 6]  # 4 was pruned (keep_last=1)
 
 
 def test_finished_run_returns_at_once_and_changes_nothing(prepared_dir, tmp_path, capsys):
@@ -228,7 +228,7 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(prepared_dir, tmp_pa
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step \d+.*last good checkpoint is step") as err:
         train(cfg)
     bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
-    steps = [step for step, _ in list_checkpoints(run_dir(cfg))]
+    steps = [step for step, _ in runfolder.list_checkpoints(run_dir(cfg))]
     assert steps[-1] == bad_step - 1 and not (run_dir(cfg) / "DONE").exists()
     verify_checkpoint(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}")  # intact: checksums match
     assert all(torch.isfinite(t).all() for t in tensors_of(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}").values())
@@ -268,7 +268,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(prepared_dir, tmp
     process.wait()
     killed_dir = metrics.parent
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed_dir / "DONE").exists() and list_checkpoints(killed_dir)
+    assert not (killed_dir / "DONE").exists() and runfolder.list_checkpoints(killed_dir)
 
     resumed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
