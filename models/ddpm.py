@@ -280,7 +280,8 @@ class DDPMTransport:
         cfg, diff, objective = self.config, self.diffusion, self.objective
         objective.check_inputs(x, z, y, generator)
         dtype = torch.promote_types(x.dtype, torch.float32)  # loss math in >= float32
-        t = torch.randint(0, diff.num_timesteps, (x.shape[0],), generator=generator, device=generator.device).to(x.device)
+        batch, gdev = x.shape[0], generator.device
+        t = torch.randint(0, diff.num_timesteps, (batch,), generator=generator, device=gdev).to(x.device)
         x0 = x.to(dtype)
         z0 = None if z is None else z.to(dtype)
         draws = objective.draw(generator, x0, z0, dtype)  # independent noise, same t (eq. 5)

@@ -224,7 +224,8 @@ def test_unknown_grid_lists_the_available_ones():
     # names the grid, where the key is, and what was expected.
     (lambda t: t.replace("train.max_steps=20]}", "train.max_steps=20], colour: red}"),
      r"grid rules .*unknown key\(s\) \['colour'\] in patches\[0\]; valid keys: \['match', 'overrides', 'eval_steps'\]"),
-    (lambda t: t.replace("steps: [10, 30]", "steps: [10, ten]"), r"grid rules .*: eval\.steps\[1\] must be int, got 'ten'"),
+    (lambda t: t.replace("steps: [10, 30]", "steps: [10, ten]"),
+     r"grid rules .*: eval\.steps\[1\] must be int, got 'ten'"),
     (lambda t: t.replace("eval_steps: [10]", "eval_steps: 10"), r"cells\[1\]\.eval_steps must be list\[int\], got 10"),
     (lambda t: t + "resources: {hours: many}\n", r": resources\.hours must be Optional\[float\], got 'many'"),
     (lambda t: t + "resources: {nodes: -1}\n", r"resources\.nodes must be a non-negative number"),

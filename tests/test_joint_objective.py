@@ -4,6 +4,8 @@ switched on or off, with their weights, through the builders `bench train` uses.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -62,7 +64,6 @@ def test_batch_official_drops_each_process_block_on_its_own_first_uniform(kind):
     seen = record_drops(transport)
 
     def model(x_t, t, y_in, z=None):  # a fixed prediction; only the drop pattern matters here
-        from types import SimpleNamespace
         return SimpleNamespace(x=0.5 * x_t, z=None if z is None else -z, aligned=None)
 
     combos = set()
@@ -89,8 +90,8 @@ def test_one_process_batch_official_is_the_whole_batch_as_before():
     transport = transport_of("flow", p_drop=0.5, drop_mode="batch_official")
     seen = record_drops(transport)
     g = torch.Generator().manual_seed(1)
-    x, z, y = torch.randn(8, 3, 2, 2, generator=g), torch.randn(8, 2, 2, 2, generator=g), torch.zeros(8, dtype=torch.long)
-    from types import SimpleNamespace
+    x, z = torch.randn(8, 3, 2, 2, generator=g), torch.randn(8, 2, 2, 2, generator=g)
+    y = torch.zeros(8, dtype=torch.long)
     for seed in range(8):
         transport.training_losses(lambda x_t, t, y_in, z=None: SimpleNamespace(x=x_t, z=z, aligned=None),
                                   x, z, y, torch.Generator().manual_seed(seed))

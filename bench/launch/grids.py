@@ -19,9 +19,10 @@ A grid is specs x axes x seeds in a few lines (ablations/README.md has the full 
 The keys and their types are the dataclasses `GridSchema` and friends below, merged with the YAML
 through OmegaConf as experiment configs are. A cell is the list of overrides base + [spec=S] + axes
 + patches + extra + command line + [train.milestones=..., grid=NAME]; `bench.compose.load_config`
-turns it into a config, and `bench.identity.run_dir` into its folder. Names, overrides and folders depend only on the YAML's content, never on the order of
-its mapping keys. Evaluation settings may only change `eval.*` keys (non-identity), so every setting
-of a cell evaluates the same run folder; `eval.*` keys given on the command line win over them.
+turns it into a config, and `bench.identity.run_dir` into its folder. Names, overrides and folders
+depend only on the YAML's content, never on the order of its mapping keys. Evaluation settings may
+only change `eval.*` keys (non-identity), so every setting of a cell evaluates the same run folder;
+`eval.*` keys given on the command line win over them.
 """
 
 from __future__ import annotations
