@@ -208,3 +208,40 @@ def test_ctrl_c_stops_quietly(first_run, tmp_path):
     # the executor's output went to its log instead of the terminal (resuming is the second
     # call's test: a full re-run here would cost another training of every cell)
     assert (tmp_path / "runs" / "demo_quick" / ".submitit" / "executors.log").is_file()
+
+
+_SUBMIT_AND_WAIT = """
+import sys, time
+from pathlib import Path
+import submitit
+from bench.demo.run import children_stderr_to
+folder = Path(sys.argv[1])
+executor = submitit.LocalExecutor(folder=folder / "%j")
+executor.update_parameters(timeout_min=5)
+with children_stderr_to(folder / "executors.log"):
+    executor.submit(time.sleep, 120)
+print("submitted", flush=True)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:
+    print("stopped", file=sys.stderr)
+"""
+
+
+def test_ctrl_c_reaches_the_local_executor_without_a_traceback_on_the_terminal(tmp_path):
+    """The mechanism behind the demo's quiet Ctrl-C, without a demo: the local executor's controller
+    gets the terminal's SIGINT and prints a KeyboardInterrupt traceback; it must go to the log."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", _SUBMIT_AND_WAIT, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.stdout.readline().strip() == "submitted"
+    began = time.time()  # the controller is up once it has opened its job's log files
+    while not list(tmp_path.glob("*/*_log.err")) and time.time() - began < 120:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert err == "stopped\n", err  # nothing from the controller on the terminal
+    assert "KeyboardInterrupt" in (tmp_path / "executors.log").read_text()  # it went to the log
