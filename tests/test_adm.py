@@ -294,3 +294,12 @@ def test_expected_reference_missing_or_another_file(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="not the published VIRTUAL_imagenet256_labeled.npz"):
         facts = identify(other, "adm-imagenet256")
     assert facts["reference_is_adm"] is False and facts["reference_batch"] is None
+
+
+def test_the_paper_scale_evaluates_adms_five_metrics_against_adms_reference():
+    from bench.compose import load_config
+    from bench.launch.jobs import metric_names
+
+    cfg = load_config(["scale=paper"])
+    assert cfg.eval.feature_network == "inception" and cfg.eval.expected_reference == "adm-imagenet256"
+    assert metric_names(cfg) == ["fid", "sfid", "is", "precision", "recall"]

@@ -366,6 +366,7 @@ def test_adm_metrics_on_inception_against_a_reference_batch(run, tmp_path, monke
     assert set(by_name) == {"fid", "sfid", "is", "precision", "recall", "kid"}
     for row in rows:
         assert row["adm_differences"] == ADM_DIFFERENCES and row["feature_network"] == "inception-v3-compat-pool3"
+        assert row["feature_implementation"].startswith("torch-fidelity ")
         if row["metric"] != "is":
             assert row["reference_sha256"] == sha256_file(reference) and row["reference_is_adm"] is False
             assert row["reference_expected"] == "adm-imagenet256" and row["reference_batch"] is None

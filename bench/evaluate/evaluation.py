@@ -314,6 +314,7 @@ def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int,
             "feature_network": network.network_id, "feature_weights_sha256": network.weights_sha256,
             **{key: reference.provenance.get(key) for key in REFERENCE_FIELDS},
             "adm_differences": ADM_DIFFERENCES if cfg.eval.feature_network == "inception" else None,
+            "feature_implementation": getattr(network, "implementation", None),
             "spec": cfg.spec, "run_dir": str(run_dir),
             "samples_dir": str(samples_folder(run_dir, plan))}
 

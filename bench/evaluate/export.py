@@ -19,7 +19,7 @@ import json
 import sys
 import zipfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -84,20 +84,19 @@ def export_samples(run_dir: Path, step: int, setting: str = "default", out: Opti
     conditional = read_run_config(run_dir).model.conditional
     out = Path(out) if out is not None else folder / f"samples_{'x'.join(map(str, shape))}.npz"
 
-    def shards() -> Iterator[dict]:
-        for index in range(len(counts)):
-            yield read_shard(shard_path(folder, index))
-
     def write(tmp: str) -> None:
         # np.savez layout (a ZIP of .npy members, stored, ZIP64 for > 4 GB) written member by
-        # member: arr_0 streams the shards' images, arr_1 their labels.
+        # member: arr_0 streams the shards' images (each shard read once), arr_1 their labels.
+        labels = []
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
             with archive.open("arr_0.npy", "w", force_zip64=True) as member:
                 member.write(_npy_header(shape, np.uint8))
-                for shard in shards():
+                for index in range(len(counts)):
+                    shard = read_shard(shard_path(folder, index))
                     member.write(np.ascontiguousarray(shard["images"], dtype=np.uint8).tobytes())
+                    labels.append(shard["labels"].astype(np.int64))
             if conditional:
-                labels = np.concatenate([shard["labels"] for shard in shards()]).astype(np.int64)
+                labels = np.concatenate(labels)
                 with archive.open("arr_1.npy", "w", force_zip64=True) as member:
                     member.write(_npy_header(labels.shape, np.int64) + labels.tobytes())
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from bench.atomic import atomic_write_bytes, sha256_file
 from bench.evaluate import adm
-from bench.evaluate.quality import FeatureStatistics, MetricError, as_float64, check_sample_count
+from bench.evaluate.quality import FeatureStatistics, MetricError, as_float64, check_sample_count, package_version
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -232,6 +232,7 @@ class InceptionFeatures(FeatureNetwork):
         self.weights_sha256 = sha256_file(path)
         self.feature_dim = 2048
         self.preprocessing = "torch-fidelity: TF1 bilinear resize to 299, (x-128)/128"
+        self.implementation = f"torch-fidelity {package_version('torch-fidelity')}"
         self.spatial = InceptionSpatial(self)
 
     @property

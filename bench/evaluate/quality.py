@@ -234,7 +234,8 @@ def conditional_accuracy(logits: ArrayLike, labels: ArrayLike) -> float:
 # Backends: the same metrics through torch-fidelity or clean-fid, for cross-checks and provenance
 
 
-def _package_version(name: str) -> str:
+def package_version(name: str) -> str:
+    """The installed version of a distribution, or 'unknown'."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -251,7 +252,7 @@ class MetricBackend:
 
     @property
     def version(self) -> str:
-        return _package_version(self.package)
+        return package_version(self.package)
 
     def statistics(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return feature_statistics(features, allow_rank_deficient=True)
