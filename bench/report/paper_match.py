@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.report.common import PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
+from bench.report.common import ITERATIONS_PER_EPOCH, PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
+from bench.report.comparability import protocol_differences, scale_differences
 from bench.report.groups import guidance_of, model_name
 
 
@@ -40,19 +41,22 @@ def paper_cfg(guidance: dict) -> str:
 
 
 def not_comparable_reasons(cfg: dict, provenance: str, metric: str) -> list[str]:
-    """Why a measured number cannot be compared with the paper's ImageNet-256 FID-50K."""
+    """Why a measured number of another scale is only context for the paper's (data, metric,
+    feature network, sample count); paper-scale rows are checked by `protocol_differences`."""
     p = json.loads(provenance)
-    data = (cfg.get("data.name"), as_int(cfg.get("data.image_size")),
-            as_int(cfg.get("data.num_classes")))
-    reasons = [] if data == ("imagefolder", 256, 1000) else [
-        f"trained on {cfg.get('data.name')} at {cfg.get('data.image_size')} px, not ImageNet 256"]
-    if metric not in PAPER_METRICS:
-        reasons.append(f"{metric} is not a metric of the paper")
-    if not str(p.get("feature_network")).startswith("inception"):
-        reasons.append(f"{p.get('feature_network')} features, not Inception-v3")
+    reasons = scale_differences(cfg, metric)
+    network = str(p.get("feature_network"))
+    if not network.startswith("inception"):
+        reasons.append(f"{network} features, not Inception-v3")
     if as_int(p.get("n_samples")) != 50_000:
         reasons.append(f"n={p.get('n_samples')} samples, the paper uses 50K")
     return reasons
+
+
+def with_iterations(rows: pd.DataFrame) -> pd.DataFrame:
+    """`_iterations`: the row's iterations, or its epochs at batch 256 (Table 2, README row)."""
+    epochs = rows["epochs"].astype("Float64") * ITERATIONS_PER_EPOCH
+    return rows.assign(_iterations=rows["iterations"].astype("Float64").fillna(epochs))
 
 
 def _filter(rows: pd.DataFrame, column: str, value: Any, *, soft: bool = False) -> pd.DataFrame:
@@ -68,11 +72,14 @@ def _filter(rows: pd.DataFrame, column: str, value: Any, *, soft: bool = False) 
 
 
 def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenance: str,
-                metric: str, step: int, context: dict | None = None) -> PaperMatch | None:
+                metric: str, step: int, context: dict | None = None,
+                accept: Sequence[str] = ()) -> PaperMatch | None:
     """The paper's number for a measured cell: exact when comparable, else context only.
 
     Exact: same table, metric, model, method, fusion, conditioning, r, CFG/RG setting and
-    iterations. Context: the same method in the regenerated table at full scale, the grid's
+    iterations (epochs at batch 256 for Table 2); it is comparable only when nothing in
+    `bench.report.comparability.protocol_differences` differs (else the reasons say what does).
+    Context: the same method in the regenerated table at full scale, the grid's
     `paper: {model, iterations}` if it names one, else same family, largest model, earliest length.
     """
     # An FD of other features is set beside the paper's FID only as context.
@@ -82,7 +89,8 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         return None
     guidance = guidance_of(provenance)
     method = paper_method(str(cfg.get("spec")), guidance)
-    reasons = not_comparable_reasons(cfg, provenance, metric)
+    scale = scale_differences(cfg, metric)
+    reasons = not_comparable_reasons(cfg, provenance, metric) if scale else []
     rows = paper[paper["table"].isin(list(tables)) & (paper["metric"] == paper_metric)]
     for column, value in (("method", method), ("fusion", cfg.get("model.fusion")),
                           ("conditional", bool(cfg.get("model.conditional", True))),
@@ -92,9 +100,10 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         rows = _filter(rows, "pca_rank", as_int(cfg.get("model.pca_rank")), soft=bool(reasons))
     if method == "redi_rg":
         rows = _filter(rows, "rg_scale", float(guidance.get("rg_scale")), soft=bool(reasons))
-    if not reasons:
+    rows = with_iterations(rows)
+    if not scale:
         rows = _filter(rows, "model", model_name(cfg))
-        rows = _filter(rows, "iterations", int(step))
+        rows = _filter(rows, "_iterations", float(step))
         if paper_cfg(guidance) != "none":
             rows = _filter(rows, "cfg_scale", float(guidance["cfg_scale"]))
         # Tables repeat rows (Table 9 = Table 1 at 400K): the grid's first table wins.
@@ -103,37 +112,32 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         if len(rows) != 1:
             return None
         row = rows.iloc[0]
-        protocol = _sampler_protocol(json.loads(provenance))
-        if row["sampler"] and protocol != row["sampler"]:  # e.g. ODE Euler vs the paper's SDE
-            return PaperMatch(float(row["value"]), False, _paper_label(row),
-                              f"sampled with {protocol}, the paper with {row['sampler']}")
-        return PaperMatch(float(row["value"]), True, _paper_label(row), "")
+        differ = protocol_differences(cfg, json.loads(provenance), metric, guidance,
+                                      str(row["sampler"] or ""), accept)
+        return PaperMatch(float(row["value"]), not differ, _paper_label(row), "; ".join(differ))
     context = context or {}
     family = "DiT" if cfg.get("objective.transport") == "ddpm" else "SiT"
-    rows = rows[rows["iterations"].notna()]
+    rows = rows[rows["_iterations"].notna()]
     rows = _filter(rows, "model", context.get("model"), soft=True)
-    rows = _filter(rows, "iterations", as_int(context.get("iterations")), soft=True)
+    iterations = as_int(context.get("iterations"))
+    rows = _filter(rows, "_iterations", None if iterations is None else float(iterations), soft=True)
     same_family = rows[rows["model"].str.startswith(family)]
     rows = (same_family if not same_family.empty else rows).assign(
         _size=lambda r: r["size"].map(SIZE_RANK).fillna(-1))
     if rows.empty:
         return None
-    row = rows.sort_values(["_size", "iterations"], ascending=[False, True], kind="stable").iloc[0]
+    row = rows.sort_values(["_size", "_iterations"], ascending=[False, True], kind="stable").iloc[0]
     return PaperMatch(float(row["value"]), False, _paper_label(row), "; ".join(reasons),
                       same_step=False)
-
-
-def _sampler_protocol(provenance: dict) -> str:
-    """The paper's sampler vocabulary: 'ddpm-250', 'sde-em-250'; other samplers as 'euler-25'."""
-    name = {"sde": "sde-em"}.get(str(provenance.get("sampler")), str(provenance.get("sampler")))
-    return f"{name}-{provenance.get('num_sampling_steps')}"
 
 
 def _paper_label(row: pd.Series) -> str:
     name = row["model"] + SPEC_SUFFIX.get(row["method"], f" {row['method']}")
     if row["method"] == "redi_rg":
         name = f"{row['model']} w/ ReDi + RG (w_r={row['rg_scale']:g})"
-    return f"{name}, {fmt_steps(int(row['iterations']))} ({row['table']})"
+    length = (fmt_steps(int(row["iterations"])) if pd.notna(row["iterations"])
+              else f"{int(row['epochs'])} epochs")
+    return f"{name}, {length} ({row['table']})"
 
 
 def paper_tables(grid: dict) -> list[str]:

@@ -35,5 +35,5 @@ class Report:
 
 CELL_COLUMNS = ["setting", "metric", "group", "provenance", "set_apart_reason", "evaluator",
                 "condition", "spec", "step", "n_seeds", "n_runs", "mean", "half_width", "ci_low",
-                "ci_high", "seeds", "paper", "paper_comparable", "paper_label", "paper_reason",
-                "diff"]
+                "ci_high", "seeds", "paper", "paper_comparable", "paper_exact", "paper_label",
+                "paper_reason", "diff"]
