@@ -6,6 +6,7 @@
     bench status NAME                          what is queued, running, done, failed
     bench sample / bench eval RUN_DIR ...      samples and metrics with provenance
     bench report NAME                          tables beside the paper's numbers, plots
+    bench import-official CKPT ...             a released checkpoint as a run folder
     bench perf ...                             throughput benchmarks
     bench demo [--quick]                       the embedded default end to end, offline, on CPU
 
@@ -32,6 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate.evaluation:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate.evaluation:main_eval"),
     "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report.summary:main"),
+    "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT [--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),
 }
