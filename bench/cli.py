@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("state of every cell of a grid: bench status NAME", "bench.launch.submit:main_status"),
     "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate.evaluation:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate.evaluation:main_eval"),
+    "sample-sweep": ("one picture of the same samples under several values of a setting (Fig. 8's w_r sweep)", "bench.evaluate.sweep:main"),
     "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report.summary:main"),
     "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT [--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),

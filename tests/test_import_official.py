@@ -121,3 +121,21 @@ def test_a_checkpoint_that_does_not_fit_is_one_clear_error(imported, tmp_path, c
     assert code == 2 and "does not fit the run's config" in err and "model.pca_rank" in err
     code = bench(["import-official", str(tmp_path / "missing.pt")])
     assert code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_sample_sweep_draws_the_same_samples_under_each_value(imported, tmp_path):
+    # Fig. 8's picture: rows = w_r, columns = the same label and starting noise in every row
+    from PIL import Image
+
+    from bench.evaluate.sweep import sweep_images
+
+    run, _, _ = imported
+    out = tmp_path / "figure8.png"
+    assert bench(["sample-sweep", str(run), "--step", str(STEP), "--values", "1.0", "1.5",
+                  "--num-samples", "4", "--out", str(out)]) == 0
+    with Image.open(out) as image:
+        image.verify()
+    rows, labels = sweep_images(run, STEP, "eval.guidance.rg_scale", ["1.0", "1.5", "1.0"], 4)
+    assert len(labels) == 4 and all(r.shape == rows[0].shape for r in rows)
+    assert (rows[0] == rows[2]).all()      # same setting, same images: the noise is seeded
+    assert (rows[0] != rows[1]).any()      # only the guidance changed between the rows

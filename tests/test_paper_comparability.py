@@ -159,3 +159,51 @@ def test_is_needs_no_reference_and_training_differences():
                                                  "train.batch_size": 256})[0]
     assert training_differences({"train.precision": "bf16", "train.batch_size": 256},
                                 accept=["bf16"]) == []
+
+
+def _cell_rows(root: Path, grid: str, rows: list[dict], **train) -> None:
+    (cell,) = grids.expand(grids.load_grid(grid))
+    config = dataclasses.asdict(cell.cfg)
+    config["train"].update(train)
+    write_run(root / grid / cell.run_dir.name, config, rows)
+
+
+CFG24 = {**GOOD["guidance"], "cfg_scale": 2.4, "cfg_channels": "latent"}
+
+
+def test_table2_rows_match_by_epochs_and_other_systems_are_shown_as_published(tmp_path, capsys):
+    # 350 and 800 epochs = 1,751,400 and 4,003,200 iterations at 5,004 per epoch (the grid's header)
+    rows = [{**fid_row(v, guidance=CFG24), "step": step, "metric": metric, "setting": "cfg2.4_latent",
+             **({"reference_is_adm": None, "reference_sha256": None} if metric == "is" else {})}
+            for step, values in ((1_751_400, (1.80, 4.70, 270.0, 0.78, 0.62)),
+                                 (4_003_200, (1.70, 4.60, 290.0, 0.79, 0.63)))
+            for metric, v in zip(("fid", "sfid", "is", "precision", "recall"), values)]
+    _cell_rows(tmp_path, "table2", rows)
+    assert main(["table2", "--runs-root", str(tmp_path), "--out", str(tmp_path / "out"),
+                 "--no-plots"]) == 0
+    report = summarize(gather("table2", tmp_path))
+    c = report.cells.set_index(["step", "metric"])
+    # Table 2: ReDi 350 ep 1.72 / 4.68 / 278.7 / 0.77 / 0.63; 800 ep 1.61 / 4.66 / 295.1 / 0.78 / 0.64
+    for (step, metric), paper in {(1_751_400, "fid"): 1.72, (1_751_400, "is"): 278.7,
+                                  (4_003_200, "fid"): 1.61, (4_003_200, "sfid"): 4.66,
+                                  (4_003_200, "recall"): 0.64}.items():
+        assert c.loc[(step, metric), "paper"] == paper and c.loc[(step, metric), "paper_comparable"]
+    assert c.loc[(4_003_200, "fid"), "diff"] == pytest.approx(1.70 - 1.61, abs=1e-9)
+    published = report.published.set_index("system")
+    assert published.loc["VAR", "fid"] == 1.80 and published.loc["VAR", "length"] == "350 ep"
+    assert published.loc["SiT-XL/2 w/ REPA", "is"] == 284.0
+    assert "SiT-XL/2 w/ ReDi" not in published.index  # trained by the grid, not listed as published
+    text = (tmp_path / "out" / "table2" / "report.md").read_text()
+    assert "## As published, not trained by this grid" in text and "| MDT |" in text
+
+
+def test_readme_checkpoint_compares_fid_and_sfid_only(tmp_path):
+    # The README's IS/precision/recall come from swapped evaluator arguments (results/paper/README.md)
+    rows = [{**fid_row(v, guidance=CFG24), "step": 3_000_000, "metric": m, "setting": "cfg2.4_latent"}
+            for m, v in (("fid", 1.70), ("sfid", 4.60), ("precision", 0.78), ("recall", 0.60))]
+    _cell_rows(tmp_path, "readme_checkpoint", rows)
+    c = summarize(gather("readme_checkpoint", tmp_path)).cells.set_index("metric")
+    assert c.loc["fid", "paper"] == 1.64 and c.loc["fid", "paper_comparable"]
+    assert c.loc["sfid", "paper_comparable"]
+    assert not c.loc["precision", "paper_comparable"]
+    assert "swapped" in c.loc["recall", "paper_reason"]

@@ -5,4 +5,5 @@
 - `quality`:    sample-quality numbers: uint8 quantisation, feature statistics, Frechet distance, KID,
                 conditional accuracy, and the interchangeable backends (`get_backend`)
 - `evaluation`: `bench eval`: the (step, metric, setting) rows of eval.jsonl
+- `sweep`:      `bench sample-sweep`: the same samples under several values of a setting (Fig. 8)
 """

@@ -59,6 +59,15 @@ def with_iterations(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.assign(_iterations=rows["iterations"].astype("Float64").fillna(epochs))
 
 
+def same_length(rows: pd.DataFrame, step: int) -> pd.DataFrame:
+    """Rows of `step` iterations, or of the epoch count `step` rounds to at batch 256 (the README's
+    600-epoch checkpoint was saved at 3,000,000 steps = 599.5 epochs of 5,004 iterations)."""
+    by_iterations = rows["iterations"].astype("Float64") == step
+    by_epochs = rows["iterations"].isna() & (rows["epochs"].astype("Float64")
+                                             == round(step / ITERATIONS_PER_EPOCH))
+    return rows[(by_iterations.fillna(False) | by_epochs.fillna(False)).astype(bool)]
+
+
 def _filter(rows: pd.DataFrame, column: str, value: Any, *, soft: bool = False) -> pd.DataFrame:
     """Rows equal to `value` (None: no filter); `soft` keeps all rows when none is equal."""
     if value is None:
@@ -103,7 +112,7 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
     rows = with_iterations(rows)
     if not scale:
         rows = _filter(rows, "model", model_name(cfg))
-        rows = _filter(rows, "_iterations", float(step))
+        rows = same_length(rows, int(step))
         if paper_cfg(guidance) != "none":
             rows = _filter(rows, "cfg_scale", float(guidance["cfg_scale"]))
         # Tables repeat rows (Table 9 = Table 1 at 400K): the grid's first table wins.
@@ -114,6 +123,9 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         row = rows.iloc[0]
         differ = protocol_differences(cfg, json.loads(provenance), metric, guidance,
                                       str(row["sampler"] or ""), accept)
+        if "do not compare IS/precision/recall" in str(row["note"]) and \
+                paper_metric in ("is", "precision", "recall"):
+            differ.append("the README's IS/precision/recall come from swapped evaluator arguments")
         return PaperMatch(float(row["value"]), not differ, _paper_label(row), "; ".join(differ))
     context = context or {}
     family = "DiT" if cfg.get("objective.transport") == "ddpm" else "SiT"
@@ -153,3 +165,25 @@ def load_paper(notes: list[str]) -> pd.DataFrame:
     except PaperNumbersError as err:
         notes.append(f"paper numbers not available ({err}): no paper column")
         return pd.DataFrame()
+
+
+def published_only(paper: pd.DataFrame, tables: Sequence[str], trained: set[str]) -> pd.DataFrame:
+    """The rows of the regenerated tables whose method the grid does not train (Table 2's other
+    systems and cited baselines): one row per system, the paper's metrics as columns, as published."""
+    if paper.empty or not tables:
+        return pd.DataFrame()
+    rows = paper[paper["table"].isin(list(tables))
+                 & paper["metric"].isin(sorted(PAPER_METRICS))]
+    rows = rows[~rows["method"].isin(sorted(trained))]
+    if rows.empty:
+        return pd.DataFrame()
+    length = [f"{int(e)} ep" if pd.notna(e) else fmt_steps(int(i))
+              for e, i in zip(rows["epochs"], rows["iterations"])]
+    rows = rows.assign(length=length, system=[
+        m + SPEC_SUFFIX.get(k, "") if k in SPEC_SUFFIX else m
+        for m, k in zip(rows["model"], rows["method"])])
+    keys = ["table", "system", "length", "note"]
+    wide = rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="first",
+                            sort=False).reset_index()
+    order = [m for m in ("fid", "sfid", "is", "precision", "recall") if m in wide.columns]
+    return wide[keys[:3] + order + ["note"]]

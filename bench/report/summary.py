@@ -57,6 +57,7 @@ from bench.report.paper_match import (
     load_paper,
     match_paper,
     paper_tables,
+    published_only,
 )
 from bench.report.records import CELL_COLUMNS, Gathered, Report
 from bench.report.stats import find_speedups, mean_ci95
@@ -281,7 +282,10 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
     speedups = find_speedups(cells, conditions, metric, g.grid, final)
-    return Report(g, metric, conditions, cells, speedups, missing, notes)
+    # Methods the grid trains (at any size: a miniature grid stands for the full-scale rows)
+    trained = set(runs["spec"].dropna()) if "spec" in runs else set()
+    published = published_only(paper, tables, trained | ({"redi"} if "redi_rg" in trained else set()))
+    return Report(g, metric, conditions, cells, speedups, missing, notes, published)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

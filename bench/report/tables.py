@@ -174,6 +174,19 @@ def render_markdown(report: Report) -> str:
                   "method and length is shown, without a difference, because these differ:", "",
                   *(f"- {line.removeprefix('not comparable with the paper: ')}"
                     for line in lines_off), ""]
+    if not report.published.empty:
+        metrics = [m for m in report.published.columns
+                   if m in ("fid", "sfid", "is", "precision", "recall")]
+        shown = report.published.astype(object)
+        for m in metrics:  # as printed; "–" where the paper prints none
+            shown[m] = [f"{v:g}" if pd.notna(v) else "–" for v in report.published[m]]
+        shown = shown.fillna("").rename(columns={"table": "Table", "system": "System",
+                                                 "length": "Training", "note": "Note",
+                                                 **{m: metric_label(m) for m in metrics}})
+        lines += ["## As published, not trained by this grid", "",
+                  "Other rows of the paper's table: other papers' numbers as the ReDi paper prints "
+                  "them (\"–\": not reported). Nothing here was measured by this harness.", "",
+                  to_markdown(shown), ""]
     lines += [f"## Speed-ups ({report.metric}): reaches the baseline's final value N times "
               "sooner", ""]
     if report.speedups:
