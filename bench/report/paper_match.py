@@ -1,8 +1,12 @@
 """The paper's number beside a measured one (`results/paper/`, read through bench.report.published).
 
-It gets a difference only when the setting is the paper's (ImageNet 256, Inception, 50K samples,
-same table, model, method and iterations); otherwise the paper's number of the corresponding
-full-scale setting is shown once, as labelled context, with no difference.
+It gets a difference only when the setting is the paper's: same table, model, method and length
+(iterations, or epochs at 5,004 iterations each), and nothing that
+`bench.report.comparability.protocol_differences` checks differs (reference batch, Inception weights,
+50K samples, sampler, guidance, EMA, training precision and batch); otherwise the paper's number is
+shown without a difference and the reasons are listed. A row of another scale (not ImageNet 256, or
+not a paper metric) gets the paper's number of the corresponding full-scale setting once, as
+labelled context. `published_only` lists the regenerated table's rows the grid does not train.
 """
 
 from __future__ import annotations
