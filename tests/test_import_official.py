@@ -139,3 +139,26 @@ def test_sample_sweep_draws_the_same_samples_under_each_value(imported, tmp_path
     assert len(labels) == 4 and all(r.shape == rows[0].shape for r in rows)
     assert (rows[0] == rows[2]).all()      # same setting, same images: the noise is seeded
     assert (rows[0] != rows[1]).any()      # only the guidance changed between the rows
+
+
+def test_grid_import_lands_in_the_grids_run_folder(imported, tmp_path):
+    # `--grid readme_checkpoint` at full scale; here a tiny grid of the same shape
+    from bench.launch import grids
+
+    run, _, _ = imported
+    cfg = json.loads((run / "config.json").read_text())
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids" / "tiny_release.yaml").write_text(
+        "name: tiny_release\ntitle: tiny\nregenerates: [readme_checkpoint]\n"
+        f"base: [scale=embedded, data.name=digits, 'data.prepared_dir={cfg['data']['prepared_dir']}',"
+        f" 'output_root={tmp_path / 'runs'}', model.size=custom, model.hidden_size=64, model.depth=3,"
+        f" model.num_heads=4, model.patch_size=2, model.pca_rank={R_MAX}, encoder.pca_rank_max={R_MAX},"
+        f" train.max_steps={STEP}, train.ckpt_every={STEP}]\n"
+        "specs: [redi]\neval:\n  steps: [400]\n")
+    ckpt = tmp_path / "release.pt"
+    torch.save({"ema": make_official(0).official_state_dict()}, ckpt)
+    assert bench(["import-official", str(ckpt), "--grid", "tiny_release",
+                  "--grids-dir", str(tmp_path / "grids")]) == 0
+    (cell,) = grids.expand(grids.load_grid("tiny_release", tmp_path / "grids"))
+    assert (cell.run_dir / "DONE").is_file()
+    assert json.loads((cell.run_dir / "imported.json").read_text())["sets"] == ["ema"]

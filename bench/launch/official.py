@@ -38,11 +38,10 @@ def resolve_target(args: argparse.Namespace, obj: dict):
     if args.grid:
         from bench.launch import grids
 
-        cells = grids.expand(grids.load_grid(args.grid, *([args.grids_dir] if args.grids_dir else [])))
-        if args.cell:
-            cells = [c for c in cells if c.name == args.cell]
+        every = grids.expand(grids.load_grid(args.grid, *([args.grids_dir] if args.grids_dir else [])))
+        cells = [c for c in every if c.name == args.cell] if args.cell else every
         if len(cells) != 1:
-            names = [c.name for c in grids.expand(grids.load_grid(args.grid))]
+            names = [c.name for c in every]
             raise ConfigError(f"grid {args.grid} has {'no cell ' + repr(args.cell) if args.cell else f'{len(names)} cells'}; "
                               f"pick one with --cell (cells: {names})")
         cell = cells[0]
