@@ -62,3 +62,21 @@ def test_loss_check_catches_a_silent_precision_change(overrides, capsys, monkeyp
     code = bench(["doctor", *overrides, "train.precision=fp32", "--skip", "weights,data"])
     status = _lines(capsys.readouterr().out)
     assert code == 1 and status["loss/redi/cpu"] == "FAIL"
+
+
+def test_reference_batch_is_checked_against_adms_sha256(overrides, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    import bench.perf.doctor as doctor
+    from bench.atomic import sha256_file
+
+    reference = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
+    np.savez(reference, mu=np.zeros(3), sigma=np.eye(3))
+    args = [*overrides, f"eval.reference={reference}", "--skip", "loss,data"]
+    monkeypatch.setattr(doctor, "_adm_reference_sha256", lambda: "0" * 64)  # another file's hash
+    assert bench(["doctor", *args]) == 1
+    out = capsys.readouterr().out
+    assert _lines(out)["weights/reference"] == "FAIL" and "is not ADM's" in out
+    monkeypatch.setattr(doctor, "_adm_reference_sha256", lambda: sha256_file(reference))
+    assert bench(["doctor", *args]) == 0
+    assert "is ADM's reference batch" in capsys.readouterr().out

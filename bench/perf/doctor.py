@@ -22,8 +22,6 @@ machine without a GPU the CUDA checks are skipped and say so.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,9 +31,19 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from bench.report.comparability import INCEPTION_2015_SHA256_PREFIX as INCEPTION_SHA256_PREFIX
+
 SPECS = ("latent_only", "repa", "redi", "redi_rg", "redi_repa")
-INCEPTION_SHA256_PREFIX = "6726825d"  # the 2015 graph's port: torch hub names it by its SHA-256
 DDP_RTOL = 1e-5
+
+
+def _adm_reference_sha256() -> Optional[str]:
+    """The SHA-256 of ADM's VIRTUAL_imagenet256_labeled.npz where bench.evaluate records it."""
+    try:
+        from bench.evaluate.adm import ADM_IMAGENET256
+    except ImportError:  # an evaluator without ADM's reference batch table
+        return None
+    return ADM_IMAGENET256.sha256
 
 
 @dataclass
@@ -148,7 +156,13 @@ def weights_checks(cfg) -> list[Check]:
                 raise FileNotFoundError(f"eval.reference={str(path)!r} does not exist")
             with np.load(path, allow_pickle=False) as npz:
                 keys = sorted(npz.files)
-            return f"{path.name}: arrays {keys}; sha256 {_sha256(path)[:12]}"
+            sha, adm = _sha256(path), _adm_reference_sha256()
+            if adm is None:
+                return f"{path.name}: arrays {keys}; sha256 {sha[:12]} (no published hash known here)"
+            if sha != adm:
+                raise AssertionError(f"sha256 {sha[:12]} is not ADM's VIRTUAL_imagenet256_labeled.npz "
+                                     f"({adm[:12]}): the report will not compare its rows")
+            return f"{path.name}: arrays {keys}; sha256 {sha[:12]} is ADM's reference batch"
         checks.append(_run("weights/reference", reference))
     else:
         checks.append(Check("weights/reference", "SKIP" if cfg.data.name != "imagefolder" else "FAIL",
