@@ -80,3 +80,14 @@ def test_reference_batch_is_checked_against_adms_sha256(overrides, tmp_path, cap
     monkeypatch.setattr(doctor, "_adm_reference_sha256", lambda: sha256_file(reference))
     assert bench(["doctor", *args]) == 0
     assert "is ADM's reference batch" in capsys.readouterr().out
+
+
+def test_throughput_rows_land_where_the_dry_run_reads_them(tmp_path):
+    # On a GPU node doctor runs this with device cuda; here the same rows on the CPU.
+    from bench.perf.doctor import throughput_checks
+
+    (check,) = throughput_checks(["redi"], "custom:2,32,2,1", 8, "embedded", str(tmp_path),
+                                 device="cpu", extra=["--repeats", "1", "--warmup", "1",
+                                                      "--min-repeat-seconds", "0"])
+    assert check.status == "PASS", check.line()
+    assert "images/s per cpu: redi" in check.detail and list(tmp_path.glob("*.jsonl"))

@@ -223,23 +223,45 @@ def ddp_check(overrides: Sequence[str]) -> Check:
 
 
 def throughput_checks(specs: Sequence[str], size: str, batch: int, scale: str, perf_dir: str,
-                      precision: str = "fp32", compile_: bool = False) -> list[Check]:
-    """`bench perf --kinds train` on this GPU; rows land where `bench grid --dry-run` reads them."""
-    if not torch.cuda.is_available():
+                      precision: str = "fp32", compile_: bool = False,
+                      device: Optional[str] = None, extra: Sequence[str] = ()) -> list[Check]:
+    """`bench perf --kinds train` on this GPU (`device` cuda; cpu in tests); its rows land where
+    `bench grid --dry-run` reads them, which the check confirms by reading them back the same way."""
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
         return [Check(f"throughput/{s}", "SKIP", "no GPU: the GPU-hour estimate needs a GPU row")
                 for s in specs]
 
     def body() -> str:
+        from bench.launch.plan import find_throughput
         from bench.perf.command import main as perf
+        from bench.perf.setup import compose_spec, parse_size
 
-        code = perf(["--size", size, "--batch", str(batch), "--device", "cuda", "--kinds", "train",
+        code = perf(["--size", size, "--batch", str(batch), "--device", device, "--kinds", "train",
                      "--specs", ",".join(specs), "--scale", scale, "--no-reference",
                      "--precision", precision, *(["--compile"] if compile_ else []),
-                     "--out", perf_dir])
+                     *extra, "--out", perf_dir])
         if code:
             raise RuntimeError(f"bench perf exited {code}")
-        return f"training images/s per GPU written to {perf_dir}/ (bench grid --dry-run reads it)"
+        found = []
+        for spec in specs:
+            cfg = compose_spec(spec, parse_size(size), scale, [])
+            value, source = find_throughput(cfg, device, _NO_GRID,
+                                            None, perf_dir)
+            if value is None or not source.startswith("measured"):
+                raise AssertionError(f"bench grid --dry-run does not find the {spec} row in {perf_dir}")
+            found.append(f"{spec} {value:.3g}")
+        return f"images/s per {device}: {', '.join(found)} (in {perf_dir}/, read by bench grid --dry-run)"
     return [_run("throughput/train", body)]
+
+
+class _NoGrid:
+    """find_throughput's fallbacks (a grid's or profile's number) are not what this check measures."""
+
+    throughput: dict = {}
+
+
+_NO_GRID = _NoGrid()
 
 
 # ------------------------------------------------------------------------------------------------
