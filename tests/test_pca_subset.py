@@ -18,21 +18,28 @@ from bench.prepare.sources import digits
 TRAIN = 96
 
 
-def _independent_eigenvalues(rows: torch.Tensor) -> np.ndarray:
-    """float64 eigenvalues of the standardised token covariance of the chosen train images."""
-    images = digits("train").images(range(TRAIN))[rows]
+@pytest.fixture(scope="module")
+def train_features() -> torch.Tensor:
+    """The encoder's float32 features of the 96 train images, computed outside the pipeline."""
+    images = digits("train").images(range(TRAIN))
     encoder = build_efficientnet_lite0(32, input_size=64)
-    feats = torch.cat([encoder.encode(images[i:i + 16]) for i in range(0, len(images), 16)])
+    return torch.cat([encoder.encode(images[i:i + 16]) for i in range(0, TRAIN, 16)])
+
+
+def _independent_eigenvalues(feats: torch.Tensor, rows: torch.Tensor) -> np.ndarray:
+    """float64 eigenvalues of the standardised token covariance of the chosen train images."""
+    feats = feats[rows]
     tokens = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]).double().numpy()
     standard = (tokens - tokens.mean(0)) / tokens.std(0)
     return np.linalg.eigvalsh(np.cov(standard, rowvar=False))[::-1]
 
 
 @pytest.mark.parametrize("subset", ["random", "first"])
-def test_subset_fit_equals_an_independent_fit_on_the_same_images(tiny_vae_dir, tmp_path, subset):
+def test_subset_fit_equals_an_independent_fit_on_the_same_images(tiny_vae_dir, train_features,
+                                                                  tmp_path, subset):
     out = tmp_path / subset
     data, vae, encoder = _configs(out, tiny_vae_dir, pca_fit_images=40, pca_fit_subset=subset)
-    run_prepare(data, vae, encoder, _options(seed=3))
+    run_prepare(data, vae, encoder, _options(seed=3, max_images={"train": TRAIN, "test": 8}))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pca"]["num_images"] == 40
     expected_rows = (torch.arange(40) if subset == "first" else
@@ -41,9 +48,10 @@ def test_subset_fit_equals_an_independent_fit_on_the_same_images(tiny_vae_dir, t
     assert torch.equal(torch.nonzero(mask).flatten(), expected_rows.sort().values)
     # The streamed float64 fit vs a one-shot float64 fit of the same float32 features.
     np.testing.assert_allclose(manifest["pca"]["eigenvalues"],
-                               _independent_eigenvalues(expected_rows)[:R_MAX], rtol=1e-6)
+                               _independent_eigenvalues(train_features, expected_rows)[:R_MAX],
+                               rtol=1e-6)
     # ... and not the fit on all 96 images (the subset matters)
-    full = _independent_eigenvalues(torch.arange(TRAIN))[:R_MAX]
+    full = _independent_eigenvalues(train_features, torch.arange(TRAIN))[:R_MAX]
     assert not np.allclose(manifest["pca"]["eigenvalues"], full, rtol=1e-3)
 
 
