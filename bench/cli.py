@@ -7,6 +7,7 @@
     bench sample / bench eval RUN_DIR ...      samples and metrics with provenance
     bench export RUN_DIR --step N              those samples as the .npz ADM's evaluator reads
     bench report NAME                          tables beside the paper's numbers, plots
+    bench import-official CKPT ...             a released checkpoint as a run folder
     bench perf ...                             throughput benchmarks
     bench demo [--quick]                       the embedded default end to end, offline, on CPU
 
@@ -33,8 +34,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate.evaluation:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate.evaluation:main_eval"),
     "export": ("an evaluated step's samples as ADM's .npz: bench export RUN --step N", "bench.evaluate.export:main_export"),
+    "sample-sweep": ("one picture of the same samples under several values of a setting (Fig. 8's w_r sweep)", "bench.evaluate.sweep:main"),
     "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report.summary:main"),
+    "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT [--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
+    "doctor": ("preflight on your node before GPU-days: bench doctor [--cluster P] [key=value ...]", "bench.perf.doctor:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),
 }
 

@@ -121,11 +121,21 @@ class EncoderConfig:
     """Also store the raw (un-PCA'd) patch features, the REPA alignment target (paper App. B.3)."""
     online_features: bool = False
     """Compute the REPA target with the encoder during training instead (the official code's way)."""
+    pca_fit_images: Optional[int] = _not_identity(None)
+    """Fit the PCA on this many train images (None: all of them). The paper fits on 76,800 randomly
+    sampled ImageNet images (the paper scale's default); bench/README.md compares the three fits.
+    Like pca_rank_max, a prepare setting: the prepared folder's settings hash covers it (not the run
+    hash), and a run refuses to resume on shards prepared with another fit."""
+    pca_fit_subset: str = _not_identity("random")
+    """random: a subset drawn with the prepare seed (the paper); first: the first N in dataset order."""
 
     def __post_init__(self) -> None:
         _choice("encoder.kind", self.kind, ENCODER_KINDS)
         _choice("encoder.variant", self.variant, DINOV2_VARIANTS)
         _range("encoder.pca_rank_max", self.pca_rank_max, 1)
+        _choice("encoder.pca_fit_subset", self.pca_fit_subset, ("random", "first"))
+        if self.pca_fit_images is not None:
+            _range("encoder.pca_fit_images", self.pca_fit_images, 2)
 
 
 @dataclass

@@ -35,6 +35,9 @@ def test_paper_scale_follows_table8_and_section4():
     assert (cfg.train.batch_size, cfg.train.ema_decay, cfg.train.max_steps) == (256, 0.9999, 400_000)
     assert (cfg.model.size, cfg.model.pca_rank, cfg.objective.lambda_z) == ("XL/2", 8, 1.0)
     assert (cfg.eval.sampler, cfg.eval.num_sampling_steps, cfg.eval.num_samples) == ("sde", 250, 50_000)
+    # the official code trains in fp32 with TF32; bf16 is an opt-in (bench report marks it)
+    assert cfg.train.precision == "fp32"
+    assert (cfg.encoder.pca_fit_images, cfg.encoder.pca_fit_subset) == (76_800, "random")  # paper 4.1
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,9 @@ def test_table3_unconditional(paper: pd.DataFrame) -> None:
     for (model, method, cond), (params, fid) in TABLE3.items():
         _check(paper, "table3", "fid", fid, model=model, method=method, conditional=cond)
         _check(paper, "table3", "params_m", params, model=model, method=method, conditional=cond)
+    # The unconditional "w/ ReDi" rows do not state p_drop: the CSV must say it is assumed.
+    redi = paper[(paper["table"] == "table3") & (paper["method"] == "redi")]
+    assert len(redi) == 4 and redi["note"].str.contains("assumed").all()
     # RG scales from the paper's section 4.1: 1.5 for B, 1.1 for XL.
     _check(paper, "table3", "fid", 47.3, model="DiT-B/2", method="redi_rg", rg_scale=1.5)
     _check(paper, "table3", "fid", 22.6, model="DiT-XL/2", method="redi_rg", rg_scale=1.1)

@@ -300,17 +300,26 @@ def test_mini_grid_shows_paper_only_as_context_and_never_a_difference(report):
     assert headers and all("paper FID, context only" in h and "Δ" not in h for h in headers)
 
 
-def test_full_scale_grid_matches_the_paper_row_and_gives_the_difference(tmp_path):
-    cfg = ExperimentConfig(
-        spec="redi", grid="table1",
+# The paper's evaluation protocol as the evaluator records it: the 2015 Inception port (its SHA-256
+# starts with the 8 hex digits in its torch hub file name), ADM's reference batch, 50K samples.
+PAPER_PROV = {**PROV, "feature_network": "inception-v3-compat-pool3", "n": 50_000,
+              "feature_weights_sha256": "6726825d" + "0" * 56, "reference_is_adm": True}
+
+
+def paper_scale_config(spec: str = "redi", grid: str = "table1", **train) -> ExperimentConfig:
+    return ExperimentConfig(
+        spec=spec, grid=grid,
         data=DataConfig(name="imagefolder", image_size=256, num_classes=1000),
         vae=VAEConfig(kind="diffusers"), encoder=EncoderConfig(kind="dinov2", pca_rank_max=32),
         model=ModelConfig(size="XL/2", fusion="merged", pca_rank=8),
-        train=TrainConfig(max_steps=400_000, seed=0),
+        train=TrainConfig(**{"max_steps": 400_000, "seed": 0, "precision": "fp32", **train}),
         eval=EvalConfig(sampler="sde", num_sampling_steps=250, num_samples=50_000,
                         feature_network="inception"))
-    prov = {**PROV, "feature_network": "inception-v3-compat-pool3", "n": 50_000, "sampler": "sde",
-            "sampling_steps": 250}
+
+
+def test_full_scale_grid_matches_the_paper_row_and_gives_the_difference(tmp_path):
+    cfg = paper_scale_config()
+    prov = {**PAPER_PROV, "sampler": "sde", "sampling_steps": 250}
     write_run(tmp_path, cfg, [eval_row(400_000, "fid", 7.0, prov), eval_row(200_000, "fid", 9.0, prov)],
               last_step=250, folder="redi-00000000")
     rep = summarize(gather("table1", tmp_path, grid={"name": "table1", "regenerates": "table1"}))
@@ -325,14 +334,14 @@ def test_full_scale_grid_matches_the_paper_row_and_gives_the_difference(tmp_path
 def test_per_row_guidance_of_a_setting_stays_in_one_column(tmp_path):
     # Table 4: one setting scores DiT-B/2 with w_r = 1.5 and DiT-XL/2 with w_r = 1.1 (grid match);
     # the evaluator is the same, so both rows share the column and the paper's rows match exactly.
-    prov = {**PROV, "feature_network": "inception-v3-compat-pool3", "n": 50_000,
-            "sampler": "ddpm", "sampling_steps": 250}
+    prov = {**PAPER_PROV, "sampler": "ddpm", "sampling_steps": 250}
     for size, w_r, fid_rg, fid in (("B/2", 1.5, 21.0, 26.0), ("XL/2", 1.1, 6.5, 9.0)):
         cfg = ExperimentConfig(
             spec="redi_rg", grid="table4",
             data=DataConfig(name="imagefolder", image_size=256, num_classes=1000),
             model=ModelConfig(size=size, fusion="merged", pca_rank=8, learn_sigma=True),
             objective=ObjectiveConfig(transport="ddpm", p_drop=0.2),
+            train=TrainConfig(precision="fp32"),
             eval=EvalConfig(sampler="ddpm", feature_network="inception"))
         guided = {**prov, "guidance": {**PROV["guidance"], "rg_scale": w_r}}
         rows = [eval_row(400_000, "fid", fid, prov, setting="no_rg"),

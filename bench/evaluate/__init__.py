@@ -8,6 +8,7 @@
 - `reference`:  eval.reference / eval.expected_reference: statistics, images, the facts rows record
 - `evaluation`: `bench eval`: the (step, metric, setting) rows of eval.jsonl
 - `export`:     `bench export`: evaluated samples as the .npz ADM's evaluator reads
+- `sweep`:      `bench sample-sweep`: the same samples under several values of a setting (Fig. 8)
 
 Definitions, and where the harness differs from ADM's evaluator: README.md in this folder.
 """

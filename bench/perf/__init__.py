@@ -6,4 +6,5 @@
 - `training`: the training-step workloads; `infer`: sampling, prepare and evaluation workloads
 - `timing`:   warm-up, interleaved repeats, medians and the provenance every row carries
 - `targets`:  the speed targets checked and the printed report
+- `doctor`:   `bench doctor`: a preflight on the user's node (numerics, DDP, weights, data, throughput)
 """

@@ -134,7 +134,9 @@ def _settings(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions,
         "pca": {"path_sha256": _weights_fingerprint(options.pca_path and
                                                     str(Path(options.pca_path).with_suffix(
                                                         ".safetensors"))),
-                "official_sha256": _weights_fingerprint(options.official_pca)},
+                "official_sha256": _weights_fingerprint(options.official_pca),
+                **({"fit_images": cfg_encoder.pca_fit_images, "fit_subset": cfg_encoder.pca_fit_subset,
+                    "fit_seed": options.seed} if cfg_encoder.pca_fit_images is not None else {})},
         "shard_size": options.shard_size,
         "classifier": (asdict(_classifier_settings(cfg_data, options)) | {"seed": options.seed}
                        if _wants_classifier(cfg_data, options) else None),
@@ -163,6 +165,25 @@ def _plan(sources: dict[str, ImageSource], options: PrepareOptions) -> list[tupl
             plan.append((split, shard, range(shard * options.shard_size,
                                              min(n, (shard + 1) * options.shard_size))))
     return plan
+
+
+def pca_fit_selection(num_train: int, cfg_encoder, seed: int) -> Optional[torch.Tensor]:
+    """Which train images the PCA is fitted on (bool, one per image), or None for all of them.
+
+    The paper: 76,800 randomly sampled images (`pca_fit_subset=random`, drawn with the prepare seed,
+    so every array task draws the same subset); the official calc_pca.py: the first ~309K in its
+    loader's order (`first`); the harness's default: every train image (None)."""
+    wanted = cfg_encoder.pca_fit_images
+    if wanted is None:
+        return None
+    if wanted > num_train:
+        raise PrepareError(f"encoder.pca_fit_images={wanted} exceeds the {num_train} train images; "
+                           "lower it or set it to null (fit on all of them)")
+    chosen = (torch.arange(wanted) if cfg_encoder.pca_fit_subset == "first" else
+              torch.randperm(num_train, generator=torch.Generator().manual_seed(seed))[:wanted])
+    mask = torch.zeros(num_train, dtype=torch.bool)
+    mask[chosen] = True
+    return mask
 
 
 def _enc_name(split: str, index: int) -> str:
@@ -194,8 +215,10 @@ def _claim_folder(out: Path, settings_hash: str, settings: dict, options: Prepar
 
 def _encode_shard(vae: LatentVAE, encoder: SemanticEncoder, source: ImageSource, indices: range,
                   batch_size: int, fit_pca: bool, bar,
-                  device: torch.device = CPU) -> dict[str, torch.Tensor]:
-    """Pass 1 for one shard: moments, float16 features, labels, indices (+ float64 PCA sums)."""
+                  device: torch.device = CPU,
+                  pca_rows: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """Pass 1 for one shard: moments, float16 features, labels, indices (+ float64 PCA sums over the
+    images `pca_rows` selects, a bool per image of the split; None: all)."""
     moments, features = [], []
     stats = PCAStats(encoder.info.channels) if fit_pca else None
     for start in range(indices.start, indices.stop, batch_size):
@@ -204,7 +227,8 @@ def _encode_shard(vae: LatentVAE, encoder: SemanticEncoder, source: ImageSource,
         moments.append(vae.encode_moments(images).cpu())
         feats = encoder.encode(images).cpu()  # (B, D, gh, gw) float32
         if stats is not None:
-            stats.update(feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))
+            fitted = feats if pca_rows is None else feats[pca_rows[batch.start:batch.stop]]
+            stats.update(fitted.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))
         features.append(feats.half())
         bar.update(len(batch))
     out = {"moments": torch.cat(moments), "features": torch.cat(features),
@@ -266,7 +290,8 @@ def _supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
     return None
 
 
-def _fit_pca(out: Path, plan, encoder: SemanticEncoder) -> Optional[PCAModel]:
+def _fit_pca(out: Path, plan, encoder: SemanticEncoder,
+             pca_rows: Optional[torch.Tensor] = None) -> Optional[PCAModel]:
     """Merge every train shard's sums (in shard order) and fit; None while some are missing."""
     from safetensors.torch import load_file
 
@@ -283,6 +308,8 @@ def _fit_pca(out: Path, plan, encoder: SemanticEncoder) -> Optional[PCAModel]:
         tensors = load_file(str(f))
         total.merge(PCAStats.from_tensors(tensors))
         images += int(tensors["labels"].shape[0])
+    if pca_rows is not None:
+        images = int(pca_rows.sum())
     model = total.finalize(encoder.info.encoder_id, num_images=images)
     atomic_save_safetensors(out / "pca_stats.safetensors", total.to_tensors(prefix=""))
     model.save(out / "pca.safetensors")
@@ -372,6 +399,8 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     vae, encoder = vae.to(device), encoder.to(device)
 
     plan = _plan(sources, options)
+    pca_rows = pca_fit_selection(sum(len(r) for s, _, r in plan if s == "train"), cfg_encoder,
+                                 options.seed) if pca is None else None
     mine = [item for position, item in enumerate(plan) if position % task_count == task_index]
     todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
             and not (out / _enc_name(s, i)).is_file()]
@@ -383,7 +412,8 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
               disable=None if options.progress else True) as bar:  # None: only on a terminal
         for split, index, indices in todo:
             tensors = _encode_shard(vae, encoder, sources[split], indices, options.batch_size,
-                                    fit_pca=(split == "train"), bar=bar, device=device)
+                                    fit_pca=(split == "train"), bar=bar, device=device,
+                                    pca_rows=pca_rows)
             atomic_save_safetensors(out / _enc_name(split, index), tensors,
                                     metadata={"format": FORMAT_VERSION, "pass": "1"})
     encode_seconds = time.time() - encode_start
@@ -394,7 +424,7 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     if pca is None and (out / "pca.safetensors").is_file():  # another task fitted it meanwhile
         pca = PCAModel.load(out / "pca.safetensors", encoder.info.encoder_id, encoder.info.channels)
     if pca is None:
-        pca = _fit_pca(out, plan, encoder)
+        pca = _fit_pca(out, plan, encoder, pca_rows)
         if pca is None:
             print("prepare: this task's shards are encoded; the PCA waits for the other tasks' "
                   "train shards. Re-run prepare (any task) once they finish.", flush=True)

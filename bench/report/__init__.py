@@ -7,6 +7,7 @@
 - `stats`:       seed means with 95% t-intervals and the speed-up (`mean_ci95`, `speedup`)
 - `published`:   the paper's numbers from `results/paper/*.csv`: `load_paper_numbers`
 - `paper_match`: the paper's number beside a measured one, or why it is not comparable
+- `comparability`: every setting the paper's numbers depend on, and which of them differ
 - `tables`:      Markdown, LaTeX and CSV output: `render_markdown`, `write_report`
 - `plots`:       convergence and loss plots: `plot_convergence`, `plot_losses`
 """

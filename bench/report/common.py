@@ -18,7 +18,7 @@ class ReportError(ValueError):
 # within a cell (the seeds that are averaged); across rows they may differ where the grid's setting
 # says so (Table 4 scores B with w_r = 1.5 and XL with w_r = 1.1) and are then shown per row.
 EVALUATOR_FIELDS = ("feature_network", "feature_weights_sha256", "reference_sha256", "n_samples",
-                    "backend")
+                    "backend", "reference_is_adm")
 SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "guidance", "weights")
 PROVENANCE_FIELDS = EVALUATOR_FIELDS + SAMPLING_FIELDS
 # Metric names as bench.evaluate.evaluation records them: the suffix names the feature network
@@ -37,6 +37,11 @@ SPEC_SUFFIX = {"latent_only": "", "repa": " w/ REPA", "redi": " w/ ReDi",
 BASELINE_SPECS = ("latent_only", "repa")  # the slower runs of the paper's Fig. 2 claims
 DATA_NAMES = {"fashion_mnist": "Fashion-MNIST", "imagefolder": "ImageNet"}
 SIZE_RANK = {"B": 0, "L": 1, "XL": 2}
+# Table 2 counts epochs of ImageNet (1,281,167 images) at batch 256. The official loader drops the
+# last partial batch, so one epoch is floor(1,281,167 / 256) = 5,004 iterations (an assumption: the
+# paper states epochs only): 350 epochs = 1,751,400 and 800 epochs = 4,003,200 iterations.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+ITERATIONS_PER_EPOCH = IMAGENET_TRAIN_IMAGES // 256
 NOT_MEASURED = "not measured"
 SEED_COLUMN = "train.seed"
 

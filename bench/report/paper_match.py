@@ -1,8 +1,12 @@
 """The paper's number beside a measured one (`results/paper/`, read through bench.report.published).
 
-It gets a difference only when the setting is the paper's (ImageNet 256, Inception, 50K samples,
-same table, model, method and iterations); otherwise the paper's number of the corresponding
-full-scale setting is shown once, as labelled context, with no difference.
+It gets a difference only when the setting is the paper's: same table, model, method and length
+(iterations, or epochs at 5,004 iterations each), and nothing that
+`bench.report.comparability.protocol_differences` checks differs (reference batch, Inception weights,
+50K samples, sampler, guidance, EMA, training precision and batch); otherwise the paper's number is
+shown without a difference and the reasons are listed. A row of another scale (not ImageNet 256, or
+not a paper metric) gets the paper's number of the corresponding full-scale setting once, as
+labelled context. `published_only` lists the regenerated table's rows the grid does not train.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.report.common import PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
+from bench.report.common import ITERATIONS_PER_EPOCH, PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
+from bench.report.comparability import protocol_differences, scale_differences
 from bench.report.groups import guidance_of, model_name
 
 
@@ -40,19 +45,31 @@ def paper_cfg(guidance: dict) -> str:
 
 
 def not_comparable_reasons(cfg: dict, provenance: str, metric: str) -> list[str]:
-    """Why a measured number cannot be compared with the paper's ImageNet-256 FID-50K."""
+    """Why a measured number of another scale is only context for the paper's (data, metric,
+    feature network, sample count); paper-scale rows are checked by `protocol_differences`."""
     p = json.loads(provenance)
-    data = (cfg.get("data.name"), as_int(cfg.get("data.image_size")),
-            as_int(cfg.get("data.num_classes")))
-    reasons = [] if data == ("imagefolder", 256, 1000) else [
-        f"trained on {cfg.get('data.name')} at {cfg.get('data.image_size')} px, not ImageNet 256"]
-    if metric not in PAPER_METRICS:
-        reasons.append(f"{metric} is not a metric of the paper")
-    if not str(p.get("feature_network")).startswith("inception"):
-        reasons.append(f"{p.get('feature_network')} features, not Inception-v3")
+    reasons = scale_differences(cfg, metric)
+    network = str(p.get("feature_network"))
+    if not network.startswith("inception"):
+        reasons.append(f"{network} features, not Inception-v3")
     if as_int(p.get("n_samples")) != 50_000:
         reasons.append(f"n={p.get('n_samples')} samples, the paper uses 50K")
     return reasons
+
+
+def with_iterations(rows: pd.DataFrame) -> pd.DataFrame:
+    """`_iterations`: the row's iterations, or its epochs at batch 256 (Table 2, README row)."""
+    epochs = rows["epochs"].astype("Float64") * ITERATIONS_PER_EPOCH
+    return rows.assign(_iterations=rows["iterations"].astype("Float64").fillna(epochs))
+
+
+def same_length(rows: pd.DataFrame, step: int) -> pd.DataFrame:
+    """Rows of `step` iterations, or of the epoch count `step` rounds to at batch 256 (the README's
+    600-epoch checkpoint was saved at 3,000,000 steps = 599.5 epochs of 5,004 iterations)."""
+    by_iterations = rows["iterations"].astype("Float64") == step
+    by_epochs = rows["iterations"].isna() & (rows["epochs"].astype("Float64")
+                                             == round(step / ITERATIONS_PER_EPOCH))
+    return rows[(by_iterations.fillna(False) | by_epochs.fillna(False)).astype(bool)]
 
 
 def _filter(rows: pd.DataFrame, column: str, value: Any, *, soft: bool = False) -> pd.DataFrame:
@@ -68,11 +85,14 @@ def _filter(rows: pd.DataFrame, column: str, value: Any, *, soft: bool = False) 
 
 
 def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenance: str,
-                metric: str, step: int, context: dict | None = None) -> PaperMatch | None:
+                metric: str, step: int, context: dict | None = None,
+                accept: Sequence[str] = ()) -> PaperMatch | None:
     """The paper's number for a measured cell: exact when comparable, else context only.
 
     Exact: same table, metric, model, method, fusion, conditioning, r, CFG/RG setting and
-    iterations. Context: the same method in the regenerated table at full scale, the grid's
+    iterations (epochs at batch 256 for Table 2); it is comparable only when nothing in
+    `bench.report.comparability.protocol_differences` differs (else the reasons say what does).
+    Context: the same method in the regenerated table at full scale, the grid's
     `paper: {model, iterations}` if it names one, else same family, largest model, earliest length.
     """
     # An FD of other features is set beside the paper's FID only as context.
@@ -82,7 +102,8 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         return None
     guidance = guidance_of(provenance)
     method = paper_method(str(cfg.get("spec")), guidance)
-    reasons = not_comparable_reasons(cfg, provenance, metric)
+    scale = scale_differences(cfg, metric)
+    reasons = not_comparable_reasons(cfg, provenance, metric) if scale else []
     rows = paper[paper["table"].isin(list(tables)) & (paper["metric"] == paper_metric)]
     for column, value in (("method", method), ("fusion", cfg.get("model.fusion")),
                           ("conditional", bool(cfg.get("model.conditional", True))),
@@ -92,9 +113,10 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         rows = _filter(rows, "pca_rank", as_int(cfg.get("model.pca_rank")), soft=bool(reasons))
     if method == "redi_rg":
         rows = _filter(rows, "rg_scale", float(guidance.get("rg_scale")), soft=bool(reasons))
-    if not reasons:
+    rows = with_iterations(rows)
+    if not scale:
         rows = _filter(rows, "model", model_name(cfg))
-        rows = _filter(rows, "iterations", int(step))
+        rows = same_length(rows, int(step))
         if paper_cfg(guidance) != "none":
             rows = _filter(rows, "cfg_scale", float(guidance["cfg_scale"]))
         # Tables repeat rows (Table 9 = Table 1 at 400K): the grid's first table wins.
@@ -103,37 +125,35 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
         if len(rows) != 1:
             return None
         row = rows.iloc[0]
-        protocol = _sampler_protocol(json.loads(provenance))
-        if row["sampler"] and protocol != row["sampler"]:  # e.g. ODE Euler vs the paper's SDE
-            return PaperMatch(float(row["value"]), False, _paper_label(row),
-                              f"sampled with {protocol}, the paper with {row['sampler']}")
-        return PaperMatch(float(row["value"]), True, _paper_label(row), "")
+        differ = protocol_differences(cfg, json.loads(provenance), metric, guidance,
+                                      str(row["sampler"] or ""), accept)
+        if "do not compare IS/precision/recall" in str(row["note"]) and \
+                paper_metric in ("is", "precision", "recall"):
+            differ.append("the README's IS/precision/recall come from swapped evaluator arguments")
+        return PaperMatch(float(row["value"]), not differ, _paper_label(row), "; ".join(differ))
     context = context or {}
     family = "DiT" if cfg.get("objective.transport") == "ddpm" else "SiT"
-    rows = rows[rows["iterations"].notna()]
+    rows = rows[rows["_iterations"].notna()]
     rows = _filter(rows, "model", context.get("model"), soft=True)
-    rows = _filter(rows, "iterations", as_int(context.get("iterations")), soft=True)
+    iterations = as_int(context.get("iterations"))
+    rows = _filter(rows, "_iterations", None if iterations is None else float(iterations), soft=True)
     same_family = rows[rows["model"].str.startswith(family)]
     rows = (same_family if not same_family.empty else rows).assign(
         _size=lambda r: r["size"].map(SIZE_RANK).fillna(-1))
     if rows.empty:
         return None
-    row = rows.sort_values(["_size", "iterations"], ascending=[False, True], kind="stable").iloc[0]
+    row = rows.sort_values(["_size", "_iterations"], ascending=[False, True], kind="stable").iloc[0]
     return PaperMatch(float(row["value"]), False, _paper_label(row), "; ".join(reasons),
                       same_step=False)
-
-
-def _sampler_protocol(provenance: dict) -> str:
-    """The paper's sampler vocabulary: 'ddpm-250', 'sde-em-250'; other samplers as 'euler-25'."""
-    name = {"sde": "sde-em"}.get(str(provenance.get("sampler")), str(provenance.get("sampler")))
-    return f"{name}-{provenance.get('num_sampling_steps')}"
 
 
 def _paper_label(row: pd.Series) -> str:
     name = row["model"] + SPEC_SUFFIX.get(row["method"], f" {row['method']}")
     if row["method"] == "redi_rg":
         name = f"{row['model']} w/ ReDi + RG (w_r={row['rg_scale']:g})"
-    return f"{name}, {fmt_steps(int(row['iterations']))} ({row['table']})"
+    length = (fmt_steps(int(row["iterations"])) if pd.notna(row["iterations"])
+              else f"{int(row['epochs'])} epochs")
+    return f"{name}, {length} ({row['table']})"
 
 
 def paper_tables(grid: dict) -> list[str]:
@@ -149,3 +169,25 @@ def load_paper(notes: list[str]) -> pd.DataFrame:
     except PaperNumbersError as err:
         notes.append(f"paper numbers not available ({err}): no paper column")
         return pd.DataFrame()
+
+
+def published_only(paper: pd.DataFrame, tables: Sequence[str], trained: set[str]) -> pd.DataFrame:
+    """The rows of the regenerated tables whose method the grid does not train (Table 2's other
+    systems and cited baselines): one row per system, the paper's metrics as columns, as published."""
+    if paper.empty or not tables:
+        return pd.DataFrame()
+    rows = paper[paper["table"].isin(list(tables))
+                 & paper["metric"].isin(sorted(PAPER_METRICS))]
+    rows = rows[~rows["method"].isin(sorted(trained))]
+    if rows.empty:
+        return pd.DataFrame()
+    length = [f"{int(e)} ep" if pd.notna(e) else fmt_steps(int(i))
+              for e, i in zip(rows["epochs"], rows["iterations"])]
+    rows = rows.assign(length=length, system=[
+        m + SPEC_SUFFIX.get(k, "") if k in SPEC_SUFFIX else m
+        for m, k in zip(rows["model"], rows["method"])])
+    keys = ["table", "system", "length", "note"]
+    wide = rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="first",
+                            sort=False).reset_index()
+    order = [m for m in ("fid", "sfid", "is", "precision", "recall") if m in wide.columns]
+    return wide[keys[:3] + order + ["note"]]

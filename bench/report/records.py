@@ -3,7 +3,7 @@ and their summary (`Report`), which tables.py and plots.py render."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -31,9 +31,12 @@ class Report:
     speedups: list[dict]
     missing: list[str]
     notes: list[str]
+    published: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """Rows of the regenerated paper tables this grid does not train (Table 2's other systems):
+    shown as published, marked so."""
 
 
 CELL_COLUMNS = ["setting", "metric", "group", "provenance", "set_apart_reason", "evaluator",
                 "condition", "spec", "step", "n_seeds", "n_runs", "mean", "half_width", "ci_low",
-                "ci_high", "seeds", "paper", "paper_comparable", "paper_label", "paper_reason",
-                "diff"]
+                "ci_high", "seeds", "paper", "paper_comparable", "paper_exact", "paper_label",
+                "paper_reason", "diff"]

@@ -46,6 +46,7 @@ from bench.report.common import (
     ReportError,
     metric_rank,
 )
+from bench.report.comparability import ACCEPTABLE, check_accept
 from bench.report.groups import (
     assign_groups,
     evaluator_label,
@@ -58,11 +59,13 @@ from bench.report.paper_match import (
     load_paper,
     match_paper,
     paper_tables,
+    published_only,
 )
 from bench.report.records import CELL_COLUMNS, Gathered, Report
 from bench.report.stats import find_speedups, mean_ci95
 from bench.report.tables import (
     blocks,
+    not_comparable_lines,
     to_markdown,
     write_report,
 )
@@ -162,7 +165,25 @@ def _run_row(folder: Path, config: dict | None, ticks: list[dict]) -> dict[str, 
               else "started" if folder.is_dir() else "not started")
     last_step = max((int(t["step"]) for t in ticks if "step" in t), default=None)
     row = {"run": folder.name, "run_dir": str(folder), "status": status, "last_step": last_step}
-    return {**row, **flatten_config(config)} if config else row
+    if not config:
+        return row
+    flat = flatten_config(config)
+    return {**row, **flat, "trained_precision": trained_precision(folder, flat.get("train.precision"))}
+
+
+def trained_precision(folder: Path, setting: Any) -> str:
+    """fp32 or bf16 as the run trained: the config's choice, or for `auto` what the trainer resolved
+    (recorded in each checkpoint's state.json); "auto (unresolved)" when no checkpoint says."""
+    if setting in ("fp32", "bf16"):
+        return str(setting)
+    for meta in sorted((folder / "checkpoints").glob("*/state.json"), reverse=True):
+        try:
+            resolved = json.loads(meta.read_text(encoding="utf-8")).get("state", {}).get("precision")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if resolved in ("fp32", "bf16"):
+            return str(resolved)
+    return f"{setting} (unresolved)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,8 +195,11 @@ def _grid_settings(grid: dict) -> list[str]:
     return [str(s.get("name")) if isinstance(s, dict) else str(s) for s in settings]
 
 
-def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None = None) -> Report:
-    """Aggregate seeds, separate provenance groups, attach the paper's numbers, find speed-ups."""
+def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None = None,
+              accept: Sequence[str] = ()) -> Report:
+    """Aggregate seeds, separate provenance groups, attach the paper's numbers, find speed-ups.
+
+    `accept` names differences from the paper's protocol the user waives (`--accept bf16`)."""
     runs, conditions = label_runs(g.runs, g.grid)
     values = per_run_values(g.evals).merge(runs[["run", "condition"]], on="run", how="left")
     measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
@@ -189,6 +213,8 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     tables = paper_tables(g.grid)
     if not tables:
         notes.append("the grid does not say which paper table it regenerates: no paper column")
+    notes += [f"--accept {a}: rows differing from the paper only in {ACCEPTABLE[a]} are counted "
+              "as comparable, at the user's request" for a in check_accept(accept)]
     configs = runs.dropna(subset=["spec"]).groupby("condition").first() \
         if "spec" in runs else pd.DataFrame()
     seed_of = dict(zip(runs["run"], runs[SEED_COLUMN])) if SEED_COLUMN in runs else {}
@@ -209,7 +235,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
             if n == 0:
                 missing.append(f"{setting}/{name}: {condition} at step {step}")
             match = match_paper(paper, tables, cfg, provenance, name, step,
-                                g.grid.get("paper")) if cfg else None
+                                g.grid.get("paper"), accept) if cfg else None
             if match and not match.same_step and step != steps[-1]:
                 match = None  # context of another length is shown once, at the final length
             rows.append({
@@ -221,6 +247,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
                 "seeds": json.dumps(sorted(int(seed_of[r]) for r in cell["run"] if r in seed_of)),
                 "paper": match.value if match else math.nan,
                 "paper_comparable": bool(match and match.comparable),
+                "paper_exact": bool(match and match.same_step),
                 "paper_label": match.label if match else "",
                 "paper_reason": match.reason if match else "",
                 "diff": mean - match.value if match and match.comparable else math.nan})
@@ -255,7 +282,10 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
     speedups = find_speedups(cells, conditions, metric, g.grid, final)
-    return Report(g, metric, conditions, cells, speedups, missing, notes)
+    # Methods the grid trains (at any size: a miniature grid stands for the full-scale rows)
+    trained = set(runs["spec"].dropna()) if "spec" in runs else set()
+    published = published_only(paper, tables, trained | ({"redi"} if "redi_rg" in trained else set()))
+    return Report(g, metric, conditions, cells, speedups, missing, notes, published)
 
 
 def _settings_per_condition(runs: pd.DataFrame) -> dict[str, set[str]]:
@@ -284,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="primary metric of plots and speed-ups "
                         "(default: fid if measured, else fd_classifier)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--accept", action="append", default=[], choices=sorted(ACCEPTABLE),
+                        help="count rows that differ from the paper's protocol only in this as "
+                        "comparable (bf16: runs trained with bf16 autocast); repeatable")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     runs_root = "results/runs"
     for item in args.overrides:
@@ -299,13 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs_root.strip():
             raise ReportError("output_root is empty; give the folder that holds the run folders")
         check_writable_dir(Path(args.out) / args.name, "--out")
-        report = summarize(gather(args.name, runs_root), args.metric)
+        report = summarize(gather(args.name, runs_root), args.metric, accept=args.accept)
         out = write_report(report, Path(args.out) / args.name, plots=not args.no_plots)
     except (ReportError, OutputPathError) as err:
         print(f"bench report: error: {err}", file=sys.stderr)
         return 2
     for setting, title, _, table in blocks(report):
         print(f"\n{args.name}, setting {setting}: {title}\n{to_markdown(table)}")
+    for line in not_comparable_lines(report):
+        print(line)
     for s in report.speedups:
         print(f"speed-up [{s['setting']}]: {s['sentence']}")
     if report.missing:

@@ -119,6 +119,26 @@ def blocks(report: Report) -> list[tuple[str, str, pd.DataFrame, pd.DataFrame]]:
     return [(s, t, c, layout_table(report, c)) for s, t, c in out]
 
 
+def not_comparable(report: Report) -> pd.DataFrame:
+    """Measured cells whose paper row is the same model, method and length but whose protocol
+    differs (reference, weights, precision, ...): condition, step, setting, metrics, reasons."""
+    c = report.cells
+    if c.empty:
+        return pd.DataFrame(columns=["condition", "step", "setting", "metrics", "reasons"])
+    c = c[c["paper_exact"].astype(bool) & ~c["paper_comparable"].astype(bool)
+          & c["paper"].notna() & c["mean"].map(np.isfinite)]
+    rows = [{"condition": k[0], "step": k[1], "setting": k[2], "reasons": k[3],
+             "metrics": ", ".join(metric_label(m) for m in sorted(part["metric"], key=metric_rank))}
+            for k, part in c.groupby(["condition", "step", "setting", "paper_reason"], sort=False)]
+    return pd.DataFrame(rows, columns=["condition", "step", "setting", "metrics", "reasons"])
+
+
+def not_comparable_lines(report: Report) -> list[str]:
+    """One line per paper-scale row that is not comparable, naming every setting that differs."""
+    return [f"not comparable with the paper: {r.condition} at {fmt_steps(r.step)} "
+            f"[{r.setting}; {r.metrics}]: {r.reasons}" for r in not_comparable(report).itertuples()]
+
+
 def render_markdown(report: Report) -> str:
     """The whole report as Markdown; deterministic (no paths, no clocks) for the golden test."""
     g = report.gathered
@@ -130,8 +150,9 @@ def render_markdown(report: Report) -> str:
              "", "± is the half-width of the 95% t-interval over training seeds (t-distribution, "
              "n-1 degrees of freedom); with one seed the value is shown without an interval. "
              f"\"{NOT_MEASURED}\" means no evaluation yet (never zero). Δ = measured − paper, "
-             "given only where the setting is the paper's (ImageNet 256, Inception-v3, 50K "
-             "samples, same model, method and iterations).", ""]
+             "given only where the setting is the paper's (ImageNet 256, the 2015 Inception-v3, "
+             "ADM's reference batch, 50K samples, EMA weights, the paper's sampler and guidance, "
+             "fp32 training at batch 256, same model, method and iterations).", ""]
     if report.cells.empty:
         lines += ["Nothing is evaluated yet: run the grid's eval stage "
                   f"(`bench grid {g.name} --stage eval`).", ""]
@@ -148,6 +169,24 @@ def render_markdown(report: Report) -> str:
             lines += ["Paper context: the paper's number for the corresponding full-scale setting "
                       "(named in the last column) is shown for orientation only. No difference is "
                       f"computed: {'; '.join(reasons)}.", ""]
+    if lines_off := not_comparable_lines(report):
+        lines += ["## Not comparable with the paper", "", "The paper's number for the same model, "
+                  "method and length is shown, without a difference, because these differ:", "",
+                  *(f"- {line.removeprefix('not comparable with the paper: ')}"
+                    for line in lines_off), ""]
+    if not report.published.empty:
+        metrics = [m for m in report.published.columns
+                   if m in ("fid", "sfid", "is", "precision", "recall")]
+        shown = report.published.astype(object)
+        for m in metrics:  # as printed; "–" where the paper prints none
+            shown[m] = [f"{v:g}" if pd.notna(v) else "–" for v in report.published[m]]
+        shown = shown.fillna("").rename(columns={"table": "Table", "system": "System",
+                                                 "length": "Training", "note": "Note",
+                                                 **{m: metric_label(m) for m in metrics}})
+        lines += ["## As published, not trained by this grid", "",
+                  "Other rows of the paper's table: other papers' numbers as the ReDi paper prints "
+                  "them (\"–\": not reported). Nothing here was measured by this harness.", "",
+                  to_markdown(shown), ""]
     lines += [f"## Speed-ups ({report.metric}): reaches the baseline's final value N times "
               "sooner", ""]
     if report.speedups:

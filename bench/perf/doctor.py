@@ -1,0 +1,335 @@
+"""`bench doctor [--cluster P] [key=value ...]`: a preflight on the user's own node, before GPU-days.
+
+It checks, in minutes, what a CPU-only development machine cannot:
+
+- loss/<spec>/<device>: the default training step's numerics (the config's precision: bf16 autocast
+  or fp32/TF32, fused AdamW's model, SDPA attention, torch.compile when train.compile) give the
+  loss of a float64 copy of the same network on the same batch and the same draws, within
+  bench.perf.training's tolerances (1e-2 relative for bf16, 1e-5 for fp32; measured margins there).
+  Runs on CPU always and on CUDA when present, for every spec.
+- ddp/nccl: one training step on 2 GPUs (torchrun, NCCL) gives the weights of the single-process
+  step (bench.train's DDP is exact by construction; 1e-5 relative covers NCCL's reduction order).
+- weights/*: every weights file the config points to exists, loads, and has the published SHA-256
+  where one is known (the 2015 Inception port); the others' SHA-256 is printed for the record.
+- data/prepared: the prepared folder's manifest fits the config and every shard it lists exists.
+- throughput/<spec>: `bench perf` training rows on this GPU, written to results/perf/ where
+  `bench grid --dry-run` reads its GPU-hour estimate (bench.launch.plan.find_throughput).
+
+One line per check (PASS, FAIL or SKIP and why); the exit status is 1 when any check failed. On a
+machine without a GPU the CUDA checks are skipped and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from bench.report.comparability import INCEPTION_2015_SHA256_PREFIX as INCEPTION_SHA256_PREFIX
+
+SPECS = ("latent_only", "repa", "redi", "redi_rg", "redi_repa")
+DDP_RTOL = 1e-5
+
+
+def _adm_reference_sha256() -> Optional[str]:
+    """The SHA-256 of ADM's VIRTUAL_imagenet256_labeled.npz where bench.evaluate records it."""
+    try:
+        from bench.evaluate.adm import ADM_IMAGENET256
+    except ImportError:  # an evaluator without ADM's reference batch table
+        return None
+    return ADM_IMAGENET256.sha256
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # PASS, FAIL, SKIP
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.status:4s} {self.name}: {self.detail}"
+
+
+def _run(name: str, body: Callable[[], str]) -> Check:
+    """PASS with body's detail; FAIL with the error (an AssertionError's message is the finding)."""
+    try:
+        return Check(name, "PASS", body())
+    except Exception as err:  # a preflight reports every failure as a line, never a traceback
+        return Check(name, "FAIL", f"{type(err).__name__}: {err}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Numerics of the training step
+
+
+def loss_checks(cfg_of: Callable[[str], object], specs: Sequence[str], device: torch.device,
+                precision: str) -> list[Check]:
+    """Per spec: the step's loss in `precision` on `device` against float64 (bench.perf.training)."""
+    from bench.perf.setup import synthetic_geometry, synthetic_pool
+    from bench.perf.training import loss_agreement
+
+    checks = []
+    for spec in specs:
+        def body(spec=spec) -> str:
+            cfg = cfg_of(spec)
+            geometry = synthetic_geometry(cfg)
+            pool = synthetic_pool(geometry, 4, max(cfg.semantic_channels, 1), device, count=1)
+            result = loss_agreement(cfg, geometry, pool, device, precision)
+            rel = result["rel_err"]
+            detail = (f"{precision} rel. error {rel['default']:.1e} (tol {result['default_rtol']:g}), "
+                      f"fp32 {rel['fp32']:.1e} (tol {result['fp32_rtol']:g}) vs float64 "
+                      f"({cfg.model.size}{'' if cfg.model.size != 'custom' else f' {cfg.model.depth}x{cfg.model.hidden_size}'}; "
+                      "torch.compile is not exercised here: bench perf --compile times it)")
+            if not result["ok"]:
+                raise AssertionError(detail)
+            return detail
+        checks.append(_run(f"loss/{spec}/{device.type}", body))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def _sha256(path: Path) -> str:
+    from bench.atomic import sha256_file
+
+    return sha256_file(path)
+
+
+def weights_checks(cfg) -> list[Check]:
+    """The VAE, the semantic encoder, Inception and the reference batch the config points to."""
+    checks = []
+    vae_path = cfg.vae.path
+    if cfg.vae.kind == "diffusers":
+        def vae() -> str:
+            from bench.prepare.encoders import load_vae
+
+            if not vae_path or not Path(vae_path).is_dir():
+                raise FileNotFoundError(f"vae.path={vae_path!r} is not a local diffusers folder")
+            loaded = load_vae(cfg.vae)
+            files = sorted(p for p in Path(vae_path).glob("*.safetensors"))
+            shas = ", ".join(f"{p.name} {_sha256(p)[:12]}" for p in files) or "no safetensors"
+            return f"loads ({loaded.info.latent_channels} latent channels); {shas} (no published hash)"
+        checks.append(_run("weights/vae", vae))
+    else:
+        checks.append(Check("weights/vae", "SKIP", "vae.kind=embedded: trained by bench prepare"))
+    if cfg.encoder.kind == "dinov2":
+        def encoder() -> str:
+            from bench.prepare.encoders import build_semantic_encoder
+
+            path = cfg.encoder.weights
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"encoder.weights={path!r} does not exist")
+            built = build_semantic_encoder(cfg.encoder, cfg.data.image_size)
+            return f"{built.info.encoder_id} loads; sha256 {_sha256(Path(path))[:12]} (no published hash)"
+        checks.append(_run("weights/encoder", encoder))
+    else:
+        checks.append(Check("weights/encoder", "SKIP", f"encoder.kind={cfg.encoder.kind}: packaged"))
+    if cfg.eval.feature_network == "inception":
+        def inception() -> str:
+            path = cfg.eval.inception_weights
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"eval.inception_weights={path!r} does not exist")
+            sha = _sha256(Path(path))
+            if not sha.startswith(INCEPTION_SHA256_PREFIX):
+                raise AssertionError(f"sha256 {sha[:12]} is not the 2015 Inception port's "
+                                     f"({INCEPTION_SHA256_PREFIX}...)")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return f"loads ({len(state)} tensors); sha256 {sha[:12]} is the 2015 graph's port"
+        checks.append(_run("weights/inception", inception))
+    else:
+        checks.append(Check("weights/inception", "SKIP",
+                            f"eval.feature_network={cfg.eval.feature_network}"))
+    if cfg.eval.reference:
+        def reference() -> str:
+            import numpy as np
+
+            path = Path(cfg.eval.reference)
+            if not path.is_file():
+                raise FileNotFoundError(f"eval.reference={str(path)!r} does not exist")
+            with np.load(path, allow_pickle=False) as npz:
+                keys = sorted(npz.files)
+            sha, adm = _sha256(path), _adm_reference_sha256()
+            if adm is None:
+                return f"{path.name}: arrays {keys}; sha256 {sha[:12]} (no published hash known here)"
+            if sha != adm:
+                raise AssertionError(f"sha256 {sha[:12]} is not ADM's VIRTUAL_imagenet256_labeled.npz "
+                                     f"({adm[:12]}): the report will not compare its rows")
+            return f"{path.name}: arrays {keys}; sha256 {sha[:12]} is ADM's reference batch"
+        checks.append(_run("weights/reference", reference))
+    else:
+        checks.append(Check("weights/reference", "SKIP" if cfg.data.name != "imagefolder" else "FAIL",
+                            "eval.reference is not set" + (": the paper's numbers need ADM's "
+                            "VIRTUAL_imagenet256_labeled.npz" if cfg.data.name == "imagefolder" else
+                            " (the prepared test split is the reference)")))
+    return checks
+
+
+def data_check(cfg) -> Check:
+    """The prepared folder fits the config and holds every shard its manifest lists."""
+    def body() -> str:
+        from bench.prepare.dataset import read_manifest
+        from bench.train.loop import check_prepared
+
+        folder = Path(cfg.data.prepared_dir)
+        manifest = read_manifest(folder)
+        check_prepared(cfg, manifest, str(folder))
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(shards)} shards missing, e.g. {missing[0]}")
+        counts = ", ".join(f"{k} {v['count']}" for k, v in manifest["splits"].items())
+        return f"{folder}: {len(shards)} shards ({counts}), encoder {manifest['encoder']['encoder_id']}"
+    return _run("data/prepared", body)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPUs: DDP and throughput
+
+
+def ddp_check(overrides: Sequence[str]) -> Check:
+    """A 2-rank NCCL step against the single-process step (tiny model, synthetic prepared folder)."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return Check("ddp/nccl", "SKIP", f"needs 2 GPUs, found {torch.cuda.device_count()}")
+
+    def body() -> str:
+        from bench.train.checkpoint import checkpoint_path, load_weights
+
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = {}
+            for world in (1, 2):
+                out = Path(tmp) / f"w{world}"
+                cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
+                       "-m", "bench.cli", "train", *overrides, f"output_root={out}",
+                       "train.max_steps=1", "train.ckpt_every=1"]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+                if done.returncode:
+                    raise RuntimeError(f"{world}-rank step failed: {done.stderr.strip()[-300:]}")
+                (run,) = [p for p in out.rglob("config.json")]
+                runs[world] = load_weights(checkpoint_path(run.parent, 1), "model")
+            worst = max(float((runs[2][k].float() - v.float()).abs().max() /
+                              v.float().abs().max().clamp_min(1e-12)) for k, v in runs[1].items())
+            if worst > DDP_RTOL:
+                raise AssertionError(f"2-rank weights differ from 1-rank by {worst:.1e} (tol {DDP_RTOL:g})")
+            return f"2 ranks (NCCL) = 1 rank after one step, max rel. difference {worst:.1e}"
+    return _run("ddp/nccl", body)
+
+
+def throughput_checks(specs: Sequence[str], size: str, batch: int, scale: str, perf_dir: str,
+                      precision: str = "fp32", compile_: bool = False,
+                      device: Optional[str] = None, extra: Sequence[str] = ()) -> list[Check]:
+    """`bench perf --kinds train` on this GPU (`device` cuda; cpu in tests); its rows land where
+    `bench grid --dry-run` reads them, which the check confirms by reading them back the same way."""
+    device = device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None:
+        return [Check(f"throughput/{s}", "SKIP", "no GPU: the GPU-hour estimate needs a GPU row")
+                for s in specs]
+
+    def body() -> str:
+        from bench.launch.plan import find_throughput
+        from bench.perf.command import main as perf
+        from bench.perf.setup import compose_spec, parse_size
+
+        code = perf(["--size", size, "--batch", str(batch), "--device", device, "--kinds", "train",
+                     "--specs", ",".join(specs), "--scale", scale, "--no-reference",
+                     "--precision", precision, *(["--compile"] if compile_ else []),
+                     *extra, "--out", perf_dir])
+        if code:
+            raise RuntimeError(f"bench perf exited {code}")
+        found = []
+        for spec in specs:
+            cfg = compose_spec(spec, parse_size(size), scale, [])
+            value, source = find_throughput(cfg, device, _NO_GRID,
+                                            None, perf_dir)
+            if value is None or not source.startswith("measured"):
+                raise AssertionError(f"bench grid --dry-run does not find the {spec} row in {perf_dir}")
+            found.append(f"{spec} {value:.3g}")
+        return f"images/s per {device}: {', '.join(found)} (in {perf_dir}/, read by bench grid --dry-run)"
+    return [_run("throughput/train", body)]
+
+
+class _NoGrid:
+    """find_throughput's fallbacks (a grid's or profile's number) are not what this check measures."""
+
+    throughput: dict = {}
+
+
+_NO_GRID = _NoGrid()
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="the config to check (as for bench train), e.g. scale=paper vae.path=...")
+    parser.add_argument("--cluster", help="a cluster profile (slurm/profiles/P.yaml): its name is "
+                        "recorded; run this on one of its nodes")
+    parser.add_argument("--specs", default=",".join(SPECS), help="default: %(default)s")
+    parser.add_argument("--size", default=None, help="model size of the numerics check (default: "
+                        "the config's on CUDA, custom:2,64,2,2 on CPU, where fp64 XL is too slow)")
+    parser.add_argument("--batch", type=int, default=32, help="throughput batch per GPU")
+    parser.add_argument("--perf-dir", default="results/perf")
+    parser.add_argument("--skip", default="", help="comma-separated groups to skip: loss, ddp, "
+                        "weights, data, throughput")
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    from bench.compose import load_config
+    from bench.perf.setup import parse_size, resolve_precision
+
+    if args.cluster:
+        from bench.launch.profiles import load_profile
+
+        load_profile(args.cluster)  # a wrong name is one clear error
+    specs = [s for s in args.specs.split(",") if s]
+    skip = {s for s in args.skip.split(",") if s}
+    cfg = load_config(args.overrides)
+    scale = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("scale=")), "embedded")
+    cuda = torch.cuda.is_available()
+    checks: list[Check] = []
+    print(f"bench doctor: torch {torch.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name(0) if cuda else 'no'}"
+          f", cluster profile {args.cluster or 'none'}, train.precision={cfg.train.precision}", flush=True)
+
+    def cfg_of(size: str) -> Callable[[str], object]:
+        choice = parse_size(size)
+        user = [o for o in args.overrides if not o.startswith(("spec=", "model.size", "model.depth",
+                                                               "model.hidden_size", "model.num_heads",
+                                                               "model.patch_size"))]
+        return lambda spec: load_config([*user, f"spec={spec}", *choice.overrides])
+
+    if "loss" not in skip:
+        cpu_size = args.size or "custom:2,64,2,2"
+        checks += loss_checks(cfg_of(cpu_size), specs, torch.device("cpu"),
+                              resolve_precision(cfg.train.precision, torch.device("cpu")))
+        if cuda:
+            gpu_size = args.size or cfg.model.size
+            checks += loss_checks(cfg_of(gpu_size), specs, torch.device("cuda"),
+                                  resolve_precision(cfg.train.precision, torch.device("cuda")))
+        else:
+            checks.append(Check("loss/*/cuda", "SKIP", "no GPU: the GPU path was not checked"))
+    if "ddp" not in skip:
+        checks.append(ddp_check([o for o in args.overrides] + [
+            "model.size=custom", "model.depth=2", "model.hidden_size=64", "model.num_heads=2",
+            "model.patch_size=2", "train.batch_size=8"]))
+    if "weights" not in skip:
+        checks += weights_checks(cfg)
+    if "data" not in skip:
+        checks.append(data_check(cfg))
+    if "throughput" not in skip:
+        checks += throughput_checks(specs, args.size or cfg.model.size, args.batch, scale,
+                                    args.perf_dir, cfg.train.precision, cfg.train.compile)
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [c for c in checks if c.status == "FAIL"]
+    skipped = [c for c in checks if c.status == "SKIP"]
+    print(f"bench doctor: {len(checks) - len(failed) - len(skipped)} passed, {len(failed)} failed, "
+          f"{len(skipped)} skipped")
+    return 1 if failed else 0
