@@ -13,7 +13,7 @@
 # (LOCAL_SLURM_CTLD_PORT, LOCAL_SLURM_D_PORT; default 16817/16818) and munged on its own socket, so
 # this cluster never meets a real one or the system's munged. Needs root (slurmd runs jobs as their
 # user) and `apt-get install -y slurm-wlm munge`. No accounting daemon: `sacct` fails, job states come
-# from squeue (jobs stay listed for MinJobAge seconds after they end) and from submitit's result files.
+# from `squeue -t all` (ended jobs stay listed for MinJobAge seconds; plain squeue omits them) and from submitit's result files.
 set -euo pipefail
 
 DIR="${LOCAL_SLURM_DIR:-/tmp/redi-bench-slurm}"
