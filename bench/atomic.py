@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
@@ -21,6 +22,15 @@ if TYPE_CHECKING:  # torch is imported where tensors are written, so JSON/text u
 PathLike = Union[str, os.PathLike]
 
 TMP_MARK = ".tmp-"
+KILL_ENV = "REDI_BENCH_TEST_KILL_AT"
+
+
+def maybe_kill(point: str) -> None:
+    """Test hook for the kill -9 tests: SIGKILL this process at `point` when REDI_BENCH_TEST_KILL_AT
+    names it (e.g. `write:manifest.json`: a file written, not yet renamed into place). Never set it
+    outside tests."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
@@ -33,6 +43,7 @@ def _atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        maybe_kill(f"write:{path.name}")  # the worst moment: the data written, not yet in place
         os.replace(tmp, path)
     except BaseException:
         # Never leave a partial file behind, whatever interrupted the write.
@@ -84,6 +95,7 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
                                 dir=directory.parent))
     try:
         save(str(tmp))
+        maybe_kill(f"write:{directory.name}/")
         if directory.exists():
             old = directory.with_name(f".{directory.name}{TMP_MARK}old-{os.getpid()}")
             os.replace(directory, old)
