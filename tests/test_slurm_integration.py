@@ -37,7 +37,7 @@ from bench.launch import jobs as launch_jobs
 from bench.launch import submit as launch
 from bench.launch.grids import expand
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
 BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel", "srun")
 RUN_SECONDS = 20  # how long each training job should run: well beyond the ~4 s a kill takes (KillWait)
