@@ -362,6 +362,15 @@ def _parent_death_signal() -> Optional[Callable[[], None]]:
 def _end_groups(groups: Sequence[int], grace_s: float = JOB_STOP_GRACE_S) -> None:
     """SIGINT every process group, SIGKILL what is left of them after `grace_s`."""
     def alive(group: int) -> bool:
+        with contextlib.suppress(OSError):  # reap the controller if it has ended (it is our child)
+            os.waitpid(group, os.WNOHANG)
+        if Path("/proc/self/stat").is_file():  # zombies (ended, not reaped by init) do not count
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+                    if fields[0] != "Z" and int(fields[2]) == group:
+                        return True
+            return False
         try:
             os.killpg(group, 0)
             return True
