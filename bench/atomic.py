@@ -13,7 +13,9 @@ shared cluster can read results when the umask says so (tempfile's private 0600 
 this point (`NAME`, `NAME@N` for its N-th time in the process, `...:STOP` to stop instead of
 die), the process sends itself SIGKILL (or SIGSTOP) there. The kill tests use it to die at an
 exact moment (mid-append, mid-checkpoint) instead of sleeping and hoping; unset, it costs one
-environment lookup. Points: `atomic:<file name>` (temporary written, not yet renamed),
+environment lookup. Points: `atomic:<file name>` (temporary written, not yet renamed; `atomic:<dir>/`
+for a folder written at once), `prepare:encoded:<split>/<shard>` and `prepare:projected:<split>/<shard>`
+(bench prepare's two passes),
 `append:<file name>` (half a JSONL append written), `checkpoint:files` (a checkpoint's tensors
 written, its state.json not yet), `train:step` (after an optimiser step), `sample:shard` (after
 a sample shard), `eval:rows` (an evaluation's rows computed, not yet appended).
@@ -115,9 +117,9 @@ def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> Path:
     tmp = str(_create_temporary_file(path))
     try:
         write(tmp)
-        crash_point(f"atomic:{path.name}")
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        crash_point(f"atomic:{path.name}")  # the worst moment: the data written, not yet in place
         os.replace(tmp, path)
     except BaseException:
         # Never leave a partial file behind, whatever interrupted the write.
@@ -167,6 +169,7 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
     try:
         save(str(tmp))
         _follow_umask(tmp)
+        crash_point(f"atomic:{directory.name}/")
         if directory.exists():
             old = directory.with_name(f".{directory.name}{TMP_MARK}old-{os.getpid()}")
             os.replace(directory, old)

@@ -4,7 +4,7 @@
 #
 #   slurm/local-cluster.sh start    # idempotent; prints `export SLURM_CONF=...` on stdout
 #   slurm/local-cluster.sh status   # running or stopped (exit 0 / 3)
-#   slurm/local-cluster.sh stop     # stops only the daemons this script started (pid files)
+#   slurm/local-cluster.sh stop     # cancels its jobs, kills their processes, stops its daemons
 #
 #   eval "$(slurm/local-cluster.sh start)"   # then sinfo, sbatch, bench grid ... --cluster local-slurm
 #
@@ -13,7 +13,7 @@
 # (LOCAL_SLURM_CTLD_PORT, LOCAL_SLURM_D_PORT; default 16817/16818) and munged on its own socket, so
 # this cluster never meets a real one or the system's munged. Needs root (slurmd runs jobs as their
 # user) and `apt-get install -y slurm-wlm munge`. No accounting daemon: `sacct` fails, job states come
-# from squeue (jobs stay listed for MinJobAge seconds after they end) and from submitit's result files.
+# from `squeue -t all` (ended jobs stay listed for MinJobAge seconds; plain squeue omits them) and from submitit's result files.
 set -euo pipefail
 
 DIR="${LOCAL_SLURM_DIR:-/tmp/redi-bench-slurm}"
@@ -164,11 +164,88 @@ stop_one() {
     rm -f "$DIR/$name.pid"
 }
 
+# Every process of this cluster's jobs: each slurmstepd whose cwd or an open file lies in $DIR (its
+# log is $DIR/slurmd.log), everything below it, and any process whose environment says it belongs to a
+# job of this cluster (SLURM_CONF=$CONF and SLURM_JOB_ID: catches a job's orphans reparented to init).
+# This script and its ancestors are never listed, nor is anything of another cluster.
+job_pids() {
+    local pid link target file roots=() keep=" $$ "
+    pid=$$
+    while [[ "$pid" -gt 1 ]]; do
+        pid="$(awk '{print $4}' "/proc/$pid/stat" 2>/dev/null || echo 1)"
+        keep+="$pid "
+    done
+    for pid in $(pgrep -x slurmstepd || true); do  # candidates only; kept if they are ours
+        for link in "/proc/$pid/cwd" "/proc/$pid"/fd/*; do
+            target="$(readlink "$link" 2>/dev/null || true)"
+            if [[ "$target" == "$DIR" || "$target" == "$DIR/"* ]]; then roots+=("$pid"); break; fi
+        done
+    done
+    for file in $(grep -lzxF "SLURM_CONF=$CONF" /proc/[0-9]*/environ 2>/dev/null || true); do
+        if grep -qz '^SLURM_JOB_ID=' "$file" 2>/dev/null; then
+            pid="${file#/proc/}"; pid="${pid%/environ}"
+            [[ "$keep" == *" $pid "* ]] || roots+=("$pid")
+        fi
+    done
+    ((${#roots[@]})) || return 0
+    # The roots and all their descendants (ps lists pid and parent pid of every process).
+    ps -e -o pid=,ppid= | awk -v roots="${roots[*]}" -v keep="$keep" '
+        { parent[$1] = $2; pids[NR] = $1 }
+        END {
+            n = split(roots, r, " "); for (i = 1; i <= n; i++) mark[r[i]] = 1
+            do { added = 0
+                 for (i in pids) { p = pids[i]; if (!(p in mark) && (parent[p] in mark)) { mark[p] = 1; added = 1 } }
+            } while (added)
+            for (p in mark) if (index(keep, " " p " ") == 0) print p
+        }'
+}
+
+cancel_jobs() {
+    # Cancel every job of this cluster through the controller (SIGTERM, SIGKILL after KillWait=3 s),
+    # then wait for the node to report them gone, so that their epilogues and step daemons finish.
+    our_pid "$DIR/slurmctld.pid" >/dev/null && our_pid "$DIR/slurmd.pid" >/dev/null || return 0
+    local ids
+    ids="$(SLURM_CONF="$CONF" squeue -h -o %A 2>/dev/null | sort -u | tr '\n' ' ' || true)"
+    [[ -n "${ids// /}" ]] || return 0
+    log "cancelling job(s) $ids"
+    # shellcheck disable=SC2086
+    SLURM_CONF="$CONF" scancel $ids 2>/dev/null || true
+    for _ in $(seq 100); do
+        [[ -z "$(SLURM_CONF="$CONF" squeue -h -o %A 2>/dev/null || true)" ]] && return 0
+        sleep 0.2
+    done
+    log "jobs still listed 20 s after scancel; their processes are killed below"
+}
+
+kill_job_processes() {
+    local pids pid alive
+    pids="$(job_pids | tr '\n' ' ')"
+    [[ -n "${pids// /}" ]] || return 0
+    log "terminating leftover job processes: $pids"
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 30); do
+        alive=""
+        for pid in $pids; do
+            # a zombie (state Z) is dead; whoever is its parent reaps it
+            [[ -r "/proc/$pid/stat" ]] && [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]] && alive+="$pid "
+        done
+        [[ -n "$alive" ]] || return 0
+        sleep 0.1
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $alive 2>/dev/null || true
+}
+
 stop() {
-    # Node daemon first (it kills the jobs' processes), then the controller, then munged.
+    # Jobs first (scancel through the controller; stopping slurmd alone leaves slurmstepd and the job's
+    # processes running), then the node daemon, the controller and munged, then any job process that
+    # survived (slurmstepd of this cluster and everything below it).
+    cancel_jobs
     stop_one slurmd
     stop_one slurmctld
     stop_one munged
+    kill_job_processes
     log "stopped (state and logs kept in $DIR)"
 }
 

@@ -313,8 +313,20 @@ def test_a_job_that_vanished_is_failed_with_the_error_from_its_log(tmp_path):
     log.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n")
     state, detail, _ = job_state({**SUBMIT, "stderr": str(log)}, [START], {})
     assert state == "failed" and "RuntimeError: CUDA out of memory" in detail
+    # How SLURM ended a job that recorded no outcome (squeue -t all lists ended jobs).
     state, detail, _ = job_state(SUBMIT, [START], {"7_1": "CANCELLED"})
-    assert state == "failed" and "CANCELLED" in detail
+    assert state == "cancelled" and "SLURM state CANCELLED" in detail
+    state, detail, _ = job_state(SUBMIT, [START], {"7_1": "TIMEOUT"})
+    assert state == "timeout" and "time limit" in detail
+    state, detail, _ = job_state(SUBMIT, [START], {"7_1": "OUT_OF_MEMORY"})
+    assert state == "failed" and "out of memory" in detail
+
+
+def test_finished_work_that_slurm_records_as_failed_says_both():
+    done = {"event": "end", "job_id": "7_1", "outcome": "done"}
+    assert job_state(SUBMIT, [START, done], {"7_1": "COMPLETED"}) == ("done", "", 0)
+    state, detail, _ = job_state(SUBMIT, [START, done], {"7_1": "FAILED"})
+    assert state == "done" and "SLURM recorded the job as FAILED" in detail
 
 
 def test_queued_or_running_cells_are_not_submitted_twice(out, monkeypatch):

@@ -524,3 +524,132 @@ def test_loading_a_vae_prints_no_accelerate_notice(tiny_vae_dir):
                                 f"AutoencoderKL.from_pretrained({str(tiny_vae_dir)!r})"],
                                env=_cli_env(), capture_output=True, text=True, timeout=120)
         assert "`accelerate` was not found" in plain.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged prepared data: every file is in the manifest with its size and sha256; sizes are checked
+# whenever the folder is read, content when a shard is loaded, hashes on request (--verify); each
+# failure names the file and the command that rebuilds it.
+
+
+@pytest.fixture(scope="module")
+def embedded_reference(tmp_path_factory):
+    """An embedded prepare (its VAE and classifier live in the folder, so the manifest lists them)."""
+    options = _options(vae=EmbeddedVAESettings(block_out_channels=(8, 16, 16), steps=3, batch_size=16,
+                                               scale_images=64),
+                       classifier=ClassifierSettings(width=8, feature_dim=16, epochs=0.25),
+                       train_classifier=True, max_images={"train": 64, "test": 32})
+    out = tmp_path_factory.mktemp("integrity") / "ref"
+    prepare_embedded(out, data_name="digits", options=options, pca_rank_max=R_MAX)
+    return out, options
+
+
+def _copy(reference: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(reference, tmp_path / "copy"))
+
+
+def _rebuild(out: Path, options: PrepareOptions, capsys) -> str:
+    from dataclasses import replace
+
+    capsys.readouterr()
+    prepare_embedded(out, data_name="digits", options=replace(options, verify=True), pca_rank_max=R_MAX)
+    return capsys.readouterr().out
+
+
+def _same_files(a: Path, b: Path) -> None:
+    manifest_a, manifest_b = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
+    wall_clock = {"vae/training.json", "classifier/classifier.json"}  # they record seconds
+    assert {k: v for k, v in manifest_a["files"].items() if k not in wall_clock} == \
+        {k: v for k, v in manifest_b["files"].items() if k not in wall_clock}
+
+
+def test_manifest_lists_every_file_with_its_checksum(embedded_reference):
+    from bench.atomic import sha256_file
+
+    out, _ = embedded_reference
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"train/shard-00000.safetensors", "test/shard-00000.safetensors", "pca.safetensors",
+            "vae/diffusion_pytorch_model.safetensors", "vae/config.json",
+            "classifier/model.safetensors"} <= set(files)
+    for name, record in files.items():
+        assert record == {"bytes": (out / name).stat().st_size, "sha256": sha256_file(out / name)}, name
+
+
+def test_truncated_shard_names_the_file_and_is_rebuilt(embedded_reference, tmp_path, capsys):
+    reference, options = embedded_reference
+    out = _copy(reference, tmp_path)
+    shard = out / "train" / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(PreparedDataError, match=rf"{shard} is 1000 bytes.*bench prepare --verify data.prepared_dir={out}"):
+        load_prepared(out, "train", rank=R_MAX)
+    printed = _rebuild(out, options, capsys)
+    assert f"damaged: {shard} is 1000 bytes" in printed and "rebuilding 1 file(s)" in printed
+    assert shard.read_bytes() == (reference / "train" / "shard-00001.safetensors").read_bytes()
+    _same_files(reference, out)
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "NaN in semantic", "label out of range"])
+def test_same_size_damage_is_caught_on_load_and_by_verify(embedded_reference, tmp_path, capsys, damage):
+    from safetensors.torch import save_file
+
+    reference, options = embedded_reference
+    out = _copy(reference, tmp_path)
+    shard = out / "train" / "shard-00000.safetensors"
+    size = shard.stat().st_size
+    if damage == "random bytes":
+        data = bytearray(shard.read_bytes())
+        data[200:] = np.random.default_rng(0).integers(0, 256, len(data) - 200, dtype=np.uint8).tobytes()
+        shard.write_bytes(bytes(data))
+        expected = "cannot be read|holds"
+    else:
+        tensors = load_file(str(shard))
+        if damage == "NaN in semantic":
+            tensors["semantic"][3, 1, 2, 2] = float("nan")
+            expected = "holds NaN or infinite values in 'semantic'"
+        else:
+            tensors["labels"][5] = 77
+            expected = r"holds labels outside \[0, 10\)"
+        save_file(tensors, str(shard), metadata={"format": "redi-bench-prepared/1"})
+    assert shard.stat().st_size == size  # the size check cannot see it
+    with pytest.raises(PreparedDataError, match=rf"prepared shard {shard} ({expected}).*bench prepare --verify"):
+        load_prepared(out, "train", rank=R_MAX)
+    printed = _rebuild(out, options, capsys)
+    assert f"{shard} does not match its sha256" in printed
+    assert shard.read_bytes() == (reference / "train" / "shard-00000.safetensors").read_bytes()
+    load_prepared(out, "train", rank=R_MAX)
+
+
+def test_invalid_manifest_names_the_file_and_is_rebuilt(embedded_reference, tmp_path, capsys):
+    reference, options = embedded_reference
+    out = _copy(reference, tmp_path)
+    (out / "manifest.json").write_text('{"format": "redi-bench-pre')
+    with pytest.raises(PreparedDataError, match=rf"{out / 'manifest.json'} is not valid JSON.*bench prepare --verify"):
+        load_prepared(out, "train", rank=R_MAX)
+    printed = _rebuild(out, options, capsys)
+    assert "rebuilding it" in printed and "encoded 0 images" not in printed
+    _same_files(reference, out)
+
+
+def test_truncated_vae_is_noticed_by_training_and_rebuilt(embedded_reference, tmp_path, capsys):
+    from bench.prepare.dataset import read_manifest
+
+    reference, options = embedded_reference
+    out = _copy(reference, tmp_path)
+    weights = out / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    # bench.train.loop reads the manifest through read_manifest before training (its size check).
+    with pytest.raises(PreparedDataError, match=rf"{weights} is \d+ bytes, the manifest says"):
+        read_manifest(out)
+    printed = _rebuild(out, options, capsys)
+    assert f"damaged: {weights}" in printed  # the VAE is retrained, and every shard re-encoded
+    assert weights.read_bytes() == (reference / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    _same_files(reference, out)
+
+
+def test_verify_on_an_intact_folder_says_so(embedded_reference, capsys):
+    reference, options = embedded_reference
+    printed = _rebuild(reference, options, capsys)
+    files = len(json.loads((reference / "manifest.json").read_text())["files"])
+    assert "up to date" in printed and f"{files} files match their sha256" in printed

@@ -693,3 +693,45 @@ def test_report_unwritable_or_odd_paths_are_one_line(tmp_path, capsys, args, fra
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+def _strip_pdf_dates(data: bytes) -> bytes:
+    import re
+
+    return re.sub(rb"/CreationDate \([^)]*\)", b"", data)  # the one wall-clock field of the files
+
+
+@pytest.mark.timeout(600)
+def test_kill9_while_writing_then_rerun_is_byte_identical(tmp_path):
+    """`bench report` SIGKILLed at deterministic points (REDI_BENCH_KILL_AT, bench.atomic.crash_point:
+    the file's bytes written to its temporary name, not yet renamed) while its first, a middle and its
+    last file are written; a re-run leaves the same files, byte for byte (PDFs apart from their
+    CreationDate), as an uninterrupted run, and no temporaries. Each killed run starts over in the
+    folder the previous one left."""
+    import subprocess
+    import sys
+
+    build_fixture(tmp_path / "runs")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}
+
+    def report(out: Path, kill_at: str | None = None) -> subprocess.CompletedProcess:
+        extra = {"REDI_BENCH_KILL_AT": kill_at} if kill_at else {}
+        return subprocess.run([sys.executable, "-m", "bench.cli", "report", GRID, "--runs-root",
+                               str(tmp_path / "runs"), "--out", str(out)], env={**env, **extra},
+                              capture_output=True, text=True, timeout=240)
+
+    assert report(tmp_path / "reference").returncode == 0
+    reference = tmp_path / "reference" / GRID
+    out = tmp_path / "killed"
+    for point in ("atomic:report.md", "atomic:runs.csv", "atomic:loss_curves.pdf"):  # one after another
+        killed = report(out, point)
+        assert killed.returncode == -9, f"{point} was not reached: {killed.stdout}{killed.stderr}"
+        assert any(".tmp-" in p.name for p in (out / GRID).iterdir())  # the interrupted write's temporary
+    rerun = report(out)
+    assert rerun.returncode == 0, rerun.stderr
+    names = sorted(p.name for p in (out / GRID).iterdir())
+    assert names == sorted(p.name for p in reference.iterdir())
+    for name in names:
+        assert _strip_pdf_dates((out / GRID / name).read_bytes()) == \
+            _strip_pdf_dates((reference / name).read_bytes()), name

@@ -6,8 +6,12 @@ array with the real `bench.train.loop.train`, and once each job has
 written its first checkpoint interrupts it for real: the first by the scheduler (`scontrol requeue`),
 the second by submitit's preemption path (SIGTERM + USR2: TrainJob.checkpoint() + self-requeue). Both
 must resume from their checkpoint (the trainer logs "resuming from checkpoint step N", N > 0) and
-finish; the eval stage runs the real `bench.evaluate.evaluation.evaluate`;
-submitting again submits nothing; an unreachable controller is one clear SchedulerError.
+finish, and end with the same checkpoint tensors (weights, EMA, optimiser, RNG) and the same
+metrics.jsonl rows (apart from wall-clock fields) as an uninterrupted run of the same cell, trained
+in this process meanwhile; the eval stage runs the real `bench.evaluate.evaluation.evaluate`;
+submitting again submits nothing; an unreachable controller is one clear SchedulerError; `bench
+status` shows a cancelled job as cancelled and a timed-out one as timeout; `local-cluster.sh stop`
+leaves no process of its jobs behind.
 Needs root, slurm-wlm and munge (`apt-get install -y slurm-wlm munge`); skipped otherwise.
 """
 
@@ -33,7 +37,7 @@ from bench import runfolder
 from bench.launch import submit as launch
 from bench.launch.grids import expand
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
 SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
 BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel", "srun")
 RUN_SECONDS = 20  # how long each training job should run: well beyond the ~4 s a kill takes (KillWait)
@@ -153,10 +157,22 @@ def trained(cluster, tmp_path_factory):
     subprocess.run(["scontrol", "requeue", jobs["latent_only"]], check=True, timeout=60)
     folder = Path(runfolder.read_jsonl(cells[1].run_dir / runfolder.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
     submitit.SlurmJob(folder=folder, job_id=jobs["redi"])._interrupt(timeout=False)  # preemption: TERM + USR2
+    references = {}  # uninterrupted runs of the same cells, here, while the jobs run (one thread, as they do)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from bench.train.loop import train
+
+        for cell in cells:
+            references[cell.name] = root / "uninterrupted" / cell.name
+            train(cell.cfg, references[cell.name])
+    finally:
+        torch.set_num_threads(threads)
     rows = _wait("every cell to finish", lambda: (lambda r: r if all(x["state"] in ("done", "failed")
                                                                     for x in r) else None)(
         launch.grid_status("smoke", overrides)), 240, every=1.0)
     return {"sub": sub, "rows": rows, "cells": cells, "overrides": overrides, "steps": steps,
+            "references": references,
             "finished_at_return": finished_at_return,
             "seconds": {"prepare": submitted - began, "train": time.time() - submitted}}
 
@@ -186,6 +202,33 @@ def test_interrupted_jobs_resume_from_their_checkpoint_and_finish(trained):
     redi_log = Path(runfolder.read_jsonl(trained["cells"][1].run_dir / runfolder.JOBS_FILE)[0]["stdout"]).read_text()
     assert "requeueing train of cell redi" in redi_log  # TrainJob.checkpoint() ran on USR2
     print(f"\n{trained['steps']} steps per cell; timings: {trained['seconds']}")
+
+
+WALL_CLOCK = {"time", "elapsed_s", "images_per_s", "peak_memory_mb", "memory_kind"}
+
+
+def test_requeued_jobs_end_as_an_uninterrupted_run(trained):
+    """Both requeue paths (scontrol requeue; USR2 + self-requeue) lose and double nothing: the final
+    checkpoint's tensors are bit-identical to an uninterrupted run's and every metrics.jsonl row
+    holds the same numbers (wall-clock fields apart)."""
+    from safetensors.torch import load_file
+
+    steps = trained["steps"]
+    for cell in trained["cells"]:
+        reference = trained["references"][cell.name]
+        final = f"checkpoints/{steps:07d}"
+        for name in ("weights.safetensors", "state.safetensors"):
+            ours, theirs = load_file(str(cell.run_dir / final / name)), load_file(str(reference / final / name))
+            assert ours.keys() == theirs.keys(), (cell.name, name)
+            different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+            assert not different, f"{cell.name}: {name} differs from the uninterrupted run in {different[:5]}"
+
+        def rows(run: Path) -> list[dict]:
+            return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+                    for line in (run / "metrics.jsonl").read_text().splitlines()]
+        ours, theirs = rows(cell.run_dir), rows(reference)
+        assert len(ours) == len(theirs) == steps // 2
+        assert ours == theirs, next((a, b) for a, b in zip(ours, theirs) if a != b)
 
 
 def test_eval_stage_runs_and_resubmission_submits_nothing(trained, capsys):
@@ -225,3 +268,74 @@ def test_unreachable_controller_is_one_clear_error(cluster, tmp_path):
             launch.submit_grid("smoke", cluster="local-slurm", overrides=[f"output_root={tmp_path}"], quiet=True)
     finally:
         os.environ["SLURM_CONF"] = cluster
+
+
+def test_status_shows_how_an_ended_job_ended(cluster, tmp_path):
+    """squeue without `-t all` lists no ended job; bench status must still tell a cancelled job and a
+    timed-out one (1-minute limit; SLURM checks limits about every 30 s) from a crash."""
+    from bench.launch import status as launch_status
+
+    def sbatch(*args: str) -> str:
+        return subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "%j.out"), *args, "--wrap", "sleep 300"],
+                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    timed, cancelled = sbatch("--time=1"), sbatch()
+    _wait("the jobs to start", lambda: subprocess.run(["squeue", "-h", "-j", f"{timed},{cancelled}", "-t", "R", "-o", "%i"],
+                                                      capture_output=True, text=True).stdout.split().__len__() == 2, 60)
+    subprocess.run(["scancel", cancelled], check=True, timeout=60)
+    submits = [{"executor": "slurm", "job_id": j, "stderr": str(tmp_path / f"{j}.out")} for j in (timed, cancelled)]
+
+    def ended():
+        states = launch_status.scheduler_states(submits)
+        return states if all(v in launch_status.ENDED for v in states.values()) else None
+    states = _wait("both jobs to end", ended, 150, every=2.0)
+    assert states == {timed: "TIMEOUT", cancelled: "CANCELLED"}
+    timed_state, timed_detail, _ = launch_status.job_state(submits[0], [], states)
+    cancelled_state, cancelled_detail, _ = launch_status.job_state(submits[1], [], states)
+    assert (timed_state, cancelled_state) == ("timeout", "cancelled"), (timed_detail, cancelled_detail)
+    assert "time limit" in timed_detail and "SLURM state CANCELLED" in cancelled_detail
+
+
+def _job_processes(folder: Path) -> list[str]:
+    """Live processes of a local cluster's jobs: its slurmstepd (their log is in `folder`) and every
+    process whose environment names its slurm.conf with a job id."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # ended; nobody here reaps it
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            links = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+            stepd = b"slurmstepd" in (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"SLURM_CONF={folder / 'slurm.conf'}".encode() in environ and any(e.startswith(b"SLURM_JOB_ID=") for e in environ):
+            found.append(proc.name)
+        elif stepd and any(link.startswith(str(folder) + "/") for link in links):
+            found.append(proc.name)
+    return found
+
+
+def test_stop_ends_the_jobs_it_was_running(tmp_path):
+    """`local-cluster.sh stop` with a job step running (`srun sleep 300`) and one queued: nothing of
+    them survives (before, slurmstepd, the batch script, srun and sleep ran on after stop)."""
+    reason = _why_skip()
+    if reason:
+        pytest.skip(reason)
+    folder = tmp_path / "own-cluster"  # its own cluster: the module's may be CI's shared one
+    env = dict(os.environ, LOCAL_SLURM_DIR=str(folder), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
+               LOCAL_SLURM_D_PORT=str(_free_port()))
+    started = _script("start", env)
+    assert started.returncode == 0, started.stderr
+    env["SLURM_CONF"] = str(folder / "slurm.conf")
+    try:
+        for _ in range(3):  # two run (one per core), one waits
+            subprocess.run(["sbatch", "-o", str(tmp_path / "%j.out"), "--wrap", "srun sleep 300"], env=env,
+                           check=True, capture_output=True, timeout=60)
+        _wait("the job steps to start", lambda: len(_job_processes(folder)) >= 4, 60)
+    finally:
+        stopped = _script("stop", env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert _job_processes(folder) == [], stopped.stderr
+    assert _script("status", env).returncode == 3

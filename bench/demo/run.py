@@ -11,8 +11,10 @@ The same machinery as a cluster run, end to end, offline, on CPU:
               one sample figure per spec (bench.demo.output).
 
 Re-running reuses everything finished: prepare returns at once, the launcher skips finished cells
-and measured evaluations, and only the report is written again. Interrupting (Ctrl-C) stops the
-jobs too (they share the terminal's process group); the next run resumes from their checkpoints.
+and measured evaluations, and only the report is written again. The demo owns its local jobs: each
+runs in its own process group, which is ended however the demo ends (Ctrl-C, SIGTERM, SIGHUP, a
+failing cell, an error) and, should the demo be SIGKILLed, by the kernel (the job controller's
+parent-death signal). The next run resumes from their checkpoints.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 from bench import runfolder
 from bench.atomic import check_writable_dir
@@ -261,8 +265,10 @@ def children_stderr_to(log: Path):
 
 
 def first_failure(rows: Sequence[dict], stage: str) -> Optional[str]:
+    from bench.launch.status import ENDED_STATES
+
     for r in rows:
-        if stage == "train" and r["state"] == "failed":
+        if stage == "train" and r["state"] in ENDED_STATES:
             return f"training of cell {r['cell']} failed: {r['detail']}\n  log: {r['log']}"
         if stage == "eval" and r.get("eval_errors"):
             return f"evaluation of cell {r['cell']} failed: {r['eval_errors'][0]}"
@@ -397,6 +403,105 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     return plan.out_dir
 
 
+# ------------------------------------------------------------------------------------------------
+# The demo's children end with it
+
+JOB_STOP_GRACE_S = 5.0  # SIGINT first (the job records `interrupted`), SIGKILL after this long
+
+
+def _parent_death_signal() -> Optional[Callable[[], None]]:
+    """A preexec_fn that asks the kernel to send SIGINT to the child when this process dies (Linux
+    prctl PR_SET_PDEATHSIG; None elsewhere). SIGINT, because submitit's local controller answers it by
+    stopping its tasks (SIGINT, then SIGKILL) in a `finally`; SIGTERM it would only forward, and the
+    tasks ignore SIGTERM."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: nothing is loaded after fork
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(signal.SIGINT), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the demo died between fork and prctl
+            os.kill(os.getpid(), signal.SIGINT)
+    return preexec
+
+
+def _end_groups(groups: Sequence[int], grace_s: float = JOB_STOP_GRACE_S) -> None:
+    """SIGINT every process group, SIGKILL what is left of them after `grace_s`."""
+    def alive(group: int) -> bool:
+        with contextlib.suppress(OSError):  # reap the controller if it has ended (it is our child)
+            os.waitpid(group, os.WNOHANG)
+        if Path("/proc/self/stat").is_file():  # zombies (ended, not reaped by init) do not count
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+                    if fields[0] != "Z" and int(fields[2]) == group:
+                        return True
+            return False
+        try:
+            os.killpg(group, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    live = [g for g in groups if alive(g)]
+    for group in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGINT)
+    deadline = time.time() + grace_s
+    while live and time.time() < deadline:
+        time.sleep(0.1)
+        live = [g for g in live if alive(g)]
+    for group in live:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def owned_local_jobs() -> Iterator[list[int]]:
+    """Inside: every submitit local job starts in a new process group (its controller and tasks) with
+    the parent-death signal set; SIGTERM and SIGHUP raise SystemExit. On leaving, however that
+    happens, the groups are ended. Yields the list of group ids (the controllers' pids)."""
+    from submitit.local import local as submitit_local
+
+    groups: list[int] = []
+    preexec = _parent_death_signal()
+    original = submitit_local.start_controller
+
+    def start_controller(*args, **kwargs):
+        popen = subprocess.Popen
+
+        class OwnedPopen(popen):  # type: ignore[misc,valid-type]
+            def __init__(self, *a, **k):
+                k["start_new_session"] = True  # the controller leads a group its tasks join
+                if preexec is not None:
+                    k["preexec_fn"] = preexec
+                super().__init__(*a, **k)
+                groups.append(self.pid)
+        subprocess.Popen = OwnedPopen  # only while submitit starts this one controller
+        try:
+            return original(*args, **kwargs)
+        finally:
+            subprocess.Popen = popen
+
+    def stop(signum, _frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    submitit_local.start_controller = start_controller
+    try:
+        yield groups
+    finally:
+        submitit_local.start_controller = original
+        _end_groups(groups)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bench demo", description="Table 1 of ReDi in miniature on this machine (CPU, offline): "
@@ -419,10 +524,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_writable_dir(folder, option)
     printer = Printer(enabled=not args.no_progress, every=args.every)
     try:
-        out = run_demo(plan, printer)
-    except KeyboardInterrupt:
-        print("\nbench demo: stopped. Finished cells, checkpoints and evaluations are kept; run the "
-              "same command again to resume.", file=sys.stderr, flush=True)
+        with owned_local_jobs():  # its jobs end with it, however it ends
+            out = run_demo(plan, printer)
+    except (KeyboardInterrupt, SystemExit) as stopped:
+        why = "interrupted" if isinstance(stopped, KeyboardInterrupt) else f"signal {stopped.code - 128}" \
+            if isinstance(stopped.code, int) and stopped.code > 128 else "exit"
+        print(f"\nbench demo: stopped ({why}); its jobs were stopped too. Finished cells, checkpoints "
+              "and evaluations are kept; run the same command again to resume.", file=sys.stderr, flush=True)
         raise
     print(f"bench demo: output in {out}", flush=True)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import socket
 import time
 import traceback
@@ -88,6 +89,12 @@ class CellJob(submitit.helpers.Checkpointable):
         raise NotImplementedError
 
     def __call__(self) -> Any:
+        result = self.run_recorded()
+        ignore_requeue_signal()
+        return result
+
+    def run_recorded(self) -> Any:
+        """`run()` between a `start` and an `end` row of jobs.jsonl (rank 0 records)."""
         env = _job_environment()
         main = env is None or env.global_rank == 0
         tag = {"stage": self.stage, "cell": self.cell, "job_id": env.job_id if env else None,
@@ -117,6 +124,21 @@ class CellJob(submitit.helpers.Checkpointable):
         """Requeue this same job; the work resumes from what the run folder holds (no state here)."""
         print(f"bench: requeueing {self.stage} of cell {self.cell}; it resumes from {self.run_dir}", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def ignore_requeue_signal() -> None:
+    """Ignore SLURM's USR2 from now on: the work is finished and recorded.
+
+    submitit's USR2 handler checkpoints and requeues; after the work has returned that is wrong, and
+    late in the process's exit it is worse: Python restores the default action of signals it
+    handled when the interpreter shuts down, so a USR2 that arrives then (the time limit's warning,
+    `signal_delay_s` before the limit, or a preemption) kills the finished job, and SLURM records it
+    FAILED with exit code 140 (128 + SIGUSR2) although `end: done` is in jobs.jsonl. An ignored
+    signal stays ignored through shutdown (CPython resets only signals with a Python handler).
+    """
+    env = _job_environment()
+    if env is not None:  # submitit's signal: USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
+        signal.signal(env._usr_sig(), signal.SIG_IGN)
 
 
 class TrainJob(CellJob):
@@ -164,10 +186,11 @@ class Lane(submitit.helpers.Checkpointable):
         results, failures = [], []
         for job in self.jobs:
             try:
-                results.append(job())
+                results.append(job.run_recorded())
             except Exception as err:
                 traceback.print_exc()
                 failures.append(f"{job.cell}: {type(err).__name__}: {err}")
+        ignore_requeue_signal()
         if failures:
             raise RuntimeError(f"{len(failures)} of {len(self.jobs)} cells failed: " + "; ".join(failures))
         return results

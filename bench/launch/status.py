@@ -1,8 +1,9 @@
 """`bench status`: the state of every cell of a grid.
 
 A cell's state joins its run folder's `jobs.jsonl` records (the newest `submit` row of a stage and
-the `start` / `end` rows that follow it) with the scheduler (`squeue`; `sacct` is never needed, a
-local job's controller process is looked up in /proc) and with the run folder itself (DONE,
+the `start` / `end` rows that follow it) with the scheduler (`squeue -t all`, which also lists jobs
+that ended less than MinJobAge ago; `sacct` is never needed, a local job's controller process is
+looked up in /proc) and with the run folder itself (DONE,
 checkpoints, metrics.jsonl, eval.jsonl).
 """
 
@@ -20,6 +21,14 @@ from bench.runfolder import DONE_FILE, JOBS_FILE, checkpoint_steps, last_logged_
 # squeue's job states (%T) that count as queued and as running; any other state has ended.
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
 RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+# How an ended SLURM job is shown when the job itself recorded no outcome (state, why).
+ENDED = {"CANCELLED": ("cancelled", "cancelled (scancel, or by an administrator)"),
+         "TIMEOUT": ("timeout", "hit its time limit and was not requeued (max_num_timeout reached?)"),
+         "OUT_OF_MEMORY": ("failed", "ran out of memory (raise mem_gb)"),
+         "NODE_FAIL": ("failed", "its node failed"), "BOOT_FAIL": ("failed", "its node failed to boot"),
+         "PREEMPTED": ("failed", "preempted and not requeued"), "DEADLINE": ("failed", "missed its deadline")}
+# Every state `job_state` gives a job that ended without finishing its work.
+ENDED_STATES = ("failed", "cancelled", "timeout")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -27,14 +36,16 @@ RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
 
 def _squeue(job_ids: set[str]) -> dict[str, str]:
-    """job id -> SLURM state, via one `squeue -h -r -j IDS -o "%i %T"` call.
+    """job id -> SLURM state, via one `squeue -h -r -t all -j IDS -o "%i %T"` call.
 
-    Jobs absent from the answer are gone (ended more than MinJobAge ago); an unreachable scheduler
-    gives `UNKNOWN: <why>` for all of them.
+    `-t all` matters: without it squeue lists only pending and running jobs, and an ended job
+    (CANCELLED, TIMEOUT, FAILED, COMPLETED) would look like one that never reported. With it, ended
+    jobs stay listed for the controller's MinJobAge (SLURM's default 300 s); jobs absent from the
+    answer are gone. An unreachable scheduler gives `UNKNOWN: <why>` for all of them.
     """
     if not job_ids:
         return {}
-    cmd = ["squeue", "-h", "-r", "-j", ",".join(sorted(job_ids)), "-o", "%i %T"]
+    cmd = ["squeue", "-h", "-r", "-t", "all", "-j", ",".join(sorted(job_ids)), "-o", "%i %T"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -83,7 +94,8 @@ def _tail_error(path: Optional[str]) -> str:
 def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> tuple[str, str, int]:
     """(state, detail, restarts) of the job of one `submit` record, from the events that follow it.
 
-    state: queued, running, done, failed or unknown; detail: the error or why the state is unknown.
+    state: queued, running, done, failed, cancelled, timeout or unknown; detail: the error, how the
+    job ended or why the state is unknown.
     """
     jid = submit.get("job_id")
     mine = [e for e in events if e.get("job_id") == jid and e.get("event") in ("start", "end")]
@@ -94,7 +106,13 @@ def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> t
     if last and last["event"] == "end" and last.get("outcome") == "failed":
         return "failed", str(last.get("error", "")), restarts
     if last and last["event"] == "end" and last.get("outcome") == "done":
-        return "done", "", restarts  # (a local lane may still be running other cells)
+        # (a local lane may still be running other cells). The work is done whatever SLURM says, but
+        # a disagreement is shown: before jobs ignored USR2 once finished, a time-limit warning that
+        # arrived while the finished process exited killed it (FAILED, exit 140 = 128 + SIGUSR2).
+        if scheduler in ENDED or scheduler == "FAILED":
+            return "done", (f"the work finished, but SLURM recorded the job as {scheduler} afterwards "
+                            "(killed while exiting?)"), restarts
+        return "done", "", restarts
     if scheduler in QUEUED:
         return "queued", ("requeued" if starts else ""), restarts
     if scheduler in RUNNING:
@@ -102,8 +120,12 @@ def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> t
         return ("running" if started or submit.get("lane") is None else "queued"), "", restarts
     if scheduler.startswith("UNKNOWN"):
         return "unknown", scheduler.split(":", 1)[-1].strip(), restarts
-    why = f"job ended as {scheduler}" if scheduler != "GONE" else "job ended without reporting an outcome"
     tail = _tail_error(submit.get("stderr"))
+    if scheduler in ENDED:
+        state, why = ENDED[scheduler]
+        return state, f"job {why} (SLURM state {scheduler})" + (f"; log: {tail}" if tail else ""), restarts
+    why = f"job ended as {scheduler} without reporting an outcome" if scheduler != "GONE" else \
+        "job ended without reporting an outcome"
     return "failed", why + (f"; log: {tail}" if tail else " (cancelled, out of memory, time limit or node failure?)"), restarts
 
 
@@ -152,12 +174,12 @@ def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path
                "eval_errors": [], "last_metric": last_metric(run)}
         if sub is not None:
             row["state"], row["detail"], row["restarts"] = job_state(sub, events, states)
-        if (run / DONE_FILE).is_file():
-            row["state"], row["detail"] = "done", ""
+        if (run / DONE_FILE).is_file():  # (keeps a "SLURM disagrees" note of job_state)
+            row["state"], row["detail"] = "done", row["detail"] if row["state"] == "done" else ""
         elif sub is not None:
             if row["state"] == "done":  # the job returned but the trainer wrote no DONE marker
                 row["state"], row["detail"] = "failed", f"job ended but {run / DONE_FILE} is missing"
-            if row["state"] == "failed":
+            if row["state"] in ENDED_STATES:
                 row["log"] = sub.get("stderr")
         measured = total = 0
         notes = []
@@ -174,7 +196,7 @@ def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path
                 st, detail, _ = job_state(esub, eevents, states)
                 if st != "done":
                     notes.append(f"{setting.name}: {st}")
-                if st == "failed":
+                if st in ENDED_STATES:
                     row["eval_errors"].append(f"{setting.name}: {detail}\n    log: {esub.get('stderr')}")
         row["eval"] = f"{measured}/{total} measured" + (f"; {'; '.join(notes)}" if notes else "") if total else ""
         rows.append(row)
@@ -193,7 +215,7 @@ def format_status(name: str, rows: Sequence[dict]) -> str:
     lines = [f"grid {name}: {len(rows)} cells"] + ["  ".join(str(v).ljust(w) for v, w in zip(t, widths)).rstrip()
                                                    for t in table]
     for r in rows:
-        if r["state"] in ("failed", "unknown") or r["detail"]:
+        if r["state"] in (*ENDED_STATES, "unknown") or r["detail"]:
             lines.append(f"  {r['cell']}: {r['state']}: {r['detail']}" + (f"\n    log: {r['log']}" if r["log"] else ""))
         lines += [f"  {r['cell']} eval {error}" for error in r.get("eval_errors", [])]
     counts: dict[str, int] = {}

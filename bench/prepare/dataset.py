@@ -3,7 +3,8 @@
 Layout of a prepared folder (`data.prepared_dir`):
 
     manifest.json            written last; identifies everything below (settings hash, encoder,
-                             grids, r_max, counts, VAE and its scaling factor, classifier)
+                             grids, r_max, counts, VAE and its scaling factor, classifier) and lists
+                             every file below with its size and sha256 (`files`)
     settings.json            the settings being prepared (guards against mixing two settings)
     pca.safetensors/.json    the PCA (full basis, float64) fitted on the train split
     pca_stats.safetensors    the merged float64 sums it came from
@@ -30,7 +31,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,52 @@ SHARD_KEYS = ("moments", "semantic", "labels", "indices")
 
 class PreparedDataError(ValueError):
     """A prepared folder is missing, incomplete, or does not fit what the trainer asked for."""
+
+
+def rebuild_command(prepared_dir: str | Path) -> str:
+    """What rebuilds a damaged prepared folder (named by every corruption error)."""
+    return (f"`bench prepare --verify data.prepared_dir={prepared_dir}` with the data/vae/encoder "
+            "settings it was prepared with (its settings.json lists them): it checks every file and "
+            "rebuilds the damaged ones")
+
+
+def data_files(prepared_dir: str | Path, shards: Sequence[str]) -> list[str]:
+    """The files a manifest vouches for: the shards, the PCA, and the embedded VAE and classifier."""
+    root = Path(prepared_dir)
+    names = list(shards) + [n for n in ("pca.safetensors", "pca.json", "pca_stats.safetensors")
+                            if (root / n).is_file()]
+    for folder in ("vae", "classifier"):
+        if (root / folder).is_dir():
+            names += sorted(str(p.relative_to(root)) for p in (root / folder).rglob("*")
+                            if p.is_file() and ".tmp-" not in p.name)
+    return names
+
+
+def file_records(prepared_dir: str | Path, names: Sequence[str]) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of the named files (hashed now)."""
+    from bench.atomic import sha256_file
+
+    root = Path(prepared_dir)
+    return {name: {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
+            for name in names}
+
+
+def check_files(prepared_dir: str | Path, manifest: dict, hashes: bool = False) -> list[str]:
+    """What is wrong with the files the manifest lists: missing, another size, or (hashes=True)
+    other content. Sizes cost one stat per file; hashes read every byte."""
+    from bench.atomic import sha256_file
+
+    root, problems = Path(prepared_dir), []
+    for name, record in sorted((manifest.get("files") or {}).items()):
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif path.stat().st_size != record["bytes"]:
+            problems.append(f"{path} is {path.stat().st_size} bytes, the manifest says {record['bytes']} "
+                            "(truncated or overwritten)")
+        elif hashes and sha256_file(path) != record["sha256"]:
+            problems.append(f"{path} does not match its sha256 in the manifest (corrupted)")
+    return problems
 
 
 def shard_name(split: str, index: int) -> str:
@@ -84,6 +131,8 @@ def write_manifest(out: Path, settings_hash: str, cfg_data, cfg_encoder, vae_inf
                        if classifier else None),
         "timings": timings,
     }
+    shards = [name for entry in splits.values() for name in entry["shards"]]
+    manifest["files"] = file_records(out, data_files(out, shards))  # sizes + sha256, hashed now
     return atomic_write_json(Path(out) / MANIFEST, manifest)
 
 
@@ -183,18 +232,25 @@ _MANIFEST_TYPE_TEXT = {
 }
 
 
-def read_manifest(prepared_dir: str | Path) -> Manifest:
-    """The manifest of a finished prepare, or PreparedDataError saying what to run."""
+def read_manifest(prepared_dir: str | Path, check: bool = True) -> Manifest:
+    """The manifest of a finished prepare, or PreparedDataError saying what to run. check: every
+    file it lists exists with its recorded size (cheap; `bench prepare --verify` checks hashes)."""
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise PreparedDataError(f"{path} not found: {prepared_dir} holds no finished prepare; run "
                                 "`bench prepare` (with the same data/vae/encoder settings) first")
     try:
         raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PreparedDataError(f"{path} is not valid JSON ({err}); re-run `bench prepare` with the same "
-                                "settings to rebuild it") from None
-    return Manifest.from_json(raw, Path(prepared_dir), str(path))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PreparedDataError(f"{path} is not valid JSON ({err}); rebuild it: "
+                                f"{rebuild_command(prepared_dir)}") from None
+    manifest = Manifest.from_json(raw, Path(prepared_dir), str(path))
+    if check:
+        problems = check_files(prepared_dir, raw)
+        if problems:
+            raise PreparedDataError(f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1
+                                                        else "") + f"; rebuild: {rebuild_command(prepared_dir)}")
+    return manifest
 
 
 def check_manifest(manifest: Manifest, encoder_id: Optional[str] = None,
@@ -265,7 +321,7 @@ class PreparedDataset(Dataset):
         parts: dict[str, list[torch.Tensor]] = {"moments": [], "semantic": [], "labels": [],
                                                 "features": []}
         for shard in self.shards:
-            tensors = load_file(str(shard))
+            tensors = self._checked(shard, load_file)
             parts["moments"].append(tensors["moments"])
             parts["semantic"].append(self._semantic(tensors["semantic"]))
             parts["labels"].append(tensors["labels"])
@@ -275,6 +331,30 @@ class PreparedDataset(Dataset):
         self.semantic = torch.cat(parts["semantic"])
         self.labels = torch.cat(parts["labels"])
         self.features = torch.cat(parts["features"]) if self.with_features else None
+
+    def _checked(self, shard: Path, load_file) -> dict:
+        """A shard's tensors, or PreparedDataError naming the shard when it cannot be read or holds
+        what a prepare never writes (labels out of range, non-finite values, wrong shapes)."""
+        count = self.counts[self.shards.index(shard)]
+        try:
+            tensors = load_file(str(shard))
+            problem = next((f"has no tensor {k!r}" for k in SHARD_KEYS if k not in tensors), None)
+        except Exception as err:  # safetensors' SafetensorError, OSError: an unreadable file
+            tensors, problem = {}, f"cannot be read ({type(err).__name__}: {err})"
+        if problem is None:
+            labels = tensors["labels"]
+            num_classes = int(self.manifest["data"]["num_classes"])
+            if any(tensors[k].shape[0] != count for k in SHARD_KEYS):
+                problem = f"does not hold {count} rows as the manifest says"
+            elif labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+                problem = f"holds labels outside [0, {num_classes})"
+            else:
+                bad = [k for k in ("moments", "semantic") if not bool(torch.isfinite(tensors[k]).all())]
+                problem = f"holds NaN or infinite values in {bad[0]!r}" if bad else None
+        if problem:
+            raise PreparedDataError(f"prepared shard {shard} {problem}: it is damaged; rebuild it: "
+                                    f"{rebuild_command(self.root)}")
+        return tensors
 
     def __len__(self) -> int:
         return self.offsets[-1]

@@ -30,8 +30,24 @@ from typing import Optional
 
 import torch
 
-from bench.atomic import atomic_save_safetensors, atomic_write_json, remove_stale_temporaries, sha256_file, sha256_json
-from bench.prepare.dataset import FORMAT_VERSION, MANIFEST, load_prepared, shard_name, write_manifest  # noqa: F401
+from bench.atomic import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    crash_point,
+    remove_stale_temporaries,
+    sha256_file,
+    sha256_json,
+)
+from bench.prepare.dataset import (  # noqa: F401
+    FORMAT_VERSION,
+    MANIFEST,
+    PreparedDataError,
+    check_files,
+    load_prepared,
+    read_manifest,
+    shard_name,
+    write_manifest,
+)
 from bench.prepare.embedded import (
     ClassifierSettings,
     EmbeddedVAESettings,
@@ -79,6 +95,9 @@ class PrepareOptions:
     classifier: ClassifierSettings = field(default_factory=ClassifierSettings)
     train_classifier: bool = True
     overwrite: bool = False
+    verify: bool = False
+    """Check every prepared file against the manifest's sha256 (not only its size) and rebuild the
+    damaged ones."""
     """Replace a prepared folder that holds other settings (otherwise that is an error)."""
     progress: bool = True
     device: str = "auto"
@@ -153,6 +172,44 @@ def _classifier_settings(cfg_data, options: PrepareOptions) -> ClassifierSetting
 
 def _wants_classifier(cfg_data, options: PrepareOptions) -> bool:
     return options.train_classifier and cfg_data.name in CLASSIFIER_DATASETS
+
+
+def _up_to_date(out: Path, settings_hash: str, options: PrepareOptions) -> bool:
+    """True when `out` holds a finished prepare of these settings whose files are intact (sizes;
+    with options.verify also sha256). Damaged files are removed, with what was derived from them,
+    and the manifest too: the run goes on and rebuilds them."""
+    try:
+        manifest = read_manifest(out, check=False)
+    except PreparedDataError as err:
+        if not _same_settings(out, settings_hash):
+            raise
+        print(f"prepare: {err}; rebuilding it", flush=True)
+        (out / MANIFEST).unlink()
+        return False
+    if manifest.get("settings_hash") != settings_hash:
+        return False
+    problems = check_files(out, manifest, hashes=options.verify)
+    if not problems:
+        checked = f"; {len(manifest.get('files') or {})} files match their sha256" if options.verify else ""
+        print(f"prepare: {out} is up to date (settings {settings_hash[:12]}{checked})", flush=True)
+        return True
+    shards = [name for entry in manifest["splits"].values() for name in entry["shards"]]
+    for problem in problems:
+        print(f"prepare: damaged: {problem}", flush=True)
+    bad = [name for name in manifest["files"] if any(problem.startswith(f"{out / name} ") for problem in problems)]
+    doomed = set(bad)
+    if any(name.startswith("vae/") for name in bad):  # every shard's moments came from the VAE
+        doomed |= set(shards)
+    if any(name.startswith("pca") for name in bad):  # the PCA is refitted from every train shard
+        doomed |= set(shards) | {"pca.safetensors", "pca.json", "pca_stats.safetensors"}
+    for folder in ("vae", "classifier"):
+        if any(name.startswith(folder + "/") for name in bad):
+            shutil.rmtree(out / folder, ignore_errors=True)
+    for name in sorted(doomed):
+        (out / name).unlink(missing_ok=True)
+    (out / MANIFEST).unlink()
+    print(f"prepare: rebuilding {len(doomed)} file(s)", flush=True)
+    return False
 
 
 def _plan(sources: dict[str, ImageSource], options: PrepareOptions) -> list[tuple[str, int, range]]:
@@ -243,7 +300,7 @@ def _ensure_embedded_assets(out: Path, cfg_data, cfg_vae, sources: dict[str, Ima
                             options: PrepareOptions, task_index: int) -> None:
     """Train the embedded VAE and the evaluation classifier when they are missing (task 0)."""
     need_vae = cfg_vae.kind == "embedded" and not cfg_vae.path and \
-        not (out / "vae" / "config.json").is_file()
+        not (out / "vae" / "training.json").is_file()  # written after the weights
     need_classifier = _wants_classifier(cfg_data, options) and classifier_info(out / "classifier") is None
     if not (need_vae or need_classifier):
         return
@@ -330,8 +387,10 @@ def _project_shard(out: Path, split: str, index: int, pca: PCAModel, r_max: int,
                                    for i in range(0, len(features), 64)])
     if store_features:
         final["features"] = tensors["features"]
-    atomic_save_safetensors(out / shard_name(split, index), final,
-                            metadata={"format": FORMAT_VERSION, "split": split, "shard": str(index)})
+    # One metadata key: safetensors writes the metadata map in a random order per process, so with
+    # two keys a rebuilt (or killed and resumed) shard would differ from the original in its bytes.
+    atomic_save_safetensors(out / shard_name(split, index), final, metadata={"format": FORMAT_VERSION})
+    crash_point(f"prepare:projected:{split}/{index}")  # the final shard in place, pass 1's not removed
     enc.unlink()
 
 
@@ -372,11 +431,8 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     settings = _settings(cfg_data, cfg_vae, cfg_encoder, options, sources, encoder)
     settings_hash = sha256_json(settings)
     manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("settings_hash") == settings_hash:
-            print(f"prepare: {out} is up to date (settings {settings_hash[:12]})", flush=True)
-            return out
+    if manifest_path.is_file() and _up_to_date(out, settings_hash, options):
+        return out
     pca = _supplied_pca(encoder, options, out, settings_hash)  # validated before anything is written
     if pca is None and "train" not in sources:
         raise PrepareError("the PCA is fitted on the train split; include 'train' in splits or "
@@ -416,6 +472,7 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
                                     pca_rows=pca_rows)
             atomic_save_safetensors(out / _enc_name(split, index), tensors,
                                     metadata={"format": FORMAT_VERSION, "pass": "1"})
+            crash_point(f"prepare:encoded:{split}/{index}")
     encode_seconds = time.time() - encode_start
     if count:
         print(f"prepare: encoded {count} images in {encode_seconds:.1f}s "
@@ -502,6 +559,9 @@ def main(argv=None) -> int:
                         help="allow unpickling --official-pca (only for a file you trust)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a prepared folder that holds other settings")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every prepared file's sha256 against the manifest and rebuild "
+                             "damaged ones (sizes are always checked)")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-progress", action="store_true")
@@ -515,6 +575,7 @@ def main(argv=None) -> int:
         task_count=args.task_count, splits=tuple(s for s in args.splits.split(",") if s),
         max_images=_parse_max_images(args.max_images), pca_path=args.pca_path,
         official_pca=args.official_pca, trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+        verify=args.verify,
         device=args.device, seed=args.seed, progress=not args.no_progress,
         train_classifier=not args.no_classifier)
     out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options)  # errors: one line (bench.cli)

@@ -215,9 +215,10 @@ def render_markdown(report: Report) -> str:
 
 def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> Path:
     """report.md, table.csv/.tex (the layout), the tidy CSVs and the plots, written atomically."""
-    from bench.atomic import atomic_write_text
+    from bench.atomic import atomic_write_text, remove_stale_temporaries
 
     out = Path(out_dir)
+    remove_stale_temporaries(out)  # what a killed earlier run left: its output is written again
     atomic_write_text(out / "report.md", render_markdown(report))
     parts = blocks(report)
     layout = pd.concat([t.assign(setting=s, block=b) for s, b, _, t in parts], ignore_index=True) \
