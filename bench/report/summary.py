@@ -58,7 +58,7 @@ from bench.report.paper_match import (
     paper_tables,
 )
 from bench.report.records import CELL_COLUMNS, Gathered, Report
-from bench.report.stats import find_speedups, mean_ci95
+from bench.report.stats import find_speedups, mean_ci95, split_sampling_seed_setting
 from bench.report.tables import (
     blocks,
     to_markdown,
@@ -186,6 +186,9 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     """Aggregate seeds, separate provenance groups, attach the paper's numbers, find speed-ups."""
     runs, conditions = label_runs(g.runs, g.grid)
     values = per_run_values(g.evals).merge(runs[["run", "condition"]], on="run", how="left")
+    # `bench eval --sampling-seeds` rows (setting '<name>+seed=<k>') measure evaluation noise of one
+    # checkpoint; tables.py shows them in their own section, not as settings of the grid.
+    values = values[[split_sampling_seed_setting(s) is None for s in values["setting"]]]
     measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
     metric = metric or next((m for m in ("fid", "fd_classifier", "fd_dinov2") if m in measured),
                             measured[0] if measured else "fid")
