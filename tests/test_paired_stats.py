@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from test_report import PROV, eval_row, embedded_config, write_run
+from test_report import embedded_config, eval_row, write_run
 
 from bench.report.stats import (
     paired_comparisons,
@@ -116,7 +116,8 @@ def test_report_pairs_by_seed_and_calls_better_only_when_the_interval_excludes_z
     assert "t-interval" in text and "✱" in text
     better = [line for line in text.splitlines() if " is better than " in line]
     # ReDi - latent_only: -3, -2.5, -3 -> [-3.55, -2.12]; ReDi - REPA: -4, -1.5, -4.5 -> contains 0.
-    assert len(better) == 1 and better[0].startswith("- `no_cfg`, FD at 1K: SiT-tiny/1 w/ ReDi is better than SiT-tiny/1 (")
+    assert len(better) == 1
+    assert better[0].startswith("- `no_cfg`, FD at 1K: SiT-tiny/1 w/ ReDi is better than SiT-tiny/1 (")
     unclear = [line for line in text.splitlines() if "no difference between" in line]
     assert len(unclear) == 2 and any("w/ ReDi and SiT-tiny/1 w/ REPA" in line for line in unclear)
 

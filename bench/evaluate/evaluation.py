@@ -391,7 +391,8 @@ def format_spread(rows: Sequence[dict]) -> str:
     """Per (step, metric): the values over sampling seeds, their mean and sample std (ddof 1)."""
     by_key: dict[tuple[int, str], list[tuple[int, float]]] = {}
     for r in rows:
-        by_key.setdefault((int(r["step"]), str(r["metric"])), []).append((int(r.get("sampling_seed", r.get("seed"))), float(r["value"])))
+        seed = int(r.get("sampling_seed", r.get("seed")))
+        by_key.setdefault((int(r["step"]), str(r["metric"])), []).append((seed, float(r["value"])))
     lines = ["step  metric  sampling seeds: values  mean  std (ddof 1)  max - min"]
     for (step, metric), pairs in sorted(by_key.items()):
         values = np.array([v for _, v in sorted(pairs)])

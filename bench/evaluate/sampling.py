@@ -16,7 +16,8 @@ Shard i holds images [i * shard_size, min((i + 1) * shard_size, N)). Its labels 
 seeded by (eval seed, shard index) only, and it is sampled in batches of `eval.batch_size`, batch j
 with noise from a generator seeded by (eval seed, shard index, j), so shard i is the same whether it
 is sampled first, last, alone, after a kill, or by another array task, and two specs with the same
-eval seed share labels and initial latent noise x_T in every batch (paired comparisons). Both the shard size and the batch size are part of the setting hash
+eval seed share labels and initial latent noise x_T in every batch (paired comparisons). Both the
+shard size and the batch size are part of the setting hash
 (the batch size fixes how the noise stream is cut into network calls). The number of samples is
 not: asking for more samples later adds shards to the same folder and reuses the finished ones.
 Each shard is written atomically (temporary name, then os.replace); a shard that is unreadable or

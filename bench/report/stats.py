@@ -227,14 +227,15 @@ def paired_comparisons(values: pd.DataFrame, pairs: Sequence[tuple[str, str]],
     rows = []
     if values.empty:
         return pd.DataFrame(columns=columns)
+    def by_seed(part: pd.DataFrame, setting: str, metric: str, condition: str) -> dict[int, float]:
+        own = part[part["condition"] == condition]
+        if main is not None and (setting, metric, condition) in main:
+            own = own[own["provenance"] == main[(setting, metric, condition)]]
+        return {int(k): float(v) for k, v in zip(own["seed"], own["value"]) if pd.notna(k)}
+
     for (setting, metric, step), part in values.groupby(["setting", "metric", "step"], sort=True):
-        def of(condition: str) -> dict[int, float]:
-            own = part[part["condition"] == condition]
-            if main is not None and (setting, metric, condition) in main:
-                own = own[own["provenance"] == main[(setting, metric, condition)]]
-            return {int(k): float(v) for k, v in zip(own["seed"], own["value"]) if pd.notna(k)}
         for method, base in pairs:
-            m, b = of(method), of(base)
+            m, b = by_seed(part, setting, metric, method), by_seed(part, setting, metric, base)
             if not m or not b:
                 continue
             d = paired_difference(m, b)
@@ -267,6 +268,13 @@ def split_sampling_seed_setting(setting: str) -> tuple[str, int] | None:
     """('default', 2) for 'default+seed=2'; None for an ordinary setting name."""
     base, sep, seed = str(setting).rpartition(SAMPLING_SEED_SUFFIX)
     return (base, int(seed)) if sep and base and seed.isdigit() else None
+
+
+def without_sampling_seed_settings(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` without the rows of sampling-seed settings (column `setting`); columns always kept."""
+    keep = pd.Series([split_sampling_seed_setting(str(s)) is None for s in frame["setting"]],
+                     index=frame.index, dtype=bool)
+    return frame.loc[keep]
 
 
 def sampling_spread(values: Iterable[float]) -> dict:

@@ -58,7 +58,7 @@ from bench.report.paper_match import (
     paper_tables,
 )
 from bench.report.records import CELL_COLUMNS, Gathered, Report
-from bench.report.stats import find_speedups, mean_ci95, split_sampling_seed_setting
+from bench.report.stats import find_speedups, mean_ci95, split_sampling_seed_setting, without_sampling_seed_settings
 from bench.report.tables import (
     blocks,
     to_markdown,
@@ -188,7 +188,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     values = per_run_values(g.evals).merge(runs[["run", "condition"]], on="run", how="left")
     # `bench eval --sampling-seeds` rows (setting '<name>+seed=<k>') measure evaluation noise of one
     # checkpoint; tables.py shows them in their own section, not as settings of the grid.
-    values = values[[split_sampling_seed_setting(s) is None for s in values["setting"]]]
+    values = without_sampling_seed_settings(values)
     measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
     metric = metric or next((m for m in ("fid", "fd_classifier", "fd_dinov2") if m in measured),
                             measured[0] if measured else "fid")
@@ -254,7 +254,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
                 steps = sorted(part.loc[part["condition"] == condition, "step"].unique())
                 add(setting, name, index, reason, condition, provenance, steps, part)
     missing += [f"setting {s}: nothing measured yet" for s in dict.fromkeys(_grid_settings(g.grid))
-                if s not in set(values["setting"])]
+                if s not in set(values["setting"]) and split_sampling_seed_setting(s) is None]
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
     speedups = find_speedups(cells, conditions, metric, g.grid, final)

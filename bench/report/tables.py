@@ -11,10 +11,25 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.report.common import NOT_MEASURED, SAMPLING_FIELDS, fmt_steps, metric_decimals, metric_label, metric_rank
-from bench.report.groups import describe_provenance, guidance_of
+from bench.report.common import (
+    NOT_MEASURED,
+    SAMPLING_FIELDS,
+    SEED_COLUMN,
+    fmt_steps,
+    metric_decimals,
+    metric_label,
+    metric_rank,
+)
+from bench.report.groups import describe_provenance, guidance_of, label_runs, per_run_values
 from bench.report.paper_match import paper_tables
 from bench.report.records import Report
+from bench.report.stats import (
+    paired_comparisons,
+    sampling_spread,
+    speedup_pairs,
+    split_sampling_seed_setting,
+    without_sampling_seed_settings,
+)
 
 
 def fmt_value(metric: str, mean: float, half: float = math.nan) -> str:
@@ -222,13 +237,9 @@ PAIRED_STATISTICS_TEXT = (
 def paired_values(report: Report) -> pd.DataFrame:
     """One value per run (setting, metric, step, provenance) with its condition and train.seed;
     the extra sampling-seed settings (`<setting>+seed=<k>`) are left out."""
-    from bench.report.common import SEED_COLUMN
-    from bench.report.groups import label_runs, per_run_values
-    from bench.report.stats import split_sampling_seed_setting
-
     g = report.gathered
     values = per_run_values(g.evals)
-    values = values[[split_sampling_seed_setting(s) is None for s in values["setting"]]]
+    values = without_sampling_seed_settings(values)
     runs, _ = label_runs(g.runs, g.grid)
     if SEED_COLUMN not in runs:
         return values.assign(condition=pd.Series(dtype=str), seed=pd.Series(dtype=float)).iloc[0:0]
@@ -239,8 +250,6 @@ def paired_values(report: Report) -> pd.DataFrame:
 def paired_table(report: Report) -> pd.DataFrame:
     """`bench.report.stats.paired_comparisons` for every method/baseline pair of the report (the
     speed-up pairs: each method vs the grid's baseline, and vs REPA), on the main provenance."""
-    from bench.report.stats import paired_comparisons, speedup_pairs
-
     values = paired_values(report)
     if values.empty:
         return paired_comparisons(values, [])
@@ -254,8 +263,6 @@ def paired_table(report: Report) -> pd.DataFrame:
 
 def sampling_noise_table(report: Report) -> pd.DataFrame:
     """Per (run, step, setting, metric) scored with several sampling seeds: the spread of the value."""
-    from bench.report.stats import sampling_spread, split_sampling_seed_setting
-
     ev = report.gathered.evals
     columns = ["run", "setting", "metric", "step", "sampling_seeds", "mean", "std", "min", "max", "n",
                "half_width"]
