@@ -86,6 +86,7 @@ def test_sampling_seed_setting_names_round_trip_and_spread():
 # On report folders: three paired seeds of latent_only, redi and repa
 
 FD = {"latent_only": [30.0, 34.0, 28.0], "redi": [27.0, 31.5, 25.0], "repa": [31.0, 33.0, 29.5]}
+RG = [26.0, 30.0, 24.5]  # redi_rg sampled with Representation Guidance, setting "rg" only
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +100,17 @@ def paired_report(tmp_path_factory):
                                   created_at=f"2025-01-0{k + 2}T00:00:00+00:00")
                          for k, v in enumerate([27.0, 27.4, 26.9])]
             write_run(root, embedded_config(spec, seed), rows)
-    grid = {"name": "mini_fixture", "specs": ["latent_only", "repa", "redi"],
-            "eval": {"steps": [1000], "settings": [{"name": "no_cfg"}]}}
+    for seed, value in enumerate(RG):  # scored only with guidance: compared with latent_only's no_cfg
+        write_run(root, embedded_config("redi_rg", seed), [eval_row(1000, "fd_classifier", value, seed=seed,
+                                                                   setting="rg")])
+    grid = {"name": "mini_fixture", "specs": ["latent_only", "repa", "redi", "redi_rg"],
+            "eval": {"steps": [1000], "settings": [{"name": "no_cfg"}, {"name": "rg"}]}}
     return summarize(gather("mini_fixture", root, grid=grid))
 
 
 def test_report_pairs_by_seed_and_calls_better_only_when_the_interval_excludes_zero(paired_report):
     table = paired_table(paired_report).set_index(["method", "baseline"])
-    assert set(paired_report.cells["setting"]) == {"no_cfg"}  # the sampling-seed rows stay apart
+    assert set(paired_report.cells["setting"]) == {"no_cfg", "rg"}  # the sampling-seed rows stay apart
     redi = table.loc[[i for i in table.index if i[0].endswith("ReDi") and "REPA" not in i[1]][0]]
     ci = stats.ttest_rel(FD["redi"], FD["latent_only"]).confidence_interval(0.95)
     assert redi["n_pairs"] == 3 and abs(redi["diff_low"] - ci.low) < TOL and redi["excludes_zero"]
@@ -116,8 +120,15 @@ def test_report_pairs_by_seed_and_calls_better_only_when_the_interval_excludes_z
     assert "t-interval" in text and "✱" in text
     better = [line for line in text.splitlines() if " is better than " in line]
     # ReDi - latent_only: -3, -2.5, -3 -> [-3.55, -2.12]; ReDi - REPA: -4, -1.5, -4.5 -> contains 0.
-    assert len(better) == 1
+    # RG - REPA (no_cfg): -5, -3, -5 -> [-7.20, -1.46] excludes 0 as well.
+    assert len(better) == 3 and "better than SiT-tiny/1 w/ REPA (setting `no_cfg`) (Δ = -4.33" in better[2]
     assert better[0].startswith("- `no_cfg`, FD at 1K: SiT-tiny/1 w/ ReDi is better than SiT-tiny/1 (")
+    # RG - latent_only (no_cfg): -4, -4, -3.5 -> excludes 0, against the baseline of another setting
+    assert better[1].startswith("- `rg`, FD at 1K: SiT-tiny/1 w/ ReDi (p_drop) is better than SiT-tiny/1 "
+                                "(setting `no_cfg`) (")
+    rg = table.loc[[i for i in table.index if "p_drop" in i[0] and "REPA" not in i[1]][0]]
+    ci = stats.ttest_rel(RG, FD["latent_only"]).confidence_interval(0.95)
+    assert rg["baseline_setting"] == "no_cfg" and rg["setting"] == "rg" and abs(rg["diff_high"] - ci.high) < TOL
     unclear = [line for line in text.splitlines() if "no difference between" in line]
     assert len(unclear) == 2 and any("w/ ReDi and SiT-tiny/1 w/ REPA" in line for line in unclear)
 

@@ -249,16 +249,44 @@ def paired_values(report: Report) -> pd.DataFrame:
 
 def paired_table(report: Report) -> pd.DataFrame:
     """`bench.report.stats.paired_comparisons` for every method/baseline pair of the report (the
-    speed-up pairs: each method vs the grid's baseline, and vs REPA), on the main provenance."""
+    speed-up pairs: each method vs the grid's baseline, and vs REPA), on the main provenance.
+
+    A setting that only some specs are scored with (e.g. Representation Guidance, `match: {spec:
+    redi_rg}`) compares them with the baseline as scored in the first setting that has it (the
+    grid's order; Table 4's question: ReDi with RG against the baseline without); the column
+    `baseline_setting` names it.
+    """
     values = paired_values(report)
     if values.empty:
-        return paired_comparisons(values, [])
+        return paired_comparisons(values, []).assign(baseline_setting=pd.Series(dtype=str))
     main_cells = report.cells[report.cells["group"] == 0]
     main = {(s, m, c): p for s, m, c, p in
             main_cells[["setting", "metric", "condition", "provenance"]].drop_duplicates().itertuples(False)}
     present = [c for c in report.conditions["condition"] if c in set(values["condition"])]
     pairs = [(m, b) for m, b, _ in speedup_pairs(report.conditions, present, report.gathered.grid)]
-    return paired_comparisons(values, pairs, main)
+    listed = [str(x.get("name")) for x in ((report.gathered.grid.get("eval") or {}).get("settings") or [])
+              if isinstance(x, dict)]
+    order = [*dict.fromkeys([*listed, *sorted(values["setting"].unique())])]
+    scored = {s: set(values.loc[values["setting"] == s, "condition"]) for s in order}
+    borrowed: dict[tuple[str, str], str] = {}
+    extra = []
+    for setting in order:
+        for method, base in pairs:
+            if method not in scored[setting] or base in scored[setting] or (setting, base) in borrowed:
+                continue
+            source = next((s for s in order if base in scored[s]), None)
+            if source is None:
+                continue
+            borrowed[(setting, base)] = source
+            rows = values[(values["setting"] == source) & (values["condition"] == base)]
+            extra.append(rows.assign(setting=setting))
+            main.update({(setting, m, base): p for (s, m, c), p in list(main.items())
+                         if s == source and c == base})
+    table = paired_comparisons(pd.concat([values, *extra], ignore_index=True), pairs, main)
+    native = pd.Series([(s, m) not in borrowed for s, m in zip(table["setting"], table["method"])],
+                       index=table.index, dtype=bool)  # a borrowed baseline is never the method of a row
+    table = table.loc[native].reset_index(drop=True)
+    return table.assign(baseline_setting=[borrowed.get((s, b), s) for s, b in zip(table["setting"], table["baseline"])])
 
 
 def sampling_noise_table(report: Report) -> pd.DataFrame:
@@ -293,7 +321,8 @@ def render_paired_section(report: Report) -> list[str]:
         def value(metric: str, mean: float, half: float, n: int) -> str:
             return f"{fmt_value(metric, mean, half)} (n={n})"
         rows = [{"Setting": r.setting, "Metric": metric_label(r.metric), "Iter.": fmt_steps(r.step),
-                 "Method": r.method, "Baseline": r.baseline,
+                 "Method": r.method, "Baseline": r.baseline + (f" (setting {r.baseline_setting})"
+                                                               if r.baseline_setting != r.setting else ""),
                  "method": value(r.metric, r.method_mean, r.method_half_width, r.method_n),
                  "baseline": value(r.metric, r.baseline_mean, r.baseline_half_width, r.baseline_n),
                  "Δ = method − baseline": fmt_value(r.metric, r.diff_mean, r.diff_half_width),
@@ -329,6 +358,9 @@ def paired_sentences(paired: pd.DataFrame) -> list[str]:
     for r in last.itertuples(index=False):
         d = metric_decimals(r.metric, r.diff_mean)
         name, at = metric_label(r.metric), fmt_steps(r.step)
+        source = getattr(r, "baseline_setting", r.setting)
+        base = r.baseline if source == r.setting else f"{r.baseline} (setting `{source}`)"
+        r = r._replace(baseline=base, better=base if r.better == r.baseline else r.better)
         if r.excludes_zero:
             worse = r.baseline if r.better == r.method else r.method
             out.append(f"- `{r.setting}`, {name} at {at}: {r.better} is better than {worse} "
