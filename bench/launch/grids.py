@@ -10,6 +10,7 @@ A grid is specs x axes x seeds in a few lines (ablations/README.md has the full 
     axes:                                  # cartesian product, axes taken in sorted-name order
       train.seed: [0, 1]                   #   a list: values of one key
       backbone: {dit_b2: [model.size=B/2, objective.transport=ddpm]}   # a mapping: named bundles
+    seeds: {paired: [0, 1, 2]}             # instead of a train.seed axis: train.seed=k and eval.seed=k
     cells: []                              # explicit extra cells: [overrides] or {name, overrides, eval_steps}
     patches: [{match: {spec: repa}, overrides: [train.max_steps=4000000]}]   # per-cell additions
     exclude: [{spec: latent_only, backbone: dit_b2}]
@@ -264,7 +265,7 @@ def paired_seed_axis(seeds: Sequence[int]) -> list[tuple[str, str, str, list[str
     (bench.train.loop.derive_seed), so seed k of every spec sees the same data order, VAE posterior
     noise, diffusion times and latent noise; eval.seed=k gives the same class labels and initial
     sampling noise at evaluation. Different k are independent replicates, so the report's paired
-    differences (bench.report.stats.paired_differences) have n = number of seeds.
+    differences (bench.report.stats.paired_difference) have n = number of seeds.
     """
     return [(SEED_KEY, str(k), f"seed={k}", [f"{SEED_KEY}={k}", f"eval.seed={k}"]) for k in seeds]
 
