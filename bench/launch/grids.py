@@ -39,9 +39,9 @@ from bench.config import ConfigError, ExperimentConfig
 from bench.identity import run_dir as identity_run_dir
 
 GRIDS_DIR = ABLATIONS_DIR / "grids"
+SEED_KEY = "train.seed"  # the axis `seeds: {paired: [...]}` adds (with eval.seed of the same value)
 TOP_KEYS = ("name", "title", "regenerates", "base", "specs", "axes", "seeds", "cells", "patches", "exclude",
             "eval", "resources", "throughput", "perf", "paper", "baseline", "notes")
-SEED_KEY = "train.seed"  # the axis `seeds: {paired: [...]}` adds (with eval.seed of the same value)
 EVAL_KEYS = ("steps", "overrides", "settings", "resources")
 SETTING_KEYS = ("name", "overrides", "match")
 PATCH_KEYS = ("match", "overrides", "eval_steps")
@@ -77,8 +77,6 @@ class Grid:
     paper: Optional[dict] = None
     baseline: Optional[str] = None
     notes: str = ""
-    seeds: dict = field(default_factory=dict)
-    """`{paired: [0, 1, 2]}`: common random numbers, see `paired_seed_axis`."""
 
 
 @dataclass(frozen=True)
@@ -187,8 +185,7 @@ def parse_grid(raw: Any, path: Path) -> Grid:
     axes = data.get("axes") or {}
     if not isinstance(axes, dict):
         raise _fail(path, f"axes must be a mapping (key: [values] or name: {{label: [overrides]}}), got {axes!r}")
-    seeds = _paired_seeds(path, data.get("seeds"), axes)
-    label_axes = {**axes, **({SEED_KEY: seeds["paired"]} if seeds else {})}  # what match/exclude may name
+    axes = with_paired_seeds(path, data.get("seeds"), axes)
     for key, values in axes.items():
         if isinstance(values, dict):
             if not values:
@@ -205,12 +202,10 @@ def parse_grid(raw: Any, path: Path) -> Grid:
     patches = []
     for index, item in enumerate(data.get("patches") or []):
         item = _keys(path, f"patches[{index}]", item, PATCH_KEYS)
-        patches.append({"match": _keys(path, f"patches[{index}].match", item.get("match") or {},
-                                       _label_keys(label_axes)),
+        patches.append({"match": _keys(path, f"patches[{index}].match", item.get("match") or {}, _label_keys(axes)),
                         "overrides": _strings(path, f"patches[{index}].overrides", item.get("overrides")),
                         "eval_steps": _steps(path, f"patches[{index}].eval_steps", item.get("eval_steps")) or None})
-    exclude = [_keys(path, f"exclude[{i}]", m, _label_keys(label_axes))
-               for i, m in enumerate(data.get("exclude") or [])]
+    exclude = [_keys(path, f"exclude[{i}]", m, _label_keys(axes)) for i, m in enumerate(data.get("exclude") or [])]
     ev = _keys(path, "eval", data.get("eval") or {}, EVAL_KEYS)
     settings = []
     for index, item in enumerate(ev.get("settings") or DEFAULT_SETTINGS):
@@ -223,7 +218,7 @@ def parse_grid(raw: Any, path: Path) -> Grid:
                                                  _strings(path, f"eval.settings[{index}].overrides",
                                                           item.get("overrides"))),
                          "match": _keys(path, f"eval.settings[{index}].match", item.get("match") or {},
-                                        _label_keys(label_axes))})
+                                        _label_keys(axes))})
     evaluation = {"steps": _steps(path, "eval.steps", ev.get("steps")),
                   "overrides": _eval_only(path, "eval.overrides", _strings(path, "eval.overrides", ev.get("overrides"))),
                   "settings": settings, "resources": _resources(path, "eval.resources", ev.get("resources"))}
@@ -238,13 +233,25 @@ def parse_grid(raw: Any, path: Path) -> Grid:
                 resources=_resources(path, "resources", data.get("resources")),
                 throughput={str(k): float(v) for k, v in throughput.items()},
                 perf=_strings(path, "perf", data.get("perf")), paper=data.get("paper"),
-                baseline=data.get("baseline"), notes=str(data.get("notes") or ""), seeds=seeds)
+                baseline=data.get("baseline"), notes=str(data.get("notes") or ""))
 
 
-def _paired_seeds(path: Path, value: Any, axes: Mapping[str, Any]) -> dict:
-    """Validate `seeds: {paired: [k, ...]}` (distinct non-negative integers); {} when absent."""
+class PairedSeeds(list):
+    """The values of the axis `train.seed` that `seeds: {paired: [...]}` adds (a list of ints)."""
+
+
+def with_paired_seeds(path: Path, value: Any, axes: dict) -> dict:
+    """`axes` plus, for `seeds: {paired: [k, ...]}`, the axis train.seed whose value k sets
+    train.seed=k AND eval.seed=k (cells `...-seed=k`; `match`/`exclude` name it `train.seed`).
+
+    Common random numbers: every random stream of a run is derived from (train.seed, purpose)
+    (bench.train.loop.derive_seed), so seed k of every spec sees the same data order, VAE posterior
+    noise, diffusion times and latent noise; eval.seed=k gives the same class labels and initial
+    sampling noise at evaluation. Different k are independent replicates: the report's paired
+    differences (bench.report.stats.paired_difference) have n = the number of seeds.
+    """
     if value is None:
-        return {}
+        return axes
     if not isinstance(value, dict) or set(value) != {"paired"}:
         raise _fail(path, f"seeds must be {{paired: [0, 1, 2]}} (common random numbers across specs), "
                           f"got {value!r}")
@@ -255,19 +262,7 @@ def _paired_seeds(path: Path, value: Any, axes: Mapping[str, Any]) -> dict:
     if SEED_KEY in axes:
         raise _fail(path, f"give the seeds once: either axes.{SEED_KEY} (independent of the sampling seed) "
                           "or seeds.paired (train.seed and eval.seed together), not both")
-    return {"paired": list(seeds)}
-
-
-def paired_seed_axis(seeds: Sequence[int]) -> list[tuple[str, str, str, list[str]]]:
-    """The axis `seeds: {paired: [...]}` adds: seed k sets train.seed=k AND eval.seed=k.
-
-    Common random numbers: every random stream of a run is derived from (train.seed, purpose)
-    (bench.train.loop.derive_seed), so seed k of every spec sees the same data order, VAE posterior
-    noise, diffusion times and latent noise; eval.seed=k gives the same class labels and initial
-    sampling noise at evaluation. Different k are independent replicates, so the report's paired
-    differences (bench.report.stats.paired_difference) have n = number of seeds.
-    """
-    return [(SEED_KEY, str(k), f"seed={k}", [f"{SEED_KEY}={k}", f"eval.seed={k}"]) for k in seeds]
+    return {**axes, SEED_KEY: PairedSeeds(seeds)}
 
 
 def _label_keys(axes: Mapping[str, Any]) -> tuple[str, ...]:
@@ -310,12 +305,12 @@ def compose(overrides: Iterable[str]) -> ExperimentConfig:
 def _raw_cells(grid: Grid) -> list[tuple[str, dict[str, str], list[str], Optional[list[int]]]]:
     """(name, labels, overrides, eval_steps) before patches, in a key-order-independent order."""
     out = []
-    axes = {**grid.axes, **({SEED_KEY: None} if grid.seeds else {})}
+    axis_names = sorted(grid.axes)
     choices = []
-    for key in sorted(axes):
-        values = axes[key]
-        if values is None:  # seeds.paired
-            choices.append(paired_seed_axis(grid.seeds["paired"]))
+    for key in axis_names:
+        values = grid.axes[key]
+        if isinstance(values, PairedSeeds):
+            choices.append([(key, str(k), f"seed={k}", [f"{SEED_KEY}={k}", f"eval.seed={k}"]) for k in values])
         elif isinstance(values, dict):
             choices.append([(key, str(label), label, list(bundle)) for label, bundle in sorted(values.items())])
         else:
