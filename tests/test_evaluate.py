@@ -180,7 +180,7 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     model.eval()
     labels = torch.randint(0, 10, (SHARD,), dtype=torch.long,
                            generator=torch.Generator().manual_seed(derive_seed(0, "sampling", "labels", 0)))
-    noise = torch.Generator().manual_seed(derive_seed(0, "sampling", "noise", 0))
+    noise = torch.Generator().manual_seed(derive_seed(0, "sampling", "noise", 0, 0))  # shard 0, batch 0
     batch = cfg.eval.batch_size
     x, z = sample_flow(model, (batch, 4, 8, 8), (batch, cfg.semantic_channels, 8, 8), labels[:batch],
                        Guidance(latent_channels=4, semantic_channels=cfg.semantic_channels), "euler", 3,
@@ -554,6 +554,30 @@ def test_cli_eval_prints_a_table(run, capsys):
                       "eval.num_samples=16"]) == 0
     out = capsys.readouterr().out
     assert "fd_classifier" in out and "accuracy" in out and "2 new row(s)" in out
+
+
+def test_sampling_seeds_score_one_checkpoint_with_other_noise_and_report_the_spread(run, capsys):
+    from bench.report.stats import split_sampling_seed_setting
+
+    argv = [str(run), "--step", "4", "--shard-size", str(SHARD), "--no-progress", "eval.num_samples=16",
+            "--sampling-seeds", "0,1,2"]
+    assert main_eval(argv) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in read_eval_rows(run) if r["metric"] == "fd_classifier"]
+    assert sorted(r["setting"] for r in rows) == ["default+seed=0", "default+seed=1", "default+seed=2"]
+    assert {split_sampling_seed_setting(r["setting"]) for r in rows} == {("default", k) for k in range(3)}
+    assert sorted(r["sampling_seed"] for r in rows) == [0, 1, 2] == sorted(r["seed"] for r in rows)
+    assert len({r["checkpoint_sha256"] for r in rows}) == 1  # one checkpoint ...
+    assert len({r["samples_dir"] for r in rows}) == 3         # ... three sets of samples
+    values = [r["value"] for r in sorted(rows, key=lambda r: r["sampling_seed"])]
+    assert len(set(values)) == 3  # other labels and noise give other FDs
+    assert f"{np.std(values, ddof=1):.4g}" in out and "0: " in out
+    # The default seed's row equals a plain evaluation with eval.seed=0 (same samples, same number).
+    plain = evaluate(None, run, [4], "plain", ["eval.num_samples=16"], shard_size=SHARD, progress=False)
+    assert [r["value"] for r in plain if r["metric"] == "fd_classifier"] == [values[0]]
+    assert main_eval(argv) == 0  # a re-run adds no row
+    assert len([r for r in read_eval_rows(run) if r["metric"] == "fd_classifier"]) == 4
+    assert main_eval([*argv[:-1], "1,x"]) == 2 and "comma-separated integers" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

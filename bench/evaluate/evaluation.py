@@ -298,6 +298,39 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     return written
 
 
+SAMPLING_SEED_SUFFIX = "+seed="  # setting names of --sampling-seeds; bench.report.stats parses them
+
+
+def evaluate_sampling_seeds(run_dir: Path, steps: Optional[list[int]], seeds: Sequence[int],
+                            setting: str = "default", overrides: Sequence[str] = (), **kwargs) -> list[dict]:
+    """Score the same checkpoints once per sampling seed (eval.seed = k: other class labels and
+    sampling noise, the same model), each under setting `<setting>+seed=<k>`, so the spread of a
+    metric over k is the evaluation-sampling noise of one checkpoint. Returns the rows of every seed
+    (recorded earlier or now) for the requested steps and `kwargs` go to `evaluate`."""
+    if not seeds or len(set(seeds)) != len(seeds) or any(int(k) < 0 for k in seeds):
+        raise EvaluationError(f"--sampling-seeds needs distinct non-negative integers, got {list(seeds)}")
+    names = {f"{setting}{SAMPLING_SEED_SUFFIX}{int(k)}": int(k) for k in seeds}
+    for name, seed in names.items():
+        evaluate(None, run_dir, steps, name, [*overrides, f"eval.seed={seed}"], **kwargs)
+    return [r for r in read_eval_rows(run_dir) if r.get("setting") in names
+            and (not steps or r["step"] in steps)]
+
+
+def format_spread(rows: Sequence[dict]) -> str:
+    """Per (step, metric): the values over sampling seeds, their mean and sample std (ddof 1)."""
+    by_key: dict[tuple[int, str], list[tuple[int, float]]] = {}
+    for r in rows:
+        seed = int(r.get("sampling_seed", r.get("seed")))
+        by_key.setdefault((int(r["step"]), str(r["metric"])), []).append((seed, float(r["value"])))
+    lines = ["step  metric  sampling seeds: values  mean  std (ddof 1)  max - min"]
+    for (step, metric), pairs in sorted(by_key.items()):
+        values = np.array([v for _, v in sorted(pairs)])
+        std = f"{values.std(ddof=1):.4g}" if values.size > 1 else "-"
+        shown = ", ".join(f"{k}: {v:.4g}" for k, v in sorted(pairs))
+        lines.append(f"{step}  {metric}  {shown}  {values.mean():.4g}  {std}  {values.max() - values.min():.4g}")
+    return "\n".join(lines)
+
+
 def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int, setting: str,
                 shard_size: int, network, reference: Reference) -> dict:
     """The fields every row of this (step, setting) carries."""
@@ -306,7 +339,7 @@ def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int,
     weights_sha = read_meta(checkpoint_path(run_dir, step))["sha256"][WEIGHTS_FILE]
     plan = sampling_setting(cfg, manifest, step, weights_sha, shard_size)
     return {"step": int(step), "setting": setting, "setting_hash": plan.hash,
-            "n": int(cfg.eval.num_samples), "seed": plan.seed, "sampler": plan.sampler,
+            "n": int(cfg.eval.num_samples), "seed": plan.seed, "sampling_seed": plan.seed, "sampler": plan.sampler,
             "sampling_steps": plan.num_sampling_steps, "guidance": plan.guidance,
             "weights": plan.weights, "precision": plan.precision,
             "label_sampling": plan.label_sampling, "batch_size": plan.batch_size,
@@ -427,9 +460,24 @@ def main_eval(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--allow-rank-deficient", action="store_true",
                         help="compute FD with fewer samples than feature dimensions (a rank-deficient "
                         "covariance: the number is dominated by estimation error)")
+    parser.add_argument("--sampling-seeds", default=None, metavar="K,K,...",
+                        help="score each step once per sampling seed (eval.seed), under setting "
+                             "NAME+seed=K, and print the spread: the evaluation-sampling noise")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     def body() -> int:
+        if args.sampling_seeds is not None:
+            try:
+                seeds = [int(k) for k in args.sampling_seeds.split(",") if k.strip()]
+            except ValueError:
+                raise EvaluationError(f"--sampling-seeds takes comma-separated integers, e.g. 0,1,2; "
+                                      f"got {args.sampling_seeds!r}") from None
+            rows = evaluate_sampling_seeds(args.run_dir, args.steps, seeds, args.setting, args.overrides,
+                                           backend=args.backend, shard_size=args.shard_size,
+                                           device=args.device, progress=not args.no_progress)
+            print(f"eval: {len(rows)} row(s) over sampling seeds {seeds} in {Path(args.run_dir) / EVAL_FILE}")
+            print(format_spread(rows))
+            return 0
         new = evaluate(None, args.run_dir, args.steps, args.setting, args.overrides,
                        backend=args.backend, shard_size=args.shard_size, task_index=args.task_index,
                        num_tasks=args.num_tasks, device=args.device, progress=not args.no_progress,

@@ -12,10 +12,12 @@ Layout: `<run_dir>/samples/<step:07d>/<setting-hash>/`
     grid.png               the first g images
     grid_semantic_pca.png  their semantic channels as RGB through 3 principal components (Fig. 5)
 
-Shard i holds images [i * shard_size, min((i + 1) * shard_size, N)). Its labels and noise come from
-two generators seeded by (eval seed, shard index) only, and the shard is sampled in batches of
-`eval.batch_size` from them, so shard i is the same whether it is sampled first, last, alone, after a
-kill, or by another array task. Both the shard size and the batch size are part of the setting hash
+Shard i holds images [i * shard_size, min((i + 1) * shard_size, N)). Its labels come from a generator
+seeded by (eval seed, shard index) only, and it is sampled in batches of `eval.batch_size`, batch j
+with noise from a generator seeded by (eval seed, shard index, j), so shard i is the same whether it
+is sampled first, last, alone, after a kill, or by another array task, and two specs with the same
+eval seed share labels and initial latent noise x_T in every batch (paired comparisons). Both the
+shard size and the batch size are part of the setting hash
 (the batch size fixes how the noise stream is cut into network calls). The number of samples is
 not: asking for more samples later adds shards to the same folder and reuses the finished ones.
 Each shard is written atomically (temporary name, then os.replace); a shard that is unreadable or
@@ -258,6 +260,7 @@ class SamplingSetting:
     batch_size: int
     precision: str = SAMPLING_PRECISION
     format: str = SHARD_FORMAT
+    noise: str = "per_batch"  # one noise stream per (shard, batch); shards of the older per-shard stream are not reused
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -473,11 +476,16 @@ def _sample_shard(folder: Path, index: int, count: int, setting: SamplingSetting
     began = time.perf_counter()
     start = index * setting.shard_size
     label_generator = torch.Generator().manual_seed(_derive_seed(setting.seed, "labels", index))
-    noise_generator = torch.Generator().manual_seed(_derive_seed(setting.seed, "noise", index))
     labels = shard_labels(start, count, setting.num_classes, setting.label_sampling, label_generator)
     images, semantic = [], []
     grid_count = min(GRID_SAMPLES, count) if index == 0 else 0
     for offset in range(0, count, setting.batch_size):
+        # One noise stream per batch (setting.noise = "per_batch"): the sampler draws x_T before z_T,
+        # so a latent-only and a joint model with the same eval seed start every batch from the same
+        # x_T (common random numbers for paired comparisons); one stream per shard would let the
+        # joint model's z draws shift the latent noise of every later batch.
+        noise_generator = torch.Generator().manual_seed(
+            _derive_seed(setting.seed, "noise", index, offset // setting.batch_size))
         y = labels[offset: offset + setting.batch_size]
         x, z = draw_batch(model, transport, guidance, cfg, manifest, y, noise_generator, device)
         images.append(decode_to_uint8(vae, x, cfg.data.image_size))

@@ -10,6 +10,7 @@ A grid is specs x axes x seeds in a few lines (ablations/README.md has the full 
     axes:                                  # cartesian product, axes taken in sorted-name order
       train.seed: [0, 1]                   #   a list: values of one key
       backbone: {dit_b2: [model.size=B/2, objective.transport=ddpm]}   # a mapping: named bundles
+    seeds: {paired: [0, 1, 2]}             # instead of a train.seed axis: train.seed=k and eval.seed=k
     cells: []                              # explicit extra cells: [overrides] or {name, overrides, eval_steps}
     patches: [{match: {spec: repa}, overrides: [train.max_steps=4000000]}]   # per-cell additions
     exclude: [{spec: latent_only, backbone: dit_b2}]
@@ -44,6 +45,7 @@ from bench.config import ConfigError, ExperimentConfig
 from bench.identity import run_dir as identity_run_dir
 
 GRIDS_DIR = ABLATIONS_DIR / "grids"
+SEED_KEY = "train.seed"  # the axis `seeds: {paired: [...]}` adds (with eval.seed of the same value)
 SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")  # what bench.evaluate.evaluation accepts
 
 
@@ -107,6 +109,7 @@ class GridSchema:
     base: list[str] = field(default_factory=list)
     specs: list[str] = field(default_factory=list)
     axes: dict[str, Any] = field(default_factory=dict)  # key: [values] or name: {label: [overrides]}
+    seeds: Optional[dict[str, Any]] = None  # {paired: [0, 1, 2]}: with_paired_seeds checks it
     cells: list[Any] = field(default_factory=list)  # CellSchema each
     patches: list[Any] = field(default_factory=list)  # PatchSchema each
     exclude: list[dict[str, Any]] = field(default_factory=list)
@@ -290,6 +293,7 @@ def parse_grid(raw: Any, path: Path) -> Grid:
     if any(s not in known for s in data.specs):
         raise _fail(path, f"specs: {data.specs!r} must be a list of specs from {known}")
     axes = data.axes
+    axes = with_paired_seeds(path, data.seeds, axes)
     for key, values in axes.items():
         if isinstance(values, dict):
             if not values:
@@ -331,6 +335,35 @@ def parse_grid(raw: Any, path: Path) -> Grid:
                 specs=data.specs, axes=axes, cells=cells, patches=patches, exclude=exclude, eval=evaluation,
                 resources=_resources(path, "resources", data.resources), throughput=data.throughput,
                 perf=data.perf, paper=data.paper, baseline=data.baseline, notes=data.notes)
+
+
+class PairedSeeds(list):
+    """The values of the axis `train.seed` that `seeds: {paired: [...]}` adds (a list of ints)."""
+
+
+def with_paired_seeds(path: Path, value: Any, axes: dict) -> dict:
+    """`axes` plus, for `seeds: {paired: [k, ...]}`, the axis train.seed whose value k sets
+    train.seed=k AND eval.seed=k (cells `...-seed=k`; `match`/`exclude` name it `train.seed`).
+
+    Common random numbers: every random stream of a run is derived from (train.seed, purpose)
+    (bench.train.loop.derive_seed), so seed k of every spec sees the same data order, VAE posterior
+    noise, diffusion times and latent noise; eval.seed=k gives the same class labels and initial
+    sampling noise at evaluation. Different k are independent replicates: the report's paired
+    differences (bench.report.stats.paired_difference) have n = the number of seeds.
+    """
+    if value is None:
+        return axes
+    if not isinstance(value, dict) or set(value) != {"paired"}:
+        raise _fail(path, f"seeds must be {{paired: [0, 1, 2]}} (common random numbers across specs), "
+                          f"got {value!r}")
+    seeds = value["paired"]
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds):
+        raise _fail(path, f"seeds.paired must be a non-empty list of distinct non-negative integers, got {seeds!r}")
+    if SEED_KEY in axes:
+        raise _fail(path, f"give the seeds once: either axes.{SEED_KEY} (independent of the sampling seed) "
+                          "or seeds.paired (train.seed and eval.seed together), not both")
+    return {**axes, SEED_KEY: PairedSeeds(seeds)}
 
 
 def _label_keys(axes: Mapping[str, Any]) -> tuple[str, ...]:
@@ -377,7 +410,9 @@ def _raw_cells(grid: Grid) -> list[tuple[str, dict[str, str], list[str], Optiona
     choices = []
     for key in axis_names:
         values = grid.axes[key]
-        if isinstance(values, dict):
+        if isinstance(values, PairedSeeds):
+            choices.append([(key, str(k), f"seed={k}", [f"{SEED_KEY}={k}", f"eval.seed={k}"]) for k in values])
+        elif isinstance(values, dict):
             choices.append([(key, str(label), label, list(bundle)) for label, bundle in sorted(values.items())])
         else:
             short = key.rsplit(".", 1)[-1]

@@ -173,3 +173,124 @@ def find_speedups(cells: pd.DataFrame, conditions: pd.DataFrame, metric: str, gr
                         "paper_claim": "; ".join(f"x{r.speedup_stated:g} ({r.model}, {r.claim})"
                                                  for r in claim.itertuples())})
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired seeds (common random numbers, issue 18)
+#
+# With paired seeds (grid `seeds: {paired: [...]}`) seed k of every spec shares its data order,
+# diffusion times, latent noise and evaluation labels/noise, so the per-seed difference
+# d_k = value(method, k) - value(baseline, k) cancels what the two runs share. The interval of the
+# mean difference is the t-interval on the d_k: d_bar +- t_{0.975, n-1} * s_d / sqrt(n), n = the
+# number of seeds measured for both. It is narrower than comparing the two per-spec intervals
+# whenever the paired values are positively correlated, and it is the one the report's prose uses.
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of method - baseline over the seeds both have, with its two-sided 95% t-interval."""
+
+    mean: float
+    half_width: float   # NaN with fewer than 2 pairs
+    n: int
+    seeds: tuple[int, ...]
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half_width
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half_width
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the 95% interval lies entirely on one side of zero (NaN interval: False)."""
+        return bool(np.isfinite(self.half_width) and (self.low > 0 or self.high < 0))
+
+
+def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> PairedDifference:
+    """The paired difference over the seeds present (and finite) in both `method` and `baseline`
+    (seed -> value); seeds of only one side are left out, never imputed."""
+    seeds = tuple(sorted(k for k in method if k in baseline
+                         and np.isfinite(method[k]) and np.isfinite(baseline[k])))
+    mean, half, n = mean_ci95([method[k] - baseline[k] for k in seeds])
+    return PairedDifference(mean, half, n, seeds)
+
+
+def paired_comparisons(values: pd.DataFrame, pairs: Sequence[tuple[str, str]],
+                       main: dict[tuple[str, str, str], str] | None = None) -> pd.DataFrame:
+    """One row per (setting, metric, step, method, baseline): per-spec means with their intervals
+    and the paired difference method - baseline with its interval, n and whether it excludes 0.
+
+    `values`: one value per run with columns setting, metric, step, provenance, condition, seed,
+    value (bench.report.groups.per_run_values plus the run's condition and train.seed). `pairs`:
+    (method condition, baseline condition). `main` maps (setting, metric, condition) to the
+    provenance of the report's main table; only values of that provenance are paired (never
+    numbers of different evaluators or sample counts). `better` names the condition whose value
+    is better (lower FD, higher accuracy) when the interval excludes zero, else is empty.
+    """
+    columns = ["setting", "metric", "step", "method", "baseline", "n_pairs", "seeds", "method_mean",
+               "method_half_width", "method_n", "baseline_mean", "baseline_half_width", "baseline_n",
+               "diff_mean", "diff_half_width", "diff_low", "diff_high", "excludes_zero", "better"]
+    rows = []
+    if values.empty:
+        return pd.DataFrame(columns=columns)
+    def by_seed(part: pd.DataFrame, setting: str, metric: str, condition: str) -> dict[int, float]:
+        own = part[part["condition"] == condition]
+        if main is not None and (setting, metric, condition) in main:
+            own = own[own["provenance"] == main[(setting, metric, condition)]]
+        return {int(k): float(v) for k, v in zip(own["seed"], own["value"]) if pd.notna(k)}
+
+    for (setting, metric, step), part in values.groupby(["setting", "metric", "step"], sort=True):
+        for method, base in pairs:
+            m, b = by_seed(part, setting, metric, method), by_seed(part, setting, metric, base)
+            if not m or not b:
+                continue
+            d = paired_difference(m, b)
+            mm, mh, mn = mean_ci95(m.values())
+            bm, bh, bn = mean_ci95(b.values())
+            lower = is_lower_better(metric)
+            better = "" if not d.excludes_zero else method if (d.mean < 0) == lower else base
+            rows.append({"setting": setting, "metric": metric, "step": int(step), "method": method,
+                         "baseline": base, "n_pairs": d.n, "seeds": json.dumps(list(d.seeds)),
+                         "method_mean": mm, "method_half_width": mh, "method_n": mn,
+                         "baseline_mean": bm, "baseline_half_width": bh, "baseline_n": bn,
+                         "diff_mean": d.mean, "diff_half_width": d.half_width, "diff_low": d.low,
+                         "diff_high": d.high, "excludes_zero": d.excludes_zero, "better": better})
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation-sampling noise: one checkpoint scored with several sampling seeds
+# (`bench eval RUN --step N --sampling-seeds 0,1,2` records setting `<setting>+seed=<k>`)
+
+SAMPLING_SEED_SUFFIX = "+seed="
+
+
+def sampling_seed_setting(setting: str, seed: int) -> str:
+    """The eval.jsonl setting name of `setting` sampled with eval.seed = `seed`."""
+    return f"{setting}{SAMPLING_SEED_SUFFIX}{int(seed)}"
+
+
+def split_sampling_seed_setting(setting: str) -> tuple[str, int] | None:
+    """('default', 2) for 'default+seed=2'; None for an ordinary setting name."""
+    base, sep, seed = str(setting).rpartition(SAMPLING_SEED_SUFFIX)
+    return (base, int(seed)) if sep and base and seed.isdigit() else None
+
+
+def without_sampling_seed_settings(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` without the rows of sampling-seed settings (column `setting`); columns always kept."""
+    keep = pd.Series([split_sampling_seed_setting(str(s)) is None for s in frame["setting"]],
+                     index=frame.index, dtype=bool)
+    return frame.loc[keep]
+
+
+def sampling_spread(values: Iterable[float]) -> dict:
+    """Spread of one checkpoint's metric over sampling seeds: mean, sample std (ddof 1), min, max,
+    n, and the half-width of the 95% t-interval of the mean."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    mean, half, n = mean_ci95(x)
+    return {"mean": mean, "std": float(x.std(ddof=1)) if n > 1 else math.nan,
+            "min": float(x.min()) if n else math.nan, "max": float(x.max()) if n else math.nan,
+            "n": n, "half_width": half}

@@ -62,7 +62,7 @@ from bench.report.paper_match import (
     published_only,
 )
 from bench.report.records import CELL_COLUMNS, Gathered, Report
-from bench.report.stats import find_speedups, mean_ci95
+from bench.report.stats import find_speedups, mean_ci95, split_sampling_seed_setting, without_sampling_seed_settings
 from bench.report.tables import (
     blocks,
     not_comparable_lines,
@@ -202,6 +202,9 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     `accept` names differences from the paper's protocol the user waives (`--accept bf16`)."""
     runs, conditions = label_runs(g.runs, g.grid)
     values = per_run_values(g.evals).merge(runs[["run", "condition"]], on="run", how="left")
+    # `bench eval --sampling-seeds` rows (setting '<name>+seed=<k>') measure evaluation noise of one
+    # checkpoint; tables.py shows them in their own section, not as settings of the grid.
+    values = without_sampling_seed_settings(values)
     measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
     metric = metric or next((m for m in ("fid", "fd_classifier", "fd_dinov2") if m in measured),
                             measured[0] if measured else "fid")
@@ -273,7 +276,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
                 steps = sorted(part.loc[part["condition"] == condition, "step"].unique())
                 add(setting, name, index, reason, condition, provenance, steps, part)
     for name in dict.fromkeys(_grid_settings(g.grid)):
-        if name in set(values["setting"]):
+        if name in set(values["setting"]) or split_sampling_seed_setting(name) is not None:
             continue
         todo = [f"setting {name}: {c} at step {step} (nothing measured in this setting yet)"
                 for c in conditions["condition"] if name in applies.get(c, {name})

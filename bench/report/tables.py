@@ -11,10 +11,25 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.report.common import NOT_MEASURED, SAMPLING_FIELDS, fmt_steps, metric_decimals, metric_label, metric_rank
-from bench.report.groups import describe_provenance, guidance_of
+from bench.report.common import (
+    NOT_MEASURED,
+    SAMPLING_FIELDS,
+    SEED_COLUMN,
+    fmt_steps,
+    metric_decimals,
+    metric_label,
+    metric_rank,
+)
+from bench.report.groups import describe_provenance, guidance_of, label_runs, per_run_values
 from bench.report.paper_match import paper_tables
 from bench.report.records import Report
+from bench.report.stats import (
+    paired_comparisons,
+    sampling_spread,
+    speedup_pairs,
+    split_sampling_seed_setting,
+    without_sampling_seed_settings,
+)
 
 
 def fmt_value(metric: str, mean: float, half: float = math.nan) -> str:
@@ -204,6 +219,7 @@ def render_markdown(report: Report) -> str:
                   "final step divided by the step found.", ""]
     else:
         lines += ["No method/baseline pair with measured curves yet.", ""]
+    lines += render_paired_section(report)
     runs = report.conditions[["condition", "n_runs", "status", "runs"]]
     lines += ["## Runs", "", to_markdown(runs.set_axis(["Condition", "runs", "status", "folders"],
                                                        axis=1)), ""]
@@ -226,6 +242,7 @@ def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> 
     g = report.gathered
     for name, frame in {"table.csv": layout, "cells.csv": report.cells, "runs.csv": g.runs,
                         "speedups.csv": pd.DataFrame(report.speedups), "metrics.csv": g.metrics,
+                        "paired.csv": paired_table(report), "sampling_noise.csv": sampling_noise_table(report),
                         "evals.csv": g.evals}.items():
         atomic_write_text(out / name, frame.to_csv(index=False))
     atomic_write_text(out / "table.tex", "\n".join(
@@ -235,4 +252,165 @@ def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> 
 
         plot_convergence(report, out)
         plot_losses(report, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired comparisons and evaluation-sampling noise (issue 18): tables, and the only prose that
+# may call one method better than another.
+
+PAIRED_STATISTICS_TEXT = (
+    "Statistics. Runs are paired by training seed: seed k of every spec shares its data order, VAE "
+    "posterior noise, diffusion times and latent noise in training, and (grids with "
+    "`seeds: {paired: [...]}`) its evaluation labels and initial sampling noise. For each seed k "
+    "both runs have, d_k = method − baseline; the table gives the mean d̄ and its two-sided 95% "
+    "t-interval d̄ ± t(0.975, n−1)·s_d/√n over the n pairs (n−1 degrees of freedom; no interval "
+    "with n = 1). Beside it, each spec's own mean ± the 95% t-interval over its seeds. A difference "
+    "is marked ✱ when its interval excludes zero; only those are called better or worse below, "
+    "each at the 5% level on its own (no correction for the number of comparisons shown). Each "
+    "value is one evaluation with a finite sample, so d_k also carries the evaluation-sampling "
+    "noise of both runs; the interval includes it. How large it is alone is measured by scoring "
+    "one checkpoint with several sampling seeds (`bench eval RUN --step N --sampling-seeds "
+    "0,1,2`), shown in the next section when present.")
+
+
+def paired_values(report: Report) -> pd.DataFrame:
+    """One value per run (setting, metric, step, provenance) with its condition and train.seed;
+    the extra sampling-seed settings (`<setting>+seed=<k>`) are left out."""
+    g = report.gathered
+    values = per_run_values(g.evals)
+    values = without_sampling_seed_settings(values)
+    runs, _ = label_runs(g.runs, g.grid)
+    if SEED_COLUMN not in runs:
+        return values.assign(condition=pd.Series(dtype=str), seed=pd.Series(dtype=float)).iloc[0:0]
+    runs = runs[["run", "condition", SEED_COLUMN]].rename(columns={SEED_COLUMN: "seed"})
+    return values.merge(runs, on="run", how="inner")
+
+
+def paired_table(report: Report) -> pd.DataFrame:
+    """`bench.report.stats.paired_comparisons` for every method/baseline pair of the report (the
+    speed-up pairs: each method vs the grid's baseline, and vs REPA), on the main provenance.
+
+    A setting that only some specs are scored with (e.g. Representation Guidance, `match: {spec:
+    redi_rg}`) compares them with the baseline as scored in the first setting that has it (the
+    grid's order; Table 4's question: ReDi with RG against the baseline without); the column
+    `baseline_setting` names it.
+    """
+    values = paired_values(report)
+    if values.empty:
+        return paired_comparisons(values, []).assign(baseline_setting=pd.Series(dtype=str))
+    main_cells = report.cells[report.cells["group"] == 0]
+    main = {(s, m, c): p for s, m, c, p in
+            main_cells[["setting", "metric", "condition", "provenance"]].drop_duplicates().itertuples(False)}
+    present = [c for c in report.conditions["condition"] if c in set(values["condition"])]
+    pairs = [(m, b) for m, b, _ in speedup_pairs(report.conditions, present, report.gathered.grid)]
+    listed = [str(x.get("name")) for x in ((report.gathered.grid.get("eval") or {}).get("settings") or [])
+              if isinstance(x, dict)]
+    order = [*dict.fromkeys([*listed, *sorted(values["setting"].unique())])]
+    scored = {s: set(values.loc[values["setting"] == s, "condition"]) for s in order}
+    borrowed: dict[tuple[str, str], str] = {}
+    extra = []
+    for setting in order:
+        for method, base in pairs:
+            if method not in scored[setting] or base in scored[setting] or (setting, base) in borrowed:
+                continue
+            source = next((s for s in order if base in scored[s]), None)
+            if source is None:
+                continue
+            borrowed[(setting, base)] = source
+            rows = values[(values["setting"] == source) & (values["condition"] == base)]
+            extra.append(rows.assign(setting=setting))
+            main.update({(setting, m, base): p for (s, m, c), p in list(main.items())
+                         if s == source and c == base})
+    table = paired_comparisons(pd.concat([values, *extra], ignore_index=True), pairs, main)
+    native = pd.Series([(s, m) not in borrowed for s, m in zip(table["setting"], table["method"])],
+                       index=table.index, dtype=bool)  # a borrowed baseline is never the method of a row
+    table = table.loc[native].reset_index(drop=True)
+    return table.assign(baseline_setting=[borrowed.get((s, b), s) for s, b in zip(table["setting"], table["baseline"])])
+
+
+def sampling_noise_table(report: Report) -> pd.DataFrame:
+    """Per (run, step, setting, metric) scored with several sampling seeds: the spread of the value."""
+    ev = report.gathered.evals
+    columns = ["run", "setting", "metric", "step", "sampling_seeds", "mean", "std", "min", "max", "n",
+               "half_width"]
+    if ev.empty:
+        return pd.DataFrame(columns=columns)
+    parsed = [split_sampling_seed_setting(s) for s in ev["setting"].fillna("default").astype(str)]
+    keep = [p is not None for p in parsed]
+    part = ev[keep].assign(base=[p[0] for p in parsed if p], sampling_seed=[p[1] for p in parsed if p])
+    rows = []
+    for (run, base, metric, step), group in part.groupby(["run", "base", "metric", "step"], sort=True):
+        group = group.sort_values("created_at").drop_duplicates("sampling_seed", keep="last")
+        spread = sampling_spread(pd.to_numeric(group["value"], errors="coerce"))
+        rows.append({"run": run, "setting": base, "metric": metric, "step": int(step),
+                     "sampling_seeds": json.dumps(sorted(int(k) for k in group["sampling_seed"])),
+                     **spread})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def render_paired_section(report: Report) -> list[str]:
+    """Markdown lines: the statistics text, the paired table, the sentences it licenses, and the
+    evaluation-sampling noise."""
+    paired, noise = paired_table(report), sampling_noise_table(report)
+    lines = ["## Paired comparisons: method − baseline, paired by training seed", "",
+             PAIRED_STATISTICS_TEXT, ""]
+    if paired.empty:
+        lines += ["No method/baseline pair has a seed measured for both yet.", ""]
+    else:
+        def value(metric: str, mean: float, half: float, n: int) -> str:
+            return f"{fmt_value(metric, mean, half)} (n={n})"
+        rows = [{"Setting": r.setting, "Metric": metric_label(r.metric), "Iter.": fmt_steps(r.step),
+                 "Method": r.method, "Baseline": r.baseline + (f" (setting {r.baseline_setting})"
+                                                               if r.baseline_setting != r.setting else ""),
+                 "method": value(r.metric, r.method_mean, r.method_half_width, r.method_n),
+                 "baseline": value(r.metric, r.baseline_mean, r.baseline_half_width, r.baseline_n),
+                 "Δ = method − baseline": fmt_value(r.metric, r.diff_mean, r.diff_half_width),
+                 "95% interval of Δ": (f"[{r.diff_low:+.{metric_decimals(r.metric, r.diff_mean)}f}, "
+                                       f"{r.diff_high:+.{metric_decimals(r.metric, r.diff_mean)}f}]"
+                                       if np.isfinite(r.diff_half_width) else "n = 1: none"),
+                 "pairs": r.n_pairs, "excludes 0": "✱ yes" if r.excludes_zero else "no"}
+                for r in paired.itertuples(index=False)]
+        lines += [to_markdown(pd.DataFrame(rows)), ""]
+        lines += [*paired_sentences(paired), ""]
+    if not noise.empty:
+        lines += ["### Evaluation-sampling noise: one checkpoint, several sampling seeds", "",
+                  "The same checkpoint scored with other sampling seeds (labels and noise); the spread "
+                  "is what evaluation alone adds to every value above.", ""]
+        rows = [{"Run": r.run, "Setting": r.setting, "Metric": metric_label(r.metric),
+                 "Iter.": fmt_steps(r.step), "sampling seeds": r.sampling_seeds,
+                 "mean ± 95%": fmt_value(r.metric, r.mean, r.half_width),
+                 "std": f"{r.std:.{metric_decimals(r.metric, r.std)}f}" if np.isfinite(r.std) else "",
+                 "min – max": f"{r.min:.{metric_decimals(r.metric, r.min)}f} – "
+                              f"{r.max:.{metric_decimals(r.metric, r.max)}f}"}
+                for r in noise.itertuples(index=False)]
+        lines += [to_markdown(pd.DataFrame(rows)), ""]
+    return lines
+
+
+def paired_sentences(paired: pd.DataFrame) -> list[str]:
+    """One sentence per (setting, metric, method, baseline) at the last step both were measured:
+    'better' only when the paired interval excludes zero."""
+    out = []
+    keys = ["setting", "metric", "method", "baseline"]
+    last = paired.sort_values("step").groupby(keys, sort=False).tail(1)
+    last = last.assign(_rank=last["metric"].map(metric_rank)).sort_values(["setting", "_rank", "method", "baseline"])
+    for r in last.itertuples(index=False):
+        d = metric_decimals(r.metric, r.diff_mean)
+        name, at = metric_label(r.metric), fmt_steps(r.step)
+        source = getattr(r, "baseline_setting", r.setting)
+        base = r.baseline if source == r.setting else f"{r.baseline} (setting `{source}`)"
+        r = r._replace(baseline=base, better=base if r.better == r.baseline else r.better)
+        if r.excludes_zero:
+            worse = r.baseline if r.better == r.method else r.method
+            out.append(f"- `{r.setting}`, {name} at {at}: {r.better} is better than {worse} "
+                       f"(Δ = {r.diff_mean:+.{d}f}, 95% interval [{r.diff_low:+.{d}f}, "
+                       f"{r.diff_high:+.{d}f}], {r.n_pairs} paired seeds) ✱")
+        elif np.isfinite(r.diff_half_width):
+            out.append(f"- `{r.setting}`, {name} at {at}: no difference between {r.method} and "
+                       f"{r.baseline} beyond seed noise (Δ = {r.diff_mean:+.{d}f}, 95% interval "
+                       f"[{r.diff_low:+.{d}f}, {r.diff_high:+.{d}f}] contains 0, {r.n_pairs} paired seeds)")
+        else:
+            out.append(f"- `{r.setting}`, {name} at {at}: {r.method} − {r.baseline} = "
+                       f"{r.diff_mean:+.{d}f} from {r.n_pairs} seed; no interval, no claim")
     return out

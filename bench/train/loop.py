@@ -37,6 +37,11 @@ global mean and the logged value is the sum over ranks. objective.drop_mode=batc
 on the number of ranks on purpose: the official code draws its drop decision once per step per
 process, so rank r's rows are dropped on their own draw (block r of the objective's drop uniforms).
 
+Paired seeds (common random numbers): every stream is derived from (train.seed, purpose) by
+`derive_seed`: data order ("order", epoch), VAE posterior noise ("latent_noise"), the objective's
+draws ("objective", step; re-seeded every step by `reseed_for_step`). So seed k of latent-only,
+REPA and ReDi trains on the same batches with the same t and latent noise eps_x at every step.
+
 Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
 the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
@@ -85,6 +90,19 @@ def derive_seed(seed: int, *names: object) -> int:
     """A 63-bit seed for one named random stream of a run (independent streams, stable across versions)."""
     text = "/".join(str(part) for part in (seed, *names))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def reseed_for_step(generator: torch.Generator, seed: int, purpose: str, step: int) -> torch.Generator:
+    """`generator` re-seeded from (seed, purpose, step): the draws of global batch `step` do not
+    depend on how many numbers earlier steps took from the stream.
+
+    Why (common random numbers, issue 18): the objective draws t, eps_x, then eps_z only when the spec
+    has semantic channels. With one stream for the whole run, step 2's t and eps_x of ReDi would
+    already differ from latent-only's; re-seeded per step, seed k of every spec gets the same t and
+    eps_x at every step, so paired differences between specs cancel that noise. Resume stays exact:
+    the seed is a function of the step alone.
+    """
+    return generator.manual_seed(derive_seed(seed, purpose, step))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +556,8 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
     for step in range(start + 1, cfg.train.max_steps + 1):
         x, z, y, align = data.batch(step - 1, generators["latent_noise"], local_rows, token_grid)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            losses = transport.training_losses(forward, x, z, y, generators["objective"], align_target=align)
+            objective_rng = reseed_for_step(generators["objective"], cfg.train.seed, "objective", step)
+            losses = transport.training_losses(forward, x, z, y, objective_rng, align_target=align)
         (losses["loss"] * world).backward()  # x W: DDP averages, the loss is already the global mean
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm(grads)
