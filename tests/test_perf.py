@@ -197,3 +197,25 @@ def test_real_prepared_data(tmp_path):
     with pytest.raises(Exception, match="data.name"):  # the same refusal as `bench train`
         perf.main(["--quick", "--device", "cpu", "--data", "real", "--prepared-dir", str(prepared), "--kinds", "train",
                    "--specs", "redi", "--no-reference", "--out", str(tmp_path / "out2")])
+
+
+def test_foreach_ema_equals_the_official_loop():
+    """The trainer's one-kernel EMA (bench/train/step.py) is the official mul_/add_ loop that the
+    reference mode runs, up to float32 rounding."""
+    import copy
+
+    from bench.perf.training import update_ema_official
+    from bench.train.step import update_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+    ema_a = copy.deepcopy(model)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p))  # the model moved away from its EMA
+    ema_b = copy.deepcopy(ema_a)
+    for _ in range(3):
+        update_ema(ema_a, model, 0.99)
+        update_ema_official(ema_b, model, 0.99)
+    for a, b, start in zip(ema_a.parameters(), ema_b.parameters(), copy.deepcopy(model).parameters()):
+        assert not torch.equal(a, start)  # the update did something
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # float32 rounding only
