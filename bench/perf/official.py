@@ -46,6 +46,19 @@ class OfficialCode:
     path: Path
     models: types.ModuleType
     transport: types.ModuleType
+    commit: str | None = None
+    """HEAD of the checkout when it is a git clone (recorded in the rows)."""
+
+
+def _git_head(root: Path) -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _import(name: str, file: Path, package_dir: Path | None = None) -> types.ModuleType:
@@ -91,7 +104,7 @@ def load_official_code(path: str | Path) -> OfficialCode:
             raise PerfError(f"--official {path}: models.py has no {name}; is this the ReDi checkout?")
     if not hasattr(transport, "create_transport"):
         raise PerfError(f"--official {path}: transport has no create_transport; is this the ReDi checkout?")
-    return OfficialCode(root, models, transport)
+    return OfficialCode(root, models, transport, _git_head(root))
 
 
 def check_official_spec(cfg: ExperimentConfig) -> None:
@@ -150,7 +163,7 @@ def build_official_workload(code: OfficialCode, cfg: ExperimentConfig, geometry:
     fields = {"train_flops_per_image": flops, "mode": "official", "precision": "fp32", "dtype": "fp32", "activation_checkpointing": True,
               "optimizer": "adamw-default", "ema": "python-loop", "compile": False, "nan_guard": False,
               "semantic_features": "precomputed", "online_encoder": None, "step_function": "official",
-              "official_path": str(code.path), "fusion": "merged", "semantic_channels": rank,
+              "official_path": str(code.path), "official_commit": code.commit, "fusion": "merged", "semantic_channels": rank,
               "lambda_repa": 0.0, "tokens": geometry.latent_grid ** 2 // cfg.model.patch_size ** 2,
               "parameters": sum(p.numel() for p in model.parameters()), "batch": batch_size,
               "activation_memory_mb": None, "state_memory_mb": None, "official_losses": losses}

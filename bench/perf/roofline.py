@@ -63,13 +63,18 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = MATMUL_SIZ
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(2):
-        a @ b
-    sync()
-    start = time.perf_counter()
-    a @ b
-    sync()
-    calls = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-9)))
+    calls = 1
+    while True:  # calibrate on a batch of calls (one tiny call's time is noise on a loaded machine)
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds / 4 or calls >= 4096:
+            break
+        calls *= 2
+    calls = max(1, min(4 * calls, round(calls * min_seconds / max(elapsed, 1e-9))))
     rates = []
     for _ in range(repeats):
         sync()
