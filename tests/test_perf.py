@@ -269,7 +269,8 @@ class Transport:
         tt = t.view(-1, 1, 1, 1)
         xt, ut = tt * x1 + (1 - tt) * x0, x1 - x0
         out = model(xt, t, **(model_kwargs or {}))
-        loss = ((out[:, :4] - ut[:, :4]) ** 2).mean(dim=(1, 2, 3)) + lam * ((out[:, 4:] - ut[:, 4:]) ** 2).mean(dim=(1, 2, 3))
+        sq = (out - ut) ** 2
+        loss = sq[:, :4].mean(dim=(1, 2, 3)) + lam * sq[:, 4:].mean(dim=(1, 2, 3))
         return {"loss": loss}
 
 
@@ -338,9 +339,9 @@ def test_official_path_that_is_not_a_checkout_is_one_clear_error(tmp_path):
 # Roofline, compiled step, Table 6
 
 
-@pytest.mark.parametrize("fields", [dict(fusion="merged", semantic_channels=4), dict(fusion="separate", semantic_channels=4),
-                                    dict(fusion="none"), dict(fusion="merged", semantic_channels=8, projector_dim=80,
-                                                              align_layer=2, learn_sigma=True)])
+@pytest.mark.parametrize("fields", [
+    dict(fusion="merged", semantic_channels=4), dict(fusion="separate", semantic_channels=4), dict(fusion="none"),
+    dict(fusion="merged", semantic_channels=8, projector_dim=80, align_layer=2, learn_sigma=True)])
 def test_model_flops_match_torchs_flop_counter(fields):
     """The analytic forward count equals torch's FlopCounterMode on the real network, with attention
     run by the math kernel (its matmuls are then counted like any other)."""

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the official-style reference mode of --reference-spec")
     p.add_argument("--reference-spec", default="redi")
     p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
-                   help=f"comma-separated subset of {','.join(KINDS)} (table6 only when asked: it samples whole images)")
+                   help=f"comma-separated subset of {','.join(KINDS)} (table6 only when asked: it samples "
+                        "whole images)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeat-seconds", type=float, default=0.5,

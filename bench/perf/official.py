@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from bench.config import ExperimentConfig
-from bench.perf.setup import BatchPool, Geometry, PerfError
 from bench.perf.roofline import train_flops_per_image
+from bench.perf.setup import BatchPool, Geometry, PerfError
 from bench.perf.timing import Workload
 
 # The official code's literal choices (train_redi.py): AdamW(lr=1e-4, weight_decay=0), EMA decay 0.9999.
@@ -116,11 +116,13 @@ def check_official_spec(cfg: ExperimentConfig) -> None:
 
 def build_official_model(code: OfficialCode, cfg: ExperimentConfig, geometry: Geometry) -> torch.nn.Module:
     """The official SiT as train_redi.py builds it for this config's shapes."""
-    m = cfg.model
-    return code.models.SiT(input_size=geometry.latent_grid, patch_size=m.patch_size,
-                           in_channels=geometry.latent_channels + cfg.semantic_channels,
-                           hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
-                           num_classes=geometry.num_classes, learn_sigma=False)
+    from bench.train.build import backbone_settings
+
+    shape = backbone_settings(cfg, geometry.manifest())  # registry sizes (S/2) resolved as bench train does
+    return code.models.SiT(input_size=shape.input_size, patch_size=shape.patch_size,
+                           in_channels=shape.latent_channels + shape.semantic_channels,
+                           hidden_size=shape.hidden_size, depth=shape.depth, num_heads=shape.num_heads,
+                           mlp_ratio=shape.mlp_ratio, num_classes=shape.num_classes, learn_sigma=False)
 
 
 def build_official_workload(code: OfficialCode, cfg: ExperimentConfig, geometry: Geometry, pool: BatchPool,
@@ -159,12 +161,15 @@ def build_official_workload(code: OfficialCode, cfg: ExperimentConfig, geometry:
 
     batch_size = pool.batches[0]["moments"].shape[0]
     # the same network arithmetic as redi-bench's merged model of this config
-    flops = train_flops_per_image(backbone_settings(cfg, geometry.manifest()))
-    fields = {"train_flops_per_image": flops, "mode": "official", "precision": "fp32", "dtype": "fp32", "activation_checkpointing": True,
+    shape = backbone_settings(cfg, geometry.manifest())
+    flops = train_flops_per_image(shape)
+    fields = {"train_flops_per_image": flops, "mode": "official", "precision": "fp32", "dtype": "fp32",
+              "activation_checkpointing": True,
               "optimizer": "adamw-default", "ema": "python-loop", "compile": False, "nan_guard": False,
               "semantic_features": "precomputed", "online_encoder": None, "step_function": "official",
-              "official_path": str(code.path), "official_commit": code.commit, "fusion": "merged", "semantic_channels": rank,
-              "lambda_repa": 0.0, "tokens": geometry.latent_grid ** 2 // cfg.model.patch_size ** 2,
+              "official_path": str(code.path), "official_commit": code.commit, "fusion": "merged",
+              "semantic_channels": rank,
+              "lambda_repa": 0.0, "tokens": shape.num_patches,
               "parameters": sum(p.numel() for p in model.parameters()), "batch": batch_size,
               "activation_memory_mb": None, "state_memory_mb": None, "official_losses": losses}
     return Workload(kind="train", name="official", run=step, images_per_call=batch_size, fields=fields,

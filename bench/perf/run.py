@@ -26,8 +26,8 @@ from bench.perf.setup import (
     synthetic_geometry,
     synthetic_pool,
 )
-from bench.train.step import native_bf16
 from bench.perf.timing import PeakMemory, Workload, environment, summarize, time_round_robin, utc_now, warm_up
+from bench.train.step import native_bf16
 
 KINDS = ("train", "sample", "table6", "prepare", "eval")
 DEFAULT_KINDS = ("train", "sample", "prepare", "eval")
@@ -174,7 +174,8 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         if official_code is not None:
             from bench.perf.official import official_loss_agreement
 
-            _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, same weights and inputs")
+            _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, "
+                 "same weights and inputs")
             checks.append(official_loss_agreement(official_code, configs[args.reference_spec], geometry, device,
                                                   args.seed))
     peaks = {}

@@ -182,7 +182,8 @@ def row_notes(r: dict) -> str:
                   f", state {r['state_memory_mb']:.0f} MB, saved activations {r['activation_memory_mb']:.0f} MB")
         roofline = ""
         if r.get("achieved_gflops") is not None:
-            share = "" if r.get("share_of_peak") is None else f" = {100 * r['share_of_peak']:.1f}% of {r['precision']} peak"
+            share = ("" if r.get("share_of_peak") is None
+                     else f" = {100 * r['share_of_peak']:.1f}% of {r['precision']} peak")
             roofline = f", {r['achieved_gflops']:.1f} GFLOP/s{share}"
         return (f"{r['mode']}, {r['dtype']}, ckpt={'on' if r['activation_checkpointing'] else 'off'}, "
                 f"{r['optimizer']}{', compiled' if r.get('compile') else ''}, features {r['semantic_features']}, "

@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from bench.config import ExperimentConfig
-from bench.perf.setup import BatchPool, Geometry, autocast
 from bench.perf.roofline import train_flops_per_image
+from bench.perf.setup import BatchPool, Geometry, autocast
 from bench.perf.timing import Workload
 from bench.train.build import build_model, build_transport
 from bench.train.step import build_optimizer, make_train_step, repa_tokens, update_ema
