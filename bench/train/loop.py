@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import resource
@@ -42,7 +41,7 @@ from torch import nn
 from bench.atomic import atomic_write_text
 from bench.compose import dumps, from_dict, load_config
 from bench.config import ConfigError, ExperimentConfig
-from bench.identity import identity_dict, run_hash
+from bench.identity import derive_seed, identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
@@ -51,12 +50,6 @@ from bench.train.step import NonFiniteLossError, build_optimizer, make_train_ste
 from models.backbone import BackboneOutput
 
 CONFIG_FILE, DONE_FILE, METRICS_FILE = "config.json", "DONE", "metrics.jsonl"
-
-
-def derive_seed(seed: int, *names: object) -> int:
-    """A 63-bit seed for one named random stream of a run (independent streams, stable across versions)."""
-    text = "/".join(str(part) for part in (seed, *names))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 # ----------------------------------------------------------------------------------------------
