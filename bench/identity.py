@@ -37,3 +37,10 @@ def run_hash(cfg: ExperimentConfig) -> str:
 def run_dir(cfg: ExperimentConfig) -> Path:
     """`<output_root>/<grid>/<spec>-<hash>` (relative paths are relative to the working directory)."""
     return Path(cfg.output_root) / cfg.grid / f"{cfg.spec}-{run_hash(cfg)}"
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """A 63-bit seed for one named random stream of a run (independent streams, stable across
+    versions): training's init/objective/noise streams and sampling's labels/noise per shard."""
+    text = "/".join(str(part) for part in (seed, *names))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)

@@ -158,11 +158,11 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     rounding."""
     from diffusers import AutoencoderKL
 
+    from bench.identity import derive_seed
     from bench.prepare.dataset import read_manifest
     from bench.runfolder import checkpoint_path
     from bench.train.build import build_model
     from bench.train.checkpoint import load_weights
-    from bench.train.loop import derive_seed
     from models.flow_sampling import sample_flow
     from models.guidance import Guidance
 

@@ -21,7 +21,7 @@ import torch
 
 from bench.perf import command as perf
 from bench.perf.setup import ENCODER_SHAPES, PerfError, compose_spec, parse_size, synthetic_geometry, synthetic_pool
-from bench.perf.timing import Workload, paired_time_ratio, summarize
+from bench.perf.timing import REPO_ROOT, Workload, paired_time_ratio, summarize
 from bench.perf.training import DEFAULT_LOSS_RTOL, FP32_LOSS_RTOL, loss_agreement
 
 ROW_KEYS = {"kind", "name", "model_size", "spec", "batch", "images_per_s", "iqr", "min", "max", "repeats",
@@ -197,3 +197,235 @@ def test_real_prepared_data(tmp_path):
     with pytest.raises(Exception, match="data.name"):  # the same refusal as `bench train`
         perf.main(["--quick", "--device", "cpu", "--data", "real", "--prepared-dir", str(prepared), "--kinds", "train",
                    "--specs", "redi", "--no-reference", "--out", str(tmp_path / "out2")])
+
+
+def test_foreach_ema_equals_the_official_loop():
+    """The trainer's one-kernel EMA (bench/train/step.py) is the official mul_/add_ loop that the
+    reference mode runs, up to float32 rounding."""
+    import copy
+
+    from bench.perf.training import update_ema_official
+    from bench.train.step import update_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
+    ema_a = copy.deepcopy(model)
+    for p in model.parameters():
+        p.data.add_(torch.randn_like(p))  # the model moved away from its EMA
+    ema_b = copy.deepcopy(ema_a)
+    for _ in range(3):
+        update_ema(ema_a, model, 0.99)
+        update_ema_official(ema_b, model, 0.99)
+    for a, b, start in zip(ema_a.parameters(), ema_b.parameters(), copy.deepcopy(model).parameters()):
+        assert not torch.equal(a, start)  # the update did something
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # float32 rounding only
+
+
+# ---------------------------------------------------------------------------------------------
+# --official: a stand-in checkout with the official API (models.SiT, transport.create_transport)
+
+STAND_IN_MODELS = '''
+"""Stand-in for the official models.py: SiT's constructor and forward(x, t, y) on the channel
+concatenation, computing redi-bench's merged JointDiT; state_dict() in the official layout."""
+import torch
+from models.backbone import BackboneConfig, JointDiT
+from models.official import export_official_state_dict
+
+OFFSET = 0.0  # a test sets it to make the network differ from redi-bench's
+
+
+class SiT(torch.nn.Module):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True, repa_loss=False,
+                 repa_layer=8):
+        super().__init__()
+        assert not learn_sigma and not repa_loss
+        self.net = JointDiT(BackboneConfig(hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                                           input_size=input_size, patch_size=patch_size, latent_channels=4,
+                                           semantic_channels=in_channels - 4, num_classes=num_classes,
+                                           class_dropout_prob=class_dropout_prob, fusion="merged"))
+
+    def state_dict(self, *args, **kwargs):
+        return export_official_state_dict(self.net, self.net.config)
+
+    def forward(self, x, t, y):
+        out = self.net(x[:, :4], t, y, x[:, 4:])
+        return torch.cat([out.x, out.z], dim=1) + OFFSET
+'''
+
+STAND_IN_TRANSPORT = '''
+import random
+import torch
+from torchdiffeq import odeint  # noqa: F401 - as the official integrators.py; not installed in CI
+
+
+class Transport:
+    def training_losses(self, model, x1, model_kwargs=None, dino_drop_prob=0.0, lam=1.0, dino_feats=None):
+        t = torch.rand(x1.shape[0])
+        x0 = torch.randn_like(x1)
+        if random.random() < dino_drop_prob:
+            lam = 0
+            x1[:, 4:] = 0
+        tt = t.view(-1, 1, 1, 1)
+        xt, ut = tt * x1 + (1 - tt) * x0, x1 - x0
+        out = model(xt, t, **(model_kwargs or {}))
+        sq = (out - ut) ** 2
+        loss = sq[:, :4].mean(dim=(1, 2, 3)) + lam * sq[:, 4:].mean(dim=(1, 2, 3))
+        return {"loss": loss}
+
+
+def create_transport(path_type="Linear", prediction="velocity", loss_weight=None, train_eps=None, sample_eps=None):
+    assert (path_type, prediction, loss_weight) == ("Linear", "velocity", None)
+    return Transport()
+'''
+
+
+def _stand_in_checkout(root):
+    (root / "transport").mkdir(parents=True)
+    (root / "models.py").write_text(STAND_IN_MODELS)
+    (root / "transport" / "__init__.py").write_text("from .transport import create_transport\n")
+    (root / "transport" / "transport.py").write_text(STAND_IN_TRANSPORT)
+    return root
+
+
+def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
+    """`--official PATH` imports the checkout under private names (our `models` package stays ours),
+    times its step round-robin with the default step, and checks the two networks' losses agree."""
+    import sys
+
+    import bench.perf.official as official
+
+    checkout = _stand_in_checkout(tmp_path / "ReDi")
+    status, text = run_cli(["--quick", "--device", "cpu", "--specs", "redi", "--kinds", "train", "--no-reference",
+                            "--official", str(checkout), "--out", str(tmp_path / "out"), "--precision", "fp32"])
+    assert status == 0, text
+    assert "models.backbone" in sys.modules and sys.modules["models"].__file__.startswith(str(REPO_ROOT))
+    rows = [json.loads(line) for line in next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()]
+    train = {r["spec"]: r for r in rows}
+    assert set(train) == {"official", "redi"}
+    assert train["official"]["official_path"] == str(checkout) and train["official"]["times_s"]
+    assert train["official"]["repeats"] == train["redi"]["repeats"] == 3  # the same rounds: paired
+    losses = train["official"]["official_losses"]
+    assert losses and all(np.isfinite(losses))  # the official step really trained
+    assert train["official"]["train_flops_per_image"] == train["redi"]["train_flops_per_image"] > 0
+    section = text.split("\ntargets\n", 1)[1]
+    assert re.search(r"^  (PASS|FAIL)  train: default \(fp32\) >= 2\.0x the official step, side by side \(redi, "
+                     r"batch 4\): measured [\d.]+x", section, re.M)
+    assert re.search(r"^  PASS  loss: official network vs redi-bench's .*: measured", section, re.M)
+    assert "43" not in section  # no figure from another machine
+    # the loss check can fail: an official network that differs by 1e-3 is caught
+    code = official.load_official_code(checkout)
+    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", [])
+    geometry = synthetic_geometry(cfg)
+    assert official.official_loss_agreement(code, cfg, geometry, torch.device("cpu"))["ok"]
+    code.models.OFFSET = 1e-3
+    bad = official.official_loss_agreement(code, cfg, geometry, torch.device("cpu"))
+    assert not bad["ok"] and bad["rel_err"] > official.OFFICIAL_LOSS_RTOL
+
+
+def test_official_path_that_is_not_a_checkout_is_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PerfError, match=r"--official .*empty: not a checkout of the official ReDi code \(no "
+                                        r"models\.py or transport/__init__\.py there\); clone"):
+        perf.main(["--quick", "--kinds", "train", "--official", str(tmp_path / "empty"), "--out", str(tmp_path)])
+    checkout = _stand_in_checkout(tmp_path / "ReDi")
+    with pytest.raises(PerfError, match="has no official counterpart"):
+        perf.main(["--quick", "--kinds", "train", "--reference-spec", "latent_only", "--specs", "latent_only",
+                   "--official", str(checkout), "--out", str(tmp_path)])
+    assert not list(tmp_path.glob("*.jsonl"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Roofline, compiled step, Table 6
+
+
+@pytest.mark.parametrize("fields", [
+    dict(fusion="merged", semantic_channels=4), dict(fusion="separate", semantic_channels=4), dict(fusion="none"),
+    dict(fusion="merged", semantic_channels=8, projector_dim=80, align_layer=2, learn_sigma=True)])
+def test_model_flops_match_torchs_flop_counter(fields):
+    """The analytic forward count equals torch's FlopCounterMode on the real network, with attention
+    run by the math kernel (its matmuls are then counted like any other)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.perf.roofline import forward_flops_per_image, train_flops_per_image
+    from models.backbone import BackboneConfig, JointDiT
+
+    config = BackboneConfig(hidden_size=64, depth=3, num_heads=2, input_size=8, patch_size=2, num_classes=10, **fields)
+    model, batch = JointDiT(config), 3
+    z = torch.randn(batch, config.semantic_channels, 8, 8) if config.semantic_channels else None
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(batch, 4, 8, 8), torch.rand(batch), torch.randint(0, 10, (batch,)), z)
+    assert forward_flops_per_image(config) * batch == counter.get_total_flops()
+    assert train_flops_per_image(config) == 3 * forward_flops_per_image(config)
+
+
+def test_matmul_peak_is_measured():
+    from bench.perf.roofline import matmul_peak
+
+    fp32 = matmul_peak(torch.device("cpu"), torch.float32, size=128, repeats=3, min_seconds=0.01)
+    assert 0.01 < fp32 < 1e5  # GFLOP/s: finite, positive, not a unit slip
+
+
+def test_compiled_step_equals_the_eager_step():
+    """torch.compile of the default step (inductor on CPU) computes the same loss and update: two
+    steps from the same weights and draws agree to 1e-5 relative (fp32 reassociation only)."""
+    import copy
+
+    from bench.train.build import build_model, build_transport
+    from bench.train.step import make_train_step
+
+    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", [])
+    geometry = synthetic_geometry(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, geometry.manifest())
+    with torch.no_grad():
+        for p in model.parameters():  # leave adaLN-Zero, else the first step barely depends on the net
+            p.add_(0.05 * torch.randn_like(p))
+    results = []
+    for compiled in (False, True):
+        net = copy.deepcopy(model).train()
+        step = make_train_step(net, copy.deepcopy(net).requires_grad_(False), build_transport(cfg, geometry.manifest()),
+                               cfg, torch.device("cpu"))
+        forward = torch.compile(net) if compiled else net
+        g = torch.Generator().manual_seed(1)
+        batch = synthetic_pool(geometry, 4, 8, torch.device("cpu")).batches[0]
+        losses = [float(step(forward, batch["moments"][:, :4], batch["semantic"], batch["labels"], g)[0]["loss"])
+                  for _ in range(2)]
+        results.append((losses, torch.cat([p.detach().flatten() for p in net.parameters()])))
+    (eager_losses, eager_w), (compiled_losses, compiled_w) = results
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    # AdamW divides by sqrt(v): on a near-zero gradient entry, fp32 reassociation can move that
+    # entry's update by up to lr = 1e-4 per step; measured 4e-6 after two steps
+    torch.testing.assert_close(compiled_w, eager_w, rtol=1e-5, atol=2e-5)
+    assert not torch.equal(eager_w, torch.cat([p.detach().flatten() for p in model.parameters()]))  # it trained
+
+
+def test_table6_times_finished_images_with_every_step_and_the_decode(monkeypatch):
+    """Scaled down on CPU (3 steps, batch 2; the paper's Appendix B: 250 steps at batch 64): one call
+    runs the network once per sampling step and decodes the batch once."""
+    from bench.perf import infer
+
+    calls = {"net": 0, "decode": 0}
+    real_build_model, real_build_vae = infer.build_model, infer.build_vae
+
+    def counting_model(*args, **kwargs):
+        model = real_build_model(*args, **kwargs)
+        model.register_forward_hook(lambda *_: calls.__setitem__("net", calls["net"] + 1))
+        return model
+
+    def counting_vae(*args, **kwargs):
+        vae, weights = real_build_vae(*args, **kwargs)
+        decode = vae.decode
+        vae.decode = lambda latents: (calls.__setitem__("decode", calls["decode"] + 1), decode(latents))[1]
+        return vae, weights
+
+    monkeypatch.setattr(infer, "build_model", counting_model)
+    monkeypatch.setattr(infer, "build_vae", counting_vae)
+    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", ["eval.sampler=sde"])  # 1 call per step
+    workload = infer.build_table6_workload("redi", cfg, synthetic_geometry(cfg), batch=2, steps=3,
+                                           device=torch.device("cpu"), prepared_dir=None)
+    workload.run()
+    assert calls == {"net": 3, "decode": 1}
+    assert workload.images_per_call == 2 and workload.fields["sampling_steps"] == 3
+    assert workload.fields["paper_setting"] is False and workload.kind == "table6"

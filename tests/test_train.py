@@ -23,7 +23,8 @@ from bench.compose import dumps
 from bench.config import ConfigError
 from bench.identity import run_dir
 from bench.train.checkpoint import verify_checkpoint
-from bench.train.loop import GlobalBatchSampler, NonFiniteLossError, resolve_precision, train
+from bench.train.loop import GlobalBatchSampler, train
+from bench.train.step import NonFiniteLossError, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,11 +101,11 @@ def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
 
 
 def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
-    from bench.train import loop as train_module
+    from bench.train import step as step_module
 
     cpu = torch.device("cpu")
     for native in (False, True):  # auto = bf16 exactly where the device runs it natively
-        monkeypatch.setattr(train_module, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(step_module, "native_bf16", lambda device, native=native: native)
         assert resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
     monkeypatch.undo()
     assert resolve_precision("fp32", torch.device("cpu")) is None
@@ -357,41 +358,3 @@ def test_cli_trains_and_reports_bad_data_in_one_line(prepared_dir, tmp_path, cap
     assert (tmp_path / "mixed" / "DONE").is_file()  # overrides may come before and after options
     assert bench(["train", *tiny_overrides(prepared_dir, tmp_path / "bad", "encoder.kind=dinov2")]) == 2
     assert "bench train: error:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-
-
-def test_foreach_ema_equals_the_official_loop():
-    """The trainer's one-kernel EMA is the official mul_/add_ loop up to float32 rounding."""
-    import copy
-
-    from bench.train.loop import update_ema, update_ema_official
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5))
-    ema_a = copy.deepcopy(model)
-    for p in model.parameters():
-        p.data.add_(torch.randn_like(p))  # the model moved away from its EMA
-    ema_b = copy.deepcopy(ema_a)
-    for _ in range(3):
-        update_ema(ema_a, model, 0.99)
-        update_ema_official(ema_b, model, 0.99)
-    for a, b, start in zip(ema_a.parameters(), ema_b.parameters(), copy.deepcopy(model).parameters()):
-        assert not torch.equal(a, start)  # the update did something
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # float32 rounding only
-
-
-def test_bench_perf_default_times_the_trainers_own_choices():
-    """`bench perf`'s default rows use the trainer's precision rule, optimiser and EMA: they cannot drift."""
-    from bench.config import ExperimentConfig
-    from bench.perf import setup as perf_setup
-    from bench.perf import training as perf_train
-    from bench.train.loop import build_optimizer
-
-    cpu = torch.device("cpu")
-    assert perf_setup.resolve_precision("auto", cpu) == ("fp32" if resolve_precision("auto", cpu) is None else "bf16")
-    model = torch.nn.Linear(3, 2)
-    cfg = ExperimentConfig()
-    perf_opt, _ = perf_train.make_optimizer(model, cfg, fused=True)
-    train_opt = build_optimizer(model, cfg)
-    assert type(perf_opt) is type(train_opt) and perf_opt.defaults == train_opt.defaults
-    reference, name = perf_train.make_optimizer(model, cfg, fused=False)
-    assert name == "adamw-default" and not reference.defaults.get("fused")

@@ -45,6 +45,7 @@ import torch
 from bench.atomic import atomic_write_bytes, atomic_write_json, crash_point, sha256_json
 from bench.compose import from_dict, to_dict
 from bench.config import ConfigError, ExperimentConfig
+from bench.identity import derive_seed
 from bench.runfolder import (
     checkpoint_path,
     checkpoint_steps,
@@ -333,8 +334,7 @@ def shard_labels(start: int, count: int, num_classes: int, mode: str,
 
 
 def _derive_seed(seed: int, *names: object) -> int:
-    from bench.train.loop import derive_seed  # one definition of the run's seed streams
-
+    """Sampling's streams of the run's seed (bench.identity.derive_seed, shared with training)."""
     return derive_seed(seed, "sampling", *names)
 
 

@@ -3,7 +3,10 @@
 - `command`:  the command line (`main`)
 - `run`:      configs -> workloads -> timing -> rows and targets (`run_perf`, `write_results`)
 - `setup`:    model size, specs, precision policy and data the workloads run on
-- `training`: the training-step workloads; `infer`: sampling, prepare and evaluation workloads
+- `training`: the training-step workloads (the default row runs bench.train.step, as `bench train`)
+- `official`: `--official PATH`, the official ReDi step from the user's checkout, timed beside the default
+- `roofline`: the matmul peak (fp32, bf16) and the model FLOPs of a training image
+- `infer`:    sampling, Table 6 finished images, prepare and evaluation workloads
 - `timing`:   warm-up, interleaved repeats, medians and the provenance every row carries
 - `targets`:  the speed targets checked and the printed report
 - `doctor`:   `bench doctor`: a preflight on the user's node (numerics, DDP, weights, data, throughput)

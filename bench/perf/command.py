@@ -3,6 +3,7 @@
     bench perf [--size S/2|custom:DEPTH,WIDTH,HEADS,PATCH] [--batch 16] [--specs latent_only,redi,...]
                [--kinds train,sample,prepare,eval] [--repeats 5] [--warmup 2] [--data synthetic|real]
                [--precision auto|bf16|fp32] [--compile] [--out results/perf] [--quick]
+               [--official PATH] [--ladder] [--roofline/--no-roofline] [--table6-steps 250 --table6-batch 64]
 
 Every workload gets a burn-in (`--warmup` calls; the last one also sizes a repeat to at least
 `--min-repeat-seconds`), then `--repeats` timed repeats, interleaved across the workloads of a kind
@@ -12,12 +13,22 @@ created_at), the checked targets in `<out>/<run>.targets.json`, and a printed ta
 `targets` section with PASS/FAIL and the measured ratio of each target (bench/perf/targets.py).
 
 Rows with `kind: train` and `mode: default` are what `bench grid --dry-run` turns into GPU-hours.
+`--official PATH` (your checkout of https://github.com/zelaki/ReDi) adds a row `official`: the
+official training step, timed round-robin with the default step in the same run, with a loss check
+(bench/perf/official.py); speed-ups are only ever ratios of two rows of one run. `--ladder` adds
+one row per optimisation between the official-style step and the default (no checkpointing, fused
+AdamW, then torch.compile), so each one's gain is measured. Every training row carries its model
+FLOPs per image, achieved GFLOP/s and share of this machine's matmul peak (bench/perf/roofline.py).
+`--kinds table6` times finished images (the paper's Appendix B: 250 sampling steps at batch 64,
+VAE decode included) for the Table 6 cells among --specs (latent_only, redi, redi_separate).
+
 The official-style reference rows carry `spec: reference` / `reference_precomputed` (and
 `reference_of`: the spec they mirror), so they never pass for a spec of a grid.
 
-Files: perf_setup.py (sizes, specs, precision, data), perf_train.py (training step, reference mode,
-loss agreement), perf_infer.py (sampling, prepare, eval), perf_timing.py (timing, provenance),
-perf_run.py (orchestration), perf_report.py (targets, table).
+Modules: setup (sizes, specs, precision, data), training (the default step from bench/train/step.py,
+the reference mode, loss agreement), official (--official), roofline (matmul peak, model FLOPs),
+infer (sampling, Table 6, prepare, eval), timing (timing, provenance), run (orchestration),
+targets (targets, table).
 """
 
 from __future__ import annotations
@@ -29,10 +40,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.perf.run import KINDS
+from bench.perf.run import DEFAULT_KINDS, KINDS
 from bench.perf.setup import DEFAULT_SPECS, PerfError
 
-QUICK = dict(size="custom:2,64,2,1", batch=4, repeats=3, warmup=1, min_repeat_seconds=0.05)
+QUICK = dict(size="custom:2,64,2,1", batch=4, repeats=3, warmup=1, min_repeat_seconds=0.05,
+             table6_steps=2, table6_batch=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the official-style reference mode of --reference-spec")
     p.add_argument("--reference-spec", default="redi")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    p.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                   help=f"comma-separated subset of {','.join(KINDS)} (table6 only when asked: it samples "
+                        "whole images)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--min-repeat-seconds", type=float, default=0.5,
@@ -65,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs it; auto = bf16 autocast where the device runs bf16 natively). Sampling "
                         "is timed in fp32, as bench sample runs")
     p.add_argument("--compile", action="store_true", help="torch.compile the default path")
+    p.add_argument("--official", default=None, metavar="PATH",
+                   help="a checkout of the official ReDi code: time its training step beside the default")
+    p.add_argument("--ladder", action="store_true",
+                   help="one extra row per optimisation from the reference mode to the default (+ compile)")
+    p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure the matmul peak (fp32, bf16) and print each training row's share of it")
+    p.add_argument("--table6-steps", type=int, default=250, help="sampling steps of a --kinds table6 image")
+    p.add_argument("--table6-batch", type=int, default=64, help="batch of --kinds table6 (paper: 64)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on the default path")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before measuring")
@@ -101,10 +123,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         for key, value in QUICK.items():
             if key in ("size", "batch") and getattr(args, key) is not None:
                 continue
-            if key in ("repeats", "warmup", "min_repeat_seconds") and f"--{key.replace('_', '-')}" in argv:
+            if key not in ("size", "batch") and f"--{key.replace('_', '-')}" in argv:
                 continue
             setattr(args, key, value)
-    for option in ("batch", "sample_batch", "encoder_batch", "repeats", "threads"):
+    for option in ("batch", "sample_batch", "encoder_batch", "repeats", "threads", "table6_steps", "table6_batch"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise PerfError(f"--{option.replace('_', '-')} must be >= 1, got {value}")

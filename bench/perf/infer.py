@@ -6,6 +6,10 @@
   bench.evaluate.sampling.SAMPLING_PRECISION; --precision applies to training only). images/s counts the B
   images being sampled, i.e. per-image network evaluations per second (divide by the step count for
   finished images/s, as Table 6 reports), so `guided / unguided` time per step is the cost of guidance.
+- table6: finished images/s as the paper's Appendix B measures Table 6's throughput: a batch
+  (paper: 64) drawn from noise with the run's sampler in `steps` steps (paper: 250), unguided, then
+  decoded by the scale's VAE to uint8 images, exactly as `bench sample` draws and decodes
+  (bench.evaluate.sampling.draw_batch, decode_to_uint8). One call = one finished batch.
 - prepare: images/s of each frozen encoder `bench prepare` runs (VAE moments, semantic features).
 - eval: images/s of the evaluation feature network (the embedded classifier, or Inception-v3).
 Weights are random unless a local file is configured: cost depends on shapes, not values.
@@ -89,6 +93,51 @@ def _sampling_step(network, x: torch.Tensor, z: Optional[torch.Tensor], y: torch
         if z is not None:
             _ = z + dt * vz
     return step
+
+
+# ---------------------------------------------------------------------------------------------
+# table6: finished images (sampling + VAE decode)
+
+TABLE6_SPECS = ("latent_only", "redi", "redi_separate")  # Table 6: DiT-B/2 w/o ReDi, MR, SP
+
+
+def build_table6_workload(spec_label: str, cfg: ExperimentConfig, geometry: Geometry, batch: int, steps: int,
+                          device: torch.device, prepared_dir: Optional[str], seed: int = 0) -> Workload:
+    """One Workload whose call draws `batch` images in `steps` sampling steps and decodes them."""
+    import copy
+
+    from bench.evaluate.sampling import SAMPLING_PRECISION, decode_to_uint8, draw_batch
+    from bench.train.build import build_transport
+
+    cfg = copy.deepcopy(cfg)
+    cfg.eval.num_sampling_steps = steps
+    torch.manual_seed(seed)
+    manifest = geometry.manifest()
+    model = build_model(cfg, manifest).to(device).eval().requires_grad_(False)
+    network = functools.partial(model, return_aligned=False)
+    transport = build_transport(cfg, manifest)
+    vae, weights = build_vae(cfg, geometry, prepared_dir)
+    vae = vae.to(device).eval().requires_grad_(False)
+    cx, cz = geometry.latent_channels, cfg.semantic_channels
+    guidance = Guidance(latent_channels=cx, semantic_channels=cz, null_class=cfg.num_model_classes)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, cfg.num_model_classes, (batch,), generator=g)
+    generator = torch.Generator(device=device)
+
+    @torch.no_grad()
+    def finished_batch() -> None:
+        generator.manual_seed(seed)  # every call draws the same images: equal cost, finite numbers
+        latents, _ = draw_batch(network, transport, guidance, cfg, manifest, y, generator, device)
+        decode_to_uint8(vae, latents, geometry.image_size)
+
+    return Workload(kind="table6", name=f"{spec_label} table6", run=finished_batch, images_per_call=batch,
+                    device=device,
+                    fields={"spec": cfg.spec if spec_label == cfg.spec else spec_label, "mode": "default",
+                            "sampler": cfg.eval.sampler, "sampling_steps": steps, "guidance": "none",
+                            "vae": f"{cfg.vae.kind} {weights}", "precision": SAMPLING_PRECISION,
+                            "dtype": SAMPLING_PRECISION, "fusion": cfg.model.fusion, "tokens": model.num_tokens,
+                            "batch": batch, "paper_setting": steps == 250 and batch == 64,
+                            "image_size": geometry.image_size})
 
 
 # ---------------------------------------------------------------------------------------------

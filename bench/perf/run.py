@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -26,8 +27,10 @@ from bench.perf.setup import (
     synthetic_pool,
 )
 from bench.perf.timing import PeakMemory, Workload, environment, summarize, time_round_robin, utc_now, warm_up
+from bench.train.step import native_bf16
 
-KINDS = ("train", "sample", "prepare", "eval")
+KINDS = ("train", "sample", "table6", "prepare", "eval")
+DEFAULT_KINDS = ("train", "sample", "prepare", "eval")
 
 
 def _csv(text: str, option: str, allowed=None) -> list[str]:
@@ -95,6 +98,15 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
 
     default = StepOptions(precision=precision, checkpointing=args.checkpointing, compile=args.compile)
     groups: dict[str, list[Callable[[], list[Workload]]]] = {kind: [] for kind in kinds}
+    official_code = None
+    if args.official and "train" in kinds:
+        from bench.perf.official import build_official_workload, check_official_spec, load_official_code
+
+        official_code = load_official_code(args.official)  # one clear error before anything is timed
+        check_official_spec(configs[args.reference_spec])
+        groups["train"].append(_labelled("official", lambda: [build_official_workload(
+            official_code, configs[args.reference_spec], geometry, pool, device, args.seed)],
+            reference_of=args.reference_spec))
     if "train" in kinds:
         for spec in specs:
             groups["train"].append(_labelled(spec, lambda s=spec: [build_train_workload(
@@ -109,6 +121,16 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
             groups["train"].append(_labelled("reference_precomputed", lambda: [build_train_workload(
                 "reference_precomputed", configs[ref], geometry, pool, device, precomputed, args.seed)],
                 reference_of=ref))
+        if args.ladder:  # one optimisation at a time, from the reference mode (fp32) to the default
+            ref = args.reference_spec
+            base = dict(mode="reference-precomputed", precision="fp32", foreach_ema=False)
+            rungs = [("ladder 1: - checkpointing", StepOptions(**base, checkpointing=False, fused_optimizer=False)),
+                     ("ladder 2: + fused AdamW", StepOptions(**base, checkpointing=False, fused_optimizer=True)),
+                     # rung 3 is the default row itself (+ foreach EMA, NaN guard, its precision)
+                     ("ladder 4: default step + torch.compile", dataclasses.replace(default, compile=True))]
+            for label, options in rungs:
+                groups["train"].append(_labelled(label, lambda label=label, options=options: [build_train_workload(
+                    label, configs[ref], geometry, pool, device, options, args.seed)], reference_of=ref))
     if "sample" in kinds:
         from bench.evaluate.sampling import SAMPLING_PRECISION
         from bench.perf.infer import build_sample_workloads
@@ -125,6 +147,14 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         prepared_dir = args.prepared_dir if args.data == "real" else None
         groups["prepare"].append(lambda: build_prepare_workloads(
             configs[specs[0]], geometry, encoder_batch, device, encoder(), prepared_dir, args.seed))
+    if "table6" in kinds:
+        from bench.perf.infer import TABLE6_SPECS, build_table6_workload
+
+        cells = [spec for spec in specs if spec in TABLE6_SPECS] or [specs[0]]
+        for spec in cells:
+            groups["table6"].append(_labelled(spec, lambda s=spec: [build_table6_workload(
+                s, configs[s], geometry, args.table6_batch, args.table6_steps, device,
+                args.prepared_dir if args.data == "real" else None, args.seed)]))
     if "eval" in kinds:
         from bench.perf.infer import build_eval_workloads
 
@@ -141,11 +171,28 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         check_spec = args.reference_spec if args.reference_spec in configs else specs[0]
         _log(f"loss agreement of {check_spec}: float64 vs fp32 vs {precision} vs reference")
         checks.append(loss_agreement(configs[check_spec], geometry, pool, device, precision, args.seed))
+        if official_code is not None:
+            from bench.perf.official import official_loss_agreement
+
+            _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, "
+                 "same weights and inputs")
+            checks.append(official_loss_agreement(official_code, configs[args.reference_spec], geometry, device,
+                                                  args.seed))
+    peaks = {}
+    if args.roofline and "train" in kinds:
+        from bench.perf.roofline import MATMUL_SIZE, matmul_peak
+
+        size = 256 if args.quick else MATMUL_SIZE
+        _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
+        peaks = {"size": size, "fp32": matmul_peak(device, torch.float32, size),
+                 "bf16": matmul_peak(device, torch.bfloat16, size)}
 
     base = env | {"run_id": run_id, "created_at": utc_now(), "model_size": model_size, "scale": scale,
                   "data": pool.source, "warmup": args.warmup, "quick": bool(args.quick),
                   "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
-    rows = [_row(base, w) for kind in kinds for w in measured[kind]]
+    base["matmul_peak_gflops"] = peaks or None
+    base["native_bf16"] = native_bf16(device)
+    rows = [_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]]
     targets = compute_targets(measured, checks, model_size, batch)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "threads": env["threads"],
@@ -198,6 +245,17 @@ def _measure(kind: str, factories: list, args: argparse.Namespace, device: torch
     for workload in done:
         workload.run = _released  # the rows need only times and fields: free models before the next kind
     return done
+
+
+def _roofline(row: dict, peaks: dict) -> dict:
+    """Achieved model GFLOP/s of a training row and its share of the matmul peak of its precision."""
+    flops = row.get("train_flops_per_image")
+    if row["kind"] == "train" and flops:
+        achieved = flops * row["images_per_s"] / 1e9
+        peak = peaks.get("bf16" if row.get("precision") == "bf16" else "fp32") if peaks else None
+        row = row | {"achieved_gflops": round(achieved, 2),
+                     "share_of_peak": None if not peak else round(achieved / peak, 4)}
+    return row
 
 
 def _released() -> None:

@@ -82,8 +82,8 @@ def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> E
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 where it is
-    native, see bench.train.loop.native_bf16), so "default" rows time the trainer's real step."""
-    from bench.train.loop import resolve_precision as train_precision
+    native, see bench.train.step.native_bf16), so "default" rows time the trainer's real step."""
+    from bench.train.step import resolve_precision as train_precision
 
     if precision not in ("auto", "bf16", "fp32"):
         raise PerfError(f"--precision {precision!r}: choose auto, bf16 or fp32")

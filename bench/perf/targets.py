@@ -14,14 +14,9 @@ SPEEDUP_OVER_REFERENCE = 2.0  # default training path vs the official-style refe
 MERGED_OVERHEAD = 1.03  # ReDi merged tokens vs latent-only, time per step
 GUIDED_STEP = 2.1  # a guided sampling step (CFG or RG, one batched call) vs an unguided one
 
-# The official zelaki/ReDi training step as given in issue 10 ("measured on this machine type": the
-# project's 2-core CPU machines; the CPU model is not stated there), fp32 with the official choices
-# (activation checkpointing on every block). Context only: the PASS/FAIL speed target compares with
-# this harness's own reference mode, timed in the same run.
-OFFICIAL_IMAGES_PER_S = {
-    ("S/2", 16): (2.6, "SiT-S/2, 32x32x12 input, fp32, batch 16"),
-    ("custom:6,256,4,1", 64): (43.0, "depth 6, width 256, patch 1, 8x8x8 input, fp32, batch 64"),
-}
+# Issue 19: the default step against the official code, side by side (--official): >= 2x in fp32,
+# >= 3x where the default runs bf16 autocast natively.
+SPEEDUP_OVER_OFFICIAL = {"fp32": 2.0, "bf16": 3.0}
 
 
 def _target(name: str, status: str, measured: Optional[float], threshold: Optional[float] = None,
@@ -77,14 +72,30 @@ def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], mod
             if latent and other:
                 targets.append(_target(f"train: {spec} / latent_only time per step", "INFO",
                                        paired_time_ratio(other, latent)))
-        official = OFFICIAL_IMAGES_PER_S.get((model_size, batch))
-        if official and default:
-            from bench.perf.timing import summarize
-
-            value, what = official
-            fast = summarize(default.images_per_s()).median
-            targets.append(_target(f"train: default images/s / official implementation ({what}: {value} images/s)",
-                                   "INFO", fast / value))
+        official = _find(train, spec="official")
+        if official is not None:
+            ref_spec = official.fields.get("reference_of")
+            fast = _find(train, spec=ref_spec, mode="default")
+            if fast is not None:
+                precision = fast.fields.get("precision", "fp32")
+                threshold = SPEEDUP_OVER_OFFICIAL.get(precision, 2.0)
+                targets.append(_check(
+                    f"train: default ({precision}) >= {threshold:.1f}x the official step, side by side ({ref_spec}, "
+                    f"batch {batch})", paired_time_ratio(official, fast), threshold, ">=",
+                    "official time per image / default time per image, paired repeats of this run"))
+            rungs = [w for w in train if str(w.fields.get("spec", "")).startswith("ladder")]
+            if rungs and fast is not None:  # rung 3 of the ladder is the default row itself
+                rungs.insert(2, fast)
+            for rung in rungs:
+                label = rung.fields["spec"] if rung is not fast else "ladder 3: default step (+ foreach EMA, NaN guard)"
+                targets.append(_target(f"train: {label} / official step", "INFO",
+                                       paired_time_ratio(official, rung), detail="speed-up, paired repeats"))
+        elif any(str(w.fields.get("spec", "")).startswith("ladder") for w in train):
+            precomputed = _find(train, spec="reference_precomputed")
+            for rung in train:
+                if precomputed and str(rung.fields.get("spec", "")).startswith("ladder"):
+                    targets.append(_target(f"train: {rung.fields['spec']} / reference without online encoder",
+                                           "INFO", paired_time_ratio(precomputed, rung)))
     sample = measured.get("sample", [])
     if sample:
         spec = "redi" if _find(sample, spec="redi") else sample[0].fields.get("spec")
@@ -103,6 +114,10 @@ def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], mod
                 targets.append(_check(f"sample: {mode} step <= {limit:.1f}x unguided ({spec}, one batched call)",
                                       ratio, limit, "<="))
     for check in checks:
+        if "official" in check:  # the official network vs redi-bench's, same weights and inputs
+            targets.append(_check(f"loss: official network vs redi-bench's (fp32, same weights and inputs), "
+                                  f"relative, {check['spec']}", check["rel_err"], check["rtol"], "<="))
+            continue
         rel, precision = check["rel_err"], check["precision"]
         loss = check["loss"]
         vs_fp32 = abs(loss["default"] - loss["fp32"]) / abs(loss["fp32"])
@@ -142,6 +157,11 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
               for i in range(len(columns))]
     lines = [header, "", "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+    peaks = base.get("matmul_peak_gflops")
+    if peaks:
+        lines += ["", f"roofline: {peaks['size']}x{peaks['size']} matmul peak {peaks['fp32']:.1f} GFLOP/s fp32, "
+                      f"{peaks['bf16']:.1f} GFLOP/s bf16 (native bf16: {base.get('native_bf16')}); training rows "
+                      "count model FLOPs (matmuls, convolutions, attention; 3x forward; bench/perf/roofline.py)"]
     lines += ["", "targets"]
     if quick:
         lines.append("  (--quick times a toy model in milliseconds per call for CI: its speed verdicts are noise; "
@@ -158,9 +178,19 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
 def row_notes(r: dict) -> str:
     """The notes column of one row of the printed table: what distinguishes rows of its kind."""
     if r["kind"] == "train":
+        memory = ("" if r.get("state_memory_mb") is None else
+                  f", state {r['state_memory_mb']:.0f} MB, saved activations {r['activation_memory_mb']:.0f} MB")
+        roofline = ""
+        if r.get("achieved_gflops") is not None:
+            share = ("" if r.get("share_of_peak") is None
+                     else f" = {100 * r['share_of_peak']:.1f}% of {r['precision']} peak")
+            roofline = f", {r['achieved_gflops']:.1f} GFLOP/s{share}"
         return (f"{r['mode']}, {r['dtype']}, ckpt={'on' if r['activation_checkpointing'] else 'off'}, "
-                f"{r['optimizer']}, features {r['semantic_features']}, {r['tokens']} tokens, state "
-                f"{r['state_memory_mb']:.0f} MB, saved activations {r['activation_memory_mb']:.0f} MB")
+                f"{r['optimizer']}{', compiled' if r.get('compile') else ''}, features {r['semantic_features']}, "
+                f"{r['tokens']} tokens{memory}{roofline}")
+    if r["kind"] == "table6":
+        return (f"finished images: {r['sampling_steps']} {r['sampler']} steps + VAE decode ({r['vae']}), "
+                f"{r['tokens']} tokens, {r['dtype']}")
     if r["kind"] == "sample":
         return f"{r['branches']} branch(es), {r['dtype']}, {r['tokens']} tokens"
     return f"{r['image_size']} px, {r['weights']}"  # prepare, eval

@@ -1,4 +1,5 @@
-"""Training-step workloads of `bench perf`: the default fast path and the official-style reference.
+"""Training-step workloads of `bench perf`: the default step (bench/train/step.py, the very function
+`bench train` calls) and the official-style reference mode.
 
 One step = sample the VAE posterior, (reference only: run the semantic encoder on the images, PCA,
 resize), forward through the objective, backward, optimiser step, EMA update.
@@ -30,9 +31,11 @@ import torch
 from torch import nn
 
 from bench.config import ExperimentConfig
+from bench.perf.roofline import train_flops_per_image
 from bench.perf.setup import BatchPool, Geometry, autocast
 from bench.perf.timing import Workload
 from bench.train.build import build_model, build_transport
+from bench.train.step import build_optimizer, make_train_step, repa_tokens, update_ema
 
 # Relative |loss_default - loss_float64| / loss_float64 accepted for the default (bf16 autocast)
 # path. bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%), but the loss is a mean of squared
@@ -65,20 +68,9 @@ class StepOptions:
                    foreach_ema=False, compile=False, online_encoder=True)
 
 
-def tokens_from_features(features: torch.Tensor, token_grid: int) -> torch.Tensor:
-    """Encoder feature maps (B, D, gh, gw) -> REPA targets (B, L, D) on the model's token grid
-    (bilinear resize only when the grids differ; row-major tokens as the backbone)."""
-    from bench.prepare.encoders import align_to_grid
-
-    maps = align_to_grid(features.float(), (token_grid, token_grid))
-    return maps.flatten(2).transpose(1, 2)
-
-
-def make_optimizer(model: nn.Module, cfg: ExperimentConfig, fused: bool) -> tuple[torch.optim.Optimizer, str]:
-    """The default mode uses `bench train`'s own optimiser (so the two cannot drift apart); the
-    reference mode torch's default (non-fused) AdamW, as the official code."""
-    from bench.train.loop import build_optimizer
-
+def reference_optimizer(model: nn.Module, cfg: ExperimentConfig, fused: bool) -> tuple[torch.optim.Optimizer, str]:
+    """The reference mode's AdamW: torch's default (non-fused) implementation as the official code
+    builds it, or (`fused`, one rung of --ladder) `bench train`'s own fused one."""
     if fused:
         optimizer = build_optimizer(model, cfg)
     else:
@@ -86,6 +78,13 @@ def make_optimizer(model: nn.Module, cfg: ExperimentConfig, fused: bool) -> tupl
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                       weight_decay=cfg.optim.weight_decay)
     return optimizer, "adamw-fused" if optimizer.defaults.get("fused") else "adamw-default"
+
+
+@torch.no_grad()
+def update_ema_official(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """The official code's update_ema: a Python loop of mul_/add_ (the reference mode's EMA)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def build_online_encoder(cfg: ExperimentConfig, geometry: Geometry, device: torch.device):
@@ -121,7 +120,6 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
     model = build_model(cfg, geometry.manifest()).to(device).train()
     transport = build_transport(cfg, geometry.manifest())
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer, optimizer_name = make_optimizer(model, cfg, options.fused_optimizer)
     forward = torch.compile(model) if options.compile else model
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -129,19 +127,19 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
     semantic = cfg.semantic_channels
     use_repa = cfg.objective.lambda_repa > 0
     token_grid = model.config.grid_size
-    decay = cfg.train.ema_decay
     if options.online_encoder and encoder is None:
         encoder = build_online_encoder(cfg, geometry, device)
     if options.online_encoder and pool.pca is None:
         raise ValueError("the reference mode's online encoder needs a PCA (pool.pca)")
-    from bench.train.loop import update_ema as train_update_ema
-    from bench.train.loop import update_ema_official
-
-    ema_step = train_update_ema if options.foreach_ema else update_ema_official  # default = bench train's
-
-    def update_ema() -> None:
-        ema_step(ema, model, decay)
-
+    if options.mode == "default":
+        # bench train's own step (bench/train/step.py): precision rule, fused AdamW, NaN guard with
+        # one host sync, clipping, foreach EMA
+        cfg.train.precision = options.precision
+        train_step = make_train_step(model, ema, transport, cfg, device)
+        optimizer_name = "adamw-fused" if train_step.optimizer.defaults.get("fused") else "adamw-default"
+    else:
+        optimizer, optimizer_name = reference_optimizer(model, cfg, options.fused_optimizer)
+        train_step = _reference_step(model, ema, optimizer, transport, cfg, options)
     fields: dict = {}
 
     def step() -> None:
@@ -154,32 +152,18 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
                     z = pool.pca.project_map(feats, semantic)  # (B, r, gh, gw)
                     z = align_to_grid(z, (geometry.latent_grid, geometry.latent_grid))  # (B, r, h, w)
                 if use_repa:
-                    target = tokens_from_features(feats, token_grid)  # (B, L, D)
+                    target = repa_tokens(feats, token_grid)  # (B, L, D)
         else:
             if semantic:
                 z = batch["semantic"][:, :semantic]  # (B, r, h, w), precomputed by prepare
             if use_repa:
-                target = tokens_from_features(batch["features"], token_grid)
+                target = repa_tokens(batch["features"], token_grid)
         x = sample_latents(batch["moments"], geometry.scaling_factor, generator)  # (B, C_x, h, w)
         probe = _SavedBytes() if "activation_memory_mb" not in fields else contextlib.nullcontext()
-        with probe, autocast(device, options.precision):
-            loss = transport.training_losses(forward, x, z, batch["labels"], generator, target)["loss"]
+        with probe:
+            train_step(forward, x, z, batch["labels"], generator, target)
         if isinstance(probe, _SavedBytes):
             fields["activation_memory_mb"] = round(probe.total / 2**20, 2)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if options.mode == "default":
-            # bench train's NaN guard: total gradient norm and one host sync per step (the
-            # official loop has none); clipping reuses the norm
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-            if not bool(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)):
-                raise FloatingPointError(f"{name}: non-finite loss or gradient while benchmarking")
-            if cfg.optim.max_grad_norm > 0:
-                torch.nn.utils.clip_grads_with_norm_(trainable, cfg.optim.max_grad_norm, grad_norm)
-        elif cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
-        optimizer.step()
-        update_ema()
 
     batch_size = pool.batches[0]["moments"].shape[0]
     fields.update({
@@ -188,16 +172,35 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
         "activation_checkpointing": options.checkpointing, "optimizer": optimizer_name,
         "ema": "foreach_lerp" if options.foreach_ema else "python-loop",
         "compile": options.compile, "nan_guard": options.mode == "default",
+        "step_function": "bench.train.step.TrainStep" if options.mode == "default" else "reference",
         "semantic_features": "online" if options.online_encoder else "precomputed",
         "online_encoder": encoder[1] if options.online_encoder else None,
         "fusion": cfg.model.fusion, "semantic_channels": semantic, "lambda_repa": cfg.objective.lambda_repa,
         "tokens": model.num_tokens, "parameters": sum(p.numel() for p in model.parameters()),
-        "batch": batch_size,
+        "batch": batch_size, "train_flops_per_image": train_flops_per_image(model.config),
         # exact bytes of what training keeps per model: weights, gradients, AdamW moments, EMA
         "state_memory_mb": round((2 * _nbytes(params) + 3 * _nbytes(trainable)) / 2**20, 2),
     })
     return Workload(kind="train", name=name, run=step, images_per_call=batch_size, fields=fields,
                     device=device)
+
+
+def _reference_step(model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, transport,
+                    cfg: ExperimentConfig, options: StepOptions):
+    """The official loop's step: fp32, no NaN guard, zero_grad / backward / step, then the EMA."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema_update = update_ema if options.foreach_ema else update_ema_official
+
+    def run(forward, x, z, y, generator, align_target=None) -> None:
+        with autocast(x.device, options.precision):
+            loss = transport.training_losses(forward, x, z, y, generator, align_target)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm)
+        optimizer.step()
+        ema_update(ema, model, cfg.train.ema_decay)
+    return run
 
 
 def _nbytes(tensors: list[torch.Tensor]) -> int:
@@ -262,7 +265,7 @@ def loss_agreement(cfg: ExperimentConfig, geometry: Geometry, pool: BatchPool, d
     x = sample_latents(batch["moments"], geometry.scaling_factor, g)
     semantic = cfg.semantic_channels
     z = batch["semantic"][:, :semantic] if semantic else None
-    target = (tokens_from_features(batch["features"], model.config.grid_size)
+    target = (repa_tokens(batch["features"], model.config.grid_size)
               if cfg.objective.lambda_repa > 0 else None)
 
     def loss_of(net, dtype_precision: str) -> float:

@@ -42,12 +42,8 @@ Paired seeds (common random numbers): every stream is derived from (train.seed, 
 draws ("objective", step; re-seeded every step by `reseed_for_step`). So seed k of latent-only,
 REPA and ReDi trains on the same batches with the same t and latent noise eps_x at every step.
 
-Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
-natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
-the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
-slower for the embedded default (width 128), which therefore pins train.precision=fp32 (bench perf
-rows in results/readme/perf/).
-Optimiser and EMA: fused AdamW and one foreach lerp for the EMA (`bench perf` times exactly these).
+Precision, optimiser, EMA, NaN guard and clipping: the one training step in bench/train/step.py,
+which `bench perf` times as its default row.
 """
 
 from __future__ import annotations
@@ -55,7 +51,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import math
 import random
 import resource
@@ -72,24 +67,15 @@ from bench import runfolder
 from bench.atomic import atomic_write_text, check_writable_dir, crash_point, remove_stale_temporaries
 from bench.compose import dumps, load_config, load_config_file, to_dict
 from bench.config import ConfigError, ExperimentConfig
-from bench.identity import identity_dict, run_hash
+from bench.identity import derive_seed, identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
 from bench.prepare.dataset import Manifest, PreparedDataError
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
+from bench.train.step import NonFiniteLossError, TrainStep, build_optimizer, make_train_step, repa_tokens
 from models.backbone import BackboneOutput
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient became NaN/inf; training stopped before the bad update."""
-
-
-def derive_seed(seed: int, *names: object) -> int:
-    """A 63-bit seed for one named random stream of a run (independent streams, stable across versions)."""
-    text = "/".join(str(part) for part in (seed, *names))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def reseed_for_step(generator: torch.Generator, seed: int, purpose: str, step: int) -> torch.Generator:
@@ -232,7 +218,7 @@ class TrainingData:
 
     def batch(self, step: int, generator: torch.Generator, local: slice, token_grid: int):
         """(x, z, y, align_target) of global batch `step`; align_target has zeros outside `local`."""
-        from bench.prepare.encoders import align_to_grid, sample_latents
+        from bench.prepare.encoders import sample_latents
 
         rows = self._rows(self.sampler.indices(step), local)
         moments = rows["moments"].to(self.device, torch.float32)
@@ -243,8 +229,7 @@ class TrainingData:
             y = torch.zeros_like(y)
         target = None
         if self.use_features:
-            feats = align_to_grid(rows["features"].to(self.device, torch.float32), (token_grid, token_grid))
-            feats = feats.flatten(2).transpose(1, 2)  # (B_local, L, D), row-major tokens as the backbone
+            feats = repa_tokens(rows["features"].to(self.device), token_grid)  # (B_local, L, D)
             target = feats.new_zeros((x.shape[0], *feats.shape[1:]))
             target[local] = feats
         return x, z, y, target
@@ -278,58 +263,6 @@ class _RankRows:
         out = self.net(x[r], t[r], y[r], None if z is None else z[r])
         return BackboneOutput(self._gather(out.x), None if out.z is None else self._gather(out.z),
                               None if out.aligned is None else self._pad(out.aligned))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
-    AMX-BF16. Elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(setting: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively."""
-    if setting == "fp32" or (setting == "auto" and not native_bf16(device)):
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use auto or fp32")
-    return torch.bfloat16
-
-
-def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (Table 8), with torch's fused kernel wherever this build
-    has one for the parameters' device (CUDA, and CPU since torch 2.4): the same update, one kernel."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                  weight_decay=cfg.optim.weight_decay)
-    try:
-        return torch.optim.AdamW(params, fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype in this build
-        return torch.optim.AdamW(params, **kwargs)
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model for every parameter, as one foreach kernel:
-    lerp(e, p, 1 - decay) = e + (1 - decay)(p - e), equal to the official loop up to rounding."""
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
-
-
-@torch.no_grad()
-def update_ema_official(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """The official code's update_ema: a Python loop of mul_/add_ (bench perf's reference mode)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
@@ -469,13 +402,13 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     seed_global_rngs(cfg.train.seed)  # a checkpoint's python/numpy states then restore over these
     model = build_model(cfg, manifest).to(device)
     transport = build_transport(cfg, manifest, processes=world)  # batch_official drops per rank
-    autocast_dtype = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the official code trains fp32 with TF32
         torch.backends.cudnn.allow_tf32 = True
     ema = copy.deepcopy(model).requires_grad_(False)  # initialised from the model (official)
     optimizer = build_optimizer(model, cfg)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    train_step = make_train_step(model, ema, transport, cfg, device, world, optimizer)
+    autocast_dtype = train_step.autocast_dtype
     generators = {name: torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, name))
                   for name in ("objective", "latent_noise")}
 
@@ -490,12 +423,12 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         if dist_utils.broadcast_int(int(refused is not None)):
             raise refused or runfolder.RunFolderError(f"{run_dir} is being trained by another process")
         return _train_locked(cfg, run_dir, info, has_config, manifest, data, model, transport, autocast_dtype,
-                             ema, optimizer, params, generators, held)
+                             ema, optimizer, train_step, generators, held)
 
 
 def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, has_config: bool,
                   manifest: dict, data: TrainingData, model: nn.Module, transport, autocast_dtype, ema: nn.Module,
-                  optimizer: torch.optim.Optimizer, params: list, generators: dict,
+                  optimizer: torch.optim.Optimizer, train_step: TrainStep, generators: dict,
                   held: contextlib.ExitStack) -> Path:
     """The part of `_train` that writes, holding the run folder's lock (rank 0) until `held` closes;
     the progress bar and the metrics logger close with it, however the loop ends."""
@@ -555,25 +488,15 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
     model.train()
     for step in range(start + 1, cfg.train.max_steps + 1):
         x, z, y, align = data.batch(step - 1, generators["latent_noise"], local_rows, token_grid)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        try:
             objective_rng = reseed_for_step(generators["objective"], cfg.train.seed, "objective", step)
-            losses = transport.training_losses(forward, x, z, y, objective_rng, align_target=align)
-        (losses["loss"] * world).backward()  # x W: DDP averages, the loss is already the global mean
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)
-        bad = (~torch.isfinite(losses["loss"].detach()) | ~torch.isfinite(grad_norm)).float()
-        if dist_utils.all_reduce_mean(bad).item() > 0:
-            optimizer.zero_grad(set_to_none=True)
+            losses, grad_norm = train_step(forward, x, z, y, objective_rng, align_target=align)
+        except NonFiniteLossError as err:
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {step} (loss={losses['loss'].item():.4g}, "
-                f"grad_norm={grad_norm.item():.4g}); stopped before the update. The last good checkpoint "
-                f"is step {last_saved} in {runfolder.checkpoints_dir(run_dir)}. Lower optim.lr, set "
-                "optim.max_grad_norm (e.g. 1.0)" + (" or train.precision=fp32" if autocast_dtype else ""))
-        if cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.max_grad_norm, grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, cfg.train.ema_decay)
+                f"non-finite loss or gradient at step {step} (loss={err.loss:.4g}, grad_norm={err.grad_norm:.4g}); "
+                f"stopped before the update. The last good checkpoint is step {last_saved} in "
+                f"{runfolder.checkpoints_dir(run_dir)}. Lower optim.lr, set optim.max_grad_norm (e.g. 1.0)"
+                + (" or train.precision=fp32" if autocast_dtype else "")) from None
 
         for key, value in losses.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float()

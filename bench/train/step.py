@@ -1,0 +1,143 @@
+"""The training step, written once: `bench train`'s loop and `bench perf`'s default rows call it.
+
+One step = the objective under the precision rule, backward, the NaN guard, gradient clipping,
+fused AdamW and the EMA update. What goes in (x, z, y, the REPA tokens) is the caller's: the loop
+reads it from the prepared shards, `bench perf` from a pool of synthetic or prepared batches.
+
+Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
+natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
+the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
+slower for the embedded default (width 128), which therefore pins train.precision=fp32 (bench perf
+rows in results/readme/perf/).
+Optimiser and EMA: fused AdamW and one foreach lerp for the EMA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from bench.config import ConfigError, ExperimentConfig
+from bench.train import distributed as dist_utils
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient became NaN/inf; training stopped before the bad update."""
+
+    def __init__(self, message: str, loss: float = math.nan, grad_norm: float = math.nan) -> None:
+        super().__init__(message)
+        self.loss, self.grad_norm = loss, grad_norm
+
+
+def native_bf16(device: torch.device) -> bool:
+    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
+    AMX-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(setting: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively."""
+    if setting == "fp32" or (setting == "auto" and not native_bf16(device)):
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use auto or fp32")
+    return torch.bfloat16
+
+
+def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (Table 8), with torch's fused kernel wherever this build
+    has one for the parameters' device (CUDA, and CPU since torch 2.4): the same update, one kernel."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                  weight_decay=cfg.optim.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # no fused kernel for this device/dtype in this build
+        return torch.optim.AdamW(params, **kwargs)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for every parameter, as one foreach kernel:
+    lerp(e, p, 1 - decay) = e + (1 - decay)(p - e), equal to the official loop up to rounding."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+def repa_tokens(features: torch.Tensor, token_grid: int) -> torch.Tensor:
+    """Encoder feature maps (B, D, gh, gw) -> REPA targets (B, L, D) in float32 on the model's token
+    grid (bilinear resize only when the grids differ; row-major tokens as the backbone)."""
+    from bench.prepare.encoders import align_to_grid  # torch-heavy encoders module: only when REPA is on
+
+    maps = align_to_grid(features.float(), (token_grid, token_grid))
+    return maps.flatten(2).transpose(1, 2)
+
+
+@dataclass
+class TrainStep:
+    """What one optimisation step updates, and how. Build it with `make_train_step`."""
+
+    model: nn.Module
+    """The trained network (fp32 master weights); `forward` may wrap it (DDP, torch.compile)."""
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    transport: object
+    """The objective: `training_losses(forward, x, z, y, generator, align_target=...)`."""
+    autocast_dtype: Optional[torch.dtype]
+    max_grad_norm: float
+    ema_decay: float
+    world: int = 1
+    """Ranks: the loss is scaled by W before DDP averages the gradients (see bench/train/loop.py)."""
+
+    def __post_init__(self) -> None:
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def __call__(self, forward: Callable, x: torch.Tensor, z: Optional[torch.Tensor], y: torch.Tensor,
+                 generator: torch.Generator, align_target: Optional[torch.Tensor] = None
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One step; returns (losses, total gradient norm before clipping).
+
+        Raises NonFiniteLossError before the update when the loss or the gradient is NaN/inf on
+        any rank (one host sync per step: the guard needs the verdict before optimizer.step()).
+        """
+        dtype = self.autocast_dtype
+        with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            losses = self.transport.training_losses(forward, x, z, y, generator, align_target=align_target)
+        (losses["loss"] * self.world).backward()  # x W: DDP averages, the loss is already the global mean
+        grads = [p.grad for p in self.params if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        bad = (~torch.isfinite(losses["loss"].detach()) | ~torch.isfinite(grad_norm)).float()
+        if dist_utils.all_reduce_mean(bad).item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, norm = losses["loss"].item(), grad_norm.item()
+            raise NonFiniteLossError(f"non-finite loss or gradient (loss={loss:.4g}, grad_norm={norm:.4g}); "
+                                     "stopped before the update", loss, norm)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.model, self.ema_decay)
+        return losses, grad_norm
+
+
+def make_train_step(model: nn.Module, ema: nn.Module, transport: object, cfg: ExperimentConfig,
+                    device: torch.device, world: int = 1,
+                    optimizer: Optional[torch.optim.Optimizer] = None) -> TrainStep:
+    """The step `bench train` runs for `cfg` on `device` (precision rule, fused AdamW, clipping, EMA)."""
+    return TrainStep(model=model, ema=ema, optimizer=optimizer or build_optimizer(model, cfg),
+                     transport=transport, autocast_dtype=resolve_precision(cfg.train.precision, device),
+                     max_grad_norm=cfg.optim.max_grad_norm, ema_decay=cfg.train.ema_decay, world=world)
