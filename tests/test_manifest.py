@@ -41,7 +41,7 @@ def test_one_rank_check_serves_the_loader_and_the_trainer(prepared_dir, tmp_path
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda text: text[: len(text) // 2], r"manifest.json is not valid JSON .*re-run `bench prepare`"),
+    (lambda text: text[: len(text) // 2], r"manifest.json is not valid JSON .*rebuild it: `bench prepare --verify"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "r_max"}),
      r"manifest.json has no 'r_max'; re-run `bench prepare`"),
     (lambda text: json.dumps({**json.loads(text), "latent_grid": [8]}),

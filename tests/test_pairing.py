@@ -39,7 +39,7 @@ class _Spy:
 def _draws(spec: str, seed: int, prepared: Path, out: Path, monkeypatch, *extra: str) -> list[dict]:
     calls: list[dict] = []
     build = loop.build_transport
-    monkeypatch.setattr(loop, "build_transport", lambda cfg, manifest: _Spy(build(cfg, manifest), calls))
+    monkeypatch.setattr(loop, "build_transport", lambda cfg, manifest, **kw: _Spy(build(cfg, manifest, **kw), calls))
     cfg = tiny_config(prepared, out / f"{spec}-{seed}", f"train.seed={seed}", "train.max_steps=3",
                       "model.class_dropout_prob=0.5", *extra, spec=spec)
     loop.train(cfg)

@@ -109,7 +109,7 @@ class GridSchema:
     base: list[str] = field(default_factory=list)
     specs: list[str] = field(default_factory=list)
     axes: dict[str, Any] = field(default_factory=dict)  # key: [values] or name: {label: [overrides]}
-    seeds: Optional[dict[str, Any]] = None  # {paired: [0, 1, 2]}: with_paired_seeds checks it
+    seeds: Any = None  # {paired: [0, 1, 2]}; any shape here, so with_paired_seeds can say what is wrong
     cells: list[Any] = field(default_factory=list)  # CellSchema each
     patches: list[Any] = field(default_factory=list)  # PatchSchema each
     exclude: list[dict[str, Any]] = field(default_factory=list)
