@@ -27,18 +27,27 @@ from bench.config import ConfigError
 # name -> (one-line help, "module:function" implementing it). Each module is imported only when its
 # subcommand runs, so `bench --help` and `bench status` start without loading torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)", "bench.prepare.pipeline:main"),
+    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)",
+                "bench.prepare.pipeline:main"),
     "train": ("train one run: bench train spec=redi [key=value ...]", "bench.train.loop:main"),
-    "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] [--dry-run] [--list]", "bench.launch.submit:main_grid"),
+    "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] "
+             "[--dry-run] [--list]", "bench.launch.submit:main_grid"),
     "status": ("state of every cell of a grid: bench status NAME", "bench.launch.submit:main_status"),
-    "sample": ("sample images from a run folder with a chosen sampler and guidance", "bench.evaluate.evaluation:main_sample"),
-    "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance", "bench.evaluate.evaluation:main_eval"),
-    "export": ("an evaluated step's samples as ADM's .npz: bench export RUN --step N", "bench.evaluate.export:main_export"),
-    "sample-sweep": ("one picture of the same samples under several values of a setting (Fig. 8's w_r sweep)", "bench.evaluate.sweep:main"),
-    "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME", "bench.report.summary:main"),
-    "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT [--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
+    "sample": ("sample images from a run folder with a chosen sampler and guidance",
+               "bench.evaluate.evaluation:main_sample"),
+    "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance",
+             "bench.evaluate.evaluation:main_eval"),
+    "export": ("an evaluated step's samples as ADM's .npz: bench export RUN --step N",
+               "bench.evaluate.export:main_export"),
+    "sample-sweep": ("one picture of the same samples under several values of a setting (Fig. 8's w_r sweep)",
+                     "bench.evaluate.sweep:main"),
+    "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME",
+               "bench.report.summary:main"),
+    "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT "
+                        "[--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
-    "doctor": ("preflight on your node before GPU-days: bench doctor [--cluster P] [key=value ...]", "bench.perf.doctor:main"),
+    "doctor": ("preflight on your node before GPU-days: bench doctor [--cluster P] [key=value ...]",
+               "bench.perf.doctor:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),
 }
 

@@ -174,8 +174,10 @@ class GaussianDiffusion:
 
     def q_posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
-        mean = self.gather(self.posterior_mean_coef1, t, x_t) * x0 + self.gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, self.gather(self.posterior_variance, t, x_t), self.gather(self.posterior_log_variance_clipped, t, x_t)
+        mean = (self.gather(self.posterior_mean_coef1, t, x_t) * x0
+                + self.gather(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, self.gather(self.posterior_variance, t, x_t),
+                self.gather(self.posterior_log_variance_clipped, t, x_t))
 
     def predict_xstart_from_eps(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""

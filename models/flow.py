@@ -129,7 +129,8 @@ class FlowTransport:
     def _prediction(out_channels: Tensor, channels: int, name: str) -> Tensor:
         # out: (B, C * k, H, W), k = 2 with learned variance ([prediction, variance]); keep the prediction.
         if out_channels.shape[1] not in (channels, 2 * channels):
-            raise ValueError(f"model output {name} has {out_channels.shape[1]} channels, expected {channels} or {2 * channels}")
+            raise ValueError(f"model output {name} has {out_channels.shape[1]} channels, "
+                             f"expected {channels} or {2 * channels}")
         return out_channels[:, :channels]
 
     def training_losses(

@@ -53,7 +53,8 @@ def _axpy(state: Tensor | None, step: float, v: Tensor | None) -> Tensor | None:
 
 
 @torch.no_grad()
-def sample_ode_euler(predict: Predict, x: Tensor, z: Tensor | None, num_steps: int, t_start: float = 0.0) -> tuple[Tensor, Tensor | None]:
+def sample_ode_euler(predict: Predict, x: Tensor, z: Tensor | None, num_steps: int,
+                     t_start: float = 0.0) -> tuple[Tensor, Tensor | None]:
     """Euler on linspace(t_start, 1, num_steps): num_steps - 1 evaluations."""
     ts = _time_grid(t_start, 1.0, num_steps)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
@@ -64,7 +65,8 @@ def sample_ode_euler(predict: Predict, x: Tensor, z: Tensor | None, num_steps: i
 
 
 @torch.no_grad()
-def sample_ode_heun(predict: Predict, x: Tensor, z: Tensor | None, num_steps: int, t_start: float = 0.0) -> tuple[Tensor, Tensor | None]:
+def sample_ode_heun(predict: Predict, x: Tensor, z: Tensor | None, num_steps: int,
+                    t_start: float = 0.0) -> tuple[Tensor, Tensor | None]:
     """Heun (explicit trapezoid) on linspace(t_start, 1, num_steps): 2 (num_steps - 1) evaluations."""
     ts = _time_grid(t_start, 1.0, num_steps)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):

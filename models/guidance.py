@@ -80,7 +80,8 @@ def _cfg_active(guidance: Guidance, noise_level: Tensor | float | None, batch: i
         return torch.ones(batch, dtype=torch.bool, device=like.device)
     s = _as_batch(noise_level, batch, like, "noise_level").to(torch.float64)
     if bool(((s < 0) | (s > 1)).any()):
-        raise ValueError(f"noise_level must lie in [0, 1] (1 = pure noise), got range [{float(s.min())}, {float(s.max())}]")
+        raise ValueError(f"noise_level must lie in [0, 1] (1 = pure noise), "
+                         f"got range [{float(s.min())}, {float(s.max())}]")
     low, high = guidance.interval
     return (s >= low) & (s <= high)
 
@@ -116,7 +117,8 @@ def guided_prediction(
         raise ValueError(f"x has {x.shape[1]} channels, Guidance.latent_channels is {cx}")
     if z is None:
         if guidance.rg_scale != 1.0:
-            raise ValueError("Representation Guidance (rg_scale != 1) needs a semantic input z; this model is latent-only")
+            raise ValueError("Representation Guidance (rg_scale != 1) needs a semantic input z; "
+                             "this model is latent-only")
     elif z.shape[1] != cz:
         raise ValueError(f"z has {z.shape[1]} channels, Guidance.semantic_channels is {cz}")
     t_vec = _as_batch(t, batch, x, "t")

@@ -49,7 +49,8 @@ def schedule_from_betas(betas: list[float]) -> dict[str, list[float]]:
         "posterior_variance": post_var,
         "posterior_log_variance_clipped": [math.log(post_var[1])] + [math.log(v) for v in post_var[1:]],
         "posterior_mean_coef1": [b * math.sqrt(ap) / (1 - a) for b, a, ap in zip(betas, alphas_cumprod, prev)],
-        "posterior_mean_coef2": [(1 - ap) * math.sqrt(1 - b) / (1 - a) for b, a, ap in zip(betas, alphas_cumprod, prev)],
+        "posterior_mean_coef2": [(1 - ap) * math.sqrt(1 - b) / (1 - a)
+                                 for b, a, ap in zip(betas, alphas_cumprod, prev)],
     }
 
 
@@ -285,7 +286,8 @@ def test_drop_rates_label_dropout_and_uniform_timesteps() -> None:
     assert terms.t.min() >= 0 and terms.t.max() <= 999 and abs(terms.t.float().mean().item() - 499.5) < 23
 
 
-@pytest.mark.parametrize("cz,learn_sigma,lambda_repa", [(0, True, 0.0), (2, False, 0.0), (2, True, 0.5), (0, False, 0.5)])
+@pytest.mark.parametrize("cz,learn_sigma,lambda_repa",
+                         [(0, True, 0.0), (2, False, 0.0), (2, True, 0.5), (0, False, 0.5)])
 def test_loss_keys_follow_the_spec(cz: int, learn_sigma: bool, lambda_repa: float) -> None:
     x, z, y = _batch(cz=cz)
     cfg = DDPMConfig(num_classes=10, latent_channels=3, semantic_channels=cz, learn_sigma=learn_sigma,
@@ -349,7 +351,8 @@ def test_space_timesteps_and_respaced_betas_reproduce_cumulative_alphas() -> Non
     respaced_ref = schedule_from_betas([1 - a / b for a, b in zip(
         [ref["alphas_cumprod"][k] for k in kept], [1.0] + [ref["alphas_cumprod"][k] for k in kept[:-1]])])
     for name in ("posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
-        torch.testing.assert_close(getattr(spaced, name), torch.tensor(respaced_ref[name], dtype=F64), rtol=1e-10, atol=0)
+        torch.testing.assert_close(getattr(spaced, name), torch.tensor(respaced_ref[name], dtype=F64),
+                                   rtol=1e-10, atol=0)
     _, identity = respace(base, 1000)
     torch.testing.assert_close(identity.betas, base.betas, rtol=1e-12, atol=0)
 
@@ -449,7 +452,8 @@ def test_guided_two_step_chain_matches_manual_computation() -> None:
         yy = y.to(x.dtype).view(-1, 1, 1, 1)
         ex = 0.5 * x + 0.3 * z.sum(1, keepdim=True) + 0.1 * yy
         ez = 0.2 * z - 0.1 * x.mean(1, keepdim=True) + 0.05 * yy
-        return BackboneOutput(torch.cat([ex, torch.tanh(x + 0.1 * yy)], 1), torch.cat([ez, 0.5 * torch.tanh(z - yy)], 1), None)
+        return BackboneOutput(torch.cat([ex, torch.tanh(x + 0.1 * yy)], 1),
+                              torch.cat([ez, 0.5 * torch.tanh(z - yy)], 1), None)
 
     w, wr, null = 2.0, 1.5, 10
     guidance = Guidance(latent_channels=2, semantic_channels=1, cfg_scale=w, rg_scale=wr, null_class=null,
@@ -477,7 +481,8 @@ def test_guided_two_step_chain_matches_manual_computation() -> None:
             mean = sub["posterior_mean_coef1"][i] * x0_hat + sub["posterior_mean_coef2"][i] * state
             frac = (v + 1) / 2
             log_var = frac * math.log(sub["betas"][i]) + (1 - frac) * sub["posterior_log_variance_clipped"][i]
-            new.append(mean if i == 0 else mean + torch.exp(0.5 * log_var) * torch.randn(state.shape, generator=g, dtype=F64))
+            new.append(mean if i == 0
+                       else mean + torch.exp(0.5 * log_var) * torch.randn(state.shape, generator=g, dtype=F64))
         x, z = new
     # float64 throughout, same draws: agreement to rounding.
     torch.testing.assert_close(x_out, x, rtol=1e-10, atol=1e-10)
@@ -521,7 +526,8 @@ def test_tiny_joint_dit_trains_and_samples_with_cfg_and_rg() -> None:
     guidance = Guidance(latent_channels=4, semantic_channels=2, cfg_scale=2.4, rg_scale=1.5, null_class=10)
     ys = torch.tensor([1, 2, 3])
     xs, zs = sample_ddpm(model, (3, 4, 8, 8), (3, 2, 8, 8), ys, guidance, 5, generator=torch.Generator().manual_seed(2))
-    assert xs.shape == (3, 4, 8, 8) and zs.shape == (3, 2, 8, 8) and torch.isfinite(xs).all() and torch.isfinite(zs).all()
+    assert (xs.shape == (3, 4, 8, 8) and zs.shape == (3, 2, 8, 8)
+            and torch.isfinite(xs).all() and torch.isfinite(zs).all())
     assert calls == [9] * 5  # one batched call of 3 branches per step
     again = sample_ddpm(model, (3, 4, 8, 8), (3, 2, 8, 8), ys, guidance, 5, generator=torch.Generator().manual_seed(2))
     assert torch.equal(xs, again[0]) and torch.equal(zs, again[1])

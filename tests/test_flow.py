@@ -143,7 +143,8 @@ def test_batch_official_zeroes_clean_target_for_the_whole_step():
         t, _, eps_z, _, drop_u = replay(seed, x, z)
         dropped = bool(drop_u[0] < 0.5)
         z_clean = torch.zeros_like(z) if dropped else z
-        torch.testing.assert_close(model.calls[0]["z"], t.view(-1, 1, 1, 1) * z_clean + (1 - t).view(-1, 1, 1, 1) * eps_z, **TOL)
+        torch.testing.assert_close(model.calls[0]["z"],
+                                   t.view(-1, 1, 1, 1) * z_clean + (1 - t).view(-1, 1, 1, 1) * eps_z, **TOL)
         outcomes.add(dropped)
     assert outcomes == {True, False}
 
@@ -191,7 +192,8 @@ def test_latent_only_keys_and_repa():
     torch.testing.assert_close(losses["loss/repa"], alignment(*seen[0]), **TOL)
     torch.testing.assert_close(losses["loss"], losses["loss/latent"] + 0.5 * losses["loss/repa"], **TOL)
     # Default alignment loss is models.repa's negative cosine: in [-1, 1].
-    default = FlowTransport(cfg).training_losses(HandModel(aligned=True), x, None, y, torch.Generator(), align_target=target)
+    default = FlowTransport(cfg).training_losses(HandModel(aligned=True), x, None, y, torch.Generator(),
+                                                 align_target=target)
     assert -1.0 <= float(default["loss/repa"]) <= 1.0
     with pytest.raises(ValueError, match="align_target"):
         FlowTransport(cfg).training_losses(HandModel(aligned=True), x, None, y, torch.Generator())

@@ -43,7 +43,8 @@ def path_coefficients(path: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return torch.sin(h * t), h * torch.cos(h * t), torch.cos(h * t), -h * torch.sin(h * t)
 
 
-def oracle_velocity(x: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, s: torch.Tensor, path: str = "linear") -> torch.Tensor:
+def oracle_velocity(x: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, s: torch.Tensor,
+                    path: str = "linear") -> torch.Tensor:
     t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1, 1, 1)
     a, da, b, db = path_coefficients(path, t)
     mu, s = mu.to(x.dtype).view(1, -1, 1, 1), s.to(x.dtype).view(1, -1, 1, 1)
@@ -155,7 +156,8 @@ def reference_sde(x, z, num_steps, gen, last_step, h):
         for state, mu, s in states:  # noise drawn for x, then z
             v = oracle_velocity(state, t, mu, s)
             drift = v + (1 - t) * (t * v - state) / (1 - t)
-            new.append((state + drift * dt + math.sqrt(2 * (1 - t) * dt) * torch.randn(state.shape, generator=gen, dtype=F64), mu, s))
+            new.append((state + drift * dt
+                        + math.sqrt(2 * (1 - t) * dt) * torch.randn(state.shape, generator=gen, dtype=F64), mu, s))
         states = new
     out, t = [], ts[-1]
     for state, mu, s in states:
@@ -174,7 +176,8 @@ def reference_sde(x, z, num_steps, gen, last_step, h):
 @pytest.mark.parametrize("last_step", ["Mean", "Euler", "Tweedie", None])
 def test_sde_equals_reference_implementation(last_step):
     x0, z0 = noise((4, 2, 3, 3), 11), noise((4, 1, 3, 3), 12)
-    got = sample_sde_euler_maruyama(oracle_predict(), x0, z0, 5, torch.Generator().manual_seed(3), last_step=last_step, last_step_size=0.1)
+    got = sample_sde_euler_maruyama(oracle_predict(), x0, z0, 5, torch.Generator().manual_seed(3),
+                                    last_step=last_step, last_step_size=0.1)
     ref = reference_sde(x0, z0, 5, torch.Generator().manual_seed(3), last_step, 0.1)
     for a, b in zip(got, ref):  # same float64 operations up to ordering: 1e-12
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -206,7 +209,8 @@ SDE_SAMPLES = 625 * 64  # per channel: batch 625 x 8 x 8 independent elements
 def run_sde(num_steps, last_step_size, seed=0):
     x0, z0 = noise((625, 2, 8, 8), seed), noise((625, 1, 8, 8), seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
-    return sample_sde_euler_maruyama(oracle_predict(), x0, z0, num_steps, gen, last_step="Mean", last_step_size=last_step_size)
+    return sample_sde_euler_maruyama(oracle_predict(), x0, z0, num_steps, gen, last_step="Mean",
+                                     last_step_size=last_step_size)
 
 
 def test_sde_matches_exact_chain_moments():
@@ -247,7 +251,8 @@ def test_sample_flow_entry_point(method, calls):
     oracle = GaussianOracle()
     y = torch.zeros(16, dtype=torch.long)
     gen = torch.Generator().manual_seed(7)
-    x, z = sample_flow(oracle, (16, 2, 4, 4), (16, 1, 4, 4), y, guidance, method, 10, generator=gen, dtype=torch.float64)
+    x, z = sample_flow(oracle, (16, 2, 4, 4), (16, 1, 4, 4), y, guidance, method, 10, generator=gen,
+                       dtype=torch.float64)
     assert oracle.batches == [16] * calls  # one unguided network call per evaluation
     # Same seed -> identical; the initial noise is the generator's first draws (x, then z).
     gen = torch.Generator().manual_seed(7)
@@ -270,7 +275,8 @@ def test_sample_flow_guided_is_one_call_per_step():
     oracle = GaussianOracle()
     guidance = Guidance(latent_channels=2, semantic_channels=1, cfg_scale=2.0, null_class=10, rg_scale=1.5)
     y = torch.arange(4)
-    x, z = sample_flow(oracle, (4, 2, 2, 2), (4, 1, 2, 2), y, guidance, "sde", 6, generator=torch.Generator().manual_seed(0))
+    x, z = sample_flow(oracle, (4, 2, 2, 2), (4, 1, 2, 2), y, guidance, "sde", 6,
+                       generator=torch.Generator().manual_seed(0))
     assert oracle.batches == [12] * 6 and x.dtype == torch.float32  # 3 branches, SDE: 6 NFE
 
 
@@ -287,7 +293,8 @@ def test_sample_flow_latent_only_and_errors():
     with pytest.raises(ValueError, match="num_steps"):
         sample_flow(oracle, (3, 2, 2, 2), None, y, guidance, "euler", 1, generator=torch.Generator())
     with pytest.raises(ValueError, match="last_step"):
-        sample_sde_euler_maruyama(oracle_predict(), torch.zeros(1, 2, 1, 1, dtype=F64), None, 4, torch.Generator(), last_step="mean")
+        sample_sde_euler_maruyama(oracle_predict(), torch.zeros(1, 2, 1, 1, dtype=F64), None, 4, torch.Generator(),
+                                  last_step="mean")
 
 
 class ConditionedNet:

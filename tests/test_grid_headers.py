@@ -12,8 +12,8 @@ from bench.launch.grids import GRIDS_DIR, list_grids, load_grid
 
 def _header(name: str) -> str:
     lines = (GRIDS_DIR / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
-    return "\n".join(line for line in lines[: next(i for i, l in enumerate(lines)
-                                                    if l.startswith("name:"))])
+    return "\n".join(line for line in lines[: next(i for i, text in enumerate(lines)
+                                                    if text.startswith("name:"))])
 
 
 def _printed(table_id: str) -> str:

@@ -69,7 +69,8 @@ def guidance(**kw) -> Guidance:
 def test_all_weights_one_is_the_plain_conditional_call():
     net = TinyJointNet()
     x, z, t, y = inputs()
-    out = guided_prediction(net, x, z, t, y, guidance(cfg_scale=1.0, rg_scale=1.0, interval=(0.2, 0.4)), noise_level=0.3)
+    out = guided_prediction(net, x, z, t, y, guidance(cfg_scale=1.0, rg_scale=1.0, interval=(0.2, 0.4)),
+                            noise_level=0.3)
     assert net.batches == [B]
     ref = net(x, t, y, z=z)
     torch.testing.assert_close(out.x, ref.x, rtol=0, atol=0)
@@ -115,7 +116,8 @@ def test_interval_applies_cfg_only_inside():
     net = TinyJointNet()
     x, z, t, y = inputs()
     s = torch.tensor([0.1, 0.3, 0.9, 1.0], dtype=F64)
-    out = guided_prediction(net, x, z, t, y, guidance(cfg_scale=2.0, cfg_channels="all", interval=(0.3, 0.9)), noise_level=s)
+    out = guided_prediction(net, x, z, t, y, guidance(cfg_scale=2.0, cfg_channels="all", interval=(0.3, 0.9)),
+                            noise_level=s)
     f_c, f_u, _ = branches(net, x, z, t, y)
     inside = torch.tensor([False, True, True, False])  # bounds inclusive
     for name in ("x", "z"):
@@ -124,7 +126,8 @@ def test_interval_applies_cfg_only_inside():
         torch.testing.assert_close(getattr(out, name), expected, **TOL)
     # Every sample outside: the class-dropped branch is skipped (one call of batch B), RG still on.
     net.batches.clear()
-    out = guided_prediction(net, x, z, t, y, guidance(cfg_scale=2.0, rg_scale=1.3, interval=(0.3, 0.9)), noise_level=0.95)
+    out = guided_prediction(net, x, z, t, y, guidance(cfg_scale=2.0, rg_scale=1.3, interval=(0.3, 0.9)),
+                            noise_level=0.95)
     assert net.batches == [2 * B]
     f_c, _, f_r = branches(net, x, z, t, y)
     torch.testing.assert_close(out.x, f_c.x + 0.3 * (f_c.x - f_r.x), **TOL)

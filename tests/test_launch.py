@@ -138,7 +138,8 @@ def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path)
     assert [(r["state"], r["step"], r["checkpoint"], r["eval"]) for r in rows] == [("done", 4, 4, "2/2 measured")] * 2
     for cell in expand("smoke", overrides):
         evals = runfolder.read_eval_rows(cell.run_dir)
-        assert {(r["step"], r["metric"]) for r in evals} == {(s, m) for s in (2, 4) for m in launch_jobs.metric_names(cell.cfg)}
+        assert ({(r["step"], r["metric"]) for r in evals}
+                == {(s, m) for s in (2, 4) for m in launch_jobs.metric_names(cell.cfg)})
         assert all(r["n"] == 128 and r["sampling_steps"] == 2 for r in evals)  # the grid's eval overrides
     assert submit_grid("smoke", debug=True, overrides=overrides, quiet=True).submitted == 0
     assert submit_grid("smoke", stage="eval", debug=True, overrides=overrides, quiet=True).submitted == 0
@@ -346,7 +347,8 @@ def test_queued_or_running_cells_are_not_submitted_twice(out, monkeypatch):
 def test_eval_stage_submits_only_missing_pairs(out):
     submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
     first = expand("smoke", out)[0]
-    names = launch_jobs.metric_names(first.cfg)  # the names bench.evaluate.evaluation records (e.g. fd_classifier, accuracy)
+    # the names bench.evaluate.evaluation records (e.g. fd_classifier, accuracy)
+    names = launch_jobs.metric_names(first.cfg)
     standin_eval(first.cfg, first.run_dir, [2], "default")  # step 2 of the first cell is measured
     sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)
     assert [(j["cell"], j["setting"], j["steps"]) for j in sub.jobs] == \
@@ -374,7 +376,8 @@ def test_dry_run_prints_jobs_resources_and_gpu_hours(tmp_path, capsys):
     perf.mkdir()
     row = {"kind": "train", "mode": "default", "spec": "redi", "model_size": "XL/2", "device": "cuda",
            "images_per_s": 40.0, "created_at": "2026-01-01T00:00:00"}
-    (perf / "run.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "device": "cpu", "images_per_s": 1.0}) + "\n")
+    cpu_row = {**row, "device": "cpu", "images_per_s": 1.0}
+    (perf / "run.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(cpu_row) + "\n")
     sub = submit_grid("table1", cluster="example", dry_run=True, perf_dir=perf, overrides=[f"output_root={tmp_path}"])
     text = capsys.readouterr().out
     assert sub.submitted == 0 and not list(tmp_path.glob("table1/*"))  # nothing written

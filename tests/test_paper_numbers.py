@@ -2,8 +2,8 @@
 
 Every expected value below was typed by hand from the paper (arXiv 2504.16064v3: the results
 tables, the ablations and the convergence claims of Fig. 2), not generated from the CSV files.
-Values are compared with an absolute tolerance of 1e-9: both sides parse the same decimal literal, the finest published digit is
-0.01, so any typo differs by at least 0.01 and no correct entry differs at all.
+Values are compared with an absolute tolerance of 1e-9: both sides parse the same decimal literal, the finest
+published digit is 0.01, so any typo differs by at least 0.01 and no correct entry differs at all.
 """
 
 from __future__ import annotations

@@ -582,7 +582,8 @@ def test_truncated_shard_names_the_file_and_is_rebuilt(embedded_reference, tmp_p
     out = _copy(reference, tmp_path)
     shard = out / "train" / "shard-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(PreparedDataError, match=rf"{shard} is 1000 bytes.*bench prepare --verify data.prepared_dir={out}"):
+    with pytest.raises(PreparedDataError,
+                       match=rf"{shard} is 1000 bytes.*bench prepare --verify data.prepared_dir={out}"):
         load_prepared(out, "train", rank=R_MAX)
     printed = _rebuild(out, options, capsys)
     assert f"damaged: {shard} is 1000 bytes" in printed and "rebuilding 1 file(s)" in printed

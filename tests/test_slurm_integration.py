@@ -264,7 +264,8 @@ def test_unreachable_controller_is_one_clear_error(cluster, tmp_path):
     dead.write_text(re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={_free_port()}", Path(cluster).read_text()))
     os.environ["SLURM_CONF"] = str(dead)
     try:
-        with pytest.raises(launch.SchedulerError, match="could not submit grid smoke to SLURM.*contact slurm controller"):
+        with pytest.raises(launch.SchedulerError,
+                           match="could not submit grid smoke to SLURM.*contact slurm controller"):
             launch.submit_grid("smoke", cluster="local-slurm", overrides=[f"output_root={tmp_path}"], quiet=True)
     finally:
         os.environ["SLURM_CONF"] = cluster
@@ -279,8 +280,9 @@ def test_status_shows_how_an_ended_job_ended(cluster, tmp_path):
         return subprocess.run(["sbatch", "--parsable", "-o", str(tmp_path / "%j.out"), *args, "--wrap", "sleep 300"],
                               check=True, capture_output=True, text=True, timeout=60).stdout.strip()
     timed, cancelled = sbatch("--time=1"), sbatch()
-    _wait("the jobs to start", lambda: subprocess.run(["squeue", "-h", "-j", f"{timed},{cancelled}", "-t", "R", "-o", "%i"],
-                                                      capture_output=True, text=True).stdout.split().__len__() == 2, 60)
+    running = ["squeue", "-h", "-j", f"{timed},{cancelled}", "-t", "R", "-o", "%i"]
+    _wait("the jobs to start",
+          lambda: subprocess.run(running, capture_output=True, text=True).stdout.split().__len__() == 2, 60)
     subprocess.run(["scancel", cancelled], check=True, timeout=60)
     submits = [{"executor": "slurm", "job_id": j, "stderr": str(tmp_path / f"{j}.out")} for j in (timed, cancelled)]
 
@@ -310,7 +312,8 @@ def _job_processes(folder: Path) -> list[str]:
             stepd = b"slurmstepd" in (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if f"SLURM_CONF={folder / 'slurm.conf'}".encode() in environ and any(e.startswith(b"SLURM_JOB_ID=") for e in environ):
+        if (f"SLURM_CONF={folder / 'slurm.conf'}".encode() in environ
+                and any(e.startswith(b"SLURM_JOB_ID=") for e in environ)):
             found.append(proc.name)
         elif stepd and any(link.startswith(str(folder) + "/") for link in links):
             found.append(proc.name)

@@ -226,13 +226,15 @@ def test_bad_config_fails_in_train_and_writes_nothing(data, overrides, fragment,
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(prepared_dir, tmp_path):
     # lr = 1e6: the first AdamW update moves every weight by ~1e6, the loss overflows two steps later.
     cfg = tiny_config(prepared_dir, tmp_path, "optim.lr=1e6", "train.max_steps=40", "train.ckpt_every=1")
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step \d+.*last good checkpoint is step") as err:
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite loss or gradient at step \d+.*last good checkpoint is step") as err:
         train(cfg)
     bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     steps = [step for step, _ in runfolder.list_checkpoints(run_dir(cfg))]
     assert steps[-1] == bad_step - 1 and not (run_dir(cfg) / "DONE").exists()
     verify_checkpoint(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}")  # intact: checksums match
-    assert all(torch.isfinite(t).all() for t in tensors_of(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}").values())
+    last_good = tensors_of(run_dir(cfg) / "checkpoints" / f"{bad_step - 1:07d}")
+    assert all(torch.isfinite(t).all() for t in last_good.values())
 
 
 def test_sampler_is_a_seeded_stream_of_epoch_permutations():

@@ -198,7 +198,8 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
         if kind in ("fd", "sfid"):
             ours = features if kind == "fd" else outputs["spatial"]
             mu_ref, sigma_ref = (reference.mu, reference.sigma) if kind == "fd" else reference.spatial
-            check_sample_count(n, ours.shape[1], allow_rank_deficient, f"{names[0]} of the samples (raise eval.num_samples)")
+            check_sample_count(n, ours.shape[1], allow_rank_deficient,
+                               f"{names[0]} of the samples (raise eval.num_samples)")
             mu, sigma = backend.statistics(ours)
             out.append((names[0], kind, backend.frechet_distance(mu, sigma, mu_ref, sigma_ref),
                         backend_name, {"feature_dim": int(ours.shape[1])}))

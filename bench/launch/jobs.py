@@ -35,8 +35,8 @@ def append_record(run_dir: Path, row: dict) -> None:
 def metric_names(cfg: ExperimentConfig) -> list[str]:
     """The eval.jsonl metric names an evaluation of `cfg` records (bench.evaluate.evaluation's naming).
 
-    Without bench.evaluate.evaluation, the names of eval.metrics as written. Raises ValueError (bench.evaluate.evaluation's
-    EvaluationError) when the metrics cannot be computed for this config.
+    Without bench.evaluate.evaluation, the names of eval.metrics as written. Raises ValueError
+    (bench.evaluate.evaluation's EvaluationError) when the metrics cannot be computed for this config.
     """
     # Imported here, not at the top: it pulls in torch, and `bench grid`/`bench status` stay torch-free.
     from bench.evaluate import evaluation

@@ -42,8 +42,8 @@ def resolve_target(args: argparse.Namespace, obj: dict):
         cells = [c for c in every if c.name == args.cell] if args.cell else every
         if len(cells) != 1:
             names = [c.name for c in every]
-            raise ConfigError(f"grid {args.grid} has {'no cell ' + repr(args.cell) if args.cell else f'{len(names)} cells'}; "
-                              f"pick one with --cell (cells: {names})")
+            found = "no cell " + repr(args.cell) if args.cell else f"{len(names)} cells"
+            raise ConfigError(f"grid {args.grid} has {found}; pick one with --cell (cells: {names})")
         cell = cells[0]
         cfg = cell.cfg
         if args.overrides:

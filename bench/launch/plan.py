@@ -163,8 +163,9 @@ def format_submission(sub: Submission) -> str:
              + (" as one array" if len(sub.jobs) > 1 and not sub.dry_run else "")]
     if sub.resources:
         r = sub.resources
-        lines.append(f"  per job: {r['nodes']} node(s) x {r['gpus_per_node']} GPU(s), {r['tasks_per_node']} task(s)/node, "
-                     f"{r['cpus_per_task']} CPU(s)/task, mem {r['mem_gb'] or 'default'} GB, time limit {r['timeout_min']} min")
+        lines.append(f"  per job: {r['nodes']} node(s) x {r['gpus_per_node']} GPU(s), "
+                     f"{r['tasks_per_node']} task(s)/node, {r['cpus_per_task']} CPU(s)/task, "
+                     f"mem {r['mem_gb'] or 'default'} GB, time limit {r['timeout_min']} min")
     for j in sub.jobs:
         what = j["cell"] + (f" [{j['setting']}] steps {j['steps']}" if j.get("setting") else "")
         cost = (f"{j['throughput']:g} img/s ({j['source']}): {_hours(j['wall_h'])} wall, {_hours(j['gpu_h'])} GPU"

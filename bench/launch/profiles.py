@@ -87,7 +87,8 @@ def load_profile(name: str, profiles_dir: Path | str = PROFILES_DIR) -> Profile:
             wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise ProfileError(f"profile {name} ({path}): {key} must be {wanted}, got {value!r}")
     if data.get("executor", "slurm") not in ("slurm", "local"):
-        raise ProfileError(f"profile {name}: executor must be slurm or local (debug is --debug), got {data['executor']!r}")
+        raise ProfileError(f"profile {name}: executor must be slurm or local (debug is --debug), "
+                           f"got {data['executor']!r}")
     for key in ("time_min", "max_num_timeout", "array_parallelism", "cpus_per_task"):
         if key in data and data[key] < 1:
             raise ProfileError(f"profile {name}: {key} must be >= 1 (requeue after timeouts needs max_num_timeout > 0)")

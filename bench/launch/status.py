@@ -126,10 +126,12 @@ def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> t
         return state, f"job {why} (SLURM state {scheduler})" + (f"; log: {tail}" if tail else ""), restarts
     why = f"job ended as {scheduler} without reporting an outcome" if scheduler != "GONE" else \
         "job ended without reporting an outcome"
-    return "failed", why + (f"; log: {tail}" if tail else " (cancelled, out of memory, time limit or node failure?)"), restarts
+    why += f"; log: {tail}" if tail else " (cancelled, out of memory, time limit or node failure?)"
+    return "failed", why, restarts
 
 
-def last_submit(records: Sequence[dict], stage: str, setting: Optional[str] = None) -> tuple[Optional[dict], list[dict]]:
+def last_submit(records: Sequence[dict], stage: str,
+                setting: Optional[str] = None) -> tuple[Optional[dict], list[dict]]:
     """The newest submit record of (stage, setting) and the records of that stage/setting after it."""
     def ours(r: dict) -> bool:
         return r.get("stage") == stage and (setting is None or r.get("setting") == setting)

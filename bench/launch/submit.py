@@ -105,7 +105,8 @@ def _executor(kind: str, folder: Path, profile: Profile, res: dict, name: str) -
             params["local_setup"] = list(profile.setup)
     else:
         executor, params = submitit.AutoExecutor(folder=folder, cluster="debug"), {}
-    executor.update_parameters(name=name, timeout_min=res["timeout_min"], tasks_per_node=res["tasks_per_node"], **params)
+    executor.update_parameters(name=name, timeout_min=res["timeout_min"], tasks_per_node=res["tasks_per_node"],
+                               **params)
     return executor
 
 
@@ -157,7 +158,8 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     if sum((cluster is not None, bool(local), bool(debug))) > 1:
         raise LaunchError("choose one of --cluster PROFILE, --local or --debug")
     if cluster is None and not local and not debug and not dry_run:
-        raise LaunchError(f"where should the jobs run? use --cluster PROFILE ({', '.join(list_profiles(profiles_dir))}), "
+        raise LaunchError("where should the jobs run? use --cluster PROFILE "
+                          f"({', '.join(list_profiles(profiles_dir))}), "
                           "--local or --debug (or --dry-run to see the plan)")
     grid = load_grid(name, grids_dir)
     profile = load_profile(cluster, profiles_dir) if cluster else (

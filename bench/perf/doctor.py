@@ -82,9 +82,10 @@ def loss_checks(cfg_of: Callable[[str], object], specs: Sequence[str], device: t
             pool = synthetic_pool(geometry, 4, max(cfg.semantic_channels, 1), device, count=1)
             result = loss_agreement(cfg, geometry, pool, device, precision)
             rel = result["rel_err"]
+            shape = "" if cfg.model.size != "custom" else f" {cfg.model.depth}x{cfg.model.hidden_size}"
             detail = (f"{precision} rel. error {rel['default']:.1e} (tol {result['default_rtol']:g}), "
                       f"fp32 {rel['fp32']:.1e} (tol {result['fp32_rtol']:g}) vs float64 "
-                      f"({cfg.model.size}{'' if cfg.model.size != 'custom' else f' {cfg.model.depth}x{cfg.model.hidden_size}'}; "
+                      f"({cfg.model.size}{shape}; "
                       "torch.compile is not exercised here: bench perf --compile times it)")
             if not result["ok"]:
                 raise AssertionError(detail)

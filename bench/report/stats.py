@@ -76,7 +76,8 @@ def speedup(baseline: pd.Series, method: pd.Series, *, lower_is_better: bool = T
     that reached it: matching a baseline's worse last value would call a method faster for reaching
     what the baseline had already beaten (docs/method.md, "Speed-up"). The first segment
     (s0, f0) -> (s1, f1) of the method's curve that reaches the target gives
-    log s* = log s0 + (f0 - target) / (f0 - f1) * (log s1 - log s0) and the factor S_b / s*. If the first point already reaches it, s* = s0 (a lower bound).
+    log s* = log s0 + (f0 - target) / (f0 - f1) * (log s1 - log s0) and the factor S_b / s*. If the first point
+    already reaches it, s* = s0 (a lower bound).
     """
     base, curve = _clean_curve(baseline, "baseline"), _clean_curve(method, "method")
     sign = 1.0 if lower_is_better else -1.0  # reached when sign * value <= sign * target
