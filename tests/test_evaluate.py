@@ -360,7 +360,11 @@ def test_adm_metrics_on_inception_against_a_reference_batch(run, tmp_path, monke
     overrides = ["eval.feature_network=inception", f"eval.inception_weights={weights}",
                  f"eval.reference={reference}", "eval.expected_reference=adm-imagenet256",
                  "eval.metrics=[fid,sfid,is,prc,kid]", "eval.num_samples=8"]
-    with pytest.warns(RuntimeWarning, match="not the published VIRTUAL_imagenet256_labeled.npz"):
+    # One BLAS thread for the 2,048-wide eigendecompositions: two OpenBLAS threads on a loaded
+    # 2-core machine took 81 s per eigh, one thread 7 s (measured).
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1), pytest.warns(RuntimeWarning, match="not the published VIRTUAL_imagenet256_labeled.npz"):
         rows = evaluate(None, run, [4], "adm", overrides, backend="native", shard_size=SHARD, progress=False)
     by_name = {r["metric"]: r for r in rows}
     assert set(by_name) == {"fid", "sfid", "is", "precision", "recall", "kid"}
