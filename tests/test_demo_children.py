@@ -103,3 +103,30 @@ def test_the_demo_s_jobs_end_with_it(tmp_path, how):
         for pid in (task, controller, proc.pid):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def quick_train(cfg, run_dir):
+    """A stand-in for bench.train.loop.train: writes DONE."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "DONE").write_text("{}")
+    return str(run_dir)
+
+
+def test_jobs_started_inside_still_run_to_the_end(tmp_path):
+    """The launcher's local executor works unchanged inside `owned_local_jobs` (new session, the
+    parent-death signal): the cells finish and are reported done; leaving ends nothing that is left."""
+    import cloudpickle
+
+    from bench.demo.run import owned_local_jobs
+    from bench.launch.submit import grid_status, submit_grid
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    overrides = [f"output_root={tmp_path}"]
+    with owned_local_jobs() as groups:
+        submit_grid("smoke", local=True, job_fn=quick_train, overrides=overrides, quiet=True)
+        deadline = time.time() + 90
+        while time.time() < deadline and not all(r["state"] == "done" for r in grid_status("smoke", overrides)):
+            time.sleep(0.5)
+        assert [r["state"] for r in grid_status("smoke", overrides)] == ["done", "done"]
+        assert groups  # the controller was started through the owned path
+    assert not [g for g in groups if _alive(g)]

@@ -644,9 +644,14 @@ def test_truncated_vae_is_noticed_by_training_and_rebuilt(embedded_reference, tm
     out = _copy(reference, tmp_path)
     weights = out / "vae" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    # bench.train.loop reads the manifest through read_manifest before training (its size check).
     with pytest.raises(PreparedDataError, match=rf"{weights} is \d+ bytes, the manifest says"):
         read_manifest(out)
+    from fixtures_train import tiny_config  # bench train notices it before it trains a step
+
+    from bench.train.loop import train
+    with pytest.raises(ValueError, match=rf"{weights} is \d+ bytes.*bench prepare --verify"):
+        train(tiny_config(out, tmp_path / "runs"), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
     printed = _rebuild(out, options, capsys)
     assert f"damaged: {weights}" in printed  # the VAE is retrained, and every shard re-encoded
     assert weights.read_bytes() == (reference / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
@@ -658,3 +663,31 @@ def test_verify_on_an_intact_folder_says_so(embedded_reference, capsys):
     printed = _rebuild(reference, options, capsys)
     files = len(json.loads((reference / "manifest.json").read_text())["files"])
     assert "up to date" in printed and f"{files} files match their sha256" in printed
+
+
+@pytest.mark.timeout(600)
+def test_cli_kill9_at_each_point_then_rerun_is_byte_identical(cli_run, tiny_vae_dir, tmp_path):
+    """Deterministic kills (REDI_BENCH_KILL_AT, bench.atomic.crash_point), one run after another
+    in the same folder, each resuming what the previous left: while a pass-1 shard is written (data
+    in its temporary file, not yet renamed), while the PCA is written, right after a final shard is
+    in place (its pass-1 file not yet removed) and while the manifest is written. The last, unkilled
+    run must leave every file byte-identical to an uninterrupted run's; the manifest differs only in
+    its `timings` (wall-clock seconds and the images the last run encoded)."""
+    reference, _ = cli_run
+    out = tmp_path / "killed"
+    for point in ("atomic:shard-00002.enc.safetensors", "atomic:pca.safetensors",
+                  "prepare:projected:test/0", "atomic:manifest.json"):
+        killed = subprocess.run(_cli(out, tiny_vae_dir), env={**_cli_env(), "REDI_BENCH_KILL_AT": point},
+                                capture_output=True, text=True, timeout=240)
+        assert killed.returncode == -signal.SIGKILL, f"{point} was not reached:\n{killed.stdout}{killed.stderr}"
+        assert not (out / "manifest.json").exists()
+    result = subprocess.run(_cli(out, tiny_vae_dir), env=_cli_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    files = sorted(str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    for name in files:
+        if name == "manifest.json":
+            first, again = (json.loads((d / name).read_text()) for d in (reference, out))
+            assert {**first, "timings": None} == {**again, "timings": None}
+        else:
+            assert (reference / name).read_bytes() == (out / name).read_bytes(), name

@@ -490,6 +490,8 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         if not (out / shard_name(split, index)).is_file():
             _project_shard(out, split, index, pca, cfg_encoder.pca_rank_max,
                            cfg_encoder.store_features)
+        else:  # killed between writing the final shard and removing its pass-1 file
+            (out / _enc_name(split, index)).unlink(missing_ok=True)
     if all((out / shard_name(s, i)).is_file() for s, i, _ in plan):
         write_manifest(out, settings_hash, cfg_data, cfg_encoder, vae.info, encoder.info, pca,
                        plan, classifier_info(out / "classifier"),
