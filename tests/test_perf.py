@@ -390,7 +390,7 @@ def test_compiled_step_equals_the_eager_step():
         forward = torch.compile(net) if compiled else net
         g = torch.Generator().manual_seed(1)
         batch = synthetic_pool(geometry, 4, 8, torch.device("cpu")).batches[0]
-        losses = [float(step(forward, batch["moments"][:, :4], batch["semantic"], batch["labels"], g)[0]["loss"])
+        losses = [step(forward, batch["moments"][:, :4], batch["semantic"], batch["labels"], g)[0]["loss"].item()
                   for _ in range(2)]
         results.append((losses, torch.cat([p.detach().flatten() for p in net.parameters()])))
     (eager_losses, eager_w), (compiled_losses, compiled_w) = results
