@@ -276,8 +276,8 @@ class DDPMTransport:
 
         Random draws, in this order, all from `generator` and whatever the settings (so the stream
         does not depend on p_drop etc., as in FlowTransport): t (B,) uniform on {0..T-1}; eps_x;
-        eps_z (if any); label uniforms (B,); drop uniforms (B,) ("batch_official" uses the first of
-        each of the `drop_groups` blocks; models.joint_objective).
+        label uniforms (B,); drop uniforms (B,) ("batch_official" uses the first of each of the
+        `drop_groups` blocks; models.joint_objective); eps_z (if any) last.
         """
         cfg, diff, objective = self.config, self.diffusion, self.objective
         objective.check_inputs(x, z, y, generator)

@@ -146,7 +146,8 @@ class FlowTransport:
 
         x (B, C_x, H, W) clean latent, z (B, C_z, H, W) clean semantic features or None, y (B,) long.
         Random draws, in this order, all from `generator` (the network draws nothing):
-        t (B,) ~ U[0,1); eps_x like x; eps_z like z (if any); label uniforms (B,); drop uniforms (B,).
+        t (B,) ~ U[0,1); eps_x like x; label uniforms (B,); drop uniforms (B,); eps_z like z (if any)
+        last, so specs with and without semantic channels share every other draw of a seed.
         All are drawn whatever the settings, so the stream does not depend on p_drop etc.
 
         Modality drop (Representation Guidance, paper §3.5), probability p_drop:

@@ -174,9 +174,11 @@ class JointObjective:
 
     @staticmethod
     def draw(generator: torch.Generator, x: Tensor, z: Optional[Tensor], dtype: torch.dtype) -> Draws:
-        """eps_x, eps_z (if z), label uniforms (B,), drop uniforms (B,), in this order, from
+        """eps_x, label uniforms (B,), drop uniforms (B,), then eps_z (if z), in this order, from
         `generator` on its own device, moved to x's device. Drawn whatever the settings, so the
-        stream does not depend on p_drop etc."""
+        stream does not depend on p_drop etc.; eps_z comes last so that specs with and without
+        semantic channels draw the same eps_x and the same label dropout from the same seed (paired
+        seeds: their differences then do not carry label-dropout noise)."""
         gdev, batch = generator.device, x.shape[0]
 
         def normal(like: Tensor) -> Tensor:
@@ -186,9 +188,9 @@ class JointObjective:
             return torch.rand((batch,), generator=generator, device=gdev, dtype=dtype).to(x.device)
 
         eps_x = normal(x)
+        label_u, drop_u = uniform(), uniform()
         eps_z = None if z is None else normal(z)
-        label_u = uniform()
-        return Draws(eps_x, eps_z, label_u, uniform())
+        return Draws(eps_x, eps_z, label_u, drop_u)
 
     def drop_labels(self, y: Tensor, label_u: Tensor) -> Tensor:
         """CFG label dropout per sample: the null label (index num_classes) where label_u < p."""

@@ -186,10 +186,12 @@ def test_simple_loss_matches_independent_recomputation_and_hybrid_adds_only_vlb(
     losses = DDPMTransport(cfg).training_losses(fixed, x, z, y, torch.Generator().manual_seed(5))
     assert set(losses) == {"loss", "loss/latent", "loss/semantic"}  # fixed variance: no VLB term
 
-    # Replay the documented draw order: t, eps_x, eps_z, label uniforms, drop uniforms.
+    # Replay the documented draw order: t, eps_x, label uniforms, drop uniforms, eps_z.
     g = torch.Generator().manual_seed(5)
     t = torch.randint(0, 1000, (6,), generator=g)
-    eps_x, eps_z = torch.randn(x.shape, generator=g), torch.randn(z.shape, generator=g)
+    eps_x = torch.randn(x.shape, generator=g)
+    torch.rand(6, generator=g), torch.rand(6, generator=g)
+    eps_z = torch.randn(z.shape, generator=g)
     ab = torch.tensor(reference_schedule(1000)["alphas_cumprod"], dtype=F64)[t].view(-1, 1, 1, 1)
     x_t = (ab.sqrt() * x + (1 - ab).sqrt() * eps_x).float()
     x_in, t_in, _, z_in = fixed.calls[0]

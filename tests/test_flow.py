@@ -62,13 +62,14 @@ def data(batch=8, seed=0, semantic=True):
 
 
 def replay(seed, x, z):
-    """The documented draw order: t, eps_x, eps_z, label uniforms, drop uniforms."""
+    """The documented draw order: t, eps_x, label uniforms, drop uniforms, eps_z."""
     gen = torch.Generator().manual_seed(seed)
     b = x.shape[0]
     t = torch.rand(b, generator=gen, dtype=F64)
     eps_x = torch.randn(x.shape, generator=gen, dtype=F64)
+    label_u, drop_u = torch.rand(b, generator=gen, dtype=F64), torch.rand(b, generator=gen, dtype=F64)
     eps_z = None if z is None else torch.randn(z.shape, generator=gen, dtype=F64)
-    return t, eps_x, eps_z, torch.rand(b, generator=gen, dtype=F64), torch.rand(b, generator=gen, dtype=F64)
+    return t, eps_x, eps_z, label_u, drop_u
 
 
 def config(**kw) -> FlowConfig:

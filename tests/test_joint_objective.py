@@ -69,13 +69,13 @@ def test_batch_official_drops_each_process_block_on_its_own_first_uniform(kind):
     combos = set()
     for seed in range(16):
         transport.training_losses(model, x, z, y, torch.Generator().manual_seed(seed))
-        # Replay the documented draw order: t, eps_x, eps_z, label uniforms, drop uniforms.
+        # Replay the documented draw order: t, eps_x, label uniforms, drop uniforms, eps_z.
         r = torch.Generator().manual_seed(seed)
         if kind == "flow":
             torch.rand(batch, generator=r)
         else:
             torch.randint(0, 1000, (batch,), generator=r)
-        torch.randn(x.shape, generator=r), torch.randn(z.shape, generator=r), torch.rand(batch, generator=r)
+        torch.randn(x.shape, generator=r), torch.rand(batch, generator=r)
         drop_u = torch.rand(batch, generator=r)
         expected = torch.tensor([bool(drop_u[0] >= 0.5)] * 4 + [bool(drop_u[4] >= 0.5)] * 4)
         assert torch.equal(seen[-1], expected), seed

@@ -67,9 +67,6 @@ def test_specs_with_the_same_semantic_channels_share_label_dropout_and_semantic_
         assert torch.equal(a["y_in"], b["y_in"]) and torch.equal(a["z"], b["z"])
 
 
-@pytest.mark.xfail(strict=True, reason="the objective draws the label-dropout uniforms after eps_z from "
-                   "one generator, so a spec with semantic channels drops other labels than latent_only; "
-                   "passes once the objective draws them from their own stream (or before eps_z)")
 def test_label_dropout_is_shared_with_and_without_semantic_channels(prepared_dir, tmp_path, monkeypatch):
     base = _draws("latent_only", 0, prepared_dir, tmp_path, monkeypatch)
     redi = _draws("redi", 0, prepared_dir, tmp_path, monkeypatch)
