@@ -256,7 +256,7 @@ def test_batch_official_mode_drops_whole_batch_and_noises_zero_target() -> None:
     terms = DDPMTransport(cfg).per_sample_losses(model, x, z, y, torch.Generator().manual_seed(4))
     g = torch.Generator().manual_seed(4)
     t = torch.randint(0, 1000, (8,), generator=g)
-    torch.randn(x.shape, generator=g)
+    torch.randn(x.shape, generator=g), torch.rand(8, generator=g), torch.rand(8, generator=g)  # eps_x, labels, drop
     eps_z = torch.randn(z.shape, generator=g)
     ab = torch.tensor(reference_schedule(1000)["alphas_cumprod"], dtype=F64)[t].view(-1, 1, 1, 1)
     # official: clean target zeroed before noising -> input is scaled noise, not zeros.

@@ -23,6 +23,7 @@ NOT_HERE = {
     "report.md": "written by `bench report` into its output folder",
     "transport/path.py": "a file of the SiT repository, named as the source of a convention",
     "transport/__init__.py": "a file of the official ReDi/SiT code that `bench perf --official` imports",
+    "transport/integrators.py": "a file of the official ReDi/SiT code that `bench perf --official` stands in for",
     "evaluations/evaluator.py": "ADM's evaluator in openai/guided-diffusion, the reference the metrics follow",
     "utils/util_convert_inception_weights.py": "torch-fidelity's converter of the 2015 Inception graph",
 }
