@@ -121,18 +121,21 @@ def test_second_call_reuses_everything(first_run):
 
 
 def test_a_failing_cell_stops_the_demo_with_its_log(first_run, tmp_path):
-    """A prepared folder that lost a shard: every cell fails; the demo must say so with the log, not hang."""
+    """A prepared shard overwritten with zeros of the same size (prepare's cheap size check passes, so
+    the demo does not rebuild it; a deleted shard would be rebuilt): every cell fails when training
+    loads it; the demo must say so with the log, not hang."""
     import shutil
 
     tmp, _, _ = first_run
     shutil.copytree(tmp / "prepared", tmp_path / "prepared")
-    next((tmp_path / "prepared" / "train").glob("shard-*.safetensors")).unlink()
+    shard = next((tmp_path / "prepared" / "train").glob("shard-*.safetensors"))
+    shard.write_bytes(bytes(shard.stat().st_size))
     proc, seconds = _demo(tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:]
     error = proc.stderr.strip()
     assert error.startswith("bench demo: error: training of cell latent_only failed") and "Traceback" not in error
     log = Path(error.split("log: ", 1)[1].split()[0])
-    assert log.is_file() and "is missing" in log.read_text()
+    assert log.is_file() and shard.name in log.read_text()
     assert seconds < 120
 
 
