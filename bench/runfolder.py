@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from bench.atomic import PathLike, atomic_write_text, crash_point
+from bench.compose import from_dict  # Hydra/OmegaConf: loaded only by the readers that need a config
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE"
@@ -192,7 +193,6 @@ def read_config_json(run_dir: PathLike) -> Optional[dict]:
 
 def read_run_config(run_dir: PathLike):
     """The resolved `ExperimentConfig` that `bench train` saved in `run_dir/config.json`."""
-    from bench.compose import from_dict  # Hydra/OmegaConf: loaded only by the readers that need a config
 
     data = read_config_json(run_dir)
     if data is None:

@@ -27,6 +27,12 @@ import numpy as np
 import pandas as pd
 
 from bench.atomic import atomic_write_bytes, atomic_write_text
+from bench.launch.grids import eval_config, settings_for
+from bench.perf.timing import cpu_model
+from bench.report.common import fmt_steps
+from bench.report.plots import COLORS, log_steps_axis
+from bench.report.stats import speedup
+from bench.report.summary import ReportError, gather, summarize, to_markdown, write_report
 
 FD, ACC = "fd_classifier", "accuracy"
 
@@ -35,7 +41,6 @@ def machine() -> dict:
     """CPU model, cores, torch: the facts a reader needs to compare timings."""
     import torch
 
-    from bench.perf.timing import cpu_model
 
     model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -53,7 +58,6 @@ def setting_label(cfg) -> str:
 
 def rows_of(report, grid, cells) -> pd.DataFrame:
     """One row per (spec, setting, step) of the main provenance group: FD, accuracy, seeds."""
-    from bench.launch.grids import eval_config, settings_for
 
     labels = {}
     for cell in cells:
@@ -75,8 +79,6 @@ def rows_of(report, grid, cells) -> pd.DataFrame:
 
 def markdown_table(rows: pd.DataFrame) -> str:
     """spec | sampling | FD @ each step | accuracy @ each step (one row per spec and setting)."""
-    from bench.report.common import fmt_steps
-    from bench.report.summary import to_markdown
 
     steps = sorted(rows["step"].unique())
     out = []
@@ -93,8 +95,6 @@ def markdown_table(rows: pd.DataFrame) -> str:
 
 def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
     """The report's speed-ups, plus every guided setting against the unguided baseline."""
-    from bench.report.stats import speedup
-    from bench.report.summary import ReportError
 
     lines = [f"[{s['setting']}] {s['sentence']}" for s in report.speedups]
     base = rows[(rows["spec"] == baseline) & (rows["sampling"] == "no guidance")]
@@ -127,7 +127,6 @@ def _save_png(figure, path: Path) -> Path:
 
 def plot_convergence(rows: pd.DataFrame, evaluator: str, path: Path) -> Path:
     """FD (log steps) and accuracy against training steps: one line per spec and setting."""
-    from bench.report.plots import COLORS, log_steps_axis
 
     figure = _figure()
     figure.set_size_inches(11, 4)
@@ -179,8 +178,6 @@ def sample_figures(report, rows: pd.DataFrame, out: Path) -> list[Path]:
 
 def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float) -> str:
     """Run the report, draw the figures, write summary.md; returns the text to print."""
-    from bench.report.common import fmt_steps
-    from bench.report.summary import gather, summarize, write_report
 
     out = plan.out_dir
     report = summarize(gather(plan.grid, plan.runs_root))

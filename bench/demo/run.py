@@ -32,8 +32,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from bench import runfolder
 from bench.atomic import check_writable_dir
+from bench.demo.output import write_outputs
+from bench.launch.grids import eval_config, expand, load_grid, settings_for
+from bench.launch.jobs import measured_steps
+from bench.launch.status import ENDED_STATES, scheduler_states
+from bench.launch.submit import grid_status, submit_grid
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
-from bench.prepare.pipeline import PrepareOptions
+from bench.prepare.pipeline import PrepareError, PrepareOptions, prepare_embedded
+from bench.prepare.sources import DatasetError
 
 POLL_SECONDS = 2.0
 FALLBACK_IMAGES_PER_S = 200.0  # before the first log tick (slurm/profiles/local.yaml says ~210)
@@ -198,8 +204,6 @@ def train_seconds_left(work: Work, rows: Sequence[dict]) -> float:
 
 def eval_todo(grid, cells) -> list[tuple]:
     """(cell, setting name, eval config, step) of every evaluation not measured yet."""
-    from bench.launch.grids import eval_config, settings_for
-    from bench.launch.jobs import measured_steps
 
     todo = []
     for cell in cells:
@@ -265,7 +269,6 @@ def children_stderr_to(log: Path):
 
 
 def first_failure(rows: Sequence[dict], stage: str) -> Optional[str]:
-    from bench.launch.status import ENDED_STATES
 
     for r in rows:
         if stage == "train" and r["state"] in ENDED_STATES:
@@ -277,7 +280,6 @@ def first_failure(rows: Sequence[dict], stage: str) -> Optional[str]:
 
 def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
     """Submit the training cells (finished ones are skipped) and follow them; returns # trained."""
-    from bench.launch.submit import grid_status, submit_grid
 
     with children_stderr_to(plan.runs_root / plan.grid / ".submitit" / "executors.log"):
         sub = submit_grid(plan.grid, "train", local=True, overrides=plan.overrides, quiet=True)
@@ -323,9 +325,6 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
 
 def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
     """Submit the missing evaluations and follow them; returns # evaluations run."""
-    from bench.launch.grids import settings_for
-    from bench.launch.status import scheduler_states
-    from bench.launch.submit import grid_status, submit_grid
 
     todo = eval_todo(grid, cells)
     total = sum(len(settings_for(grid, c)) * len(c.eval_steps) for c in cells)
@@ -359,10 +358,6 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
 
 
 def run_demo(plan: DemoPlan, printer: Printer) -> Path:
-    from bench.demo.output import write_outputs
-    from bench.launch.grids import expand, load_grid
-    from bench.prepare.pipeline import PrepareError, prepare_embedded
-    from bench.prepare.sources import DatasetError
 
     began = time.time()
     printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid} "

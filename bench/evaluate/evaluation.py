@@ -47,7 +47,10 @@ import torch
 from bench.atomic import crash_point
 from bench.compose import to_dict
 from bench.config import ExperimentConfig
+from bench.evaluate import adm
 from bench.evaluate.adm import ADM_DIFFERENCES
+from bench.evaluate.features import FeatureNetworkError, build_feature_network
+from bench.evaluate.quality import BACKENDS, check_sample_count, conditional_accuracy, get_backend
 from bench.evaluate.reference import Reference, load_reference, reference_file
 from bench.evaluate.sampling import (
     DEFAULT_SHARD_SIZE,
@@ -63,6 +66,7 @@ from bench.evaluate.sampling import (
 from bench.identity import run_hash
 from bench.metrics_log import MetricsLogger
 from bench.runfolder import EVAL_FILE, checkpoint_path, checkpoint_steps, checkpoints_dir, eval_key, read_eval_rows
+from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, read_meta
 
 __all__ = ["evaluate", "missing_evaluations", "sample", "main_eval", "main_sample"]
 
@@ -103,7 +107,6 @@ def plan_metrics(cfg: ExperimentConfig, backend: str) -> list[str]:
     """The metric kinds to compute (fd, sfid, kid, prc, is, accuracy), validated against the
     feature network and the backend (which computes the Frechet distances and KID; sFID's spatial
     features, IS and precision/recall follow ADM's definitions, `bench.evaluate.adm`)."""
-    from bench.evaluate.quality import BACKENDS
 
     if backend not in BACKENDS:
         raise EvaluationError(f"backend {backend!r} is unknown; choose one of {sorted(BACKENDS)}")
@@ -144,7 +147,6 @@ def metric_names(kind: str, network_kind: str) -> list[str]:
 
 def build_network(cfg: ExperimentConfig, manifest: dict, device: torch.device):
     """The feature network of eval.feature_network (the prepared classifier, Inception, DINOv2)."""
-    from bench.evaluate.features import build_feature_network
 
     classifier_dir = None
     if cfg.eval.feature_network == "classifier":
@@ -185,8 +187,6 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
                     shards: Sequence[Path], network_kind: str,
                     allow_rank_deficient: bool = False) -> list[tuple[str, str, float, str, dict]]:
     """[(recorded name, kind, value, backend, extra)] for the requested kinds (prc: two rows)."""
-    from bench.evaluate import adm
-    from bench.evaluate.quality import check_sample_count, conditional_accuracy, get_backend
 
     backend = get_backend(backend_name)
     outputs, labels = _sample_outputs(network, shards, "accuracy" in kinds or "is" in kinds)
@@ -262,7 +262,6 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     network = build_network(cfg, manifest, run_device)
     network_kind = cfg.eval.feature_network
     if "fd" in kinds:  # before sampling, not after it: the count and the width are known now
-        from bench.evaluate.quality import check_sample_count
 
         check_sample_count(int(cfg.eval.num_samples), int(network.feature_dim), allow_rank_deficient,
                            f"FD of {cfg.eval.num_samples} samples on {network.network_id} "
@@ -335,7 +334,6 @@ def format_spread(rows: Sequence[dict]) -> str:
 def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int, setting: str,
                 shard_size: int, network, reference: Reference) -> dict:
     """The fields every row of this (step, setting) carries."""
-    from bench.train.checkpoint import WEIGHTS_FILE, read_meta
 
     weights_sha = read_meta(checkpoint_path(run_dir, step))["sha256"][WEIGHTS_FILE]
     plan = sampling_setting(cfg, manifest, step, weights_sha, shard_size)
@@ -355,7 +353,6 @@ def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int,
 
 def _row(common: dict, name: str, value: float, backend: str, extra: dict, kind: str,
          sampling_seconds: float, metric_seconds: float) -> dict:
-    from bench.evaluate.quality import get_backend
 
     row = {**common, "metric": name, "value": float(value), "backend": backend,
            "backend_version": get_backend(backend).version, "extra": extra}
@@ -401,8 +398,6 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_cli(name: str, body) -> int:
-    from bench.evaluate.features import FeatureNetworkError
-    from bench.train.checkpoint import CorruptCheckpointError
 
     try:
         return body()

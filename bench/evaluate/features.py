@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from bench.atomic import atomic_write_bytes, sha256_file
 from bench.evaluate import adm
 from bench.evaluate.quality import FeatureStatistics, MetricError, as_float64, check_sample_count, package_version
+from bench.prepare.embedded import load_classifier
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -168,7 +169,6 @@ class ModuleFeatures(FeatureNetwork):
 def load_classifier_network(directory: Union[str, Path]) -> ModuleFeatures:
     """The embedded evaluation classifier saved by `bench prepare` (model.safetensors +
     classifier.json in `directory`) as a feature network."""
-    from bench.prepare.embedded import load_classifier
 
     model = load_classifier(directory)  # raises FileNotFoundError with the fix when absent
     dim = model.config["feature_dim"]

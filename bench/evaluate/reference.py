@@ -21,6 +21,8 @@ import numpy as np
 from bench.atomic import sha256_file
 from bench.config import ExperimentConfig
 from bench.evaluate import adm
+from bench.evaluate.features import REFERENCE_IMAGES_KEY, extract_features, reference_statistics
+from bench.prepare.sources import open_split
 
 
 class ReferenceBatchError(ValueError):
@@ -40,7 +42,6 @@ class Reference:
     _features: Optional[np.ndarray] = None
 
     def features(self, network) -> np.ndarray:
-        from bench.evaluate.features import extract_features
 
         if self._features is None:
             self._features = extract_features(network, self.images)
@@ -80,13 +81,11 @@ def identify(path: Path, expected: Optional[str]) -> dict:
 def load_reference(cfg: ExperimentConfig, network, kinds: Sequence[str]) -> Reference:
     """The reference of `cfg` for the metric kinds asked: statistics for FID (and sFID), images
     for KID and precision/recall. Statistics of images are cached under data.prepared_dir."""
-    from bench.evaluate.features import REFERENCE_IMAGES_KEY, reference_statistics
 
     cache = Path(cfg.data.prepared_dir) / "refstats"
     size = cfg.data.image_size
     path = reference_file(cfg)
     if path is None:
-        from bench.prepare.sources import open_split
 
         test = open_split(cfg.data, "test")  # the reference of the embedded default: the TEST split
         images = test.images(range(len(test)))

@@ -45,7 +45,10 @@ import torch
 from bench.atomic import atomic_write_bytes, atomic_write_json, crash_point, sha256_json
 from bench.compose import from_dict, to_dict
 from bench.config import ConfigError, ExperimentConfig
-from bench.identity import derive_seed
+from bench.evaluate.quality import to_uint8
+from bench.identity import derive_seed, run_hash
+from bench.prepare.dataset import PreparedDataError, read_manifest
+from bench.prepare.encoders import EncoderError, load_vae
 from bench.runfolder import (
     checkpoint_path,
     checkpoint_steps,
@@ -54,6 +57,11 @@ from bench.runfolder import (
     read_run_config,
     samples_dir,
 )
+from bench.train.build import build_model, build_transport
+from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, load_weights, read_meta
+from models.ddpm_sampling import sample_ddpm
+from models.flow_sampling import sample_flow
+from models.guidance import Guidance
 
 SHARD_FORMAT = "redi-bench-samples/1"
 DEFAULT_SHARD_SIZE = 1000
@@ -75,7 +83,6 @@ def resolve_run_config(run_dir: Path, cfg: Optional[ExperimentConfig] = None,
     """The run's saved config with the evaluation settings of `cfg` (when given, e.g. a grid's
     setting from the launcher) and then `overrides` on top. Everything but `eval` always comes
     from config.json; a `cfg` that describes another run (other run hash) is refused."""
-    from bench.identity import run_hash
 
     saved = read_run_config(run_dir)
     if cfg is not None:
@@ -132,7 +139,6 @@ def apply_eval_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> Exp
 
 def read_run_manifest(cfg: ExperimentConfig) -> dict:
     """The prepared manifest of the run's data (`data.prepared_dir`)."""
-    from bench.prepare.dataset import PreparedDataError, read_manifest
 
     try:
         return read_manifest(cfg.data.prepared_dir)
@@ -176,8 +182,6 @@ def load_sampling_model(run_dir: Path, cfg: ExperimentConfig, manifest: dict, st
                         use_ema: bool, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The network of checkpoint `step` (EMA or raw weights, verified), in eval mode on `device`,
     and the sha256 of its weights file."""
-    from bench.train.build import build_model
-    from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, load_weights, read_meta
 
     folder = require_checkpoint(run_dir, step)
     try:
@@ -196,7 +200,6 @@ def load_sampling_model(run_dir: Path, cfg: ExperimentConfig, manifest: dict, st
 def load_decoder(cfg: ExperimentConfig, manifest: dict, device: torch.device):
     """The VAE of the prepared data (`bench.prepare.encoders.LatentVAE`), checked against the manifest's
     scaling factor: the latents were trained as (mean + std eps) * that factor."""
-    from bench.prepare.encoders import EncoderError, load_vae
 
     prepared = Path(cfg.data.prepared_dir)
     try:
@@ -216,7 +219,6 @@ def load_decoder(cfg: ExperimentConfig, manifest: dict, device: torch.device):
 
 def build_guidance(cfg: ExperimentConfig, manifest: dict):
     """`models.guidance.Guidance` of `cfg.eval.guidance` for this run's channels and classes."""
-    from models.guidance import Guidance
 
     g = cfg.eval.guidance
     if g.cfg_scale != 1.0:
@@ -343,8 +345,6 @@ def draw_batch(model, transport, guidance, cfg: ExperimentConfig, manifest: dict
                generator: torch.Generator, device: torch.device
                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One batch of (latents (B, C_x, h, w), semantic (B, C_z, h, w) or None) at t = data."""
-    from models.ddpm_sampling import sample_ddpm
-    from models.flow_sampling import sample_flow
 
     h, w = (int(v) for v in manifest["latent_grid"])
     b = int(y.shape[0])
@@ -362,7 +362,6 @@ def draw_batch(model, transport, guidance, cfg: ExperimentConfig, manifest: dict
 @torch.no_grad()
 def decode_to_uint8(vae, latents: torch.Tensor, image_size: int) -> np.ndarray:
     """Latent channels (B, C_x, h, w) -> uint8 (B, H, W, 3), quantised once (metrics.to_uint8)."""
-    from bench.evaluate.quality import to_uint8
 
     images = vae.decode(latents.float())  # (B, 3, H, W) in [-1, 1]
     if tuple(images.shape[-2:]) != (image_size, image_size):
@@ -453,7 +452,6 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
     if todo:
         from tqdm import tqdm
 
-        from bench.train.build import build_transport
 
         transport = build_transport(cfg, manifest)
         vae = load_decoder(cfg, manifest, device)

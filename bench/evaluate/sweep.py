@@ -17,13 +17,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from bench.atomic import atomic_write_bytes
+from bench.evaluate.sampling import sample
+
 
 def sweep_images(run_dir: Path, step: Optional[int], key: str, values: Sequence[str],
                  num_samples: int, overrides: Sequence[str] = (), device=None,
                  progress: bool = False) -> tuple[list[np.ndarray], np.ndarray]:
     """Per value, the first `num_samples` images (uint8 N,H,W,3) of the run at `step`, and the labels
     (the same for every value)."""
-    from bench.evaluate.sampling import sample
 
     rows, labels = [], None
     for value in values:
@@ -51,7 +53,6 @@ def sweep_figure(rows: Sequence[np.ndarray], row_labels: Sequence[str], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.atomic import atomic_write_bytes
 
     n_rows, n_cols = len(rows), len(rows[0])
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.2 * n_cols + 1, 1.2 * n_rows + 0.4),

@@ -152,7 +152,7 @@ class TrainJob(CellJob):
             # One task per GPU: torch's env:// variables from SLURM's (bench.train.distributed joins them).
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         fn = self.fn
-        if fn is None:
+        if fn is None:  # imported on the node only: submitting stays torch-free
             from bench.train.loop import train as fn
         return fn(self.cfg, Path(self.run_dir))
 

@@ -20,7 +20,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from bench.compose import load_config
 from bench.config import ConfigError
+from bench.identity import run_dir as identity_run_dir
+from bench.launch import grids
+from bench.train.official import (
+    OfficialImportError,
+    extract_official_weights,
+    import_official_run,
+    official_overrides,
+    read_official_file,
+)
 
 
 def _step_from_name(path: Path) -> int | None:
@@ -30,13 +40,9 @@ def _step_from_name(path: Path) -> int | None:
 
 def resolve_target(args: argparse.Namespace, obj: dict):
     """(config, run folder, step) from --grid/--cell or from the paper scale + the weights."""
-    from bench.compose import load_config
-    from bench.identity import run_dir as identity_run_dir
-    from bench.train.official import OfficialImportError, extract_official_weights, official_overrides
 
     ckpt = Path(args.checkpoint)
     if args.grid:
-        from bench.launch import grids
 
         every = grids.expand(grids.load_grid(args.grid, *([args.grids_dir] if args.grids_dir else [])))
         cells = [c for c in every if c.name == args.cell] if args.cell else every
@@ -80,7 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scale", default="paper", help="the scale the config starts from, without "
                         "--grid (default: %(default)s; tests use embedded)")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    from bench.train.official import import_official_run, read_official_file
 
     obj = read_official_file(args.checkpoint)
     cfg, run_dir, step = resolve_target(args, obj)

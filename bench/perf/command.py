@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from bench.perf.run import DEFAULT_KINDS, KINDS
+from bench.perf.run import DEFAULT_KINDS, KINDS, run_perf
 from bench.perf.setup import DEFAULT_SPECS, PerfError
 
 QUICK = dict(size="custom:2,64,2,1", batch=4, repeats=3, warmup=1, min_repeat_seconds=0.05,
@@ -139,7 +139,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `bench perf` (bench/cli.py routes here)."""
-    from bench.perf.run import run_perf
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)

@@ -31,18 +31,26 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from bench.atomic import sha256_file
+from bench.compose import load_config
+from bench.evaluate.adm import ADM_IMAGENET256
+from bench.launch.plan import find_throughput
+from bench.launch.profiles import load_profile
+from bench.perf.command import main as perf
+from bench.perf.setup import compose_spec, parse_size, resolve_precision, synthetic_geometry, synthetic_pool
+from bench.perf.training import loss_agreement
+from bench.prepare.dataset import read_manifest
+from bench.prepare.encoders import build_semantic_encoder, load_vae
 from bench.report.comparability import INCEPTION_2015_SHA256_PREFIX as INCEPTION_SHA256_PREFIX
+from bench.train.checkpoint import checkpoint_path, load_weights
+from bench.train.loop import check_prepared
 
 SPECS = ("latent_only", "repa", "redi", "redi_rg", "redi_repa")
 DDP_RTOL = 1e-5
 
 
 def _adm_reference_sha256() -> Optional[str]:
-    """The SHA-256 of ADM's VIRTUAL_imagenet256_labeled.npz where bench.evaluate records it."""
-    try:
-        from bench.evaluate.adm import ADM_IMAGENET256
-    except ImportError:  # an evaluator without ADM's reference batch table
-        return None
+    """The SHA-256 of ADM's VIRTUAL_imagenet256_labeled.npz (bench.evaluate.adm records it)."""
     return ADM_IMAGENET256.sha256
 
 
@@ -71,8 +79,6 @@ def _run(name: str, body: Callable[[], str]) -> Check:
 def loss_checks(cfg_of: Callable[[str], object], specs: Sequence[str], device: torch.device,
                 precision: str) -> list[Check]:
     """Per spec: the step's loss in `precision` on `device` against float64 (bench.perf.training)."""
-    from bench.perf.setup import synthetic_geometry, synthetic_pool
-    from bench.perf.training import loss_agreement
 
     checks = []
     for spec in specs:
@@ -99,7 +105,6 @@ def loss_checks(cfg_of: Callable[[str], object], specs: Sequence[str], device: t
 
 
 def _sha256(path: Path) -> str:
-    from bench.atomic import sha256_file
 
     return sha256_file(path)
 
@@ -110,7 +115,6 @@ def weights_checks(cfg) -> list[Check]:
     vae_path = cfg.vae.path
     if cfg.vae.kind == "diffusers":
         def vae() -> str:
-            from bench.prepare.encoders import load_vae
 
             if not vae_path or not Path(vae_path).is_dir():
                 raise FileNotFoundError(f"vae.path={vae_path!r} is not a local diffusers folder")
@@ -123,7 +127,6 @@ def weights_checks(cfg) -> list[Check]:
         checks.append(Check("weights/vae", "SKIP", "vae.kind=embedded: trained by bench prepare"))
     if cfg.encoder.kind == "dinov2":
         def encoder() -> str:
-            from bench.prepare.encoders import build_semantic_encoder
 
             path = cfg.encoder.weights
             if not path or not Path(path).is_file():
@@ -176,8 +179,6 @@ def weights_checks(cfg) -> list[Check]:
 def data_check(cfg) -> Check:
     """The prepared folder fits the config and holds every shard its manifest lists."""
     def body() -> str:
-        from bench.prepare.dataset import read_manifest
-        from bench.train.loop import check_prepared
 
         folder = Path(cfg.data.prepared_dir)
         manifest = read_manifest(folder)
@@ -201,7 +202,6 @@ def ddp_check(overrides: Sequence[str]) -> Check:
         return Check("ddp/nccl", "SKIP", f"needs 2 GPUs, found {torch.cuda.device_count()}")
 
     def body() -> str:
-        from bench.train.checkpoint import checkpoint_path, load_weights
 
         with tempfile.TemporaryDirectory() as tmp:
             runs = {}
@@ -234,9 +234,6 @@ def throughput_checks(specs: Sequence[str], size: str, batch: int, scale: str, p
                 for s in specs]
 
     def body() -> str:
-        from bench.launch.plan import find_throughput
-        from bench.perf.command import main as perf
-        from bench.perf.setup import compose_spec, parse_size
 
         code = perf(["--size", size, "--batch", str(batch), "--device", device, "--kinds", "train",
                      "--specs", ",".join(specs), "--scale", scale, "--no-reference",
@@ -283,11 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated groups to skip: loss, ddp, "
                         "weights, data, throughput")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    from bench.compose import load_config
-    from bench.perf.setup import parse_size, resolve_precision
 
     if args.cluster:
-        from bench.launch.profiles import load_profile
 
         load_profile(args.cluster)  # a wrong name is one clear error
     specs = [s for s in args.specs.split(",") if s]

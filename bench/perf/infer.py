@@ -25,9 +25,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.config import ExperimentConfig
+from bench.evaluate.features import (
+    DINOV2_INPUT_SIZE,
+    DINOV2_TIMM_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    FeatureNetworkError,
+    ModuleFeatures,
+    build_feature_network,
+)
+from bench.evaluate.sampling import SAMPLING_PRECISION, decode_to_uint8, draw_batch
 from bench.perf.setup import Geometry, autocast
 from bench.perf.timing import Workload
-from bench.train.build import build_model
+from bench.prepare import encoders
+from bench.prepare.embedded import EmbeddedVAESettings, EvalClassifier
+from bench.train.build import build_model, build_transport
+from models.flow_sampling import guided_velocity
 from models.guidance import Guidance
 
 # Guidance scales used for timing (the cost does not depend on their values, only on which
@@ -79,7 +92,6 @@ def _sampling_step(network, x: torch.Tensor, z: Optional[torch.Tensor], y: torch
                    guidance: Guidance, device: torch.device, precision: str):
     """One Euler step from t = 0.5 with a fixed dt (the state is not carried over: every call costs
     the same, and the numbers stay finite however many calls are timed)."""
-    from models.flow_sampling import guided_velocity
 
     predict = guided_velocity(network, y, guidance)
     t = torch.full((x.shape[0],), 0.5, device=device)
@@ -106,8 +118,6 @@ def build_table6_workload(spec_label: str, cfg: ExperimentConfig, geometry: Geom
     """One Workload whose call draws `batch` images in `steps` sampling steps and decodes them."""
     import copy
 
-    from bench.evaluate.sampling import SAMPLING_PRECISION, decode_to_uint8, draw_batch
-    from bench.train.build import build_transport
 
     cfg = copy.deepcopy(cfg)
     cfg.eval.num_sampling_steps = steps
@@ -148,7 +158,6 @@ def _embedded_vae_stand_in(image_size: int) -> nn.Module:
     """The embedded AutoencoderKL's architecture (bench.prepare.embedded.EmbeddedVAESettings), random weights."""
     from diffusers import AutoencoderKL
 
-    from bench.prepare.embedded import EmbeddedVAESettings
 
     s = EmbeddedVAESettings()
     levels = len(s.block_out_channels)
@@ -170,7 +179,6 @@ def _sd_vae_stand_in(image_size: int) -> nn.Module:
 
 def build_vae(cfg: ExperimentConfig, geometry: Geometry, prepared_dir: Optional[str]):
     """The scale's VAE: the trained one when it exists locally, else its architecture (stand-in)."""
-    from bench.prepare import encoders
 
     try:
         return encoders.load_vae(cfg.vae, embedded_dir=f"{prepared_dir}/vae" if prepared_dir else None), "trained"
@@ -208,10 +216,8 @@ def build_prepare_workloads(cfg: ExperimentConfig, geometry: Geometry, batch: in
 
 def _eval_stand_in(kind: str, num_classes: int) -> tuple[nn.Module, int]:
     """A feature network of the same architecture and input size as `kind`, random weights."""
-    from bench.evaluate.features import ModuleFeatures
 
     if kind == "classifier":
-        from bench.prepare.embedded import EvalClassifier
 
         return ModuleFeatures(EvalClassifier(num_classes=num_classes), "classifier-stand-in", "-", feature_dim=128), 32
     if kind == "inception":
@@ -230,7 +236,6 @@ def _eval_stand_in(kind: str, num_classes: int) -> tuple[nn.Module, int]:
         return ModuleFeatures(Pool3(), "inception-stand-in", "-", feature_dim=2048), 299
     import timm
 
-    from bench.evaluate.features import DINOV2_INPUT_SIZE, DINOV2_TIMM_NAMES, IMAGENET_MEAN, IMAGENET_STD
 
     class Dino(nn.Module):  # ViT-L/14 CLS at 224 px, FD-DINOv2's cost
         def __init__(self) -> None:
@@ -253,7 +258,6 @@ def build_eval_workloads(cfg: ExperimentConfig, geometry: Geometry, batch: int, 
     """`FeatureNetwork.extract` of `eval.feature_network` on uint8 images of the scale's size: the
     real network when its weights are local (the prepared classifier, eval.inception_weights), else
     a stand-in of the same architecture."""
-    from bench.evaluate.features import FeatureNetworkError, build_feature_network
 
     kind = cfg.eval.feature_network
     try:

@@ -32,6 +32,8 @@ from bench.config import ExperimentConfig
 from bench.perf.roofline import train_flops_per_image
 from bench.perf.setup import BatchPool, Geometry, PerfError
 from bench.perf.timing import Workload
+from bench.train.build import backbone_settings, build_model
+from models.official import import_official_state_dict
 
 # The official code's literal choices (train_redi.py): AdamW(lr=1e-4, weight_decay=0), EMA decay 0.9999.
 OFFICIAL_LR, OFFICIAL_EMA_DECAY = 1e-4, 0.9999
@@ -116,7 +118,6 @@ def check_official_spec(cfg: ExperimentConfig) -> None:
 
 def build_official_model(code: OfficialCode, cfg: ExperimentConfig, geometry: Geometry) -> torch.nn.Module:
     """The official SiT as train_redi.py builds it for this config's shapes."""
-    from bench.train.build import backbone_settings
 
     shape = backbone_settings(cfg, geometry.manifest())  # registry sizes (S/2) resolved as bench train does
     return code.models.SiT(input_size=shape.input_size, patch_size=shape.patch_size,
@@ -157,7 +158,6 @@ def build_official_workload(code: OfficialCode, cfg: ExperimentConfig, geometry:
         update_ema()
         losses.append(loss.item())  # the official loop's running_loss += loss.item()
 
-    from bench.train.build import backbone_settings
 
     batch_size = pool.batches[0]["moments"].shape[0]
     # the same network arithmetic as redi-bench's merged model of this config
@@ -183,8 +183,6 @@ def official_loss_agreement(code: OfficialCode, cfg: ExperimentConfig, geometry:
 
     The official weights get a random perturbation first (adaLN-Zero and the zero heads would
     otherwise give a zero prediction, and any two networks would agree)."""
-    from bench.train.build import build_model
-    from models.official import import_official_state_dict
 
     check_official_spec(cfg)
     torch.manual_seed(seed)

@@ -16,6 +16,21 @@ import torch
 
 from bench.atomic import atomic_write_json, atomic_write_text
 from bench.config import ExperimentConfig
+from bench.evaluate.sampling import SAMPLING_PRECISION
+from bench.perf.infer import (
+    TABLE6_SPECS,
+    build_eval_workloads,
+    build_prepare_workloads,
+    build_sample_workloads,
+    build_table6_workload,
+)
+from bench.perf.official import (
+    build_official_workload,
+    check_official_spec,
+    load_official_code,
+    official_loss_agreement,
+)
+from bench.perf.roofline import MATMUL_SIZE, matmul_peak
 from bench.perf.setup import (
     PerfError,
     SizeChoice,
@@ -26,7 +41,11 @@ from bench.perf.setup import (
     synthetic_geometry,
     synthetic_pool,
 )
+from bench.perf.targets import compute_targets, format_report
 from bench.perf.timing import PeakMemory, Workload, environment, summarize, time_round_robin, utc_now, warm_up
+from bench.perf.training import StepOptions, build_online_encoder, build_train_workload, loss_agreement
+from bench.prepare.dataset import read_manifest
+from bench.train.loop import check_prepared
 from bench.train.step import native_bf16
 
 KINDS = ("train", "sample", "table6", "prepare", "eval")
@@ -54,8 +73,6 @@ def _log(message: str) -> None:
 
 def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> dict:
     """Build, warm up and time every requested workload; write the results; return the report."""
-    from bench.perf.targets import compute_targets, format_report
-    from bench.perf.training import StepOptions, build_online_encoder, build_train_workload, loss_agreement
 
     size: Optional[SizeChoice] = parse_size(args.size) if args.size else None
     scale = args.scale or ("paper" if size is not None and size.registry else "embedded")
@@ -72,8 +89,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     rank = max([cfg.semantic_channels for cfg in configs.values()] + [1])
     needs_encoder = ("train" in kinds and args.reference) or "prepare" in kinds
     if args.data == "real":
-        from bench.prepare.dataset import read_manifest
-        from bench.train.loop import check_prepared
 
         manifest = read_manifest(args.prepared_dir)
         for cfg in configs.values():  # the same refusals as `bench train` (encoder, data, ranks)
@@ -100,7 +115,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     groups: dict[str, list[Callable[[], list[Workload]]]] = {kind: [] for kind in kinds}
     official_code = None
     if args.official and "train" in kinds:
-        from bench.perf.official import build_official_workload, check_official_spec, load_official_code
 
         official_code = load_official_code(args.official)  # one clear error before anything is timed
         check_official_spec(configs[args.reference_spec])
@@ -132,8 +146,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                 groups["train"].append(_labelled(label, lambda label=label, options=options: [build_train_workload(
                     label, configs[ref], geometry, pool, device, options, args.seed)], reference_of=ref))
     if "sample" in kinds:
-        from bench.evaluate.sampling import SAMPLING_PRECISION
-        from bench.perf.infer import build_sample_workloads
 
         sample_batch = args.sample_batch or batch
         # `bench sample` always runs fp32 (no autocast): time what it runs, not the training precision
@@ -142,13 +154,11 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                 s, configs[s], geometry, sample_batch, device, SAMPLING_PRECISION, args.seed)))
     encoder_batch = args.encoder_batch or batch
     if "prepare" in kinds:
-        from bench.perf.infer import build_prepare_workloads
 
         prepared_dir = args.prepared_dir if args.data == "real" else None
         groups["prepare"].append(lambda: build_prepare_workloads(
             configs[specs[0]], geometry, encoder_batch, device, encoder(), prepared_dir, args.seed))
     if "table6" in kinds:
-        from bench.perf.infer import TABLE6_SPECS, build_table6_workload
 
         cells = [spec for spec in specs if spec in TABLE6_SPECS] or [specs[0]]
         for spec in cells:
@@ -156,7 +166,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                 s, configs[s], geometry, args.table6_batch, args.table6_steps, device,
                 args.prepared_dir if args.data == "real" else None, args.seed)]))
     if "eval" in kinds:
-        from bench.perf.infer import build_eval_workloads
 
         prepared_dir = args.prepared_dir if args.data == "real" else None
         groups["eval"].append(lambda: build_eval_workloads(configs[specs[0]], geometry, encoder_batch,
@@ -172,7 +181,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         _log(f"loss agreement of {check_spec}: float64 vs fp32 vs {precision} vs reference")
         checks.append(loss_agreement(configs[check_spec], geometry, pool, device, precision, args.seed))
         if official_code is not None:
-            from bench.perf.official import official_loss_agreement
 
             _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, "
                  "same weights and inputs")
@@ -180,7 +188,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                                                   args.seed))
     peaks = {}
     if args.roofline and "train" in kinds:
-        from bench.perf.roofline import MATMUL_SIZE, matmul_peak
 
         size = 256 if args.quick else MATMUL_SIZE
         _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")

@@ -19,7 +19,12 @@ from typing import Optional
 
 import torch
 
-from bench.config import ConfigError, ExperimentConfig
+from bench.compose import available, load_config
+from bench.config import ConfigError, DataConfig, ExperimentConfig
+from bench.prepare.dataset import load_prepared
+from bench.prepare.pca import PCAModel
+from bench.prepare.sources import open_split
+from bench.train.step import resolve_precision as train_precision
 from models.backbone import MODEL_SIZES, PATCH_SIZES
 
 SPEC_ALIASES = {"redi_separate": ("redi", ["model.fusion=separate"])}
@@ -67,7 +72,6 @@ def parse_size(text: str) -> SizeChoice:
 
 def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> ExperimentConfig:
     """The ExperimentConfig `bench train` would build for this spec, size and scale."""
-    from bench.compose import available, load_config
 
     base, alias_overrides = SPEC_ALIASES.get(spec, (spec, []))
     if base not in available("spec"):
@@ -83,7 +87,6 @@ def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> E
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 where it is
     native, see bench.train.step.native_bf16), so "default" rows time the trainer's real step."""
-    from bench.train.step import resolve_precision as train_precision
 
     if precision not in ("auto", "bf16", "fp32"):
         raise PerfError(f"--precision {precision!r}: choose auto, bf16 or fp32")
@@ -178,7 +181,6 @@ def synthetic_pool(geometry: Geometry, batch: int, rank: int, device: torch.devi
 
 def synthetic_pca(geometry: Geometry, seed: int = 0):
     """A PCA of the right dimension with a random orthonormal basis (for the online encoder)."""
-    from bench.prepare.pca import PCAModel
 
     g = torch.Generator().manual_seed(seed + 1)
     dim = geometry.encoder_channels
@@ -194,10 +196,6 @@ def real_pool(prepared_dir: str, batch: int, rank: int, device: torch.device,
               data_root: Optional[str], need_images: bool, count: int = 3,
               seed: int = 0) -> tuple[BatchPool, Geometry, dict]:
     """Batches of a finished `bench prepare` (train split) and, if asked, their raw images."""
-    from bench.config import DataConfig
-    from bench.prepare.dataset import load_prepared
-    from bench.prepare.pca import PCAModel
-    from bench.prepare.sources import open_split
 
     dataset = load_prepared(prepared_dir, "train", rank=rank, with_features=True)
     manifest = dataset.manifest

@@ -34,6 +34,8 @@ from bench.config import ExperimentConfig
 from bench.perf.roofline import train_flops_per_image
 from bench.perf.setup import BatchPool, Geometry, autocast
 from bench.perf.timing import Workload
+from bench.prepare import encoders
+from bench.prepare.encoders import align_to_grid, sample_latents
 from bench.train.build import build_model, build_transport
 from bench.train.step import build_optimizer, make_train_step, repa_tokens, update_ema
 
@@ -89,7 +91,6 @@ def update_ema_official(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def build_online_encoder(cfg: ExperimentConfig, geometry: Geometry, device: torch.device):
     """The semantic encoder the official code runs every step, and a label for the rows."""
-    from bench.prepare import encoders
 
     if geometry.encoder_kind == "efficientnet_lite0":
         encoder = encoders.build_efficientnet_lite0(geometry.image_size, weights=cfg.encoder.weights)
@@ -112,7 +113,6 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
                          device: torch.device, options: StepOptions, seed: int = 0,
                          encoder: Optional[tuple[nn.Module, str]] = None) -> Workload:
     """A Workload whose run() is one full training step of `cfg` (see the module docstring)."""
-    from bench.prepare.encoders import align_to_grid, sample_latents
 
     cfg = copy.deepcopy(cfg)
     cfg.model.grad_checkpointing = options.checkpointing
@@ -255,7 +255,6 @@ def loss_agreement(cfg: ExperimentConfig, geometry: Geometry, pool: BatchPool, d
                    precision: str, seed: int = 0) -> dict:
     """Loss of one batch, same weights and the same random draws, in float64, fp32, the default
     precision and the reference mode (fp32 + checkpointing); relative errors against float64."""
-    from bench.prepare.encoders import sample_latents
 
     torch.manual_seed(seed)
     model = _perturbed(build_model(cfg, geometry.manifest()), seed).to(device).train()

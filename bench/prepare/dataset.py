@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from bench.atomic import atomic_write_json, sha256_file
+
 FORMAT_VERSION = "redi-bench-prepared/1"
 MANIFEST = "manifest.json"
 SHARD_KEYS = ("moments", "semantic", "labels", "indices")
@@ -67,7 +69,6 @@ def data_files(prepared_dir: str | Path, shards: Sequence[str]) -> list[str]:
 
 def file_records(prepared_dir: str | Path, names: Sequence[str]) -> dict[str, dict]:
     """{relative path: {"bytes", "sha256"}} of the named files (hashed now)."""
-    from bench.atomic import sha256_file
 
     root = Path(prepared_dir)
     return {name: {"bytes": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
@@ -77,7 +78,6 @@ def file_records(prepared_dir: str | Path, names: Sequence[str]) -> dict[str, di
 def check_files(prepared_dir: str | Path, manifest: dict, hashes: bool = False) -> list[str]:
     """What is wrong with the files the manifest lists: missing, another size, or (hashes=True)
     other content. Sizes cost one stat per file; hashes read every byte."""
-    from bench.atomic import sha256_file
 
     root, problems = Path(prepared_dir), []
     for name, record in sorted((manifest.get("files") or {}).items()):
@@ -101,7 +101,6 @@ def write_manifest(out: Path, settings_hash: str, cfg_data, cfg_encoder, vae_inf
                    pca, plan, classifier: Optional[dict], timings: dict) -> Path:
     """Write `manifest.json` (last, atomically): what produced the shards and what they hold.
     `plan` lists every shard as (split, shard index, image indices)."""
-    from bench.atomic import atomic_write_json
 
     splits: dict[str, dict] = {}
     for split, index, indices in plan:

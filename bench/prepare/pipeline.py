@@ -38,6 +38,8 @@ from bench.atomic import (
     sha256_file,
     sha256_json,
 )
+from bench.compose import load_config
+from bench.config import DataConfig, EncoderConfig, VAEConfig
 from bench.prepare.dataset import (  # noqa: F401
     FORMAT_VERSION,
     MANIFEST,
@@ -508,7 +510,6 @@ def prepare_embedded(prepared_dir: str | Path = "results/prepared", data_name: s
                      data_root: Optional[str] = None) -> Path:
     """The embedded default: Fashion-MNIST 32x32 (or digits for tests), the tiny AutoencoderKL and
     the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max."""
-    from bench.config import DataConfig, EncoderConfig, VAEConfig
 
     options = options or PrepareOptions()
     cfg_data = DataConfig(name=data_name, root=data_root, image_size=32, num_classes=10,
@@ -533,7 +534,6 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from bench.compose import load_config
 
     parser = argparse.ArgumentParser(
         prog="bench prepare",

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from bench.atomic import sha256_file, sha256_json
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -123,7 +125,6 @@ def fashion_mnist(split: str, image_size: int = 32, root: Optional[str] = None) 
     gray, labels = read_idx_gz(image_file), read_idx_gz(label_file)
     if gray.ndim != 3 or labels.ndim != 1 or gray.shape[0] != labels.shape[0]:
         raise DatasetError(f"{image_file}: {gray.shape} images do not match {labels.shape} labels")
-    from bench.atomic import sha256_file
 
     fingerprint = {"dataset": "fashion_mnist", "split": split,
                    "sha256": [sha256_file(image_file), sha256_file(label_file)]}
@@ -236,7 +237,6 @@ def image_folder(split: str, image_size: int, root: Optional[str]) -> ImageSourc
         raise DatasetError(f"data.root: no images ({', '.join(IMAGE_EXTENSIONS)}) under "
                            f"{folder}/<class>/; the folder is empty")
     listing = [[str(p.relative_to(base)), p.stat().st_size] for p in files]
-    from bench.atomic import sha256_json
 
     fingerprint = {"dataset": "imagefolder", "split": split, "num_classes": len(classes),
                    "listing_sha256": sha256_json(listing)}

@@ -21,6 +21,7 @@ import pandas as pd
 from bench.report.common import ITERATIONS_PER_EPOCH, PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
 from bench.report.comparability import protocol_differences, scale_differences
 from bench.report.groups import guidance_of, model_name
+from bench.report.published import PaperNumbersError, load_paper_numbers
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,6 @@ def paper_tables(grid: dict) -> list[str]:
 
 
 def load_paper(notes: list[str]) -> pd.DataFrame:
-    from bench.report.published import PaperNumbersError, load_paper_numbers
 
     try:
         return load_paper_numbers()

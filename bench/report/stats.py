@@ -19,6 +19,7 @@ import pandas as pd
 
 from bench.report.common import BASELINE_SPECS, ReportError, fmt_steps, is_lower_better
 from bench.report.groups import CONDITION_INFO
+from bench.report.published import PaperNumbersError, load_convergence_claims
 
 
 def mean_ci95(values: Iterable[float]) -> tuple[float, float, int]:
@@ -142,7 +143,6 @@ def find_speedups(cells: pd.DataFrame, conditions: pd.DataFrame, metric: str, gr
                   final: dict[str, int | None] | None = None) -> list[dict]:
     """Speed-ups (`speedup`) on the seed-mean curves of the main provenance group, per setting,
     with the paper's stated factor for the same method/baseline pair beside (as context)."""
-    from bench.report.published import PaperNumbersError, load_convergence_claims
 
     try:
         claims = load_convergence_claims()

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from bench.atomic import atomic_write_text, remove_stale_temporaries
 from bench.report.common import (
     NOT_MEASURED,
     SAMPLING_FIELDS,
@@ -22,6 +23,7 @@ from bench.report.common import (
 )
 from bench.report.groups import describe_provenance, guidance_of, label_runs, per_run_values
 from bench.report.paper_match import paper_tables
+from bench.report.plots import plot_convergence, plot_losses
 from bench.report.records import Report
 from bench.report.stats import (
     paired_comparisons,
@@ -231,7 +233,6 @@ def render_markdown(report: Report) -> str:
 
 def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> Path:
     """report.md, table.csv/.tex (the layout), the tidy CSVs and the plots, written atomically."""
-    from bench.atomic import atomic_write_text, remove_stale_temporaries
 
     out = Path(out_dir)
     remove_stale_temporaries(out)  # what a killed earlier run left: its output is written again
@@ -248,7 +249,6 @@ def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> 
     atomic_write_text(out / "table.tex", "\n".join(
         to_latex(t, f"{g.name}, setting {s}: {b}") for s, b, _, t in parts))
     if plots:
-        from bench.report.plots import plot_convergence, plot_losses
 
         plot_convergence(report, out)
         plot_losses(report, out)

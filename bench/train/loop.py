@@ -70,7 +70,9 @@ from bench.config import ConfigError, ExperimentConfig
 from bench.identity import derive_seed, identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
-from bench.prepare.dataset import Manifest, PreparedDataError
+from bench.prepare.dataset import Manifest, PreparedDataError, load_prepared, read_manifest
+from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
+from bench.prepare.sources import DatasetError, open_split
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -170,7 +172,6 @@ class TrainingData:
     """
 
     def __init__(self, cfg: ExperimentConfig, manifest: dict, device: torch.device) -> None:
-        from bench.prepare.dataset import load_prepared
 
         self.cfg, self.device = cfg, device
         self.use_features = cfg.objective.lambda_repa > 0
@@ -185,8 +186,6 @@ class TrainingData:
     def _open_encoder(self, manifest: dict) -> None:
         from safetensors import safe_open
 
-        from bench.prepare.encoders import build_semantic_encoder
-        from bench.prepare.sources import open_split
 
         self.encoder = build_semantic_encoder(self.cfg.encoder, self.cfg.data.image_size,
                                               int(manifest["encoder"]["input_size"])).to(self.device)
@@ -218,7 +217,6 @@ class TrainingData:
 
     def batch(self, step: int, generator: torch.Generator, local: slice, token_grid: int):
         """(x, z, y, align_target) of global batch `step`; align_target has zeros outside `local`."""
-        from bench.prepare.encoders import sample_latents
 
         rows = self._rows(self.sampler.indices(step), local)
         moments = rows["moments"].to(self.device, torch.float32)
@@ -379,9 +377,6 @@ def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
 
 
 def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
-    from bench.prepare.dataset import read_manifest
-    from bench.prepare.encoders import EncoderError
-    from bench.prepare.sources import DatasetError
 
     device, world, main = info.device, info.world_size, info.is_main
     has_config = _check_saved_config(run_dir, cfg)

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from models.backbone import BackboneConfig, JointDiT
+from bench.atomic import atomic_write_json, atomic_write_text, sha256_file
+from bench.compose import dumps
+from bench.identity import run_hash
+from bench.prepare.dataset import PreparedDataError, read_manifest
+from bench.prepare.pca import PCAError, PCAModel, import_official_pca
+from bench.train import checkpoint as ckpt_io
+from bench.train.build import backbone_settings
+from models.backbone import MODEL_SIZES, BackboneConfig, JointDiT
 from models.official import config_from_official_state_dict, extract_official_weights, import_official_state_dict
 
 
@@ -64,7 +71,6 @@ def official_overrides(sd: dict[str, torch.Tensor], latent_channels: int = 4,
                        num_heads: int | None = None) -> list[str]:
     """The config overrides describing the network in an official state dict: size (a registry name
     when hidden size, depth and heads are one, else `custom`), r, fusion, learn_sigma and the spec."""
-    from models.backbone import MODEL_SIZES
 
     shape = config_from_official_state_dict(sd, latent_channels, num_heads=num_heads or 1)
     registry = next((name for name, s in MODEL_SIZES.items()
@@ -104,12 +110,6 @@ def import_official_run(ckpt: str | Path, cfg, run_dir: Path, step: int, *,
     fp32 with TF32, so the checkpoint records precision fp32. `pca` (ReDi's dino_pca_model.pth, a
     pickle: needs `trust_pickle`) is converted, stored beside it and compared with the prepared PCA.
     """
-    from bench.atomic import atomic_write_json, atomic_write_text, sha256_file
-    from bench.compose import dumps
-    from bench.identity import run_hash
-    from bench.prepare.dataset import PreparedDataError, read_manifest
-    from bench.train import checkpoint as ckpt_io
-    from bench.train.build import backbone_settings
 
     ckpt, run_dir = Path(ckpt), Path(run_dir)
     try:
@@ -159,7 +159,6 @@ def _import_pca(path, trust_pickle: bool, manifest: dict, cfg):
     """The official PCA, converted, and whether the prepared data's PCA is the same one (the first
     r components up to sign, and the standardisation mean): if not, the run's semantic channels
     are not the ones the checkpoint was trained on (sampling, which discards them, is unaffected)."""
-    from bench.prepare.pca import PCAError, PCAModel, import_official_pca
 
     try:
         official = import_official_pca(path, manifest["encoder"]["encoder_id"], trust_pickle)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError, ExperimentConfig
+from bench.prepare.encoders import align_to_grid  # torch-heavy encoders module: only when REPA is on
 from bench.train import distributed as dist_utils
 
 
@@ -81,7 +82,6 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def repa_tokens(features: torch.Tensor, token_grid: int) -> torch.Tensor:
     """Encoder feature maps (B, D, gh, gw) -> REPA targets (B, L, D) in float32 on the model's token
     grid (bilinear resize only when the grids differ; row-major tokens as the backbone)."""
-    from bench.prepare.encoders import align_to_grid  # torch-heavy encoders module: only when REPA is on
 
     maps = align_to_grid(features.float(), (token_grid, token_grid))
     return maps.flatten(2).transpose(1, 2)
