@@ -42,7 +42,6 @@ class Reference:
     _features: Optional[np.ndarray] = None
 
     def features(self, network) -> np.ndarray:
-
         if self._features is None:
             self._features = extract_features(network, self.images)
         return self._features
@@ -86,7 +85,6 @@ def load_reference(cfg: ExperimentConfig, network, kinds: Sequence[str]) -> Refe
     size = cfg.data.image_size
     path = reference_file(cfg)
     if path is None:
-
         test = open_split(cfg.data, "test")  # the reference of the embedded default: the TEST split
         images = test.images(range(len(test)))
         mu, sigma, provenance = reference_statistics(images, network, cache, image_size=size)

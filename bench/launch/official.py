@@ -43,7 +43,6 @@ def resolve_target(args: argparse.Namespace, obj: dict):
 
     ckpt = Path(args.checkpoint)
     if args.grid:
-
         every = grids.expand(grids.load_grid(args.grid, *([args.grids_dir] if args.grids_dir else [])))
         cells = [c for c in every if c.name == args.cell] if args.cell else every
         if len(cells) != 1:

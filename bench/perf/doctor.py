@@ -115,7 +115,6 @@ def weights_checks(cfg) -> list[Check]:
     vae_path = cfg.vae.path
     if cfg.vae.kind == "diffusers":
         def vae() -> str:
-
             if not vae_path or not Path(vae_path).is_dir():
                 raise FileNotFoundError(f"vae.path={vae_path!r} is not a local diffusers folder")
             loaded = load_vae(cfg.vae)
@@ -127,7 +126,6 @@ def weights_checks(cfg) -> list[Check]:
         checks.append(Check("weights/vae", "SKIP", "vae.kind=embedded: trained by bench prepare"))
     if cfg.encoder.kind == "dinov2":
         def encoder() -> str:
-
             path = cfg.encoder.weights
             if not path or not Path(path).is_file():
                 raise FileNotFoundError(f"encoder.weights={path!r} does not exist")
@@ -179,7 +177,6 @@ def weights_checks(cfg) -> list[Check]:
 def data_check(cfg) -> Check:
     """The prepared folder fits the config and holds every shard its manifest lists."""
     def body() -> str:
-
         folder = Path(cfg.data.prepared_dir)
         manifest = read_manifest(folder)
         check_prepared(cfg, manifest, str(folder))
@@ -202,7 +199,6 @@ def ddp_check(overrides: Sequence[str]) -> Check:
         return Check("ddp/nccl", "SKIP", f"needs 2 GPUs, found {torch.cuda.device_count()}")
 
     def body() -> str:
-
         with tempfile.TemporaryDirectory() as tmp:
             runs = {}
             for world in (1, 2):
@@ -234,7 +230,6 @@ def throughput_checks(specs: Sequence[str], size: str, batch: int, scale: str, p
                 for s in specs]
 
     def body() -> str:
-
         code = perf(["--size", size, "--batch", str(batch), "--device", device, "--kinds", "train",
                      "--specs", ",".join(specs), "--scale", scale, "--no-reference",
                      "--precision", precision, *(["--compile"] if compile_ else []),
@@ -282,7 +277,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
 
     if args.cluster:
-
         load_profile(args.cluster)  # a wrong name is one clear error
     specs = [s for s in args.specs.split(",") if s]
     skip = {s for s in args.skip.split(",") if s}

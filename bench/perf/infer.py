@@ -218,7 +218,6 @@ def _eval_stand_in(kind: str, num_classes: int) -> tuple[nn.Module, int]:
     """A feature network of the same architecture and input size as `kind`, random weights."""
 
     if kind == "classifier":
-
         return ModuleFeatures(EvalClassifier(num_classes=num_classes), "classifier-stand-in", "-", feature_dim=128), 32
     if kind == "inception":
         import torchvision

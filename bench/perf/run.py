@@ -89,7 +89,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     rank = max([cfg.semantic_channels for cfg in configs.values()] + [1])
     needs_encoder = ("train" in kinds and args.reference) or "prepare" in kinds
     if args.data == "real":
-
         manifest = read_manifest(args.prepared_dir)
         for cfg in configs.values():  # the same refusals as `bench train` (encoder, data, ranks)
             check_prepared(cfg, manifest, args.prepared_dir)
@@ -115,7 +114,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     groups: dict[str, list[Callable[[], list[Workload]]]] = {kind: [] for kind in kinds}
     official_code = None
     if args.official and "train" in kinds:
-
         official_code = load_official_code(args.official)  # one clear error before anything is timed
         check_official_spec(configs[args.reference_spec])
         groups["train"].append(_labelled("official", lambda: [build_official_workload(
@@ -146,7 +144,6 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                 groups["train"].append(_labelled(label, lambda label=label, options=options: [build_train_workload(
                     label, configs[ref], geometry, pool, device, options, args.seed)], reference_of=ref))
     if "sample" in kinds:
-
         sample_batch = args.sample_batch or batch
         # `bench sample` always runs fp32 (no autocast): time what it runs, not the training precision
         for spec in specs:
@@ -154,19 +151,16 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                 s, configs[s], geometry, sample_batch, device, SAMPLING_PRECISION, args.seed)))
     encoder_batch = args.encoder_batch or batch
     if "prepare" in kinds:
-
         prepared_dir = args.prepared_dir if args.data == "real" else None
         groups["prepare"].append(lambda: build_prepare_workloads(
             configs[specs[0]], geometry, encoder_batch, device, encoder(), prepared_dir, args.seed))
     if "table6" in kinds:
-
         cells = [spec for spec in specs if spec in TABLE6_SPECS] or [specs[0]]
         for spec in cells:
             groups["table6"].append(_labelled(spec, lambda s=spec: [build_table6_workload(
                 s, configs[s], geometry, args.table6_batch, args.table6_steps, device,
                 args.prepared_dir if args.data == "real" else None, args.seed)]))
     if "eval" in kinds:
-
         prepared_dir = args.prepared_dir if args.data == "real" else None
         groups["eval"].append(lambda: build_eval_workloads(configs[specs[0]], geometry, encoder_batch,
                                                            device, prepared_dir, args.seed))
@@ -181,14 +175,12 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         _log(f"loss agreement of {check_spec}: float64 vs fp32 vs {precision} vs reference")
         checks.append(loss_agreement(configs[check_spec], geometry, pool, device, precision, args.seed))
         if official_code is not None:
-
             _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, "
                  "same weights and inputs")
             checks.append(official_loss_agreement(official_code, configs[args.reference_spec], geometry, device,
                                                   args.seed))
     peaks = {}
     if args.roofline and "train" in kinds:
-
         size = 256 if args.quick else MATMUL_SIZE
         _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
         peaks = {"size": size, "fp32": matmul_peak(device, torch.float32, size),

@@ -249,7 +249,6 @@ def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> 
     atomic_write_text(out / "table.tex", "\n".join(
         to_latex(t, f"{g.name}, setting {s}: {b}") for s, b, _, t in parts))
     if plots:
-
         plot_convergence(report, out)
         plot_losses(report, out)
     return out

@@ -172,7 +172,6 @@ class TrainingData:
     """
 
     def __init__(self, cfg: ExperimentConfig, manifest: dict, device: torch.device) -> None:
-
         self.cfg, self.device = cfg, device
         self.use_features = cfg.objective.lambda_repa > 0
         self.online = self.use_features and cfg.encoder.online_features
