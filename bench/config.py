@@ -30,6 +30,12 @@ def _not_identity(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return field(default=default, metadata={"identity": False}, **kwargs)
 
 
+def _identity_when_set(default: Any = None) -> Any:
+    """A field that enters the run hash only when it is not None: adding it left every existing
+    run's hash (and so its folder) unchanged (bench.identity.identity_dict)."""
+    return field(default=default, metadata={"identity": "when_set"})
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
@@ -67,6 +73,9 @@ DINOV2_VARIANTS = ("vits14", "vits14_reg", "vitb14", "vitb14_reg", "vitl14", "vi
 FEATURE_NETWORKS = ("classifier", "inception", "dinov2")
 FD_DINOV2_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")  # bench.evaluate.features.DINOV2_TIMM_NAMES
 REFERENCE_BATCHES = ("adm-imagenet256",)  # bench.evaluate.adm.REFERENCE_BATCHES
+# objective.align_encoder: the start of the encoder_id a prepared folder's manifest records
+# (bench.prepare.encoders: efficientnet_lite0_block7_128px, dinov2_vitb14_224px).
+ALIGN_ENCODERS = ("efficientnet_lite0", *(f"dinov2_{v}" for v in DINOV2_VARIANTS))
 
 
 @dataclass
@@ -82,6 +91,11 @@ class DataConfig:
     num_classes: int = 10
     prepared_dir: str = _not_identity("results/prepared")
     """Where `bench prepare` writes shards; the shards' own manifest is what identifies them."""
+    align_prepared_dir: Optional[str] = _not_identity(None)
+    """A second prepared folder whose stored raw features are the REPA target (None: the target
+    comes from prepared_dir, or the encoder online). Same images in the same row order as
+    prepared_dir, prepared with encoder.store_features=true; objective.align_encoder names its
+    encoder (that name, not this path, is in the run hash)."""
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
@@ -201,6 +215,10 @@ class ObjectiveConfig:
     lambda_repa: float = 0.0
     align_layer: int = 8
     projector_hidden: int = 2048
+    align_encoder: Optional[str] = _identity_when_set()
+    """The encoder of data.align_prepared_dir (set both or neither), e.g. dinov2_vitb14 to align to
+    DINOv2-B/14 without registers as REPA published; None aligns to encoder.kind/variant. Checked
+    against that folder's manifest; in the run hash only when set."""
 
     def __post_init__(self) -> None:
         _choice("objective.transport", self.transport, TRANSPORTS)
@@ -214,6 +232,8 @@ class ObjectiveConfig:
                               "small drop (the paper: 0.2), and 0 trains plain ReDi")
         _range("objective.lambda_repa", self.lambda_repa, 0.0)
         _range("objective.align_layer", self.align_layer, 1)
+        if self.align_encoder is not None:
+            _choice("objective.align_encoder", self.align_encoder, ALIGN_ENCODERS)
 
 
 @dataclass
@@ -365,12 +385,33 @@ class ExperimentConfig:
         if self.model.fusion == "none" and self.eval.guidance.rg_scale != 1.0:
             raise ConfigError("eval.guidance.rg_scale != 1 needs semantic channels, but "
                               "model.fusion=none; Representation Guidance requires a ReDi model")
+        self._check_align_encoder()
         if self.objective.transport == "ddpm" and self.eval.sampler != "ddpm":
             raise ConfigError(f"eval.sampler={self.eval.sampler!r} does not fit "
                               "objective.transport=ddpm; use eval.sampler=ddpm")
         if self.objective.transport == "flow" and self.eval.sampler == "ddpm":
             raise ConfigError("eval.sampler=ddpm needs objective.transport=ddpm; the flow "
                               "transport samples with sde, euler or heun")
+
+    def _check_align_encoder(self) -> None:
+        """A separate alignment encoder needs both of its keys, an alignment term, stored targets."""
+        folder, encoder = self.data.align_prepared_dir, self.objective.align_encoder
+        if (folder is None) != (encoder is None):
+            given, missing = (("data.align_prepared_dir", "objective.align_encoder") if encoder is None
+                              else ("objective.align_encoder", "data.align_prepared_dir"))
+            raise ConfigError(f"{given} is set but {missing} is not: a separate alignment encoder needs "
+                              "both, the prepared folder of its features (data.align_prepared_dir) and "
+                              "its name (objective.align_encoder, e.g. dinov2_vitb14), or neither")
+        if encoder is None:
+            return
+        if self.objective.lambda_repa == 0:
+            raise ConfigError(f"objective.align_encoder={encoder} is set but objective.lambda_repa=0 "
+                              f"(spec {self.spec}): nothing is aligned; unset objective.align_encoder and "
+                              "data.align_prepared_dir for this spec (in a grid: a patch for the REPA specs)")
+        if self.encoder.online_features:
+            raise ConfigError("encoder.online_features=true computes the REPA target with encoder.kind/"
+                              "variant, but objective.align_encoder asks for the stored features of "
+                              "data.align_prepared_dir; choose one of the two")
 
     @property
     def semantic_channels(self) -> int:

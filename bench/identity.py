@@ -17,12 +17,14 @@ from bench.config import ExperimentConfig
 
 
 def identity_dict(obj: Any) -> Any:
-    """The result-changing part of a config, as nested plain dicts."""
+    """The result-changing part of a config, as nested plain dicts. A field marked
+    `identity="when_set"` counts only when it is not None, so adding one kept every hash."""
     if dataclasses.is_dataclass(obj):
         return {
             f.name: identity_dict(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
             if f.metadata.get("identity", True)
+            and not (f.metadata.get("identity") == "when_set" and getattr(obj, f.name) is None)
         }
     if isinstance(obj, (list, tuple)):
         return [identity_dict(v) for v in obj]

@@ -190,10 +190,12 @@ def load_sampling_model(run_dir: Path, cfg: ExperimentConfig, manifest: dict, st
     except CorruptCheckpointError as err:
         raise SamplingError(f"checkpoint {step} of {run_dir} is unusable: {err}") from None
     model = build_model(cfg, manifest)
-    model.load_state_dict(state)
     # The REPA projector only feeds the training-time alignment loss; without it the forward skips
-    # one MLP over every token at each of the sampler's network calls.
+    # one MLP over every token at each of the sampler's network calls. Dropped before loading: its
+    # output size is the alignment encoder's, which data.align_prepared_dir may set apart from the
+    # manifest's encoder (and that folder need not be present where the run is sampled).
     model.projector = None
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("projector.")})
     return model.to(device).eval().requires_grad_(False), weights_sha
 
 

@@ -402,3 +402,94 @@ def load_prepared(prepared_dir: str | Path, split: str, rank: int, whiten: bool 
     ones are read item by item from the memory-mapped shards.
     """
     return PreparedDataset(prepared_dir, split, rank, whiten, with_features, in_memory)
+
+
+def split_indices(manifest: Manifest, split: str) -> torch.Tensor:
+    """(N,) int64: each row's image index in its split, in row order over the split's shards."""
+    from safetensors import safe_open
+
+    parts = []
+    for name in manifest.splits[split]["shards"]:
+        with safe_open(str(manifest.folder / name), framework="pt") as handle:
+            parts.append(handle.get_tensor("indices").clone())
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def check_same_images(manifest: Manifest, other: Manifest, split: str = "train") -> None:
+    """PreparedDataError unless `other` holds the same images as `manifest` in the same row order,
+    so that row i of one folder's features belongs to row i of the other's latents: the same
+    dataset and image size, the same split sizes and, in `split`, the same image index row by row.
+    Names every difference it found (a second folder for REPA's alignment targets)."""
+    here, there = manifest.folder, other.folder
+    problems = [f"data.{key} is {manifest.data.get(key)!r} in {here} but {other.data.get(key)!r} in {there}"
+                for key in ("name", "image_size") if manifest.data.get(key) != other.data.get(key)]
+    sizes = {s: int(e["count"]) for s, e in manifest.splits.items()}
+    other_sizes = {s: int(e["count"]) for s, e in other.splits.items()}
+    if sizes != other_sizes:
+        problems.append(f"split sizes are {sizes} in {here} but {other_sizes} in {there}")
+    elif split in sizes:
+        rows, other_rows = split_indices(manifest, split), split_indices(other, split)
+        differ = (rows != other_rows).nonzero().flatten()
+        if len(differ):
+            first = int(differ[0])
+            problems.append(f"{len(differ)} {split} rows hold other images (first: row {first} is image "
+                            f"{int(rows[first])} in {here} but {int(other_rows[first])} in {there})")
+    if problems:
+        raise PreparedDataError(
+            f"{there} does not hold the same images in the same order as {here}: " + "; ".join(problems)
+            + f". Prepare {there} from the same data (data.name, data.root, data.image_size) with the "
+            "same prepare seed, so that its rows line up with the other folder's")
+
+
+class FeatureRows:
+    """The stored raw encoder features of one split, read by row: `rows(indices)` -> (n, D, gh, gw)
+    float16. Only the `features` tensors are read (in memory up to 4 GB, else memory-mapped), for
+    REPA targets taken from a second prepared folder (data.align_prepared_dir)."""
+
+    def __init__(self, prepared_dir: str | Path, split: str, in_memory: Optional[bool] = None) -> None:
+        self.manifest = read_manifest(prepared_dir)
+        if not self.manifest.store_features:
+            raise PreparedDataError(f"{prepared_dir} was prepared with encoder.store_features=false: it holds "
+                                    "no raw features to align to; prepare it again with "
+                                    "encoder.store_features=true")
+        if split not in self.manifest.splits:
+            raise PreparedDataError(f"split {split!r} was not prepared in {prepared_dir}; prepared: "
+                                    f"{sorted(self.manifest.splits)}")
+        self.shards = [Path(prepared_dir) / name for name in self.manifest.splits[split]["shards"]]
+        self.offsets = [0]
+        for count in self.manifest.splits[split]["counts"]:
+            self.offsets.append(self.offsets[-1] + int(count))
+        if in_memory is None:
+            in_memory = sum(shard.stat().st_size for shard in self.shards) < 4 * 1024 ** 3
+        self.features: Optional[torch.Tensor] = None
+        self._handles: dict[int, object] = {}
+        if in_memory:
+            from safetensors import safe_open
+
+            parts = []
+            for shard, count in zip(self.shards, self.manifest.splits[split]["counts"]):
+                with safe_open(str(shard), framework="pt") as handle:
+                    if "features" not in handle.keys() or handle.get_slice("features").get_shape()[0] != count:
+                        raise PreparedDataError(f"prepared shard {shard} has no {count} rows of features: "
+                                                f"it is damaged; rebuild it: {rebuild_command(prepared_dir)}")
+                    parts.append(handle.get_tensor("features"))
+            self.features = torch.cat(parts)
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.features is not None:
+            return self.features[indices]
+        import bisect
+
+        from safetensors import safe_open
+
+        out = []
+        for index in indices.tolist():
+            shard = bisect.bisect_right(self.offsets, index) - 1
+            if shard not in self._handles:
+                self._handles[shard] = safe_open(str(self.shards[shard]), framework="pt")
+            row = index - self.offsets[shard]
+            out.append(self._handles[shard].get_slice("features")[row: row + 1][0])
+        return torch.stack(out)

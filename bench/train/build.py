@@ -11,12 +11,14 @@ output). Everything else comes from the config:
   range with the hybrid loss, DiT's default, or DiT's fixed large variance); the flow transport
   reads only the prediction half, so learn_sigma there just costs an unused head (as the official
   SiT/ReDi code, whose train script sets it False);
-- projector_dim = encoder feature dim when objective.lambda_repa > 0, else no projector.
+- projector_dim = encoder feature dim when objective.lambda_repa > 0, else no projector: the
+  dimension of the alignment encoder's manifest when the targets come from a second prepared
+  folder (data.align_prepared_dir), else of the prepared data's encoder.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 from bench.config import ConfigError, ExperimentConfig
 from models.backbone import BackboneConfig, JointDiT, backbone_config
@@ -34,13 +36,16 @@ def _manifest_value(manifest: dict, key: str):
                           "version of redi-bench") from None
 
 
-def backbone_settings(cfg: ExperimentConfig, manifest: dict) -> BackboneConfig:
-    """The BackboneConfig of `cfg` on the prepared data described by `manifest`."""
+def backbone_settings(cfg: ExperimentConfig, manifest: dict, align_manifest: Optional[dict] = None
+                      ) -> BackboneConfig:
+    """The BackboneConfig of `cfg` on the prepared data described by `manifest`; `align_manifest`
+    is that of data.align_prepared_dir, whose encoder then sizes the REPA projector."""
     grid = _manifest_value(manifest, "latent_grid")
     if grid[0] != grid[1]:
         raise ConfigError(f"the prepared latents are {grid[0]}x{grid[1]}; the backbone needs a square grid")
     model, objective = cfg.model, cfg.objective
-    projector_dim = int(_manifest_value(manifest, "encoder")["channels"]) if objective.lambda_repa > 0 else 0
+    aligned_to = manifest if align_manifest is None else align_manifest
+    projector_dim = int(_manifest_value(aligned_to, "encoder")["channels"]) if objective.lambda_repa > 0 else 0
     fields = dict(
         input_size=int(grid[0]),
         latent_channels=int(_manifest_value(manifest, "latent_channels")),
@@ -64,9 +69,9 @@ def backbone_settings(cfg: ExperimentConfig, manifest: dict) -> BackboneConfig:
                           "(model.size/hidden_size/depth/num_heads/patch_size, objective.align_layer)") from None
 
 
-def build_model(cfg: ExperimentConfig, manifest: dict) -> JointDiT:
+def build_model(cfg: ExperimentConfig, manifest: dict, align_manifest: Optional[dict] = None) -> JointDiT:
     """A freshly initialised JointDiT for `cfg` (seed the global torch RNG first for a fixed init)."""
-    return JointDiT(backbone_settings(cfg, manifest))
+    return JointDiT(backbone_settings(cfg, manifest, align_manifest))
 
 
 def build_transport(cfg: ExperimentConfig, manifest: dict, processes: int = 1) -> Transport:

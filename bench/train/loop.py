@@ -70,7 +70,14 @@ from bench.config import ConfigError, ExperimentConfig
 from bench.identity import derive_seed, identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
-from bench.prepare.dataset import Manifest, PreparedDataError, load_prepared, read_manifest
+from bench.prepare.dataset import (
+    FeatureRows,
+    Manifest,
+    PreparedDataError,
+    check_same_images,
+    load_prepared,
+    read_manifest,
+)
 from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
 from bench.prepare.sources import DatasetError, open_split
 from bench.train import checkpoint as ckpt
@@ -133,8 +140,10 @@ def _encoder_matches(kind: str, variant: str, encoder_id: str) -> bool:
     return encoder_id.startswith(f"{kind}_")
 
 
-def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str) -> None:
-    """ConfigError when the prepared shards do not fit the config (nothing has been written yet)."""
+def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str,
+                   align: Optional[Manifest] = None) -> None:
+    """ConfigError when the prepared shards do not fit the config (nothing has been written yet).
+    `align`: the manifest of data.align_prepared_dir (read it with `read_align_manifest`)."""
     where = f"data.prepared_dir={prepared_dir}"
     encoder_id = manifest["encoder"]["encoder_id"]
     if not _encoder_matches(cfg.encoder.kind, cfg.encoder.variant, encoder_id):
@@ -157,26 +166,59 @@ def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str)
             manifest.check_rank(cfg.semantic_channels)
         except PreparedDataError as err:
             raise ConfigError(str(err)) from None
-    if cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
+    if align is not None:
+        check_align_prepared(cfg, manifest, align)
+    elif cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
         raise ConfigError(f"objective.lambda_repa > 0 needs the raw encoder features, but {prepared_dir} "
                           "was prepared with encoder.store_features=false; re-run prepare with "
                           "encoder.store_features=true or set encoder.online_features=true")
 
 
+def read_align_manifest(cfg: ExperimentConfig) -> Optional[Manifest]:
+    """The manifest of data.align_prepared_dir, or None when the REPA target comes from
+    data.prepared_dir (or the encoder online)."""
+    return read_manifest(cfg.data.align_prepared_dir) if cfg.data.align_prepared_dir else None
+
+
+def check_align_prepared(cfg: ExperimentConfig, manifest: Manifest, align: Manifest) -> None:
+    """ConfigError unless data.align_prepared_dir holds objective.align_encoder's raw features of
+    the same images, in the same row order, as data.prepared_dir: row i of its features is then the
+    REPA target of row i of the latents."""
+    where, name = f"data.align_prepared_dir={cfg.data.align_prepared_dir}", cfg.objective.align_encoder
+    kind, variant = ("dinov2", name.removeprefix("dinov2_")) if name.startswith("dinov2_") else (name, "")
+    encoder_id = align["encoder"]["encoder_id"]
+    if not _encoder_matches(kind, variant, encoder_id):
+        raise ConfigError(f"{where}: its shards come from encoder {encoder_id!r}, but "
+                          f"objective.align_encoder={name}; set objective.align_encoder to that folder's "
+                          "encoder or point data.align_prepared_dir at shards of this one")
+    if not align["store_features"]:
+        raise ConfigError(f"{where} was prepared with encoder.store_features=false: it holds no raw "
+                          "features to align to; prepare it again with encoder.store_features=true")
+    try:
+        check_same_images(manifest, align)
+    except PreparedDataError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 class TrainingData:
     """The train split of the prepared folder and how one global batch becomes model inputs.
 
-    The REPA target is the stored raw encoder features (default) or, with encoder.online_features,
-    the encoder run on this rank's images each step (the official code's way; the images are read
-    again from data.name through the shards' `indices`).
+    The REPA target is the stored raw encoder features (default), those stored in a second prepared
+    folder of the same images (data.align_prepared_dir: another encoder, e.g. DINOv2-B/14 without
+    registers as REPA published, while the PCA channels keep theirs; rank r reads its own rows of
+    it) or, with encoder.online_features, the encoder run on this rank's images each step (the
+    official code's way; the images are read again from data.name through the shards' `indices`).
     """
 
     def __init__(self, cfg: ExperimentConfig, manifest: dict, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.use_features = cfg.objective.lambda_repa > 0
         self.online = self.use_features and cfg.encoder.online_features
+        self.aligned = (FeatureRows(cfg.data.align_prepared_dir, "train")
+                        if self.use_features and cfg.data.align_prepared_dir else None)
         self.dataset = load_prepared(cfg.data.prepared_dir, "train", max(cfg.semantic_channels, 1),
-                                     whiten=cfg.model.whiten, with_features=self.use_features and not self.online)
+                                     whiten=cfg.model.whiten,
+                                     with_features=self.use_features and not self.online and self.aligned is None)
         self.scaling_factor = float(manifest["scaling_factor"])
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
         if self.online:
@@ -198,8 +240,13 @@ class TrainingData:
                 parts.append(handle.get_tensor("indices").clone())
         self.image_index = torch.cat(parts)
 
+    def alignment_source(self) -> dict:
+        """The provenance of the REPA targets read from data.align_prepared_dir (checkpoint state)."""
+        manifest = self.aligned.manifest
+        return {"encoder_id": manifest["encoder"]["encoder_id"], "prepared": manifest.get("settings_hash")}
+
     def _rows(self, indices: torch.Tensor, local: slice) -> dict[str, torch.Tensor]:
-        ds, stored = self.dataset, self.use_features and not self.online
+        ds, stored = self.dataset, self.use_features and not self.online and self.aligned is None
         if ds.in_memory:
             out = {"moments": ds.moments[indices], "semantic": ds.semantic[indices], "label": ds.labels[indices]}
             if stored:
@@ -209,6 +256,8 @@ class TrainingData:
             out = {key: torch.stack([item[key] for item in items]) for key in ("moments", "semantic", "label")}
             if stored:
                 out["features"] = torch.stack([item["features"] for item in items[local]])
+        if self.aligned is not None:
+            out["features"] = self.aligned.rows(indices[local])
         if self.online:
             images = self.images.images(self.image_index[indices[local]].tolist())
             out["features"] = self.encoder.encode(images.to(self.device))  # (B_local, D, gh, gw)
@@ -387,14 +436,14 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
     check_sinks(cfg.train.log_to)
     try:
-        manifest = read_manifest(cfg.data.prepared_dir)
-        check_prepared(cfg, manifest, cfg.data.prepared_dir)
+        manifest, align = read_manifest(cfg.data.prepared_dir), read_align_manifest(cfg)
+        check_prepared(cfg, manifest, cfg.data.prepared_dir, align)
         data = TrainingData(cfg, manifest, device)
     except (PreparedDataError, EncoderError, DatasetError) as err:
         raise ConfigError(str(err)) from None
     torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # identical initial weights on every rank
     seed_global_rngs(cfg.train.seed)  # a checkpoint's python/numpy states then restore over these
-    model = build_model(cfg, manifest).to(device)
+    model = build_model(cfg, manifest, align).to(device)
     transport = build_transport(cfg, manifest, processes=world)  # batch_official drops per rank
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the official code trains fp32 with TF32
@@ -450,6 +499,10 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
                               f"{meta['state'].get('prepared')}) than {cfg.data.prepared_dir} holds now "
                               f"({manifest.get('settings_hash')}); point data.prepared_dir at the original "
                               "shards or start a new run")
+        if meta["state"].get("align") != (data.alignment_source() if data.aligned is not None else None):
+            raise ConfigError(f"{run_dir} was trained on REPA targets from {meta['state'].get('align')} but "
+                              f"data.align_prepared_dir={cfg.data.align_prepared_dir} holds other ones; point "
+                              "it at the original folder or start a new run")
         if main:
             print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
     if main:  # rows past the resume point (any, on a fresh start) were a killed process's: cut them
@@ -467,6 +520,8 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
     keep = set(cfg.train.milestones) | {cfg.train.max_steps}
     state_extra = {"run_hash": run_hash(cfg), "world_size": world, "prepared": manifest.get("settings_hash"),
                    "precision": "fp32" if autocast_dtype is None else "bf16", "tf32": device.type == "cuda"}
+    if data.aligned is not None:  # which encoder's stored features were the REPA target
+        state_extra["align"] = data.alignment_source()
 
     from tqdm import tqdm
 
