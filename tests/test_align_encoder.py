@@ -186,3 +186,25 @@ def test_cosine_loss_helper_matches_the_definition():
     a, b = torch.randn(2, 64, 5, dtype=torch.float64), torch.randn(2, 5, 8, 8)
     reference = -F.cosine_similarity(a, b.half().double().flatten(2).transpose(1, 2), dim=-1).mean()
     assert cosine_loss_f64(a, b) == pytest.approx(float(reference), abs=1e-12)
+
+
+def test_the_report_tells_apart_runs_aligned_to_another_encoder():
+    """Two REPA runs that differ only in the alignment encoder are two rows of `bench report`, not
+    two seeds of one: unset (None in config.json, or absent from an older one) is a value of its own."""
+    import numpy as np
+    import pandas as pd
+
+    from bench.report.groups import label_runs
+
+    base = {"status": "done", "train.seed": 0, "model.size": "XL/2"}
+    runs = pd.DataFrame([
+        {"run": "a", "spec": "repa", "objective.align_encoder": None, **base},
+        {"run": "b", "spec": "repa", "objective.align_encoder": "dinov2_vitb14", **base},
+        {"run": "c", "spec": "redi", "objective.align_encoder": np.nan, **base},  # an older config.json
+    ])
+    labelled, _ = label_runs(runs, {})
+    assert labelled["condition"].tolist() == ["SiT-XL/2 w/ REPA (align_encoder=unset)",
+                                              "SiT-XL/2 w/ REPA (align_encoder=dinov2_vitb14)",
+                                              "SiT-XL/2 w/ ReDi (align_encoder=unset)"]
+    # Without a second alignment encoder in the grid, nothing changes in the labels.
+    assert label_runs(runs.drop(index=1), {})[0]["condition"].tolist() == ["SiT-XL/2 w/ REPA", "SiT-XL/2 w/ ReDi"]

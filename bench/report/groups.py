@@ -45,6 +45,27 @@ def non_identity_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[st
     return keys
 
 
+def when_set_keys(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Dotted keys in the run hash only when set (`identity="when_set"`, e.g.
+    objective.align_encoder): unset (None, or absent from an older config.json) is a value of its own."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("identity") == "when_set":
+            keys.append(prefix + f.name)
+        elif dataclasses.is_dataclass(f.default_factory):
+            keys += when_set_keys(f.default_factory, f"{prefix}{f.name}.")
+    return keys
+
+
+def _distinct(values: pd.Series) -> int:
+    """How many values a column takes: missing values do not count, except for a when-set key,
+    where unset differs from every setting (an aligned-to-another-encoder REPA run is not a seed of
+    the default one)."""
+    if values.name in when_set_keys():
+        return values.astype(object).where(values.notna(), "unset").astype(str).nunique()
+    return values.dropna().astype(str).nunique()
+
+
 def condition_axes(runs: pd.DataFrame) -> list[str]:
     """Result-changing config keys that vary *within* a spec: the grid's axes.
 
@@ -56,7 +77,7 @@ def condition_axes(runs: pd.DataFrame) -> list[str]:
     skip = tuple(non_identity_keys())
     columns = [c for c in runs.columns if "." in c and c not in (SEED_COLUMN, "train.max_steps")
                and not any(c == k or c.startswith(k + ".") for k in skip)]
-    varies = runs.groupby("spec")[columns].agg(lambda s: s.dropna().astype(str).nunique()) > 1
+    varies = runs.groupby("spec")[columns].agg(_distinct) > 1
     return sorted(c for c in columns if varies[c].any())
 
 
@@ -72,6 +93,8 @@ def model_name(row: pd.Series | dict) -> str:
 def _label(row: pd.Series, axes: Sequence[str]) -> str:
     """Paper naming ('SiT-XL/2 w/ ReDi') plus the values of `axes`."""
     def show(v: Any) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "unset"
         return f"{v:g}" if isinstance(v, float) else str(v)
     extra = ", ".join(f"{a.split('.')[-1]}={show(row.get(a))}" for a in axes)
     label = model_name(row) + SPEC_SUFFIX.get(row.get("spec"), f" {row.get('spec')}")
@@ -85,7 +108,7 @@ def label_runs(runs: pd.DataFrame, grid: dict) -> tuple[pd.DataFrame, pd.DataFra
     axes = condition_axes(runs[known]) if known.any() else []
     shown = [a for a in axes if a not in NAMED_AXES]
     labels = pd.Series([_label(r, shown) for _, r in runs.iterrows()], index=runs.index)
-    values = runs[axes].astype(str).agg("|".join, axis=1) if axes \
+    values = runs[axes].astype(object).where(runs[axes].notna(), "unset").astype(str).agg("|".join, axis=1) if axes \
         else pd.Series("", index=runs.index)
     clash = labels.groupby(labels).transform(lambda s: values[s.index].nunique() > 1)
     full = pd.Series([_label(r, axes) for _, r in runs.iterrows()], index=runs.index)
