@@ -208,3 +208,22 @@ def test_the_report_tells_apart_runs_aligned_to_another_encoder():
                                               "SiT-XL/2 w/ ReDi (align_encoder=unset)"]
     # Without a second alignment encoder in the grid, nothing changes in the labels.
     assert label_runs(runs.drop(index=1), {})[0]["condition"].tolist() == ["SiT-XL/2 w/ REPA", "SiT-XL/2 w/ ReDi"]
+
+
+def test_a_resume_refuses_other_alignment_targets(folders, tmp_path):
+    """The folder is a path, not in the run hash: a resume checks the checkpoint's record of the
+    alignment targets (encoder_id and the folder's settings hash) against the folder given now."""
+    import shutil
+
+    cfg = tiny_config(folders["main"], tmp_path / "runs", "train.max_steps=2", "train.ckpt_every=1",
+                      *align_overrides(folders["align16"]), spec="repa")
+    out = train(cfg)
+    (out / runfolder.DONE_FILE).unlink()
+    shutil.rmtree(out / "checkpoints" / "0000002")  # resume from step 1
+    other = write_prepared(tmp_path / "other", seed=7, encoder_id=ALIGN_ID, features=folders["align16_features"])
+    moved = tiny_config(folders["main"], tmp_path / "runs", "train.max_steps=2", "train.ckpt_every=1",
+                        *align_overrides(other), spec="repa")
+    assert run_dir(moved) == out
+    with pytest.raises(ConfigError, match="was trained on REPA targets from .*test-5"):
+        train(moved)
+    assert train(cfg) == out and runfolder.is_done(out)  # the original folder resumes
