@@ -19,12 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from bench.demo.calibrate import Costs, estimate, lane_split
 from bench.demo.run import MIN_TICKS, DemoError, Printer, Work, first_failure, fmt_time
 
 DEMO_TIMEOUT_S = 1500  # one `bench demo --quick` call: 2x the slowest first call measured (11.8 min)
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S + 300)  # one call + a reusing one + the checks
-SPECS = ("latent_only", "repa", "redi", "redi_rg")
+SPECS = ("latent_only", "repa", "redi_rg")
+SEEDS = (0, 1)  # paired
 STEPS = (100, 200, 400)  # ablations/grids/demo_quick.yaml
+EVALUATIONS = len(SPECS) * len(SEEDS) * len(STEPS) + len(SEEDS) * len(STEPS)  # + RG for redi_rg
 
 
 def _command() -> list[str]:
@@ -64,12 +67,16 @@ def test_quick_demo_writes_every_promised_file(first_run):
     tmp, proc, seconds = first_run
     out = tmp / "out"
     assert proc.stdout.rstrip().endswith(f"bench demo: output in {out}")
-    # progress: the cell, its step, images/s and the time left were printed while training
+    # before any work: this machine measured and every stage estimated
+    estimate_line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("estimate for this machine"))
+    assert "prepare ~" in estimate_line and "training ~" in estimate_line and "evaluation ~" in estimate_line
+    # progress: the running cells, their steps, images/s and the time left were printed while training
     train_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("train ") and "img/s" in ln]
-    assert train_lines and all(" left" in ln and "step " in ln for ln in train_lines), proc.stdout
-    assert any(ln.startswith("eval: 15 evaluations") for ln in proc.stdout.splitlines()), proc.stdout
+    assert train_lines and all(" left" in ln and (" s0 " in ln or " s1 " in ln) for ln in train_lines), proc.stdout
+    assert any(ln.startswith(f"eval: {EVALUATIONS} evaluations") for ln in proc.stdout.splitlines()), proc.stdout
 
-    # the table: every spec at every step, plus redi_rg sampled with RG, with sane numbers
+    # the table: every spec at every step, plus redi_rg sampled with RG, with sane numbers and
+    # 95% intervals over the two paired seeds
     rows = list(csv.DictReader((out / "table.csv").open()))
     plain = {(r["spec"], int(r["step"])) for r in rows if r["sampling"] == "no guidance"}
     assert plain == {(s, t) for s in SPECS for t in STEPS}
@@ -78,11 +85,14 @@ def test_quick_demo_writes_every_promised_file(first_run):
         {("redi_rg", "RG w_r=1.5", t) for t in STEPS}
     for r in rows:
         assert 0 < float(r["fd_classifier"]) < 1e4 and 0 <= float(r["accuracy"]) <= 1, r
+        assert float(r["fd_classifier_n"]) == len(SEEDS) and float(r["fd_classifier_half_width"]) > 0, r
     summary = (out / "summary.md").read_text()
     for spec in SPECS:
-        assert f"| {spec} | no guidance |" in summary
-    assert "| redi_rg | RG w_r=1.5 |" in summary and "FD @400" in summary and "acc @400" in summary
+        assert f"| {spec} | no guidance | 2 |" in summary
+    assert "| redi_rg | RG w_r=1.5 | 2 |" in summary and "FD @400" in summary and "acc @400" in summary
+    assert " ± " in summary and "Paired differences" in summary and "paired seeds" in summary
     assert "cores" in summary and "torch" in summary and "this call:" in summary
+    assert "estimated before any work" in summary and "2 at a time" in summary
     assert "Speed-ups" in summary
 
     # figures: the convergence plot, and one sample figure per spec; ReDi figures carry a second
@@ -90,18 +100,18 @@ def test_quick_demo_writes_every_promised_file(first_run):
     _png_size(out / "convergence.png")
     widths = {name: _png_size(out / f"samples_{name}.png")[0]
               for name in (*SPECS, "redi_rg_rg1.5")}
-    assert widths["redi"] > 1.5 * widths["latent_only"] and widths["redi_rg_rg1.5"] > 1.5 * widths["repa"]
+    assert widths["redi_rg"] > 1.5 * widths["latent_only"] and widths["redi_rg_rg1.5"] > 1.5 * widths["repa"]
 
     # bench report's own files, including the per-setting plot of the setting with a dot in its name
     for name in ("report.md", "table.csv", "table.tex", "speedups.csv",
                  "convergence_plain_fd_classifier.png", "convergence_rg1.5_fd_classifier.png"):
         assert (out / "report" / name).is_file(), name
     runs = sorted((tmp / "runs" / "demo_quick").glob("*-*"))
-    assert [p.name.split("-")[0] for p in runs] == sorted(SPECS)
+    assert sorted(p.name.split("-")[0] for p in runs) == sorted(SPECS * len(SEEDS))
     assert all((p / "DONE").is_file() and (p / "eval.jsonl").is_file() for p in runs)
     calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
-    assert len(calls) == 1 and calls[0]["prepare"] is False and calls[0]["trained"] == 4
-    assert calls[0]["evaluated"] == 15
+    assert len(calls) == 1 and calls[0]["prepare"] is False and calls[0]["trained"] == len(SPECS) * len(SEEDS)
+    assert calls[0]["evaluated"] == EVALUATIONS and calls[0]["estimate"]["lanes"] == 2
 
 
 def test_second_call_reuses_everything(first_run):
@@ -110,8 +120,8 @@ def test_second_call_reuses_everything(first_run):
     proc, seconds = _demo(tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "is up to date" in proc.stdout
-    assert "4 finished earlier (reused), 0 to train" in proc.stdout
-    assert "15 measured earlier (reused), 0 to run" in proc.stdout
+    assert f"{len(SPECS) * len(SEEDS)} finished earlier (reused), 0 to train" in proc.stdout
+    assert f"{EVALUATIONS} measured earlier (reused), 0 to run" in proc.stdout
     assert seconds < max(60.0, first_seconds / 4), (seconds, first_seconds)  # nothing trained again
     assert (tmp / "out" / "table.csv").read_text() == summary_before  # same numbers, regenerated
     calls = [json.loads(line) for line in (tmp / "out" / "invocations.jsonl").read_text().splitlines()]
@@ -133,7 +143,7 @@ def test_a_failing_cell_stops_the_demo_with_its_log(first_run, tmp_path):
     proc, seconds = _demo(tmp_path)
     assert proc.returncode == 2, proc.stdout[-2000:]
     error = proc.stderr.strip()
-    assert error.startswith("bench demo: error: training of cell latent_only failed") and "Traceback" not in error
+    assert error.startswith("bench demo: error: training of cell ") and "Traceback" not in error
     log = Path(error.split("log: ", 1)[1].split()[0])
     assert log.is_file() and shard.name in log.read_text()
     assert seconds < 120
@@ -158,18 +168,32 @@ def test_failure_message_names_the_log_and_progress_helpers(capsys):
 
 
 def test_time_left_is_smoothed_and_shown_only_when_measured():
-    """A tick at a third of the speed (a loaded moment, a cell starting) moves the estimate by
-    RATE_SMOOTHING of the difference, not all the way; nothing is shown before MIN_TICKS ticks."""
+    """A tick at a third of the predicted speed (a loaded moment, a cell starting) moves the speed
+    factor by RATE_SMOOTHING of the difference, not all the way; the same tick twice counts once."""
     work = Work(cells=[])
-    for step, rate in enumerate([300.0, 300.0], start=1):
-        work.observe("run-a", {"step": step * 10, "images_per_s": rate})
-    work.observe("run-a", {"step": 20, "images_per_s": 1.0})  # the same tick again: ignored
-    assert not work.measured and work.images_per_s == 300.0
-    work.observe("run-a", {"step": 30, "images_per_s": 100.0})
+    for step in (1, 2):
+        work.observe("run-a", {"step": step * 10, "images_per_s": 300.0}, predicted_images_per_s=300.0)
+    work.observe("run-a", {"step": 20, "images_per_s": 1.0}, predicted_images_per_s=300.0)  # seen: ignored
+    assert not work.measured and work.speed == 1.0
+    work.observe("run-b", {"step": 10, "images_per_s": 100.0}, predicted_images_per_s=300.0)
     assert work.measured and work.ticks == MIN_TICKS
-    assert work.images_per_s == 0.3 * 100.0 + 0.7 * 300.0  # 240, not 100: exact in float64
-    work.observe("run-b", {"step": 10, "images_per_s": 0})  # no measurement: ignored
-    assert work.images_per_s == 240.0
+    assert work.speed == 0.3 * (100.0 / 300.0) + 0.7 * 1.0  # exact in float64
+    work.observe("run-b", {"step": 20, "images_per_s": 0}, predicted_images_per_s=300.0)  # no rate
+    assert work.ticks == MIN_TICKS
+
+
+def test_estimate_follows_the_lanes_and_the_counts():
+    """bench.demo.calibrate.estimate against arithmetic done here by hand."""
+    costs = Costs(train_step_s={"a": 0.5, "b": 1.0}, sample_unit_s=0.002, vae_step_s=0.4,
+                  classifier_step_s=0.2, encode_image_s=0.01, lanes=2, threads=1)
+    assert lane_split([1, 2, 3, 4, 5], 2) == [[1, 3, 5], [2, 4]]  # as bench.launch.submit deals them
+    got = estimate(costs, [("a", 100), ("b", 100), ("a", 100)], [(10, 5, 1), (10, 5, 2)],
+                   {"vae_steps": 100, "classifier_steps": 300, "images": 1000})
+    assert got.train_s == 100 * 0.5 + 100 * 0.5  # lane 0: a, a (100 s); lane 1: b (100 s)
+    assert got.eval_s == 10 * 5 * 2 * 0.002 + 3.0  # the longer lane: the guided evaluation
+    assert got.prepare_s == max(100 * 0.4, 300 * 0.2) + 1000 * 0.01 / 2  # VAE beside classifier
+    assert got.total_s == got.prepare_s + got.train_s + got.eval_s
+    assert estimate(costs, [], [], None).total_s == 0.0
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path):
@@ -201,7 +225,7 @@ def test_ctrl_c_stops_quietly(first_run, tmp_path):
     lines = []
     for line in proc.stdout:  # until training is under way
         lines.append(line)
-        if line.startswith("train 1/4"):
+        if line.startswith("train 0/"):
             break
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)

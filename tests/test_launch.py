@@ -29,7 +29,7 @@ from bench.launch import status as launch_status
 from bench.launch import submit as launch
 from bench.launch.grids import GridError, expand, load_grid
 from bench.launch.jobs import TrainJob
-from bench.launch.profiles import ProfileError
+from bench.launch.profiles import PROFILES_DIR, ProfileError
 from bench.launch.status import job_state
 from bench.launch.submit import LaunchError, SchedulerError, grid_status, job_resources, load_profile, submit_grid
 
@@ -161,8 +161,42 @@ def test_a_crashing_cell_does_not_stop_the_others(out):
     assert (expand("smoke", out)[0].run_dir / "starts.log").read_text().split() == ["2"]
 
 
-def test_local_executor_runs_lanes_of_subprocesses_and_survives_a_crash(out):
-    sub = submit_grid("smoke", local=True, job_fn=crashing_train, overrides=out, quiet=True)
+def _local_profile(tmp_path: Path, lanes: int) -> Path:
+    """A copy of slurm/profiles/local.yaml with `lanes` jobs at a time."""
+    import yaml
+
+    data = yaml.safe_load((PROFILES_DIR / "local.yaml").read_text())
+    folder = tmp_path / "profiles"
+    folder.mkdir(exist_ok=True)
+    (folder / "local.yaml").write_text(yaml.safe_dump({**data, "array_parallelism": lanes}))
+    return folder
+
+
+def thread_count_train(cfg, run_dir):
+    """Stand-in training that records the compute threads its job was given."""
+    import torch
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "threads.txt").write_text(str(torch.get_num_threads()))
+    (Path(run_dir) / "DONE").write_text("")
+    return run_dir
+
+
+def test_local_lanes_run_at_once_with_the_profile_s_threads(out, tmp_path):
+    """Two lanes (the local profile's default): one job each, each with cpus_per_task threads."""
+    profiles = _local_profile(tmp_path, 2)
+    sub = submit_grid("smoke", local=True, job_fn=thread_count_train, overrides=out, quiet=True,
+                      profiles_dir=profiles)
+    assert sub.submitted == 2 and sub.jobs[0]["job_id"] != sub.jobs[1]["job_id"]
+    deadline = time.time() + 60
+    while not all((Path(j["run_dir"]) / "threads.txt").is_file() for j in sub.jobs) and time.time() < deadline:
+        time.sleep(0.5)
+    assert [(Path(j["run_dir"]) / "threads.txt").read_text() for j in sub.jobs] == ["1", "1"]
+
+
+def test_local_executor_runs_lanes_of_subprocesses_and_survives_a_crash(out, tmp_path):
+    sub = submit_grid("smoke", local=True, job_fn=crashing_train, overrides=out, quiet=True,
+                      profiles_dir=_local_profile(tmp_path, 1))
     assert sub.submitted == 2 and sub.jobs[0]["job_id"] == sub.jobs[1]["job_id"]  # one lane (parallelism 1)
     deadline = time.time() + 60
     while True:

@@ -22,6 +22,7 @@ import platform
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ from bench.report.common import fmt_steps
 from bench.report.plots import COLORS, log_steps_axis
 from bench.report.stats import speedup
 from bench.report.summary import ReportError, gather, summarize, to_markdown, write_report
+from bench.report.tables import paired_sentences, paired_table
 
 FD, ACC = "fd_classifier", "accuracy"
 
@@ -64,11 +66,15 @@ def rows_of(report, grid, cells) -> pd.DataFrame:
         for s in settings_for(grid, cell):
             labels[(cell.cfg.spec, s.name)] = setting_label(eval_config(cell, s))
     main = report.cells[(report.cells["group"] == 0) & report.cells["metric"].isin([FD, ACC])]
-    frame = main.pivot_table(index=["spec", "setting", "step"], columns="metric", values="mean",
-                             aggfunc="first", dropna=False).reset_index()
+    frame = main.pivot_table(index=["spec", "setting", "step"], columns="metric",
+                             values=["mean", "half_width", "n_seeds"], aggfunc="first", dropna=False)
+    frame.columns = [metric if stat == "mean" else f"{metric}_{stat.removesuffix('_seeds')}"
+                     for stat, metric in frame.columns]
+    frame = frame.reset_index()
     for column in (FD, ACC):
-        if column not in frame:
-            frame[column] = math.nan
+        for suffix in ("", "_half_width", "_n"):
+            if column + suffix not in frame:
+                frame[column + suffix] = math.nan
     pairs = [(a, b) in labels for a, b in zip(frame["spec"], frame["setting"])]
     frame = frame[pairs].copy()  # pivot_table(dropna=False) crosses every spec with every setting
     frame["sampling"] = [labels[(a, b)] for a, b in zip(frame["spec"], frame["setting"])]
@@ -77,20 +83,37 @@ def rows_of(report, grid, cells) -> pd.DataFrame:
     return frame.sort_values(["_o", "_g", "setting", "step"]).drop(columns=["_o", "_g"])
 
 
+def _with_interval(value: float, half: float, digits: int) -> str:
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.{digits}f} ± {half:.{digits}f}" if np.isfinite(half) else f"{value:.{digits}f}"
+
+
 def markdown_table(rows: pd.DataFrame) -> str:
-    """spec | sampling | FD @ each step | accuracy @ each step (one row per spec and setting)."""
+    """spec | sampling | seeds | FD @ each step | accuracy @ each step (one row per spec and setting):
+    means over the training seeds ± the half-width of their 95% t-interval."""
 
     steps = sorted(rows["step"].unique())
     out = []
     for (spec, sampling), part in rows.groupby(["spec", "sampling"], sort=False):
         by = part.set_index("step")
-        line = {"spec": spec, "sampling": sampling}
-        for metric, name, fmt in ((FD, "FD", "{:.2f}"), (ACC, "acc", "{:.3f}")):
+        n = pd.to_numeric(by[f"{FD}_n"], errors="coerce").max()
+        line = {"spec": spec, "sampling": sampling, "seeds": int(n) if np.isfinite(n) else "-"}
+        for metric, name, digits in ((FD, "FD", 2), (ACC, "acc", 3)):
             for s in steps:
-                value = by[metric].get(s, math.nan)
-                line[f"{name} @{fmt_steps(s)}"] = fmt.format(value) if np.isfinite(value) else "-"
+                line[f"{name} @{fmt_steps(s)}"] = _with_interval(
+                    by[metric].get(s, math.nan), by[f"{metric}_half_width"].get(s, math.nan), digits)
         out.append(line)
     return to_markdown(pd.DataFrame(out))
+
+
+def paired_lines(report) -> list[str]:
+    """The report's sentences on paired differences (FD and accuracy, at the last step measured):
+    'better' only where the 95% interval of the paired difference excludes zero."""
+    paired = paired_table(report)
+    if paired.empty:
+        return []
+    return paired_sentences(paired[paired["metric"].isin([FD, ACC])])
 
 
 def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
@@ -134,16 +157,21 @@ def plot_convergence(rows: pd.DataFrame, evaluator: str, path: Path) -> Path:
     for index, ((spec, sampling), part) in enumerate(rows.groupby(["spec", "sampling"], sort=False)):
         style = "--" if sampling != "no guidance" else "-"
         for axis, metric in zip(axes, (FD, ACC)):
-            curve = part.dropna(subset=[metric])
-            axis.plot(curve["step"], curve[metric], style, marker="o", color=COLORS[index % 10],
+            curve = part.dropna(subset=[metric]).sort_values("step")
+            color = COLORS[index % 10]
+            axis.plot(curve["step"], curve[metric], style, marker="o", color=color,
                       label=spec + ("" if sampling == "no guidance" else f" + {sampling}"))
+            half = pd.to_numeric(curve[f"{metric}_half_width"], errors="coerce")
+            if half.notna().any():  # the 95% t-interval over training seeds
+                axis.fill_between(curve["step"], curve[metric] - half, curve[metric] + half,
+                                  color=color, alpha=0.15, linewidth=0)
     for axis, label in zip(axes, (evaluator, "conditional accuracy (classifier argmax = label)")):
         log_steps_axis(axis, rows["step"].to_numpy())
         axis.set_ylabel(label, fontsize=9)
         axis.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle("bench demo: convergence (one seed per spec; lower FD and higher accuracy are better)",
-                    fontsize=10)
+    figure.suptitle("bench demo: convergence, mean over paired training seeds with 95% t-interval bands "
+                    "(lower FD and higher accuracy are better)", fontsize=10)
     return _save_png(figure, path)
 
 
@@ -176,8 +204,10 @@ def sample_figures(report, rows: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
-def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float) -> str:
-    """Run the report, draw the figures, write summary.md; returns the text to print."""
+def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
+                  estimate: Optional[dict] = None) -> str:
+    """Run the report, draw the figures, write summary.md; returns the text to print. `estimate`:
+    what the calibration predicted for this call (seconds per stage), recorded beside the real times."""
 
     out = plan.out_dir
     report = summarize(gather(plan.grid, plan.runs_root))
@@ -190,13 +220,15 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float) ->
     times = {**times, "report": time.time() - began - sum(times.values())}
     total = time.time() - began
     record = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "total_s": round(total, 1),
-              **{f"{k}_s": round(v, 1) for k, v in times.items()}, **reused, "machine": machine()}
+              **{f"{k}_s": round(v, 1) for k, v in times.items()}, **reused, "machine": machine(),
+              "estimate": estimate}
     log = out / "invocations.jsonl"
     history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
         if log.is_file() else []
     atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in [*history, record]))
     m = record["machine"]
     table, speedups = markdown_table(rows), speedup_lines(report, rows, grid.baseline or "latent_only")
+    paired = paired_lines(report)
     did = (f"reused: prepare {'yes' if reused['prepare'] else 'no'}, "
            f"{reused['cells'] - reused['trained']}/{reused['cells']} trained cells, "
            f"evaluations run now: {reused['evaluated']}")
@@ -211,17 +243,23 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float) ->
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" min); {did}",
         *([f"- first call in this folder: {first['total_s'] / 60:.1f} min on {first['date']}"]
           if history else []),
+        *([f"- jobs: {estimate['lanes']} at a time, {estimate['threads']} compute thread(s) each; "
+           f"estimated before any work (a {estimate['calibration_s']:.0f} s measurement of this machine): "
+           f"prepare {estimate['prepare_s'] / 60:.1f}, train {estimate['train_s'] / 60:.1f}, "
+           f"eval {estimate['eval_s'] / 60:.1f} min"] if estimate else []),
         f"- evaluator: {evaluator.iloc[0] if len(evaluator) else 'FD'} against the test split; "
         "accuracy = share of samples the classifier assigns to their conditioning class", "",
         table, "", "Speed-ups (FD; \"reaches the baseline's final FD N times sooner\", or its best FD "
         "where the baseline got worse with training; interpolated in log steps, docs/method.md):", "",
         *(f"- {s}" for s in speedups or ["none measurable yet"]), "",
-        "One training seed per spec and one sampling seed, so differences smaller than the seed "
-        "spread are not evidence: on the Fashion-MNIST embedded default a prototype measured FD 29.0 "
-        f"and 23.6 for two seeds of ReDi at {fmt_steps(1000)} steps. Grid `mini_table1` trains two "
-        "seeds and reports 95% intervals.", "",
+        "Paired differences (method − baseline, seed k of every spec shares its data order, noise and "
+        "evaluation labels; 95% t-interval over the pairs; a method is called better only where the "
+        "interval excludes 0, marked ✱):", "",
+        *(paired or ["- none measurable yet (needs a seed measured for both)"]), "",
+        "With two seeds the t-interval is wide (t = 12.7 for one degree of freedom): the demo shows the "
+        "machinery and the direction; `results/studies/embedded/` has the study with three seeds.", "",
         "Files: `convergence.png`, " + ", ".join(f"`{p.name}`" for p in figures)
         + ", `table.csv`, `report/` (`bench report` of this grid: report.md, CSV, LaTeX, plots).", ""]
     atomic_write_text(out / "summary.md", "\n".join(lines))
-    return "\n".join([f"\n{grid.title}\n", table, "", *speedups, "",
+    return "\n".join([f"\n{grid.title}\n", table, "", *speedups, "", *paired, "",
                       f"this call: {total / 60:.1f} min; {did}", f"summary: {out / 'summary.md'}"])

@@ -26,42 +26,37 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 from bench import runfolder
 from bench.atomic import check_writable_dir
+from bench.config import DataConfig
+from bench.demo.calibrate import Costs, Estimate, measure
+from bench.demo.calibrate import estimate as calibrate_estimate
 from bench.demo.output import write_outputs
 from bench.launch.grids import eval_config, expand, load_grid, settings_for
 from bench.launch.jobs import measured_steps
+from bench.launch.profiles import load_profile
 from bench.launch.status import ENDED_STATES, scheduler_states
 from bench.launch.submit import grid_status, submit_grid
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
 from bench.prepare.pipeline import PrepareError, PrepareOptions, prepare_embedded
-from bench.prepare.sources import DatasetError
+from bench.prepare.sources import DatasetError, open_split
 
 POLL_SECONDS = 2.0
-FALLBACK_IMAGES_PER_S = 200.0  # before the first log tick (slurm/profiles/local.yaml says ~210)
-# Sampling one image for one solver step is a forward pass, about a third of a training image's
-# forward + backward; refined from the evaluations' own timings (eval.jsonl) once one is measured.
-SAMPLE_STEP_PER_TRAIN_IMAGE = 1 / 3
-EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
-# What a first run took where it was measured. A machine differs by 3x or more (issue 16: AMD EPYC
-# without native bf16, or other jobs beside it), so no budget is promised: the demo measures this
-# machine's training speed in its first ticks and prints its own estimate (`Work.observe`).
-FULL_MEASURED = ("a first run took 36.9 min on a 2-vCPU Intel Xeon with AMX (quiet, 2026-11-30) and "
-                 "about 105 min on a 2-vCPU AMD EPYC (partly beside other jobs)")
-FULL_PREPARE_MEASURED = "14 min on the Xeon, 53 min on the EPYC"
-QUICK_MEASURED = ("a first run took about 2 min on a quiet 2-vCPU Intel Xeon and 11.8 min on a 2-core "
-                  "machine at load average 3-7 (2026-11)")
-QUICK_PREPARE_MEASURED = "44 s on the quiet Xeon, 5.8 min on the loaded machine"
+# What a first run took where it was measured (filled from the README's measured table). A machine
+# differs by 3x or more (issue 16), so no budget is promised blindly: before any work the demo
+# times this machine (bench.demo.calibrate) and prints its own estimate of every stage.
+FULL_MEASURED = ("a first run took 36.9 min on a 2-vCPU Intel Xeon with AMX (quiet, 2026-11-30, "
+                 "one seed per spec, before the lanes)")
+QUICK_MEASURED = "a first run took about 2 min on a quiet 2-vCPU Intel Xeon (2026-11)"
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
 # average over log ticks, shown only after MIN_TICKS of them (single ticks swing with the load and
 # with a cell's start-up, and made the time left jump from 42 min to 1 min).
 RATE_SMOOTHING = 0.3
 MIN_TICKS = 3
-ESTIMATE_AFTER_S = 60.0  # the one-time estimate line: after this much training is measured
 
 
 class DemoError(ValueError):
@@ -81,8 +76,11 @@ class DemoPlan:
     prepare_note: str
     measured: str
     """What a first run took where it was measured (machine, load, date); this machine's own
-    estimate is printed once its first training ticks are measured (`Work.observe`)."""
-    prepare_measured: str
+    estimate is printed before any work (bench.demo.calibrate)."""
+    lanes: int = 1
+    """Jobs at a time (the local profile's array_parallelism), each with `threads` compute threads."""
+    threads: int = 1
+    calibrate: bool = True
 
     @property
     def overrides(self) -> list[str]:
@@ -90,27 +88,26 @@ class DemoPlan:
 
 
 def make_plan(quick: bool, out: Optional[str], runs_root: Optional[str],
-              prepared_dir: Optional[str], progress: bool = True) -> DemoPlan:
+              prepared_dir: Optional[str], progress: bool = True, calibrate: bool = True) -> DemoPlan:
+    profile = load_profile("local")  # the lanes and threads `bench grid --local` uses too
+    lanes, threads = profile.array_parallelism, profile.cpus_per_task
     if quick:  # scikit-learn digits and small prepare networks: a smoke run of the whole path
         options = PrepareOptions(
             vae=EmbeddedVAESettings(block_out_channels=(16, 32, 32), steps=200, scale_images=1024),
-            classifier=ClassifierSettings(width=16, feature_dim=32, epochs=10), progress=False)
-        grid, data = "demo_quick", "digits"
-        measured = QUICK_MEASURED
-        prepare_measured = QUICK_PREPARE_MEASURED
+            classifier=ClassifierSettings(width=16, feature_dim=32, epochs=10), progress=False,
+            lanes=lanes)
+        grid, data, measured = "demo_quick", "digits", QUICK_MEASURED
         note = ("scikit-learn digits (1,437 train / 360 test images), small VAE and classifier: a "
                 "smoke run of the whole path whose numbers say nothing about the methods")
         prepared, out_default = "results/prepared-quick", "results/demo-quick"
     else:  # exactly `bench prepare`'s default, so either command fills the cache for the other
-        options = PrepareOptions(progress=progress)
-        grid, data = "demo", "fashion_mnist"
-        measured = FULL_MEASURED
-        prepare_measured = FULL_PREPARE_MEASURED
+        options = PrepareOptions(progress=progress, lanes=lanes)
+        grid, data, measured = "demo", "fashion_mnist", FULL_MEASURED
         note = "Fashion-MNIST (60,000 train / 10,000 test images), the embedded default"
         prepared, out_default = "results/prepared", "results/demo"
     return DemoPlan(grid, data, Path(prepared_dir or prepared).resolve(),
                     Path(runs_root or "results/runs").resolve(), Path(out or out_default).resolve(),
-                    options, note, measured, prepare_measured)
+                    options, note, measured, lanes, threads, calibrate)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,47 +156,39 @@ class Printer:
 
 @dataclass
 class Work:
-    """What one stage waits for, and the estimates behind the time-left figures."""
+    """What the demo waits for, and the estimates behind the time-left figures.
+
+    The calibration's costs (bench.demo.calibrate) give every estimate before anything runs; once
+    training ticks arrive, `speed` (measured images/s over the calibration's, smoothed) scales them,
+    so a machine that became busier after the calibration is followed.
+    """
 
     cells: list
+    costs: Optional[Costs] = None
     started: float = field(default_factory=time.time)
-    images_per_s: float = FALLBACK_IMAGES_PER_S
-    sample_step_s: Optional[float] = None  # measured seconds per (image x solver step x pass)
-    ticks: int = 0  # log ticks folded into images_per_s
-    train_started: Optional[float] = None
-    _last_tick: tuple = ()
-    estimated: bool = False  # the one-time estimate line was printed
+    speed: float = 1.0
+    ticks: int = 0  # log ticks folded into `speed`
+    sample_unit_s: Optional[float] = None  # measured seconds per (image x solver step x pass)
+    _seen: set = field(default_factory=set)
 
-    def observe(self, run: str, tick: dict) -> None:
-        """Fold a new log tick's images/s into the moving average (each tick once)."""
+    def observe(self, run: str, tick: dict, predicted_images_per_s: Optional[float] = None) -> None:
+        """Fold a new log tick's images/s (over the calibration's prediction) into the average."""
         key, rate = (run, tick.get("step")), tick.get("images_per_s")
-        if key == self._last_tick or not isinstance(rate, (int, float)) or rate <= 0:
+        if key in self._seen or not isinstance(rate, (int, float)) or rate <= 0:
             return
-        self._last_tick = key
-        self.images_per_s = float(rate) if self.ticks == 0 else \
-            RATE_SMOOTHING * float(rate) + (1 - RATE_SMOOTHING) * self.images_per_s
+        self._seen.add(key)
+        ratio = float(rate) / predicted_images_per_s if predicted_images_per_s else float(rate)
+        self.speed = ratio if self.ticks == 0 else RATE_SMOOTHING * ratio + (1 - RATE_SMOOTHING) * self.speed
         self.ticks += 1
 
     @property
     def measured(self) -> bool:
         return self.ticks >= MIN_TICKS
 
-    def sample_step_seconds(self) -> float:
-        return self.sample_step_s or SAMPLE_STEP_PER_TRAIN_IMAGE / self.images_per_s
-
 
 def _last_tick(run: Path) -> dict:
     rows = runfolder.read_jsonl(run / runfolder.METRICS_FILE)
     return rows[-1] if rows else {}
-
-
-def train_seconds_left(work: Work, rows: Sequence[dict]) -> float:
-    left = 0.0
-    for cell, row in zip(work.cells, rows):
-        if row["state"] != "done":
-            steps = cell.cfg.train.max_steps - (row["step"] or 0)
-            left += steps * cell.cfg.train.batch_size / work.images_per_s
-    return left
 
 
 def eval_todo(grid, cells) -> list[tuple]:
@@ -220,10 +209,24 @@ def _passes(cfg) -> int:
     return 1 + (g.cfg_scale != 1.0) + (g.rg_scale != 1.0)
 
 
-def eval_seconds(todo: Sequence[tuple], work: Work) -> float:
-    per_unit = work.sample_step_seconds()
-    return sum(cfg.eval.num_samples * cfg.eval.num_sampling_steps * _passes(cfg) * per_unit
-               + EVAL_OVERHEAD_S for _, _, cfg, _ in todo)
+def stage_estimate(work: Work, rows: Optional[Sequence[dict]], todo: Sequence[tuple],
+                   prepare_counts: Optional[dict] = None) -> Optional[Estimate]:
+    """Seconds left of each stage from the calibration, scaled by the measured training speed;
+    evaluation uses its own measured speed once an evaluation has finished. None uncalibrated."""
+    if work.costs is None:
+        return None
+    left = []
+    for index, cell in enumerate(work.cells):
+        row = rows[index] if rows else {"state": "", "step": 0}
+        if row["state"] != "done":
+            left.append((cell.cfg.spec, cell.cfg.train.max_steps - (row["step"] or 0)))
+    evaluations = [(cfg.eval.num_samples, cfg.eval.num_sampling_steps, _passes(cfg)) for _, _, cfg, _ in todo]
+    raw = calibrate_estimate(work.costs, left, evaluations, prepare_counts)
+    eval_s = raw.eval_s / work.speed
+    if work.sample_unit_s:  # measured by the evaluations themselves: no scaling needed
+        eval_s = calibrate_estimate(replace(work.costs, sample_unit_s=work.sample_unit_s), [], evaluations,
+                                    None).eval_s
+    return Estimate(raw.prepare_s, raw.train_s / work.speed, eval_s)
 
 
 def measured_sample_step(cells) -> Optional[float]:
@@ -239,6 +242,32 @@ def measured_sample_step(cells) -> Optional[float]:
         for seconds, units in seen.values():
             total, cost = total + seconds, cost + units
     return total / cost if cost and total else None
+
+
+def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: bool) -> Optional[Costs]:
+    """Time this machine's units of work (~30 s) and print what every stage will take."""
+    if not plan.calibrate:
+        return None
+    printer.say(f"measuring this machine ({plan.lanes} lane(s) x {plan.threads} thread(s), "
+                f"about {10 if plan.grid == 'demo_quick' else 30} s) ...")
+    specs = {}
+    for cell in cells:
+        specs.setdefault(cell.cfg.spec, [*grid.base, f"spec={cell.cfg.spec}"])
+    sample_spec = next(iter(specs))
+    quick = plan.grid == "demo_quick"  # its units take milliseconds: a short look is enough
+    return measure(specs, sample_spec, plan.lanes, plan.threads,
+                   prepare=(plan.prepare.vae, plan.prepare.classifier) if first_run else None,
+                   budget_s=0.5 if quick else 2.0)
+
+
+def prepare_counts(plan: DemoPlan) -> dict:
+    """Units of work of a first prepare (see bench.demo.calibrate.estimate)."""
+    images = sum(len(open_split(DataConfig(name=plan.data_name, image_size=32, num_classes=10), split))
+                 for split in plan.prepare.splits)
+    train = len(open_split(DataConfig(name=plan.data_name, image_size=32, num_classes=10), "train"))
+    c = plan.prepare.classifier
+    return {"vae_steps": plan.prepare.vae.steps, "images": images,
+            "classifier_steps": max(1, int(c.epochs * train / c.batch_size)) if plan.prepare.train_classifier else 0}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,18 +307,22 @@ def first_failure(rows: Sequence[dict], stage: str) -> Optional[str]:
     return None
 
 
+def _cell_label(cell) -> str:
+    seed = cell.cfg.train.seed
+    return f"{cell.cfg.spec} s{seed}"
+
+
 def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
     """Submit the training cells (finished ones are skipped) and follow them; returns # trained."""
 
     with children_stderr_to(plan.runs_root / plan.grid / ".submitit" / "executors.log"):
         sub = submit_grid(plan.grid, "train", local=True, overrides=plan.overrides, quiet=True)
     done_before = [s["cell"] for s in sub.skipped if s["reason"] == "done"]
-    printer.say(f"train: {len(cells)} cells; {len(done_before)} finished earlier (reused), "
-                f"{len(cells) - len(done_before)} to train"
+    printer.say(f"train: {len(cells)} cells in {plan.lanes} lane(s); {len(done_before)} finished earlier "
+                f"(reused), {len(cells) - len(done_before)} to train"
                 + (f"; logs under {Path(sub.jobs[0]['log']).parent}" if sub.jobs else ""))
     if len(done_before) == len(cells):
         return 0
-    work.train_started = time.time()
     while True:
         rows = grid_status(grid, plan.overrides)
         error = first_failure(rows, "train")
@@ -297,29 +330,27 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
             raise DemoError(error + "\n  fix the cause and run `bench demo` again: it resumes")
         if all(r["state"] == "done" for r in rows):
             return len(cells) - len(done_before)
-        active = next((i for i, r in enumerate(rows) if r["state"] == "running"), None)
-        if active is not None:
-            cell, row = cells[active], rows[active]
-            work.observe(row["run_dir"], _last_tick(Path(row["run_dir"])))
-            step = row["step"] or 0
-            if work.measured:
-                left_cell = (row["max_steps"] - step) * cell.cfg.train.batch_size / work.images_per_s
-                eval_left = eval_seconds(eval_todo(grid, cells), work)
-                left = train_seconds_left(work, rows) + eval_left
-                speed = f"{work.images_per_s:.0f} img/s"
-                times = f"cell {fmt_time(left_cell)} left, demo ~{fmt_time(left)} left"
-                if not work.estimated and time.time() - (work.train_started or 0) >= ESTIMATE_AFTER_S:
-                    work.estimated = True
-                    finish = time.strftime("%H:%M", time.localtime(time.time() + left))
-                    printer.say(f"estimate for this machine, from its first minute of training "
-                                f"({speed}, smoothed over {work.ticks} log ticks): training "
-                                f"~{fmt_time(train_seconds_left(work, rows))}, "
-                                f"evaluation ~{fmt_time(eval_left)}; done around {finish}")
-            else:
-                speed, times = "measuring speed", f"time left: measuring ({work.ticks}/{MIN_TICKS} ticks)"
-            printer.line(f"train {active + 1}/{len(cells)} {cell.cfg.spec:<11} step {step}/{row['max_steps']}"
-                         f"  {speed}  {times} (elapsed {fmt_time(time.time() - work.started)})",
-                         key=cell.name)
+        running = [i for i, r in enumerate(rows) if r["state"] == "running"]
+        parts, rates = [], []
+        for i in running:
+            cell, row = cells[i], rows[i]
+            tick = _last_tick(Path(row["run_dir"]))
+            predicted = (cell.cfg.train.batch_size / work.costs.train_step_s[cell.cfg.spec]
+                         if work.costs else None)
+            work.observe(row["run_dir"], tick, predicted)
+            if isinstance(tick.get("images_per_s"), (int, float)):
+                rates.append(tick["images_per_s"])
+            parts.append(f"{_cell_label(cell)} {row['step'] or 0}/{row['max_steps']}")
+        finished = sum(r["state"] == "done" for r in rows)
+        speed = f"{sum(rates):.0f} img/s" if rates else "starting"
+        est = stage_estimate(work, rows, eval_todo(grid, cells))
+        if est is not None and (work.measured or work.costs is not None):
+            times = f"training ~{fmt_time(est.train_s)} left, demo ~{fmt_time(est.train_s + est.eval_s)} left"
+        else:
+            times = f"time left: measuring ({work.ticks}/{MIN_TICKS} ticks)"
+        printer.line(f"train {finished}/{len(cells)} done; {', '.join(parts) or 'waiting'}  {speed}  "
+                     f"{times} (elapsed {fmt_time(time.time() - work.started)})",
+                     key=",".join(str(i) for i in running))
         time.sleep(POLL_SECONDS)
 
 
@@ -328,7 +359,7 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
 
     todo = eval_todo(grid, cells)
     total = sum(len(settings_for(grid, c)) * len(c.eval_steps) for c in cells)
-    printer.say(f"eval: {total} evaluations (spec x sampling setting x step); {total - len(todo)} "
+    printer.say(f"eval: {total} evaluations (cell x sampling setting x step); {total - len(todo)} "
                 f"measured earlier (reused), {len(todo)} to run")
     if not todo:
         return 0
@@ -349,28 +380,52 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
             if eval_todo(grid, cells):
                 raise DemoError(f"the evaluation jobs ended with {len(todo)} evaluations missing; "
                                 f"see the logs under {Path(sub.jobs[0]['log']).parent}")
-        work.sample_step_s = measured_sample_step(cells) or work.sample_step_s
-        cell, setting, _, step = todo[0]
-        printer.line(f"eval {total - len(todo) + 1}/{total} {cell.cfg.spec:<11} [{setting}] step {step}"
-                     f"  demo ~{fmt_time(eval_seconds(todo, work))} left (elapsed "
-                     f"{fmt_time(time.time() - work.started)})", key=f"{cell.name}/{setting}/{step}")
+        work.sample_unit_s = measured_sample_step(cells) or work.sample_unit_s
+        est = stage_estimate(work, None, todo)
+        left = f"demo ~{fmt_time(est.eval_s)} left" if est else "time left: measuring"
+        printer.line(f"eval {total - len(todo)}/{total} done  {left} (elapsed "
+                     f"{fmt_time(time.time() - work.started)})", key="eval")
         time.sleep(POLL_SECONDS)
 
 
 def run_demo(plan: DemoPlan, printer: Printer) -> Path:
 
     began = time.time()
-    printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid} "
-                f"(latent only, REPA, ReDi, ReDi + Representation Guidance)\n  time: {plan.measured}; "
-                f"this machine's estimate follows its first minute of training\n  data: {plan.prepare_note}\n"
+    grid = load_grid(plan.grid)
+    cells = expand(grid, plan.overrides)
+    specs = sorted({c.cfg.spec for c in cells}, key=[c.cfg.spec for c in cells].index)
+    seeds = sorted({c.cfg.train.seed for c in cells})
+    printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid}: "
+                f"{', '.join(specs)}; {len(seeds)} paired seed(s) each; {len(cells)} cells\n"
+                f"  measured elsewhere: {plan.measured}\n  data: {plan.prepare_note}\n"
                 f"  prepared: {plan.prepared_dir}\n  runs: {plan.runs_root / plan.grid}\n"
                 f"  output: {plan.out_dir}")
     manifest = plan.prepared_dir / "manifest.json"
     stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
+    work = Work(cells, started=began)
+    try:
+        counts = None if stamp else prepare_counts(plan)
+    except DatasetError as err:
+        if plan.grid == "demo_quick":
+            raise
+        raise DemoError(f"{err}; or run `bench demo --quick` (scikit-learn digits, nothing to "
+                        "install)") from None
+    rows = grid_status(grid, plan.overrides)
+    todo = eval_todo(grid, cells)
+    if stamp is None or todo or any(r["state"] != "done" for r in rows):  # else: nothing to estimate
+        work.costs = calibrate_machine(plan, cells, grid, printer, first_run=stamp is None)
+    if work.costs is not None:
+        est = stage_estimate(work, rows, todo, counts)
+        finish = time.strftime("%H:%M", time.localtime(time.time() + est.total_s))
+        train_units = ", ".join(f"{spec} {work.costs.train_step_s[spec]:.2f}" for spec in work.costs.train_step_s)
+        printer.say(f"estimate for this machine (measured in {work.costs.seconds:.0f} s; s/step {train_units}): "
+                    + (f"prepare ~{fmt_time(est.prepare_s)} (first run only), " if counts else "")
+                    + f"training ~{fmt_time(est.train_s)}, evaluation ~{fmt_time(est.eval_s)}; "
+                    f"total ~{fmt_time(est.total_s)}, done around {finish} if the machine stays as "
+                    "loaded as now")
     printer.say("prepare: " + ("checking the cached prepared data ..." if stamp else
                                "first run: training the VAE and the evaluation classifier, then "
-                               f"encoding the images (measured: {plan.prepare_measured}; "
-                               "cached for every later run) ..."))
+                               "encoding the images (cached for every later run) ..."))
     t0 = time.time()
     try:
         prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16)
@@ -382,19 +437,20 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     except PrepareError as err:  # e.g. the folder holds another prepare: name the demo's option
         raise DemoError(f"{err} (bench demo: --prepared-dir DIR chooses the folder)") from None
     times = {"prepare": time.time() - t0}
-    grid = load_grid(plan.grid)
-    cells = expand(grid, plan.overrides)
-    work = Work(cells, started=began)
     t0 = time.time()
     trained = run_train(plan, grid, cells, work, printer)
     times["train"] = time.time() - t0
     t0 = time.time()
     evaluated = run_eval(plan, grid, cells, work, printer)
     times["eval"] = time.time() - t0
-    printer.say("report: tables, convergence plots, speed-ups and sample figures ...")
+    printer.say("report: tables, convergence plots, paired differences and sample figures ...")
     same = manifest.is_file() and manifest.stat().st_mtime_ns == stamp  # prepare wrote nothing
     reused = {"prepare": same, "trained": trained, "cells": len(cells), "evaluated": evaluated}
-    printer.say(write_outputs(plan, grid, cells, times, reused, began))
+    estimate_record = None
+    if work.costs is not None:
+        estimate_record = {"calibration_s": round(work.costs.seconds, 1), "lanes": plan.lanes,
+                           "threads": plan.threads, **{k: round(v, 1) for k, v in vars(est).items()}}
+    printer.say(write_outputs(plan, grid, cells, times, reused, began, estimate_record))
     return plan.out_dir
 
 

@@ -79,6 +79,9 @@ class CellJob(submitit.helpers.Checkpointable):
     """One cell's work in a job; records start/end in the run folder and requeues itself."""
 
     stage = "train"
+    threads: Optional[int] = None
+    """Compute threads of this job's process (torch.set_num_threads), set by the launcher for local
+    jobs from the profile's cpus_per_task; None leaves torch's default (every core it sees)."""
 
     def __init__(self, grid: str, cell: str, cfg: ExperimentConfig, run_dir: str,
                  fn: Optional[Callable] = None, setting: Optional[str] = None, steps: Sequence[int] = ()) -> None:
@@ -97,6 +100,12 @@ class CellJob(submitit.helpers.Checkpointable):
         """`run()` between a `start` and an `end` row of jobs.jsonl (rank 0 records)."""
         env = _job_environment()
         main = env is None or env.global_rank == 0
+        if self.threads:
+            # Local lanes share the machine's cores: two lanes of one thread each must not both
+            # start a thread per core (measured in slurm/profiles/local.yaml).
+            import torch
+
+            torch.set_num_threads(self.threads)
         tag = {"stage": self.stage, "cell": self.cell, "job_id": env.job_id if env else None,
                **({"setting": self.setting} if self.setting else {})}
         if main:

@@ -197,6 +197,9 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     check_writable_dir(cells[0].cfg.output_root, "output_root=")  # one line now, not a traceback later
     folder = Path(cells[0].cfg.output_root).resolve() / grid.name / ".submitit" / stage / "%j"
     executor = _executor(kind, folder, profile, res, f"{grid.name}-{stage}")
+    if kind == "local":
+        for job in plan:
+            job.job.threads = res["cpus_per_task"]
     lanes: list[Any] = [j.job for j in plan]
     lane_of = list(range(len(plan)))
     if kind == "local" and len(plan) > profile.array_parallelism:  # local: no scheduler caps the parallelism

@@ -19,6 +19,7 @@ classifier first (bench.prepare.embedded), in task 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,6 +103,10 @@ class PrepareOptions:
     damaged ones."""
     """Replace a prepared folder that holds other settings (otherwise that is an error)."""
     progress: bool = True
+    lanes: int = 1
+    """Processes at once on this machine, one compute thread each (the local profile's lanes): the
+    VAE and the classifier train side by side, then the shards are dealt to `lanes` local tasks.
+    Ignored inside a SLURM array (task_count > 1), where the scheduler runs the tasks."""
     device: str = "auto"
     """auto = cuda when available, else cpu (the embedded default runs on CPU)."""
 
@@ -311,6 +316,18 @@ def _ensure_embedded_assets(out: Path, cfg_data, cfg_vae, sources: dict[str, Ima
                            "first (or prepare once with task_count=1), then the other tasks")
     train = sources.get("train") or open_split(cfg_data, "train")
     train_images = train.images(range(len(train)))
+    side = None
+    if need_vae and need_classifier and options.lanes > 1:  # side by side, one thread each
+        side = _start_lane(_classifier_lane, cfg_data, options, out)
+        need_classifier = False
+    with _threads(1 if side else None):
+        _train_assets(out, cfg_data, sources, options, train, train_images, need_vae, need_classifier)
+    if side is not None:
+        side.result()  # re-raises the classifier's error, if any
+
+
+def _train_assets(out: Path, cfg_data, sources: dict, options: PrepareOptions, train, train_images,
+                  need_vae: bool, need_classifier: bool) -> None:
     if need_vae:
         print("prepare: training the embedded AutoencoderKL ...", flush=True)
         summary = train_embedded_vae(train_images, options.vae, options.seed, out / "vae",
@@ -326,6 +343,43 @@ def _ensure_embedded_assets(out: Path, cfg_data, cfg_vae, sources: dict[str, Ima
                                    options.seed, out / "classifier", options.progress)
         print(f"prepare: classifier test accuracy {summary['test_accuracy']:.4f} "
               f"({summary['seconds']:.0f}s)", flush=True)
+
+
+def _classifier_lane(cfg_data, options: PrepareOptions, out: Path) -> None:
+    """The evaluation classifier in a lane of its own (a spawned process, one thread)."""
+    torch.set_num_threads(1)
+    train = open_split(cfg_data, "train")
+    _train_assets(out, cfg_data, {}, options, train, train.images(range(len(train))), False, True)
+
+
+def _encode_lane(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions, task_index: int) -> None:
+    """Local task `task_index` of `options.lanes` (a spawned process, one thread): its share of the shards."""
+    torch.set_num_threads(1)
+    run_prepare(cfg_data, cfg_vae, cfg_encoder, replace(options, task_index=task_index,
+                                                        task_count=options.lanes, lanes=1, progress=False))
+
+
+def _start_lane(fn, *args):
+    """Run `fn(*args)` in a spawned process (its own threads and memory); returns its future."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+    future = pool.submit(fn, *args)
+    pool.shutdown(wait=False)  # the future still completes; the worker exits after it
+    return future
+
+
+@contextlib.contextmanager
+def _threads(count: Optional[int]):
+    """torch's compute threads inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
@@ -452,6 +506,21 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         info = encoder.info
         pca = PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
     _ensure_embedded_assets(out, cfg_data, cfg_vae, sources, options, task_index)
+    if task_count == 1 and options.lanes > 1:
+        # This machine's lanes: tasks 1..lanes-1 in spawned processes, task 0 here, one thread each;
+        # then this call finishes as the only task (fits the PCA if no task did, projects what is
+        # left, writes the manifest), exactly as after a SLURM array.
+        lanes_started = time.time()
+        lanes = [_start_lane(_encode_lane, cfg_data, cfg_vae, cfg_encoder, options, i)
+                 for i in range(1, options.lanes)]
+        with _threads(1):
+            _encode_lane(cfg_data, cfg_vae, cfg_encoder, options, 0)
+        for lane in lanes:
+            lane.result()
+        lane_timings = {"lanes": options.lanes, "lanes_seconds": time.time() - lanes_started}
+        options = replace(options, lanes=1)
+    else:
+        lane_timings = {}
     vae = vae or load_vae(cfg_vae, embedded_dir=out / "vae")
     device = _device(options)
     vae, encoder = vae.to(device), encoder.to(device)
@@ -498,7 +567,7 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         write_manifest(out, settings_hash, cfg_data, cfg_encoder, vae.info, encoder.info, pca,
                        plan, classifier_info(out / "classifier"),
                        {"last_task_seconds": time.time() - started,
-                        "encode_seconds": encode_seconds, "encoded_images": count})
+                        "encode_seconds": encode_seconds, "encoded_images": count, **lane_timings})
         print(f"prepare: finished {out} ({len(plan)} shards)", flush=True)
     else:
         print("prepare: this task is done; other tasks' shards are still missing", flush=True)

@@ -1,0 +1,202 @@
+"""`bench demo`'s first half-minute: measure this machine, then say what the whole demo will take.
+
+The demo used to print its estimate after the first minute of *training*, which on a first run comes
+after prepare (14 to 53 min measured on two 2-core machines): a user learnt the cost only after
+paying most of it. Here, before any work starts, each stage's unit of work is timed on synthetic
+data (random, never zeros) with the demo's own shapes, in as many processes at once as the stage
+runs lanes and with the lanes' thread count (two lanes on one core each slow each other down:
+shared caches, memory bandwidth, SMT siblings; timing them alone would promise too much):
+
+    prepare   max(VAE steps x s/step, classifier steps x s/step)    the two train side by side
+              + images x encoder s/image / lanes                    (first run only)
+    train     the longest lane: sum over its cells of steps x s/step of the cell's spec
+    evaluate  sum over evaluations of samples x solver steps x passes x s per image-step / lanes
+
+The estimate is what this machine can do *now*: other load that starts later slows the demo down,
+and the progress line's time left (from the runs' own measured speed) follows it.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Optional, Sequence
+
+SECONDS_PER_WORKLOAD = 2.0  # timed per workload and lane, after one warm-up call
+EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per unit of work on this machine, every lane busy at once (medians over lanes)."""
+
+    train_step_s: dict
+    """spec -> seconds per training step at the demo's batch."""
+    sample_unit_s: float
+    """Seconds per image x Euler step x guidance pass (one network evaluation of one image)."""
+    vae_step_s: Optional[float] = None
+    classifier_step_s: Optional[float] = None
+    encode_image_s: Optional[float] = None
+    """Prepare's units (None when the prepared data is cached)."""
+    lanes: int = 1
+    threads: int = 1
+    seconds: float = 0.0
+    """How long the measurement took."""
+
+
+def _time(run, budget_s: float) -> float:
+    """Median seconds per call of `run` over about `budget_s` (one warm-up call first)."""
+    run()
+    times, spent = [], 0.0
+    while spent < budget_s or len(times) < 3:
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return statistics.median(times)
+
+
+def _measure_lane(job: dict) -> dict:
+    """One lane's measurements (runs in a spawned process, so each lane owns its threads)."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from bench.compose import load_config
+    from bench.perf.infer import build_sample_workloads
+    from bench.perf.setup import synthetic_geometry, synthetic_pool
+    from bench.perf.training import StepOptions, build_train_workload
+
+    cpu = torch.device("cpu")
+    out: dict = {"train": {}}
+    for spec, overrides in job["specs"].items():
+        cfg = load_config(overrides)
+        geometry = synthetic_geometry(cfg)
+        pool = synthetic_pool(geometry, cfg.train.batch_size, max(cfg.semantic_channels, 1), cpu)
+        precision = "fp32" if cfg.train.precision in ("fp32", "auto") else cfg.train.precision
+        workload = build_train_workload(spec, cfg, geometry, pool, cpu, StepOptions(precision=precision))
+        out["train"][spec] = _time(workload.run, job["budget_s"])
+        if spec == job["sample_spec"]:
+            batch = cfg.eval.batch_size
+            sample = build_sample_workloads(spec, cfg, geometry, batch, cpu, "fp32")[0]  # no guidance
+            out["sample_unit_s"] = _time(sample.run, job["budget_s"]) / batch
+    if job["prepare"]:
+        out.update(_measure_prepare(job["budget_s"], *job["prepare"]))
+    return out
+
+
+def _measure_prepare(budget_s: float, vae_settings, cls_settings) -> dict:
+    """One step of the embedded VAE and of the evaluation classifier (the settings prepare will
+    train with), and the encoders per image."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.prepare import embedded
+    from bench.prepare.encoders import build_efficientnet_lite0
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (max(vae_settings.batch_size, cls_settings.batch_size, 64), 3, 32, 32),
+                           generator=g, dtype=torch.uint8)
+    vae = embedded.build_embedded_vae(vae_settings, image_size=32)
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=vae_settings.lr)
+
+    def vae_step() -> None:
+        x = embedded.to_unit_range(images[: vae_settings.batch_size])
+        posterior = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x) + posterior.kl().mean()
+        vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        vae_opt.step()
+
+    classifier = embedded.EvalClassifier(10, cls_settings.width, cls_settings.feature_dim).to(
+        memory_format=torch.channels_last)  # as train_classifier runs it
+    cls_opt = torch.optim.AdamW(classifier.parameters(), lr=cls_settings.lr)
+    labels = torch.randint(0, 10, (cls_settings.batch_size,), generator=g)
+    cls_images = images[: cls_settings.batch_size].contiguous(memory_format=torch.channels_last)
+
+    def classifier_step() -> None:
+        loss = F.cross_entropy(classifier.logits(cls_images), labels)
+        cls_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        cls_opt.step()
+
+    encoder = build_efficientnet_lite0(32)
+    batch = images[:64]
+
+    @torch.no_grad()
+    def encode() -> None:  # prepare's pass 1: VAE moments and encoder features of a batch
+        vae.encode(embedded.to_unit_range(batch))
+        encoder.encode(batch)
+
+    return {"vae_step_s": _time(vae_step, budget_s), "classifier_step_s": _time(classifier_step, budget_s),
+            "encode_image_s": _time(encode, budget_s) / len(batch)}
+
+
+def measure(spec_overrides: dict, sample_spec: str, lanes: int, threads: int, prepare: Optional[tuple],
+            budget_s: float = SECONDS_PER_WORKLOAD) -> Costs:
+    """Time every unit in `lanes` processes at once (`threads` each); medians over the lanes.
+
+    `spec_overrides`: spec -> the config overrides of one of its cells (the demo's own shapes);
+    `prepare`: (EmbeddedVAESettings, ClassifierSettings) on a first run, else None."""
+    started = time.time()
+    job = {"specs": spec_overrides, "sample_spec": sample_spec, "threads": threads, "prepare": prepare,
+           "budget_s": budget_s}
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # the spawned lanes start with it
+    try:
+        with ProcessPoolExecutor(max_workers=lanes, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_measure_lane, [job] * lanes))
+    finally:
+        if env_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env_threads
+
+    def median(key: str, sub: Optional[str] = None) -> Optional[float]:
+        values = [r[key][sub] if sub else r.get(key) for r in results]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    return Costs(train_step_s={spec: median("train", spec) for spec in spec_overrides},
+                 sample_unit_s=median("sample_unit_s"), vae_step_s=median("vae_step_s"),
+                 classifier_step_s=median("classifier_step_s"), encode_image_s=median("encode_image_s"),
+                 lanes=lanes, threads=threads, seconds=time.time() - started)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    prepare_s: float
+    train_s: float
+    eval_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.prepare_s + self.train_s + self.eval_s
+
+
+def lane_split(items: Sequence, lanes: int) -> list[list]:
+    """How the local launcher deals a stage's jobs into lanes (bench.launch.submit: plan[i::lanes])."""
+    return [list(items[i::lanes]) for i in range(max(1, min(lanes, len(items))))] if items else []
+
+
+def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], evaluations: Sequence[tuple[int, int, int]],
+             prepare_counts: Optional[dict]) -> Estimate:
+    """Seconds of each stage.
+
+    train_cells: (spec, steps still to train) per cell, in submission order; evaluations: (samples,
+    solver steps, passes) per evaluation still to run; prepare_counts: {"vae_steps", "classifier_steps",
+    "images"} on a first run, else None."""
+    lanes = costs.lanes
+    train = max((sum(steps * costs.train_step_s[spec] for spec, steps in lane)
+                 for lane in lane_split(list(train_cells), lanes)), default=0.0)
+    units = [n * steps * passes * costs.sample_unit_s + EVAL_OVERHEAD_S for n, steps, passes in evaluations]
+    evaluate = max((sum(lane) for lane in lane_split(units, lanes)), default=0.0)
+    prepare = 0.0
+    if prepare_counts and costs.vae_step_s is not None:
+        prepare = max(prepare_counts["vae_steps"] * costs.vae_step_s,
+                      prepare_counts["classifier_steps"] * costs.classifier_step_s) \
+            + prepare_counts["images"] * costs.encode_image_s / lanes
+    return Estimate(prepare, train, evaluate)
