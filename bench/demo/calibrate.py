@@ -18,13 +18,12 @@ and the progress line's time left (from the runs' own measured speed) follows it
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Optional, Sequence
+
+from bench.lanes import lane_pool
 
 SECONDS_PER_WORKLOAD = 2.0  # timed per workload and lane, after one warm-up call
 EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
@@ -61,10 +60,9 @@ def _time(run, budget_s: float) -> float:
 
 
 def _measure_lane(job: dict) -> dict:
-    """One lane's measurements (runs in a spawned process, so each lane owns its threads)."""
+    """One lane's measurements (runs in a bench.lanes process, so each lane owns its threads)."""
     import torch
 
-    torch.set_num_threads(job["threads"])
     from bench.compose import load_config
     from bench.perf.infer import build_sample_workloads
     from bench.perf.setup import synthetic_geometry, synthetic_pool
@@ -144,16 +142,8 @@ def measure(spec_overrides: dict, sample_spec: str, lanes: int, threads: int, pr
     started = time.time()
     job = {"specs": spec_overrides, "sample_spec": sample_spec, "threads": threads, "prepare": prepare,
            "budget_s": budget_s}
-    env_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # the spawned lanes start with it
-    try:
-        with ProcessPoolExecutor(max_workers=lanes, mp_context=get_context("spawn")) as pool:
-            results = list(pool.map(_measure_lane, [job] * lanes))
-    finally:
-        if env_threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_threads
+    with lane_pool(lanes, threads) as pool:
+        results = list(pool.map(_measure_lane, [job] * lanes))
 
     def median(key: str, sub: Optional[str] = None) -> Optional[float]:
         values = [r[key][sub] if sub else r.get(key) for r in results]

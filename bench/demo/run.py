@@ -2,13 +2,18 @@
 
 The same machinery as a cluster run, end to end, offline, on CPU:
 
+    measure   ~30 s: this machine's units of work timed (bench.demo.calibrate), every stage
+              estimated and printed before any work starts;
     prepare   the embedded default (bench.prepare.pipeline.prepare_embedded), cached by content hash;
-    train     grid `demo` (or `demo_quick`) through bench.launch.submit.submit_grid with the local executor
-              (subprocesses, one cell after another), followed here with a progress line;
-    eval      the same grid's eval stage (plain sampling for every spec, plus Representation
+              the VAE and the classifier train side by side, the images are encoded in lanes;
+    train     grid `demo` (or `demo_quick`) through bench.launch.submit.submit_grid with the local
+              executor (the local profile's lanes: two one-thread jobs at a time), followed here with
+              a progress line;
+    eval      the same grid's eval stage (plain sampling for every cell, plus Representation
               Guidance for redi_rg), followed the same way;
-    report    bench.report.summary into OUT/report, then OUT/summary.md, a combined convergence figure and
-              one sample figure per spec (bench.demo.output).
+    report    bench.report.summary into OUT/report, then OUT/summary.md (means with 95% intervals over
+              the paired seeds, paired differences), a combined convergence figure and one sample
+              figure per spec (bench.demo.output).
 
 Re-running reuses everything finished: prepare returns at once, the launcher skips finished cells
 and measured evaluations, and only the report is written again. The demo owns its local jobs: each

@@ -41,6 +41,7 @@ from bench.atomic import (
 )
 from bench.compose import load_config
 from bench.config import DataConfig, EncoderConfig, VAEConfig
+from bench.lanes import start_lane
 from bench.prepare.dataset import (  # noqa: F401
     FORMAT_VERSION,
     MANIFEST,
@@ -318,7 +319,7 @@ def _ensure_embedded_assets(out: Path, cfg_data, cfg_vae, sources: dict[str, Ima
     train_images = train.images(range(len(train)))
     side = None
     if need_vae and need_classifier and options.lanes > 1:  # side by side, one thread each
-        side = _start_lane(_classifier_lane, cfg_data, options, out)
+        side = start_lane(_classifier_lane, cfg_data, options, out)
         need_classifier = False
     with _threads(1 if side else None):
         _train_assets(out, cfg_data, sources, options, train, train_images, need_vae, need_classifier)
@@ -346,28 +347,16 @@ def _train_assets(out: Path, cfg_data, sources: dict, options: PrepareOptions, t
 
 
 def _classifier_lane(cfg_data, options: PrepareOptions, out: Path) -> None:
-    """The evaluation classifier in a lane of its own (a spawned process, one thread)."""
-    torch.set_num_threads(1)
+    """The evaluation classifier in a lane of its own (bench.lanes: a spawned process, one thread)."""
     train = open_split(cfg_data, "train")
     _train_assets(out, cfg_data, {}, options, train, train.images(range(len(train))), False, True)
 
 
 def _encode_lane(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions, task_index: int) -> None:
-    """Local task `task_index` of `options.lanes` (a spawned process, one thread): its share of the shards."""
-    torch.set_num_threads(1)
+    """Local task `task_index` of `options.lanes`: its share of the shards (run in a lane process,
+    or in this one for task 0)."""
     run_prepare(cfg_data, cfg_vae, cfg_encoder, replace(options, task_index=task_index,
                                                         task_count=options.lanes, lanes=1, progress=False))
-
-
-def _start_lane(fn, *args):
-    """Run `fn(*args)` in a spawned process (its own threads and memory); returns its future."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
-    future = pool.submit(fn, *args)
-    pool.shutdown(wait=False)  # the future still completes; the worker exits after it
-    return future
 
 
 @contextlib.contextmanager
@@ -511,7 +500,7 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         # then this call finishes as the only task (fits the PCA if no task did, projects what is
         # left, writes the manifest), exactly as after a SLURM array.
         lanes_started = time.time()
-        lanes = [_start_lane(_encode_lane, cfg_data, cfg_vae, cfg_encoder, options, i)
+        lanes = [start_lane(_encode_lane, cfg_data, cfg_vae, cfg_encoder, options, i)
                  for i in range(1, options.lanes)]
         with _threads(1):
             _encode_lane(cfg_data, cfg_vae, cfg_encoder, options, 0)
