@@ -186,10 +186,11 @@ def test_estimate_follows_the_lanes_and_the_counts():
     """bench.demo.calibrate.estimate against arithmetic done here by hand."""
     costs = Costs(train_step_s={"a": 0.5, "b": 1.0}, sample_unit_s=0.002, vae_step_s=0.4,
                   classifier_step_s=0.2, encode_image_s=0.01, lanes=2, threads=1)
-    assert lane_split([1, 2, 3, 4, 5], 2) == [[1, 3, 5], [2, 4]]  # as bench.launch.submit deals them
+    # as bench.launch.submit deals jobs: longest first to the least loaded lane
+    assert lane_split(["a", "b", "c", "d", "e"], [1, 1, 2, 2, 1], 2) == [["a", "c", "e"], ["b", "d"]]
     got = estimate(costs, [("a", 100), ("b", 100), ("a", 100)], [(10, 5, 1), (10, 5, 2)],
                    {"vae_steps": 100, "classifier_steps": 300, "images": 1000})
-    assert got.train_s == 100 * 0.5 + 100 * 0.5  # lane 0: a, a (100 s); lane 1: b (100 s)
+    assert got.train_s == 100 * 0.5 + 100 * 0.5  # lane 0: b (100 s); lane 1: a, a (100 s)
     assert got.eval_s == 10 * 5 * 2 * 0.002 + 3.0  # the longer lane: the guided evaluation
     assert got.prepare_s == max(100 * 0.4, 300 * 0.2) + 1000 * 0.01 / 2  # VAE beside classifier
     assert got.total_s == got.prepare_s + got.train_s + got.eval_s

@@ -554,3 +554,18 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     proc.stdout.close()  # like `head` that has read what it wanted
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141 and err == "", err
+
+
+def test_local_lanes_balance_the_work_longest_first():
+    """The demo's evaluations: four cells with one setting and two redi_rg cells with a second,
+    guided setting (twice the network evaluations). Round-robin put both guided jobs in one lane;
+    longest-first to the least-loaded lane splits them."""
+    from bench.launch.plan import assign_lanes
+
+    costs = [2, 2, 2, 2, 2, 4, 2, 4]  # lo0, lo1, repa0, repa1, rg0 plain, rg0 RG, rg1 plain, rg1 RG
+    lanes = assign_lanes(costs, 2)
+    assert sorted(i for lane in lanes for i in lane) == list(range(8))
+    assert [sum(costs[i] for i in lane) for lane in lanes] == [10, 10]
+    assert {5, 7} & set(lanes[0]) and {5, 7} & set(lanes[1])  # one guided job per lane
+    assert all(lane == sorted(lane) for lane in lanes)  # each lane keeps submission order
+    assert assign_lanes([1.0], 4) == [[0]] and assign_lanes([], 2) == [[]]

@@ -203,6 +203,29 @@ def test_speedup_where_the_baseline_got_worse_targets_its_best_value():
     assert speedup(pd.Series([20.0, 10.0], index=[100, 400]), rising).target_kind == "final"
 
 
+def test_provisional_only_when_the_baseline_is_not_evaluated_to_its_last_step():
+    """A baseline evaluated to the end whose best value came early is final, not provisional (the
+    quick demo printed "provisional: evaluated only up to 100" for a baseline measured up to 400)."""
+    from bench.report.stats import find_speedups
+
+    conditions = pd.DataFrame({"condition": ["base", "meth"], "spec": ["latent_only", "redi"],
+                               "model": ["SiT-tiny/1", "SiT-tiny/1"]})
+
+    def cells(base_steps):
+        rows = [{"setting": "plain", "metric": "fid", "group": 0, "n_seeds": 2, "condition": "base",
+                 "step": s, "mean": v} for s, v in base_steps]
+        rows += [{"setting": "plain", "metric": "fid", "group": 0, "n_seeds": 2, "condition": "meth",
+                  "step": s, "mean": v} for s, v in ((100, 45.0), (200, 35.0), (400, 30.0))]
+        return pd.DataFrame(rows)
+
+    grid = {"baseline": "latent_only"}
+    final = {"base": 400, "meth": 400}
+    peaked = find_speedups(cells([(100, 40.0), (200, 50.0), (400, 60.0)]), conditions, "fid", grid, final)
+    assert peaked and all("provisional" not in r["note"] for r in peaked)
+    partial = find_speedups(cells([(100, 40.0), (200, 38.0)]), conditions, "fid", grid, final)
+    assert partial and all("provisional: the baseline is evaluated only up to 200" in r["note"] for r in partial)
+
+
 def test_speedup_on_the_papers_own_table_points_lies_between_the_tabulated_bounds():
     # x23 (SiT): the baseline's 8.3 at 7M is crossed between ReDi's 9.7 at 300K and 7.5 at 400K
     # (Table 9), so the log-interpolated factor must lie in (7M/400K, 7M/300K) = (17.5, 23.3).

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from bench.lanes import lane_pool
+from bench.launch.plan import assign_lanes
 
 SECONDS_PER_WORKLOAD = 2.0  # timed per workload and lane, after one warm-up call
 EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
@@ -167,9 +168,9 @@ class Estimate:
         return self.prepare_s + self.train_s + self.eval_s
 
 
-def lane_split(items: Sequence, lanes: int) -> list[list]:
-    """How the local launcher deals a stage's jobs into lanes (bench.launch.submit: plan[i::lanes])."""
-    return [list(items[i::lanes]) for i in range(max(1, min(lanes, len(items))))] if items else []
+def lane_split(items: Sequence, costs: Sequence[float], lanes: int) -> list[list]:
+    """How the local launcher deals a stage's jobs into lanes (bench.launch.plan.assign_lanes)."""
+    return [[items[i] for i in group] for group in assign_lanes(list(costs), lanes)] if items else []
 
 
 def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], evaluations: Sequence[tuple[int, int, int]],
@@ -180,10 +181,10 @@ def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], evaluations: 
     solver steps, passes) per evaluation still to run; prepare_counts: {"vae_steps", "classifier_steps",
     "images"} on a first run, else None."""
     lanes = costs.lanes
-    train = max((sum(steps * costs.train_step_s[spec] for spec, steps in lane)
-                 for lane in lane_split(list(train_cells), lanes)), default=0.0)
+    seconds = [steps * costs.train_step_s[spec] for spec, steps in train_cells]
+    train = max((sum(lane) for lane in lane_split(seconds, seconds, lanes)), default=0.0)
     units = [n * steps * passes * costs.sample_unit_s + EVAL_OVERHEAD_S for n, steps, passes in evaluations]
-    evaluate = max((sum(lane) for lane in lane_split(units, lanes)), default=0.0)
+    evaluate = max((sum(lane) for lane in lane_split(units, units, lanes)), default=0.0)
     prepare = 0.0
     if prepare_counts and costs.vae_step_s is not None:
         prepare = max(prepare_counts["vae_steps"] * costs.vae_step_s,

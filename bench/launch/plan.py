@@ -31,6 +31,30 @@ class PlannedJob:
     estimate: dict = field(default_factory=dict)
 
 
+def work_units(job: "PlannedJob") -> float:
+    """A job's relative cost, to balance local lanes: training images still to see, or network
+    evaluations of an evaluation job (samples x solver steps x guidance passes x checkpoints)."""
+    cfg = job.job.cfg
+    if job.setting is None:
+        return float(cfg.train.max_steps * cfg.train.batch_size)
+    g = cfg.eval.guidance
+    passes = 1 + (g.cfg_scale != 1.0) + (g.rg_scale != 1.0)
+    return float(len(job.steps) * cfg.eval.num_samples * cfg.eval.num_sampling_steps * passes)
+
+
+def assign_lanes(costs: list[float], lanes: int) -> list[list[int]]:
+    """Job indices per lane: longest first, each to the lane with the least work so far (ties to
+    the lower lane), each lane in submission order. Round-robin put both guided evaluations of the
+    demo in one lane, which then ran 4 min after the other had finished."""
+    count = max(1, min(lanes, len(costs)))
+    loads, out = [0.0] * count, [[] for _ in range(count)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        lane = min(range(count), key=lambda k: (loads[k], k))
+        loads[lane] += costs[index]
+        out[lane].append(index)
+    return [sorted(lane) for lane in out]
+
+
 @dataclass
 class Submission:
     """What `submit_grid` did (or, for a dry run, would do)."""

@@ -47,10 +47,12 @@ from bench.launch.jobs import (
 from bench.launch.plan import (
     PlannedJob,
     Submission,
+    assign_lanes,
     estimate,
     format_submission,
     plan_eval,
     plan_train,
+    work_units,
 )
 from bench.launch.profiles import (
     PROFILES_DIR,
@@ -203,9 +205,12 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     lanes: list[Any] = [j.job for j in plan]
     lane_of = list(range(len(plan)))
     if kind == "local" and len(plan) > profile.array_parallelism:  # local: no scheduler caps the parallelism
-        count = profile.array_parallelism
-        lanes = [Lane([j.job for j in plan[i::count]]) for i in range(count)]
-        lane_of = [i % count for i in range(len(plan))]
+        groups = assign_lanes([work_units(j) for j in plan], profile.array_parallelism)
+        lanes = [Lane([plan[i].job for i in group]) for group in groups]
+        lane_of = [0] * len(plan)
+        for lane, group in enumerate(groups):
+            for i in group:
+                lane_of[i] = lane
     try:
         with executor.batch():
             handles = [executor.submit(fn) for fn in lanes]

@@ -158,11 +158,10 @@ def find_speedups(cells: pd.DataFrame, conditions: pd.DataFrame, metric: str, gr
         for method, base, base_spec in speedup_pairs(conditions, list(curves), grid):
             result = speedup(curves[base], curves[method], method_name=method, baseline_name=base,
                              metric=metric, lower_is_better=is_lower_better(metric))
-            last_step = (final or {}).get(base)
-            if last_step and result.baseline_step < last_step:
+            last_step, evaluated = (final or {}).get(base), int(curves[base].dropna().index.max())
+            if last_step and evaluated < last_step:  # not the best step: a baseline may peak early
                 result = dataclasses.replace(result, note=f"{result.note}; provisional: the "
-                                             f"baseline is evaluated only up to "
-                                             f"{fmt_steps(result.baseline_step)}")
+                                             f"baseline is evaluated only up to {fmt_steps(evaluated)}")
             claim = claims[(claims["method"] == spec[method])
                            & (claims["baseline_method"] == base_spec)
                            & claims["model"].str.startswith(family[method])]
