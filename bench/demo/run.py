@@ -54,9 +54,9 @@ POLL_SECONDS = 2.0
 # What a first run took where it was measured (filled from the README's measured table). A machine
 # differs by 3x or more (issue 16), so no budget is promised blindly: before any work the demo
 # times this machine (bench.demo.calibrate) and prints its own estimate of every stage.
-FULL_MEASURED = ("a first run took 36.9 min on a 2-vCPU Intel Xeon with AMX (quiet, 2026-11-30, "
-                 "one seed per spec, before the lanes)")
-QUICK_MEASURED = "a first run took about 2 min on a quiet 2-vCPU Intel Xeon (2026-11)"
+FULL_MEASURED = ("a first run took 42.4 min on a quiet 2-vCPU AMD EPYC (2026-12-01): prepare 11.4, "
+                 "training 15.4, evaluation 15.0 min")
+QUICK_MEASURED = "a first run took 3.4 min on a quiet 2-vCPU AMD EPYC (2026-12-01)"
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
 # average over log ticks, shown only after MIN_TICKS of them (single ticks swing with the load and
 # with a cell's start-up, and made the time left jump from 42 min to 1 min).
