@@ -5,7 +5,8 @@ Output goes to tmp_path (options), never to the repository's results/.
 Time: 3.4 min for the first call on a quiet 2-vCPU AMD EPYC (2026-12-01), 11.8 min on a 2-core
 machine at load average 3-7 with the older one-lane demo (issue 16). DEMO_TIMEOUT_S bounds one call;
 every test here gets pytest-timeout's limit raised to cover its calls (the module fixture's first
-call counts against the first test that uses it), so pytest's global 600 s (pyproject.toml) never kills a demo that is still within its own limit."""
+call counts against the first test that uses it), so pytest's global 600 s (pyproject.toml)
+never kills a demo that is still within its own limit."""
 
 from __future__ import annotations
 
