@@ -675,16 +675,16 @@ def _write_grid_runs(root: Path, name: str, measured: bool) -> int:
 
 def test_settings_a_grid_does_not_apply_are_never_missing(tmp_path):
     """demo_quick's rg1.5 matches only redi_rg (issue 15.7): a complete grid has nothing missing,
-    and an empty one misses exactly its 12 cells (3 specs x 3 steps plain + 3 with RG; each cell
-    is a spec's seed mean, from 24 run evaluations: 2 paired seeds)."""
-    assert _write_grid_runs(tmp_path / "full", "demo_quick", measured=True) == 24
+    and an empty one misses exactly its 8 cells (3 specs x 2 steps plain + 2 with RG; each cell
+    is a spec's seed mean, from 16 run evaluations: 2 paired seeds)."""
+    assert _write_grid_runs(tmp_path / "full", "demo_quick", measured=True) == 16
     report = summarize(gather("demo_quick", tmp_path / "full"))
     assert report.missing == []
     rg = report.cells[(report.cells["setting"] == "rg1.5") & (report.cells["metric"] == "fd_classifier")]
-    assert set(rg["spec"]) == {"redi_rg"} and len(rg) == 3
+    assert set(rg["spec"]) == {"redi_rg"} and len(rg) == 2
     _write_grid_runs(tmp_path / "empty", "demo_quick", measured=False)
     missing = summarize(gather("demo_quick", tmp_path / "empty")).missing
-    assert len(missing) == 12 and sum("setting rg1.5:" in m for m in missing) == 3
+    assert len(missing) == 8 and sum("setting rg1.5:" in m for m in missing) == 2
 
 
 def test_report_cli_counts_every_missing_cell_and_names_unknown_grids(tmp_path, capsys):

@@ -59,7 +59,7 @@ POLL_SECONDS = 5.0
 FULL_MEASURED = ("a first run took 42.4 min on a quiet 2-vCPU AMD EPYC (2026-12-01): prepare 11.4, "
                  "training 15.4, evaluation 15.0 min")
 BUDGET_S = 45 * 60  # a first run of the full demo on 2 cores (issue 16)
-QUICK_MEASURED = "a first run took 3.4 min on a quiet 2-vCPU AMD EPYC (2026-12-01)"
+QUICK_MEASURED = "a first run took 1.9 min on a quiet 2-vCPU AMD EPYC (2026-12-01)"
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
 # average over log ticks, shown only after MIN_TICKS of them (single ticks swing with the load and
 # with a cell's start-up, and made the time left jump from 42 min to 1 min).
@@ -101,7 +101,7 @@ def make_plan(quick: bool, out: Optional[str], runs_root: Optional[str],
     lanes, threads = profile.array_parallelism, profile.cpus_per_task
     if quick:  # scikit-learn digits and small prepare networks: a smoke run of the whole path
         options = PrepareOptions(
-            vae=EmbeddedVAESettings(block_out_channels=(16, 32, 32), steps=200, scale_images=1024),
+            vae=EmbeddedVAESettings(block_out_channels=(16, 32, 32), steps=100, scale_images=1024),
             classifier=ClassifierSettings(width=16, feature_dim=32, epochs=10), progress=False,
             lanes=lanes)
         grid, data, measured = "demo_quick", "digits", QUICK_MEASURED
@@ -490,6 +490,9 @@ def _parent_death_signal() -> Optional[Callable[[], None]]:
     parent = os.getpid()
 
     def preexec() -> None:
+        # A demo started in the background (`nohup bench demo &`) runs with SIGINT ignored, which
+        # the controller would inherit, and then neither this signal nor _end_groups' would stop it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         prctl(1, int(signal.SIGINT), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the demo died between fork and prctl
             os.kill(os.getpid(), signal.SIGINT)
