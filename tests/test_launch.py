@@ -161,14 +161,15 @@ def test_a_crashing_cell_does_not_stop_the_others(out):
     assert (expand("smoke", out)[0].run_dir / "starts.log").read_text().split() == ["2"]
 
 
-def _local_profile(tmp_path: Path, lanes: int) -> Path:
-    """A copy of slurm/profiles/local.yaml with `lanes` jobs at a time."""
+def _local_profile(tmp_path: Path, lanes: int, threads: int = 1) -> Path:
+    """A copy of slurm/profiles/local.yaml with `lanes` jobs at a time, `threads` threads each."""
     import yaml
 
     data = yaml.safe_load((PROFILES_DIR / "local.yaml").read_text())
     folder = tmp_path / "profiles"
     folder.mkdir(exist_ok=True)
-    (folder / "local.yaml").write_text(yaml.safe_dump({**data, "array_parallelism": lanes}))
+    (folder / "local.yaml").write_text(yaml.safe_dump({**data, "array_parallelism": lanes,
+                                                       "cpus_per_task": threads}))
     return folder
 
 
@@ -183,15 +184,16 @@ def thread_count_train(cfg, run_dir):
 
 
 def test_local_lanes_run_at_once_with_the_profile_s_threads(out, tmp_path):
-    """Two lanes (the local profile's default): one job each, each with cpus_per_task threads."""
-    profiles = _local_profile(tmp_path, 2)
+    """Two lanes: one job each, each with cpus_per_task threads. 2, not the default 1: the suite
+    already runs one thread per process (conftest.py), so 1 would pass without the setting."""
+    profiles = _local_profile(tmp_path, 2, threads=2)
     sub = submit_grid("smoke", local=True, job_fn=thread_count_train, overrides=out, quiet=True,
                       profiles_dir=profiles)
     assert sub.submitted == 2 and sub.jobs[0]["job_id"] != sub.jobs[1]["job_id"]
     deadline = time.time() + 60
     while not all((Path(j["run_dir"]) / "threads.txt").is_file() for j in sub.jobs) and time.time() < deadline:
         time.sleep(0.5)
-    assert [(Path(j["run_dir"]) / "threads.txt").read_text() for j in sub.jobs] == ["1", "1"]
+    assert [(Path(j["run_dir"]) / "threads.txt").read_text() for j in sub.jobs] == ["2", "2"]
 
 
 def test_local_executor_runs_lanes_of_subprocesses_and_survives_a_crash(out, tmp_path):
