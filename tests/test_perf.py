@@ -297,7 +297,8 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
 
     checkout = _stand_in_checkout(tmp_path / "ReDi")
     status, text = run_cli(["--quick", "--device", "cpu", "--specs", "redi", "--kinds", "train", "--no-reference",
-                            "--official", str(checkout), "--out", str(tmp_path / "out"), "--precision", "fp32"])
+                            "--official", str(checkout), "--out", str(tmp_path / "out"), "--precision", "fp32",
+                            "--profile"])
     assert status == 0, text
     assert "models.backbone" in sys.modules and sys.modules["models"].__file__.startswith(str(REPO_ROOT))
     rows = [json.loads(line) for line in next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()]
@@ -313,6 +314,16 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
                      r"batch 4\): measured [\d.]+x", section, re.M)
     assert re.search(r"^  PASS  loss: official network vs redi-bench's .*: measured", section, re.M)
     assert "43" not in section  # no figure from another machine
+    # --profile: both steps' time split by category; each step's EMA and optimiser found by region
+    for row in train.values():
+        profiled = row["profile_ms"]
+        assert profiled["matmul"] > 0 and profiled["optimizer"] > 0 and profiled["ema"] > 0, profiled
+        assert sum(v for k, v in profiled.items() if k != "wall") == pytest.approx(profiled["wall"], rel=0.02)
+        assert 0 < row["floor_share"] < 1.5 and row["floor_seconds"] > 0  # the arithmetic floor of its network
+    assert train["official"]["floor_seconds"] == train["redi"]["floor_seconds"]  # same network, same fp32 floor
+    assert "where the time goes" in text and "arithmetic floor of redi/fp32" in text
+    assert re.search(r"^  INFO  train: ceiling = official step / its fp32 arithmetic floor \(\d+ ms per step\): "
+                     r"measured [\d.]+x", section, re.M)
     # the loss check can fail: an official network that differs by 1e-3 is caught
     code = official.load_official_code(checkout)
     cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", [])
@@ -321,6 +332,22 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
     code.models.OFFSET = 1e-3
     bad = official.official_loss_agreement(code, cfg, geometry, torch.device("cpu"))
     assert not bad["ok"] and bad["rel_err"] > official.OFFICIAL_LOSS_RTOL
+
+
+def test_profile_categories():
+    """Operators land in their category by name; the optimiser's and the EMA's by region."""
+    from bench.perf.profile import categorize
+
+    assert categorize("aten::addmm", ()) == "matmul" and categorize("aten::mm", ("autograd::x",)) == "matmul"
+    assert categorize("aten::_scaled_dot_product_flash_attention_for_cpu", ()) == "attention"
+    assert categorize("aten::native_layer_norm_backward", ()) == "layernorm"
+    assert categorize("aten::gelu_backward", ()) == "activation"
+    assert categorize("aten::mul", ()) == "elementwise" and categorize("aten::copy_", ()) == "copies"
+    assert categorize("aten::mul_", ("aten::mul_", "ema")) == "ema"
+    assert categorize("aten::addcmul_", ("aten::addcmul_", "Optimizer.step#AdamW.step")) == "optimizer"
+    assert categorize("autograd::engine::evaluate_function: MmBackward0", ()) == "autograd"
+    with pytest.raises(PerfError, match="--profile .* drop --no-interleave"):
+        perf.main(["--quick", "--kinds", "train", "--profile", "--no-interleave"])
 
 
 def test_official_path_that_is_not_a_checkout_is_one_clear_error(tmp_path):
@@ -358,6 +385,28 @@ def test_model_flops_match_torchs_flop_counter(fields):
         model(torch.randn(batch, 4, 8, 8), torch.rand(batch), torch.randint(0, 10, (batch,)), z)
     assert forward_flops_per_image(config) * batch == counter.get_total_flops()
     assert train_flops_per_image(config) == 3 * forward_flops_per_image(config)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(fusion="merged", semantic_channels=4), dict(fusion="separate", semantic_channels=4), dict(fusion="none"),
+    dict(fusion="merged", semantic_channels=8, projector_dim=80, align_layer=2, learn_sigma=True)])
+def test_arithmetic_floor_times_the_counted_flops(fields):
+    """The floor's GEMM list is the network's: its forward GEMMs plus attention's two products add
+    up to the analytic forward count (itself pinned to FlopCounterMode above), exactly; the floor
+    times 3 GEMMs per linear (2 where the input is a leaf) and one attention forward + backward per block."""
+    from bench.perf.roofline import arithmetic_floor, attention_shape, forward_flops_per_image, forward_gemms
+    from models.backbone import BackboneConfig
+
+    config = BackboneConfig(hidden_size=64, depth=3, num_heads=2, input_size=8, patch_size=2, num_classes=10, **fields)
+    batch = 3
+    b, heads, tokens, head_dim = attention_shape(config, batch)
+    counted = sum(2 * g.m * g.k * g.n * g.count for g in forward_gemms(config, batch))
+    attention = config.depth * 2 * (2 * b * heads * tokens * tokens * head_dim)  # QK^T and AV
+    assert counted + attention == forward_flops_per_image(config) * batch
+    floor = arithmetic_floor(config, batch, torch.device("cpu"), torch.float32, repeats=1, min_seconds=0.001)
+    assert floor["seconds"] == pytest.approx(floor["gemm_seconds"] + floor["attention_seconds"], rel=1e-12)
+    assert set(floor["by_op"]) == {g.name for g in forward_gemms(config, batch)} | {"attention"}
+    assert all(v > 0 for v in floor["by_op"].values())
 
 
 def test_matmul_peak_is_measured():

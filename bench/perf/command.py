@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one extra row per optimisation from the reference mode to the default (+ compile)")
     p.add_argument("--roofline", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the matmul peak (fp32, bf16) and print each training row's share of it")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile each training row (CPU) and print where its time goes "
+                        "(bench/perf/profile.py)")
     p.add_argument("--table6-steps", type=int, default=250, help="sampling steps of a --kinds table6 image")
     p.add_argument("--table6-batch", type=int, default=64, help="batch of --kinds table6 (paper: 64)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing on the default path")
@@ -132,6 +135,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             raise PerfError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     if args.warmup < 0:
         raise PerfError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.profile and args.device != "cpu" and not (args.device == "auto" and not torch.cuda.is_available()):
+        raise PerfError("--profile sums CPU time per operator, which on a GPU is launch time, not the kernels': "
+                        "use it with --device cpu (on a GPU, torch.profiler with ProfilerActivity.CUDA)")
+    if args.profile and not args.interleave:
+        raise PerfError("--profile profiles the training rows after timing them, which --no-interleave has "
+                        "already freed: drop --no-interleave")
     if args.min_repeat_seconds < 0:
         raise PerfError(f"--min-repeat-seconds must be >= 0, got {args.min_repeat_seconds}")
     return args

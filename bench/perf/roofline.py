@@ -11,14 +11,24 @@ checks the forward count against torch's FlopCounterMode on the real network.
 The peak is the median over repeats of a square `matmul_size` x `matmul_size` matmul in fp32 and
 in bf16 on the same device and threads, so "share of peak" says how far the step is from what
 this machine's GEMM reaches.
+
+The *arithmetic floor* is sharper than the peak: every matmul of one training step (forward,
+gradient with respect to the input, gradient with respect to the weight) and every attention's
+forward and backward, timed alone at the step's own shapes and precision on this machine, summed.
+No step that does this arithmetic with these kernels can be faster. `official time / floor` is
+therefore the most any rewrite can gain over the official step without changing the arithmetic
+(precision, shapes), and `floor / row time` says how much of a row's time is the model's math.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from models.backbone import BackboneConfig
 
@@ -52,35 +62,128 @@ def train_flops_per_image(config: BackboneConfig) -> int:
     return 3 * forward_flops_per_image(config)
 
 
+def _seconds_per_call(run: Callable[[], object], device: torch.device, repeats: int, min_seconds: float) -> float:
+    """Median seconds of one call of `run` over `repeats` timed batches of calls, each lasting
+    about `min_seconds` (one short call's time is noise on a loaded machine)."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(calls: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        sync()
+        return time.perf_counter() - start
+
+    run()  # first call: allocation, kernel selection
+    calls = 1
+    while True:
+        elapsed = timed(calls)
+        if elapsed >= min_seconds / 4 or calls >= 4096:
+            break
+        calls *= 2
+    calls = max(1, min(4 * calls, round(calls * min_seconds / max(elapsed, 1e-9))))
+    return statistics.median(timed(calls) / calls for _ in range(repeats))
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = MATMUL_SIZE, repeats: int = 5,
                 min_seconds: float = 0.3) -> float:
     """Median GFLOP/s of a size x size matmul in `dtype` over `repeats` timed repeats."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=g).to(device, dtype)
     b = torch.randn(size, size, generator=g).to(device, dtype)
+    return 2 * size**3 / _seconds_per_call(lambda: a @ b, device, repeats, min_seconds) / 1e9
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    calls = 1
-    while True:  # calibrate on a batch of calls (one tiny call's time is noise on a loaded machine)
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            a @ b
-        sync()
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds / 4 or calls >= 4096:
-            break
-        calls *= 2
-    calls = max(1, min(4 * calls, round(calls * min_seconds / max(elapsed, 1e-9))))
-    rates = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for _ in range(calls):
-            a @ b
-        sync()
-        rates.append(2 * size**3 * calls / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+# ---------------------------------------------------------------------------------------------
+# The arithmetic floor of one training step
+
+
+@dataclass(frozen=True)
+class Gemm:
+    """One linear map of the network: (m, k) inputs times a (n, k) weight, `count` times per forward."""
+
+    name: str
+    m: int
+    k: int
+    n: int
+    count: int = 1
+    input_grad: bool = True
+    """False for layers whose input is a leaf (patch embedding, timestep MLP input): no dX GEMM."""
+
+
+def forward_gemms(config: BackboneConfig, batch: int) -> list[Gemm]:
+    """Every matmul of one forward pass of a JointDiT over `batch` images (patch convolutions as
+    the GEMMs they are: stride = kernel = p). Attention's batched products are separate
+    (`attention_shape`)."""
+    width, patch, k = config.hidden_size, config.patch_size, 2 if config.learn_sigma else 1
+    latent_tokens = batch * config.num_patches
+    tokens = latent_tokens * (2 if config.fusion == "separate" else 1)
+    hidden = int(width * config.mlp_ratio)
+    pp = patch * patch
+    if config.fusion == "separate":  # two embedders, L tokens each
+        embed = [Gemm("x_embed", latent_tokens, pp * config.latent_channels, width, input_grad=False),
+                 Gemm("z_embed", latent_tokens, pp * config.semantic_channels, width, input_grad=False)]
+    else:  # merged: one conv over [x, z] (B, C_x + C_z, H, W)
+        embed = [Gemm("embed", latent_tokens, pp * (config.latent_channels + config.semantic_channels), width,
+                      input_grad=False)]
+    gemms = embed + [
+        Gemm("t_mlp.0", batch, FREQUENCY_EMBEDDING, width, input_grad=False),
+        Gemm("t_mlp.2", batch, width, width),
+        Gemm("adaLN", batch, width, 6 * width, config.depth),
+        Gemm("qkv", tokens, width, 3 * width, config.depth),
+        Gemm("attn.proj", tokens, width, width, config.depth),
+        Gemm("mlp.fc1", tokens, width, hidden, config.depth),
+        Gemm("mlp.fc2", tokens, hidden, width, config.depth),
+        Gemm("final.adaLN", batch, width, 2 * width),
+        # both heads read L tokens (merged: the same L tokens; separate: their own half)
+        Gemm("head_x", latent_tokens, width, pp * k * config.latent_channels),
+    ]
+    if config.semantic_channels:
+        gemms.append(Gemm("head_z", latent_tokens, width, pp * k * config.semantic_channels))
+    if config.projector_dim:
+        h = config.projector_hidden
+        gemms += [Gemm("projector.0", latent_tokens, width, h), Gemm("projector.2", latent_tokens, h, h),
+                  Gemm("projector.4", latent_tokens, h, config.projector_dim)]
+    return gemms
+
+
+def attention_shape(config: BackboneConfig, batch: int) -> tuple[int, int, int, int]:
+    """(B, heads, N, head_dim) of every block's attention."""
+    tokens = config.num_patches * (2 if config.fusion == "separate" else 1)
+    return batch, config.num_heads, tokens, config.hidden_size // config.num_heads
+
+
+def arithmetic_floor(config: BackboneConfig, batch: int, device: torch.device, dtype: torch.dtype,
+                     repeats: int = 3, min_seconds: float = 0.05) -> dict:
+    """Seconds of one training step's arithmetic alone, timed op by op at its shapes in `dtype`
+    (module docstring): per linear the forward Y = X W^T, dX = dY W and dW = dY^T X in the layouts
+    autograd uses; per block one attention forward + backward (SDPA, as the network runs it)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    gemm_seconds, detail, timed = 0.0, {}, {}
+    for gemm in forward_gemms(config, batch):
+        key = (gemm.m, gemm.k, gemm.n, gemm.input_grad)
+        if key not in timed:
+            x, w, dy = rand(gemm.m, gemm.k), rand(gemm.n, gemm.k), rand(gemm.m, gemm.n)
+            ops = [lambda: x @ w.t(), lambda: dy.t() @ x] + ([lambda: dy @ w] if gemm.input_grad else [])
+            timed[key] = sum(_seconds_per_call(op, device, repeats, min_seconds) for op in ops)
+            del x, w, dy
+        detail[gemm.name] = round(gemm.count * timed[key], 6)
+        gemm_seconds += gemm.count * timed[key]
+    q, k, v = (rand(*attention_shape(config, batch)).requires_grad_() for _ in range(3))
+    grad = rand(*attention_shape(config, batch))
+
+    def attention() -> None:  # autograd.grad: no accumulation into .grad (an extra add per call)
+        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+
+    attention_seconds = config.depth * _seconds_per_call(attention, device, repeats, min_seconds)
+    detail["attention"] = round(attention_seconds, 6)
+    return {"dtype": str(dtype).removeprefix("torch."), "seconds": gemm_seconds + attention_seconds,
+            "gemm_seconds": gemm_seconds, "attention_seconds": attention_seconds, "by_op": detail}

@@ -30,7 +30,8 @@ from bench.perf.official import (
     load_official_code,
     official_loss_agreement,
 )
-from bench.perf.roofline import MATMUL_SIZE, matmul_peak
+from bench.perf.profile import profile_workload
+from bench.perf.roofline import MATMUL_SIZE, arithmetic_floor, matmul_peak
 from bench.perf.setup import (
     PerfError,
     SizeChoice,
@@ -45,6 +46,7 @@ from bench.perf.targets import compute_targets, format_report
 from bench.perf.timing import PeakMemory, Workload, environment, summarize, time_round_robin, utc_now, warm_up
 from bench.perf.training import StepOptions, build_online_encoder, build_train_workload, loss_agreement
 from bench.prepare.dataset import read_manifest
+from bench.train.build import backbone_settings
 from bench.train.loop import check_prepared
 from bench.train.step import native_bf16
 
@@ -185,6 +187,8 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
         peaks = {"size": size, "fp32": matmul_peak(device, torch.float32, size),
                  "bf16": matmul_peak(device, torch.bfloat16, size)}
+        floors = _arithmetic_floors(measured["train"], configs, geometry, batch, device, args.quick)
+        peaks["floors"] = floors
 
     base = env | {"run_id": run_id, "created_at": utc_now(), "model_size": model_size, "scale": scale,
                   "data": pool.source, "warmup": args.warmup, "quick": bool(args.quick),
@@ -192,7 +196,7 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     base["matmul_peak_gflops"] = peaks or None
     base["native_bf16"] = native_bf16(device)
     rows = [_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]]
-    targets = compute_targets(measured, checks, model_size, batch)
+    targets = compute_targets(measured, checks, model_size, batch) + _floor_targets(rows, peaks)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "threads": env["threads"],
                    "load_avg_start": env["load_avg_start"], "load_avg_end": base["load_avg_end"],
@@ -241,20 +245,62 @@ def _measure(kind: str, factories: list, args: argparse.Namespace, device: torch
     if pending:
         time_round_robin(pending, args.repeats, progress=lambda m: _log(f"{kind}: {m}"))
         done.extend(pending)
+    if kind == "train" and getattr(args, "profile", False):  # the workloads are still resident (parse_args)
+        for workload in done:
+            _log(f"{kind}: profiling {workload.name}")
+            workload.fields["profile_ms"] = profile_workload(workload)
     for workload in done:
         workload.run = _released  # the rows need only times and fields: free models before the next kind
     return done
 
 
 def _roofline(row: dict, peaks: dict) -> dict:
-    """Achieved model GFLOP/s of a training row and its share of the matmul peak of its precision."""
+    """Achieved model GFLOP/s of a training row, its share of the matmul peak of its precision, and
+    the share of its time that the step's arithmetic alone takes (the floor, roofline.py)."""
     flops = row.get("train_flops_per_image")
     if row["kind"] == "train" and flops:
         achieved = flops * row["images_per_s"] / 1e9
         peak = peaks.get("bf16" if row.get("precision") == "bf16" else "fp32") if peaks else None
+        floor = (peaks.get("floors") or {}).get(_floor_key(row))
         row = row | {"achieved_gflops": round(achieved, 2),
-                     "share_of_peak": None if not peak else round(achieved / peak, 4)}
+                     "share_of_peak": None if not peak else round(achieved / peak, 4),
+                     "floor_seconds": None if floor is None else round(floor["seconds"], 6),
+                     "floor_share": None if floor is None else round(floor["seconds"] / row["seconds_per_call"], 4)}
     return row
+
+
+def _floor_key(fields: dict) -> str:
+    """Which floor a training row is measured against: its spec's network in its precision."""
+    return f"{fields.get('reference_of') or fields.get('spec')}/{fields.get('precision', 'fp32')}"
+
+
+def _arithmetic_floors(train: list[Workload], configs: dict[str, ExperimentConfig], geometry, batch: int,
+                       device: torch.device, quick: bool) -> dict[str, dict]:
+    """The arithmetic floor (roofline.arithmetic_floor) of every (spec, precision) a training row ran."""
+    floors: dict[str, dict] = {}
+    for workload in train:
+        key = _floor_key(workload.fields)
+        spec = key.rsplit("/", 1)[0]
+        if key in floors or spec not in configs:
+            continue
+        dtype = torch.bfloat16 if workload.fields.get("precision") == "bf16" else torch.float32
+        _log(f"roofline: arithmetic floor of {key} (every matmul and attention of one step, timed alone)")
+        config = backbone_settings(configs[spec], geometry.manifest())
+        floors[key] = arithmetic_floor(config, batch, device, dtype, repeats=3, min_seconds=0.01 if quick else 0.1)
+    return floors
+
+
+def _floor_targets(rows: list[dict], peaks: dict) -> list[dict]:
+    """INFO lines: the most any step with the official step's arithmetic (fp32) could gain over it."""
+    out = []
+    for row in rows:
+        floor = (peaks.get("floors") or {}).get(_floor_key(row)) if peaks else None
+        if row["kind"] == "train" and row.get("mode") == "official" and floor:
+            out.append({"name": f"train: ceiling = official step / its fp32 arithmetic floor "
+                                f"({floor['seconds'] * 1000:.0f} ms per step)", "status": "INFO",
+                        "measured": row["seconds_per_call"] / floor["seconds"], "threshold": None, "comparison": "",
+                        "detail": "the most any rewrite can gain over the official step at the same arithmetic"})
+    return out
 
 
 def _released() -> None:

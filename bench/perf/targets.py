@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from bench.perf.profile import format_profile
 from bench.perf.timing import Workload, paired_time_ratio
 
 SPEEDUP_OVER_REFERENCE = 2.0  # default training path vs the official-style reference mode
@@ -162,6 +163,11 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
         lines += ["", f"roofline: {peaks['size']}x{peaks['size']} matmul peak {peaks['fp32']:.1f} GFLOP/s fp32, "
                       f"{peaks['bf16']:.1f} GFLOP/s bf16 (native bf16: {base.get('native_bf16')}); training rows "
                       "count model FLOPs (matmuls, convolutions, attention; 3x forward; bench/perf/roofline.py)"]
+        for key, floor in (peaks.get("floors") or {}).items():
+            lines.append(f"arithmetic floor of {key}: {1000 * floor['seconds']:.1f} ms per step = every matmul "
+                         f"({1000 * floor['gemm_seconds']:.1f} ms) and attention ({1000 * floor['attention_seconds']:.1f} "
+                         "ms) of one step, forward and backward, timed alone at the step's shapes")
+    lines += format_profile(rows)
     lines += ["", "targets"]
     if quick:
         lines.append("  (--quick times a toy model in milliseconds per call for CI: its speed verdicts are noise; "
@@ -185,6 +191,8 @@ def row_notes(r: dict) -> str:
             share = ("" if r.get("share_of_peak") is None
                      else f" = {100 * r['share_of_peak']:.1f}% of {r['precision']} peak")
             roofline = f", {r['achieved_gflops']:.1f} GFLOP/s{share}"
+            if r.get("floor_share") is not None:
+                roofline += f", arithmetic floor {100 * r['floor_share']:.0f}% of the step"
         return (f"{r['mode']}, {r['dtype']}, ckpt={'on' if r['activation_checkpointing'] else 'off'}, "
                 f"{r['optimizer']}{', compiled' if r.get('compile') else ''}, features {r['semantic_features']}, "
                 f"{r['tokens']} tokens{memory}{roofline}")

@@ -85,8 +85,9 @@ def reference_optimizer(model: nn.Module, cfg: ExperimentConfig, fused: bool) ->
 @torch.no_grad()
 def update_ema_official(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """The official code's update_ema: a Python loop of mul_/add_ (the reference mode's EMA)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    with torch.profiler.record_function("ema"):
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
 def build_online_encoder(cfg: ExperimentConfig, geometry: Geometry, device: torch.device):

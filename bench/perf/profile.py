@@ -1,0 +1,107 @@
+"""Where a training step's time goes: `bench perf --profile` runs each training workload under
+torch.profiler after it was timed and sums the operators' *self* CPU time per category.
+
+Categories, by operator name, or by the region an operator runs inside (the optimiser's own
+`Optimizer.step` / `Optimizer.zero_grad` regions, and the `ema` region the EMA updates open):
+
+| category | operators |
+|---|---|
+| matmul | mm, addmm, bmm, baddbmm, convolutions (every linear layer, forward and backward) |
+| attention | scaled_dot_product_attention's kernels, forward and backward |
+| layernorm | layer_norm forward and backward |
+| activation | GELU, SiLU, tanh, forward and backward |
+| elementwise | every other arithmetic operator: modulation, gates, residual adds, the loss, gradient clipping |
+| copies | copy_, cat, clone, contiguous, _to_copy, fills, allocation (data movement, no arithmetic) |
+| optimizer | everything inside the optimiser's step and zero_grad |
+| ema | everything inside the EMA update |
+| autograd | the autograd engine's own per-node time (`autograd::...` events) |
+| unattributed | the step's wall time minus all of the above: Python, dispatch, the profiler itself |
+
+The profiler adds a few microseconds per operator, so the shares of small operators are
+overstated; the timed rows (images/s) never run under it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from torch.profiler import ProfilerActivity, profile
+
+from bench.perf.timing import Workload
+
+CATEGORIES = ("matmul", "attention", "layernorm", "activation", "elementwise", "copies", "optimizer", "ema",
+              "autograd", "unattributed")
+EMA_REGION = "ema"
+_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+           "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution", "aten::convolution_backward",
+           "aten::_mkldnn_convolution", "aten::addmm_", "aten::mkldnn_linear")
+_COPIES = ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::to",
+           "aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like", "aten::empty", "aten::empty_like",
+           "aten::empty_strided", "aten::ones_like", "aten::full", "aten::stack", "aten::index_select",
+           "aten::embedding", "aten::embedding_dense_backward", "aten::new_zeros", "aten::new_empty_strided",
+           "aten::resize_", "aten::_unsafe_view", "aten::reshape", "aten::view", "aten::permute",
+           "aten::transpose", "aten::t", "aten::expand", "aten::as_strided", "aten::unsqueeze", "aten::squeeze",
+           "aten::slice", "aten::select", "aten::split", "aten::chunk", "aten::unbind", "aten::narrow",
+           "aten::flatten", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::_reshape_alias")
+
+
+def categorize(name: str, regions: tuple[str, ...]) -> str:
+    """The category of one operator event, given the names of the regions it runs inside."""
+    if any(r.startswith(("Optimizer.step", "Optimizer.zero_grad")) for r in regions):
+        return "optimizer"
+    if EMA_REGION in regions:
+        return "ema"
+    if name.startswith("autograd::") or name.startswith("torch::autograd::"):
+        return "autograd"
+    lowered = name.lower()
+    if "scaled_dot_product" in lowered or "flash_attention" in lowered or "efficient_attention" in lowered:
+        return "attention"
+    if name in _MATMUL:
+        return "matmul"
+    if "layer_norm" in lowered:
+        return "layernorm"
+    if any(a in lowered for a in ("gelu", "silu", "tanh")):
+        return "activation"
+    if name in _COPIES:
+        return "copies"
+    if name.startswith("aten::") or name.startswith("inductor") or "triton" in lowered or "graph" in lowered:
+        return "elementwise"
+    return "unattributed"
+
+
+def profile_workload(workload: Workload, steps: int = 2) -> dict[str, float]:
+    """Milliseconds per call of `workload` in each category (CATEGORIES), from `steps` profiled
+    calls, and `wall`: the profiled call's wall time. CPU only: on a GPU, self CPU time is launch
+    time, not the kernels' (bench perf refuses --profile there)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            workload.run()
+        wall = time.perf_counter() - start
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        regions, parent = [event.name], event.cpu_parent  # a region's own Python time counts in it too
+        while parent is not None:
+            regions.append(parent.name)
+            parent = parent.cpu_parent
+        totals[categorize(event.name, tuple(regions))] += event.self_cpu_time_total / 1000.0
+    out = {c: round(totals.get(c, 0.0) / steps, 2) for c in CATEGORIES if c != "unattributed"}
+    out["unattributed"] = round(max(0.0, 1000.0 * wall / steps - sum(out.values())), 2)
+    out["wall"] = round(1000.0 * wall / steps, 2)
+    return out
+
+
+def format_profile(rows: list[dict]) -> list[str]:
+    """The report's section: one line per profiled training row, ms per step and share."""
+    profiled = [r for r in rows if r.get("profile_ms")]
+    if not profiled:
+        return []
+    lines = ["", "where the time goes (torch.profiler, self CPU time per step in ms, share of the profiled "
+                 "step's wall time; bench/perf/profile.py)"]
+    for r in profiled:
+        p = r["profile_ms"]
+        parts = ", ".join(f"{c} {p[c]:.0f} ({100 * p[c] / p['wall']:.0f}%)" for c in CATEGORIES if p.get(c))
+        lines.append(f"  {r['name']}: {p['wall']:.0f} ms: {parts}")
+    return lines
+
