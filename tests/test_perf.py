@@ -65,8 +65,13 @@ def test_rows_have_the_schema_and_consistent_numbers(quick_run):
         per_repeat = [row["batch"] * row["calls_per_repeat"] / t for t in row["times_s"]]
         assert row["images_per_s"] == pytest.approx(statistics.median(per_repeat), rel=1e-4)  # times rounded to 1 us
         assert row["min"] <= row["images_per_s"] <= row["max"] and row["iqr"] >= 0
-    train = {r["spec"]: r for r in rows if r["kind"] == "train"}
+    train = {r["spec"]: r for r in rows if r["kind"] == "train" and r["mode"] != "floor"}
     assert set(train) == {"latent_only", "redi", "reference", "reference_precomputed"}
+    # the arithmetic floor of each network in each precision a row ran (the reference is fp32)
+    floors = {r["spec"]: r for r in rows if r["kind"] == "train" and r["mode"] == "floor"}
+    assert set(floors) == {"floor latent_only bf16", "floor redi bf16", "floor redi fp32"}
+    assert train["redi"]["floor_share"] == pytest.approx(
+        floors["floor redi bf16"]["seconds_per_call"] / train["redi"]["seconds_per_call"], abs=1e-4)
     for spec in ("latent_only", "redi"):  # what the launcher's GPU-hour estimate reads
         assert train[spec]["mode"] == "default" and train[spec]["images_per_s"] > 0
         assert train[spec]["precision"] == "bf16" and train["reference"]["precision"] == "fp32"
@@ -192,7 +197,8 @@ def test_real_prepared_data(tmp_path):
                             "--min-repeat-seconds", "0", "--out", str(tmp_path / "out")])
     assert status == 0, text
     rows = [json.loads(line) for f in (tmp_path / "out").glob("*.jsonl") for line in f.read_text().splitlines()]
-    assert {r["spec"] for r in rows} == {"redi", "redi_repa"} and all(r["repeats"] == 1 for r in rows)
+    assert {r["spec"] for r in rows} == {"redi", "redi_repa", "floor redi fp32", "floor redi_repa fp32"}
+    assert all(r["repeats"] == 1 for r in rows)
     assert all(r["data"] == f"real:{prepared}" and r["semantic_channels"] == R_MAX for r in rows)
     with pytest.raises(Exception, match="data.name"):  # the same refusal as `bench train`
         perf.main(["--quick", "--device", "cpu", "--data", "real", "--prepared-dir", str(prepared), "--kinds", "train",
@@ -303,7 +309,7 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
     assert "models.backbone" in sys.modules and sys.modules["models"].__file__.startswith(str(REPO_ROOT))
     rows = [json.loads(line) for line in next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()]
     train = {r["spec"]: r for r in rows}
-    assert set(train) == {"official", "redi"}
+    assert set(train) == {"official", "redi", "floor redi fp32"}
     assert train["official"]["official_path"] == str(checkout) and train["official"]["times_s"]
     assert train["official"]["repeats"] == train["redi"]["repeats"] == 3  # the same rounds: paired
     losses = train["official"]["official_losses"]
@@ -315,15 +321,17 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
     assert re.search(r"^  PASS  loss: official network vs redi-bench's .*: measured", section, re.M)
     assert "43" not in section  # no figure from another machine
     # --profile: both steps' time split by category; each step's EMA and optimiser found by region
+    floor = train.pop("floor redi fp32")  # the arithmetic floor, timed in the same rounds
+    assert floor["mode"] == "floor" and floor["repeats"] == 3 and floor["floor_gemm_ms"] > 0
+    assert floor["floor_attention_ms"] > 0 and "profile_ms" not in floor
     for row in train.values():
         profiled = row["profile_ms"]
         assert profiled["matmul"] > 0 and profiled["optimizer"] > 0 and profiled["ema"] > 0, profiled
         assert sum(v for k, v in profiled.items() if k != "wall") == pytest.approx(profiled["wall"], rel=0.02)
-        assert 0 < row["floor_share"] < 1.5 and row["floor_seconds"] > 0  # the arithmetic floor of its network
-    assert train["official"]["floor_seconds"] == train["redi"]["floor_seconds"]  # same network, same fp32 floor
-    assert "where the time goes" in text and "arithmetic floor of redi/fp32" in text
-    assert re.search(r"^  INFO  train: ceiling = official step / its fp32 arithmetic floor \(\d+ ms per step\): "
-                     r"measured [\d.]+x", section, re.M)
+        assert row["floor_share"] == pytest.approx(floor["seconds_per_call"] / row["seconds_per_call"], abs=1e-4)
+    assert "where the time goes" in text and "arithmetic floor: redi (fp32)" in text
+    assert re.search(r"^  INFO  train: ceiling = official step / the fp32 arithmetic floor: measured [\d.]+x",
+                     section, re.M)
     # the loss check can fail: an official network that differs by 1e-3 is caught
     code = official.load_official_code(checkout)
     cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", [])
@@ -332,6 +340,20 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
     code.models.OFFSET = 1e-3
     bad = official.official_loss_agreement(code, cfg, geometry, torch.device("cpu"))
     assert not bad["ok"] and bad["rel_err"] > official.OFFICIAL_LOSS_RTOL
+
+
+def test_round_robin_rotates_the_order_and_keeps_rounds_paired():
+    """Round r starts at workload r mod n: every workload runs once per round (the repeats stay
+    paired by index), and no workload always runs right after the same one."""
+    from bench.perf.timing import Workload, time_round_robin
+
+    order = []
+    workloads = [Workload(kind="train", name=n, run=lambda n=n: order.append(n), images_per_call=1) for n in "abc"]
+    time_round_robin(workloads, repeats=3)
+    assert order == list("abc" "bca" "cab")
+    assert all(len(w.times) == 3 for w in workloads)
+    followers = {(order[i], order[i + 1]) for i in range(len(order) - 1)}
+    assert {f for f in followers if f[0] == "a"} != {("a", "b")}  # "b" does not always follow "a"
 
 
 def test_profile_categories():
@@ -394,7 +416,13 @@ def test_arithmetic_floor_times_the_counted_flops(fields):
     """The floor's GEMM list is the network's: its forward GEMMs plus attention's two products add
     up to the analytic forward count (itself pinned to FlopCounterMode above), exactly; the floor
     times 3 GEMMs per linear (2 where the input is a leaf) and one attention forward + backward per block."""
-    from bench.perf.roofline import arithmetic_floor, attention_shape, forward_flops_per_image, forward_gemms
+    from bench.perf.roofline import (
+        arithmetic_floor,
+        attention_shape,
+        floor_ops,
+        forward_flops_per_image,
+        forward_gemms,
+    )
     from models.backbone import BackboneConfig
 
     config = BackboneConfig(hidden_size=64, depth=3, num_heads=2, input_size=8, patch_size=2, num_classes=10, **fields)
@@ -407,6 +435,11 @@ def test_arithmetic_floor_times_the_counted_flops(fields):
     assert floor["seconds"] == pytest.approx(floor["gemm_seconds"] + floor["attention_seconds"], rel=1e-12)
     assert set(floor["by_op"]) == {g.name for g in forward_gemms(config, batch)} | {"attention"}
     assert all(v > 0 for v in floor["by_op"].values())
+    # one step's kernels: 3 GEMMs per linear (2 where the input is a leaf), one attention per block
+    ops = floor_ops(config, batch, torch.device("cpu"), torch.float32)
+    gemms = sum(g.count * (3 if g.input_grad else 2) for g in forward_gemms(config, batch))
+    assert sum(op.count for op in ops if op.kind == "gemm") == gemms
+    assert [op.count for op in ops if op.kind == "attention"] == [config.depth]
 
 
 def test_matmul_peak_is_measured():

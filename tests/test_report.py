@@ -614,6 +614,16 @@ def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_ban
     assert list(lines["SiT-tiny/1 w/ REPA + ReDi (1 seed)"].get_xdata()) == [250, 500]
     # bands only for the two conditions with two seeds (latent only and ReDi)
     assert sum(isinstance(c, PolyCollection) for c in axis.collections) == 2
+    # accuracy bands are drawn inside [0, 1] even where a 2-seed t-interval runs past them
+    import dataclasses
+
+    cells = report.cells.copy()
+    wide = (cells["metric"] == "accuracy") & (cells["n_seeds"] >= 2)
+    cells.loc[wide, "ci_low"], cells.loc[wide, "ci_high"] = cells.loc[wide, "mean"] - 0.9, cells.loc[wide, "mean"] + 0.9
+    plots.plot_convergence(dataclasses.replace(report, cells=cells), tmp_path)
+    bands = [c for c in figures["convergence_no_cfg_accuracy"].axes[0].collections if isinstance(c, PolyCollection)]
+    y = np.concatenate([path.vertices[:, 1] for band in bands for path in band.get_paths()])
+    assert len(bands) == 2 and y.min() == 0 and y.max() == 1
     loss = figures["loss_curves"]
     assert [a.get_title() for a in loss.axes] == ["loss", "loss/latent", "loss/semantic"]
     assert all(a.get_xscale() == "log" for a in loss.axes)

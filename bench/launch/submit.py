@@ -17,10 +17,10 @@ done, failed with the error, or interrupted). `status` joins these with the sche
 Submitting again skips finished cells and cells whose job is queued or running; the eval stage
 submits only the (checkpoint, setting) pairs that have no metric in eval.jsonl yet.
 
-The work is split over bench/launch_*.py: `launch_profiles` (cluster profiles, resources, errors),
-`launch_jobs` (the jobs and the run-folder files), `launch_status` (job states, `bench status`) and
-`launch_plan` (what to submit, its cost); this file submits and holds the command line. Every public
-name of those modules is importable from here.
+The work is split over the modules of bench/launch/: `profiles` (cluster profiles, resources,
+errors), `jobs` (the jobs and the run-folder files), `status` (job states, `bench status`), `plan`
+(what to submit, its cost, the local lanes) and `grids` (grid files to cells); this file submits and
+holds the command line. Every public name of those modules is importable from here.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ this machine's GEMM reaches.
 
 The *arithmetic floor* is sharper than the peak: every matmul of one training step (forward,
 gradient with respect to the input, gradient with respect to the weight) and every attention's
-forward and backward, timed alone at the step's own shapes and precision on this machine, summed.
+forward and backward, run back to back at the step's own shapes and precision with nothing else
+(no elementwise work, no optimiser, no autograd). `bench perf` times it as one more workload in the
+same rounds as the training steps, so its ratios to them are paired like any other.
 No step that does this arithmetic with these kernels can be faster. `official time / floor` is
 therefore the most any rewrite can gain over the official step without changing the arithmetic
 (precision, shapes), and `floor / row time` says how much of a row's time is the model's math.
@@ -157,33 +159,62 @@ def attention_shape(config: BackboneConfig, batch: int) -> tuple[int, int, int, 
     return batch, config.num_heads, tokens, config.hidden_size // config.num_heads
 
 
-def arithmetic_floor(config: BackboneConfig, batch: int, device: torch.device, dtype: torch.dtype,
-                     repeats: int = 3, min_seconds: float = 0.05) -> dict:
-    """Seconds of one training step's arithmetic alone, timed op by op at its shapes in `dtype`
-    (module docstring): per linear the forward Y = X W^T, dX = dY W and dW = dY^T X in the layouts
-    autograd uses; per block one attention forward + backward (SDPA, as the network runs it)."""
+@dataclass(frozen=True)
+class FloorOp:
+    """One kernel of the floor: `run()` once, `count` times per training step."""
+
+    name: str
+    """The layer (forward_gemms' names, or `attention`)."""
+    kind: str
+    """gemm or attention."""
+    run: Callable[[], object]
+    count: int
+
+
+def floor_ops(config: BackboneConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[FloorOp]:
+    """The kernels of one training step's arithmetic at its shapes in `dtype` (module docstring):
+    per linear the forward Y = X W^T, dX = dY W and dW = dY^T X in the layouts autograd uses (no dX
+    where the input is a leaf); per block one attention forward + backward (SDPA, as the network)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).to(device, dtype)
 
-    gemm_seconds, detail, timed = 0.0, {}, {}
+    ops, operands = [], {}
     for gemm in forward_gemms(config, batch):
-        key = (gemm.m, gemm.k, gemm.n, gemm.input_grad)
-        if key not in timed:
-            x, w, dy = rand(gemm.m, gemm.k), rand(gemm.n, gemm.k), rand(gemm.m, gemm.n)
-            ops = [lambda: x @ w.t(), lambda: dy.t() @ x] + ([lambda: dy @ w] if gemm.input_grad else [])
-            timed[key] = sum(_seconds_per_call(op, device, repeats, min_seconds) for op in ops)
-            del x, w, dy
-        detail[gemm.name] = round(gemm.count * timed[key], 6)
-        gemm_seconds += gemm.count * timed[key]
+        key = (gemm.m, gemm.k, gemm.n)
+        if key not in operands:  # layers of one shape share their operands
+            operands[key] = (rand(gemm.m, gemm.k), rand(gemm.n, gemm.k), rand(gemm.m, gemm.n))
+        x, w, dy = operands[key]
+        ops += [FloorOp(gemm.name, "gemm", lambda x=x, w=w: x @ w.t(), gemm.count),
+                FloorOp(gemm.name, "gemm", lambda x=x, dy=dy: dy.t() @ x, gemm.count)]
+        if gemm.input_grad:
+            ops.append(FloorOp(gemm.name, "gemm", lambda w=w, dy=dy: dy @ w, gemm.count))
     q, k, v = (rand(*attention_shape(config, batch)).requires_grad_() for _ in range(3))
     grad = rand(*attention_shape(config, batch))
 
     def attention() -> None:  # autograd.grad: no accumulation into .grad (an extra add per call)
         torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
 
-    attention_seconds = config.depth * _seconds_per_call(attention, device, repeats, min_seconds)
-    detail["attention"] = round(attention_seconds, 6)
-    return {"dtype": str(dtype).removeprefix("torch."), "seconds": gemm_seconds + attention_seconds,
-            "gemm_seconds": gemm_seconds, "attention_seconds": attention_seconds, "by_op": detail}
+    return ops + [FloorOp("attention", "attention", attention, config.depth)]
+
+
+def run_floor(ops: list[FloorOp]) -> None:
+    """One training step's worth of the floor's kernels, each as often as the step runs it."""
+    for op in ops:
+        for _ in range(op.count):
+            op.run()
+
+
+def arithmetic_floor(config: BackboneConfig, batch: int, device: torch.device, dtype: torch.dtype,
+                     repeats: int = 3, min_seconds: float = 0.05) -> dict:
+    """Seconds of one training step's arithmetic alone, each kernel timed on its own (floor_ops):
+    the total, its GEMM and attention parts, and each layer's share. `bench perf` times the whole
+    floor as one workload in the rounds of the steps instead (paired); this split says where it goes."""
+    seconds, by_op = {"gemm": 0.0, "attention": 0.0}, {}
+    for op in floor_ops(config, batch, device, dtype):
+        spent = op.count * _seconds_per_call(op.run, device, repeats, min_seconds)
+        seconds[op.kind] += spent
+        by_op[op.name] = round(by_op.get(op.name, 0.0) + spent, 6)
+    return {"dtype": str(dtype).removeprefix("torch."), "seconds": seconds["gemm"] + seconds["attention"],
+            "gemm_seconds": seconds["gemm"], "attention_seconds": seconds["attention"], "by_op": by_op}

@@ -31,7 +31,7 @@ from bench.perf.official import (
     official_loss_agreement,
 )
 from bench.perf.profile import profile_workload
-from bench.perf.roofline import MATMUL_SIZE, arithmetic_floor, matmul_peak
+from bench.perf.roofline import MATMUL_SIZE, matmul_peak
 from bench.perf.setup import (
     PerfError,
     SizeChoice,
@@ -44,9 +44,14 @@ from bench.perf.setup import (
 )
 from bench.perf.targets import compute_targets, format_report
 from bench.perf.timing import PeakMemory, Workload, environment, summarize, time_round_robin, utc_now, warm_up
-from bench.perf.training import StepOptions, build_online_encoder, build_train_workload, loss_agreement
+from bench.perf.training import (
+    StepOptions,
+    build_floor_workload,
+    build_online_encoder,
+    build_train_workload,
+    loss_agreement,
+)
 from bench.prepare.dataset import read_manifest
-from bench.train.build import backbone_settings
 from bench.train.loop import check_prepared
 from bench.train.step import native_bf16
 
@@ -145,6 +150,14 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
             for label, options in rungs:
                 groups["train"].append(_labelled(label, lambda label=label, options=options: [build_train_workload(
                     label, configs[ref], geometry, pool, device, options, args.seed)], reference_of=ref))
+    if "train" in kinds and args.roofline:  # the arithmetic floor of every (network, precision) timed
+        needed = {(spec, precision): None for spec in specs}
+        if args.official or args.reference or args.ladder:
+            needed[(args.reference_spec, "fp32")] = None
+        for spec, floor_precision in needed:
+            groups["train"].append(_labelled(f"floor {spec} {floor_precision}", lambda s=spec, fp=floor_precision: [
+                build_floor_workload(f"arithmetic floor: {s} ({fp})", configs[s], geometry, batch, device, fp,
+                                     args.quick)], reference_of=spec))
     if "sample" in kinds:
         sample_batch = args.sample_batch or batch
         # `bench sample` always runs fp32 (no autocast): time what it runs, not the training precision
@@ -187,16 +200,14 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
         peaks = {"size": size, "fp32": matmul_peak(device, torch.float32, size),
                  "bf16": matmul_peak(device, torch.bfloat16, size)}
-        floors = _arithmetic_floors(measured["train"], configs, geometry, batch, device, args.quick)
-        peaks["floors"] = floors
 
     base = env | {"run_id": run_id, "created_at": utc_now(), "model_size": model_size, "scale": scale,
                   "data": pool.source, "warmup": args.warmup, "quick": bool(args.quick),
                   "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
     base["matmul_peak_gflops"] = peaks or None
     base["native_bf16"] = native_bf16(device)
-    rows = [_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]]
-    targets = compute_targets(measured, checks, model_size, batch) + _floor_targets(rows, peaks)
+    rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]])
+    targets = compute_targets(measured, checks, model_size, batch)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "threads": env["threads"],
                    "load_avg_start": env["load_avg_start"], "load_avg_end": base["load_avg_end"],
@@ -246,7 +257,7 @@ def _measure(kind: str, factories: list, args: argparse.Namespace, device: torch
         time_round_robin(pending, args.repeats, progress=lambda m: _log(f"{kind}: {m}"))
         done.extend(pending)
     if kind == "train" and getattr(args, "profile", False):  # the workloads are still resident (parse_args)
-        for workload in done:
+        for workload in (w for w in done if w.fields.get("mode") != "floor"):  # the floor has no step to split
             _log(f"{kind}: profiling {workload.name}")
             workload.fields["profile_ms"] = profile_workload(workload)
     for workload in done:
@@ -255,51 +266,29 @@ def _measure(kind: str, factories: list, args: argparse.Namespace, device: torch
 
 
 def _roofline(row: dict, peaks: dict) -> dict:
-    """Achieved model GFLOP/s of a training row, its share of the matmul peak of its precision, and
-    the share of its time that the step's arithmetic alone takes (the floor, roofline.py)."""
+    """Achieved model GFLOP/s of a training row and its share of the matmul peak of its precision."""
     flops = row.get("train_flops_per_image")
     if row["kind"] == "train" and flops:
         achieved = flops * row["images_per_s"] / 1e9
         peak = peaks.get("bf16" if row.get("precision") == "bf16" else "fp32") if peaks else None
-        floor = (peaks.get("floors") or {}).get(_floor_key(row))
         row = row | {"achieved_gflops": round(achieved, 2),
-                     "share_of_peak": None if not peak else round(achieved / peak, 4),
-                     "floor_seconds": None if floor is None else round(floor["seconds"], 6),
-                     "floor_share": None if floor is None else round(floor["seconds"] / row["seconds_per_call"], 4)}
+                     "share_of_peak": None if not peak else round(achieved / peak, 4)}
     return row
 
 
-def _floor_key(fields: dict) -> str:
-    """Which floor a training row is measured against: its spec's network in its precision."""
-    return f"{fields.get('reference_of') or fields.get('spec')}/{fields.get('precision', 'fp32')}"
+def floor_key(fields: dict) -> tuple[str, str]:
+    """The arithmetic floor a training row is measured against: its network in its precision."""
+    return str(fields.get("reference_of") or fields.get("spec")), str(fields.get("precision", "fp32"))
 
 
-def _arithmetic_floors(train: list[Workload], configs: dict[str, ExperimentConfig], geometry, batch: int,
-                       device: torch.device, quick: bool) -> dict[str, dict]:
-    """The arithmetic floor (roofline.arithmetic_floor) of every (spec, precision) a training row ran."""
-    floors: dict[str, dict] = {}
-    for workload in train:
-        key = _floor_key(workload.fields)
-        spec = key.rsplit("/", 1)[0]
-        if key in floors or spec not in configs:
-            continue
-        dtype = torch.bfloat16 if workload.fields.get("precision") == "bf16" else torch.float32
-        _log(f"roofline: arithmetic floor of {key} (every matmul and attention of one step, timed alone)")
-        config = backbone_settings(configs[spec], geometry.manifest())
-        floors[key] = arithmetic_floor(config, batch, device, dtype, repeats=3, min_seconds=0.01 if quick else 0.1)
-    return floors
-
-
-def _floor_targets(rows: list[dict], peaks: dict) -> list[dict]:
-    """INFO lines: the most any step with the official step's arithmetic (fp32) could gain over it."""
+def _with_floor_shares(rows: list[dict]) -> list[dict]:
+    """`floor_share` of each training row: its floor's median time per step over its own (same rounds)."""
+    floors = {floor_key(r): r for r in rows if r["kind"] == "train" and r.get("mode") == "floor"}
     out = []
     for row in rows:
-        floor = (peaks.get("floors") or {}).get(_floor_key(row)) if peaks else None
-        if row["kind"] == "train" and row.get("mode") == "official" and floor:
-            out.append({"name": f"train: ceiling = official step / its fp32 arithmetic floor "
-                                f"({floor['seconds'] * 1000:.0f} ms per step)", "status": "INFO",
-                        "measured": row["seconds_per_call"] / floor["seconds"], "threshold": None, "comparison": "",
-                        "detail": "the most any rewrite can gain over the official step at the same arithmetic"})
+        floor = floors.get(floor_key(row)) if row["kind"] == "train" and row.get("mode") != "floor" else None
+        out.append(row if floor is None else row | {
+            "floor_share": round(floor["seconds_per_call"] / row["seconds_per_call"], 4)})
     return out
 
 

@@ -84,6 +84,12 @@ def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], mod
                     f"train: default ({precision}) >= {threshold:.1f}x the official step, side by side ({ref_spec}, "
                     f"batch {batch})", paired_time_ratio(official, fast), threshold, ">=",
                     "official time per image / default time per image, paired repeats of this run"))
+            for floor in (w for w in train if w.fields.get("mode") == "floor" and w.fields.get("reference_of") == ref_spec):
+                precision = floor.fields["precision"]
+                same = "the same arithmetic" if precision == "fp32" else "this arithmetic in bf16"
+                targets.append(_target(f"train: ceiling = official step / the {precision} arithmetic floor", "INFO",
+                                       paired_time_ratio(official, floor),
+                                       detail=f"the most any step doing {same} with these kernels can gain"))
             rungs = [w for w in train if str(w.fields.get("spec", "")).startswith("ladder")]
             if rungs and fast is not None:  # rung 3 of the ladder is the default row itself
                 rungs.insert(2, fast)
@@ -163,10 +169,6 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
         lines += ["", f"roofline: {peaks['size']}x{peaks['size']} matmul peak {peaks['fp32']:.1f} GFLOP/s fp32, "
                       f"{peaks['bf16']:.1f} GFLOP/s bf16 (native bf16: {base.get('native_bf16')}); training rows "
                       "count model FLOPs (matmuls, convolutions, attention; 3x forward; bench/perf/roofline.py)"]
-        for key, floor in (peaks.get("floors") or {}).items():
-            lines.append(f"arithmetic floor of {key}: {1000 * floor['seconds']:.1f} ms per step = every matmul "
-                         f"({1000 * floor['gemm_seconds']:.1f} ms) and attention ({1000 * floor['attention_seconds']:.1f} "
-                         "ms) of one step, forward and backward, timed alone at the step's shapes")
     lines += format_profile(rows)
     lines += ["", "targets"]
     if quick:
@@ -183,6 +185,10 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
 
 def row_notes(r: dict) -> str:
     """The notes column of one row of the printed table: what distinguishes rows of its kind."""
+    if r["kind"] == "train" and r.get("mode") == "floor":
+        roofline = "" if r.get("achieved_gflops") is None else f", {r['achieved_gflops']:.1f} GFLOP/s"
+        return (f"every matmul ({r['floor_gemm_ms']:.0f} ms alone) and attention ({r['floor_attention_ms']:.0f} ms "
+                f"alone) of one step, forward and backward, {r['dtype']}, nothing else{roofline}")
     if r["kind"] == "train":
         memory = ("" if r.get("state_memory_mb") is None else
                   f", state {r['state_memory_mb']:.0f} MB, saved activations {r['activation_memory_mb']:.0f} MB")

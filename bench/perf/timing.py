@@ -4,7 +4,8 @@ and the provenance every JSONL row carries.
 A *workload* is one thing to time (a training step of one spec, a guided sampling step, an encoder
 batch). Workloads of one kind are timed **round-robin**: repeat r of every workload runs before repeat
 r + 1 of any, so a slow drift of the machine (other jobs on a shared CPU, thermal throttling) lands
-on all of them alike and the ratios the targets check stay fair. nanoGPT's `bench.py` is the model:
+on all of them alike and the ratios the targets check stay fair; each round starts one workload
+later than the one before, so no workload always follows the same other one. nanoGPT's `bench.py` is the model:
 a burn-in stage, then a timed stage.
 """
 
@@ -181,13 +182,20 @@ def warm_up(workload: Workload, calls: int, min_repeat_seconds: float = 0.0) -> 
 
 def time_round_robin(workloads: Sequence[Workload], repeats: int,
                      progress: Optional[Callable[[str], None]] = None) -> None:
-    """Time `repeats` repeats of every workload, interleaved (see the module docstring)."""
+    """Time `repeats` repeats of every workload, interleaved (see the module docstring).
+
+    Round r starts at workload r mod n (a rotation), so no workload always runs right after the
+    same other one: whatever a step leaves behind (the allocator's heap, the caches) lands on each
+    in turn instead of always on the same neighbour.
+    """
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}")
     for workload in workloads:
         workload.times = []
+    count = len(workloads)
     for index in range(repeats):
-        for workload in workloads:
+        for position in range(count):
+            workload = workloads[(index + position) % count]
             synchronize(workload.device)
             start = time.perf_counter()
             for _ in range(workload.calls_per_repeat):

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from bench.config import ExperimentConfig
-from bench.perf.roofline import train_flops_per_image
+from bench.perf.roofline import arithmetic_floor, floor_ops, run_floor, train_flops_per_image
 from bench.perf.setup import BatchPool, Geometry, autocast
 from bench.perf.timing import Workload
 from bench.prepare import encoders
 from bench.prepare.encoders import align_to_grid, sample_latents
-from bench.train.build import build_model, build_transport
+from bench.train.build import backbone_settings, build_model, build_transport
 from bench.train.step import build_optimizer, make_train_step, repa_tokens, update_ema
 
 # Relative |loss_default - loss_float64| / loss_float64 accepted for the default (bf16 autocast)
@@ -183,6 +183,28 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
         "state_memory_mb": round((2 * _nbytes(params) + 3 * _nbytes(trainable)) / 2**20, 2),
     })
     return Workload(kind="train", name=name, run=step, images_per_call=batch_size, fields=fields,
+                    device=device)
+
+
+def build_floor_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, batch: int, device: torch.device,
+                         precision: str, quick: bool = False) -> Workload:
+    """The arithmetic floor of `cfg`'s training step in `precision` (bench/perf/roofline.py) as a
+    workload: every matmul and attention of one step back to back, timed in the same rounds as the
+    steps. Its fields carry the GEMM / attention split, each kernel timed alone once."""
+    config = backbone_settings(cfg, geometry.manifest())
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    ops = floor_ops(config, batch, device, dtype)
+    split = arithmetic_floor(config, batch, device, dtype, repeats=1 if quick else 3,
+                             min_seconds=0.005 if quick else 0.05)
+    fields = {"mode": "floor", "precision": precision, "dtype": str(dtype).removeprefix("torch."),
+              "activation_checkpointing": False, "optimizer": None, "ema": None, "compile": False,
+              "semantic_features": None, "fusion": cfg.model.fusion, "semantic_channels": cfg.semantic_channels,
+              "tokens": config.num_patches * (2 if config.fusion == "separate" else 1), "batch": batch,
+              "train_flops_per_image": train_flops_per_image(config),
+              "floor_gemm_ms": round(1000 * split["gemm_seconds"], 2),
+              "floor_attention_ms": round(1000 * split["attention_seconds"], 2),
+              "floor_by_op_ms": {k: round(1000 * v, 2) for k, v in split["by_op"].items()}}
+    return Workload(kind="train", name=name, run=lambda: run_floor(ops), images_per_call=batch, fields=fields,
                     device=device)
 
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from bench.atomic import atomic_write_bytes
-from bench.report.common import fmt_steps, metric_label
+from bench.report.common import fmt_steps, metric_label, metric_range
 from bench.report.records import Report
 
 LOSS_TERMS = ("loss", "loss/latent", "loss/semantic", "loss/repa", "loss/vlb")
@@ -91,9 +91,10 @@ def plot_convergence(report: Report, out_dir: Path) -> list[Path]:
             axis.plot(curve["step"], curve["mean"], marker="o", color=color,
                       label=f"{condition} ({seeds} seed{'s' if seeds != 1 else ''})")
             band = curve[curve["n_seeds"] >= 2]
-            if not band.empty:
-                axis.fill_between(band["step"], band["ci_low"], band["ci_high"], color=color,
-                                  alpha=0.2, linewidth=0)
+            if not band.empty:  # drawn within the metric's range; the tables keep the interval as computed
+                low, high = metric_range(metric)
+                axis.fill_between(band["step"], band["ci_low"].clip(low, high), band["ci_high"].clip(low, high),
+                                  color=color, alpha=0.2, linewidth=0)
         log_steps_axis(axis, cells["step"].to_numpy())
         axis.set_ylabel(cells["evaluator"].iloc[0])
         axis.set_title(f"{report.gathered.name}: {metric_label(metric)} over training "
