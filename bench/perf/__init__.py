@@ -5,7 +5,8 @@
 - `setup`:    model size, specs, precision policy and data the workloads run on
 - `training`: the training-step workloads (the default row runs bench.train.step, as `bench train`)
 - `official`: `--official PATH`, the official ReDi step from the user's checkout, timed beside the default
-- `roofline`: the matmul peak (fp32, bf16) and the model FLOPs of a training image
+- `roofline`: the matmul peak (fp32, bf16), the model FLOPs of a training image and the arithmetic floor
+- `profile`:  `--profile`: a training step's time by category (matmul, attention, elementwise, ...)
 - `infer`:    sampling, Table 6 finished images, prepare and evaluation workloads
 - `timing`:   warm-up, interleaved repeats, medians and the provenance every row carries
 - `targets`:  the speed targets checked and the printed report
