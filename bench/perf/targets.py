@@ -84,7 +84,8 @@ def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], mod
                     f"train: default ({precision}) >= {threshold:.1f}x the official step, side by side ({ref_spec}, "
                     f"batch {batch})", paired_time_ratio(official, fast), threshold, ">=",
                     "official time per image / default time per image, paired repeats of this run"))
-            for floor in (w for w in train if w.fields.get("mode") == "floor" and w.fields.get("reference_of") == ref_spec):
+            floors = [w for w in train if w.fields.get("mode") == "floor" and w.fields.get("reference_of") == ref_spec]
+            for floor in floors:
                 precision = floor.fields["precision"]
                 same = "the same arithmetic" if precision == "fp32" else "this arithmetic in bf16"
                 targets.append(_target(f"train: ceiling = official step / the {precision} arithmetic floor", "INFO",
