@@ -356,6 +356,16 @@ def test_round_robin_rotates_the_order_and_keeps_rounds_paired():
     assert {f for f in followers if f[0] == "a"} != {("a", "b")}  # "b" does not always follow "a"
 
 
+def test_ladder_times_the_reference_spec_even_when_specs_do_not_name_it(tmp_path):
+    """--ladder builds its rungs from --reference-spec (redi); with --specs latent_only and
+    --no-reference it used to fail with a KeyError instead of timing the rungs."""
+    status, text = run_cli(["--quick", "--device", "cpu", "--kinds", "train", "--specs", "latent_only",
+                            "--no-reference", "--ladder", "--out", str(tmp_path)])
+    assert status == 0, text
+    rows = [json.loads(line) for line in next(tmp_path.glob("*.jsonl")).read_text().splitlines()]
+    assert {"latent_only", "ladder 1: - checkpointing", "floor redi fp32"} <= {r["spec"] for r in rows}
+
+
 def test_profile_categories():
     """Operators land in their category by name; the optimiser's and the EMA's by region."""
     from bench.perf.profile import categorize

@@ -17,7 +17,7 @@ gradient with respect to the input, gradient with respect to the weight) and eve
 forward and backward, run back to back at the step's own shapes and precision with nothing else
 (no elementwise work, no optimiser, no autograd). `bench perf` times it as one more workload in the
 same rounds as the training steps, so its ratios to them are paired like any other.
-No step that does this arithmetic with these kernels can be faster. `official time / floor` is
+A step doing this arithmetic with these kernels cannot be faster, up to timing noise. `official time / floor` is
 therefore the most any rewrite can gain over the official step without changing the arithmetic
 (precision, shapes), and `floor / row time` says how much of a row's time is the model's math.
 """

@@ -86,8 +86,10 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     kinds = _csv(args.kinds, "--kinds", KINDS)
     specs = _csv(args.specs, "--specs")
     no_size = SizeChoice("", (), registry=False)
+    # --reference, --ladder and --official all time --reference-spec, which --specs need not name
+    uses_reference_spec = args.reference or args.ladder or bool(args.official)
     configs = {spec: compose_spec(spec, size or no_size, scale, args.overrides)
-               for spec in dict.fromkeys(specs + ([args.reference_spec] if args.reference else []))}
+               for spec in dict.fromkeys(specs + ([args.reference_spec] if uses_reference_spec else []))}
     first = configs[specs[0]]
     # Unless --precision says otherwise, the precision bench train would use for this config.
     precision = resolve_precision(args.precision or first.train.precision, device)
