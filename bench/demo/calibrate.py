@@ -87,9 +87,11 @@ def _measure_lane(job: dict) -> dict:
     return out
 
 
-def _measure_prepare(budget_s: float, vae_settings, cls_settings) -> dict:
+def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: int) -> dict:
     """One step of the embedded VAE and of the evaluation classifier (the settings prepare will
-    train with), and the encoders per image."""
+    train with), and the encoders per image at prepare's own encoder batch (`encode_batch`: on a
+    2-vCPU AMD EPYC, EfficientNet-Lite0 ran at ~150 images/s per lane at batch 16 and ~75 at batch
+    64, so timing another batch than prepare's misstates the encoding by up to 2x)."""
     import torch
     import torch.nn.functional as F
 
@@ -97,7 +99,7 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings) -> dict:
     from bench.prepare.encoders import build_efficientnet_lite0
 
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (max(vae_settings.batch_size, cls_settings.batch_size, 64), 3, 32, 32),
+    images = torch.randint(0, 256, (max(vae_settings.batch_size, cls_settings.batch_size, encode_batch), 3, 32, 32),
                            generator=g, dtype=torch.uint8)
     vae = embedded.build_embedded_vae(vae_settings, image_size=32)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=vae_settings.lr)
@@ -123,7 +125,7 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings) -> dict:
         cls_opt.step()
 
     encoder = build_efficientnet_lite0(32)
-    batch = images[:64]
+    batch = images[:encode_batch]
 
     @torch.no_grad()
     def encode() -> None:  # prepare's pass 1: VAE moments and encoder features of a batch
@@ -139,7 +141,7 @@ def measure(spec_overrides: dict, sample_spec: str, lanes: int, threads: int, pr
     """Time every unit in `lanes` processes at once (`threads` each); medians over the lanes.
 
     `spec_overrides`: spec -> the config overrides of one of its cells (the demo's own shapes);
-    `prepare`: (EmbeddedVAESettings, ClassifierSettings) on a first run, else None."""
+    `prepare`: (EmbeddedVAESettings, ClassifierSettings, encoder batch) on a first run, else None."""
     started = time.time()
     job = {"specs": spec_overrides, "sample_spec": sample_spec, "threads": threads, "prepare": prepare,
            "budget_s": budget_s}

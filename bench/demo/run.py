@@ -264,7 +264,8 @@ def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: 
     sample_spec = next(iter(specs))
     quick = plan.grid == "demo_quick"  # its units take milliseconds: a short look is enough
     return measure(specs, sample_spec, plan.lanes, plan.threads,
-                   prepare=(plan.prepare.vae, plan.prepare.classifier) if first_run else None,
+                   prepare=(plan.prepare.vae, plan.prepare.classifier, plan.prepare.batch_size)
+                   if first_run else None,
                    budget_s=0.5 if quick else 2.0)
 
 
