@@ -27,8 +27,13 @@ demo: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(BIN)/bench demo $(ARGS)
 
 # `data` first: the Fashion-MNIST tests need the dataset (installed as root, as .ci/run does).
+# WORKERS pytest processes (pytest-xdist; WORKERS=0 runs in this process), each test file whole on
+# one worker (--dist loadfile), so a file's module fixtures (the demo's smoke run, the local SLURM
+# cluster, prepared data) are built once. Much of the suite waits on subprocesses (the CLI's torch
+# import, SLURM polls, kill-and-resume); two workers overlap those waits (README, "How long it takes").
+WORKERS ?= 2
 test: $(STAMP) data
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=15 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
