@@ -137,6 +137,14 @@ start() {
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
+    # slurmstepd opens a Unix socket $DIR/spool/<node>/<node>_<job>.<step> per job step; Linux caps
+    # such paths at 107 characters, and past it every job fails at launch and is requeued forever
+    # (slurmd.log: "Unix socket path ... is too long"). Refuse a folder that deep before starting.
+    local host socket
+    host="$(hostname -s)"
+    socket="$DIR/spool/$host/${host}_4294967294.4294967294"
+    (( ${#socket} <= 107 )) || die "LOCAL_SLURM_DIR=$DIR is too deep: slurmstepd's socket paths would be" \
+        "${#socket} characters (Linux allows 107); choose a shorter folder"
     mkdir -p "$DIR/state" "$DIR/spool"
     write_conf
     start_munge

@@ -191,6 +191,29 @@ def test_expansion_rules_match_a_hand_enumeration(tmp_path):
     assert eval_config(cells["special"], rg).eval.guidance.rg_scale == 1.5
 
 
+def test_a_setting_restricted_to_steps_scores_only_those(tmp_path):
+    """`steps:` on a setting (the demo's RG at its final checkpoint only): the setting scores only
+    those of a cell's evaluation steps, and does not apply to a cell that scores none of them."""
+    from bench.launch.status import eval_pairs
+
+    grid = _grid(tmp_path, RULES.replace("overrides: [eval.guidance.rg_scale=1.5]}",
+                                         "overrides: [eval.guidance.rg_scale=1.5], steps: [30]}"))
+    cells = {c.name: c for c in expand(grid)}
+    full, short = cells["redi-seed=0-wide"], cells["redi-seed=1-wide"]  # eval steps (10, 30) and (10,)
+    pairs = {s.name: steps for s, _, steps in eval_pairs(grid, full, tmp_path)}
+    assert pairs == {"plain": [10, 30], "rg": [30]}
+    assert [s.name for s in settings_for(grid, short)] == ["plain"]
+    assert [s.name for s in settings_for(grid, cells["special"])] == ["plain"]  # eval_steps [10]
+    rg = [s for s in settings_for(grid, full) if s.name == "rg"][0]
+    assert rg.steps == (30,) and rg.scores([10, 30]) == [30]
+    # the demo grids use it: RG at the last step only, plain at every step
+    for name, last in (("demo", 600), ("demo_quick", 200)):
+        demo = load_grid(name)
+        cell = next(c for c in expand(demo) if c.cfg.spec == "redi_rg")
+        assert {s.name: s.scores(cell.eval_steps) for s in settings_for(demo, cell)} == \
+            {"plain": list(cell.eval_steps), "rg1.5": [last]}
+
+
 def test_extra_overrides_reach_every_cell_without_changing_identity(tmp_path):
     a = expand("smoke")
     b = expand("smoke", [f"output_root={tmp_path}", "data.prepared_dir=/elsewhere"])
@@ -230,6 +253,8 @@ def test_unknown_grid_lists_the_available_ones():
     (lambda t: t + "resources: {hours: many}\n", r": resources\.hours must be Optional\[float\], got 'many'"),
     (lambda t: t + "resources: {nodes: -1}\n", r"resources\.nodes must be a non-negative number"),
     (lambda t: t.replace("{name: plain}", "{overrides: []}"), r"eval\.settings\[0\] needs `name`"),
+    (lambda t: t.replace("{name: plain}", "{name: plain, steps: [20]}"),
+     r"eval\.settings\[0\]\.steps \[20\] are not steps the eval stage scores \(.*\[10, 30\]\)"),
 ])
 def test_malformed_grids_fail_with_one_clear_error(tmp_path, edit, message):
     grid_text = edit(RULES)

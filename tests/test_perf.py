@@ -25,7 +25,7 @@ from bench.perf.timing import REPO_ROOT, Workload, paired_time_ratio, summarize
 from bench.perf.training import DEFAULT_LOSS_RTOL, FP32_LOSS_RTOL, loss_agreement
 
 ROW_KEYS = {"kind", "name", "model_size", "spec", "batch", "images_per_s", "iqr", "min", "max", "repeats",
-            "device", "device_name", "cpu_model", "threads", "dtype", "precision", "torch_version",
+            "device", "device_name", "cpu_model", "cpu_kernels", "threads", "dtype", "precision", "torch_version",
             "git_commit", "command", "created_at", "peak_memory_mb", "times_s", "calls_per_repeat",
             "run_id", "data", "versions"}
 
@@ -521,3 +521,16 @@ def test_table6_times_finished_images_with_every_step_and_the_decode(monkeypatch
     assert calls == {"net": 3, "decode": 1}
     assert workload.images_per_call == 2 and workload.fields["sampling_steps"] == 3
     assert workload.fields["paper_setting"] is False and workload.kind == "table6"
+
+
+def test_cpu_kernels_name_the_instruction_set_and_any_restriction(monkeypatch):
+    """Timings taken with AVX-512 turned off (the stand-in for an EPYC without it) must say so."""
+    from bench.perf.timing import KERNEL_ISA_SETTINGS, cpu_kernels
+
+    for name in KERNEL_ISA_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    plain = cpu_kernels()
+    assert plain == torch.backends.cpu.get_cpu_capability() and "(" not in plain
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert cpu_kernels() == f"{plain} (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"

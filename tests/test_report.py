@@ -671,7 +671,7 @@ def _write_grid_runs(root: Path, name: str, measured: bool) -> int:
     for cell in grids.expand(grid):
         rows = []
         for setting in grids.settings_for(grid, cell):
-            for step in cell.eval_steps:
+            for step in setting.scores(cell.eval_steps):
                 rows += [eval_row(step, "fd_classifier", 10.0, setting=setting.name),
                          eval_row(step, "accuracy", 0.5, setting=setting.name)]
                 count += 1
@@ -684,17 +684,26 @@ def _write_grid_runs(root: Path, name: str, measured: bool) -> int:
 
 
 def test_settings_a_grid_does_not_apply_are_never_missing(tmp_path):
-    """demo_quick's rg1.5 matches only redi_rg (issue 15.7): a complete grid has nothing missing,
-    and an empty one misses exactly its 8 cells (3 specs x 2 steps plain + 2 with RG; each cell
-    is a spec's seed mean, from 16 run evaluations: 2 paired seeds)."""
-    assert _write_grid_runs(tmp_path / "full", "demo_quick", measured=True) == 16
+    """demo_quick's rg1.5 matches only redi_rg (issue 15.7) and scores only the final step 200: a
+    complete grid has nothing missing, and an empty one misses exactly its 7 cells (3 specs x 2
+    steps plain + 1 with RG; each cell is a spec's seed mean, from 14 run evaluations: 2 paired
+    seeds). RG measured at step 100 too (as the demo did before RG moved to the last step) is shown,
+    not dropped."""
+    assert _write_grid_runs(tmp_path / "full", "demo_quick", measured=True) == 14
     report = summarize(gather("demo_quick", tmp_path / "full"))
     assert report.missing == []
     rg = report.cells[(report.cells["setting"] == "rg1.5") & (report.cells["metric"] == "fd_classifier")]
-    assert set(rg["spec"]) == {"redi_rg"} and len(rg) == 2
+    assert set(rg["spec"]) == {"redi_rg"} and list(rg["step"]) == [200]
     _write_grid_runs(tmp_path / "empty", "demo_quick", measured=False)
     missing = summarize(gather("demo_quick", tmp_path / "empty")).missing
-    assert len(missing) == 8 and sum("setting rg1.5:" in m for m in missing) == 2
+    assert len(missing) == 7 and [m for m in missing if "setting rg1.5:" in m] == \
+        ["setting rg1.5: SiT-tiny/1 w/ ReDi (p_drop) at step 200 (nothing measured in this setting yet)"]
+    for run in (tmp_path / "full" / "demo_quick").glob("redi_rg-*"):
+        with (run / "eval.jsonl").open("a") as handle:
+            handle.write(json.dumps(eval_row(100, "fd_classifier", 12.0, setting="rg1.5")) + "\n")
+    report = summarize(gather("demo_quick", tmp_path / "full"))
+    rg = report.cells[(report.cells["setting"] == "rg1.5") & (report.cells["metric"] == "fd_classifier")]
+    assert report.missing == [] and list(rg["step"]) == [100, 200] and list(rg["mean"]) == [12.0, 10.0]
 
 
 def test_report_cli_counts_every_missing_cell_and_names_unknown_grids(tmp_path, capsys):

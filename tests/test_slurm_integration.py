@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -326,7 +327,13 @@ def test_stop_ends_the_jobs_it_was_running(tmp_path):
     reason = _why_skip()
     if reason:
         pytest.skip(reason)
-    folder = tmp_path / "own-cluster"  # its own cluster: the module's may be CI's shared one
+    # Its own cluster (the module's may be CI's shared one), in a short folder: slurmstepd's socket
+    # paths under it must stay within Linux's 107 characters, and pytest-xdist's tmp_path
+    # (/tmp/pytest-of-root/pytest-N/popen-gwK/<test name>0/...) is too deep for that.
+    deep = dict(os.environ, LOCAL_SLURM_DIR=str(tmp_path / ("x" * 60)))
+    refused = _script("start", deep)
+    assert refused.returncode == 2 and "is too deep: slurmstepd's socket paths" in refused.stderr, refused.stderr
+    folder = Path(tempfile.mkdtemp(prefix="rb-slurm-"))
     env = dict(os.environ, LOCAL_SLURM_DIR=str(folder), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
                LOCAL_SLURM_D_PORT=str(_free_port()))
     started = _script("start", env)
@@ -342,3 +349,4 @@ def test_stop_ends_the_jobs_it_was_running(tmp_path):
     assert stopped.returncode == 0, stopped.stderr
     assert _job_processes(folder) == [], stopped.stderr
     assert _script("status", env).returncode == 3
+    shutil.rmtree(folder, ignore_errors=True)

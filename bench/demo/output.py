@@ -29,7 +29,7 @@ import pandas as pd
 
 from bench.atomic import atomic_write_bytes, atomic_write_text
 from bench.launch.grids import eval_config, settings_for
-from bench.perf.timing import cpu_model
+from bench.perf.timing import cpu_kernels, cpu_model
 from bench.report.common import fmt_steps
 from bench.report.plots import COLORS, log_steps_axis
 from bench.report.stats import speedup
@@ -40,13 +40,16 @@ FD, ACC = "fd_classifier", "accuracy"
 
 
 def machine() -> dict:
-    """CPU model, cores, torch: the facts a reader needs to compare timings."""
+    """CPU model, cores, the instructions its kernels use, torch: the facts a reader needs to compare
+    timings."""
     import torch
 
+    from bench.train.step import native_bf16
 
     model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores, "torch": torch.__version__,
+    return {"cpu": model, "cores": cores, "kernels": cpu_kernels(), "bf16_native": native_bf16(torch.device("cpu")),
+            "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(terse=True)}
 
@@ -61,10 +64,11 @@ def setting_label(cfg) -> str:
 def rows_of(report, grid, cells) -> pd.DataFrame:
     """One row per (spec, setting, step) of the main provenance group: FD, accuracy, seeds."""
 
-    labels = {}
+    labels, scored = {}, {}
     for cell in cells:
         for s in settings_for(grid, cell):
             labels[(cell.cfg.spec, s.name)] = setting_label(eval_config(cell, s))
+            scored.setdefault((cell.cfg.spec, s.name), set()).update(s.scores(cell.eval_steps))
     main = report.cells[(report.cells["group"] == 0) & report.cells["metric"].isin([FD, ACC])]
     frame = main.pivot_table(index=["spec", "setting", "step"], columns="metric",
                              values=["mean", "half_width", "n_seeds"], aggfunc="first", dropna=False)
@@ -77,6 +81,10 @@ def rows_of(report, grid, cells) -> pd.DataFrame:
                 frame[column + suffix] = math.nan
     pairs = [(a, b) in labels for a, b in zip(frame["spec"], frame["setting"])]
     frame = frame[pairs].copy()  # pivot_table(dropna=False) crosses every spec with every setting
+    # ... and every step: keep a step a setting does not score (`steps:` in the grid) only if measured
+    wanted = [step in scored[(a, b)] or np.isfinite(fd) or np.isfinite(acc) for a, b, step, fd, acc
+              in zip(frame["spec"], frame["setting"], frame["step"], frame[FD], frame[ACC])]
+    frame = frame[wanted].copy()
     frame["sampling"] = [labels[(a, b)] for a, b in zip(frame["spec"], frame["setting"])]
     order = {spec: i for i, spec in enumerate(grid.specs)}
     frame = frame.assign(_o=frame["spec"].map(order), _g=frame["sampling"] != "no guidance")
@@ -237,7 +245,9 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
         f"# {grid.title}", "",
         f"- date: {record['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"Python {m['python']}, {m['platform']}",
+        f"Python {m['python']}, {m['platform']}"
+        + (f"; CPU kernels {m['kernels']}, native bf16: {'yes' if m['bf16_native'] else 'no'}"
+           if "kernels" in m else ""),
         f"- data: {plan.prepare_note}",
         f"- this call: {total / 60:.1f} min ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" min); {did}",

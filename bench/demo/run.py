@@ -206,8 +206,9 @@ def eval_todo(grid, cells) -> list[tuple]:
     for cell in cells:
         for setting in settings_for(grid, cell):
             cfg = eval_config(cell, setting)
-            done = measured_steps(cfg, Path(cell.run_dir), cell.eval_steps, setting.name)
-            todo += [(cell, setting.name, cfg, step) for step in cell.eval_steps if step not in done]
+            steps = setting.scores(cell.eval_steps)
+            done = measured_steps(cfg, Path(cell.run_dir), steps, setting.name)
+            todo += [(cell, setting.name, cfg, step) for step in steps if step not in done]
     return todo
 
 
@@ -368,7 +369,7 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
     """Submit the missing evaluations and follow them; returns # evaluations run."""
 
     todo = eval_todo(grid, cells)
-    total = sum(len(settings_for(grid, c)) * len(c.eval_steps) for c in cells)
+    total = sum(len(s.scores(c.eval_steps)) for c in cells for s in settings_for(grid, c))
     printer.say(f"eval: {total} evaluations (cell x sampling setting x step); {total - len(todo)} "
                 f"measured earlier (reused), {len(todo)} to run")
     if not todo:

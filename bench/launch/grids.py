@@ -14,7 +14,7 @@ A grid is specs x axes x seeds in a few lines (ablations/README.md has the full 
     cells: []                              # explicit extra cells: [overrides] or {name, overrides, eval_steps}
     patches: [{match: {spec: repa}, overrides: [train.max_steps=4000000]}]   # per-cell additions
     exclude: [{spec: latent_only, backbone: dit_b2}]
-    eval: {steps: [...], overrides: [...], settings: [{name, overrides, match}], resources: {...}}
+    eval: {steps: [...], overrides: [...], settings: [{name, overrides, match, steps}], resources: {...}}
     resources: {gpus_per_node: 8, nodes: 1, hours: 24}
 
 The keys and their types are the dataclasses `GridSchema` and friends below, merged with the YAML
@@ -68,11 +68,14 @@ class ResourcesSchema:
 
 @dataclass
 class SettingSchema:
-    """One evaluation protocol: a name (recorded in eval.jsonl), eval.* overrides, the cells it fits."""
+    """One evaluation protocol: a name (recorded in eval.jsonl), eval.* overrides, the cells it fits
+    and, optionally, the only checkpoints it scores (e.g. an expensive guided setting at the final
+    step alone; empty: every step the cell's eval stage scores)."""
 
     name: str = MISSING
     overrides: list[str] = field(default_factory=list)
     match: dict[str, Any] = field(default_factory=dict)
+    steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -172,6 +175,12 @@ class Setting:
 
     name: str
     overrides: tuple[str, ...]
+    steps: tuple[int, ...] = ()
+    """The only training steps this setting scores; empty: all of the cell's."""
+
+    def scores(self, steps: Iterable[int]) -> list[int]:
+        """Of a cell's evaluation steps, those this setting scores."""
+        return [s for s in steps if not self.steps or s in self.steps]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +334,14 @@ def parse_grid(raw: Any, path: Path) -> Grid:
             raise _fail(path, f"{where} needs a name of letters, digits and _.+=- "
                               f"(it is recorded in eval.jsonl), got {setting.name!r}")
         settings.append({"name": setting.name, "overrides": _eval_only(path, where, setting.overrides),
-                         "match": _keys(path, f"{where}.match", setting.match, labels)})
+                         "match": _keys(path, f"{where}.match", setting.match, labels),
+                         "steps": _steps(path, f"{where}.steps", setting.steps)})
+    scored = set(data.eval.steps) | {s for c in cells for s in c["eval_steps"] or ()} \
+        | {s for p in patches for s in p["eval_steps"] or ()}
+    for index, setting in enumerate(settings):
+        if stray := sorted(set(setting["steps"]) - scored):
+            raise _fail(path, f"eval.settings[{index}].steps {stray} are not steps the eval stage scores "
+                              f"(eval.steps and the cells' eval_steps: {sorted(scored)})")
     evaluation = {"steps": _steps(path, "eval.steps", data.eval.steps),
                   "overrides": _eval_only(path, "eval.overrides", data.eval.overrides),
                   "settings": settings, "resources": _resources(path, "eval.resources", data.eval.resources)}
@@ -484,14 +500,18 @@ def expand(grid: Grid | str, overrides: Sequence[str] = ()) -> list[Cell]:
 
 
 def settings_for(grid: Grid, cell: Cell) -> list[Setting]:
-    """The evaluation settings that apply to `cell` (those whose `match` it satisfies)."""
+    """The evaluation settings that apply to `cell`: those whose `match` it satisfies and, for a
+    setting restricted to some `steps`, that score at least one of the cell's evaluation steps."""
     out: dict[str, Setting] = {}
     for item in grid.eval["settings"]:
+        if item.get("steps") and cell.eval_steps and not set(item["steps"]) & set(cell.eval_steps):
+            continue  # none of the steps it scores is a checkpoint this cell's eval stage scores
         if _matches(item["match"], cell.labels):
             if item["name"] in out:
                 raise GridError(f"grid {grid.name}, cell {cell.name}: two eval settings named "
                                 f"{item['name']!r} match it; make their `match` disjoint")
-            out[item["name"]] = Setting(item["name"], tuple([*grid.eval["overrides"], *item["overrides"]]))
+            out[item["name"]] = Setting(item["name"], tuple([*grid.eval["overrides"], *item["overrides"]]),
+                                        tuple(item.get("steps") or ()))
     return list(out.values())
 
 

@@ -148,7 +148,7 @@ def last_submit(records: Sequence[dict], stage: str,
 def eval_pairs(grid: Grid, cell: Cell, run: Path) -> list[tuple[Setting, ExperimentConfig, list[int]]]:
     """(setting, its config, the steps it should score) for every setting of the cell."""
     steps = list(cell.eval_steps) or checkpoint_steps(run)
-    return [(s, eval_config(cell, s), steps) for s in settings_for(grid, cell)]
+    return [(s, eval_config(cell, s), s.scores(steps)) for s in settings_for(grid, cell)]
 
 
 def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path | str = GRIDS_DIR) -> list[dict]:

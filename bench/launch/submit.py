@@ -273,7 +273,8 @@ def format_cells(grid: Grid, cells: Sequence[Cell]) -> str:
     lines = [f"grid {grid.name}: {grid.title} ({len(cells)} cells)", f"  base: {' '.join(grid.base) or '-'}"]
     for cell in cells:
         own = [o for o in cell.overrides if o not in grid.base and not o.startswith(("grid=", "train.milestones="))]
-        settings = ", ".join(s.name for s in settings_for(grid, cell))
+        settings = ", ".join(s.name + (f" (steps {list(s.steps)} only)" if s.steps else "")
+                             for s in settings_for(grid, cell))
         lines.append(f"  {cell.name}  {cell.run_dir}\n    overrides: {' '.join(own) or '-'}\n"
                      f"    eval steps: {list(cell.eval_steps) or 'every checkpoint'}; settings: {settings}")
     return "\n".join(lines)

@@ -211,7 +211,8 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]])
     targets = compute_targets(measured, checks, model_size, batch)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
-                   "device": env["device"], "device_name": env["device_name"], "threads": env["threads"],
+                   "device": env["device"], "device_name": env["device_name"], "cpu_kernels": env["cpu_kernels"],
+                   "threads": env["threads"],
                    "load_avg_start": env["load_avg_start"], "load_avg_end": base["load_avg_end"],
                    "targets": targets, "loss_checks": checks}
 

@@ -150,7 +150,9 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
     header = (f"bench perf  {base['run_id']}\n"
               f"model {base['model_size']} ({base['scale']} scale), batch {batch}, data {base['data']}, "
               f"default precision {precision}\n"
-              f"device {base['device']} ({base['device_name']}), {base['threads']} threads, torch "
+              f"device {base['device']} ({base['device_name']}"
+              + (f"; CPU kernels {base['cpu_kernels']}" if base.get("cpu_kernels") and base["device"] == "cpu" else "")
+              + f"), {base['threads']} threads, torch "
               f"{base['torch_version']}, commit {base['git_commit']}\n"
               f"load average (1/5/15 min) at start {base['load_avg_start']}, at end {base['load_avg_end']}\n"
               f"command: {base['command']}")

@@ -221,6 +221,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Settings that narrow which instructions torch's, oneDNN's and MKL's CPU kernels use (e.g. to stand in
+# for a CPU without AVX-512): a timing taken under them says so.
+KERNEL_ISA_SETTINGS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's CPU kernels dispatch to (`AVX512`, `AVX2`, ...), followed by any
+    environment setting that restricts torch, oneDNN or MKL to fewer instructions than the CPU has."""
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    limits = [f"{name}={os.environ[name]}" for name in KERNEL_ISA_SETTINGS if os.environ.get(name)]
+    return capability + (f" ({', '.join(limits)})" if limits else "")
+
+
 def git_commit() -> Optional[str]:
     """HEAD of the repository (with `-dirty` when tracked files changed), or None outside git."""
     def git(*args: str) -> Optional[str]:
@@ -264,6 +280,7 @@ def environment(device: torch.device, command: str) -> dict[str, Any]:
         "device": device.type,
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
+        "cpu_kernels": cpu_kernels(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

@@ -195,6 +195,13 @@ def _grid_settings(grid: dict) -> list[str]:
     return [str(s.get("name")) if isinstance(s, dict) else str(s) for s in settings]
 
 
+def _setting_steps(grid: dict) -> dict[str, set[int]]:
+    """setting -> the only steps it scores, for settings the grid restricts (`steps:`)."""
+    settings = (grid.get("eval") or {}).get("settings") or []
+    return {str(s["name"]): {int(v) for v in s["steps"]} for s in settings
+            if isinstance(s, dict) and s.get("steps")}
+
+
 def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None = None,
               accept: Sequence[str] = ()) -> Report:
     """Aggregate seeds, separate provenance groups, attach the paper's numbers, find speed-ups.
@@ -227,6 +234,10 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
                 for c, t in zip(conditions["condition"], conditions["expected_steps"])}
     rows, missing = [], []
     applies = _settings_per_condition(runs)
+    only = _setting_steps(g.grid)
+
+    def expected_for(setting: str, condition: str) -> list[int]:
+        return [s for s in expected[condition] if setting not in only or s in only[setting]]
 
     def add(setting: str, name: str, group: int, reason: str, condition: str,
             provenance: str, steps: Sequence[int], part: pd.DataFrame) -> None:
@@ -265,7 +276,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
                 continue  # the grid's `match` does not give this condition that setting
             provenance = main.get(condition, fallback)
             own = frame[(frame["condition"] == condition) & (frame["provenance"] == provenance)]
-            steps = sorted({*(expected[condition] or main_steps), *own["step"]})
+            steps = sorted({*(expected_for(setting, condition) or main_steps), *own["step"]})
             add(setting, name, 0, "", condition, provenance, steps, frame)
         for index, provenance in enumerate(apart, start=1):
             part = frame[frame["provenance"] == provenance]
@@ -280,7 +291,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
             continue
         todo = [f"setting {name}: {c} at step {step} (nothing measured in this setting yet)"
                 for c in conditions["condition"] if name in applies.get(c, {name})
-                for step in expected[c]]
+                for step in expected_for(name, c)]
         missing += todo or [f"setting {name}: nothing measured yet"]
     cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
     final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
