@@ -209,6 +209,35 @@ def test_array_tasks_equal_single_run(reference_run, tiny_vae_dir, tmp_path, cap
             assert torch.equal(reference[name][key], arrayed[name][key]), (name, key)
 
 
+def test_two_lanes_claim_shards_and_equal_a_single_run(reference_run, tiny_vae_dir, tmp_path, monkeypatch):
+    """This machine's lanes (lanes=2) take shards as they free up (O_EXCL claims in a temporary
+    folder, removed afterwards), every shard exactly once, and the result is byte-identical."""
+    import tempfile
+
+    from bench.prepare import pipeline
+
+    claimed, claim = [], pipeline._claim
+
+    def recording_claim(folder, split, index):  # lane 0 runs in this process: its claims are seen
+        won = claim(folder, split, index)
+        claimed.append((folder, split, index, won))
+        return won
+
+    monkeypatch.setattr(pipeline, "_claim", recording_claim)
+    claims_before = set(Path(tempfile.gettempdir()).glob("redi-bench-prepare-claims-*"))
+    out = tmp_path / "lanes"
+    run_prepare(*_configs(out, tiny_vae_dir), _options(lanes=2))
+    won = [(split, index) for _, split, index, ok in claimed if ok]
+    assert claimed and len(won) == len(set(won)) and len({c[0] for c in claimed}) == 1
+    assert set(Path(tempfile.gettempdir()).glob("redi-bench-prepare-claims-*")) == claims_before
+    assert not Path(claimed[0][0]).exists() and not _leftovers(out)
+    reference, laned = _shards(reference_run), _shards(out)
+    assert reference.keys() == laned.keys()
+    for name in reference:
+        for key in reference[name]:
+            assert torch.equal(reference[name][key], laned[name][key]), (name, key)
+
+
 def test_other_settings_in_same_folder(reference_run, tiny_vae_dir, tmp_path):
     out = tmp_path / "p"
     run_prepare(*_configs(out, tiny_vae_dir), _options(max_images={"train": 32, "test": 8}))

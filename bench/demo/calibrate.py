@@ -97,6 +97,7 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
 
     from bench.prepare import embedded
     from bench.prepare.encoders import build_efficientnet_lite0
+    from bench.prepare.pca import PCAStats
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (max(vae_settings.batch_size, cls_settings.batch_size, encode_batch), 3, 32, 32),
@@ -126,11 +127,13 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
 
     encoder = build_efficientnet_lite0(32)
     batch = images[:encode_batch]
+    stats = PCAStats(encoder.info.channels)
 
     @torch.no_grad()
-    def encode() -> None:  # prepare's pass 1: VAE moments and encoder features of a batch
+    def encode() -> None:  # prepare's pass 1: VAE moments, encoder features, their float64 PCA sums
         vae.encode(embedded.to_unit_range(batch))
-        encoder.encode(batch)
+        features = encoder.encode(batch)
+        stats.update(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
 
     return {"vae_step_s": _time(vae_step, budget_s), "classifier_step_s": _time(classifier_step, budget_s),
             "encode_image_s": _time(encode, budget_s) / len(batch)}
