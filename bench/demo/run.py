@@ -57,7 +57,8 @@ POLL_SECONDS = 5.0
 # differs by 3x or more (issue 16), so no budget is promised blindly: before any work the demo
 # times this machine (bench.demo.calibrate) and prints its own estimate of every stage.
 FULL_MEASURED = ("a first run took 42.4 min on a quiet 2-vCPU AMD EPYC (2026-12-01): prepare 11.4, "
-                 "training 15.4, evaluation 15.0 min")
+                 "training 15.4, evaluation 15.0 min; 43.8 min on the same EPYC with AVX-512 turned off "
+                 "(2026-12-02, RG at 600 steps only)")
 BUDGET_S = 45 * 60  # a first run of the full demo on 2 cores (issue 16)
 QUICK_MEASURED = "a first run took 1.9 min on a quiet 2-vCPU AMD EPYC (2026-12-01)"
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
