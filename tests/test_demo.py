@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -113,6 +114,7 @@ def test_quick_demo_writes_every_promised_file(first_run):
     calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     assert len(calls) == 1 and calls[0]["prepare"] is False and calls[0]["trained"] == len(SPECS) * len(SEEDS)
     assert calls[0]["evaluated"] == EVALUATIONS and calls[0]["estimate"]["lanes"] == 2
+    assert calls[0]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", calls[0]["commit"])
 
 
 def test_second_call_reuses_everything(first_run):

@@ -29,7 +29,7 @@ import pandas as pd
 
 from bench.atomic import atomic_write_bytes, atomic_write_text
 from bench.launch.grids import eval_config, settings_for
-from bench.perf.timing import cpu_kernels, cpu_model
+from bench.perf.timing import cpu_kernels, cpu_model, git_commit
 from bench.report.common import fmt_steps
 from bench.report.plots import COLORS, log_steps_axis
 from bench.report.stats import speedup
@@ -229,7 +229,7 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
     total = time.time() - began
     record = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "total_s": round(total, 1),
               **{f"{k}_s": round(v, 1) for k, v in times.items()}, **reused, "machine": machine(),
-              "estimate": estimate}
+              "commit": git_commit(), "estimate": estimate}
     log = out / "invocations.jsonl"
     history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
         if log.is_file() else []
