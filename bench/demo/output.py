@@ -246,7 +246,7 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
         f"- date: {record['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}, {m['platform']}"
-        + (f"; CPU kernels {m['kernels']}, native bf16: {'yes' if m['bf16_native'] else 'no'}"
+        + (f"; CPU kernels {m['kernels']}, the CPU has native bf16: {'yes' if m['bf16_native'] else 'no'}"
            if "kernels" in m else ""),
         f"- data: {plan.prepare_note}",
         f"- this call: {total / 60:.1f} min ("
