@@ -17,12 +17,14 @@ the composed config uses it, so one file serves both scales:
 
 None of these keys is in the run hash (bench.config `_not_identity`), so a site file moves where
 files are found, never which run a folder holds. A relative path is taken relative to the folder
-that holds site.yaml, so jobs started from any working directory see the same files.
+that holds site.yaml (after `~` and $VARIABLES are expanded), so jobs started from any working
+directory see the same files.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -99,9 +101,9 @@ def _flatten(data: Any, path: Path, prefix: str = "") -> dict[str, Any]:
 
 
 def _absolute(value: str, base: Path) -> str:
-    """A path relative to site.yaml's folder; a Hugging Face repo id (`org/name`, not on disk and
-    without a leading ./) is kept as written for vae.path."""
-    expanded = Path(value).expanduser()
+    """`~` and $VARIABLES expanded, relative to site.yaml's folder; a Hugging Face repo id
+    (`org/name`, not on disk and without a leading ./) is kept as written for vae.path."""
+    expanded = Path(os.path.expandvars(value)).expanduser()
     if expanded.is_absolute():
         return str(expanded)
     candidate = (base / expanded).resolve()
