@@ -70,6 +70,20 @@ def _is_user_error(err: Exception) -> bool:
     return isinstance(err, ValueError) and type(err).__module__.startswith("bench.")
 
 
+def _storage_fault(err: Exception) -> Exception:
+    """A full disk, a quota, a read-only file system or a stale handle that reached the top without
+    passing a writer of bench.storage (a library's own file, a folder made up front) as the same
+    one-line StorageError; any other error unchanged."""
+    import errno
+
+    from bench.storage import StorageError, error_number, storage_error
+
+    faults = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE)
+    if isinstance(err, StorageError) or error_number(err) not in faults:
+        return err
+    return storage_error(err, getattr(err, "filename", None) or "the output folder") or err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench",
@@ -98,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _reader_went_away()
     except Exception as err:
+        err = _storage_fault(err)
         if not _is_user_error(err):
             raise
         print(f"bench {command}: error: {err}", file=sys.stderr)
