@@ -34,9 +34,9 @@ VANISHED = (errno.ENOENT, errno.ESTALE)
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, *VANISHED)
 # A checkpoint stores four float32 copies of the parameters: the model, its EMA and AdamW's two
 # moments (bench.train.checkpoint); the RNG states, the optimizer's JSON and the safetensors headers
-# add a few hundred kB.
+# add some 20-40 kB.
 CHECKPOINT_COPIES = 4
-CHECKPOINT_OVERHEAD = 256 * 1024
+CHECKPOINT_OVERHEAD = 64 * 1024
 # models.backbone.MODEL_SIZES, repeated so that `bench grid` estimates without importing torch
 # (tests/test_storage.py keeps them in step).
 MODEL_SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
@@ -197,9 +197,12 @@ def check_guarded(path: PathLike) -> None:
 # What a planned run writes, and the preflight
 
 
-def checkpoint_bytes(parameters: int) -> int:
-    """About the bytes of one checkpoint of a model with `parameters` (float32, bench.train.checkpoint)."""
-    return CHECKPOINT_COPIES * 4 * int(parameters) + CHECKPOINT_OVERHEAD
+def checkpoint_bytes(parameters: int, weights_bytes: Optional[int] = None) -> int:
+    """About the bytes of one checkpoint (bench.train.checkpoint) of a model with `parameters`
+    trainable parameters: model and EMA weights (`weights_bytes`, the state dict's size, when the
+    model is built; else float32 parameters) and AdamW's two float32 moments."""
+    weights = 4 * int(parameters) if weights_bytes is None else int(weights_bytes)
+    return 2 * weights + (CHECKPOINT_COPIES - 2) * 4 * int(parameters) + CHECKPOINT_OVERHEAD
 
 
 def estimate_parameters(model_cfg, num_classes: int) -> int:

@@ -80,7 +80,7 @@ from bench.prepare.dataset import (
 )
 from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
 from bench.prepare.sources import DatasetError, open_split
-from bench.storage import CHECKPOINT_OVERHEAD, checkpoints_held, guard, preflight_warning
+from bench.storage import checkpoint_bytes, checkpoints_held, guard, preflight_warning
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -587,8 +587,7 @@ def warn_if_disk_is_short(cfg: ExperimentConfig, run_dir: Path, model: nn.Module
     the checkpoints this run still writes (their size from the built model: model and EMA
     weights, AdamW's two float32 moments per trainable parameter). A warning, not a refusal."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    one = 2 * weights + 2 * 4 * trainable + CHECKPOINT_OVERHEAD
+    one = checkpoint_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad), weights)
     count = max(checkpoints_held(cfg.train) - len(runfolder.list_checkpoints(run_dir)), 1)
     warning = preflight_warning(run_dir, count * one, f"this run ({count} checkpoint(s) of about "
                                                       f"{one / 2**20:.1f} MB held at once)")
