@@ -32,7 +32,7 @@ from fixtures_train import add_embedded_eval_assets, one_thread, prepared_dir, t
 from test_kill import EVAL_OVERRIDES, TRAIN_MEASURED, _env, _files, _outputs, _rows
 from test_prepare import _cli, _shards, tiny_vae_dir  # noqa: F401
 
-from bench import runfolder
+from bench import cli, runfolder
 from bench.atomic import TMP_MARK
 from bench.compose import dumps
 from bench.evaluate.evaluation import evaluate
@@ -69,14 +69,17 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
 def fill(folder: Path, leave: int = 0) -> Path:
     """A ballast file that takes every free byte of `folder`'s file system but `leave`."""
     ballast = folder / "ballast"
-    with open(ballast, "wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-        except OSError as err:
-            assert err.errno == errno.ENOSPC
-            handle.truncate(max(handle.tell() - leave, 0))
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:  # unbuffered: nothing is left to flush (and fail) at close
+            try:
+                os.write(fd, bytes(65536))
+            except OSError as err:
+                assert err.errno == errno.ENOSPC
+                break
+        os.ftruncate(fd, max(os.fstat(fd).st_size - leave, 0))
+    finally:
+        os.close(fd)
     return ballast
 
 
@@ -276,7 +279,7 @@ def test_prepare_full_disk_at_a_shard_and_at_the_pca_then_resume_equals_an_unint
         return _cli(out, tiny_vae_dir)[3:]  # without `python -m bench.cli`
 
     reference = tmp_path / "reference"
-    assert run(args(reference)).returncode == 0
+    assert cli.main(args(reference)) == 0  # in this process (one thread): a torch import saved
     with tmpfs(tmp_path / "fs", "16m") as fs:
         out = fs / "prepared"
         process = stopped_at(args(out), "prepare:encoded:train/0")
@@ -316,20 +319,20 @@ def test_report_full_disk_then_the_copied_folder_finishes_identical(tmp_path):
 
     build_fixture(tmp_path / "runs")
 
-    def report(out: Path) -> subprocess.CompletedProcess:
-        return run(["report", GRID, f"output_root={tmp_path / 'runs'}", "--out", str(out)])
+    def report(out: Path) -> list[str]:
+        return ["report", GRID, f"output_root={tmp_path / 'runs'}", "--out", str(out)]
 
-    assert report(tmp_path / "reference").returncode == 0
+    assert cli.main(report(tmp_path / "reference")) == 0  # in this process: a start-up saved
     reference = tmp_path / "reference" / GRID
     with tmpfs(tmp_path / "fs", "64k") as fs:
-        one_line_error(report(fs), "report", f"no space left on the device holding {fs / GRID}/")
+        one_line_error(run(report(fs)), "report", f"no space left on the device holding {fs / GRID}/")
         written = sorted(p.name for p in (fs / GRID).iterdir())
         assert written and len(written) < len(list(reference.iterdir()))
         for name in written:  # what is there under a finished name is complete
             assert _strip_pdf_dates((fs / GRID / name).read_bytes()) == \
                 _strip_pdf_dates((reference / name).read_bytes()), name
         moved = Path(shutil.copytree(fs, tmp_path / "moved", dirs_exist_ok=True))
-    assert report(moved).returncode == 0
+    assert run(report(moved)).returncode == 0
     names = sorted(p.name for p in (moved / GRID).iterdir())
     assert names == sorted(p.name for p in reference.iterdir())
     for name in names:
