@@ -12,7 +12,8 @@ renamed into place), so the same command, re-run once the fault is fixed, resume
 A folder removed mid-run would otherwise be re-created silently by the next write (every writer
 creates its parents), leaving a run folder without its config and early logs. A command that owns
 a folder wraps its work in `guard(folder)`: every write under it first checks that the folder is
-still the one it started with (same device and inode), one `stat` per write.
+still there and the one it started with (same device and inode: a folder re-made under the same
+name may get the old inode back, and then passes), one `stat` per write.
 
 The preflight (`preflight_warning`) compares the free space of the output folder's file system
 with what a planned run writes: its checkpoints (model, EMA and AdamW's two moments, float32,
@@ -166,8 +167,8 @@ def writing(path: PathLike, needed: Optional[int] = None, what: str = "the file"
 @contextmanager
 def guard(folder: PathLike) -> Iterator[None]:
     """While the block runs, a write under `folder` fails with a StorageError once `folder` is
-    removed or replaced, instead of re-creating it empty. A folder that does not exist yet is
-    watched from the first write that finds it."""
+    removed (or replaced by a folder with another inode), instead of re-creating it empty. A
+    folder that does not exist yet is watched from the first write that finds it."""
     key = os.path.abspath(folder)
     previous = _guarded.get(key, False)
     _guarded[key] = _identity(key)
