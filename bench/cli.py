@@ -71,17 +71,11 @@ def _is_user_error(err: Exception) -> bool:
 
 
 def _storage_fault(err: Exception) -> Exception:
-    """A full disk, a quota, a read-only file system or a stale handle that reached the top without
-    passing a writer of bench.storage (a library's own file, a folder made up front) as the same
-    one-line StorageError; any other error unchanged."""
-    import errno
+    """A storage fault that reached the top outside bench.storage's writers (a library's own file,
+    a folder made up front) as the same one-line StorageError; any other error unchanged."""
+    from bench.storage import as_storage_error
 
-    from bench.storage import StorageError, error_number, storage_error
-
-    faults = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE)
-    if isinstance(err, StorageError) or error_number(err) not in faults:
-        return err
-    return storage_error(err, getattr(err, "filename", None) or "the output folder") or err
+    return as_storage_error(err) or err
 
 
 def build_parser() -> argparse.ArgumentParser:

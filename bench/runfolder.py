@@ -171,7 +171,7 @@ def truncate_jsonl(path: PathLike, keep: Callable[[dict], bool]) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    with _locked_log(path, read=True) as (handle, existing):
+    with writing(path), _locked_log(path, read=True) as (handle, existing):
         _parse(path, existing.decode("utf-8"))  # a corrupted middle line is an error, not cut silently
         offset = 0
         for line in existing.split(b"\n")[:-1]:

@@ -150,6 +150,17 @@ def vanished_error(folder: Path, path: PathLike, number: int = errno.ENOENT) -> 
                         "folder holds (from the start, if nothing)", path, number)
 
 
+def as_storage_error(err: BaseException, where: PathLike = "the output folder") -> Optional[StorageError]:
+    """`err` as a StorageError when it is one or a storage fault that reached the top without passing
+    a `writing` block (a library's own file, a folder made up front): a full disk, a quota, a
+    read-only file system or a stale handle, at the OSError's file name (else `where`); else None."""
+    if isinstance(err, StorageError):
+        return err
+    if error_number(err) not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE):
+        return None  # a plain ENOENT without a known path is a missing input, not a vanished folder
+    return storage_error(err, getattr(err, "filename", None) or where)
+
+
 @contextmanager
 def writing(path: PathLike, needed: Optional[int] = None, what: str = "the file") -> Iterator[None]:
     """Turn a storage fault raised in the block (which writes `path`, about `needed` bytes) into

@@ -114,21 +114,29 @@ def test_a_fault_outside_the_writers_is_still_one_line(monkeypatch, capsys):
     assert err.startswith("bench report: error: the file system holding /somewhere/events.out is read-only")
 
 
-def test_a_job_stopped_by_a_storage_fault_is_not_requeued_and_status_shows_why(tmp_path):
+def _full_disk(cfg, run_dir):
+    raise storage_error(OSError(errno.ENOSPC, "No space left on device"), Path(run_dir) / "checkpoints")
+
+
+def _read_only(cfg, run_dir):  # a raw OSError, as a library's own write raises it
+    raise OSError(errno.EROFS, "Read-only file system", str(Path(run_dir) / "tensorboard" / "events"))
+
+
+@pytest.mark.parametrize("fn, says", [(_full_disk, "no space left on the device holding"),
+                                      (_read_only, "the file system holding")])
+def test_a_job_stopped_by_a_storage_fault_is_not_requeued_and_status_shows_why(tmp_path, capsys, fn, says):
     from bench.launch.jobs import TrainJob
     from bench.launch.status import job_state
 
-    def full_disk(cfg, run_dir):
-        raise storage_error(OSError(errno.ENOSPC, "No space left on device"), Path(run_dir) / "checkpoints")
-
-    job = TrainJob("g", "cell", load_config([]), str(tmp_path), fn=full_disk)
+    job = TrainJob("g", "cell", load_config([]), str(tmp_path), fn=fn)
     assert job.checkpoint() is not None  # before any fault: a time limit requeues it
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match=says):
         job()
     assert job.checkpoint() is None  # submitit does not requeue when checkpoint() returns None
+    assert f"bench train: error: {says}" in capsys.readouterr().err  # the job log's one line
     events = runfolder.read_jsonl(tmp_path / "jobs.jsonl")
     state, detail, _ = job_state({"job_id": None}, events, {})
-    assert state == "failed" and detail.startswith("StorageError: no space left on the device holding")
+    assert state == "failed" and detail.startswith(f"StorageError: {says}")
 
 
 # ----------------------------------------------------------------------------------------------

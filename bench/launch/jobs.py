@@ -22,7 +22,7 @@ import submitit
 
 from bench.config import ExperimentConfig
 from bench.runfolder import EVAL_FILE, JOBS_FILE, append_jsonl, read_jsonl
-from bench.storage import StorageError
+from bench.storage import StorageError, as_storage_error
 
 # ----------------------------------------------------------------------------------------------
 # Run folders (their layout and JSONL policy: bench.runfolder)
@@ -125,12 +125,16 @@ class CellJob(submitit.helpers.Checkpointable):
         try:
             result = self.run()
         except Exception as err:
-            if isinstance(err, StorageError):
+            fault = as_storage_error(err, self.run_dir)
+            if fault is not None:
                 self.storage_failed = True
-                print(f"bench {self.stage}: error: {err}", file=sys.stderr, flush=True)  # the log's one line
+                print(f"bench {self.stage}: error: {fault}", file=sys.stderr, flush=True)  # the log's one line
             if main:
+                failure = fault or err
                 record_failure(Path(self.run_dir), {"event": "end", **tag, "outcome": "failed",
-                                                    "error": f"{type(err).__name__}: {err}"[:1000]})
+                                                    "error": f"{type(failure).__name__}: {failure}"[:1000]})
+            if fault is not None and fault is not err:
+                raise fault from None
             raise
         except BaseException:  # SystemExit from submitit's requeue, KeyboardInterrupt
             if main:
