@@ -338,3 +338,24 @@ def test_report_full_disk_then_the_copied_folder_finishes_identical(tmp_path):
     for name in names:
         assert _strip_pdf_dates((moved / GRID / name).read_bytes()) == _strip_pdf_dates((reference / name).read_bytes())
 
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors on a full disk: its SafetensorError carries only the text "(os error 28)"
+
+
+def test_safetensors_error_on_a_full_disk_is_classified_and_leaves_no_temporary(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.atomic import atomic_save_safetensors
+    from bench.storage import StorageError, error_number
+
+    tensors = {"x": torch.zeros(256 * 1024)}  # 1 MB
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        with pytest.raises(Exception) as raised:
+            save_file(tensors, str(fs / "direct.safetensors"))
+        assert type(raised.value).__name__ == "SafetensorError" and error_number(raised.value) == errno.ENOSPC
+        with pytest.raises(StorageError, match=f"holding {fs / 'x.safetensors'}: .* the file needs about 1.0 MB"):
+            atomic_save_safetensors(fs / "x.safetensors", tensors)
+        assert list(fs.iterdir()) == []  # no temporary (safetensors removes its own partial file too)
