@@ -2,8 +2,10 @@
 
 Every file the harness writes goes to a temporary name in the same folder and is then moved into
 place with `os.replace`, which is atomic on POSIX: a reader (or a re-run after a crash) sees either
-the old file or the complete new one, never a partial file. Temporary names hold `.tmp-<pid>-` so
-a crashed writer's leftovers are easy to recognise and never mistaken for finished output.
+the old file or the complete new one, never a partial file. Temporary names hold `.tmp-<pid>-` so a
+crashed writer's leftovers are easy to recognise and never mistaken for finished output. A full
+disk, a quota, a read-only file system or a folder removed mid-write is one StorageError
+(bench.storage) naming the file, its temporary removed.
 
 Temporary files and folders are created with the modes every Unix tool asks for (0666 / 0777), so
 the process umask decides what the finished files are, as for any other program: a group on a
@@ -28,8 +30,11 @@ import json
 import os
 import secrets
 import signal
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
+
+from bench.storage import writing
 
 if TYPE_CHECKING:  # torch is imported where tensors are written, so JSON/text users stay light
     import torch
@@ -110,22 +115,28 @@ def save_safetensors_file(tensors: Mapping[str, torch.Tensor], path: PathLike,
     os.chmod(path, 0o666 & ~current_umask())
 
 
-def atomic_write_with(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)`, fsync the result, then rename it onto `path`."""
+def atomic_write_with(path: PathLike, write: Callable[[str], None], needed: Optional[int] = None) -> Path:
+    """Call `write(tmp_path)`, fsync the result, then rename it onto `path`.
+
+    A full disk, a quota, a read-only file system or a vanished folder is a StorageError naming
+    `path` (and the `needed` bytes, when the caller knows them); the temporary is removed first.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(_create_temporary_file(path))
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        crash_point(f"atomic:{path.name}")  # the worst moment: the data written, not yet in place
-        os.replace(tmp, path)
-    except BaseException:
-        # Never leave a partial file behind, whatever interrupted the write.
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path, needed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = str(_create_temporary_file(path))
+        try:
+            write(tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            crash_point(f"atomic:{path.name}")  # the worst moment: the data written, not yet in place
+            os.replace(tmp, path)
+        except BaseException:
+            # Never leave a partial file behind, whatever interrupted the write (on a read-only
+            # file system the unlink fails too: the next run's stale-temporary sweep removes it).
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
     return path
 
 
@@ -136,7 +147,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
         with open(tmp, "wb") as handle:
             handle.write(data)
 
-    return atomic_write_with(path, write)
+    return atomic_write_with(path, write, needed=len(data))
 
 
 def atomic_write_text(path: PathLike, text: str) -> Path:
@@ -154,7 +165,8 @@ def atomic_save_safetensors(path: PathLike, tensors: Mapping[str, torch.Tensor],
     """Save a dict of tensors as safetensors atomically (tensors made contiguous, on CPU)."""
     clean = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    return atomic_write_with(path, lambda tmp: save_safetensors_file(clean, tmp, meta))
+    needed = sum(t.numel() * t.element_size() for t in clean.values())
+    return atomic_write_with(path, lambda tmp: save_safetensors_file(clean, tmp, meta), needed=needed)
 
 
 def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) -> Path:
@@ -164,22 +176,23 @@ def atomic_torch_module_dir(directory: PathLike, save: Callable[[str], None]) ->
     or not at all. An existing `directory` is replaced.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_temporary_dir(directory)
-    try:
-        save(str(tmp))
-        _follow_umask(tmp)
-        crash_point(f"atomic:{directory.name}/")
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}{TMP_MARK}old-{os.getpid()}")
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            _remove_tree(old)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        _remove_tree(tmp)
-        raise
+    with writing(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_temporary_dir(directory)
+        try:
+            save(str(tmp))
+            _follow_umask(tmp)
+            crash_point(f"atomic:{directory.name}/")
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}{TMP_MARK}old-{os.getpid()}")
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                _remove_tree(old)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
     return directory
 
 

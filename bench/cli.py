@@ -74,6 +74,14 @@ def _is_user_error(err: Exception) -> bool:
     return isinstance(err, ValueError) and type(err).__module__.startswith("bench.")
 
 
+def _storage_fault(err: Exception) -> Exception:
+    """A storage fault that reached the top outside bench.storage's writers (a library's own file,
+    a folder made up front) as the same one-line StorageError; any other error unchanged."""
+    from bench.storage import as_storage_error
+
+    return as_storage_error(err) or err
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench",
@@ -102,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return _reader_went_away()
     except Exception as err:
+        err = _storage_fault(err)
         if not _is_user_error(err):
             raise
         print(f"bench {command}: error: {err}", file=sys.stderr)

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from bench.atomic import PathLike, atomic_write_text, crash_point
 from bench.compose import from_dict  # Hydra/OmegaConf: loaded only by the readers that need a config
+from bench.storage import writing
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE"
@@ -122,7 +123,7 @@ def append_jsonl(path: PathLike, rows: Sequence[dict],
     under the same lock as the write: two processes adding the same row write it once.
     """
     path = Path(path)
-    with _locked_log(path, read=key is not None) as (handle, existing):
+    with writing(path), _locked_log(path, read=key is not None) as (handle, existing):
         if key is not None:
             seen = {key(row) for row in _parse(path, existing.decode("utf-8"))}
             fresh = []
@@ -134,10 +135,26 @@ def append_jsonl(path: PathLike, rows: Sequence[dict],
         if rows:
             data = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
             crash_point(f"append:{path.name}", lambda: _write_half(handle, data))
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            _append_or_undo(handle.fileno(), data)
     return list(rows)
+
+
+def _append_or_undo(fd: int, data: bytes) -> None:
+    """Write `data` at the end of the file and fsync; when the storage refuses part of it (full,
+    over quota), cut the file back to its old length so no torn line is left (best effort: a
+    read-only file system refuses the cut too, and then the next append cuts it)."""
+    start = os.fstat(fd).st_size
+    try:
+        view = memoryview(data)
+        while view:  # os.write, not the buffered handle: nothing is left to flush at close
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass
+        raise
 
 
 def _write_half(handle, data: bytes) -> None:
@@ -154,7 +171,7 @@ def truncate_jsonl(path: PathLike, keep: Callable[[dict], bool]) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    with _locked_log(path, read=True) as (handle, existing):
+    with writing(path), _locked_log(path, read=True) as (handle, existing):
         _parse(path, existing.decode("utf-8"))  # a corrupted middle line is an error, not cut silently
         offset = 0
         for line in existing.split(b"\n")[:-1]:
@@ -275,19 +292,17 @@ def train_lock(run_dir: PathLike) -> Iterator[None]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / TRAIN_LOCK
-    with open(path, "a+") as handle:
+    # Held on a read-only descriptor (flock needs no write access): no file of the run stays open
+    # for writing between writes, so a file system can be remounted read-only under a running job.
+    with open(os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)) as handle:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise RunFolderError(f"{run_dir} is being trained by {holder} (it holds {path}); wait for it "
                                  "to finish or stop it, then run the same command again to resume") from None
         try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-            handle.flush()
+            path.write_text(f"pid {os.getpid()} on {os.uname().nodename}\n")
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -66,6 +66,7 @@ from bench.evaluate.sampling import (
 from bench.identity import run_hash
 from bench.metrics_log import MetricsLogger
 from bench.runfolder import EVAL_FILE, checkpoint_path, checkpoint_steps, checkpoints_dir, eval_key, read_eval_rows
+from bench.storage import guard
 from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, read_meta
 
 __all__ = ["evaluate", "missing_evaluations", "sample", "main_eval", "main_sample"]
@@ -397,10 +398,12 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _run_cli(name: str, body) -> int:
-
+def _run_cli(name: str, body, run_dir: Path) -> int:
+    """`body()` with the run folder guarded (bench.storage: a removed folder is one error, not
+    re-created) and its user-fixable errors as one line."""
     try:
-        return body()
+        with guard(run_dir):
+            return body()
     except (EvaluationError, SamplingError, FeatureNetworkError, CorruptCheckpointError) as err:
         print(f"bench {name}: error: {err}", file=sys.stderr)
         return 2
@@ -431,7 +434,7 @@ def main_sample(argv: Optional[Sequence[str]] = None) -> int:
                   + (f" (grid: {result.folder / 'grid.png'})" if (result.folder / "grid.png").is_file() else ""))
         return 0
 
-    return _run_cli("sample", body)
+    return _run_cli("sample", body, args.run_dir)
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -485,4 +488,4 @@ def main_eval(argv: Optional[Sequence[str]] = None) -> int:
             print(format_table(shown))
         return 0
 
-    return _run_cli("eval", body)
+    return _run_cli("eval", body, args.run_dir)

@@ -100,7 +100,8 @@ def export_samples(run_dir: Path, step: int, setting: str = "default", out: Opti
                 with archive.open("arr_1.npy", "w", force_zip64=True) as member:
                     member.write(_npy_header(labels.shape, np.int64) + labels.tobytes())
 
-    return atomic_write_with(out, write), shape
+    images_and_labels = int(np.prod(shape)) + 8 * count  # what a full disk's message says is needed
+    return atomic_write_with(out, write, needed=images_and_labels), shape
 
 
 def main_export(argv: Optional[Sequence[str]] = None) -> int:

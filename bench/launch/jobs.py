@@ -12,6 +12,7 @@ import inspect
 import os
 import signal
 import socket
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,6 +22,7 @@ import submitit
 
 from bench.config import ExperimentConfig
 from bench.runfolder import EVAL_FILE, JOBS_FILE, append_jsonl, read_jsonl
+from bench.storage import StorageError, as_storage_error
 
 # ----------------------------------------------------------------------------------------------
 # Run folders (their layout and JSONL policy: bench.runfolder)
@@ -82,6 +84,8 @@ class CellJob(submitit.helpers.Checkpointable):
     threads: Optional[int] = None
     """Compute threads of this job's process (torch.set_num_threads), set by the launcher for local
     jobs from the profile's cpus_per_task; None leaves torch's default (every core it sees)."""
+    storage_failed = False
+    """Set when the work stopped on a storage fault (bench.storage): the job is then not requeued."""
 
     def __init__(self, grid: str, cell: str, cfg: ExperimentConfig, run_dir: str,
                  fn: Optional[Callable] = None, setting: Optional[str] = None, steps: Sequence[int] = ()) -> None:
@@ -92,7 +96,11 @@ class CellJob(submitit.helpers.Checkpointable):
         raise NotImplementedError
 
     def __call__(self) -> Any:
-        result = self.run_recorded()
+        try:
+            result = self.run_recorded()
+        except StorageError:
+            ignore_requeue_signal()  # a full or read-only disk fails the same way after a requeue
+            raise
         ignore_requeue_signal()
         return result
 
@@ -117,9 +125,16 @@ class CellJob(submitit.helpers.Checkpointable):
         try:
             result = self.run()
         except Exception as err:
+            fault = as_storage_error(err, self.run_dir)
+            if fault is not None:
+                self.storage_failed = True
+                print(f"bench {self.stage}: error: {fault}", file=sys.stderr, flush=True)  # the log's one line
             if main:
-                append_record(Path(self.run_dir), {"event": "end", **tag, "outcome": "failed",
-                                                   "error": f"{type(err).__name__}: {err}"[:1000]})
+                failure = fault or err
+                record_failure(Path(self.run_dir), {"event": "end", **tag, "outcome": "failed",
+                                                    "error": f"{type(failure).__name__}: {failure}"[:1000]})
+            if fault is not None and fault is not err:
+                raise fault from None
             raise
         except BaseException:  # SystemExit from submitit's requeue, KeyboardInterrupt
             if main:
@@ -129,10 +144,23 @@ class CellJob(submitit.helpers.Checkpointable):
             append_record(Path(self.run_dir), {"event": "end", **tag, "outcome": "done"})
         return str(result) if isinstance(result, Path) else result
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Requeue this same job; the work resumes from what the run folder holds (no state here)."""
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Optional[submitit.helpers.DelayedSubmission]:
+        """Requeue this same job; the work resumes from what the run folder holds (no state here).
+        Not after a storage fault: the requeued job would hit the same full or read-only disk."""
+        if self.storage_failed:
+            print(f"bench: not requeueing {self.stage} of cell {self.cell}: its storage failed", flush=True)
+            return None  # submitit then does not requeue
         print(f"bench: requeueing {self.stage} of cell {self.cell}; it resumes from {self.run_dir}", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def record_failure(run_dir: Path, row: dict) -> None:
+    """The `end: failed` row, if the run folder still takes it: after a storage fault it may not
+    (read-only, full, removed), and then `bench status` reads the reason from the job's log."""
+    try:
+        append_record(run_dir, row)
+    except StorageError as err:
+        print(f"bench: could not record the failure in {run_dir / JOBS_FILE}: {err}", file=sys.stderr, flush=True)
 
 
 def ignore_requeue_signal() -> None:

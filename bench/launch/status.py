@@ -88,7 +88,7 @@ def _tail_error(path: Optional[str]) -> str:
         return ""
     lines = [ln.strip() for ln in Path(path).read_text(errors="replace").splitlines()[-200:] if ln.strip()]
     errors = [ln for ln in lines if "Error" in ln or "error" in ln or "Exception" in ln]
-    return (errors or lines or [""])[-1][:300]
+    return (errors or lines or [""])[-1][:600]  # a storage fault's line names the path and what to do
 
 
 def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> tuple[str, str, int]:

@@ -64,6 +64,7 @@ from bench.launch.profiles import (
     load_profile,
 )
 from bench.launch.status import format_status, grid_status
+from bench.storage import checkpoint_bytes, checkpoints_held, estimate_parameters, preflight_warning, sample_bytes
 
 STAGES = ("train", "eval")
 
@@ -142,6 +143,21 @@ def _run_debug(plan: Sequence[PlannedJob], handles: Sequence[Any], quiet: bool) 
     return failed
 
 
+def disk_space_note(plan: Sequence[Any], stage: str, output_root: str) -> Optional[str]:
+    """The free-space preflight of a submission (bench.storage): the checkpoints every planned
+    training run holds at once, or the sample shards of every planned evaluation; torch-free, so
+    the model's size comes from its configured size (within 1% of the built model at paper sizes)."""
+    needed = 0
+    for job in plan:
+        cfg = job.cell.cfg
+        if stage == "train":
+            parameters = estimate_parameters(cfg.model, cfg.num_model_classes)
+            needed += checkpoint_bytes(parameters) * checkpoints_held(cfg.train)
+        else:
+            needed += sample_bytes(job.job.cfg) * max(len(job.steps), 1)
+    return preflight_warning(output_root, needed, f"the {len(plan)} {stage} job(s) of this submission")
+
+
 def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, local: bool = False,
                 debug: bool = False, dry_run: bool = False, job_fn: Optional[Callable] = None,
                 overrides: Sequence[str] = (), quiet: bool = False, grids_dir: Path | str | None = None,
@@ -182,6 +198,8 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     out.estimate = {"gpu_h": sum(e["gpu_h"] for e in known), "wall_h": sum(e["wall_h"] for e in known),
                     "unknown": len([j for j in plan if j.job.stage == "train"]) - len(known)}
     out.notes += [f"also measure: {command}" for command in grid.perf]
+    if plan:
+        out.notes += [note for note in [disk_space_note(plan, stage, cells[0].cfg.output_root)] if note]
     out.jobs = [{"cell": j.cell.name, "setting": j.setting, "steps": list(j.steps), "run_dir": str(j.run_dir),
                  **{k: j.estimate.get(k) for k in ("throughput", "source", "wall_h", "gpu_h")}} for j in plan]
     if dry_run and profile is None:

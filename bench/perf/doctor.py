@@ -46,6 +46,14 @@ from bench.perf.training import loss_agreement
 from bench.prepare.dataset import read_manifest
 from bench.prepare.encoders import build_semantic_encoder, load_vae
 from bench.report.comparability import INCEPTION_2015_SHA256_PREFIX as INCEPTION_SHA256_PREFIX
+from bench.storage import (
+    checkpoint_bytes,
+    checkpoints_held,
+    estimate_parameters,
+    free_bytes,
+    preflight_warning,
+    sample_bytes,
+)
 from bench.train.checkpoint import checkpoint_path
 from bench.train.loop import check_prepared, read_align_manifest
 
@@ -61,7 +69,7 @@ def _adm_reference_sha256() -> Optional[str]:
 @dataclass
 class Check:
     name: str
-    status: str  # PASS, FAIL, SKIP
+    status: str  # PASS, FAIL, SKIP, WARN (a finding that does not stop a run)
     detail: str
 
     def line(self) -> str:
@@ -176,6 +184,22 @@ def weights_checks(cfg) -> list[Check]:
                             "VIRTUAL_imagenet256_labeled.npz" if cfg.data.name == "imagefolder" else
                             " (the prepared test split is the reference)")))
     return checks
+
+
+def disk_check(cfg) -> Check:
+    """output_root's disk has room for one run of the config: the checkpoints it holds at once and
+    one evaluation's samples per kept milestone (bench.storage's estimate). Short is a warning."""
+    parameters = estimate_parameters(cfg.model, cfg.num_model_classes)
+    held = checkpoints_held(cfg.train)
+    needed = checkpoint_bytes(parameters) * held + sample_bytes(cfg) * max(len(cfg.train.milestones), 1)
+    planned = f"{held} checkpoint(s) of ~{checkpoint_bytes(parameters) / 2**20:.0f} MB and samples"
+    warning = preflight_warning(cfg.output_root, needed, f"one run ({planned})")
+    if warning:
+        return Check("storage/output_root", "WARN", warning.removeprefix("warning: "))
+    free = free_bytes(cfg.output_root)
+    room = f"{free / 2**30:.1f} GB free" if free is not None else "free space unknown"
+    return Check("storage/output_root", "PASS", f"{cfg.output_root}: {room}, one run writes ~"
+                                                f"{needed / 2**30:.2f} GB ({planned})")
 
 
 def data_check(cfg) -> Check:
@@ -346,6 +370,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         checks += weights_checks(cfg)
     if "data" not in skip:
         checks.append(data_check(cfg))
+        checks.append(disk_check(cfg))
     if "throughput" not in skip:
         checks += throughput_checks(specs, args.size or cfg.model.size, args.batch, scale,
                                     args.perf_dir, cfg.train.precision, cfg.train.compile)

@@ -63,6 +63,7 @@ from bench.prepare.embedded import (
 from bench.prepare.encoders import LatentVAE, SemanticEncoder, build_semantic_encoder, load_vae
 from bench.prepare.pca import PCAError, PCAModel, PCAStats, import_official_pca
 from bench.prepare.sources import DatasetError, ImageSource, open_split
+from bench.storage import guard
 
 CLASSIFIER_DATASETS = ("fashion_mnist", "digits")
 OFFICIAL_PCA_ENCODER = "dinov2_vitb14_reg_"
@@ -667,6 +668,7 @@ def main(argv=None) -> int:
         verify=args.verify,
         device=args.device, seed=args.seed, progress=not args.no_progress,
         train_classifier=not args.no_classifier)
-    out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options)  # errors: one line (bench.cli)
+    with guard(cfg.data.prepared_dir):  # a removed folder is one error (bench.storage), not re-created
+        out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options)  # errors: one line (bench.cli)
     print(f"prepare: output in {out}", flush=True)
     return 0

@@ -70,6 +70,7 @@ from bench.report.tables import (
     write_report,
 )
 from bench.site import load_site
+from bench.storage import guard
 
 # ------------------------------------------------------------------------------------------------
 # Run folders: results/runs/<grid>/<spec>-<hash>/ (bench.runfolder)
@@ -348,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ReportError("output_root is empty; give the folder that holds the run folders")
         check_writable_dir(Path(args.out) / args.name, "--out")
         report = summarize(gather(args.name, runs_root), args.metric, accept=args.accept)
-        out = write_report(report, Path(args.out) / args.name, plots=not args.no_plots)
+        with guard(Path(args.out) / args.name):  # a removed folder is one error, not re-created
+            out = write_report(report, Path(args.out) / args.name, plots=not args.no_plots)
     except (ReportError, OutputPathError) as err:
         print(f"bench report: error: {err}", file=sys.stderr)
         return 2

@@ -10,7 +10,10 @@ Layout of one checkpoint (`<run_dir>/checkpoints/<step:07d>/`):
 
 A checkpoint is written into `<step>.tmp-<pid>/`, every file is fsynced, and the directory is renamed
 into place, so a killed writer leaves only a tmp folder that is ignored (and removed on the next
-start). A checkpoint whose state.json is missing or unreadable, or whose files do not match the
+start). When the storage refuses the write (a full disk, a quota, a read-only file system, the run
+folder removed) the tmp folder is removed at once where possible and the error is one
+bench.storage.StorageError saying how much a checkpoint needs; the newest complete checkpoint is
+untouched. A checkpoint whose state.json is missing or unreadable, or whose files do not match the
 recorded sha256 (a truncated or corrupted file), is invalid: `select_resume_checkpoint` moves it
 aside to `<step>.corrupt` with a warning and falls back to the previous good one. "Latest" always
 means the largest step number, never a file time or size.
@@ -33,6 +36,7 @@ from torch import nn
 
 from bench.atomic import atomic_write_text, crash_point, save_safetensors_file, sha256_file
 from bench.runfolder import checkpoint_path, checkpoints_dir, list_checkpoints
+from bench.storage import CHECKPOINT_OVERHEAD, writing
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -220,10 +224,11 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_steps: Iterable[int] =
     listed = list_checkpoints(run_dir)
     keep.update(step for step, _ in listed[-keep_last:])
     deleted = []
-    for step, path in listed:
-        if step not in keep:
-            shutil.rmtree(path)
-            deleted.append(step)
+    with writing(checkpoints_dir(run_dir)):  # a read-only file system refuses deletions too
+        for step, path in listed:
+            if step not in keep:
+                shutil.rmtree(path)
+                deleted.append(step)
     return deleted
 
 
@@ -247,44 +252,50 @@ def save_checkpoint(
     `state` is any JSON-able caller state (data position, run hash, ...). An existing folder of
     the same step (e.g. one quarantined run replayed) is replaced.
     """
-    root = checkpoints_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(run_dir, step)
-    tmp = root / f"{step:07d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
     weights = {f"model.{k}": v for k, v in strip_wrapper_prefixes(unwrap_model(model).state_dict()).items()}
     weights.update({f"ema.{k}": v for k, v in strip_wrapper_prefixes(unwrap_model(ema).state_dict()).items()})
     optim_tensors, optim_meta = _split_optimizer_state(optimizer.state_dict())
     tensors = dict(optim_tensors)
     tensors.update({f"rng.{name}": value for name, value in rng.items()})
+    final = checkpoint_path(run_dir, step)
+    tmp = checkpoints_dir(run_dir) / f"{step:07d}.tmp-{os.getpid()}"
+    needed = sum(t.numel() * t.element_size() for t in (*weights.values(), *tensors.values())) + CHECKPOINT_OVERHEAD
+    with writing(final, needed, "a checkpoint"):
+        try:
+            _write_checkpoint_folder(tmp, weights, tensors, {
+                "format": FORMAT_VERSION, "step": int(step), "optimizer": optim_meta,
+                "python_numpy_rng": python_numpy_rng_state(), "state": state})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+            raise
+        if final.exists():  # rename(2) cannot replace a non-empty folder: move the old one out first
+            old = final.with_name(f"{step:07d}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    return final
+
+
+def _write_checkpoint_folder(tmp: Path, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                             meta: dict[str, Any]) -> None:
+    """The checkpoint's files in the fresh folder `tmp`: both safetensors files fsynced, then
+    state.json (with their sha256 and "complete": true) last."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     save_safetensors_file(_cpu_contiguous(weights), tmp / WEIGHTS_FILE, {"format": str(FORMAT_VERSION)})
     save_safetensors_file(_cpu_contiguous(tensors), tmp / STATE_FILE, {"format": str(FORMAT_VERSION)})
     for name in (WEIGHTS_FILE, STATE_FILE):
         _fsync_file(tmp / name)
     crash_point("checkpoint:files")
-    meta = {
-        "format": FORMAT_VERSION,
-        "step": int(step),
-        "optimizer": optim_meta,
-        "python_numpy_rng": python_numpy_rng_state(),
-        "state": state,
-        "sha256": {name: sha256_file(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)},
-        "complete": True,
-    }
+    meta = {**meta, "sha256": {name: sha256_file(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)},
+            "complete": True}
     atomic_write_text(tmp / META_FILE, json.dumps(meta))
     _fsync_dir(tmp)
-    if final.exists():  # rename(2) cannot replace a non-empty folder: move the old one out first
-        old = root / f"{step:07d}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    return final
 
 
 def _load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ from bench.prepare.dataset import (
 )
 from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
 from bench.prepare.sources import DatasetError, open_split
+from bench.storage import checkpoint_bytes, checkpoints_held, guard, preflight_warning
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -455,12 +456,16 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     generators = {name: torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, name))
                   for name in ("objective", "latent_noise")}
 
+    if main:
+        warn_if_disk_is_short(cfg, run_dir, model)
+
     # -- first write: the lock, the run folder, its config, leftovers of a killed writer --------
     with contextlib.ExitStack() as held:
         refused = None
         if main:
             try:
                 held.enter_context(runfolder.train_lock(run_dir))
+                held.enter_context(guard(run_dir))  # a removed run folder is an error, not re-created
             except runfolder.RunFolderError as err:
                 refused = err
         if dist_utils.broadcast_int(int(refused is not None)):
@@ -575,6 +580,19 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
         print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
     dist_utils.barrier()
     return run_dir
+
+
+def warn_if_disk_is_short(cfg: ExperimentConfig, run_dir: Path, model: nn.Module) -> None:
+    """The free-space preflight: one line on stderr when the run folder's disk has less room than
+    the checkpoints this run still writes (their size from the built model: model and EMA
+    weights, AdamW's two float32 moments per trainable parameter). A warning, not a refusal."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    one = checkpoint_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad), weights)
+    count = max(checkpoints_held(cfg.train) - len(runfolder.list_checkpoints(run_dir)), 1)
+    warning = preflight_warning(run_dir, count * one, f"this run ({count} checkpoint(s) of about "
+                                                      f"{one / 2**20:.1f} MB held at once)")
+    if warning:
+        print(f"bench train: {warning}", file=sys.stderr, flush=True)
 
 
 def _log_record(sums: dict, steps: int, timed_steps: int, world: int, cfg: ExperimentConfig, step: int,
