@@ -27,8 +27,8 @@ from models.joint_objective import (
     joint_mse,
     logged_semantic,
 )
+from models.settings import FLOW_PATHS, choice_problem
 
-PATHS = ("linear", "gvp")
 DIFFUSION_FORMS = ("sigma", "linear", "constant")
 
 
@@ -51,8 +51,9 @@ class FlowPath:
     name: str = "linear"
 
     def __post_init__(self) -> None:
-        if self.name not in PATHS:
-            raise ValueError(f"flow path must be one of {PATHS}, got {self.name!r}")
+        problem = choice_problem(self.name, FLOW_PATHS)
+        if problem:
+            raise ValueError(f"flow path{problem}")
 
     def alpha(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha_t, d alpha_t / dt)."""
@@ -111,8 +112,9 @@ class FlowConfig(JointObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.path not in PATHS:
-            raise ValueError(f"FlowConfig.path must be one of {PATHS}, got {self.path!r}")
+        problem = choice_problem(self.path, FLOW_PATHS)
+        if problem:
+            raise ValueError(f"FlowConfig.path{problem}")
 
 
 class FlowTransport:

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-DROP_MODES = ("sample", "batch_official")
+from models.settings import DROP_MODES, choice_problem, p_drop_problem, probability_problem
 
 AlignmentLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -71,12 +71,10 @@ class JointObjectiveConfig:
         for key in ("lambda_z", "lambda_repa"):
             value = getattr(self, key)
             require(math.isfinite(value) and value >= 0, f"{key} must be a finite weight >= 0, got {value}")
-        for key in ("p_drop", "class_dropout_prob"):
-            value = getattr(self, key)
-            require(0.0 <= value <= 1.0, f"{key} is a probability and must lie in [0, 1], got {value}")
-        require(self.p_drop == 0 or self.semantic_channels > 0,
-                "p_drop > 0 needs semantic_channels > 0 (nothing to drop); set p_drop=0 for a latent-only model")
-        require(self.drop_mode in DROP_MODES, f"drop_mode must be one of {DROP_MODES}, got {self.drop_mode!r}")
+        for key, problem in (("class_dropout_prob", probability_problem(self.class_dropout_prob)),
+                             ("p_drop", p_drop_problem(self.p_drop, self.semantic_channels > 0)),
+                             ("drop_mode", choice_problem(self.drop_mode, DROP_MODES))):
+            require(problem is None, f"{key}{problem}")
         require(isinstance(self.drop_groups, int) and self.drop_groups >= 1,
                 f"drop_groups must be an int >= 1 (the number of processes), got {self.drop_groups!r}")
 

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError, ExperimentConfig
-from bench.prepare.encoders import align_to_grid  # torch-heavy encoders module: only when REPA is on
 from bench.train import distributed as dist_utils
+from models.repa import align_to_grid
 
 
 class NonFiniteLossError(RuntimeError):
