@@ -253,7 +253,7 @@ def _write(path, text):
     ("output_root=", "output_root is empty"),
 ])
 def test_train_refuses_odd_output_roots_in_one_line(tmp_path, override, fragment):
-    """Issue 15.15: before any training, one line; an empty root would write ./adhoc/ here."""
+    """Before any training, one line; an empty root would write ./adhoc/ here."""
     out = subprocess.run([sys.executable, "-m", "bench.cli", "train", "train.max_steps=1", override],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr
