@@ -86,16 +86,17 @@ def offline_message(reason: str) -> str:
             f"the four idx.gz files ({', '.join(FASHION_MNIST_CONTENT_SHA256)})")
 
 
-def fetch_all(cache: Path, opener: Callable = urllib.request.urlopen) -> None:
+def fetch_all(cache: Path, opener: Optional[Callable] = None) -> None:
     """Fetch every file the cache lacks; a file in place has passed its checksum."""
     for name, sha256 in FASHION_MNIST_CONTENT_SHA256.items():
         if not (cache / name).is_file():
             fetch_file(FASHION_MNIST_URL + name, cache / name, sha256, opener)
 
 
-def fetch_file(url: str, path: Path, sha256: str, opener: Callable = urllib.request.urlopen) -> Path:
+def fetch_file(url: str, path: Path, sha256: str, opener: Optional[Callable] = None) -> Path:
     """Download `url` to `path` under a temporary name with a progress line; renamed into place only
-    once its content checksum matches."""
+    once its content checksum matches. `opener` defaults to urllib.request.urlopen."""
+    opener = opener or urllib.request.urlopen
 
     def write(tmp: str) -> None:
         try:
