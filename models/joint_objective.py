@@ -196,16 +196,12 @@ class JointObjective:
         return torch.where(label_u < cfg.class_dropout_prob, torch.full_like(y, cfg.num_classes), y)
 
     def modality_drop(self, z_clean: Tensor, drop_u: Tensor) -> tuple[Tensor, Tensor]:
-        """(keep (B,) bool, the clean semantic target to noise) for the modality drop (paper §3.5).
+        """(keep (B,) bool, the clean semantic target to noise) for the modality drop (paper §3.5;
+        the rule in both modes: docs/method.md, "The modality drop").
 
-        - "sample" (paper's wording): each sample is dropped on its own uniform; the clean target
-          is unchanged (its noised input becomes exact zeros in `semantic_input`).
-        - "batch_official" (released train_redi.py): one decision per block of rows, the block's
-          first uniform (`drop_groups` blocks: one per process, as the official code draws once per
-          step per process); a dropped block's CLEAN target is zeroed before noising, so its input
-          is scaled noise, not zeros.
-        Either way the semantic loss of a dropped sample is masked (official: lam = 0).
-        """
+        "sample" keeps the clean target (`semantic_input` zeroes the noised input of a dropped
+        sample); "batch_official" decides once per block of rows on the block's first uniform and
+        zeroes a dropped block's clean target before noising. The loss masks a dropped sample."""
         cfg = self.config
         if cfg.drop_mode == "sample":
             return drop_u >= cfg.p_drop, z_clean
