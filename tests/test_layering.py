@@ -13,9 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = ("prepare", "train", "evaluate", "launch", "report")  # a wing may import the ones before it
-# Beside the pipeline: each may import any pipeline wing and the ones before it here (demo takes its
-# machine description from perf, never the reverse); no pipeline wing or shared module imports them.
-BESIDE = ("perf", "demo")
+BESIDE = ("perf", "demo")  # beside the pipeline: may import any wing, and nothing imports them
 SHARED = ("config", "compose", "identity", "atomic", "runfolder", "metrics_log", "lanes")
 FRONT_DOOR = ("cli",)
 
@@ -58,6 +56,9 @@ def _arrows():
 
 
 def test_wings_import_only_earlier_wings_and_shared_modules():
+    """Pipeline wings import earlier wings and shared modules. A wing beside the pipeline may import
+    any pipeline wing and the BESIDE wings listed before it (demo takes its machine description
+    from perf, never the reverse); no pipeline wing or shared module imports a BESIDE wing."""
     wrong = []
     for module, where, target, _names in _arrows():
         src, dst = _place(module), _place(target)

@@ -1,4 +1,4 @@
-"""The paired statistics of `bench report`: the paired t-interval against scipy on fixed
+"""The paired statistics of `bench report` (issue 18): the paired t-interval against scipy on fixed
 numbers, the table and the sentences it licenses on a fixture grid with three paired seeds, and the
 evaluation-sampling noise section."""
 

@@ -255,7 +255,7 @@ def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# Paired comparisons and evaluation-sampling noise: tables, and the only prose that
+# Paired comparisons and evaluation-sampling noise (issue 18): tables, and the only prose that
 # may call one method better than another.
 
 PAIRED_STATISTICS_TEXT = (
