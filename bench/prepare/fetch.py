@@ -88,9 +88,12 @@ def offline_message(reason: str) -> str:
 
 def fetch_all(cache: Path, opener: Optional[Callable] = None) -> None:
     """Fetch every file the cache lacks; a file in place has passed its checksum."""
-    for name, sha256 in FASHION_MNIST_CONTENT_SHA256.items():
-        if not (cache / name).is_file():
-            fetch_file(FASHION_MNIST_URL + name, cache / name, sha256, opener)
+    missing = [name for name in FASHION_MNIST_CONTENT_SHA256 if not (cache / name).is_file()]
+    if missing:
+        print(f"Fashion-MNIST is not installed (Debian's dataset-fashion-mnist): fetching {len(missing)} "
+              f"file(s) once from {FASHION_MNIST_URL} into {cache}", file=sys.stderr, flush=True)
+    for name in missing:
+        fetch_file(FASHION_MNIST_URL + name, cache / name, FASHION_MNIST_CONTENT_SHA256[name], opener)
 
 
 def fetch_file(url: str, path: Path, sha256: str, opener: Optional[Callable] = None) -> Path:
