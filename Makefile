@@ -1,4 +1,4 @@
-# Two entry points (README "Quickstart"): `make demo` and `make test`. Both create the virtual
+# Two entry points (README, "Try it"): `make demo` and `make test`. Both create the virtual
 # environment on first use and install the package with the exact versions CI uses
 # (.ci/constraints.txt); a cluster user installs with plain `pip install .` into an environment
 # that already has its CUDA build of torch (docs/cluster.md).
@@ -32,7 +32,7 @@ demo: $(STAMP) data
 # WORKERS pytest processes (pytest-xdist; WORKERS=0 runs in this process), each test file whole on
 # one worker (--dist loadfile), so a file's module fixtures (the demo's smoke run, the local SLURM
 # cluster, prepared data) are built once. Much of the suite waits on subprocesses (the CLI's torch
-# import, SLURM polls, kill-and-resume); two workers overlap those waits (README, "How long it takes").
+# import, SLURM polls, kill-and-resume); two workers overlap those waits (docs/testing.md, "How long it takes").
 WORKERS ?= 2
 test: $(STAMP) data
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --durations=15 $(ARGS)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -104,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command not in SUBCOMMANDS:
         parser.error(f"unknown subcommand {command!r}; choose one of {list(SUBCOMMANDS)}")
+    # Before any subcommand imports huggingface_hub (which reads it once): weights come from local
+    # files or the cache, and a missing one fails at once instead of retrying a download. The jobs
+    # a subcommand starts inherit it. HF_HUB_OFFLINE=0 in the caller's environment still wins.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     func = _resolve(SUBCOMMANDS[command][1])
     try:
         return int(func(rest) or 0)
@@ -127,8 +132,6 @@ def _reader_went_away() -> int:
     exit; pointing stdout at /dev/null first makes that last flush harmless (Python's docs, "Note
     on SIGPIPE"). 141 = 128 + SIGPIPE, the status a shell reports for a writer the pipe ended.
     """
-    import os
-
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)

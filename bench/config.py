@@ -18,6 +18,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from models.settings import (
+    DROP_MODES,
+    FLOW_PATHS,
+    FUSIONS,
+    MODEL_SIZES,
+    PATCH_SIZES,
+    TRANSPORTS,
+    choice_problem,
+    p_drop_run_problem,
+    split_model_size,
+)
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key and what is allowed."""
@@ -37,8 +49,9 @@ def _identity_when_set(default: Any = None) -> Any:
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+    problem = choice_problem(value, allowed)
+    if problem:
+        raise ConfigError(f"{key}{problem}")
 
 
 def _range(key: str, value: float, low: float | None = None, high: float | None = None,
@@ -56,22 +69,25 @@ def _range(key: str, value: float, low: float | None = None, high: float | None 
 DATASETS = ("fashion_mnist", "digits", "imagefolder")
 VAE_KINDS = ("embedded", "diffusers")
 ENCODER_KINDS = ("efficientnet_lite0", "dinov2")
-FUSIONS = ("none", "merged", "separate")
-TRANSPORTS = ("flow", "ddpm")
-PATHS = ("linear", "gvp")
-DROP_MODES = ("sample", "batch_official")
 PRECISIONS = ("auto", "bf16", "fp32")
 LOG_SINKS = ("tensorboard", "wandb")
 SAMPLERS = ("sde", "euler", "heun", "ddpm")
 GUIDANCE_CHANNELS = ("latent", "all")
 LABEL_SAMPLING = ("random", "balanced")
-# Kept in step with models.backbone (MODEL_SIZES, PATCH_SIZES) and bench.prepare.encoders
-# (DINOV2_TIMM_NAMES) by tests/test_config.py; repeated here so that loading a config needs no torch.
-MODEL_SIZE_NAMES = ("S", "B", "L", "XL")
-MODEL_PATCH_SIZES = (1, 2, 4, 8)
-DINOV2_VARIANTS = ("vits14", "vits14_reg", "vitb14", "vitb14_reg", "vitl14", "vitl14_reg")
+# The timm models behind encoder.variant (bench.prepare.encoders builds them) and eval's FD-DINOv2
+# variants (bench.evaluate.features): here, where a config is checked without loading torch.
+DINOV2_TIMM_NAMES = {
+    "vits14": "vit_small_patch14_dinov2", "vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "vitb14": "vit_base_patch14_dinov2", "vitb14_reg": "vit_base_patch14_reg4_dinov2",
+    "vitl14": "vit_large_patch14_dinov2", "vitl14_reg": "vit_large_patch14_reg4_dinov2",
+}
+DINOV2_VARIANTS = tuple(DINOV2_TIMM_NAMES)
+FD_DINOV2_TIMM_NAMES = {
+    "vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
+    "vitl14": "vit_large_patch14_dinov2", "vitg14": "vit_giant_patch14_dinov2",
+}
+FD_DINOV2_VARIANTS = tuple(FD_DINOV2_TIMM_NAMES)
 FEATURE_NETWORKS = ("classifier", "inception", "dinov2")
-FD_DINOV2_VARIANTS = ("vits14", "vitb14", "vitl14", "vitg14")  # bench.evaluate.features.DINOV2_TIMM_NAMES
 REFERENCE_BATCHES = ("adm-imagenet256",)  # bench.evaluate.adm.REFERENCE_BATCHES
 # objective.align_encoder: the start of the encoder_id a prepared folder's manifest records
 # (bench.prepare.encoders: efficientnet_lite0_block7_128px, dinov2_vitb14_224px).
@@ -182,14 +198,12 @@ class ModelConfig:
         _range("model.pca_rank", self.pca_rank, 1)
         # 1 would drop every label: the conditional embedding would never be trained.
         _range("model.class_dropout_prob", self.class_dropout_prob, 0.0, 1.0, high_open=True)
-        if self.size != "custom":  # the names models.backbone.backbone_config accepts
-            size, _, patch = self.size.removeprefix("SiT-").removeprefix("DiT-").partition("/")
-            if size not in MODEL_SIZE_NAMES or patch not in [str(p) for p in MODEL_PATCH_SIZES]:
-                raise ConfigError(
-                    f"model.size={self.size!r} is not allowed; write <size>/<patch> with size in "
-                    f"{list(MODEL_SIZE_NAMES)} and patch in {list(MODEL_PATCH_SIZES)} (e.g. XL/2, "
-                    "optionally prefixed SiT- or DiT-), or custom with model.hidden_size/depth/"
-                    "num_heads/patch_size")
+        if self.size != "custom" and split_model_size(self.size) is None:
+            raise ConfigError(
+                f"model.size={self.size!r} is not allowed; write <size>/<patch> with size in "
+                f"{list(MODEL_SIZES)} and patch in {list(PATCH_SIZES)} (e.g. XL/2, "
+                "optionally prefixed SiT- or DiT-), or custom with model.hidden_size/depth/"
+                "num_heads/patch_size")
         if self.size == "custom":
             for key in ("hidden_size", "depth", "num_heads", "patch_size"):
                 if getattr(self, key) <= 0:
@@ -222,14 +236,13 @@ class ObjectiveConfig:
 
     def __post_init__(self) -> None:
         _choice("objective.transport", self.transport, TRANSPORTS)
-        _choice("objective.path", self.path, PATHS)
+        _choice("objective.path", self.path, FLOW_PATHS)
         _choice("objective.drop_mode", self.drop_mode, DROP_MODES)
         _range("objective.lambda_z", self.lambda_z, 0.0)
-        _range("objective.p_drop", self.p_drop, 0.0, 1.0)
-        if self.p_drop == 1.0:  # eq. 18 with the drop always on: no gradient reaches the semantic head
-            raise ConfigError("objective.p_drop=1.0 drops the semantic channels at every step, so the "
-                              "semantic head is never trained; Representation Guidance needs a "
-                              "small drop (the paper: 0.2), and 0 trains plain ReDi")
+        # Whether the model has semantic channels is ExperimentConfig's check (model.fusion).
+        problem = p_drop_run_problem(self.p_drop, has_semantic=True)
+        if problem:
+            raise ConfigError(f"objective.p_drop{problem}")
         _range("objective.lambda_repa", self.lambda_repa, 0.0)
         _range("objective.align_layer", self.align_layer, 1)
         if self.align_encoder is not None:
@@ -379,7 +392,7 @@ class ExperimentConfig:
                 f"model.pca_rank={self.model.pca_rank} exceeds encoder.pca_rank_max="
                 f"{self.encoder.pca_rank_max}: prepare stores only that many PCA coordinates; "
                 "lower model.pca_rank or re-run `bench prepare` with a larger encoder.pca_rank_max")
-        if self.model.fusion == "none" and self.objective.p_drop > 0:
+        if p_drop_run_problem(self.objective.p_drop, self.model.fusion != "none"):
             raise ConfigError("objective.p_drop > 0 needs semantic channels, but model.fusion=none "
                               "(latent only); set model.fusion=merged or objective.p_drop=0")
         if self.model.fusion == "none" and self.eval.guidance.rg_scale != 1.0:

@@ -30,17 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.repa import build_projector
-
-FUSIONS = ("none", "merged", "separate")
-
-# Table 7 of the paper (B, L, XL; identical for DiT and SiT) plus DiT's S.
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-}
-PATCH_SIZES = (1, 2, 4, 8)
+from models.settings import FUSIONS, MODEL_SIZES, PATCH_SIZES, split_model_size
 
 
 @dataclass(frozen=True)
@@ -125,14 +115,12 @@ def backbone_config(name: str, **overrides) -> BackboneConfig:
     `overrides` set any other field (channels, fusion, learn_sigma, projector, ...); the size and
     patch come from the name only.
     """
-    stem = name
-    for prefix in ("SiT-", "DiT-"):
-        stem = stem.removeprefix(prefix)
-    size, _, patch = stem.partition("/")
-    if size not in MODEL_SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+    parsed = split_model_size(name)
+    if parsed is None:
         raise ValueError(f"unknown model {name!r}: expected '<size>/<patch>' with size in "
                          f"{sorted(MODEL_SIZES)} and patch in {PATCH_SIZES}, e.g. 'XL/2'")
-    fixed = dict(MODEL_SIZES[size], patch_size=int(patch))
+    size, patch = parsed
+    fixed = dict(MODEL_SIZES[size], patch_size=patch)
     clash = sorted(set(fixed) & set(overrides))
     if clash:
         raise ValueError(f"{clash} are fixed by the model name {name!r}; pick another size instead")

@@ -27,8 +27,8 @@ from models.joint_objective import (
     joint_mse,
     logged_semantic,
 )
+from models.settings import FLOW_PATHS, choice_problem
 
-PATHS = ("linear", "gvp")
 DIFFUSION_FORMS = ("sigma", "linear", "constant")
 
 
@@ -51,8 +51,9 @@ class FlowPath:
     name: str = "linear"
 
     def __post_init__(self) -> None:
-        if self.name not in PATHS:
-            raise ValueError(f"flow path must be one of {PATHS}, got {self.name!r}")
+        problem = choice_problem(self.name, FLOW_PATHS)
+        if problem:
+            raise ValueError(f"flow path{problem}")
 
     def alpha(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """(alpha_t, d alpha_t / dt)."""
@@ -111,8 +112,9 @@ class FlowConfig(JointObjectiveConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.path not in PATHS:
-            raise ValueError(f"FlowConfig.path must be one of {PATHS}, got {self.path!r}")
+        problem = choice_problem(self.path, FLOW_PATHS)
+        if problem:
+            raise ValueError(f"FlowConfig.path{problem}")
 
 
 class FlowTransport:
@@ -150,14 +152,8 @@ class FlowTransport:
         last, so specs with and without semantic channels share every other draw of a seed.
         All are drawn whatever the settings, so the stream does not depend on p_drop etc.
 
-        Modality drop (Representation Guidance, paper §3.5), probability p_drop:
-        - "sample" (paper's wording, default): per sample, the semantic INPUT z_t is exact zeros
-          (the null input guided_prediction uses at inference) and its semantic loss is masked.
-        - "batch_official" (released train_redi.py): one decision per step for each process's
-          local batch (`drop_groups` blocks of rows, each on its first drop uniform); the CLEAN
-          semantic target is zeroed before noising, so the input is z_t = sigma_t * eps_z (scaled
-          noise, not zeros), and lambda_z = 0 for the block.
-        (models.joint_objective.JointObjective.modality_drop)
+        Modality drop (Representation Guidance, paper §3.5), probability p_drop, in either
+        drop_mode: docs/method.md, "The modality drop" (models.joint_objective.JointObjective.modality_drop).
 
         Returns `loss` (to backprop), `loss/latent`, and `loss/semantic` (only when C_z > 0;
         mean over the samples not dropped; 0 when every sample was dropped) and `loss/repa`

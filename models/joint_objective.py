@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-DROP_MODES = ("sample", "batch_official")
+from models.settings import DROP_MODES, choice_problem, p_drop_problem, probability_problem
 
 AlignmentLoss = Callable[[Tensor, Tensor], Tensor]
 
@@ -71,12 +71,10 @@ class JointObjectiveConfig:
         for key in ("lambda_z", "lambda_repa"):
             value = getattr(self, key)
             require(math.isfinite(value) and value >= 0, f"{key} must be a finite weight >= 0, got {value}")
-        for key in ("p_drop", "class_dropout_prob"):
-            value = getattr(self, key)
-            require(0.0 <= value <= 1.0, f"{key} is a probability and must lie in [0, 1], got {value}")
-        require(self.p_drop == 0 or self.semantic_channels > 0,
-                "p_drop > 0 needs semantic_channels > 0 (nothing to drop); set p_drop=0 for a latent-only model")
-        require(self.drop_mode in DROP_MODES, f"drop_mode must be one of {DROP_MODES}, got {self.drop_mode!r}")
+        for key, problem in (("class_dropout_prob", probability_problem(self.class_dropout_prob)),
+                             ("p_drop", p_drop_problem(self.p_drop, self.semantic_channels > 0)),
+                             ("drop_mode", choice_problem(self.drop_mode, DROP_MODES))):
+            require(problem is None, f"{key}{problem}")
         require(isinstance(self.drop_groups, int) and self.drop_groups >= 1,
                 f"drop_groups must be an int >= 1 (the number of processes), got {self.drop_groups!r}")
 
@@ -198,16 +196,12 @@ class JointObjective:
         return torch.where(label_u < cfg.class_dropout_prob, torch.full_like(y, cfg.num_classes), y)
 
     def modality_drop(self, z_clean: Tensor, drop_u: Tensor) -> tuple[Tensor, Tensor]:
-        """(keep (B,) bool, the clean semantic target to noise) for the modality drop (paper §3.5).
+        """(keep (B,) bool, the clean semantic target to noise) for the modality drop (paper §3.5;
+        the rule in both modes: docs/method.md, "The modality drop").
 
-        - "sample" (paper's wording): each sample is dropped on its own uniform; the clean target
-          is unchanged (its noised input becomes exact zeros in `semantic_input`).
-        - "batch_official" (released train_redi.py): one decision per block of rows, the block's
-          first uniform (`drop_groups` blocks: one per process, as the official code draws once per
-          step per process); a dropped block's CLEAN target is zeroed before noising, so its input
-          is scaled noise, not zeros.
-        Either way the semantic loss of a dropped sample is masked (official: lam = 0).
-        """
+        "sample" keeps the clean target (`semantic_input` zeroes the noised input of a dropped
+        sample); "batch_official" decides once per block of rows on the block's first uniform and
+        zeroes a dropped block's clean target before noising. The loss masks a dropped sample."""
         cfg = self.config
         if cfg.drop_mode == "sample":
             return drop_u >= cfg.p_drop, z_clean

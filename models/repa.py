@@ -40,3 +40,13 @@ def repa_alignment_loss(aligned: torch.Tensor, target: torch.Tensor) -> torch.Te
     a = F.normalize(aligned.to(dtype), dim=-1)
     b = F.normalize(target.to(dtype), dim=-1)
     return -(a * b).sum(dim=-1).mean()
+
+
+def align_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`(B, C, h, w)` -> `(B, C, *grid)`: bilinear (align_corners=False) only if the sizes differ.
+
+    Encoder feature maps meet the model's token grid here, for the REPA target and for the
+    semantic channels alike (the official code resizes the same way after PCA)."""
+    if tuple(features.shape[-2:]) == tuple(grid):
+        return features
+    return F.interpolate(features, size=tuple(grid), mode="bilinear", align_corners=False)

@@ -1,11 +1,10 @@
 """Suite-wide settings: one compute thread per process, and Ctrl-C as a terminal delivers it.
 
 The tests train and sample tiny models, which gain nothing from a second thread, and on a machine
-that other work also uses two OpenMP threads per process spin against each other: beside one CPU
-hog on a 2-vCPU AMD EPYC (2026-12-01, load average 3), the embedded default's training step ran at
-122 images/s with one thread and 62 with two (`bench perf --scale embedded --kinds train --specs
-latent_only --threads N`). Set before torch is imported, so the subprocesses the tests start (the
-CLI, DDP ranks, local-executor jobs) inherit it; a value already in the environment is kept.
+that other work also uses two OpenMP threads per process spin against each other (beside a CPU hog
+one thread trained faster than two: docs/embedded.md, "Lanes and threads"). Set before torch is
+imported, so the subprocesses the tests start (the CLI, DDP ranks, local-executor jobs) inherit it;
+a value already in the environment is kept.
 
 SIGINT: a shell starts background commands (`bash .ci/run &`, `nohup ... &`) with SIGINT ignored,
 and an ignored signal stays ignored in every process started after it; Python then never raises

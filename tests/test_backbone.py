@@ -225,7 +225,7 @@ def test_repa_projector_and_loss():
 
 
 def test_attention_goes_through_sdpa_once_per_block(monkeypatch):
-    """Issue 2: attention is computed by F.scaled_dot_product_attention (the fused kernels), once
+    """Attention is computed by F.scaled_dot_product_attention (the fused kernels), once
     per block and per forward, on (B, heads, N, head_dim) with N = 2L for separate tokens."""
     config = BackboneConfig(**TINY, fusion="separate", semantic_channels=3)
     model = randomize(JointDiT(config))

@@ -538,7 +538,7 @@ def test_tiny_joint_dit_trains_and_samples_with_cfg_and_rg() -> None:
 
 
 def test_all_weights_one_equals_the_unguided_sampler() -> None:
-    """Issue 2 and 9: every guidance weight at 1 (with an interval and a null class) gives exactly the
+    """Every guidance weight at 1 (with an interval and a null class) gives exactly the
     unguided ancestral sampler, one single-branch call per step, on a net that depends on y and z."""
 
     def net(x, t, y, z=None):
@@ -560,7 +560,7 @@ def test_all_weights_one_equals_the_unguided_sampler() -> None:
 
 @pytest.mark.parametrize("table", ["table1", "table3", "table4", "table6"])
 def test_dit_rows_of_the_paper_grids_use_the_ddpm_transport(table) -> None:
-    """Issue 9: the DiT rows of Tables 1, 3, 4 and 6 select this transport through the config key
+    """The DiT rows of Tables 1, 3, 4 and 6 select this transport through the config key
     objective.transport (learned variance, DDPM sampling); Table 1's SiT rows stay on the flow."""
     from bench.launch.grids import expand
 

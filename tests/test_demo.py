@@ -2,8 +2,8 @@
 training, evaluation and the report end to end, then a second call that must reuse everything.
 Output goes to tmp_path (options), never to the repository's results/.
 
-Time: 1.9 min for the first call on a quiet 2-vCPU AMD EPYC (2026-12-01), 11.8 min on a 2-core
-machine at load average 3-7 with the older one-lane demo (issue 16). DEMO_TIMEOUT_S bounds one call;
+Time: docs/demo.md has what a first call took; the slowest measured was 11.8 min, on a 2-core
+machine at load average 3-7 with an older one-lane demo. DEMO_TIMEOUT_S bounds one call;
 every test here gets pytest-timeout's limit raised to cover its calls (the module fixture's first
 call counts against the first test that uses it), so pytest's global 600 s (pyproject.toml)
 never kills a demo that is still within its own limit."""
@@ -201,7 +201,7 @@ def test_estimate_follows_the_lanes_and_the_counts():
 
 
 def test_unwritable_output_folder_fails_before_any_work(tmp_path):
-    """Issue 15.15: found out up front, one line, not at the report stage after all the work."""
+    """Found out up front, one line, not at the report stage after all the work."""
     for option in ("--out", "--runs-root", "--prepared-dir"):
         began = time.time()
         proc = subprocess.run(_command() + ["demo", "--quick", option, "/dev/null/demo"], cwd=tmp_path,

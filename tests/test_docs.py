@@ -23,6 +23,7 @@ TOP = ("bench/", "models/", "tests/", "ablations/", "slurm/", "docs/", ".ci/", "
 # Named on purpose although not in this repository, with the reason.
 NOT_HERE = {
     "report.md": "written by `bench report` into its output folder",
+    "site.yaml": "the user's own site file on the search path (docs/cluster.md), never checked in",
     "transport/path.py": "a file of the SiT repository, named as the source of a convention",
     "transport/__init__.py": "a file of the official ReDi/SiT code that `bench perf --official` imports",
     "transport/integrators.py": "a file of the official ReDi/SiT code that `bench perf --official` stands in for",
@@ -97,3 +98,89 @@ def test_the_checker_catches_what_it_must():
         "docs/probe.md:1: docs/nowhere.md does not exist in the repository",
         "docs/probe.md:1: bench/launch/missing.py does not exist in the repository",
         f"docs/probe.md:1: {_NOTES} (not part of the repository)"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The README is a front page: short, its commands real, its numbers quoted from records.
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+MAX_README_WORDS = 1200
+
+
+def readme_commands(text: str = README) -> list[str]:
+    """Every `bench SUBCOMMAND` the text names (not `redi-bench`, not the `bench/` folder)."""
+    return sorted(set(re.findall(r"(?<![\w/-])bench ([a-z][a-z-]*)", text)))
+
+
+def test_the_readme_is_a_front_page():
+    words = len(README.split())
+    assert words <= MAX_README_WORDS, f"README.md has {words} words; the front page holds at most {MAX_README_WORDS}"
+    dated = re.findall(r"\b20\d\d-\d\d-\d\d\b", README)
+    assert not dated, f"README.md carries dates {dated}: measurement records belong in docs/ or results/"
+    for image in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README):
+        assert (ROOT / image).is_file(), f"README.md shows {image}, which is not in the repository"
+
+
+def test_every_command_the_readme_names_exists():
+    """`make demo` and `make test` are Makefile targets; every `bench X` is a subcommand of bench.cli
+    and its `--help` runs (one line of usage at least, exit 0)."""
+    from bench.cli import SUBCOMMANDS, main
+
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    for target in ("demo", "test"):
+        assert f"make {target}" in README and re.search(rf"^{target}:", makefile, re.M), target
+    named = readme_commands()
+    assert {"demo", "prepare", "grid", "status", "report", "train"} <= set(named)
+    unknown = [name for name in named if name not in SUBCOMMANDS]
+    assert not unknown, f"README.md names bench subcommands that bench/cli.py lacks: {unknown}"
+    for name in named:
+        try:
+            code = main([name, "--help"])
+        except SystemExit as done:  # argparse ends --help this way
+            code = done.code
+        assert code in (0, None), f"bench {name} --help exited {code}"
+
+
+def test_the_command_finder_sees_what_it_must():
+    text = "pip install redi-bench   # x\n`bench/` and bench demo, `bench grid NAME`, bench rehearse\n"
+    assert readme_commands(text) == ["demo", "grid", "rehearse"]
+
+
+def test_the_readme_quotes_the_demo_summary_as_recorded():
+    """The demo's table in the README is a verbatim excerpt of results/readme/summary.md, and every
+    interval the README cites is one the summary prints."""
+    summary = (ROOT / "results" / "readme" / "summary.md").read_text(encoding="utf-8")
+    block = README.split("## What the demo prints", 1)[1].split("```", 2)[1]
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) >= 4 and all(line in summary.splitlines() for line in lines), lines
+    for interval in re.findall(r"interval (\[[-+]?[\d.]+, [-+]?[\d.]+\])", README):
+        assert f"interval {interval}" in summary, interval
+
+
+def test_the_demo_timing_table_is_generated_from_the_records():
+    """docs/demo.md's first-run table is exactly what bench.demo.timings makes of results/readme/."""
+    from bench.demo.timings import BEGIN, DOC, END, table, with_table
+
+    document = DOC.read_text(encoding="utf-8")
+    assert with_table(document, table()) == document, "run `python -m bench.demo.timings --write`"
+    assert document.count(BEGIN) == document.count(END) == 1
+
+
+def test_the_timing_table_and_the_demo_line_come_from_a_record(tmp_path):
+    import json
+
+    from bench.demo.timings import measured_elsewhere, table
+
+    record = {"date": "2030-01-02T03:04:05+00:00", "total_s": 600.0, "prepare_s": 120.0, "train_s": 240.0,
+              "eval_s": 210.0, "report_s": 30.0, "machine": {"cpu": "Some CPU", "cores": 4},
+              "estimate": {"prepare_s": 60.0, "train_s": 120.0, "eval_s": 120.0}}
+    (tmp_path / "inv.jsonl").write_text("{}\n" + json.dumps(record) + "\n")
+    (tmp_path / "first-runs.json").write_text(json.dumps({"runs": [
+        {"record": "inv.jsonl", "line": 2, "kernels": "AVX2 (x)", "commit": "abc1234", "rg_steps": "600 only",
+         "load": "quiet", "cited_by_demo": True}]}))
+    assert table(tmp_path).splitlines()[2] == (
+        "| AVX2 (x) | 2030-01-02 03:04 | abc1234 | 600 only | **10.0** | 2.0 | 4.0 | 3.5 | 0.5 | 5.0 |")
+    assert measured_elsewhere(tmp_path) == (
+        "a first run took 10.0 min on Some CPU, 4 cores, CPU kernels AVX2, quiet, 2030-01-02 (prepare 2.0, "
+        "training 4.0, evaluation 3.5 min) (docs/demo.md)")
+    assert measured_elsewhere(tmp_path / "nowhere") is None and table(tmp_path / "nowhere").count("\n") == 1

@@ -17,13 +17,13 @@ from bench.prepare.encoders import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     EncoderError,
-    align_to_grid,
     build_dinov2,
     build_efficientnet_lite0,
     build_semantic_encoder,
     load_vae,
     sample_latents,
 )
+from models.repa import align_to_grid
 
 TINY_VIT = dict(embed_dim=32, depth=1, num_heads=2)
 

@@ -314,7 +314,7 @@ class ConditionedNet:
 
 @pytest.mark.parametrize("method", ["euler", "heun", "sde"])
 def test_all_weights_one_sampler_equals_unguided(method):
-    """Issue 2: every guidance weight at 1 (any channels, an interval, a null class) gives exactly
+    """Every guidance weight at 1 (any channels, an interval, a null class) gives exactly
     the unguided sampler, with one single-branch call per evaluation."""
     y = torch.tensor([0, 3, 7, 9])
     runs = []
@@ -329,7 +329,7 @@ def test_all_weights_one_sampler_equals_unguided(method):
 
 
 def test_guided_sde_equals_separate_calls_with_interval_on_one_minus_t():
-    """Issue 2: the guided sampler (CFG on latent channels with an interval, plus RG) equals the
+    """The guided sampler (CFG on latent channels with an interval, plus RG) equals the
     same SDE driven by three separate network calls combined by GUIDANCE.md's rule, with the
     interval read on the noise level s = 1 - t; and it makes one batched call per evaluation."""
     w, w_r, null, low, high = 2.4, 1.5, 10, 0.5, 1.0
@@ -370,7 +370,7 @@ def test_guided_sde_equals_separate_calls_with_interval_on_one_minus_t():
 
 
 def test_sde_defaults_are_sits():
-    """Issue 2: sample_flow's SDE defaults are SiT's (sample_ddp.py): 250 evaluations on
+    """Sample_flow's SDE defaults are SiT's (sample_ddp.py): 250 evaluations on
     linspace(0, 0.96, 250); the last one is the deterministic "Mean" step of size 0.04 to t = 1."""
     times = []
 
@@ -393,7 +393,7 @@ def test_sde_defaults_are_sits():
 
 @pytest.mark.parametrize("path", ["linear", "gvp"])
 def test_flow_loss_of_the_optimal_velocity_has_the_known_value(path):
-    """Issue 2: the joint flow loss against a known answer. For Gaussian data the optimal velocity is
+    """The joint flow loss against a known answer. For Gaussian data the optimal velocity is
     E[u | x_t], so at that prediction the expected loss given t is the conditional variance
     Var(u | x_t) = Var(u) - Cov(u, x_t)^2 / Var(x_t) per element, averaged per modality and
     summed with lambda_z; a prediction off by a constant c adds exactly c^2 in expectation."""

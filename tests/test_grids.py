@@ -278,7 +278,7 @@ def test_report_reads_grids_through_this_module(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Issue 15.6: the smoke grid's evaluation is valid on real data, and the command line wins
+# The smoke grid's evaluation is valid on real data, and the command line wins
 
 
 def test_smoke_eval_has_enough_samples_for_the_prepared_classifier():

@@ -142,10 +142,7 @@ def test_each_spec_switches_its_terms_on_and_off_with_its_weights(spec, transpor
 def test_load_time_rules_of_bench_config_equal_the_cores(key, values):
     """bench/config.py checks the objective's fields at load time (user's key names, no torch);
     the core validates them once for both transports. Both accept exactly the same values."""
-    from bench.config import DROP_MODES, PATHS, ConfigError, ObjectiveConfig
-    from models import flow, joint_objective
-
-    assert DROP_MODES == joint_objective.DROP_MODES and PATHS == flow.PATHS
+    from bench.config import ConfigError, ObjectiveConfig
     for value in values:
         try:
             ObjectiveConfig(**{key: value})

@@ -533,7 +533,7 @@ def test_dry_run_without_a_cluster_says_how_to_get_resources_and_costs(tmp_path,
     ("/proc/redi-bench-runs", "output_root=/proc/redi-bench-runs: cannot write there"),
 ])
 def test_unwritable_output_root_is_one_line_before_any_job(root, fragment, capsys):
-    """Issue 15.15: checked before submitting, one line, no traceback, nothing started."""
+    """Checked before submitting, one line, no traceback, nothing started."""
     assert cli_main(["grid", "smoke", "--local", f"output_root={root}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"bench grid: error: {fragment}") and len(err.strip().splitlines()) == 1
@@ -546,7 +546,7 @@ def test_empty_output_root_is_refused(capsys):
 
 
 def test_output_piped_into_head_ends_quietly(tmp_path):
-    """`bench grid ... | head` (issue 15.9): the reader is gone before the output is written; no
+    """`bench grid ... | head`: the reader is gone before the output is written; no
     BrokenPipeError traceback, the status a shell gives a writer the pipe ended (141)."""
     import subprocess
 

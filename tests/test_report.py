@@ -585,7 +585,7 @@ def test_report_imports_no_training_code(tmp_path):
 
 def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_bands(report, monkeypatch,
                                                                                     tmp_path):
-    """Issue 7: FD against iterations on a log axis, the evaluator named on the y axis, one line per
+    """FD against iterations on a log axis, the evaluator named on the y axis, one line per
     condition (legend with its seed count), a 95% band where a point has >= 2 seeds; loss curves
     with one panel per logged term."""
     from matplotlib.collections import PolyCollection
@@ -630,7 +630,7 @@ def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_ban
 
 
 def test_real_folders_with_another_sample_count_are_set_apart(trained, tmp_path):
-    """Issue 7, on folders written by the real trainer and evaluator: one ReDi seed re-scored by
+    """On folders written by the real trainer and evaluator: one ReDi seed re-scored by
     bench.evaluate.evaluation with 8 samples instead of 16 is not averaged with the other seed; it is set
     apart, and the report says why."""
     import shutil
@@ -684,7 +684,7 @@ def _write_grid_runs(root: Path, name: str, measured: bool) -> int:
 
 
 def test_settings_a_grid_does_not_apply_are_never_missing(tmp_path):
-    """demo_quick's rg1.5 matches only redi_rg (issue 15.7) and scores only the final step 200: a
+    """demo_quick's rg1.5 matches only redi_rg and scores only the final step 200: a
     complete grid has nothing missing, and an empty one misses exactly its 7 cells (3 specs x 2
     steps plain + 1 with RG; each cell is a spec's seed mean, from 14 run evaluations: 2 paired
     seeds). RG measured at step 100 too (as the demo did before RG moved to the last step) is shown,
@@ -731,7 +731,7 @@ def test_report_cli_counts_every_missing_cell_and_names_unknown_grids(tmp_path, 
     (["output_root="], "output_root is empty"),
 ])
 def test_report_unwritable_or_odd_paths_are_one_line(tmp_path, capsys, args, fragment):
-    """Checked before any work (issue 15.15): one line, exit 2, no traceback."""
+    """Checked before any work: one line, exit 2, no traceback."""
     argv = ["mini_table1", f"output_root={tmp_path}", "--out", str(tmp_path / "out"), "--no-plots", *args]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -229,7 +229,7 @@ def test_a_missing_sink_library_is_one_error_naming_the_setting(prepared_dir, tm
 
 
 def test_the_logged_window_is_the_same_number_after_a_resume(prepared_dir, tmp_path):
-    """Issue 15.2's case: checkpoints every 3 steps, a row every 2; the row after a resume from
+    """Checkpoints every 3 steps, a row every 2; the row after a resume from
     step 3 averages steps 3 and 4 (step 3 carried by the checkpoint), as without the interruption."""
     overrides = ("train.max_steps=8", "train.ckpt_every=3", "train.log_every=2", "train.keep_last=5")
     whole = read_jsonl(train(tiny_config(prepared_dir, tmp_path / "a", *overrides)) / runfolder.METRICS_FILE)

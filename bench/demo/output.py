@@ -125,16 +125,26 @@ def paired_lines(report) -> list[str]:
 
 
 def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
-    """The report's speed-ups, plus every guided setting against the unguided baseline."""
+    """The report's speed-ups, plus every guided setting against the unguided baseline.
+
+    A setting evaluated at one step gets no factor: one point says where the curve stands, not
+    when it reached the baseline's value (the factor would be 1 or a bound nobody can use). Its
+    line gives the two FDs at that step instead."""
 
     lines = [f"[{s['setting']}] {s['sentence']}" for s in report.speedups]
-    base = rows[(rows["spec"] == baseline) & (rows["sampling"] == "no guidance")]
+    base = rows[(rows["spec"] == baseline) & (rows["sampling"] == "no guidance")].set_index("step")[FD]
     name = dict(zip(report.conditions["spec"], report.conditions["condition"]))
     for (spec, sampling), part in rows[rows["sampling"] != "no guidance"].groupby(["spec", "sampling"]):
+        method, base_name = f"{name.get(spec, spec)} + {sampling}", name.get(baseline, baseline)
+        curve = part.set_index("step")[FD].dropna()
+        if len(curve) == 1:
+            step, value = int(curve.index[0]), float(curve.iloc[0])
+            beside = f", {base_name} {base[step]:.2f}" if step in base.index and pd.notna(base[step]) else ""
+            lines.append(f"[{sampling} against no guidance] {method}: evaluated at {fmt_steps(step)} only "
+                         f"({FD} {value:.2f}{beside}); no speed-up factor from a single evaluated step")
+            continue
         try:
-            result = speedup(base.set_index("step")[FD], part.set_index("step")[FD],
-                             method_name=f"{name.get(spec, spec)} + {sampling}",
-                             baseline_name=name.get(baseline, baseline), metric=FD)
+            result = speedup(base, curve, method_name=method, baseline_name=base_name, metric=FD)
         except ReportError:
             continue
         lines.append(f"[{sampling} against no guidance] {result.describe()}")

@@ -41,26 +41,24 @@ from bench.config import DataConfig
 from bench.demo.calibrate import Costs, Estimate, measure
 from bench.demo.calibrate import estimate as calibrate_estimate
 from bench.demo.output import write_outputs
+from bench.demo.timings import measured_elsewhere
 from bench.launch.grids import eval_config, expand, load_grid, settings_for
 from bench.launch.jobs import measured_steps
 from bench.launch.profiles import load_profile
 from bench.launch.status import ENDED_STATES, scheduler_states
 from bench.launch.submit import grid_status, submit_grid
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
+from bench.prepare.fetch import fashion_mnist_root
 from bench.prepare.pipeline import PrepareError, PrepareOptions, prepare_embedded
 from bench.prepare.sources import DatasetError, open_split
 
 # One poll (grid_status + the evaluations still to do) costs ~0.3-0.6 s of CPU on a busy 2-core
 # machine: every 2 s that took a third of a core from the training lanes, every 5 s about 7%.
 POLL_SECONDS = 5.0
-# What a first run took where it was measured (filled from the README's measured table). A machine
-# differs by 3x or more (issue 16), so no budget is promised blindly: before any work the demo
-# times this machine (bench.demo.calibrate) and prints its own estimate of every stage.
-FULL_MEASURED = ("a first run took 42.4 min on a quiet 2-vCPU AMD EPYC (2026-12-01): prepare 11.4, "
-                 "training 15.4, evaluation 15.0 min; 43.8 min on the same EPYC with AVX-512 turned off "
-                 "(2026-12-02, RG at 600 steps only)")
-BUDGET_S = 45 * 60  # a first run of the full demo on 2 cores (issue 16)
-QUICK_MEASURED = "a first run took 1.9 min on a quiet 2-vCPU AMD EPYC (2026-12-01)"
+# What a first run took where it was measured comes from the checked-in records (bench.demo.timings).
+# Machines differ by 3x or more, so no budget is promised blindly: before any work the demo times
+# this machine (bench.demo.calibrate) and prints its own estimate of every stage.
+BUDGET_S = 45 * 60  # what a first run of the full demo may take on 2 cores (ablations/grids/demo.yaml)
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
 # average over log ticks, shown only after MIN_TICKS of them (single ticks swing with the load and
 # with a cell's start-up, and made the time left jump from 42 min to 1 min).
@@ -83,17 +81,24 @@ class DemoPlan:
     out_dir: Path
     prepare: PrepareOptions
     prepare_note: str
-    measured: str
-    """What a first run took where it was measured (machine, load, date); this machine's own
-    estimate is printed before any work (bench.demo.calibrate)."""
+    measured: Optional[str]
+    """What a first run took where it was measured (machine, load, date; bench.demo.timings), None
+    without a record; this machine's own estimate is printed before any work (bench.demo.calibrate)."""
     lanes: int = 1
     """Jobs at a time (the local profile's array_parallelism), each with `threads` compute threads."""
     threads: int = 1
     calibrate: bool = True
+    data_root: Optional[str] = None
+    """The Fashion-MNIST folder (--data-root or the fetched cache); None: Debian's package."""
+
+    @property
+    def data(self) -> DataConfig:
+        return DataConfig(name=self.data_name, root=self.data_root, image_size=32, num_classes=10)
 
     @property
     def overrides(self) -> list[str]:
-        return [f"output_root={self.runs_root}", f"data.prepared_dir={self.prepared_dir}"]
+        root = [f"data.root={self.data_root}"] if self.data_root else []
+        return [f"output_root={self.runs_root}", f"data.prepared_dir={self.prepared_dir}", *root]
 
 
 def make_plan(quick: bool, out: Optional[str], runs_root: Optional[str],
@@ -105,13 +110,13 @@ def make_plan(quick: bool, out: Optional[str], runs_root: Optional[str],
             vae=EmbeddedVAESettings(block_out_channels=(16, 32, 32), steps=100, scale_images=1024),
             classifier=ClassifierSettings(width=16, feature_dim=32, epochs=10), progress=False,
             lanes=lanes)
-        grid, data, measured = "demo_quick", "digits", QUICK_MEASURED
+        grid, data, measured = "demo_quick", "digits", None
         note = ("scikit-learn digits (1,437 train / 360 test images), small VAE and classifier: a "
                 "smoke run of the whole path whose numbers say nothing about the methods")
         prepared, out_default = "results/prepared-quick", "results/demo-quick"
     else:  # exactly `bench prepare`'s default, so either command fills the cache for the other
         options = PrepareOptions(progress=progress, lanes=lanes)
-        grid, data, measured = "demo", "fashion_mnist", FULL_MEASURED
+        grid, data, measured = "demo", "fashion_mnist", measured_elsewhere()
         note = "Fashion-MNIST (60,000 train / 10,000 test images), the embedded default"
         prepared, out_default = "results/prepared", "results/demo"
     return DemoPlan(grid, data, Path(prepared_dir or prepared).resolve(),
@@ -273,9 +278,8 @@ def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: 
 
 def prepare_counts(plan: DemoPlan) -> dict:
     """Units of work of a first prepare (see bench.demo.calibrate.estimate)."""
-    images = sum(len(open_split(DataConfig(name=plan.data_name, image_size=32, num_classes=10), split))
-                 for split in plan.prepare.splits)
-    train = len(open_split(DataConfig(name=plan.data_name, image_size=32, num_classes=10), "train"))
+    images = sum(len(open_split(plan.data, split)) for split in plan.prepare.splits)
+    train = len(open_split(plan.data, "train"))
     c = plan.prepare.classifier
     return {"vae_steps": plan.prepare.vae.steps, "images": images,
             "classifier_steps": max(1, int(c.epochs * train / c.batch_size)) if plan.prepare.train_classifier else 0}
@@ -409,7 +413,9 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     seeds = sorted({c.cfg.train.seed for c in cells})
     printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid}: "
                 f"{', '.join(specs)}; {len(seeds)} paired seed(s) each; {len(cells)} cells\n"
-                f"  measured elsewhere: {plan.measured}\n  data: {plan.prepare_note}\n"
+                + (f"  measured elsewhere: {plan.measured}\n" if plan.measured else "")
+                + f"  data: {plan.prepare_note}"
+                f"{f' from {plan.data_root}' if plan.data_root else ''}\n"
                 f"  prepared: {plan.prepared_dir}\n  runs: {plan.runs_root / plan.grid}\n"
                 f"  output: {plan.out_dir}")
     manifest = plan.prepared_dir / "manifest.json"
@@ -445,7 +451,8 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
                                "encoding the images (cached for every later run) ..."))
     t0 = time.time()
     try:
-        prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16)
+        prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16,
+                         data_root=plan.data_root)
     except DatasetError as err:
         if plan.grid == "demo_quick":
             raise
@@ -578,21 +585,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="bench demo", description="Table 1 of ReDi in miniature on this machine (CPU, offline): "
         "prepare, train latent only / REPA / ReDi / ReDi+RG, evaluate, report.")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run of the same path on scikit-learn digits (minutes: see the README)")
+                        help="a smoke run of the same path on scikit-learn digits (minutes: docs/demo.md)")
     parser.add_argument("--out", help="output folder (default results/demo or results/demo-quick)")
     parser.add_argument("--runs-root", help="where the run folders go (default results/runs)")
     parser.add_argument("--prepared-dir", help="prepared data (default results/prepared, as "
                         "`bench prepare`, or results/prepared-quick)")
+    parser.add_argument("--data-root", metavar="DIR", help="a folder with the four Fashion-MNIST idx.gz "
+                        "files (default: Debian's dataset-fashion-mnist, else fetched once into "
+                        "~/.cache/redi-bench/fashion-mnist)")
     parser.add_argument("--no-progress", action="store_true", help="stage lines only")
     parser.add_argument("--every", type=float, default=20.0,
                         help="seconds between progress lines when stdout is not a terminal")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the jobs inherit it: nothing is downloaded
+    if args.quick and args.data_root:
+        raise DemoError("--data-root names the Fashion-MNIST folder of the full demo; --quick runs on "
+                        "scikit-learn's digits, which need no files")
     plan = make_plan(args.quick, args.out, args.runs_root, args.prepared_dir, not args.no_progress)
-    # Up front, not at the report stage after all the work (issue 15.15): one line each.
+    # Up front, not at the report stage after all the work: one line each.
     for folder, option in ((plan.out_dir, "--out"), (plan.runs_root, "--runs-root"),
                            (plan.prepared_dir, "--prepared-dir")):
         check_writable_dir(folder, option)
+    if not args.quick:  # where the images come from, fetched into the cache if nowhere else
+        plan = replace(plan, data_root=fashion_mnist_root(args.data_root))
     printer = Printer(enabled=not args.no_progress, every=args.every)
     try:
         with owned_local_jobs():  # its jobs end with it, however it ends

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bench.atomic import atomic_write_bytes, sha256_file
+from bench.config import FD_DINOV2_TIMM_NAMES as DINOV2_TIMM_NAMES
 from bench.evaluate import adm
 from bench.evaluate.quality import FeatureStatistics, MetricError, as_float64, check_sample_count, package_version
 from bench.prepare.embedded import load_classifier
@@ -38,10 +39,6 @@ from bench.prepare.embedded import load_classifier
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_INPUT_SIZE = 224
-DINOV2_TIMM_NAMES = {
-    "vits14": "vit_small_patch14_dinov2", "vitb14": "vit_base_patch14_dinov2",
-    "vitl14": "vit_large_patch14_dinov2", "vitg14": "vit_giant_patch14_dinov2",
-}
 REFERENCE_IMAGES_KEY = "arr_0"
 REFERENCE_STAT_KEYS = ("mu", "sigma")
 CACHE_FORMAT = "redi-bench-refstats/1"

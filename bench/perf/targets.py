@@ -15,7 +15,7 @@ SPEEDUP_OVER_REFERENCE = 2.0  # default training path vs the official-style refe
 MERGED_OVERHEAD = 1.03  # ReDi merged tokens vs latent-only, time per step
 GUIDED_STEP = 2.1  # a guided sampling step (CFG or RG, one batched call) vs an unguided one
 
-# Issue 19: the default step against the official code, side by side (--official): >= 2x in fp32,
+# The default step against the official code, side by side (--official): >= 2x in fp32,
 # >= 3x where the default runs bf16 autocast natively.
 SPEEDUP_OVER_OFFICIAL = {"fp32": 2.0, "bf16": 3.0}
 

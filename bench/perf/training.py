@@ -35,9 +35,10 @@ from bench.perf.roofline import arithmetic_floor, floor_ops, run_floor, train_fl
 from bench.perf.setup import BatchPool, Geometry, autocast
 from bench.perf.timing import Workload
 from bench.prepare import encoders
-from bench.prepare.encoders import align_to_grid, sample_latents
+from bench.prepare.encoders import sample_latents
 from bench.train.build import backbone_settings, build_model, build_transport
 from bench.train.step import build_optimizer, make_train_step, repa_tokens, update_ema
+from models.repa import align_to_grid
 
 # Relative |loss_default - loss_float64| / loss_float64 accepted for the default (bf16 autocast)
 # path. bf16 keeps 8 significant bits (unit roundoff 2^-9 = 0.2%), but the loss is a mean of squared

@@ -1,6 +1,7 @@
 """Prepare: images -> VAE latent moments + PCA-reduced semantic features, as resumable shards.
 
 - `sources`:   image datasets (Fashion-MNIST, scikit-learn digits, image folders): `open_split`, `ImageSource`
+- `fetch`:     Fashion-MNIST from --data-root, Debian's package or a checked download into a cache
 - `encoders`:  frozen VAE and semantic encoders from local files: `load_vae`, `build_semantic_encoder`
 - `pca`:       streaming float64 PCA of encoder tokens: `PCAModel`, `PCAStats`, `import_official_pca`
 - `embedded`:  the embedded default's own VAE and evaluation classifier, trained on CPU

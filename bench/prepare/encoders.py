@@ -9,13 +9,15 @@ concatenated along channels (REPA/ReDi's `torch.cat([mean, std], dim=1)`); train
 official code's `sample_posterior` does.
 
 Semantic features. `SemanticEncoder.encode(images) -> (B, C, h, w)` on the encoder's own grid
-(`EncoderInfo.grid`); `align_to_grid` resizes to the latent grid (bilinear, align_corners=False) only
-when the two differ, as the official code does after PCA.
+(`EncoderInfo.grid`); `models.repa.align_to_grid` resizes to the latent grid (bilinear,
+align_corners=False) only when the two differ, as the official code does after PCA.
+
+Nothing here changes the process environment: the `bench` command sets `HF_HUB_OFFLINE=1` before
+any subcommand imports huggingface_hub (bench.cli.main).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -24,17 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Never reach the Hub: weights come from local files or the cache (read by huggingface_hub at import).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from bench.config import DINOV2_TIMM_NAMES
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
-DINOV2_TIMM_NAMES = {
-    "vits14": "vit_small_patch14_dinov2", "vits14_reg": "vit_small_patch14_reg4_dinov2",
-    "vitb14": "vit_base_patch14_dinov2", "vitb14_reg": "vit_base_patch14_reg4_dinov2",
-    "vitl14": "vit_large_patch14_dinov2", "vitl14_reg": "vit_large_patch14_reg4_dinov2",
-}
 
 
 class EncoderError(ValueError):
@@ -254,11 +250,6 @@ def build_semantic_encoder(cfg_encoder, image_size: int,
     raise EncoderError(f"encoder.kind={cfg_encoder.kind!r} is not known")
 
 
-def align_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """`(B, C, h, w)` -> `(B, C, *grid)`: bilinear (align_corners=False) only if the sizes differ."""
-    if tuple(features.shape[-2:]) == tuple(grid):
-        return features
-    return F.interpolate(features, size=tuple(grid), mode="bilinear", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------

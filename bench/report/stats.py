@@ -176,7 +176,7 @@ def find_speedups(cells: pd.DataFrame, conditions: pd.DataFrame, metric: str, gr
 
 
 # ------------------------------------------------------------------------------------------------
-# Paired seeds (common random numbers, issue 18)
+# Paired seeds (common random numbers)
 #
 # With paired seeds (grid `seeds: {paired: [...]}`) seed k of every spec shares its data order,
 # diffusion times, latent noise and evaluation labels/noise, so the per-seed difference

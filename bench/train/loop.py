@@ -92,7 +92,7 @@ def reseed_for_step(generator: torch.Generator, seed: int, purpose: str, step: i
     """`generator` re-seeded from (seed, purpose, step): the draws of global batch `step` do not
     depend on how many numbers earlier steps took from the stream.
 
-    Why (common random numbers, issue 18): the objective draws t, eps_x, then eps_z only when the spec
+    Why (common random numbers): the objective draws t, eps_x, then eps_z only when the spec
     has semantic channels. With one stream for the whole run, step 2's t and eps_x of ReDi would
     already differ from latent-only's; re-seeded per step, seed k of every spec gets the same t and
     eps_x at every step, so paired differences between specs cancel that noise. Resume stays exact:

@@ -6,9 +6,8 @@ reads it from the prepared shards, `bench perf` from a pool of synthetic or prep
 
 Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
-the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
-slower for the embedded default (width 128), which therefore pins train.precision=fp32 (bench perf
-rows in results/readme/perf/).
+the official code. Whether bf16 pays depends on the width: the embedded default pins
+train.precision=fp32 because its width-128 step measured slower in bf16 (docs/performance.md).
 Optimiser and EMA: fused AdamW and one foreach lerp for the EMA.
 """
 
@@ -22,8 +21,8 @@ import torch
 from torch import nn
 
 from bench.config import ConfigError, ExperimentConfig
-from bench.prepare.encoders import align_to_grid  # torch-heavy encoders module: only when REPA is on
 from bench.train import distributed as dist_utils
+from models.repa import align_to_grid
 
 
 class NonFiniteLossError(RuntimeError):
