@@ -162,3 +162,13 @@ def test_prepare_prints_progress(tmp_path, capsys, monkeypatch):
     assert [(m["done"], m["total"]) for m in _lines(out, "prepare embedded VAE step")] == [("1", "3"), ("3", "3")]
     encoded = _lines(out, "prepare task 0/1: images")
     assert encoded and encoded[-1]["done"] == encoded[-1]["total"] == "48", out
+
+
+def test_a_bad_interval_stops_training_before_it_writes(tmp_path, monkeypatch):
+    from bench.train.loop import train
+
+    monkeypatch.setenv(progress_module.EVERY_ENV, "1m")
+    cfg = tiny_config(write_prepared(tmp_path / "prepared"), tmp_path / "runs")
+    with pytest.raises(ProgressError, match="REDI_BENCH_PROGRESS_EVERY='1m'"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()

@@ -81,7 +81,7 @@ from bench.prepare.dataset import (
 )
 from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
 from bench.prepare.sources import DatasetError, open_split
-from bench.progress import Progress
+from bench.progress import Progress, every_seconds
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -437,6 +437,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
     check_sinks(cfg.train.log_to)
+    every_seconds()  # a bad REDI_BENCH_PROGRESS_EVERY fails here, before the run folder is written
     try:
         manifest, align = read_manifest(cfg.data.prepared_dir), read_align_manifest(cfg)
         check_prepared(cfg, manifest, cfg.data.prepared_dir, align)
