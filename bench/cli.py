@@ -1,6 +1,7 @@
 """The `bench` command: one entry point for the whole workflow (README.md).
 
     bench prepare [key=value ...]              images -> VAE latent moments + PCA'd semantic features
+                  [--cluster P|--local|--debug]  ... as an encoding array + a PCA job after it
     bench train spec=redi [key=value ...]      one training run (resumes if its folder exists)
     bench grid NAME [--stage train|eval] ...   submit an ablation grid (SLURM, local, debug)
     bench status NAME                          what is queued, running, done, failed
@@ -27,12 +28,13 @@ from bench.config import ConfigError
 # name -> (one-line help, "module:function" implementing it). Each module is imported only when its
 # subcommand runs, so `bench --help` and `bench status` start without loading torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)",
-                "bench.prepare.pipeline:main"),
+    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards); --cluster P "
+                "submits it as jobs", "bench.launch.prepare_jobs:main"),
     "train": ("train one run: bench train spec=redi [key=value ...]", "bench.train.loop:main"),
     "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] "
              "[--dry-run] [--list]", "bench.launch.submit:main_grid"),
-    "status": ("state of every cell of a grid: bench status NAME", "bench.launch.submit:main_status"),
+    "status": ("state of every cell of a grid: bench status NAME (a prepare: bench status --prepare [key=value])",
+               "bench.launch.submit:main_status"),
     "sample": ("sample images from a run folder with a chosen sampler and guidance",
                "bench.evaluate.evaluation:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance",
