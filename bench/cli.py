@@ -10,10 +10,12 @@
     bench report NAME                          tables beside the paper's numbers, plots
     bench import-official CKPT ...             a released checkpoint as a run folder
     bench perf ...                             throughput benchmarks
+    bench weights [scale=paper] [--download]   the pretrained files a scale needs, checked
     bench demo [--quick]                       the embedded default end to end, offline, on CPU
 
-Every subcommand parses its own arguments; errors the user can fix are printed as one line
-(`bench: error: ...`) with exit status 2, never as a traceback.
+`python -m bench ...` runs the same command (bench/__main__.py). Every subcommand parses its own
+arguments; errors the user can fix are printed as one line (`bench: error: ...`) with exit status
+2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT "
                         "[--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
+    "weights": ("the pretrained files a scale needs: present, verified, or how to fetch them: "
+                "bench weights [scale=paper] [--download]", "bench.perf.weights:main"),
     "doctor": ("preflight on your node before GPU-days: bench doctor [--cluster P] [key=value ...]",
                "bench.perf.doctor:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),

@@ -1,20 +1,28 @@
 """Compose an experiment from `ablations/` with Hydra and return the typed `ExperimentConfig`.
 
-Hydra only composes: the schema is registered in its ConfigStore, YAML files add deltas, overrides
-come last, and `OmegaConf.to_object` hands back plain dataclasses (validated in `__post_init__`).
-Every failure is re-raised as one `ConfigError` whose message names the offending key.
+Hydra only composes: the schema is registered in its ConfigStore, YAML files add deltas, the site
+file's paths follow (bench.site), overrides come last, and `OmegaConf.to_object` hands back plain
+dataclasses (validated in `__post_init__`). Specs and scales of the user folders on the search path
+(bench.resources) come before the shipped ones of the same name. Every failure is re-raised as one
+`ConfigError` whose message names the offending key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
+from bench import resources
 from bench.config import ConfigError, ExperimentConfig
+from bench.site import apply_site, load_site, override_keys
 
-ABLATIONS_DIR = Path(__file__).resolve().parents[1] / "ablations"
+ABLATIONS_DIR = resources.shipped("ablations")  # what ships; user folders come first (config_dir)
+GROUPS = ("spec", "scale")  # the config groups of ablations/ (grids/ are read by bench.launch.grids)
 _SCHEMA_NAME = "base_schema"
 
 
@@ -25,8 +33,26 @@ def _register_schema() -> None:
 
 
 def available(group: str) -> list[str]:
-    """The options of a config group in `ablations/` (e.g. the specs)."""
-    return sorted(p.stem for p in (ABLATIONS_DIR / group).glob("*.yaml"))
+    """The options of a config group (e.g. the specs): the user folders' and the shipped ones."""
+    return list(resources.items(group))
+
+
+@contextlib.contextmanager
+def config_dir() -> Iterator[Path]:
+    """The folder Hydra composes from: the shipped `ablations/`, or, when user folders add specs or
+    scales, a temporary copy with theirs laid over it (a user's `scale/paper.yaml` replaces the
+    shipped one; Hydra's own search path would look in the shipped folder first)."""
+    extra = {g: [i for i in resources.items(g).values() if i.origin != resources.SHIPPED] for g in GROUPS}
+    if not any(extra.values()):
+        yield ABLATIONS_DIR
+        return
+    with tempfile.TemporaryDirectory(prefix="redi-bench-config-") as tmp:
+        shutil.copy2(ABLATIONS_DIR / "config.yaml", tmp)
+        for group in GROUPS:
+            shutil.copytree(ABLATIONS_DIR / group, Path(tmp) / group)
+            for item in extra[group]:
+                shutil.copy2(item.path, Path(tmp) / group / f"{item.name}.yaml")
+        yield Path(tmp)
 
 
 def _section_error(path: Sequence[str], cls: type) -> ConfigError:
@@ -77,16 +103,18 @@ def _field_type(cls: type, name: str) -> Any:
 
 
 def _check_overrides(overrides: Sequence[str]) -> None:
-    groups = {p.name for p in ABLATIONS_DIR.iterdir() if p.is_dir() and p.name != "grids"}
     for item in overrides:
         key = item.split("=", 1)[0].strip().lstrip("+~")
-        if key in groups or key.split("@", 1)[0] in groups:
+        if key in GROUPS or key.split("@", 1)[0] in GROUPS:
             continue  # spec=..., scale=...: config groups, not settings
         check_key(key)
 
 
-def load_config(overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Compose `ablations/config.yaml` with `overrides` (`key=value`, `spec=redi`, `scale=paper`)."""
+def load_config(overrides: Iterable[str] = (), site: bool = True) -> ExperimentConfig:
+    """Compose `ablations/config.yaml` with `overrides` (`key=value`, `spec=redi`, `scale=paper`).
+
+    The site file's paths (bench.site) are applied except where `overrides` set the same key;
+    `site=False` composes without them."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -94,10 +122,11 @@ def load_config(overrides: Iterable[str] = ()) -> ExperimentConfig:
 
     overrides = list(overrides)
     _check_overrides(overrides)
+    paths = load_site() if site else None
     _register_schema()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(ABLATIONS_DIR), version_base=None):
+        with config_dir() as folder, initialize_config_dir(config_dir=str(folder), version_base=None):
             composed = compose(config_name="config", overrides=overrides)
         check_dict_keys(OmegaConf.to_container(composed))  # a YAML delta cannot add keys either
         cfg = OmegaConf.to_object(composed)
@@ -113,7 +142,7 @@ def load_config(overrides: Iterable[str] = ()) -> ExperimentConfig:
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(cfg, ExperimentConfig)
-    return cfg
+    return apply_site(cfg, paths, keep=override_keys(overrides)) if paths is not None else cfg
 
 
 def _explain(err: Exception) -> str:

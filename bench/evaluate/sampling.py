@@ -57,6 +57,7 @@ from bench.runfolder import (
     read_run_config,
     samples_dir,
 )
+from bench.site import apply_site, load_site, site_paths_of
 from bench.train.build import build_model, build_transport
 from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, load_weights, read_meta
 from models.ddpm_sampling import sample_ddpm
@@ -80,9 +81,14 @@ class SamplingError(ValueError):
 
 def resolve_run_config(run_dir: Path, cfg: Optional[ExperimentConfig] = None,
                        overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """The run's saved config with the evaluation settings of `cfg` (when given, e.g. a grid's
-    setting from the launcher) and then `overrides` on top. Everything but `eval` always comes
-    from config.json; a `cfg` that describes another run (other run hash) is refused."""
+    """The run's saved config with this machine's paths and the evaluation settings of `cfg`
+    (when given, e.g. a grid's setting from the launcher), then `overrides` on top. The model and
+    data come from config.json; a `cfg` that describes another run (other run hash) is refused.
+
+    The paths (bench.site.SITE_KEYS: VAE, encoder, Inception, reference, data, output root) are
+    the site file's, applied on top of the saved ones; with `cfg` they are cfg's, which the
+    launcher composed with the site file at submission, so a queued job needs no site file of its
+    own."""
 
     saved = read_run_config(run_dir)
     if cfg is not None:
@@ -90,7 +96,10 @@ def resolve_run_config(run_dir: Path, cfg: Optional[ExperimentConfig] = None,
             raise SamplingError(f"the given config describes another run (hash {run_hash(cfg)}) than "
                                 f"{config_path(run_dir)} (hash {run_hash(saved)}); only its "
                                 "eval.* settings may differ")
+        saved = site_paths_of(cfg, saved)
         saved = dataclasses.replace(saved, eval=copy.deepcopy(cfg.eval))  # re-validated
+    else:
+        saved = apply_site(saved, load_site())
     return apply_eval_overrides(saved, overrides)
 
 

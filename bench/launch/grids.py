@@ -40,11 +40,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from omegaconf import MISSING
 
+from bench import resources
 from bench.compose import ABLATIONS_DIR, available, load_config
 from bench.config import ConfigError, ExperimentConfig
 from bench.identity import run_dir as identity_run_dir
 
-GRIDS_DIR = ABLATIONS_DIR / "grids"
+GRIDS_DIR = ABLATIONS_DIR / "grids"  # the shipped grids; a user folder's grids/ come first (bench.resources)
 SEED_KEY = "train.seed"  # the axis `seeds: {paired: [...]}` adds (with eval.seed of the same value)
 SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")  # what bench.evaluate.evaluation accepts
 
@@ -187,21 +188,33 @@ class Setting:
 # Loading
 
 
-def list_grids(grids_dir: Path | str = GRIDS_DIR) -> list[str]:
-    """Names of the grid files in `grids_dir` (default `ablations/grids/`)."""
+def list_grids(grids_dir: Path | str | None = None) -> list[str]:
+    """Names of the grid files in `grids_dir` (None: the search path's and the shipped ones)."""
+    if grids_dir is None:
+        return list(resources.items("grids"))
     return sorted(p.stem for p in Path(grids_dir).glob("*.yaml"))
 
 
-def load_grid(name: str, grids_dir: Path | str = GRIDS_DIR) -> Grid:
+def grid_path(name: str, grids_dir: Path | str | None = None) -> Path:
+    """The YAML of grid `name` (or `name` itself when it is a path to one)."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    if grids_dir is not None and (Path(grids_dir) / f"{name}.yaml").is_file():
+        return Path(grids_dir) / f"{name}.yaml"
+    item = resources.find("grids", name) if grids_dir is None else None
+    if item is not None:
+        return item.path
+    where = str(grids_dir) if grids_dir is not None else ", ".join(str(d) for d, _ in resources.search_dirs("grids"))
+    raise GridError(f"unknown grid {name!r}; available grids: {', '.join(list_grids(grids_dir)) or 'none'} "
+                    f"(files in {where})")
+
+
+def load_grid(name: str, grids_dir: Path | str | None = None) -> Grid:
     """Read and validate grid `name` (or a path to a grid YAML); GridError lists the known grids."""
     import yaml
 
-    path = Path(name)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = Path(grids_dir) / f"{name}.yaml"
-    if not path.is_file():
-        raise GridError(f"unknown grid {name!r}; available grids: {', '.join(list_grids(grids_dir)) or 'none'} "
-                        f"(files in {grids_dir})")
+    path = grid_path(name, grids_dir)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -410,13 +423,15 @@ def _matches(match: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _compose(overrides: tuple[str, ...]) -> ExperimentConfig:
+def _compose(overrides: tuple[str, ...], search: tuple[str, ...]) -> ExperimentConfig:
     return load_config(overrides)
 
 
 def compose(overrides: Iterable[str]) -> ExperimentConfig:
-    """`load_config`, memoised (a grid is expanded by submit, status and report); returns a copy."""
-    return copy.deepcopy(_compose(tuple(overrides)))
+    """`load_config`, memoised (a grid is expanded by submit, status and report); returns a copy.
+    The memo is per search path (the user folders decide specs, scales and the site file)."""
+    search = tuple(str(f) for f in resources.user_folders())
+    return copy.deepcopy(_compose(tuple(overrides), search))
 
 
 def _raw_cells(grid: Grid) -> list[tuple[str, dict[str, str], list[str], Optional[list[int]]]]:

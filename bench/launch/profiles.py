@@ -1,5 +1,6 @@
-"""Cluster profiles (`slurm/profiles/*.yaml`), the per-job resource request a grid makes within
-one, and the errors of `bench grid` that the user can fix before anything is submitted."""
+"""Cluster profiles (`slurm/profiles/*.yaml`, and a user folder's `profiles/` first: bench.resources),
+the per-job resource request a grid makes within one, and the errors of `bench grid` that the user
+can fix before anything is submitted."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from bench import resources
 from bench.config import ConfigError
 from bench.launch.grids import Grid
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
+PROFILES_DIR = resources.shipped("profiles")  # what ships; a user folder's profiles/ come first
 
 
 class LaunchError(ConfigError):
@@ -59,19 +61,30 @@ class Profile:
     throughput: dict = field(default_factory=dict)
 
 
-def list_profiles(profiles_dir: Path | str = PROFILES_DIR) -> list[str]:
-    """Names of the cluster profiles in `slurm/profiles/`."""
+def list_profiles(profiles_dir: Path | str | None = None) -> list[str]:
+    """Names of the cluster profiles in `profiles_dir` (None: the search path's and the shipped ones)."""
+    if profiles_dir is None:
+        return list(resources.items("profiles"))
     return sorted(p.stem for p in Path(profiles_dir).glob("*.yaml"))
 
 
-def load_profile(name: str, profiles_dir: Path | str = PROFILES_DIR) -> Profile:
+def profile_path(name: str, profiles_dir: Path | str | None = None) -> Path:
+    if profiles_dir is not None and (Path(profiles_dir) / f"{name}.yaml").is_file():
+        return Path(profiles_dir) / f"{name}.yaml"
+    item = resources.find("profiles", name) if profiles_dir is None else None
+    if item is not None:
+        return item.path
+    where = str(profiles_dir) if profiles_dir is not None else ", ".join(
+        str(d) for d, _ in resources.search_dirs("profiles"))
+    raise ProfileError(f"unknown cluster profile {name!r}; available profiles: "
+                       f"{', '.join(list_profiles(profiles_dir)) or 'none'} (files in {where})")
+
+
+def load_profile(name: str, profiles_dir: Path | str | None = None) -> Profile:
     """Read and validate profile `name`; ProfileError names the bad key and lists the valid ones."""
     import yaml
 
-    path = Path(profiles_dir) / f"{name}.yaml"
-    if not path.is_file():
-        raise ProfileError(f"unknown cluster profile {name!r}; available profiles: "
-                           f"{', '.join(list_profiles(profiles_dir)) or 'none'} (files in {profiles_dir})")
+    path = profile_path(name, profiles_dir)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

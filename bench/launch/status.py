@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench.config import ExperimentConfig
-from bench.launch.grids import GRIDS_DIR, Cell, Grid, Setting, eval_config, expand, load_grid, settings_for
+from bench.launch.grids import Cell, Grid, Setting, eval_config, expand, load_grid, settings_for
 from bench.launch.jobs import last_metric, measured_steps
 from bench.runfolder import DONE_FILE, JOBS_FILE, checkpoint_steps, last_logged_step, read_jsonl
 
@@ -151,7 +151,7 @@ def eval_pairs(grid: Grid, cell: Cell, run: Path) -> list[tuple[Setting, Experim
     return [(s, eval_config(cell, s), s.scores(steps)) for s in settings_for(grid, cell)]
 
 
-def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path | str = GRIDS_DIR) -> list[dict]:
+def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path | str | None = None) -> list[dict]:
     """One row per cell: training state, steps reached, evaluation progress, last metric, job, log.
 
     state: done, running, queued, failed (detail and log say why), not submitted, or unknown (the

@@ -36,8 +36,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import submitit
 
+from bench import resources
 from bench.atomic import check_writable_dir
-from bench.launch.grids import GRIDS_DIR, Cell, Grid, expand, list_grids, load_grid, settings_for
+from bench.launch.grids import Cell, Grid, expand, load_grid, settings_for
 
 # Also re-exported: `from bench.launch.submit import X` works for every public name of bench/launch_*.py.
 from bench.launch.jobs import (
@@ -55,7 +56,6 @@ from bench.launch.plan import (
     work_units,
 )
 from bench.launch.profiles import (
-    PROFILES_DIR,
     LaunchError,
     Profile,
     SchedulerError,
@@ -156,8 +156,8 @@ def _run_debug(plan: Sequence[PlannedJob], handles: Sequence[Any], quiet: bool) 
 
 def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, local: bool = False,
                 debug: bool = False, dry_run: bool = False, job_fn: Optional[Callable] = None,
-                overrides: Sequence[str] = (), quiet: bool = False, grids_dir: Path | str = GRIDS_DIR,
-                profiles_dir: Path | str = PROFILES_DIR, perf_dir: Path | str = "results/perf") -> Submission:
+                overrides: Sequence[str] = (), quiet: bool = False, grids_dir: Path | str | None = None,
+                profiles_dir: Path | str | None = None, perf_dir: Path | str = "results/perf") -> Submission:
     """Submit the cells of grid `name` for `stage` as one job array; return without waiting.
 
     cluster: a profile of slurm/profiles/ (its `executor` says slurm or local); local: the `local`
@@ -292,6 +292,22 @@ def format_cells(grid: Grid, cells: Sequence[Cell]) -> str:
     return "\n".join(lines)
 
 
+def format_catalogue() -> str:
+    """`bench grid --list`: every grid and cluster profile, and where each was found (a user
+    folder on the search path, or what ships: bench.resources)."""
+    grids, profiles = resources.items("grids"), resources.items("profiles")
+    lines = [f"{name:22s} {load_grid(name).title}" + ("" if item.origin == resources.SHIPPED
+                                                      else f"  [{resources.describe_origin(item)}]")
+             for name, item in grids.items()]
+    lines.append("profiles: " + ", ".join(name + ("" if item.origin == resources.SHIPPED
+                                                  else f" [{resources.describe_origin(item)}]")
+                                          for name, item in profiles.items()))
+    folders = resources.user_folders()
+    lines.append("search path: " + ", ".join([*map(str, folders), "shipped"]) +
+                 f" (${resources.SEARCH_ENV}, then ./{resources.LOCAL_FOLDER}/, then what ships)")
+    return "\n".join(lines)
+
+
 def main_grid(argv: Any = None) -> int:
     """`bench grid NAME [overrides] [--stage train|eval] [--cluster P | --local | --debug] [--dry-run] [--list]`."""
     args = _parse(sys.argv[1:] if argv is None else argv, add_grid_arguments(
@@ -301,9 +317,7 @@ def main_grid(argv: Any = None) -> int:
         print(format_cells(grid, expand(grid, args.overrides)))
         return 0
     if args.list or not args.name:
-        for name in list_grids():
-            print(f"{name:16s} {load_grid(name).title}")
-        print("profiles: " + ", ".join(list_profiles()))
+        print(format_catalogue())
         return 0 if args.list else 2
     sub = submit_grid(args.name, args.stage, cluster=args.cluster, local=args.local, debug=args.debug,
                       dry_run=args.dry_run, overrides=args.overrides)

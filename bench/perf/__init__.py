@@ -10,5 +10,6 @@
 - `infer`:    sampling, Table 6 finished images, prepare and evaluation workloads
 - `timing`:   warm-up, interleaved repeats, medians and the provenance every row carries
 - `targets`:  the speed targets checked and the printed report
+- `weights`:  `bench weights`: the pretrained files a scale needs, checked against their published hashes
 - `doctor`:   `bench doctor`: a preflight on the user's node (numerics, DDP, weights, data, throughput)
 """

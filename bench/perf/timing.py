@@ -24,7 +24,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from bench import resources
+
+# The checkout the code runs from; an installed wheel has none (git_commit is then None).
+REPO_ROOT = resources.source_root() or Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """The ReDi paper's published numbers (arXiv 2504.16064v3) as tidy pandas tables.
 
-The numbers live as hand-typed CSV files in ``results/paper/`` at the repository root (one file
-per paper table or figure; the schema and every known inconsistency are described in
-``results/paper/README.md``). The report layer puts them in a ``paper`` column beside measured
-numbers, so this module is strict: a malformed file fails loudly with the file, line, column and
-the fix, instead of silently producing a wrong comparison.
+The numbers live as hand-typed CSV files in ``results/paper/`` at the repository root, shipped
+inside the wheel as package data (bench.resources): one file per paper table or figure; the schema
+and every known inconsistency are described in ``results/paper/README.md``. The report layer puts
+them in a ``paper`` column beside measured numbers, so this module is strict: a malformed file
+fails loudly with the file, line, column and the fix, instead of silently producing a wrong comparison.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-# results/ sits beside bench/ at the repository root.
-PAPER_DIR = Path(__file__).resolve().parents[2] / "results" / "paper"
+from bench import resources
+
+PAPER_DIR = resources.shipped("paper")
 
 PAPER_COLUMNS: tuple[str, ...] = (
     "table", "model", "method", "transport", "size", "conditional", "fusion", "pca_rank",

@@ -69,6 +69,7 @@ from bench.report.tables import (
     to_markdown,
     write_report,
 )
+from bench.site import load_site
 
 # ------------------------------------------------------------------------------------------------
 # Run folders: results/runs/<grid>/<spec>-<hash>/ (bench.runfolder)
@@ -321,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("name", metavar="NAME", help="grid name (ablations/grids/NAME.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="output_root=DIR",
                         help="where the run folders are, as given to `bench grid` and `bench status` "
-                        "(default: results/runs)")
+                        "(default: the site file's output_root, else results/runs)")
     parser.add_argument("--runs-root", default=None, help=argparse.SUPPRESS)  # deprecated spelling
     parser.add_argument("--out", default="results/reports", help="files go to OUT/NAME "
                         "(default: %(default)s)")
@@ -332,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="count rows that differ from the paper's protocol only in this as "
                         "comparable (bf16: runs trained with bf16 autocast); repeatable")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
-    runs_root = "results/runs"
+    runs_root = load_site().paths.get("output_root", "results/runs")  # bench.site: paths said once
     for item in args.overrides:
         key, _, value = item.partition("=")
         if key.strip() != "output_root" or not _:

@@ -1,0 +1,7 @@
+"""`python -m bench ...`: the `bench` command, for environments without its console script."""
+
+import sys
+
+from bench.cli import main
+
+sys.exit(main())
