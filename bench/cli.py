@@ -11,6 +11,7 @@
     bench import-official CKPT ...             a released checkpoint as a run folder
     bench perf ...                             throughput benchmarks
     bench weights [scale=paper] [--download]   the pretrained files a scale needs, checked
+    bench rehearse --cluster P                 the paper scale's path in miniature on your cluster
     bench demo [--quick]                       the embedded default end to end, offline, on CPU
 
 `python -m bench ...` runs the same command (bench/__main__.py). Every subcommand parses its own
@@ -54,6 +55,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                 "bench weights [scale=paper] [--download]", "bench.perf.weights:main"),
     "doctor": ("preflight on your node before GPU-days: bench doctor [--cluster P] [key=value ...]",
                "bench.perf.doctor:main"),
+    "rehearse": ("the paper scale's path in miniature through your cluster, before GPU-days: bench rehearse "
+                 "--cluster P [--workdir DIR]", "bench.rehearse.run:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),
 }
 

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 from bench.compose import load_config
 from bench.config import ExperimentConfig
 from bench.launch.jobs import CellJob, append_record
-from bench.launch.profiles import PROFILES_DIR, LaunchError, Profile, list_profiles, load_profile
+from bench.launch.profiles import LaunchError, Profile, list_profiles, load_profile
 from bench.launch.status import job_state, scheduler_states
 from bench.runfolder import JOBS_FILE, read_jsonl
 
@@ -169,7 +169,7 @@ def _retire(subs: Sequence[dict], states: dict, records: list[dict]) -> list[dic
 
 def submit_prepare(overrides: Sequence[str], options: Any, cluster: Optional[str] = None, local: bool = False,
                    debug: bool = False, tasks: Optional[int] = None, hours: Optional[float] = None,
-                   quiet: bool = False, profiles_dir: Path | str = PROFILES_DIR) -> dict:
+                   quiet: bool = False, profiles_dir: Path | str | None = None) -> dict:
     """Submit the prepare of `overrides` (bench.prepare.pipeline.PrepareOptions `options`) as an
     encoding array and a dependent PCA job; return what was submitted, without waiting."""
     from bench.prepare.pipeline import prepare_state
