@@ -11,11 +11,13 @@ One run lives in `results/runs/<grid>/<spec>-<hash>/` (`bench.identity.run_dir`)
     samples/<step:07d>/<hash>/     SAMPLES_DIR: sample shards of one sampling setting (bench sample)
     tensorboard/, wandb/           the optional sinks of train.log_to (bench.metrics_log)
     .train.lock                    TRAIN_LOCK: held by the one `bench train` working on the run
+    .train.lock.owner              its stand-in where flock is refused (bench.locks)
 
 JSONL policy (every reader and writer of the three logs goes through `read_jsonl` / `append_jsonl`):
 a line counts once its newline is written. A last line without its newline is a torn append (a
 writer killed mid-write): readers ignore it, and the next append cuts it off before writing, under
-an exclusive flock on the file, so concurrent appenders never cut each other's line. A line in the
+an exclusive lock on the file (bench.locks: flock, or an owner file `<log>.owner` where the file
+system refuses flock), so concurrent appenders never cut each other's line. A line in the
 middle that is not a JSON object was edited or corrupted by something else: reading it is an error
 naming the file and the line. Blank lines are ignored.
 
@@ -29,15 +31,15 @@ This module imports no torch: `bench status`, `bench report` and the launcher re
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from bench.atomic import PathLike, atomic_write_text, crash_point
 from bench.compose import from_dict  # Hydra/OmegaConf: loaded only by the readers that need a config
+from bench.locks import exclusive
 
 CONFIG_FILE = "config.json"
 DONE_FILE = "DONE"
@@ -89,29 +91,26 @@ def read_jsonl(path: PathLike) -> list[dict]:
 
 @contextmanager
 def _locked_log(path: Path, read: bool) -> Iterator[Any]:
-    """The file opened for appending, exclusively flocked, its torn last line cut off; yields the
-    handle and (when `read`, else b"") its complete lines as bytes."""
+    """The file opened for appending, exclusively locked (bench.locks: flock, or an owner file
+    where the file system refuses flock), its torn last line cut off; yields the handle and (when
+    `read`, else b"") its complete lines as bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            size = handle.seek(0, os.SEEK_END)
-            if size:
-                handle.seek(size - 1)
-                torn = handle.read(1) != b"\n"
-            else:
-                torn = False
-            data = b""
-            if read or torn:  # a long log is read whole only when needed (after a kill: rarely)
-                handle.seek(0)
-                data = handle.read()
-                data = data[: data.rfind(b"\n") + 1]
-                if torn:  # the torn append of a killed writer
-                    handle.truncate(len(data))
-            handle.seek(0, os.SEEK_END)
-            yield handle, data if read else b""
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with open(path, "a+b") as handle, exclusive(handle, path):
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            torn = handle.read(1) != b"\n"
+        else:
+            torn = False
+        data = b""
+        if read or torn:  # a long log is read whole only when needed (after a kill: rarely)
+            handle.seek(0)
+            data = handle.read()
+            data = data[: data.rfind(b"\n") + 1]
+            if torn:  # the torn append of a killed writer
+                handle.truncate(len(data))
+        handle.seek(0, os.SEEK_END)
+        yield handle, data if read else b""
 
 
 def append_jsonl(path: PathLike, rows: Sequence[dict],
@@ -271,24 +270,22 @@ def train_lock(run_dir: PathLike) -> Iterator[None]:
     An exclusive, non-blocking flock on `.train.lock`: the kernel releases it when its holder
     exits or is killed, so a lock left by a dead process never blocks the next run. The lock file
     keeps the holder's pid and host for the error message; its presence alone means nothing.
+    Where the file system refuses flock, `.train.lock.owner` holds the lock instead (bench.locks:
+    host, pid and a heartbeat; a dead holder's file is taken over with a message).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / TRAIN_LOCK
-    with open(path, "a+") as handle:
+    with open(path, "a+") as handle, ExitStack() as held:
         try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            held.enter_context(exclusive(handle, path, blocking=False))
+        except BlockingIOError as err:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = getattr(err, "holder", None) or handle.read().strip() or "another process"
             raise RunFolderError(f"{run_dir} is being trained by {holder} (it holds {path}); wait for it "
                                  "to finish or stop it, then run the same command again to resume") from None
-        try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-            handle.flush()
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        yield

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from bench.atomic import sha256_file
-from bench.compose import load_config
+from bench.compose import dumps, from_dict, load_config, to_dict
 from bench.evaluate.adm import ADM_IMAGENET256
 from bench.launch.plan import find_throughput
 from bench.launch.profiles import load_profile
@@ -113,73 +113,111 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def weights_checks(cfg) -> list[Check]:
-    """The VAE, the semantic encoder, Inception and the reference batch the config points to."""
-    checks = []
-    vae_path = cfg.vae.path
-    if cfg.vae.kind == "diffusers":
-        def vae() -> str:
-            if not vae_path or not Path(vae_path).is_dir():
-                raise FileNotFoundError(f"vae.path={vae_path!r} is not a local diffusers folder")
-            loaded = load_vae(cfg.vae)
-            files = sorted(p for p in Path(vae_path).glob("*.safetensors"))
-            shas = ", ".join(f"{p.name} {_sha256(p)[:12]}" for p in files) or "no safetensors"
-            return f"loads ({loaded.info.latent_channels} latent channels); {shas} (no published hash)"
-        checks.append(_run("weights/vae", vae))
-    else:
-        checks.append(Check("weights/vae", "SKIP", "vae.kind=embedded: trained by bench prepare"))
-    if cfg.encoder.kind == "dinov2":
-        def encoder() -> str:
-            path = cfg.encoder.weights
-            if not path or not Path(path).is_file():
-                raise FileNotFoundError(f"encoder.weights={path!r} does not exist")
-            built = build_semantic_encoder(cfg.encoder, cfg.data.image_size)
-            return f"{built.info.encoder_id} loads; sha256 {_sha256(Path(path))[:12]} (no published hash)"
-        checks.append(_run("weights/encoder", encoder))
-    else:
-        checks.append(Check("weights/encoder", "SKIP", f"encoder.kind={cfg.encoder.kind}: packaged"))
-    if cfg.eval.feature_network == "inception":
-        def inception() -> str:
-            path = cfg.eval.inception_weights
-            if not path or not Path(path).is_file():
-                raise FileNotFoundError(f"eval.inception_weights={path!r} does not exist")
-            sha = _sha256(Path(path))
-            if not sha.startswith(INCEPTION_SHA256_PREFIX):
-                raise AssertionError(f"sha256 {sha[:12]} is not the 2015 Inception port's "
-                                     f"({INCEPTION_SHA256_PREFIX}...)")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            return f"loads ({len(state)} tensors); sha256 {sha[:12]} is the 2015 graph's port"
-        checks.append(_run("weights/inception", inception))
-    else:
-        checks.append(Check("weights/inception", "SKIP",
-                            f"eval.feature_network={cfg.eval.feature_network}"))
-    if cfg.eval.reference:
-        def reference() -> str:
-            import numpy as np
+def _not_set(name: str, setting: str, why: str) -> Check:
+    """A weights file the config does not name: nothing to check yet, which is no fault."""
+    return Check(name, "SKIP", f"{setting} is not set ({why}; `bench weights` lists the files a scale needs)")
 
-            path = Path(cfg.eval.reference)
-            if not path.is_file():
-                raise FileNotFoundError(f"eval.reference={str(path)!r} does not exist")
-            with np.load(path, allow_pickle=False) as npz:
-                keys = sorted(npz.files)
-            sha, adm = _sha256(path), _adm_reference_sha256()
-            if adm is None:
-                return f"{path.name}: arrays {keys}; sha256 {sha[:12]} (no published hash known here)"
-            if sha != adm:
-                raise AssertionError(f"sha256 {sha[:12]} is not ADM's VIRTUAL_imagenet256_labeled.npz "
-                                     f"({adm[:12]}): the report will not compare its rows")
-            return f"{path.name}: arrays {keys}; sha256 {sha[:12]} is ADM's reference batch"
-        checks.append(_run("weights/reference", reference))
-    else:
-        checks.append(Check("weights/reference", "SKIP" if cfg.data.name != "imagefolder" else "FAIL",
-                            "eval.reference is not set" + (": the paper's numbers need ADM's "
-                            "VIRTUAL_imagenet256_labeled.npz" if cfg.data.name == "imagefolder" else
-                            " (the prepared test split is the reference)")))
-    return checks
+
+def vae_check(cfg) -> Check:
+    """A diffusers AutoencoderKL: a local folder, or a repo id the Hugging Face cache holds. A repo id
+    the cache lacks is a file not fetched yet (skipped); a local path that does not exist fails."""
+    path = cfg.vae.path
+    if cfg.vae.kind != "diffusers":
+        return Check("weights/vae", "SKIP", "vae.kind=embedded: trained by bench prepare")
+    if not path:
+        return _not_set("weights/vae", "vae.path", "prepare and eval need SD-VAE")
+    if not Path(path).is_dir() and not Path(path).exists() and not path.startswith((".", os.sep, "~")):
+        try:
+            load_vae(cfg.vae)
+        except ValueError:  # EncoderError: not in the Hugging Face cache
+            return Check("weights/vae", "SKIP", f"vae.path={path!r} is a Hugging Face repo id not in the local "
+                         "cache (nothing is downloaded); `bench weights` prints the command that fetches it")
+        return Check("weights/vae", "PASS", f"vae.path={path!r} loads from the Hugging Face cache")
+
+    def body() -> str:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"vae.path={path!r} is not a local diffusers folder")
+        loaded = load_vae(cfg.vae)
+        files = sorted(p for p in Path(path).glob("*.safetensors"))
+        shas = ", ".join(f"{p.name} {_sha256(p)[:12]}" for p in files) or "no safetensors"
+        return f"loads ({loaded.info.latent_channels} latent channels); {shas} (no published hash)"
+    return _run("weights/vae", body)
+
+
+def encoder_check(cfg) -> Check:
+    if cfg.encoder.kind != "dinov2":
+        return Check("weights/encoder", "SKIP", f"encoder.kind={cfg.encoder.kind}: packaged")
+    path = cfg.encoder.weights
+    if not path:
+        return _not_set("weights/encoder", "encoder.weights", "prepare needs DINOv2's weights file")
+
+    def body() -> str:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"encoder.weights={path!r} does not exist")
+        built = build_semantic_encoder(cfg.encoder, cfg.data.image_size)
+        return f"{built.info.encoder_id} loads; sha256 {_sha256(Path(path))[:12]} (no published hash)"
+    return _run("weights/encoder", body)
+
+
+def inception_check(cfg) -> Check:
+    if cfg.eval.feature_network != "inception":
+        return Check("weights/inception", "SKIP", f"eval.feature_network={cfg.eval.feature_network}")
+    path = cfg.eval.inception_weights
+    if not path:
+        return _not_set("weights/inception", "eval.inception_weights", "eval needs the 2015 Inception port")
+
+    def body() -> str:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"eval.inception_weights={path!r} does not exist")
+        sha = _sha256(Path(path))
+        if not sha.startswith(INCEPTION_SHA256_PREFIX):
+            raise AssertionError(f"sha256 {sha[:12]} is not the 2015 Inception port's "
+                                 f"({INCEPTION_SHA256_PREFIX}...)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return f"loads ({len(state)} tensors); sha256 {sha[:12]} is the 2015 graph's port"
+    return _run("weights/inception", body)
+
+
+def reference_check(cfg) -> Check:
+    if not cfg.eval.reference:
+        if cfg.data.name == "imagefolder":
+            return _not_set("weights/reference", "eval.reference",
+                            "the paper's numbers need ADM's VIRTUAL_imagenet256_labeled.npz")
+        return Check("weights/reference", "SKIP", "eval.reference is not set (the prepared test split "
+                     "is the reference)")
+
+    def body() -> str:
+        import numpy as np
+
+        path = Path(cfg.eval.reference)
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.reference={str(path)!r} does not exist")
+        with np.load(path, allow_pickle=False) as npz:
+            keys = sorted(npz.files)
+        sha, adm = _sha256(path), _adm_reference_sha256()
+        if adm is None:
+            return f"{path.name}: arrays {keys}; sha256 {sha[:12]} (no published hash known here)"
+        if sha != adm:
+            raise AssertionError(f"sha256 {sha[:12]} is not ADM's VIRTUAL_imagenet256_labeled.npz "
+                                 f"({adm[:12]}): the report will not compare its rows")
+        return f"{path.name}: arrays {keys}; sha256 {sha[:12]} is ADM's reference batch"
+    return _run("weights/reference", body)
+
+
+def weights_checks(cfg) -> list[Check]:
+    """The VAE, the semantic encoder, Inception and the reference batch the config points to: a
+    file the config does not name is skipped with the reason, a named one that is missing, does not
+    load or has another published hash fails."""
+    return [vae_check(cfg), encoder_check(cfg), inception_check(cfg), reference_check(cfg)]
 
 
 def data_check(cfg) -> Check:
-    """The prepared folder fits the config and holds every shard its manifest lists."""
+    """The prepared folder fits the config and holds every shard its manifest lists (skipped when
+    the folder does not exist yet: a node may be checked before `bench prepare` runs)."""
+    if not Path(cfg.data.prepared_dir).exists():
+        return Check("data/prepared", "SKIP", f"data.prepared_dir={cfg.data.prepared_dir} does not exist "
+                     "yet: `bench prepare` writes it")
+
     def body() -> str:
         folder = Path(cfg.data.prepared_dir)
         manifest = read_manifest(folder)
@@ -209,38 +247,102 @@ def first_step_gradients(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return {key: value.double() for key, value in tensors.items() if key.endswith(".exp_avg")}
 
 
+def check_model_config(overrides: Sequence[str]):
+    """The config of `overrides` for the doctor's small check model: a REPA alignment block deeper
+    than the check model (the paper's align_layer 8 on a depth-2 model) moves to its last block,
+    where the projector, its loss and their gradients run as at full size."""
+    cfg = load_config(overrides)
+    depth = cfg.model.depth if cfg.model.size == "custom" else 0
+    if depth and cfg.objective.align_layer > depth:
+        cfg = load_config([*overrides, f"objective.align_layer={depth}"])
+    return cfg
+
+
+# Settings that name files or folders; vae.path may also be a Hugging Face repo id.
+PATH_SETTINGS = (("data", "root"), ("data", "prepared_dir"), ("data", "align_prepared_dir"), ("vae", "path"),
+                 ("encoder", "weights"), ("eval", "inception_weights"), ("eval", "dinov2_weights"),
+                 ("eval", "reference"))
+
+
+def with_absolute_paths(cfg):
+    """`cfg` with every relative path setting made absolute against the current folder, so that a
+    child process started in another folder reads the same files. A vae.path that is no local
+    folder stays as written: it is a repo id of the Hugging Face cache."""
+    data = to_dict(cfg)
+    for section, key in PATH_SETTINGS:
+        value = data[section].get(key)
+        if not value or Path(value).is_absolute():
+            continue
+        if section == "vae" and not Path(value).exists():
+            continue
+        data[section][key] = str(Path(value).resolve())
+    data["output_root"] = str(Path(data["output_root"]).resolve())
+    return from_dict(data)
+
+
+def _absolute_python_path(python_path: str) -> str:
+    """PYTHONPATH for a child started in another folder: the entries given, made absolute, after the
+    checkout this `bench` package comes from (the child checks the same harness; an installed
+    package is found without help, and its site-packages must not shadow the standard library)."""
+    harness = Path(__file__).resolve().parents[2]
+    entries = [str(Path(p).resolve()) for p in python_path.split(os.pathsep) if p]
+    if harness.name not in ("site-packages", "dist-packages"):
+        entries.insert(0, str(harness))
+    return os.pathsep.join(dict.fromkeys(entries))
+
+
+def _child_error(stderr: str) -> str:
+    """The line of a failed torchrun child that says why: the harness's one-line error or the last
+    exception, not torchrun's summary that follows it."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    ours = [ln for ln in lines if ln.startswith("bench ")]
+    errors = [ln for ln in lines if ("Error" in ln or "error:" in ln) and "ChildFailedError" not in ln
+              and "elastic" not in ln]
+    return ((ours or errors or lines or ["no output"])[-1])[-300:]
+
+
 def ddp_check(overrides: Sequence[str], backend: str = "nccl", two_rank_overrides: Sequence[str] = ()) -> Check:
     """One training step on 2 ranks (torchrun) against the single-process step: the same gradient of
     every parameter within DDP_RTOL of its largest element (`first_step_gradients`). backend nccl:
     2 GPUs; gloo: 2 CPU processes (CUDA hidden), the same check where no GPUs are, which exercises
     the harness's DDP code (its row split, gathers and loss scaling) but not NCCL.
     `two_rank_overrides` are added to the 2-rank run only: tests pass a perturbation there to prove
-    the check fails when the two paths differ."""
+    the check fails when the two paths differ. Each child gets the whole config as a file, every
+    path in it absolute (it runs in a temporary folder); without a prepared folder it is skipped."""
     name = f"ddp/{backend}"
     if backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < 2):
         return Check(name, "SKIP", f"needs 2 GPUs, found {torch.cuda.device_count()}"
                      " (ddp/gloo runs the same check on 2 CPU processes)")
+    try:
+        configs = {world: with_absolute_paths(check_model_config(
+            [*overrides, *(two_rank_overrides if world == 2 else ()), "train.max_steps=1", "train.ckpt_every=1"]))
+            for world in (1, 2)}
+    except ValueError as err:  # ConfigError: the config itself is wrong
+        return Check(name, "FAIL", f"{type(err).__name__}: {err}")
+    if not Path(configs[1].data.prepared_dir).exists():
+        return Check(name, "SKIP", f"data.prepared_dir={configs[1].data.prepared_dir} does not exist yet "
+                     "(the check trains one step on it): run `bench prepare` first")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "SUBMITIT_EXECUTOR"):  # a doctor started inside a job must not join that job's group
         env.pop(key, None)
     if backend == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""  # bench.train.distributed picks gloo when no GPU is visible
+    env["PYTHONPATH"] = _absolute_python_path(env.get("PYTHONPATH", ""))
 
     def body() -> str:
         with tempfile.TemporaryDirectory() as tmp:
             runs = {}
-            for world in (1, 2):
-                out = Path(tmp) / f"w{world}"
+            for world, cfg in configs.items():
+                out, config_file = Path(tmp) / f"w{world}", Path(tmp) / f"config-w{world}.json"
+                config_file.write_text(dumps(cfg) + "\n", encoding="utf-8")
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={world}", "-m", "bench.cli", "train", *overrides,
-                       *(two_rank_overrides if world == 2 else ()), f"output_root={out}",
-                       "train.max_steps=1", "train.ckpt_every=1"]
+                       f"--nproc_per_node={world}", "-m", "bench.cli", "train", "--config", str(config_file),
+                       "--run-dir", str(out)]
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
                 if done.returncode:
-                    raise RuntimeError(f"{world}-rank step failed: {done.stderr.strip()[-300:]}")
-                (run,) = [p for p in out.rglob("config.json")]
-                runs[world] = first_step_gradients(checkpoint_path(run.parent, 1))
+                    raise RuntimeError(f"{world}-rank step failed: {_child_error(done.stderr)}")
+                runs[world] = first_step_gradients(checkpoint_path(out, 1))
             worst, name_of = max((float((runs[2][k] - v).abs().max() / v.abs().max().clamp_min(1e-30)), k)
                                  for k, v in runs[1].items())
             if worst > DDP_RTOL:
@@ -324,7 +426,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         user = [o for o in args.overrides if not o.startswith(("spec=", "model.size", "model.depth",
                                                                "model.hidden_size", "model.num_heads",
                                                                "model.patch_size"))]
-        return lambda spec: load_config([*user, f"spec={spec}", *choice.overrides])
+        return lambda spec: check_model_config([*user, f"spec={spec}", *choice.overrides])
 
     if "loss" not in skip:
         cpu_size = args.size or "custom:2,64,2,2"

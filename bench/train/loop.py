@@ -6,8 +6,9 @@ tick, rank 0, through bench.metrics_log) and `DONE` once the checkpoint at `trai
 Re-running a finished run returns at once (after verifying the final checkpoint: a corrupt one is
 rebuilt from the newest good checkpoint); re-running an unfinished one resumes from its newest valid
 checkpoint, bit-exactly. One `bench train` at a time works on a run folder: it holds the folder's
-`.train.lock` (flock, released by the kernel when the process ends however it ends), and a second
-one refuses with a message naming the holder.
+`.train.lock` (flock, released by the kernel when the process ends however it ends; where the file
+system refuses flock, an owner file with a heartbeat: bench.locks), and a second one refuses with a
+message naming the holder.
 
 Nothing lost, nothing doubled. A resume from step S (S = 0 for a fresh start) first cuts
 metrics.jsonl after its last row at or before S, so the rows of a killed process are logged again,
