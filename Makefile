@@ -1,6 +1,7 @@
 # Two entry points (README "Quickstart"): `make demo` and `make test`. Both create the virtual
 # environment on first use and install the package with the exact versions CI uses
-# (.ci/constraints.txt); a cluster user installs with plain `pip install -e .` instead.
+# (.ci/constraints.txt); a cluster user installs with plain `pip install .` into an environment
+# that already has its CUDA build of torch (docs/cluster.md).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -8,10 +9,11 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: setup demo test lint data clean-venv
 
-$(STAMP): pyproject.toml .ci/constraints.txt
+$(STAMP): pyproject.toml .ci/constraints.txt .ci/build-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c .ci/constraints.txt --build-constraint .ci/build-constraints.txt \
+	  -e '.[test,embedded,trackers]'
 	touch $(STAMP)
 
 setup: $(STAMP)

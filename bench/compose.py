@@ -40,7 +40,7 @@ def available(group: str) -> list[str]:
 @contextlib.contextmanager
 def config_dir() -> Iterator[Path]:
     """The folder Hydra composes from: the shipped `ablations/`, or, when user folders add specs or
-    scales, a temporary copy with theirs laid over it (a user's `scale/paper.yaml` replaces the
+    scales, a temporary copy with theirs laid over it (a user's scale named paper replaces the
     shipped one; Hydra's own search path would look in the shipped folder first)."""
     extra = {g: [i for i in resources.items(g).values() if i.origin != resources.SHIPPED] for g in GROUPS}
     if not any(extra.values()):

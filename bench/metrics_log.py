@@ -54,7 +54,8 @@ def check_sinks(names: Sequence[str]) -> None:
             found = False
         if not found:
             raise ConfigError(f"train.log_to includes {name!r} but the {package!r} package is not "
-                              f"installed; `pip install {package}` or remove {name} from train.log_to")
+                              f"installed; install it with `pip install 'redi-bench[trackers]'` or remove "
+                              f"{name} from train.log_to")
 
 
 def forget_after(run_dir: Path, step: int) -> int:

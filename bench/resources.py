@@ -123,6 +123,6 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        extra = EXTRAS.get(module, "all")
+        extra = EXTRAS.get(err.name or "", EXTRAS.get(module, "all"))
         raise ResourceError(f"{purpose} needs the Python package {err.name or module}, which is not "
                             f"installed; install it with: pip install 'redi-bench[{extra}]'") from None

@@ -17,12 +17,14 @@ the composed config uses it, so one file serves both scales:
 
 None of these keys is in the run hash (bench.config `_not_identity`), so a site file moves where
 files are found, never which run a folder holds. A relative path is taken relative to the folder
-that holds site.yaml, so jobs started from any working directory see the same files.
+that holds site.yaml (after `~` and $VARIABLES are expanded), so jobs started from any working
+directory see the same files.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -80,7 +82,7 @@ def load_site(path: Optional[Path] = None) -> Site:
             continue
         if not isinstance(value, str) or not value.strip():
             raise SiteError(f"site file {path}: {key} must be a path (a non-empty string), got {value!r}")
-        paths[key] = _absolute(value, path.parent)
+        paths[key] = _absolute(value, path.parent, repo_id_allowed=key == "vae.path")
     return Site(path, paths)
 
 
@@ -98,15 +100,15 @@ def _flatten(data: Any, path: Path, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _absolute(value: str, base: Path) -> str:
-    """A path relative to site.yaml's folder; a Hugging Face repo id (`org/name`, not on disk and
-    without a leading ./) is kept as written for vae.path."""
-    expanded = Path(value).expanduser()
+def _absolute(value: str, base: Path, repo_id_allowed: bool) -> str:
+    """`~` and $VARIABLES expanded, relative to site.yaml's folder; a Hugging Face repo id
+    (`org/name`, not on disk and without a leading ./) is kept as written for vae.path."""
+    expanded = Path(os.path.expandvars(value)).expanduser()
     if expanded.is_absolute():
         return str(expanded)
     candidate = (base / expanded).resolve()
-    looks_like_repo_id = value.count("/") == 1 and not value.startswith(".") and not candidate.exists()
-    return value if looks_like_repo_id else str(candidate)
+    repo_id = repo_id_allowed and value.count("/") == 1 and not value.startswith(".") and not candidate.exists()
+    return value if repo_id else str(candidate)
 
 
 def override_keys(overrides: Iterable[str]) -> set[str]:

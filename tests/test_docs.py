@@ -28,6 +28,7 @@ NOT_HERE = {
     "transport/integrators.py": "a file of the official ReDi/SiT code that `bench perf --official` stands in for",
     "evaluations/evaluator.py": "ADM's evaluator in openai/guided-diffusion, the reference the metrics follow",
     "utils/util_convert_inception_weights.py": "torch-fidelity's converter of the 2015 Inception graph",
+    "bench/_shipped/": "the wheel's copy of ablations/, slurm/profiles/ and results/paper/ (pyproject.toml)",
 }
 
 

