@@ -143,7 +143,7 @@ def write_reference(path: Path, images_root: Path, inception: Path) -> Path:
     return path
 
 
-def write_all(folder: Path, classes: int = 3, train: int = 4, val: int = 2) -> dict[str, Path]:
+def write_all(folder: Path, classes: int = 3, train: int = 2, val: int = 2) -> dict[str, Path]:
     """Every asset under `folder/assets/`; returns the path of each by its NAMES key."""
     assets = folder / "assets"
     assets.mkdir(parents=True, exist_ok=True)
