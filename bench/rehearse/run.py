@@ -3,8 +3,8 @@ on the cluster you will use, before spending GPU-days.
 
 It writes a folder a cluster user would have (bench.rehearse.assets: generated ImageNet-layout
 JPEGs, SD-VAE, DINOv2-B/14-reg and Inception of the paper's architectures with random weights, an
-ADM-layout reference batch; `redi-bench/site.yaml` naming them once; `redi-bench/grids/table1.yaml`,
-the paper's Table 1 specs at a miniature size with two paired seeds) and then runs, from that
+ADM-layout reference batch; in its user folder `redi-bench`, a `site.yaml` naming them once and a
+grid `table1`, the paper's Table 1 specs at a miniature size with two paired seeds) and then runs, from that
 folder, the commands the README gives for the real thing:
 
     bench weights scale=paper
@@ -88,7 +88,7 @@ class RehearsalError(ConfigError):
 
 
 def write_folder(workdir: Path) -> dict[str, Path]:
-    """The assets, `redi-bench/site.yaml` and `redi-bench/grids/table1.yaml` under `workdir`."""
+    """The assets, and in the user folder `workdir/redi-bench` the site file and the grid table1."""
     paths = assets.write_all(workdir)
     user = workdir / "redi-bench"
     (user / "grids").mkdir(parents=True, exist_ok=True)
