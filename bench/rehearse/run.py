@@ -103,6 +103,8 @@ class Runner:
     def __init__(self, workdir: Path, say: Callable[[str], None] = print) -> None:
         self.workdir, self.say, self.steps = workdir, say, []
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1",
+                    # the jobs' logs: a plain progress line every 10 s (SLURM passes the environment on)
+                    "REDI_BENCH_PROGRESS_EVERY": os.environ.get("REDI_BENCH_PROGRESS_EVERY", "10"),
                     # this folder's site.yaml and grids first; the user's own folders (profiles) still follow
                     "REDI_BENCH_PATH": os.pathsep.join(filter(None, [str(workdir / "redi-bench"),
                                                                      os.environ.get("REDI_BENCH_PATH")]))}
