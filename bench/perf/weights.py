@@ -183,15 +183,15 @@ def verify(need: WeightFile, path: Path) -> tuple[Optional[bool], str]:
     return False, f"SHA-256 {digest}, not the published {wanted}{'...' if need.sha256 is None else ''}"
 
 
-def check(cfg: ExperimentConfig, registry: dict[str, WeightFile]) -> list[Status]:
-    """The state of every file `cfg` needs."""
+def check(cfg: ExperimentConfig, registry: dict[str, WeightFile], verify_hashes: bool = True) -> list[Status]:
+    """The state of every file `cfg` needs (`verify_hashes=False`: presence only)."""
     out = []
     for need in needed(cfg, registry):
         configured = get_key(cfg, need.key)
         status = Status(need, configured)
         paths, status.where = locate(need, configured)
         status.present = bool(paths)
-        if status.present:
+        if status.present and verify_hashes:
             checked = [verify(need, p) for p in paths if p.name in need.files or not need.folder]
             bad = [text for ok, text in checked if ok is False]
             status.problems = bad
@@ -283,7 +283,7 @@ def format_status(status: Status, dest: Path) -> list[str]:
     sha = need.sha256 or (f"{need.sha256_prefix}... ({need.sha256_note})" if need.sha256_prefix else need.sha256_note)
     lines = [f"{need.key}: {need.title}", f"  source: {source_text(need)}", f"  size: {need.size}; SHA-256: {sha}"]
     if status.present and not status.problems:
-        checked = {True: "; published SHA-256 matches", None: "; no published hash to compare"}[status.verified]
+        checked = {True: "; published SHA-256 matches", None: "; no published hash compared"}[status.verified]
         lines.append(f"  present: {status.where}{checked}")
         return lines
     if status.present:
@@ -296,10 +296,10 @@ def format_status(status: Status, dest: Path) -> list[str]:
 
 
 def report(cfg: ExperimentConfig, registry: dict[str, WeightFile], folder: Path, download_missing: bool,
-           print_fn=print) -> int:
+           print_fn=print, verify_hashes: bool = True) -> int:
     """Print what `cfg` needs and what is present (fetching the missing files with
     `download_missing`); 0 when everything is present and matches its published hash."""
-    statuses = check(cfg, registry)
+    statuses = check(cfg, registry, verify_hashes)
     ok = True
     for status in statuses:
         dest = destination(status.need, status.path, folder)
@@ -308,7 +308,7 @@ def report(cfg: ExperimentConfig, registry: dict[str, WeightFile], folder: Path,
             download(status.need, dest)
             configured = copy.deepcopy(cfg)
             set_key(configured, status.need.key, str(dest))
-            (status,) = [s for s in check(configured, {status.need.key: status.need})]
+            (status,) = check(configured, {status.need.key: status.need}, verify_hashes)
             status.where = f"{status.where} (downloaded; set it in site.yaml: {site_line(status.need.key, dest)})"
         ok &= status.present and not status.problems
         print_fn("\n".join(format_status(status, dest)))
@@ -330,6 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--download", action="store_true", help="fetch the missing files (needs internet)")
     parser.add_argument("--dir", default="weights", help="where missing files go when site.yaml names no "
                         "path for them (default: ./%(default)s)")
+    parser.add_argument("--no-verify", action="store_true", help="check only that the files are there, "
+                        "not their hashes (stand-in files, e.g. random weights in the published layout)")
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     cfg = load_config(args.overrides)
-    return report(cfg, default_registry(cfg), Path(args.dir).expanduser().resolve(), args.download)
+    return report(cfg, default_registry(cfg), Path(args.dir).expanduser().resolve(), args.download,
+                  verify_hashes=not args.no_verify)
