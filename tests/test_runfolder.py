@@ -150,12 +150,25 @@ def test_a_second_trainer_on_a_locked_run_refuses(prepared_dir, tmp_path):
 # Sinks: TensorBoard and W&B, real libraries, offline
 
 
-def _wandb_history(run_dir: Path) -> list[dict]:
-    """The history records of W&B's offline run file(s) under run_dir/wandb: a LevelDB-style log
-    (7-byte header, 32 KiB blocks, records of crc32 + length + type) of protobuf Records."""
+def _wandb_history(run_dir: Path, runs: int = 1) -> list[dict]:
+    """The history records of W&B's offline run file(s) under run_dir/wandb once `runs` of them hold
+    their exit record: W&B's writer process may still be writing when `finish()` has returned."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        rows, exits = _wandb_records(run_dir)
+        if exits >= runs or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.2)
+
+
+def _wandb_records(run_dir: Path) -> tuple[list[dict], int]:
+    """(history rows, exit records) of W&B's offline run files: a LevelDB-style log (7-byte header,
+    32 KiB blocks, records of crc32 + length + type) of protobuf Records."""
     from wandb.proto import wandb_internal_pb2
 
-    rows = []
+    rows, exits = [], 0
     for path in sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))):
         data, pos, block, pending, chunks = Path(path).read_bytes(), 7, 32768, b"", []
         while pos + 7 <= len(data):
@@ -172,10 +185,11 @@ def _wandb_history(run_dir: Path) -> list[dict]:
         for chunk in chunks:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunk)
+            exits += record.WhichOneof("record_type") == "exit"
             if record.WhichOneof("record_type") == "history":
                 rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                              for item in record.history.item})
-    return rows
+    return rows, exits
 
 
 @pytest.mark.timeout(300)

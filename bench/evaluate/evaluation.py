@@ -65,6 +65,7 @@ from bench.evaluate.sampling import (
 )
 from bench.identity import run_hash
 from bench.metrics_log import MetricsLogger
+from bench.progress import Progress
 from bench.runfolder import EVAL_FILE, checkpoint_path, checkpoint_steps, checkpoints_dir, eval_key, read_eval_rows
 from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, read_meta
 
@@ -168,7 +169,8 @@ def build_network(cfg: ExperimentConfig, manifest: dict, device: torch.device):
 
 
 @torch.no_grad()
-def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_size: int = 256):
+def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_size: int = 256,
+                    progress: Optional[Progress] = None):
     """Network outputs of all samples in shard order, float64 numpy: `features` (N, D), `logits`
     (N, K) when asked, `spatial` (N, 2023) for Inception; and the labels (N,). Shard by shard."""
     outputs: dict[str, list[np.ndarray]] = {}
@@ -179,17 +181,21 @@ def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_si
             batch = network.outputs(shard["images"][start: start + batch_size], logits=want_logits)
             for key, value in batch.items():
                 outputs.setdefault(key, []).append(value.cpu().double().numpy())
+            if progress is not None:
+                progress.update(len(batch["features"]))
         labels.append(shard["labels"])
     return {key: np.concatenate(parts) for key, parts in outputs.items()}, np.concatenate(labels)
 
 
 def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend_name: str,
-                    shards: Sequence[Path], network_kind: str,
-                    allow_rank_deficient: bool = False) -> list[tuple[str, str, float, str, dict]]:
-    """[(recorded name, kind, value, backend, extra)] for the requested kinds (prc: two rows)."""
+                    shards: Sequence[Path], network_kind: str, allow_rank_deficient: bool = False,
+                    progress: bool = False, total: Optional[int] = None) -> list[tuple[str, str, float, str, dict]]:
+    """[(recorded name, kind, value, backend, extra)] for the requested kinds (prc: two rows).
+    `progress` reports the feature pass over the `total` samples (bench.progress)."""
 
     backend = get_backend(backend_name)
-    outputs, labels = _sample_outputs(network, shards, "accuracy" in kinds or "is" in kinds)
+    with Progress("eval sample features: images", total, enabled=progress) as bar:
+        outputs, labels = _sample_outputs(network, shards, "accuracy" in kinds or "is" in kinds, progress=bar)
     features = outputs["features"]
     n, dim = features.shape
     out: list[tuple[str, str, float, str, dict]] = []
@@ -272,7 +278,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     todo = [s for s in wanted if any((s, name, setting) not in existing for name in names)]
     if not todo:
         return []
-    reference = load_reference(cfg, network, kinds)
+    reference = load_reference(cfg, network, kinds, progress=progress)
 
     written: list[dict] = []
     with MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
@@ -291,7 +297,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
                 continue
             began = time.perf_counter()
             results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind,
-                                      allow_rank_deficient)
+                                      allow_rank_deficient, progress=progress, total=sum(samples.counts))
             seconds = (samples.sampling_seconds(), time.perf_counter() - began)
             crash_point("eval:rows")
             written += log.log_eval([_row(common, name, value, used, extra, kind, *seconds)

@@ -34,6 +34,7 @@ from bench.atomic import atomic_write_bytes, sha256_file
 from bench.evaluate import adm
 from bench.evaluate.quality import FeatureStatistics, MetricError, as_float64, check_sample_count, package_version
 from bench.prepare.embedded import load_classifier
+from bench.progress import Progress
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -343,11 +344,15 @@ def build_feature_network(kind: str, *, classifier_dir: Optional[Union[str, Path
 
 
 @torch.no_grad()
-def extract_features(network: FeatureNetwork, images: ImagesLike,
-                     batch_size: int = 256) -> np.ndarray:
-    """Features of all `images` (uint8, NCHW or NHWC) as float64 numpy `(N, D)`, in batches."""
-    out = [network.extract(images[start: start + batch_size]).cpu().double().numpy()
-           for start in range(0, len(images), batch_size)]
+def extract_features(network: FeatureNetwork, images: ImagesLike, batch_size: int = 256,
+                     progress: bool = False, label: str = "features") -> np.ndarray:
+    """Features of all `images` (uint8, NCHW or NHWC) as float64 numpy `(N, D)`, in batches;
+    `progress` reports them as `eval <label>: images n/N ...` (bench.progress)."""
+    out = []
+    with Progress(f"eval {label}: images", len(images), enabled=progress) as bar:
+        for start in range(0, len(images), batch_size):
+            out.append(network.extract(images[start: start + batch_size]).cpu().double().numpy())
+            bar.update(len(out[-1]))
     return np.concatenate(out) if out else np.zeros((0, network.feature_dim))
 
 
@@ -399,7 +404,7 @@ def _check_image_size(hw: tuple[int, int], image_size, source: str) -> None:
 def reference_statistics(reference: Union[str, Path, ImagesLike], feature_network: FeatureNetwork,
                          cache_dir: Union[str, Path], image_size=None, batch_size: int = 256,
                          allow_rank_deficient: bool = False, use_precomputed: bool = True,
-                         reference_sha256: Optional[str] = None,
+                         reference_sha256: Optional[str] = None, progress: bool = False,
                          ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """`(mu, sigma, provenance)` of a reference: an ADM-style `.npz` or uint8 images in memory.
 
@@ -409,6 +414,7 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
     cached in `cache_dir` under a name holding the reference sha256 and the network id + weights
     sha256. `image_size` (int or (H, W)) is the samples' size; a reference of another size is
     refused. `reference_sha256`, when the caller has hashed the file already, saves hashing again.
+    `progress` reports the feature pass over the reference images (bench.progress).
     """
     network_id, weights_sha = feature_network.network_id, feature_network.weights_sha256
     images = None
@@ -474,8 +480,11 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
     hw = (int(images.shape[2]), int(images.shape[3]))
     _check_image_size(hw, image_size, source)
     stats = FeatureStatistics(feature_network.feature_dim)
-    for start in range(0, len(images), batch_size):
-        stats.update(feature_network.extract(images[start: start + batch_size]))
+    with Progress(f"eval reference {network_id}: images", len(images), enabled=progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start: start + batch_size]
+            stats.update(feature_network.extract(batch))
+            bar.update(len(batch))
     mu, sigma = stats.finalize(allow_rank_deficient)
     _write_cache(cache_file, mu, sigma, stats.count, hw, reference_sha, network_id, weights_sha)
     return mu, sigma, {**provenance, "n_reference": stats.count, "image_hw": hw, "cache_hit": False}

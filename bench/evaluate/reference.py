@@ -39,11 +39,13 @@ class Reference:
     provenance: dict
     images: Optional[object]
     spatial: Optional[tuple[np.ndarray, np.ndarray]] = None
+    progress: bool = False
     _features: Optional[np.ndarray] = None
 
     def features(self, network) -> np.ndarray:
         if self._features is None:
-            self._features = extract_features(network, self.images)
+            self._features = extract_features(network, self.images, progress=self.progress,
+                                              label="reference features")
         return self._features
 
 
@@ -77,9 +79,10 @@ def identify(path: Path, expected: Optional[str]) -> dict:
             "reference_expected": expected}
 
 
-def load_reference(cfg: ExperimentConfig, network, kinds: Sequence[str]) -> Reference:
+def load_reference(cfg: ExperimentConfig, network, kinds: Sequence[str], progress: bool = False) -> Reference:
     """The reference of `cfg` for the metric kinds asked: statistics for FID (and sFID), images
-    for KID and precision/recall. Statistics of images are cached under data.prepared_dir."""
+    for KID and precision/recall. Statistics of images are cached under data.prepared_dir.
+    `progress` reports the feature passes over the reference images (bench.progress)."""
 
     cache = Path(cfg.data.prepared_dir) / "refstats"
     size = cfg.data.image_size
@@ -87,22 +90,25 @@ def load_reference(cfg: ExperimentConfig, network, kinds: Sequence[str]) -> Refe
     if path is None:
         test = open_split(cfg.data, "test")  # the reference of the embedded default: the TEST split
         images = test.images(range(len(test)))
-        mu, sigma, provenance = reference_statistics(images, network, cache, image_size=size)
+        mu, sigma, provenance = reference_statistics(images, network, cache, image_size=size, progress=progress)
         provenance |= {"reference_source": f"{cfg.data.name} test split ({len(test)} images)",
                        "reference_batch": None, "reference_is_adm": False, "reference_expected": None}
         spatial = None
         if "sfid" in kinds:
-            mu_s, sigma_s, _ = reference_statistics(images, network.spatial, cache, image_size=size)
+            mu_s, sigma_s, _ = reference_statistics(images, network.spatial, cache, image_size=size,
+                                                progress=progress)
             spatial = (mu_s, sigma_s)
-        return Reference(mu, sigma, provenance, images if {"kid", "prc"} & set(kinds) else None, spatial)
+        return Reference(mu, sigma, provenance, images if {"kid", "prc"} & set(kinds) else None, spatial,
+                         progress)
 
     facts = identify(path, cfg.eval.expected_reference)
     sha = facts["reference_sha256"]
-    mu, sigma, provenance = reference_statistics(path, network, cache, image_size=size, reference_sha256=sha)
+    mu, sigma, provenance = reference_statistics(path, network, cache, image_size=size, reference_sha256=sha,
+                                                   progress=progress)
     spatial = None
     if "sfid" in kinds:
         mu_s, sigma_s, _ = reference_statistics(path, network.spatial, cache, image_size=size,
-                                                reference_sha256=sha)
+                                                reference_sha256=sha, progress=progress)
         spatial = (mu_s, sigma_s)
     images = None
     if {"kid", "prc"} & set(kinds):
@@ -111,4 +117,4 @@ def load_reference(cfg: ExperimentConfig, network, kinds: Sequence[str]) -> Refe
                 raise ReferenceBatchError(f"eval.reference={path} holds only statistics; KID and "
                                           f"precision/recall need its images ('{REFERENCE_IMAGES_KEY}')")
             images = npz[REFERENCE_IMAGES_KEY]
-    return Reference(mu, sigma, provenance | facts, images, spatial)
+    return Reference(mu, sigma, provenance | facts, images, spatial, progress)

@@ -49,6 +49,7 @@ from bench.evaluate.quality import to_uint8
 from bench.identity import derive_seed, run_hash
 from bench.prepare.dataset import PreparedDataError, read_manifest
 from bench.prepare.encoders import EncoderError, load_vae
+from bench.progress import Progress
 from bench.runfolder import (
     checkpoint_path,
     checkpoint_steps,
@@ -461,13 +462,10 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
 
     sampled, began = 0, time.perf_counter()
     if todo:
-        from tqdm import tqdm
-
-
         transport = build_transport(cfg, manifest)
         vae = load_decoder(cfg, manifest, device)
-        with tqdm(total=sum(counts[i] for i in todo), unit="img", desc=f"sample step {step}",
-                  disable=None if progress else True, dynamic_ncols=True) as bar:
+        # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
+        with Progress(f"sample step {step}: images", sum(counts[i] for i in todo), enabled=progress) as bar:
             for index in todo:
                 _sample_shard(folder, index, counts[index], setting, cfg, manifest, model,
                               transport, guidance, vae, device, bar)

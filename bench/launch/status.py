@@ -1,10 +1,16 @@
 """`bench status`: the state of every cell of a grid.
 
 A cell's state joins its run folder's `jobs.jsonl` records (the newest `submit` row of a stage and
-the `start` / `end` rows that follow it) with the scheduler (`squeue -t all`, which also lists jobs
-that ended less than MinJobAge ago; `sacct` is never needed, a local job's controller process is
-looked up in /proc) and with the run folder itself (DONE,
-checkpoints, metrics.jsonl, eval.jsonl).
+the `start` / `end` rows that follow it) with the scheduler and with the run folder itself (DONE,
+checkpoints, metrics.jsonl, eval.jsonl). The scheduler: `squeue -t all` for queued and running jobs
+(it also lists jobs that ended less than MinJobAge ago); for the others `sacct`, which keeps every
+ended job's state and exit code (OUT_OF_MEMORY, NODE_FAIL, TIMEOUT, FAILED with exit code 1:0)
+where the cluster has accounting. Without accounting (sacct missing, or "accounting storage is
+disabled") squeue's answer stands, and a job ended longer than MinJobAge ago can only be told from
+its own records. A local job's controller process is looked up in /proc.
+
+Progress: metrics.jsonl's last training row gives the step and images/s (measured over that log
+interval); the ETA is what is left of train.max_steps at that rate.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from typing import Optional, Sequence
 from bench.config import ExperimentConfig
 from bench.launch.grids import Cell, Grid, Setting, eval_config, expand, load_grid, settings_for
 from bench.launch.jobs import last_metric, measured_steps
-from bench.runfolder import DONE_FILE, JOBS_FILE, checkpoint_steps, last_logged_step, read_jsonl
+from bench.progress import format_duration
+from bench.runfolder import DONE_FILE, JOBS_FILE, METRICS_FILE, checkpoint_steps, read_jsonl
 
 # squeue's job states (%T) that count as queued and as running; any other state has ended.
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD"}
@@ -63,6 +70,40 @@ def _squeue(job_ids: set[str]) -> dict[str, str]:
     return states
 
 
+class SchedulerState(str):
+    """A job's SLURM state as squeue or sacct names it; `exit_code` is sacct's "code:signal" ("" when
+    squeue answered)."""
+
+    exit_code = ""
+
+    @classmethod
+    def of(cls, state: str, exit_code: str = "") -> "SchedulerState":
+        made = cls(state)
+        made.exit_code = exit_code
+        return made
+
+
+def _sacct(job_ids: set[str]) -> dict[str, SchedulerState]:
+    """job id -> state and exit code from accounting, via one `sacct -n -P -X -j IDS -o
+    JobID,State,ExitCode` call; {} when there is no accounting to ask (sacct missing, failing, or
+    "Slurm accounting storage is disabled"): the caller keeps squeue's answer then."""
+    if not job_ids:
+        return {}
+    cmd = ["sacct", "-n", "-P", "-X", "-j", ",".join(sorted(job_ids)), "-o", "JobID,State,ExitCode"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if proc.returncode != 0:
+        return {}
+    states = {}
+    for line in proc.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 3 and parts[0] in job_ids and parts[1].split():
+            states[parts[0]] = SchedulerState.of(parts[1].split()[0], parts[2])  # "CANCELLED by 1000"
+    return states
+
+
 def _pid_alive(pid: str) -> bool:
     """A local job's controller process is alive (and is one: zombies and reused pids are not)."""
     try:
@@ -76,6 +117,8 @@ def scheduler_states(submits: Sequence[dict]) -> dict[str, str]:
     """job id -> scheduler state (SLURM's name, RUNNING/GONE for local, GONE for debug)."""
     slurm = {r["job_id"] for r in submits if r.get("executor") == "slurm"}
     out = _squeue(slurm)
+    ended = {j for j in slurm if out.get(j, "GONE") not in QUEUED | RUNNING}  # also UNKNOWN: ask accounting
+    out.update(_sacct(ended))
     for r in submits:
         if r.get("executor") == "local":
             out[r["job_id"]] = "RUNNING" if _pid_alive(r["job_id"]) else "GONE"
@@ -121,10 +164,11 @@ def job_state(submit: dict, events: Sequence[dict], states: dict[str, str]) -> t
     if scheduler.startswith("UNKNOWN"):
         return "unknown", scheduler.split(":", 1)[-1].strip(), restarts
     tail = _tail_error(submit.get("stderr"))
+    code = f", exit code {scheduler.exit_code}" if getattr(scheduler, "exit_code", "") else ""  # sacct's
     if scheduler in ENDED:
         state, why = ENDED[scheduler]
-        return state, f"job {why} (SLURM state {scheduler})" + (f"; log: {tail}" if tail else ""), restarts
-    why = f"job ended as {scheduler} without reporting an outcome" if scheduler != "GONE" else \
+        return state, f"job {why} (SLURM state {scheduler}{code})" + (f"; log: {tail}" if tail else ""), restarts
+    why = f"job ended as {scheduler}{code} without reporting an outcome" if scheduler != "GONE" else \
         "job ended without reporting an outcome"
     why += f"; log: {tail}" if tail else " (cancelled, out of memory, time limit or node failure?)"
     return "failed", why, restarts
@@ -143,6 +187,20 @@ def last_submit(records: Sequence[dict], stage: str,
 
 # ----------------------------------------------------------------------------------------------
 # One row per cell of a grid
+
+
+def training_progress(run: Path, max_steps: int, batch_size: int) -> dict:
+    """`step`, `images_per_s` and `eta_s` (seconds left of max_steps at that rate) from the last
+    training row of metrics.jsonl; None where there is no row or no rate."""
+    rows = [r for r in read_jsonl(run / METRICS_FILE) if isinstance(r.get("step"), (int, float))]
+    if not rows:
+        return {"step": None, "images_per_s": None, "eta_s": None}
+    last = max(rows, key=lambda r: r["step"])
+    step, rate = int(last["step"]), last.get("images_per_s")
+    rate = float(rate) if isinstance(rate, (int, float)) and rate > 0 else None
+    eta = (max_steps - step) * batch_size / rate if rate and step < max_steps else None
+    return {"step": step, "images_per_s": rate, "eta_s": eta}
+
 
 
 def eval_pairs(grid: Grid, cell: Cell, run: Path) -> list[tuple[Setting, ExperimentConfig, list[int]]]:
@@ -170,7 +228,8 @@ def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path
     for cell, run, recs in zip(cells, runs, records):
         sub, events = last_submit(recs, "train")
         row = {"cell": cell.name, "spec": cell.cfg.spec, "run_dir": str(run), "state": "not submitted",
-               "step": last_logged_step(run), "checkpoint": max(checkpoint_steps(run), default=None),
+               **training_progress(run, cell.cfg.train.max_steps, cell.cfg.train.batch_size),
+               "checkpoint": max(checkpoint_steps(run), default=None),
                "max_steps": cell.cfg.train.max_steps, "job_id": sub.get("job_id") if sub else None,
                "restarts": 0, "log": sub.get("stdout") if sub else None, "detail": "", "eval": "",
                "eval_errors": [], "last_metric": last_metric(run)}
@@ -209,10 +268,13 @@ def format_status(name: str, rows: Sequence[dict]) -> str:
     """A plain table of `grid_status` rows, failed cells followed by their log path."""
     def steps(r: dict) -> str:
         return f"{r['step'] if r['step'] is not None else '-'}/{r['max_steps']} (ckpt {r['checkpoint'] or '-'})"
-    table = [("cell", "state", "step", "eval", "last metric", "job")]
+    def speed(r: dict) -> tuple[str, str]:  # images/s of the last log interval; ETA while running
+        rate, eta = r.get("images_per_s"), r.get("eta_s")
+        return (f"{rate:.1f}" if rate else "-"), (format_duration(eta) if eta and r["state"] == "running" else "-")
+    table = [("cell", "state", "step", "img/s", "eta", "eval", "last metric", "job")]
     for r in rows:
         job = (r["job_id"] or "-") + (f" x{r['restarts'] + 1}" if r["restarts"] else "")
-        table.append((r["cell"], r["state"], steps(r), r["eval"] or "-", r["last_metric"] or "-", job))
+        table.append((r["cell"], r["state"], steps(r), *speed(r), r["eval"] or "-", r["last_metric"] or "-", job))
     widths = [max(len(str(t[i])) for t in table) for i in range(len(table[0]))]
     lines = [f"grid {name}: {len(rows)} cells"] + ["  ".join(str(v).ljust(w) for v, w in zip(t, widths)).rstrip()
                                                    for t in table]

@@ -12,8 +12,9 @@ requeues by itself (`scontrol requeue`) restarts the same pickle, with the same 
 
 Every run folder keeps `jobs.jsonl`: a `submit` row per submission (stage, job and array id, log
 paths, time, resources) written here, and `start` / `end` rows written by the job itself (outcome
-done, failed with the error, or interrupted). `status` joins these with the scheduler (`squeue`;
-`sacct` is never needed) and with the run folder (DONE, checkpoints, metrics.jsonl, eval.jsonl).
+done, failed with the error, or interrupted). `status` joins these with the scheduler (`squeue`, and
+`sacct` for ended jobs where the cluster has accounting) and with the run folder (DONE, checkpoints,
+metrics.jsonl, eval.jsonl).
 Submitting again skips finished cells and cells whose job is queued or running; the eval stage
 submits only the (checkpoint, setting) pairs that have no metric in eval.jsonl yet.
 

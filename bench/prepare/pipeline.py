@@ -63,6 +63,7 @@ from bench.prepare.embedded import (
 from bench.prepare.encoders import LatentVAE, SemanticEncoder, build_semantic_encoder, load_vae
 from bench.prepare.pca import PCAError, PCAModel, PCAStats, import_official_pca
 from bench.prepare.sources import DatasetError, ImageSource, open_split
+from bench.progress import Progress
 
 CLASSIFIER_DATASETS = ("fashion_mnist", "digits")
 OFFICIAL_PCA_ENCODER = "dinov2_vitb14_reg_"
@@ -586,13 +587,12 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
                                     if position % task_count == task_index]
     todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
             and not (out / _enc_name(s, i)).is_file()]
-    from tqdm import tqdm
-
     encode_start = time.time()
     count, claimed = 0, []
-    with tqdm(total=sum(len(r) for _, _, r in todo) // (options.lanes if claims else 1),
-              desc=f"prepare task {task_index}/{task_count}", unit="img",
-              disable=None if options.progress else True) as bar:  # None: only on a terminal
+    # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
+    with Progress(f"prepare task {task_index}/{task_count}: images",
+                  sum(len(r) for _, _, r in todo) // (options.lanes if claims else 1),
+                  enabled=options.progress) as bar:
         for split, index, indices in todo:
             if claims and not _claim(claims, split, index):
                 continue  # another lane has it

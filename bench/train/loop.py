@@ -81,6 +81,7 @@ from bench.prepare.dataset import (
 )
 from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
 from bench.prepare.sources import DatasetError, open_split
+from bench.progress import Progress, every_seconds
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
@@ -436,6 +437,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
     check_sinks(cfg.train.log_to)
+    every_seconds()  # a bad REDI_BENCH_PROGRESS_EVERY fails here, before the run folder is written
     try:
         manifest, align = read_manifest(cfg.data.prepared_dir), read_align_manifest(cfg)
         check_prepared(cfg, manifest, cfg.data.prepared_dir, align)
@@ -524,11 +526,9 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
     if data.aligned is not None:  # which encoder's stored features were the REPA target
         state_extra["align"] = data.alignment_source()
 
-    from tqdm import tqdm
-
-    # tqdm draws on stderr: show the bar when that is a terminal (a batch job's log gets the JSON lines).
-    bar = tqdm(total=cfg.train.max_steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=not (main and sys.stderr.isatty()))
+    # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
+    bar = Progress("train step", cfg.train.max_steps, initial=start, images_per_unit=cfg.train.batch_size,
+                   enabled=main)
     held.callback(bar.close)
     log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
                                            config=to_dict(cfg), resume_step=start)) if main else None
@@ -552,15 +552,15 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
             sums[key] = sums.get(key, 0.0) + value.detach().float()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
         tick_steps, timed_steps = tick_steps + 1, timed_steps + 1
-        bar.update(1)
         crash_point("train:step")
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             record = _log_record(sums, tick_steps, timed_steps, world, cfg, step, time.perf_counter() - tick_time,
                                  time.time() - began, device)
             if log is not None:
                 log.log_train(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                bar.set_postfix(loss=float(record["loss"]))
             sums, tick_steps, timed_steps, tick_time = {}, 0, 0, time.perf_counter()
+        bar.update(1)  # after the tick: a line printed at this step shows its loss
         if step % cfg.train.ckpt_every == 0 or step in keep:  # keep = milestones and the final step
             log_window = _log_window(sums, tick_steps)  # every rank takes part in the gather
             if main:
@@ -571,6 +571,7 @@ def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInf
                 ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
             last_saved = step
             dist_utils.barrier()
+    bar.close()  # its last line before "finished", while a W&B sink still records the output
     if main:
         runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
         print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
