@@ -89,3 +89,17 @@ def test_a_named_weights_file_that_is_missing_still_fails(tmp_path, capsys):
     status = _lines(out)
     assert code == 1 and status["weights/encoder"] == "FAIL" and "does not exist" in out, out
     assert status["data/prepared"] == "SKIP" and "does not exist yet" in out, out
+
+
+def test_paths_given_to_the_torchrun_children_are_absolute(tmp_path, monkeypatch):
+    from bench.compose import load_config
+    from bench.perf.doctor import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vae").mkdir()
+    cfg = with_absolute_paths(load_config(["scale=paper", "data.prepared_dir=prepared", "data.root=imagenet",
+                                           "encoder.weights=w/dino.pth", "eval.reference=ref.npz"]))
+    assert (cfg.data.prepared_dir, cfg.data.root, cfg.encoder.weights, cfg.eval.reference, cfg.output_root) == \
+        tuple(str(tmp_path / p) for p in ("prepared", "imagenet", "w/dino.pth", "ref.npz", "results/runs"))
+    assert cfg.vae.path == "stabilityai/sd-vae-ft-ema"  # a Hub id, not a folder here: left as written
+    assert with_absolute_paths(load_config(["scale=paper", "vae.path=vae"])).vae.path == str(tmp_path / "vae")

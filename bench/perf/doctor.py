@@ -273,10 +273,10 @@ def with_absolute_paths(cfg):
         value = data[section].get(key)
         if not value or Path(value).is_absolute():
             continue
-        if section == "vae" and not Path(value).exists():
+        if section == "vae" and not Path(value).expanduser().exists():
             continue
-        data[section][key] = str(Path(value).resolve())
-    data["output_root"] = str(Path(data["output_root"]).resolve())
+        data[section][key] = str(Path(value).expanduser().resolve())
+    data["output_root"] = str(Path(data["output_root"]).expanduser().resolve())
     return from_dict(data)
 
 
