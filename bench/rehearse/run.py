@@ -196,17 +196,21 @@ def rehearse(workdir: Path, where: Sequence[str], timeout_s: float = 3600, say: 
     previous = (Path.cwd(), os.environ.get("REDI_BENCH_PATH"))
     os.chdir(workdir)  # this process reads the same site.yaml and grids as the commands it runs
     os.environ["REDI_BENCH_PATH"] = runner.env["REDI_BENCH_PATH"]
+    record = {"workdir": str(workdir), "where": list(where), "steps": runner.steps, "export": None,
+              "failed": None}
     try:
-        export = _stages(runner, list(where), timeout_s)
+        record["export"] = _stages(runner, list(where), timeout_s)
+    except RehearsalError as err:
+        record["failed"] = str(err)
+        raise
     finally:
         os.chdir(previous[0])
         if previous[1] is None:
             os.environ.pop("REDI_BENCH_PATH", None)
         else:
             os.environ["REDI_BENCH_PATH"] = previous[1]
-    record = {"workdir": str(workdir), "where": list(where), "seconds": round(time.time() - began, 1),
-              "steps": runner.steps, "export": export}
-    atomic_write_json(workdir / "rehearsal.json", record)
+        record["seconds"] = round(time.time() - began, 1)  # written whether a stage failed or not
+        atomic_write_json(workdir / "rehearsal.json", record)
     return record
 
 
