@@ -186,7 +186,7 @@ def submit_prepare(overrides: Sequence[str], options: Any, cluster: Optional[str
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     if state.complete:
         summary["note"] = "up to date: nothing to submit"
-        say(f"prepare: {out} is complete (manifest.json, settings {state.settings_hash[:12]}); nothing to submit")
+        say("prepare: nothing to submit")  # prepare_state has said the folder is up to date
         return summary
     _check_folder_settings(out, state.settings_hash, options)
     subs, records = latest_submission(out)
