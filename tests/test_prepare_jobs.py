@@ -5,8 +5,9 @@ AutoencoderKL, EfficientNet-Lite0 at 64 px).
 The shards the jobs write are the tensors one `run_prepare` call writes (compared exactly); a
 finished folder submits nothing; a second submission deals only the shards without a file; the
 jobs' submit/start/end rows are in `<prepared_dir>/jobs.jsonl` and `bench status --prepare` reads
-them; bad settings fail before anything is queued or written. The SLURM path (`afterok`) runs in
-tests/test_rehearse.py on the local cluster.
+them; bad settings fail before anything is queued or written. On the local SLURM cluster (slow):
+a task killed mid-array leaves the PCA job waiting forever (afterok), and submitting again cancels
+it and deals only the missing shards. The whole paper-scale path is tests/test_rehearse.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_slurm import cluster  # noqa: F401 (a fixture)
 from safetensors.torch import load_file
 
 from bench.launch import prepare_jobs
@@ -161,3 +163,40 @@ def test_local_jobs_pca_waits_for_the_tasks_and_a_second_submit_waits(vae_dir, t
     pca_end = next(r["unix"] for r in rows if r["event"] == "end" and r["cell"] == "pca")
     assert pca_end >= max(ends) and start <= pca_end  # it started at once, then waited for the tasks
     assert _shards(out).keys() == reference.keys()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.timeout(600)
+def test_on_slurm_a_failed_task_leaves_a_pca_job_that_a_resubmission_replaces(  # noqa: F811 (cluster)
+        cluster, vae_dir, tmp_path, reference, monkeypatch):
+    """A task killed mid-array (REDI_BENCH_KILL_AT, passed to the job by sbatch) leaves the PCA job
+    pending forever (afterok); submitting again cancels it and deals only the shards still missing."""
+    out = tmp_path / "prepared"
+    monkeypatch.setenv("REDI_BENCH_KILL_AT", "prepare:encoded:train/0")
+    first = prepare_jobs.submit_prepare(_overrides(out, vae_dir), _options(), cluster="local-slurm", tasks=2,
+                                        quiet=True)
+    monkeypatch.delenv("REDI_BENCH_KILL_AT")
+    assert first["jobs"][-1]["after"] == first["jobs"][0]["array_id"]
+    _until(lambda: {j["job"]: j["state"] for j in prepare_jobs.prepare_status(out)["jobs"]}
+           == {"encode-0": "failed", "encode-1": "done", "pca": "queued"}, out)
+    assert "will never start" in prepare_jobs.format_prepare_status(prepare_jobs.prepare_status(out))
+    second = prepare_jobs.submit_prepare(_overrides(out, vae_dir), _options(), cluster="local-slurm", tasks=2,
+                                         quiet=True)
+    assert [(j["cell"], j["shards"]) for j in second["jobs"]] == [("encode-0", ["train/2"]),
+                                                                  ("encode-1", ["test/1"]), ("pca", [])]
+    old_pca = first["jobs"][-1]["job_id"]
+    gone = subprocess.run(["squeue", "-h", "-t", "all", "-j", old_pca, "-o", "%T"], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+    assert gone == "CANCELLED", gone
+    _until(lambda: prepare_jobs.prepare_status(out)["complete"], out)
+    assert _shards(out).keys() == reference.keys()
+    for name, tensors in reference.items():
+        assert torch.equal(tensors["semantic"], _shards(out)[name]["semantic"]), name
+
+
+def _until(predicate, out: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, prepare_jobs.format_prepare_status(prepare_jobs.prepare_status(out))
+        time.sleep(1)
