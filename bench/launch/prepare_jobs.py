@@ -200,11 +200,10 @@ def submit_prepare(overrides: Sequence[str], options: Any, cluster: Optional[str
     embedded = cfg.vae.kind == "embedded" and not cfg.vae.path
     groups = _deal(todo, 1 if embedded else (tasks or profile.array_parallelism))  # task 0 trains embedded assets
     summary["jobs"] = _submit_jobs(cfg, out, options, profile, kind, groups, hours, len(state.shards))
+    handles = [job.pop("handle") for job in summary["jobs"]]
     say(_format_submitted(summary, state, len(todo)))
     if kind == "debug":
-        summary["failed"] = _run_debug(summary.pop("handles"), say)
-    else:
-        summary.pop("handles")
+        summary["failed"] = _run_debug(handles, say)
     return summary
 
 
@@ -273,7 +272,6 @@ def _submit_jobs(cfg: ExperimentConfig, out: Path, options: Any, profile: Profil
 
 def _format_submitted(summary: dict, state: Any, todo: int) -> str:
     jobs = summary["jobs"]
-    summary["handles"] = [j.pop("handle") for j in jobs]
     tasks = [j for j in jobs if j["cell"] != FINISH]
     where = f"{summary['executor']} (profile {summary['profile']})"
     lines = [f"prepare {summary['prepared_dir']}: {len(state.shards)} shards of {state.images} images, "
