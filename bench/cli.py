@@ -1,6 +1,7 @@
 """The `bench` command: one entry point for the whole workflow (README.md).
 
     bench prepare [key=value ...]              images -> VAE latent moments + PCA'd semantic features
+                  [--cluster P|--local|--debug]  ... as an encoding array + a PCA job after it
     bench train spec=redi [key=value ...]      one training run (resumes if its folder exists)
     bench grid NAME [--stage train|eval] ...   submit an ablation grid (SLURM, local, debug)
     bench status NAME                          what is queued, running, done, failed
@@ -10,6 +11,7 @@
     bench import-official CKPT ...             a released checkpoint as a run folder
     bench perf ...                             throughput benchmarks
     bench weights [scale=paper] [--download]   the pretrained files a scale needs, checked
+    bench rehearse --cluster P                 the paper scale's path in miniature on your cluster
     bench demo [--quick]                       the embedded default end to end, offline, on CPU
 
 `python -m bench ...` runs the same command (bench/__main__.py). Every subcommand parses its own
@@ -30,12 +32,13 @@ from bench.config import ConfigError
 # name -> (one-line help, "module:function" implementing it). Each module is imported only when its
 # subcommand runs, so `bench --help` and `bench status` start without loading torch.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards)",
-                "bench.prepare.pipeline:main"),
+    "prepare": ("images -> VAE latent moments and PCA-reduced semantic features (shards); --cluster P "
+                "submits it as jobs", "bench.launch.prepare_jobs:main"),
     "train": ("train one run: bench train spec=redi [key=value ...]", "bench.train.loop:main"),
     "grid": ("submit an ablation grid: bench grid NAME [--stage train|eval] [--cluster P|--local|--debug] "
              "[--dry-run] [--list]", "bench.launch.submit:main_grid"),
-    "status": ("state of every cell of a grid: bench status NAME", "bench.launch.submit:main_status"),
+    "status": ("state of every cell of a grid: bench status NAME (a prepare: bench status --prepare [key=value])",
+               "bench.launch.submit:main_status"),
     "sample": ("sample images from a run folder with a chosen sampler and guidance",
                "bench.evaluate.evaluation:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance",
@@ -53,6 +56,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                 "bench weights [scale=paper] [--download]", "bench.perf.weights:main"),
     "doctor": ("preflight on your node before GPU-days: bench doctor [--cluster P] [key=value ...]",
                "bench.perf.doctor:main"),
+    "rehearse": ("the paper scale's path in miniature through your cluster, before GPU-days: bench rehearse "
+                 "--cluster P [--workdir DIR]", "bench.rehearse.run:main"),
     "demo": ("the embedded default end to end on CPU, offline: bench demo [--quick]", "bench.demo.run:main"),
 }
 

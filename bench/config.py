@@ -353,6 +353,11 @@ class EvalConfig:
     expected_reference: Optional[str] = None
     """A published reference batch the numbers must be computed against (adm-imagenet256: ADM's
     VIRTUAL_imagenet256_labeled.npz): eval.reference must then be set, and its SHA-256 is checked."""
+    allow_rank_deficient: bool = False
+    """Compute FID/sFID/FD from fewer samples than feature dimensions (a rank-deficient covariance,
+    a number dominated by estimation error): for miniature runs that test the code path only, such as
+    `bench rehearse`'s 2048-dimensional Inception features of a handful of samples. The same as
+    `bench eval --allow-rank-deficient`; the rows record `rank_deficient` in their extra."""
 
     def __post_init__(self) -> None:
         _choice("eval.sampler", self.sampler, SAMPLERS)

@@ -663,6 +663,10 @@ def test_too_few_samples_for_fd_is_refused_before_sampling(run, capsys):
     assert sorted(p for p in run.rglob("shard-*.npz")) == samples_before  # nothing was sampled
     assert main_eval([*argv, "--allow-rank-deficient"]) == 0
     assert "fd_classifier" in capsys.readouterr().out
+    # The same as a setting (what a grid's eval overrides can carry), recorded in the row's extra.
+    assert main_eval([*argv[:4], "n4cfg", *argv[5:], "eval.allow_rank_deficient=true"]) == 0
+    rows = [r for r in read_eval_rows(run) if r["setting"] in ("n4", "n4cfg") and r["metric"] == "fd_classifier"]
+    assert [r["extra"]["rank_deficient"] for r in rows] == [True, True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU: --device cuda is valid here")

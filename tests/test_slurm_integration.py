@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import cloudpickle
 import pytest
 import submitit
 import torch
+from fixtures_slurm import cluster, free_port, run_script, why_skip  # noqa: F401 (cluster: a fixture)
 from fixtures_train import add_embedded_eval_assets, write_prepared
 
 from bench import runfolder
@@ -39,59 +39,8 @@ from bench.launch import submit as launch
 from bench.launch.grids import expand
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
-SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "local-cluster.sh"
-BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "squeue", "scontrol", "scancel", "srun")
 RUN_SECONDS = 20  # how long each training job should run: well beyond the ~4 s a kill takes (KillWait)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def _why_skip() -> str | None:
-    missing = [b for b in BINARIES if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
-    if missing:
-        return f"SLURM/munge binaries absent ({', '.join(missing)}); apt-get install -y slurm-wlm munge"
-    if os.geteuid() != 0:
-        return "the local SLURM cluster needs root (slurmd starts jobs as their user)"
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _script(action: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), action], env=env, capture_output=True, text=True, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """SLURM_CONF of a running local cluster; stops it afterwards only if this fixture started it."""
-    reason = _why_skip()
-    if reason:
-        pytest.skip(reason)
-    env = dict(os.environ)
-    running = _script("status", env)  # the default folder: a cluster started by CI or by hand
-    started = None
-    if running.returncode != 0:
-        env.update(LOCAL_SLURM_DIR=str(tmp_path_factory.mktemp("slurm")),
-                   LOCAL_SLURM_CTLD_PORT=str(_free_port()), LOCAL_SLURM_D_PORT=str(_free_port()))
-        started = _script("start", env)
-        assert started.returncode == 0, f"local-cluster.sh start failed:\n{started.stderr}"
-        running = started
-    conf = re.search(r"export SLURM_CONF=(\S+)", running.stdout).group(1)
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    try:
-        yield conf
-    finally:
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
-        if started is not None:
-            stopped = _script("stop", env)
-            assert stopped.returncode == 0, stopped.stderr
 
 
 def _prepare(root: Path) -> Path:
@@ -262,7 +211,7 @@ def test_eval_stage_runs_and_resubmission_submits_nothing(trained, capsys):
 
 def test_unreachable_controller_is_one_clear_error(cluster, tmp_path):
     dead = tmp_path / "slurm.conf"  # the same cluster's config, but a port nobody listens on
-    dead.write_text(re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={_free_port()}", Path(cluster).read_text()))
+    dead.write_text(re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={free_port()}", Path(cluster).read_text()))
     os.environ["SLURM_CONF"] = str(dead)
     try:
         with pytest.raises(launch.SchedulerError,
@@ -324,19 +273,19 @@ def _job_processes(folder: Path) -> list[str]:
 def test_stop_ends_the_jobs_it_was_running(tmp_path):
     """`local-cluster.sh stop` with a job step running (`srun sleep 300`) and one queued: nothing of
     them survives (before, slurmstepd, the batch script, srun and sleep ran on after stop)."""
-    reason = _why_skip()
+    reason = why_skip()
     if reason:
         pytest.skip(reason)
     # Its own cluster (the module's may be CI's shared one), in a short folder: slurmstepd's socket
     # paths under it must stay within Linux's 107 characters, and pytest-xdist's tmp_path
     # (/tmp/pytest-of-root/pytest-N/popen-gwK/<test name>0/...) is too deep for that.
     deep = dict(os.environ, LOCAL_SLURM_DIR=str(tmp_path / ("x" * 60)))
-    refused = _script("start", deep)
+    refused = run_script("start", deep)
     assert refused.returncode == 2 and "is too deep: slurmstepd's socket paths" in refused.stderr, refused.stderr
     folder = Path(tempfile.mkdtemp(prefix="rb-slurm-"))
-    env = dict(os.environ, LOCAL_SLURM_DIR=str(folder), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
-               LOCAL_SLURM_D_PORT=str(_free_port()))
-    started = _script("start", env)
+    env = dict(os.environ, LOCAL_SLURM_DIR=str(folder), LOCAL_SLURM_CTLD_PORT=str(free_port()),
+               LOCAL_SLURM_D_PORT=str(free_port()))
+    started = run_script("start", env)
     assert started.returncode == 0, started.stderr
     env["SLURM_CONF"] = str(folder / "slurm.conf")
     try:
@@ -345,8 +294,8 @@ def test_stop_ends_the_jobs_it_was_running(tmp_path):
                            check=True, capture_output=True, timeout=60)
         _wait("the job steps to start", lambda: len(_job_processes(folder)) >= 4, 60)
     finally:
-        stopped = _script("stop", env)
+        stopped = run_script("stop", env)
     assert stopped.returncode == 0, stopped.stderr
     assert _job_processes(folder) == [], stopped.stderr
-    assert _script("status", env).returncode == 3
+    assert run_script("status", env).returncode == 3
     shutil.rmtree(folder, ignore_errors=True)

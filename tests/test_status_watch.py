@@ -129,7 +129,9 @@ def local_cluster(tmp_path):
     stopped afterwards."""
     import re
 
-    from test_slurm_integration import _free_port, _script, _why_skip
+    from fixtures_slurm import free_port as _free_port
+    from fixtures_slurm import run_script as _script
+    from fixtures_slurm import why_skip as _why_skip
 
     reason = _why_skip()
     if reason:

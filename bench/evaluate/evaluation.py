@@ -209,7 +209,7 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
                                f"{names[0]} of the samples (raise eval.num_samples)")
             mu, sigma = backend.statistics(ours)
             out.append((names[0], kind, backend.frechet_distance(mu, sigma, mu_ref, sigma_ref),
-                        backend_name, {"feature_dim": int(ours.shape[1])}))
+                        backend_name, {"feature_dim": int(ours.shape[1]), "rank_deficient": n < ours.shape[1]}))
         elif kind == "kid":
             real = reference.features(network)
             size = min(KID_MAX_SUBSET, n, len(real))
@@ -255,6 +255,7 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
     if not SETTING_NAME.match(setting or ""):
         raise EvaluationError(f"setting name {setting!r} must be a short word (letters, digits, _.+=-)")
     cfg = resolve_run_config(run_dir, cfg, overrides)
+    allow_rank_deficient = allow_rank_deficient or cfg.eval.allow_rank_deficient
     available = checkpoint_steps(run_dir)
     if not available:
         raise SamplingError(f"{checkpoints_dir(run_dir)} holds no checkpoints; train the run first")

@@ -6,5 +6,7 @@
 - `plan`:     what a submission would run and its GPU-hours (`--dry-run`)
 - `status`:   `bench status`: each cell's state from its run folder and the scheduler
 - `submit`:   `bench grid` / `bench status` command lines: `submit_grid`, `main_grid`, `main_status`
+- `prepare_jobs`: `bench prepare --cluster/--local/--debug`: an encoding array and the PCA job after
+  it; `bench status --prepare`
 - `official`: `bench import-official`: a released checkpoint as a grid's (or its own) run folder
 """

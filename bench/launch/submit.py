@@ -114,6 +114,18 @@ def _executor(kind: str, folder: Path, profile: Profile, res: dict, name: str) -
     return executor
 
 
+def make_executor(kind: str, folder: Path, profile: Profile, res: dict, name: str) -> submitit.AutoExecutor:
+    """The executor `bench grid` uses, for the launcher's other submissions (bench.launch.prepare_jobs)."""
+    return _executor(kind, folder, profile, res, name)
+
+
+def scheduler_error(what: str, profile: Profile, err: BaseException) -> SchedulerError:
+    """One line for a failed sbatch: what, the profile, SLURM_CONF, sbatch's own error, the likely fix."""
+    return SchedulerError(f"{what} to SLURM (profile {profile.name}, SLURM_CONF="
+                          f"{os.environ.get('SLURM_CONF', 'unset')}): {_sbatch_error(err)}. Is the controller "
+                          "running and reachable? (local test cluster: slurm/local-cluster.sh start)")
+
+
 def _sbatch_error(err: BaseException) -> str:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     useful = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Command")]
@@ -334,10 +346,23 @@ def main_grid(argv: Any = None) -> int:
 def main_status(argv: Any = None) -> int:
     """`bench status NAME [overrides]`: the state of every cell of a grid."""
     parser = argparse.ArgumentParser(prog="bench status", description="State of every cell of a grid.")
-    parser.add_argument("name")
+    parser.add_argument("name", nargs="?", help="a grid (not with --prepare)")
     parser.add_argument("overrides", nargs="*", help="the key=value given to `bench grid` (e.g. output_root=...)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell")
+    parser.add_argument("--prepare", action="store_true",
+                        help="the jobs of `bench prepare --cluster` for the prepared folder the key=value name")
     args = _parse(sys.argv[1:] if argv is None else argv, parser)
+    from bench.launch import prepare_jobs
+
+    if args.prepare:  # every positional is a key=value here
+        print(prepare_jobs.main_status_prepare([a for a in [args.name, *args.overrides] if a], args.json))
+        return 0
+    if not args.name:
+        parser.error("name a grid (bench grid --list), or pass --prepare")
     rows = grid_status(args.name, args.overrides)
     print("\n".join(json.dumps(r) for r in rows) if args.json else format_status(args.name, rows))
+    if not args.json:  # the grid's prepared folder, when `bench prepare --cluster` made it
+        for folder in sorted({str(Path(c.cfg.data.prepared_dir).resolve()) for c in expand(args.name, args.overrides)}):
+            if (Path(folder) / prepare_jobs.JOBS_FILE).is_file():
+                print(prepare_jobs.format_prepare_status(prepare_jobs.prepare_status(folder)))
     return 0

@@ -91,6 +91,9 @@ class PrepareOptions:
     """Set by this machine's lanes (`lanes` > 1) for their own calls: instead of a fixed share, each
     lane encodes the next shard no lane has claimed (an O_EXCL file here), so a slower lane takes
     fewer shards. Not part of the content hash: which lane encodes a shard does not change it."""
+    shards: tuple[str, ...] = ()
+    """`split/index` names of the shards this array task encodes (the launcher deals only the
+    unfinished ones, bench.launch.prepare_jobs); empty: the task's round-robin share of all of them."""
     splits: tuple[str, ...] = ("train", "test")
     max_images: dict = field(default_factory=dict)
     """Per split, keep only the first N images (e.g. {"train": 20000}); the classifier and the
@@ -455,21 +458,11 @@ def _project_shard(out: Path, split: str, index: int, pca: PCAModel, r_max: int,
     enc.unlink()
 
 
-def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions] = None) -> Path:
-    """Prepare `cfg_data` with the VAE and semantic encoder of the configs (bench.config's
-    DataConfig, VAEConfig, EncoderConfig) into `cfg_data.prepared_dir`; returns that folder.
-
-    Returns after this task's share when other array tasks still have work; the folder is complete
-    when `manifest.json` exists. Read it with `bench.prepare.dataset.load_prepared`.
-    """
-    options = options or PrepareOptions()
+def _checked(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions):
+    """Everything that can fail cheaply, before the first file is written: the splits, the encoder,
+    the VAE and their fit with the data. Returns (sources, encoder, vae or None, settings, hash)."""
     if options.shard_size < 1 or options.batch_size < 1:
         raise PrepareError("shard_size and batch_size must be >= 1")
-    task_index, task_count = _task(options)
-    out = Path(cfg_data.prepared_dir)
-    started = time.time()
-
-    # Everything that can fail cheaply fails before the first file is written.
     sources = {split: open_split(cfg_data, split) for split in options.splits}
     for split, source in sources.items():
         if len(source) == 0:
@@ -490,7 +483,54 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         raise PrepareError(f"data.image_size={cfg_data.image_size} is not a multiple of the VAE's "
                            f"downsampling factor {downsample}")
     settings = _settings(cfg_data, cfg_vae, cfg_encoder, options, sources, encoder)
-    settings_hash = sha256_json(settings)
+    return sources, encoder, vae, settings, sha256_json(settings)
+
+
+@dataclass
+class PrepareState:
+    """What a prepared folder holds for given settings (`prepare_state`): the launcher submits
+    only the shards that are missing, and nothing when `complete`."""
+
+    out: Path
+    settings_hash: str
+    shards: list[str]
+    """Every shard as `split/index`, in the order prepare deals them."""
+    encoded: set[str]
+    """Shards whose pass-1 file (moments, features, PCA sums) or final file exists."""
+    final: set[str]
+    complete: bool
+    """manifest.json is there, of these settings, with intact files."""
+    images: int
+
+
+def prepare_state(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions] = None) -> PrepareState:
+    """Check the settings as `run_prepare` would (same errors, before any job is queued) and read
+    what `cfg_data.prepared_dir` already holds. Writes nothing, except that a finished folder with
+    damaged files loses them and its manifest (as `run_prepare` would do first)."""
+    options = options or PrepareOptions()
+    out = Path(cfg_data.prepared_dir)
+    sources, encoder, _, _, settings_hash = _checked(cfg_data, cfg_vae, cfg_encoder, options)
+    complete = (out / MANIFEST).is_file() and _up_to_date(out, settings_hash, options)
+    plan = _plan(sources, options)
+    same = complete or _same_settings(out, settings_hash)
+    names = [f"{split}/{index}" for split, index, _ in plan]
+    final = {f"{s}/{i}" for s, i, _ in plan if same and (out / shard_name(s, i)).is_file()}
+    encoded = final | {f"{s}/{i}" for s, i, _ in plan if same and (out / _enc_name(s, i)).is_file()}
+    return PrepareState(out, settings_hash, names, encoded, final, complete, sum(len(r) for *_, r in plan))
+
+
+def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions] = None) -> Path:
+    """Prepare `cfg_data` with the VAE and semantic encoder of the configs (bench.config's
+    DataConfig, VAEConfig, EncoderConfig) into `cfg_data.prepared_dir`; returns that folder.
+
+    Returns after this task's share when other array tasks still have work; the folder is complete
+    when `manifest.json` exists. Read it with `bench.prepare.dataset.load_prepared`.
+    """
+    options = options or PrepareOptions()
+    task_index, task_count = _task(options)
+    out = Path(cfg_data.prepared_dir)
+    started = time.time()
+    sources, encoder, vae, settings, settings_hash = _checked(cfg_data, cfg_vae, cfg_encoder, options)
     manifest_path = out / MANIFEST
     if manifest_path.is_file() and _up_to_date(out, settings_hash, options):
         return out
@@ -541,7 +581,11 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     pca_rows = pca_fit_selection(sum(len(r) for s, _, r in plan if s == "train"), cfg_encoder,
                                  options.seed) if pca is None else None
     claims = options.claims_dir
-    mine = plan if claims else [item for position, item in enumerate(plan) if position % task_count == task_index]
+    if options.shards:  # the launcher's list for this array task
+        mine = [item for item in plan if f"{item[0]}/{item[1]}" in set(options.shards)]
+    else:
+        mine = plan if claims else [item for position, item in enumerate(plan)
+                                    if position % task_count == task_index]
     todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
             and not (out / _enc_name(s, i)).is_file()]
     encode_start = time.time()
@@ -616,23 +660,21 @@ def _parse_max_images(values: list[str]) -> dict:
     return limits
 
 
-def main(argv=None) -> int:
-    """`bench prepare [key=value ...] [options]`: the data/vae/encoder groups of the experiment
-    config say what to prepare (the same overrides as `bench train`), the options how."""
+def build_parser():
+    """The arguments of `bench prepare` (the launcher adds --cluster/--local/--debug to them)."""
     import argparse
-    import sys
-
 
     parser = argparse.ArgumentParser(
         prog="bench prepare",
         description="Images -> VAE latent moments and PCA-reduced semantic features, as shards in "
-                    "data.prepared_dir. Resumable; on SLURM, one shard list per array task "
-                    "(sbatch --array=0-N-1 ... bench prepare ... reads SLURM_ARRAY_TASK_ID/COUNT).",
+                    "data.prepared_dir. Resumable. On a cluster: --cluster PROFILE submits the encoding "
+                    "as a job array and the PCA fit as a job that waits for it, and returns at once.",
         epilog="Examples:\n  bench prepare                                  # the embedded default "
                "(Fashion-MNIST)\n  bench prepare scale=paper data.root=/data/imagenet "
                "vae.path=/models/sd-vae-ft-ema encoder.weights=/models/dinov2_vitb14_reg4_pretrain.pth"
-               "\n  (data.root holds train/<class>/ and val/<class>/; scale=paper is ImageNet 256 with "
-               "SD-VAE and DINOv2-B/14-reg)",
+               "\n  bench prepare scale=paper --cluster mycluster --tasks 64   # then: bench status --prepare "
+               "scale=paper\n  (data.root holds train/<class>/ and val/<class>/; scale=paper is ImageNet 256 "
+               "with SD-VAE and DINOv2-B/14-reg)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides (data.*, vae.*, encoder.*)")
     defaults = PrepareOptions()
@@ -657,10 +699,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-classifier", action="store_true",
                         help="do not train the evaluation classifier (fashion_mnist, digits)")
-    args = parser.parse_intermixed_args(  # overrides may follow options
-        list(sys.argv[1:] if argv is None else argv))
-    cfg = load_config(args.overrides)
-    options = PrepareOptions(
+    return parser
+
+
+def options_from_args(args) -> PrepareOptions:
+    """PrepareOptions from `build_parser()`'s parsed arguments."""
+    return PrepareOptions(
         shard_size=args.shard_size, batch_size=args.batch_size, task_index=args.task_index,
         task_count=args.task_count, splits=tuple(s for s in args.splits.split(",") if s),
         max_images=_parse_max_images(args.max_images), pca_path=args.pca_path,
@@ -668,7 +712,17 @@ def main(argv=None) -> int:
         verify=args.verify,
         device=args.device, seed=args.seed, progress=not args.no_progress,
         train_classifier=not args.no_classifier)
+
+
+def main(argv=None) -> int:
+    """`bench prepare [key=value ...] [options]`: the data/vae/encoder groups of the experiment
+    config say what to prepare (the same overrides as `bench train`), the options how."""
+    import sys
+
+    args = build_parser().parse_intermixed_args(  # overrides may follow options
+        list(sys.argv[1:] if argv is None else argv))
+    cfg = load_config(args.overrides)
     with guard(cfg.data.prepared_dir):  # a removed folder is one error (bench.storage), not re-created
-        out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options)  # errors: one line (bench.cli)
+        out = run_prepare(cfg.data, cfg.vae, cfg.encoder, options_from_args(args))  # errors: one line (bench.cli)
     print(f"prepare: output in {out}", flush=True)
     return 0
