@@ -534,3 +534,49 @@ def test_cpu_kernels_name_the_instruction_set_and_any_restriction(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
     assert cpu_kernels() == f"{plain} (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2)"
+
+
+def test_attention_forms_are_timed_and_the_rule_judged():
+    """bench perf times each attention form at the step's shape and checks the rule's pick against
+    the fastest; fp32 is reported only (it keeps SDPA for bit-identity with the official code)."""
+    from bench.perf.roofline import attention_forms
+    from bench.perf.targets import attention_target
+    from models.backbone import BackboneConfig
+
+    config = BackboneConfig(hidden_size=32, depth=1, num_heads=2, input_size=4, patch_size=1, num_classes=3)
+    forms = attention_forms(config, 2, torch.device("cpu"), torch.bfloat16, rounds=2, calls=1)
+    assert set(forms["ms"]) == {"sdpa", "math", "sdpa-fp32"} and forms["shape"] == [2, 2, 16, 16]
+    assert forms["rule"] == "math" and forms["fastest"] in forms["ms"] and forms["rule_over_fastest"] >= 1.0
+    for ratio, status in ((1.05, "PASS"), (1.5, "FAIL")):
+        assert attention_target(forms | {"rule_over_fastest": ratio})["status"] == status
+    fp32 = attention_forms(config, 2, torch.device("cpu"), torch.float32, rounds=1, calls=1)
+    assert set(fp32["ms"]) == {"sdpa", "math"} and fp32["rule"] == "sdpa"
+    assert attention_target(fp32)["status"] == "INFO"
+
+
+def _timed(name: str, seconds: list[float], **fields) -> Workload:
+    workload = Workload(kind="train", name=name, run=lambda: None, images_per_call=4, fields=fields)
+    workload.times = seconds
+    return workload
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_official_targets_follow_what_the_machine_allows(amx):
+    """bf16 on AMX: >= 4x the official step; elsewhere >= 90% of the ceiling (official / floor of the
+    default's precision); always: the floor is >= 75% of the default step. Paired per round."""
+    from bench.perf.targets import official_targets
+
+    official = _timed("official", [8.0, 16.0, 8.0], spec="official", reference_of="redi")
+    default = _timed("redi", [2.5, 5.0, 2.5], spec="redi", mode="default", precision="bf16")
+    floors = [_timed("floor bf16", [1.5, 3.0, 1.5], spec="floor", mode="floor", precision="bf16", reference_of="redi"),
+              _timed("floor fp32", [4.0, 8.0, 4.0], spec="floor", mode="floor", precision="fp32", reference_of="redi")]
+    targets = {t["name"]: t for t in official_targets([official, default, *floors], official, 4, amx)}
+    share = next(t for name, t in targets.items() if "floor / step" in name)
+    assert share["measured"] == pytest.approx(0.6) and share["status"] == "FAIL"
+    speed = next(t for name, t in targets.items() if "the official" in name and "ceiling =" not in name)
+    if amx:
+        assert speed["measured"] == pytest.approx(3.2) and speed["threshold"] == 4.0 and speed["status"] == "FAIL"
+    else:  # ceiling 8 / 1.5 = 5.33x; 3.2x is 60% of it
+        assert speed["measured"] == pytest.approx(0.6) and speed["threshold"] == 0.9 and speed["status"] == "FAIL"
+    ceilings = sorted(t["measured"] for name, t in targets.items() if name.startswith("train: ceiling"))
+    assert ceilings == pytest.approx([2.0, 8.0 / 1.5])

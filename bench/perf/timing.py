@@ -237,6 +237,23 @@ def cpu_kernels() -> str:
     return capability + (f" ({', '.join(limits)})" if limits else "")
 
 
+# The /proc/cpuinfo flags that decide which CPU kernels can run (AVX-512, native bf16, AMX tiles).
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """The SPEED_FLAGS this CPU has (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in SPEED_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
+
+
 def git_commit() -> Optional[str]:
     """HEAD of the repository (with `-dirty` when tracked files changed), or None outside git."""
     def git(*args: str) -> Optional[str]:
@@ -281,6 +298,7 @@ def environment(device: torch.device, command: str) -> dict[str, Any]:
         "device_name": device_name(device),
         "cpu_model": cpu_model(),
         "cpu_kernels": cpu_kernels(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
