@@ -225,6 +225,13 @@ def format_report(rows: list[dict], targets: list[dict], base: dict, precision: 
     return "\n".join(lines)
 
 
+def _compiled(r: dict) -> str:
+    if not r.get("compile"):
+        return ""
+    first = r.get("first_call_seconds")
+    return ", compiled" + ("" if first is None else f" (first call, with the compile: {first:.0f} s)")
+
+
 def row_notes(r: dict) -> str:
     """The notes column of one row of the printed table: what distinguishes rows of its kind."""
     if r["kind"] == "train" and r.get("mode") == "floor":
@@ -242,7 +249,7 @@ def row_notes(r: dict) -> str:
             if r.get("floor_share") is not None:
                 roofline += f", arithmetic floor {100 * r['floor_share']:.0f}% of the step"
         return (f"{r['mode']}, {r['dtype']}, ckpt={'on' if r['activation_checkpointing'] else 'off'}, "
-                f"{r['optimizer']}{', compiled' if r.get('compile') else ''}, features {r['semantic_features']}, "
+                f"{r['optimizer']}{_compiled(r)}, features {r['semantic_features']}, "
                 f"{r['tokens']} tokens{memory}{roofline}")
     if r["kind"] == "table6":
         return (f"finished images: {r['sampling_steps']} {r['sampler']} steps + VAE decode ({r['vae']}), "
