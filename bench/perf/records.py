@@ -37,13 +37,15 @@ def load_runs(folder: str | Path) -> list[list[dict]]:
     return runs
 
 
-def machine_type(row: dict) -> str:
-    """The machine a run was measured on: the device name, plus the CPU flags where recorded."""
-    flags = row.get("cpu_flags")
-    detail = f"flags {' '.join(flags)}" if flags else "flags not recorded"
-    if row.get("device") == "cpu":
-        detail += f"; native bf16: {row.get('native_bf16', 'not recorded')}"
-    return f"{row['device_name']} ({detail})"
+def machine_heading(device_name: str, runs: list[list[dict]]) -> str:
+    """A machine type's heading: its device name and the CPU flags / native bf16 its runs recorded
+    (older records have no flags: the device name alone tells the machine types apart)."""
+    flags = sorted({flag for run in runs for flag in run[0].get("cpu_flags") or []})
+    bf16 = sorted({str(run[0]["native_bf16"]) for run in runs if run[0].get("native_bf16") is not None})
+    detail = [f"flags {' '.join(flags)}" if flags else "flags not recorded"]
+    if bf16:
+        detail.append(f"native bf16: {' / '.join(bf16)}")
+    return f"{device_name} ({'; '.join(detail)})"
 
 
 def paired_ratio(numerator: dict, denominator: dict) -> float:
@@ -82,16 +84,16 @@ def run_line(run: list[dict]) -> Optional[list[str]]:
 
 
 def tables(runs: list[list[dict]]) -> str:
-    """Markdown: one section and table per machine type, runs in time order."""
-    by_machine: dict[str, list[list[str]]] = defaultdict(list)
+    """Markdown: one section and table per machine type (device name), runs in time order."""
+    by_machine: dict[str, list[list[dict]]] = defaultdict(list)
     for run in runs:
-        line = run_line(run)
-        if line is not None:
-            by_machine[machine_type(run[0])].append(line)
+        if run_line(run) is not None:
+            by_machine[run[0]["device_name"]].append(run)
     out = []
-    for machine, lines in by_machine.items():
-        out += [f"**{machine}**", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        out += ["| " + " | ".join(line) + " |" for line in lines] + [""]
+    for device_name, machine_runs in by_machine.items():
+        out += [f"**{machine_heading(device_name, machine_runs)}**", "",
+                "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        out += ["| " + " | ".join(run_line(run)) + " |" for run in machine_runs] + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

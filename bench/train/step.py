@@ -6,9 +6,9 @@ reads it from the prepared shards, `bench perf` from a pool of synthetic or prep
 
 Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
-the official code. On a 2-core Xeon with AMX, bf16 was 1.5x faster than fp32 at width 256 but 14%
-slower for the embedded default (width 128), which therefore pins train.precision=fp32 (bench perf
-rows in results/readme/perf/).
+the official code. Inside bf16 autocast on a CPU the network's attention takes the math path
+(models.backbone.attention_form: torch's fused CPU attention is slower in bf16 than in fp32). The
+embedded default pins train.precision=fp32 (ablations/scale/embedded.yaml, docs/performance.md).
 Optimiser and EMA: fused AdamW and one foreach lerp for the EMA.
 """
 
