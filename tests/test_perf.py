@@ -609,3 +609,21 @@ def test_performance_doc_tables_are_generated_from_the_checked_in_records(tmp_pa
     assert "**Some CPU (flags amx_bf16; native bf16: True)**" in table
     # paired: rounds give 4x, 2x, 4x -> 4x (a ratio of medians would say 3.2x); floor share 50%, 25%, 50% -> 50%
     assert "| 8,000 | bf16 | 2,500 | 4.00x | - / 8.00x | 50% | - |" in table
+
+
+@pytest.mark.parametrize("dtype, form", [(torch.float32, "sdpa"), (torch.bfloat16, "math")])
+def test_floor_runs_the_attention_the_step_runs(monkeypatch, dtype, form):
+    """The arithmetic floor's attention goes through models.backbone.attend, as the network's: SDPA in
+    fp32, the math path in bf16 on a CPU."""
+    import models.backbone as backbone
+    from bench.perf.roofline import floor_ops
+
+    used = []
+    real_math, real_sdpa = backbone.math_attention, backbone.F.scaled_dot_product_attention
+    monkeypatch.setattr(backbone, "math_attention", lambda *a: used.append("math") or real_math(*a))
+    monkeypatch.setattr(backbone.F, "scaled_dot_product_attention", lambda *a: used.append("sdpa") or real_sdpa(*a))
+    config = backbone.BackboneConfig(hidden_size=32, depth=2, num_heads=2, input_size=4, patch_size=1, num_classes=3)
+    attention = [op for op in floor_ops(config, 2, torch.device("cpu"), dtype) if op.kind == "attention"]
+    assert len(attention) == 1 and attention[0].count == config.depth
+    attention[0].run()
+    assert used == [form]
