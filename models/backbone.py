@@ -221,12 +221,10 @@ def attention_form(device_type: str, dtype: torch.dtype) -> str:
 
     fp32 and float64 always take SDPA, so the fp32 forward stays bit-identical to the official code.
     bf16 on a CPU takes the math path: torch's fused CPU attention in bf16 is slower than in fp32,
-    while the math path's two products are plain bf16 matmuls (AMX / AVX512-BF16). On a 2-vCPU
-    Sapphire Rapids (torch 2.14.1), forward + backward of the tiny model's attention (64 x 4 heads x
-    64 tokens x 64) took 0.24x, of SiT-S/2's (16 x 6 x 256 x 64) 0.69x the fused bf16 kernel's time,
-    and the fused kernel on fp32 copies 0.46x and 1.21x. `bench perf` times the three forms at the
-    step's shapes on the machine it runs on and prints whether this rule picks the fastest. GPUs keep
-    SDPA (flash / memory-efficient kernels in bf16).
+    while the math path's two products are plain bf16 matmuls (AMX / AVX512-BF16); it was the
+    fastest bf16 form at the tiny and SiT-S/2 shapes (docs/performance.md). `bench perf` times the
+    forms at the step's shapes on the machine it runs on and prints whether this rule picks the
+    fastest. GPUs keep SDPA (flash / memory-efficient kernels in bf16).
     """
     return "math" if device_type == "cpu" and dtype == torch.bfloat16 else "sdpa"
 
