@@ -214,9 +214,10 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
                   "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
     base["matmul_peak_gflops"] = peaks or None
     base["native_bf16"] = native_bf16(device)
+    base["attention_forms"] = attention  # every row carries the measurement behind the attention rule
     rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]])
-    base["attention_forms"] = attention
-    targets = compute_targets(measured, checks, model_size, batch, attention, amx="amx_bf16" in env["cpu_flags"])
+    amx = device.type == "cpu" and "amx_bf16" in env["cpu_flags"]  # the 4x bf16 target is an AMX CPU's
+    targets = compute_targets(measured, checks, model_size, batch, attention, amx=amx)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "cpu_kernels": env["cpu_kernels"],
                    "threads": env["threads"],
