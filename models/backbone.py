@@ -203,6 +203,35 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)
 
 
+def attention_form(device_type: str, dtype: torch.dtype) -> str:
+    """How attention runs for q, k, v of `dtype` on `device_type`: "sdpa" (torch's fused kernel) or
+    "math" (two batched matmuls and a softmax, all in `dtype`).
+
+    fp32 and float64 always take SDPA, so the fp32 forward stays bit-identical to the official code.
+    bf16 on a CPU takes the math path: torch's fused CPU attention in bf16 is slower than in fp32,
+    while the math path's two products are plain bf16 matmuls (AMX / AVX512-BF16); it was the
+    fastest bf16 form at the tiny and SiT-S/2 shapes (docs/performance.md). `bench perf` times the
+    forms at the step's shapes on the machine it runs on and prints whether this rule picks the
+    fastest. GPUs keep SDPA (flash / memory-efficient kernels in bf16).
+    """
+    return "math" if device_type == "cpu" and dtype == torch.bfloat16 else "sdpa"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, N, head_dim), in the form `attention_form`
+    picks for q's device and dtype."""
+    if attention_form(q.device.type, q.dtype) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    return math_attention(q, k, v)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention as two batched matmuls and a softmax in q's dtype (autograd derives the backward)."""
+    # the scale folded into q: N x head_dim multiplies instead of N x N
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return torch.softmax(scores, dim=-1) @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; fused qkv laid out as (B, N, 3, heads, head_dim) like timm's."""
 
@@ -216,7 +245,7 @@ class Attention(nn.Module):
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, width))
 
 

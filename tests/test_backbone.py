@@ -239,3 +239,49 @@ def test_attention_goes_through_sdpa_once_per_block(monkeypatch):
     monkeypatch.setattr(backbone.F, "scaled_dot_product_attention", spy)
     model(*batch(config))
     assert shapes == [(2, 4, 2 * config.num_patches, 64 // 4)] * config.depth
+
+
+def test_attention_rule_keeps_sdpa_in_fp32_and_takes_the_math_path_for_bf16_on_cpu():
+    """fp32 (bit-identical to the official code) and GPUs keep SDPA; bf16 on a CPU runs the math path."""
+    assert backbone.attention_form("cpu", torch.float32) == "sdpa"
+    assert backbone.attention_form("cpu", torch.float64) == "sdpa"
+    assert backbone.attention_form("cpu", torch.bfloat16) == "math"
+    assert backbone.attention_form("cuda", torch.bfloat16) == "sdpa"
+
+
+def test_math_attention_equals_sdpa_in_float64_and_agrees_in_bf16():
+    """The math path is softmax(q k^T / sqrt(d)) v: equal to SDPA in float64 to roundoff, forward and
+    backward; in bf16 within bf16 rounding of the float64 result (gradients included)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grad = torch.randn(3, 2, 10, 16, generator=g, dtype=torch.float64)
+    exact = F.scaled_dot_product_attention(q, k, v)
+    exact_grads = torch.autograd.grad(exact, (q, k, v), grad)
+    math_out = backbone.math_attention(q, k, v)
+    assert torch.allclose(math_out, exact, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad(math_out, (q, k, v), grad), exact_grads):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    out = backbone.attend(*low)
+    assert out.dtype == torch.bfloat16
+    # bf16 rounds each operand and product to 8 bits (2^-9 ~ 2e-3 relative); a few roundings in a
+    # row stay below 3e-2 of the scale, a wrong scale or a missing softmax moves outputs by O(1)
+    assert (out.double() - exact).abs().max() < 3e-2 * exact.abs().max()
+    for a, b in zip(torch.autograd.grad(out, low, grad.bfloat16()), exact_grads):
+        assert (a.double() - b).abs().max() < 3e-2 * b.abs().max()
+
+
+def test_bf16_autocast_on_cpu_runs_no_sdpa(monkeypatch):
+    """Inside bf16 autocast on a CPU the blocks' attention takes the math path (SDPA is never called);
+    in fp32 every block calls SDPA (test above)."""
+    config = BackboneConfig(**TINY, fusion="merged", semantic_channels=3)
+    model = randomize(JointDiT(config))
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(backbone.F, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(*batch(config))
+    assert calls == []
+    model(*batch(config))
+    assert len(calls) == config.depth

@@ -7,7 +7,7 @@ Categories, by operator name, or by the region an operator runs inside (the opti
 | category | operators |
 |---|---|
 | matmul | mm, addmm, bmm, baddbmm, convolutions (every linear layer, forward and backward) |
-| attention | scaled_dot_product_attention's kernels, forward and backward |
+| attention | SDPA's kernels, forward and backward; the math path's softmax (its two products are matmuls) |
 | layernorm | layer_norm forward and backward |
 | activation | GELU, SiLU, tanh, forward and backward |
 | elementwise | every other arithmetic operator: modulation, gates, residual adds, the loss, gradient clipping |
@@ -55,7 +55,7 @@ def categorize(name: str, regions: tuple[str, ...]) -> str:
     if name.startswith("autograd::") or name.startswith("torch::autograd::"):
         return "autograd"
     lowered = name.lower()
-    if "scaled_dot_product" in lowered or "flash_attention" in lowered or "efficient_attention" in lowered:
+    if any(key in lowered for key in ("scaled_dot_product", "flash_attention", "efficient_attention", "softmax")):
         return "attention"
     if name in _MATMUL:
         return "matmul"

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from models.backbone import BackboneConfig
+from models.backbone import BackboneConfig, attend, attention_form, math_attention
 
 MATMUL_SIZE = 2048
 FREQUENCY_EMBEDDING = 256  # TimestepEmbedder's sinusoidal input width (models/backbone.py)
@@ -174,7 +174,8 @@ class FloorOp:
 def floor_ops(config: BackboneConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[FloorOp]:
     """The kernels of one training step's arithmetic at its shapes in `dtype` (module docstring):
     per linear the forward Y = X W^T, dX = dY W and dW = dY^T X in the layouts autograd uses (no dX
-    where the input is a leaf); per block one attention forward + backward (SDPA, as the network)."""
+    where the input is a leaf); per block one attention forward + backward in the form the network
+    runs at this device and dtype (models.backbone.attend: SDPA, or the math path for bf16 on a CPU)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -194,7 +195,7 @@ def floor_ops(config: BackboneConfig, batch: int, device: torch.device, dtype: t
     grad = rand(*attention_shape(config, batch))
 
     def attention() -> None:  # autograd.grad: no accumulation into .grad (an extra add per call)
-        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), grad)
+        torch.autograd.grad(attend(q, k, v), (q, k, v), grad)
 
     return ops + [FloorOp("attention", "attention", attention, config.depth)]
 
@@ -218,3 +219,55 @@ def arithmetic_floor(config: BackboneConfig, batch: int, device: torch.device, d
         by_op[op.name] = round(by_op.get(op.name, 0.0) + spent, 6)
     return {"dtype": str(dtype).removeprefix("torch."), "seconds": seconds["gemm"] + seconds["attention"],
             "gemm_seconds": seconds["gemm"], "attention_seconds": seconds["attention"], "by_op": by_op}
+
+
+# ---------------------------------------------------------------------------------------------
+# Which attention is fastest here: the measurement behind models.backbone.attention_form
+
+# The rule's form may be this much slower than the fastest measured form before the check fails:
+# paired rounds on a shared 2-vCPU machine still scatter by a few percent.
+ATTENTION_RULE_SLACK = 1.10
+
+
+def attention_forms(config: BackboneConfig, batch: int, device: torch.device, dtype: torch.dtype,
+                    rounds: int = 5, calls: int = 3) -> dict:
+    """Forward + backward of one block's attention at the step's shape in each form, timed
+    round-robin (`rounds` rounds of `calls` calls each): torch's SDPA in `dtype`, SDPA on fp32
+    copies (its output cast back) and the math path in `dtype`. Returns the milliseconds per
+    form (median over rounds), the fastest, the form `attention_form` picks and its paired time
+    ratio to the fastest."""
+    g = torch.Generator().manual_seed(0)
+    shape = attention_shape(config, batch)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(*shape, generator=g).to(device, dtype)
+
+    def fp32_sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+    forms = {"sdpa": F.scaled_dot_product_attention, "math": math_attention}
+    if dtype != torch.float32:
+        forms["sdpa-fp32"] = fp32_sdpa
+    runs = {name: (lambda f=f: torch.autograd.grad(f(q, k, v), (q, k, v), grad)) for name, f in forms.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # allocation, kernel selection
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(_timed_calls(run, device, calls))
+    ms = {name: round(1000 * statistics.median(t), 3) for name, t in times.items()}
+    fastest = min(ms, key=ms.get)
+    rule = attention_form(device.type, dtype)
+    ratio = statistics.median(a / b for a, b in zip(times[rule], times[fastest]))
+    return {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "ms": ms, "fastest": fastest,
+            "rule": rule, "rule_over_fastest": round(ratio, 3), "slack": ATTENTION_RULE_SLACK}
+
+
+def _timed_calls(run: Callable[[], object], device: torch.device, calls: int) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls

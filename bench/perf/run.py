@@ -31,7 +31,7 @@ from bench.perf.official import (
     official_loss_agreement,
 )
 from bench.perf.profile import profile_workload
-from bench.perf.roofline import MATMUL_SIZE, matmul_peak
+from bench.perf.roofline import MATMUL_SIZE, attention_forms, matmul_peak
 from bench.perf.setup import (
     PerfError,
     SizeChoice,
@@ -52,6 +52,7 @@ from bench.perf.training import (
     loss_agreement,
 )
 from bench.prepare.dataset import read_manifest
+from bench.train.build import backbone_settings
 from bench.train.loop import check_prepared
 from bench.train.step import native_bf16
 
@@ -202,14 +203,21 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
         _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
         peaks = {"size": size, "fp32": matmul_peak(device, torch.float32, size),
                  "bf16": matmul_peak(device, torch.bfloat16, size)}
+    attention = None
+    if args.roofline and "train" in kinds:  # the measurement behind models.backbone.attention_form
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        _log(f"attention forms at the step's shape in {precision}: SDPA, SDPA on fp32 copies, math path")
+        attention = attention_forms(backbone_settings(first, geometry.manifest()), batch, device, dtype)
 
     base = env | {"run_id": run_id, "created_at": utc_now(), "model_size": model_size, "scale": scale,
                   "data": pool.source, "warmup": args.warmup, "quick": bool(args.quick),
                   "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
     base["matmul_peak_gflops"] = peaks or None
     base["native_bf16"] = native_bf16(device)
+    base["attention_forms"] = attention  # every row carries the measurement behind the attention rule
     rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]])
-    targets = compute_targets(measured, checks, model_size, batch)
+    amx = device.type == "cpu" and "amx_bf16" in env["cpu_flags"]  # the 4x bf16 target is an AMX CPU's
+    targets = compute_targets(measured, checks, model_size, batch, attention, amx=amx)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "cpu_kernels": env["cpu_kernels"],
                    "threads": env["threads"],
