@@ -8,7 +8,9 @@ cluster with accounting is at hand here); the local-cluster test at the end asks
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,7 +141,10 @@ def local_cluster(tmp_path):
     env = dict(os.environ)
     running, started = _script("status", env), False
     if running.returncode != 0:
-        env.update(LOCAL_SLURM_DIR=str(tmp_path / "slurm"), LOCAL_SLURM_CTLD_PORT=str(_free_port()),
+        # A short folder of its own: under pytest-xdist, tmp_path makes slurmstepd's socket paths
+        # longer than the 107 characters Linux allows.
+        env.update(LOCAL_SLURM_DIR=tempfile.mkdtemp(prefix="slurm-", dir="/tmp"),
+                   LOCAL_SLURM_CTLD_PORT=str(_free_port()),
                    LOCAL_SLURM_D_PORT=str(_free_port()))
         running, started = _script("start", env), True
         assert running.returncode == 0, running.stderr
@@ -148,6 +153,7 @@ def local_cluster(tmp_path):
     finally:
         if started:
             assert _script("stop", env).returncode == 0
+            shutil.rmtree(env["LOCAL_SLURM_DIR"], ignore_errors=True)
 
 
 @pytest.mark.slurm
