@@ -22,8 +22,8 @@ from bench.report.stats import (
     sampling_spread,
     split_sampling_seed_setting,
 )
-from bench.report.summary import gather, summarize
-from bench.report.tables import paired_table, render_markdown, sampling_noise_table
+from bench.report.summary import gather, gather_from_csv, summarize
+from bench.report.tables import paired_table, render_markdown, sampling_noise_table, write_report
 from bench.report.wording import DIRECTION_WORDS, describe_difference, fmt_p
 
 TOL = 1e-12  # float64 rounding of a handful of operations
@@ -156,6 +156,19 @@ def test_report_pairs_by_seed_and_calls_better_only_where_the_holm_adjusted_p_is
     assert len(shown) == 2 and any("w/ ReDi vs SiT-tiny/1 w/ REPA" in line for line in shown)
     corrected = [line for line in text.splitlines() if "no difference shown after the correction for 5" in line]
     assert len(corrected) == 1 and "w/ REPA (setting `no_cfg`)" in corrected[0]
+
+
+def test_a_report_regenerates_from_its_own_csvs(paired_report, tmp_path):
+    # A checked-in report (results/studies/) keeps runs.csv, metrics.csv and evals.csv, not its run
+    # folders: `bench report NAME --from-csv DIR` must give the same tables from them.
+    write_report(paired_report, tmp_path, plots=False)
+    again = summarize(gather_from_csv("mini_fixture", tmp_path, grid=paired_report.gathered.grid))
+    first, second = paired_table(paired_report), paired_table(again)
+    assert len(first) == 5
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), second.reset_index(drop=True), check_dtype=False)
+    def without_gather_notes(text: str) -> list[str]:  # what gather() noted about the folders it read
+        return [line for line in text.splitlines() if "runs never started are not listed" not in line]
+    assert without_gather_notes(render_markdown(again)) == without_gather_notes(render_markdown(paired_report))
 
 
 def test_report_shows_the_sampling_noise_of_one_checkpoint(paired_report):
