@@ -39,7 +39,8 @@ def describe_difference(method: str, baseline: str, mean: float, low: float, hig
     detail = f"Δ = {mean:+.{d}f}, {n} paired seeds"
     if low <= 0 <= high:
         return f"{method} vs {baseline}: no difference shown ({interval}; {detail})"
-    corrected = f"Holm-adjusted p = {fmt_p(p_holm)} over {family_size} comparisons"
+    shown = fmt_p(p_holm)
+    corrected = f"Holm-adjusted p {shown if shown.startswith('<') else '= ' + shown} over {family_size} comparisons"
     if not (math.isfinite(p_holm) and p_holm < alpha):
         return (f"{method} vs {baseline}: no difference shown after the correction for {family_size} "
                 f"comparisons ({interval} excludes 0 uncorrected; {corrected}; {detail})")
