@@ -1,7 +1,8 @@
 """ADM's evaluator definitions (bench.evaluate.adm) on torch-fidelity's Inception port, checked
 against independent float64 computations: which tensor of the port is ADM's sFID feature
 `mixed_6/conv` (a forward written out layer by layer in float64), the Inception Score (scipy's KL),
-k-NN precision/recall (scipy's cdist and a full sort), their orientation (a mode-collapsed
+k-NN precision/recall (scipy's cdist and a full sort; and ADM's float16 distances with their
+float32 fallback, written again in numpy), TF32 off while features are computed, their orientation (a mode-collapsed
 "generator" must give precision 1 and recall near 0, through the code path `bench eval` uses), and
 the reference batch's identity. The Inception weights are a random initialisation written to a file
 in torch-fidelity's layout (the real file cannot be downloaded here): the mapping and the formulas do
@@ -180,11 +181,115 @@ def test_precision_recall_match_a_float64_brute_force():
     samples = rng.normal(size=(250, 16)) * 1.3 + 0.4
     expected = precision_recall_float64(reference, samples)
     assert 0.05 < expected[0] < 0.95 and 0.05 < expected[1] < 0.95  # neither trivial
-    # Counts of comparisons: float32 distances decide the same way unless a point lies within
-    # rounding (~1e-6 relative) of a radius, which does not happen on this data: equal.
-    assert adm.precision_recall(reference, samples, batch=64) == expected
+    # The definition, with float32 distances (half=False): they decide the same way as float64
+    # unless a point lies within rounding (~1e-6 relative) of a radius, which does not happen here.
+    assert adm.precision_recall(reference, samples, batch=64, half=False) == expected
     with pytest.raises(ValueError, match="needs more than 3 points"):
         adm.precision_recall(reference[:3], samples)
+
+
+# ADM's DistanceBlock, written independently in numpy float16: features cast to float16, squares
+# rounded to float16 and summed in float32, the float16 dot products accumulated in float32, each
+# elementwise step rounded to float16; a block with any non-finite distance is computed again in
+# float32. Blocks of `batch` rows x `batch` columns (ADM: 10,000), np.partition as ADM's radii.
+
+def adm_block_np(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    u16, v16 = u.astype(np.float16), v.astype(np.float16)
+    nu = np.square(u16).astype(np.float32).sum(1).astype(np.float16)
+    nv = np.square(v16).astype(np.float32).sum(1).astype(np.float16)
+    dot = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what the fallback detects
+        d16 = np.maximum(nu[:, None] - np.float16(2) * dot + nv[None, :], np.float16(0))
+    if np.isfinite(d16).all():
+        return d16.astype(np.float32)
+    u, v = u.astype(np.float32), v.astype(np.float32)
+    return np.maximum(np.square(u).sum(1)[:, None] - 2 * (u @ v.T) + np.square(v).sum(1)[None, :], 0)
+
+
+def adm_precision_recall_np(ref: np.ndarray, gen: np.ndarray, batch: int, k: int = 3):
+    def radii(x):
+        out = np.zeros(len(x), np.float32)
+        for i in range(0, len(x), batch):
+            row = np.concatenate([adm_block_np(x[i:i + batch], x[j:j + batch]) for j in range(0, len(x), batch)], 1)
+            out[i:i + batch] = np.partition(row, np.arange(k + 1), axis=1)[:, k]
+        return out
+    r_ref, r_gen = radii(ref), radii(gen)
+    ref_in, gen_in = np.zeros(len(ref), bool), np.zeros(len(gen), bool)
+    for i in range(0, len(ref), batch):
+        for j in range(0, len(gen), batch):
+            d = adm_block_np(ref[i:i + batch], gen[j:j + batch])
+            ref_in[i:i + batch] |= (d <= r_gen[None, j:j + batch]).any(1)
+            gen_in[j:j + batch] |= (d <= r_ref[i:i + batch, None]).any(0)
+    return float(gen_in.mean()), float(ref_in.mean())
+
+
+def gaussian_features(seed: int, n: int = 2000, dim: int = 64, step: float = 2.0 ** -6):
+    """Reference N(0, I) and samples N(0.3, 1.2^2 I), rounded to multiples of `step` (float16
+    values whose float32 dot products are exact in any summation order, so a BLAS's order cannot
+    flip a float16 rounding and both implementations must agree exactly)."""
+    rng = np.random.default_rng(seed)
+    ref, gen = rng.normal(size=(n, dim)), rng.normal(size=(n, dim)) * 1.2 + 0.3
+    return (np.round(ref / step) * step).astype(np.float32), (np.round(gen / step) * step).astype(np.float32)
+
+
+def test_precision_recall_equal_adms_float16_computation_on_gaussian_features():
+    ref, gen = gaussian_features(4)
+    expected = adm_precision_recall_np(ref, gen, batch=adm.PR_BLOCK)
+    got = adm.precision_recall(ref, gen)
+    assert got == expected  # counts out of 2,000: equal to the last digit ADM prints
+    # float32 distances (the harness before) decide differently on this data: float16 matters
+    f32 = adm.precision_recall(ref, gen, half=False)
+    assert max(abs(got[0] - f32[0]), abs(got[1] - f32[1])) >= 1 / 2000, (got, f32)
+
+
+def test_precision_recall_fall_back_to_float32_per_block_as_adm():
+    """Rows scaled so that their squared norms overflow float16 (> 65,504): blocks that hold them
+    are computed in float32, the others stay float16, with blocks of 250 (ADM: 10,000)."""
+    ref, gen = gaussian_features(5, n=600, dim=64)
+    ref[:100] *= 40.0  # |x|^2 ~ 64 x 1,600: inf in float16; only the first row block of ref
+    gen[450:] *= 40.0
+    block = adm.adm_distances(torch.from_numpy(ref[:250]), torch.from_numpy(gen[:250]))
+    assert torch.equal(block, torch.from_numpy(adm_block_np(ref[:250], gen[:250])))
+    assert torch.equal(block, adm.adm_distances(torch.from_numpy(ref[:250]), torch.from_numpy(gen[:250]),
+                                                half=False))  # the fallback: float32
+    quiet = adm.adm_distances(torch.from_numpy(ref[250:500]), torch.from_numpy(gen[:250]))
+    assert torch.equal(quiet, torch.from_numpy(adm_block_np(ref[250:500], gen[:250])))
+    assert torch.equal(quiet, quiet.half().float())  # float16 values: no fallback there
+    assert adm.precision_recall(ref, gen, batch=250) == adm_precision_recall_np(ref, gen, batch=250)
+
+
+def test_tf32_is_off_while_evaluation_features_are_computed(tmp_path):
+    """On CPU the flags change nothing numerically, but the context must set and restore them."""
+    from bench.evaluate.evaluation import compute_metrics
+    from bench.evaluate.features import ModuleFeatures, tf32_off
+    from bench.evaluate.reference import Reference
+
+    seen = []
+
+    class Pixels(torch.nn.Module):
+        def features(self, images):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return images.float().flatten(1)
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True  # as training sets them
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with tf32_off():
+                assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+        rng = np.random.default_rng(6)
+        real = rng.integers(0, 256, size=(20, 4, 4, 3), dtype=np.uint8)
+        path = tmp_path / "shard-00000.npz"
+        np.savez(path, images=real[:12], labels=np.zeros(12, np.int64))
+        network = ModuleFeatures(Pixels(), "pixels", feature_dim=48)
+        seen.clear()
+        compute_metrics(["prc"], network, Reference(np.zeros(48), np.eye(48), {}, real), "native", [path], "pixels")
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def test_precision_recall_orientation_mode_collapse():

@@ -93,6 +93,8 @@ def test_quick_demo_writes_every_promised_file(first_run):
         assert f"| {spec} | no guidance | 2 |" in summary
     assert "| redi_rg | RG w_r=1.5 | 2 |" in summary and "FD @200" in summary and "acc @200" in summary
     assert " ± " in summary and "Paired differences" in summary and "paired seeds" in summary
+    assert "corrected by Holm's step-down method" in summary and " tests, corrected" in summary
+    assert "no difference shown (interval [" in summary or "✱" in summary
     assert "cores" in summary and "torch" in summary and "this call:" in summary and "CPU kernels" in summary
     assert "estimated before any work" in summary and "2 at a time" in summary
     assert "Speed-ups" in summary

@@ -299,8 +299,9 @@ def test_classifier_is_named_after_the_data_it_was_trained_on(run, tmp_path):
 
 def test_all_metrics_on_the_classifier(run):
     """FD, KID, precision/recall and IS on the embedded classifier: KID equals torch-fidelity's
-    estimate's own recomputation, precision/recall and IS equal float64 brute-force definitions."""
-    from test_adm import inception_score_scipy, precision_recall_float64
+    estimate's own recomputation, precision/recall ADM's float16 computation written in numpy, IS
+    a float64 brute-force definition."""
+    from test_adm import adm_precision_recall_np, inception_score_scipy
 
     from bench.evaluate.features import extract_features, load_classifier_network
     from bench.evaluate.quality import kernel_inception_distance
@@ -325,8 +326,8 @@ def test_all_metrics_on_the_classifier(run):
     # float64 on both sides, same subsets: only summation order differs.
     assert kid["value"] == pytest.approx(mean, rel=1e-9, abs=1e-15)
     assert kid["extra"]["std"] == pytest.approx(std, rel=1e-9, abs=1e-15)
-    # Precision/recall: counts of comparisons, the same decisions in float32 and float64 here.
-    precision, recall = precision_recall_float64(real, gen)
+    # Precision/recall: ADM's float16 distances (test_adm's numpy version) on the float32 features.
+    precision, recall = adm_precision_recall_np(real.astype(np.float32), gen.astype(np.float32), batch=10_000)
     assert (by_name["precision_classifier"]["value"], by_name["recall_classifier"]["value"]) == (precision, recall)
     with torch.no_grad():
         logits = network.logits(torch.from_numpy(images)).double().numpy()
@@ -340,7 +341,7 @@ def test_adm_metrics_on_inception_against_a_reference_batch(run, tmp_path, monke
     (random weights) against an ADM-layout reference (arr_0 images, mu/sigma, mu_s/sigma_s): each
     value equals an independent float64 computation on the port's outputs, and every row records
     the reference facts and the differences from ADM. The file is not ADM's, so the rows say so."""
-    from test_adm import inception_score_scipy, precision_recall_float64, random_inception_weights
+    from test_adm import adm_precision_recall_np, inception_score_scipy, random_inception_weights
 
     import bench.evaluate.quality as quality
     from bench.atomic import sha256_file
@@ -398,7 +399,8 @@ def test_adm_metrics_on_inception_against_a_reference_batch(run, tmp_path, monke
         frechet(out["spatial"], stats["mu_s"], np.diag(stats["sigma_s"])), rel=1e-9)
     assert by_name["sfid"]["extra"]["feature_dim"] == 2023
     assert by_name["is"]["value"] == pytest.approx(inception_score_scipy(out["logits"], 5000), rel=1e-9)
-    expected_pr = precision_recall_float64(ref_features, out["features"])
+    expected_pr = adm_precision_recall_np(ref_features.astype(np.float32), out["features"].astype(np.float32),
+                                          batch=10_000)
     assert (by_name["precision"]["value"], by_name["recall"]["value"]) == expected_pr
 
 

@@ -115,13 +115,14 @@ def markdown_table(rows: pd.DataFrame) -> str:
     return to_markdown(pd.DataFrame(out))
 
 
-def paired_lines(report) -> list[str]:
-    """The report's sentences on paired differences (FD and accuracy, at the last step measured):
-    'better' only where the 95% interval of the paired difference excludes zero."""
+def paired_lines(report) -> tuple[list[str], int]:
+    """The report's sentences on paired differences (FD and accuracy, at the last step measured),
+    in bench.report.wording's words: 'better' only where the Holm-adjusted p < 0.05 over the
+    report's family of comparisons. Also returns the family's size."""
     paired = paired_table(report)
     if paired.empty:
-        return []
-    return paired_sentences(paired[paired["metric"].isin([FD, ACC])])
+        return [], 0
+    return paired_sentences(paired[paired["metric"].isin([FD, ACC])]), int(paired["family_size"].max())
 
 
 def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
@@ -246,7 +247,7 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
     atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in [*history, record]))
     m = record["machine"]
     table, speedups = markdown_table(rows), speedup_lines(report, rows, grid.baseline or "latent_only")
-    paired = paired_lines(report)
+    paired, family = paired_lines(report)
     did = (f"reused: prepare {'yes' if reused['prepare'] else 'no'}, "
            f"{reused['cells'] - reused['trained']}/{reused['cells']} trained cells, "
            f"evaluations run now: {reused['evaluated']}")
@@ -273,8 +274,10 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
         "where the baseline got worse with training; interpolated in log steps, docs/method.md):", "",
         *(f"- {s}" for s in speedups or ["none measurable yet"]), "",
         "Paired differences (method − baseline, seed k of every spec shares its data order, noise and "
-        "evaluation labels; 95% t-interval over the pairs; a method is called better only where the "
-        "interval excludes 0, marked ✱):", "",
+        "evaluation labels; 95% t-interval over the pairs and the paired t-test's p; the comparisons "
+        f"of `report/report.md` are one family, {family} tests, corrected by Holm's step-down method; "
+        "a method is called better only where the Holm-adjusted p < 0.05, marked ✱; an interval "
+        "that contains 0 shows no difference in either direction):", "",
         *(paired or ["- none measurable yet (needs a seed measured for both)"]), "",
         "With two seeds the t-interval is wide (t = 12.7 for one degree of freedom): the demo shows the "
         "machinery and the direction; `results/studies/embedded/` has the study with three seeds.", "",

@@ -50,6 +50,7 @@ SPATIAL_CHANNELS, SPATIAL_SIZE = 7, 17
 SPATIAL_DIM = SPATIAL_CHANNELS * SPATIAL_SIZE * SPATIAL_SIZE  # 2,023
 IS_SPLIT_SIZE = 5000  # Evaluator.compute_inception_score(split_size=5000)
 PR_NEIGHBOURHOOD = 3  # ManifoldEstimator(nhood_sizes=(3,))
+PR_BLOCK = 10_000  # ManifoldEstimator(row_batch_size=10000, col_batch_size=10000): the fallback's unit
 
 ADM_DIFFERENCES = {
     "inception": "torch-fidelity's PyTorch port of the 2015 graph (ADM runs the TF graph itself)",
@@ -61,7 +62,8 @@ ADM_DIFFERENCES = {
     "reference_order": "file order, as ADM (precision/recall do not depend on it)",
     "sample_order": "shard order, as `bench export` writes arr_0 (the IS splits follow it)",
     "inception_score": "float64 softmax (ADM: float32)",
-    "precision_recall": "float32 squared distances (ADM: float16 when all are finite, else float32)",
+    "precision_recall": "same: float16 squared distances, float32 for a 10,000 x 10,000 block with "
+                        "an overflow; the float32 summation order of the dot products may differ",
 }
 
 
@@ -105,38 +107,79 @@ def inception_score(logits: ArrayLike, split_size: int = IS_SPLIT_SIZE) -> tuple
 
 
 def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """ADM's `_batch_pairwise_distances`: max(|a|^2 - 2 a.b + |b|^2, 0)."""
+    """ADM's `_batch_pairwise_distances` in float32: max(|a|^2 - 2 a.b + |b|^2, 0)."""
     return ((a * a).sum(1)[:, None] - 2.0 * (a @ b.T) + (b * b).sum(1)[None, :]).clamp_min_(0.0)
 
 
-def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch: int = 2048) -> torch.Tensor:
+def _half_squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The same formula on the features cast to float16, as ADM's graph runs it on a GPU: squares
+    rounded to float16 and summed in float32 (TF's half reductions accumulate in float), a float16
+    matmul with float32 accumulation (cuBLAS' default for half), each elementwise step rounded to
+    float16. The float16 products are exact in float32, so only the summation order differs from
+    ADM's, which the final rounding to float16 almost always hides."""
+    a16, b16 = a.half(), b.half()
+    norm_a = (a16 * a16).float().sum(1).half()
+    norm_b = (b16 * b16).float().sum(1).half()
+    dot = (a16.float() @ b16.float().T).half()
+    return ((norm_a[:, None] - 2 * dot) + norm_b[None, :]).clamp_min_(0)
+
+
+def adm_distances(a: torch.Tensor, b: torch.Tensor, half: bool = True) -> torch.Tensor:
+    """ADM's `DistanceBlock.pairwise_distances` of one block (float32 result): the float16
+    distances when all of them are finite, else the whole block again in float32 (the tf.cond
+    on overflow). half=False: always float32."""
+    a, b = a.float(), b.float()
+    if half:
+        d16 = _half_squared_distances(a, b)
+        if bool(torch.isfinite(d16).all()):
+            return d16.float()
+    return _squared_distances(a, b)
+
+
+def _blocks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD, batch: int = PR_BLOCK,
+                   half: bool = True) -> torch.Tensor:
     """Squared distance of each point to its k-th nearest neighbour within the set, the point itself
-    being the 0-th (ADM's `ManifoldEstimator.manifold_radii`)."""
+    being the 0-th (ADM's `ManifoldEstimator.manifold_radii`): rows and columns in blocks of
+    `batch`, each block's distances as `adm_distances`."""
     if len(features) <= k:
         raise ValueError(f"a k-NN manifold with k={k} needs more than {k} points; got {len(features)}")
-    return torch.cat([_squared_distances(features[i: i + batch], features).kthvalue(k + 1, dim=1).values
-                      for i in range(0, len(features), batch)])
+    cols = _blocks(len(features), batch)
+    return torch.cat([torch.cat([adm_distances(features[rows], features[c], half) for c in cols], 1)
+                      .kthvalue(k + 1, dim=1).values for rows in _blocks(len(features), batch)])
 
 
-def _inside(queries: torch.Tensor, points: torch.Tensor, radii: torch.Tensor, batch: int) -> torch.Tensor:
-    """Whether each query lies in the hypersphere of at least one point."""
-    return torch.cat([(_squared_distances(queries[i: i + batch], points) <= radii[None, :]).any(1)
-                      for i in range(0, len(queries), batch)])
+def _inside_both(ref: torch.Tensor, ref_radii: torch.Tensor, gen: torch.Tensor, gen_radii: torch.Tensor,
+                 batch: int, half: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ADM's `evaluate_pr`: per block pair, which reference points lie in a sample's hypersphere
+    and which samples lie in a reference point's, from one distance block."""
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    gen_in = torch.zeros(len(gen), dtype=torch.bool, device=gen.device)
+    for i in _blocks(len(ref), batch):
+        for j in _blocks(len(gen), batch):
+            d = adm_distances(ref[i], gen[j], half)
+            ref_in[i] |= (d <= gen_radii[j][None, :]).any(1)
+            gen_in[j] |= (d <= ref_radii[i][:, None]).any(0)
+    return ref_in, gen_in
 
 
 def precision_recall(reference: ArrayLike, samples: ArrayLike, k: int = PR_NEIGHBOURHOOD,
-                     device: Optional[Union[str, torch.device]] = None, batch: int = 2048
-                     ) -> tuple[float, float]:
+                     device: Optional[Union[str, torch.device]] = None, batch: int = PR_BLOCK,
+                     half: bool = True) -> tuple[float, float]:
     """ADM's improved precision and recall (Kynkaanniemi et al. 2019), reference = real images,
     samples = generated: precision is the share of samples inside the k-NN manifold of the
     reference features, recall the share of reference features inside the samples' manifold.
     The order of the arguments is ADM's `compute_prec_recall(ref, sample)`; a mode-collapsed
-    generator gives precision near 1 and recall near 0 (tests/test_adm.py pins it)."""
+    generator gives precision near 1 and recall near 0 (tests/test_adm.py pins it). Distances as
+    ADM computes them: float16 with its float32 fallback per block of `batch` x `batch` (ADM's
+    row and column batch, 10,000); half=False computes them all in float32."""
     ref, gen = (_as_tensor(a).to(device or "cpu", torch.float32) for a in (reference, samples))
     if ref.ndim != 2 or gen.ndim != 2 or ref.shape[1] != gen.shape[1]:
         raise ValueError(f"precision_recall needs features (N_ref, D) and (N_samples, D); got "
                          f"{tuple(ref.shape)}, {tuple(gen.shape)}")
-    ref_radii, gen_radii = manifold_radii(ref, k, batch), manifold_radii(gen, k, batch)
-    precision = _inside(gen, ref, ref_radii, batch).double().mean()
-    recall = _inside(ref, gen, gen_radii, batch).double().mean()
-    return float(precision), float(recall)
+    ref_radii, gen_radii = manifold_radii(ref, k, batch, half), manifold_radii(gen, k, batch, half)
+    ref_in, gen_in = _inside_both(ref, ref_radii, gen, gen_radii, batch, half)
+    return float(gen_in.double().mean()), float(ref_in.double().mean())

@@ -49,7 +49,7 @@ from bench.compose import to_dict
 from bench.config import ExperimentConfig
 from bench.evaluate import adm
 from bench.evaluate.adm import ADM_DIFFERENCES
-from bench.evaluate.features import FeatureNetworkError, build_feature_network
+from bench.evaluate.features import FeatureNetworkError, build_feature_network, tf32_off
 from bench.evaluate.quality import BACKENDS, check_sample_count, conditional_accuracy, get_backend
 from bench.evaluate.reference import Reference, load_reference, reference_file
 from bench.evaluate.sampling import (
@@ -188,6 +188,7 @@ def _sample_outputs(network, shards: Sequence[Path], want_logits: bool, batch_si
     return {key: np.concatenate(parts) for key, parts in outputs.items()}, np.concatenate(labels)
 
 
+@tf32_off()  # the samples' and the reference's features, and the precision/recall distances
 def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend_name: str,
                     shards: Sequence[Path], network_kind: str, allow_rank_deficient: bool = False,
                     progress: bool = False, total: Optional[int] = None) -> list[tuple[str, str, float, str, dict]]:

@@ -18,6 +18,7 @@ memory, cached by content hash) and into every eval.jsonl row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -340,6 +341,23 @@ def build_feature_network(kind: str, *, classifier_dir: Optional[Union[str, Path
                               "['classifier', 'inception', 'dinov2']")
 
 
+@contextlib.contextmanager
+def tf32_off():
+    """TF32 off for CUDA matmuls and cuDNN convolutions while evaluation features are computed,
+    restored afterwards (also on error). ADM's reference statistics come from its float32 TF graph,
+    while PyTorch lets cuDNN convolutions use TF32 (a 10-bit mantissa) by default on Ampere and
+    newer GPUs; the training loop turns both on for the official recipe. A context decorator:
+    `compute_metrics` and `reference_statistics` run inside it."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 @torch.no_grad()
 def extract_features(network: FeatureNetwork, images: ImagesLike, batch_size: int = 256,
                      progress: bool = False, label: str = "features") -> np.ndarray:
@@ -398,6 +416,7 @@ def _check_image_size(hw: tuple[int, int], image_size, source: str) -> None:
                           "(same crop, e.g. ADM center crop) or resize it once, explicitly")
 
 
+@tf32_off()
 def reference_statistics(reference: Union[str, Path, ImagesLike], feature_network: FeatureNetwork,
                          cache_dir: Union[str, Path], image_size=None, batch_size: int = 256,
                          allow_rank_deficient: bool = False, use_precomputed: bool = True,

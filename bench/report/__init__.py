@@ -4,7 +4,9 @@
 - `records`:     the `Gathered` tables and the `Report` the other modules render
 - `common`:      shared vocabulary: metric names and labels, provenance fields, `ReportError`
 - `groups`:      conditions (spec + varying settings) and provenance groups
-- `stats`:       seed means with 95% t-intervals and the speed-up (`mean_ci95`, `speedup`)
+- `stats`:       seed means with 95% t-intervals and the speed-up (`mean_ci95`, `speedup`); paired
+                 differences, their p and Holm's step-down (`paired_comparisons`, `holm_adjust`)
+- `wording`:     the one wording of a paired difference (`describe_difference`)
 - `published`:   the paper's numbers from `results/paper/*.csv`: `load_paper_numbers`
 - `paper_match`: the paper's number beside a measured one, or why it is not comparable
 - `comparability`: every setting the paper's numbers depend on, and which of them differ

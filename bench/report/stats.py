@@ -184,6 +184,11 @@ def find_speedups(cells: pd.DataFrame, conditions: pd.DataFrame, metric: str, gr
 # mean difference is the t-interval on the d_k: d_bar +- t_{0.975, n-1} * s_d / sqrt(n), n = the
 # number of seeds measured for both. It is narrower than comparing the two per-spec intervals
 # whenever the paired values are positively correlated, and it is the one the report's prose uses.
+# Its p is the two-sided paired t-test's (scipy.stats.ttest_rel). The rows of one report are one
+# family of tests: Holm's step-down (`holm_adjust`) adjusts their p, and a difference is called
+# significant, and a method better or worse, only where the adjusted p is below ALPHA.
+
+ALPHA = 0.05  # family-wise error rate of one report's paired comparisons
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,7 @@ class PairedDifference:
     half_width: float   # NaN with fewer than 2 pairs
     n: int
     seeds: tuple[int, ...]
+    p: float = math.nan  # two-sided paired t-test (n-1 dof); NaN with fewer than 2 pairs
 
     @property
     def low(self) -> float:
@@ -214,8 +220,55 @@ def paired_difference(method: dict[int, float], baseline: dict[int, float]) -> P
     (seed -> value); seeds of only one side are left out, never imputed."""
     seeds = tuple(sorted(k for k in method if k in baseline
                          and np.isfinite(method[k]) and np.isfinite(baseline[k])))
-    mean, half, n = mean_ci95([method[k] - baseline[k] for k in seeds])
-    return PairedDifference(mean, half, n, seeds)
+    diffs = [method[k] - baseline[k] for k in seeds]
+    mean, half, n = mean_ci95(diffs)
+    return PairedDifference(mean, half, n, seeds, paired_t_p(diffs))
+
+
+def paired_t_p(diffs: Sequence[float]) -> float:
+    """Two-sided p of the paired t-test on the differences `diffs` (scipy.stats.ttest_rel's p):
+    t = mean / (s / sqrt(n)) with n-1 degrees of freedom. NaN with fewer than 2 differences; with
+    identical differences, 0 when they are not 0 (an infinite t) and 1 when they are."""
+    from scipy import stats
+
+    x = np.asarray(diffs, dtype=np.float64)
+    if x.size < 2:
+        return math.nan
+    sd = x.std(ddof=1)
+    if sd == 0:
+        return 1.0 if x.mean() == 0 else 0.0
+    t = x.mean() / (sd / math.sqrt(x.size))
+    return float(2 * stats.t.sf(abs(t), x.size - 1))
+
+
+def holm_adjust(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p of a family (statsmodels' multipletests(method="holm")): sort
+    the m finite p ascending, p_(i) -> max over j <= i of min(1, (m - j + 1) * p_(j)). NaN entries
+    (no test) are not members of the family and stay NaN. Rejecting where the adjusted p < alpha
+    keeps the chance of any false rejection in the family at most alpha."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, math.nan)
+    members = np.flatnonzero(np.isfinite(p))
+    m = members.size
+    if m == 0:
+        return out
+    order = members[np.argsort(p[members], kind="stable")]
+    scaled = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    out[order] = np.maximum.accumulate(scaled)
+    return out
+
+
+def holm_family(table: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
+    """`table` (paired_comparisons' rows: diff_mean, p, method, baseline, metric) with the Holm
+    adjustment over all its rows as one family: p_holm, family_size (tests in the family),
+    significant (p_holm < alpha) and better (the condition with the better value, only where
+    significant, else empty)."""
+    adjusted = holm_adjust(table["p"].to_numpy(dtype=np.float64)) if len(table) else np.array([])
+    significant = np.isfinite(adjusted) & (adjusted < alpha)
+    better = ["" if not sig else r.method if (r.diff_mean < 0) == is_lower_better(r.metric) else r.baseline
+              for sig, r in zip(significant, table.itertuples(index=False))]
+    return table.assign(p_holm=adjusted, family_size=int(np.isfinite(adjusted).sum()),
+                        significant=significant.astype(bool), better=better)
 
 
 def paired_comparisons(values: pd.DataFrame, pairs: Sequence[tuple[str, str]],
@@ -227,12 +280,14 @@ def paired_comparisons(values: pd.DataFrame, pairs: Sequence[tuple[str, str]],
     value (bench.report.groups.per_run_values plus the run's condition and train.seed). `pairs`:
     (method condition, baseline condition). `main` maps (setting, metric, condition) to the
     provenance of the report's main table; only values of that provenance are paired (never
-    numbers of different evaluators or sample counts). `better` names the condition whose value
-    is better (lower FD, higher accuracy) when the interval excludes zero, else is empty.
+    numbers of different evaluators or sample counts). `p` is the paired t-test's; the rows are
+    one Holm family (`holm_family`): `better` names the condition whose value is better (lower FD,
+    higher accuracy) only where the Holm-adjusted p < ALPHA, else is empty.
     """
     columns = ["setting", "metric", "step", "method", "baseline", "n_pairs", "seeds", "method_mean",
                "method_half_width", "method_n", "baseline_mean", "baseline_half_width", "baseline_n",
-               "diff_mean", "diff_half_width", "diff_low", "diff_high", "excludes_zero", "better"]
+               "diff_mean", "diff_half_width", "diff_low", "diff_high", "excludes_zero", "p", "p_holm",
+               "family_size", "significant", "better"]
     rows = []
     if values.empty:
         return pd.DataFrame(columns=columns)
@@ -250,15 +305,13 @@ def paired_comparisons(values: pd.DataFrame, pairs: Sequence[tuple[str, str]],
             d = paired_difference(m, b)
             mm, mh, mn = mean_ci95(m.values())
             bm, bh, bn = mean_ci95(b.values())
-            lower = is_lower_better(metric)
-            better = "" if not d.excludes_zero else method if (d.mean < 0) == lower else base
             rows.append({"setting": setting, "metric": metric, "step": int(step), "method": method,
                          "baseline": base, "n_pairs": d.n, "seeds": json.dumps(list(d.seeds)),
                          "method_mean": mm, "method_half_width": mh, "method_n": mn,
                          "baseline_mean": bm, "baseline_half_width": bh, "baseline_n": bn,
                          "diff_mean": d.mean, "diff_half_width": d.half_width, "diff_low": d.low,
-                         "diff_high": d.high, "excludes_zero": d.excludes_zero, "better": better})
-    return pd.DataFrame(rows, columns=columns)
+                         "diff_high": d.high, "excludes_zero": d.excludes_zero, "p": d.p})
+    return holm_family(pd.DataFrame(rows, columns=columns[:-4]))[columns]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -158,6 +158,23 @@ def gather(name: str, runs_root: str | Path = "results/runs", grid: dict | None 
     return Gathered(name, dict(grid), runs, metrics, evals, notes)
 
 
+def gather_from_csv(name: str, folder: str | Path, grid: dict | None = None) -> Gathered:
+    """The tidy tables a report wrote (`runs.csv`, `metrics.csv`, `evals.csv` in `folder`) read
+    back, so that a checked-in report regenerates with the current code without its run folders
+    (`bench report NAME --from-csv DIR`). The grid's fields come from its YAML as in `gather`
+    unless `grid` gives them."""
+    folder = Path(folder)
+    grid = grid if grid is not None else load_grid_spec(name, Path("results/runs"))[0]
+    frames = {}
+    for table in ("runs", "metrics", "evals"):
+        path = folder / f"{table}.csv"
+        if not path.is_file():
+            raise ReportError(f"--from-csv {folder}: no {table}.csv there; give the folder of a report "
+                              "that `bench report` wrote (it holds runs.csv, metrics.csv and evals.csv)")
+        frames[table] = pd.read_csv(path)
+    return Gathered(name, dict(grid), frames["runs"], frames["metrics"], frames["evals"], [])
+
+
 def _run_row(folder: Path, config: dict | None, ticks: list[dict]) -> dict[str, Any]:
     try:
         config = runfolder.read_config_json(folder) or config
@@ -330,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metric", default=None, help="primary metric of plots and speed-ups "
                         "(default: fid if measured, else fd_classifier)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument("--from-csv", metavar="DIR", default=None, help="regenerate from the runs.csv, "
+                        "metrics.csv and evals.csv an earlier report wrote to DIR, not from run folders")
     parser.add_argument("--accept", action="append", default=[], choices=sorted(ACCEPTABLE),
                         help="count rows that differ from the paper's protocol only in this as "
                         "comparable (bf16: runs trained with bf16 autocast); repeatable")
@@ -348,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not runs_root.strip():
             raise ReportError("output_root is empty; give the folder that holds the run folders")
         check_writable_dir(Path(args.out) / args.name, "--out")
-        report = summarize(gather(args.name, runs_root), args.metric, accept=args.accept)
+        gathered = gather_from_csv(args.name, args.from_csv) if args.from_csv else gather(args.name, runs_root)
+        report = summarize(gathered, args.metric, accept=args.accept)
         with guard(Path(args.out) / args.name):  # a removed folder is one error, not re-created
             out = write_report(report, Path(args.out) / args.name, plots=not args.no_plots)
     except (ReportError, OutputPathError) as err:

@@ -17,6 +17,7 @@ from bench.report.common import (
     SAMPLING_FIELDS,
     SEED_COLUMN,
     fmt_steps,
+    is_lower_better,
     metric_decimals,
     metric_label,
     metric_rank,
@@ -26,12 +27,14 @@ from bench.report.paper_match import paper_tables
 from bench.report.plots import plot_convergence, plot_losses
 from bench.report.records import Report
 from bench.report.stats import (
+    holm_family,
     paired_comparisons,
     sampling_spread,
     speedup_pairs,
     split_sampling_seed_setting,
     without_sampling_seed_settings,
 )
+from bench.report.wording import describe_difference, fmt_p
 
 
 def fmt_value(metric: str, mean: float, half: float = math.nan) -> str:
@@ -255,22 +258,28 @@ def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# Paired comparisons and evaluation-sampling noise (issue 18): tables, and the only prose that
-# may call one method better than another.
+# Paired comparisons and evaluation-sampling noise: tables, and the only prose that may call one
+# method better than another (its words: bench.report.wording).
 
-PAIRED_STATISTICS_TEXT = (
-    "Statistics. Runs are paired by training seed: seed k of every spec shares its data order, VAE "
-    "posterior noise, diffusion times and latent noise in training, and (grids with "
-    "`seeds: {paired: [...]}`) its evaluation labels and initial sampling noise. For each seed k "
-    "both runs have, d_k = method − baseline; the table gives the mean d̄ and its two-sided 95% "
-    "t-interval d̄ ± t(0.975, n−1)·s_d/√n over the n pairs (n−1 degrees of freedom; no interval "
-    "with n = 1). Beside it, each spec's own mean ± the 95% t-interval over its seeds. A difference "
-    "is marked ✱ when its interval excludes zero; only those are called better or worse below, "
-    "each at the 5% level on its own (no correction for the number of comparisons shown). Each "
-    "value is one evaluation with a finite sample, so d_k also carries the evaluation-sampling "
-    "noise of both runs; the interval includes it. How large it is alone is measured by scoring "
-    "one checkpoint with several sampling seeds (`bench eval RUN --step N --sampling-seeds "
-    "0,1,2`), shown in the next section when present.")
+
+def paired_statistics_text(family_size: int) -> str:
+    """The report's own statement of the paired test, its family and its correction."""
+    return (
+        "Statistics. Runs are paired by training seed: seed k of every spec shares its data order, VAE "
+        "posterior noise, diffusion times and latent noise in training, and (grids with "
+        "`seeds: {paired: [...]}`) its evaluation labels and initial sampling noise. For each seed k "
+        "both runs have, d_k = method − baseline; the table gives the mean d̄, its two-sided 95% "
+        "t-interval d̄ ± t(0.975, n−1)·s_d/√n over the n pairs (n−1 degrees of freedom; no interval "
+        "with n = 1) and the two-sided paired t-test's p. Beside it, each spec's own mean ± the 95% "
+        f"t-interval over its seeds. Family: the {family_size} comparisons of this table that have a p "
+        "form one family, corrected by Holm's step-down method (family-wise error rate 5%); a "
+        "difference is marked ✱, and called better or worse below, only where its Holm-adjusted "
+        "p < 0.05. An interval that contains 0 shows no difference in either direction; one that "
+        "excludes 0 without ✱ shows none after the correction. The intervals are not adjusted. Each "
+        "value is one evaluation with a finite sample, so d_k also carries the evaluation-sampling "
+        "noise of both runs; the interval includes it. How large it is alone is measured by scoring "
+        "one checkpoint with several sampling seeds (`bench eval RUN --step N --sampling-seeds "
+        "0,1,2`), shown in the next section when present.")
 
 
 def paired_values(report: Report) -> pd.DataFrame:
@@ -324,7 +333,7 @@ def paired_table(report: Report) -> pd.DataFrame:
     table = paired_comparisons(pd.concat([values, *extra], ignore_index=True), pairs, main)
     native = pd.Series([(s, m) not in borrowed for s, m in zip(table["setting"], table["method"])],
                        index=table.index, dtype=bool)  # a borrowed baseline is never the method of a row
-    table = table.loc[native].reset_index(drop=True)
+    table = holm_family(table.loc[native].reset_index(drop=True))  # the family: the rows the report shows
     return table.assign(baseline_setting=[borrowed.get((s, b), s) for s, b in zip(table["setting"], table["baseline"])])
 
 
@@ -352,8 +361,9 @@ def render_paired_section(report: Report) -> list[str]:
     """Markdown lines: the statistics text, the paired table, the sentences it licenses, and the
     evaluation-sampling noise."""
     paired, noise = paired_table(report), sampling_noise_table(report)
+    family = int(paired["family_size"].max()) if len(paired) else 0
     lines = ["## Paired comparisons: method − baseline, paired by training seed", "",
-             PAIRED_STATISTICS_TEXT, ""]
+             paired_statistics_text(family), ""]
     if paired.empty:
         lines += ["No method/baseline pair has a seed measured for both yet.", ""]
     else:
@@ -368,7 +378,8 @@ def render_paired_section(report: Report) -> list[str]:
                  "95% interval of Δ": (f"[{r.diff_low:+.{metric_decimals(r.metric, r.diff_mean)}f}, "
                                        f"{r.diff_high:+.{metric_decimals(r.metric, r.diff_mean)}f}]"
                                        if np.isfinite(r.diff_half_width) else "n = 1: none"),
-                 "pairs": r.n_pairs, "excludes 0": "✱ yes" if r.excludes_zero else "no"}
+                 "pairs": r.n_pairs, "p": fmt_p(r.p), "Holm-adjusted p": fmt_p(r.p_holm),
+                 "✱ (adjusted p < 0.05)": "✱" if r.significant else ""}
                 for r in paired.itertuples(index=False)]
         lines += [to_markdown(pd.DataFrame(rows)), ""]
         lines += [*paired_sentences(paired), ""]
@@ -388,8 +399,8 @@ def render_paired_section(report: Report) -> list[str]:
 
 
 def paired_sentences(paired: pd.DataFrame) -> list[str]:
-    """One sentence per (setting, metric, method, baseline) at the last step both were measured:
-    'better' only when the paired interval excludes zero."""
+    """One sentence per (setting, metric, method, baseline) at the last step both were measured,
+    in bench.report.wording's words: a direction only where the Holm-adjusted p < 0.05."""
     out = []
     keys = ["setting", "metric", "method", "baseline"]
     last = paired.sort_values("step").groupby(keys, sort=False).tail(1)
@@ -399,17 +410,8 @@ def paired_sentences(paired: pd.DataFrame) -> list[str]:
         name, at = metric_label(r.metric), fmt_steps(r.step)
         source = getattr(r, "baseline_setting", r.setting)
         base = r.baseline if source == r.setting else f"{r.baseline} (setting `{source}`)"
-        r = r._replace(baseline=base, better=base if r.better == r.baseline else r.better)
-        if r.excludes_zero:
-            worse = r.baseline if r.better == r.method else r.method
-            out.append(f"- `{r.setting}`, {name} at {at}: {r.better} is better than {worse} "
-                       f"(Δ = {r.diff_mean:+.{d}f}, 95% interval [{r.diff_low:+.{d}f}, "
-                       f"{r.diff_high:+.{d}f}], {r.n_pairs} paired seeds) ✱")
-        elif np.isfinite(r.diff_half_width):
-            out.append(f"- `{r.setting}`, {name} at {at}: no difference between {r.method} and "
-                       f"{r.baseline} beyond seed noise (Δ = {r.diff_mean:+.{d}f}, 95% interval "
-                       f"[{r.diff_low:+.{d}f}, {r.diff_high:+.{d}f}] contains 0, {r.n_pairs} paired seeds)")
-        else:
-            out.append(f"- `{r.setting}`, {name} at {at}: {r.method} − {r.baseline} = "
-                       f"{r.diff_mean:+.{d}f} from {r.n_pairs} seed; no interval, no claim")
+        clause = describe_difference(r.method, base, r.diff_mean, r.diff_low, r.diff_high, r.n_pairs,
+                                     p_holm=r.p_holm, family_size=r.family_size,
+                                     lower_is_better=is_lower_better(r.metric), decimals=d)
+        out.append(f"- `{r.setting}`, {name} at {at}: {clause}")
     return out
