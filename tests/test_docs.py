@@ -153,8 +153,13 @@ def test_the_readme_quotes_the_demo_summary_as_recorded():
     block = README.split("## What the demo prints", 1)[1].split("```", 2)[1]
     lines = [line for line in block.splitlines() if line.strip()]
     assert len(lines) >= 4 and all(line in summary.splitlines() for line in lines), lines
+    # The confirmation's intervals are quoted from its own write-up, every other one from the summary.
+    confirm = (ROOT / "results" / "studies" / "embedded" / "confirm" / "README.md").read_text(encoding="utf-8")
+    confirm = confirm.replace("\u2212", "-")  # the write-up prints a true minus sign
     for interval in re.findall(r"interval (\[[-+]?[\d.]+, [-+]?[\d.]+\])", README):
-        assert f"interval {interval}" in summary, interval
+        assert f"interval {interval}" in summary or interval in confirm, interval
+    for quoted in re.findall(r"(-?[\d.]+ \[-?[\d.]+, -?[\d.]+\])", README.split("## What it shows", 1)[1]):
+        assert quoted in confirm, quoted
 
 
 def test_the_demo_timing_table_is_generated_from_the_records():
