@@ -225,9 +225,10 @@ class OwnerFile:
 def read_owner(path: Path) -> Optional[dict]:
     """An owner file's record; None while it is being written (empty or torn) or gone."""
     try:
-        return json.loads(Path(path).read_bytes().strip() or b"null")
+        record = json.loads(Path(path).read_bytes().strip() or b"null")
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None  # a damaged file holds no owner
 
 
 def describe(holder: Optional[dict]) -> str:

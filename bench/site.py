@@ -73,6 +73,8 @@ def load_site(path: Optional[Path] = None) -> Site:
         raise SiteError(f"site file {path}: cannot read it ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise SiteError(f"site file {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except UnicodeDecodeError as err:
+        raise SiteError(f"site file {path}: not UTF-8 text ({err.reason}); save it as UTF-8") from None
     paths = {}
     for key, value in _flatten(data or {}, path).items():
         if key not in SITE_KEYS:

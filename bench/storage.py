@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from models.settings import MODEL_SIZES, split_model_size
+
 PathLike = Union[str, os.PathLike]
 MB = 1 << 20
 VANISHED = (errno.ENOENT, errno.ESTALE)
@@ -38,10 +40,6 @@ STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, *VANISHED)
 # add some 20-40 kB.
 CHECKPOINT_COPIES = 4
 CHECKPOINT_OVERHEAD = 64 * 1024
-# models.backbone.MODEL_SIZES, repeated so that `bench grid` estimates without importing torch
-# (tests/test_storage.py keeps them in step).
-MODEL_SIZES = {"S": (12, 384), "B": (12, 768), "L": (24, 1024), "XL": (28, 1152)}
-
 _guarded: dict[str, Optional[tuple[int, int]]] = {}  # folder -> (device, inode), None: not made yet
 
 
@@ -224,8 +222,8 @@ def estimate_parameters(model_cfg, num_classes: int) -> int:
     if model_cfg.size == "custom":
         depth, hidden = model_cfg.depth, model_cfg.hidden_size
     else:
-        size = model_cfg.size.removeprefix("SiT-").removeprefix("DiT-").partition("/")[0]
-        depth, hidden = MODEL_SIZES[size]
+        size = MODEL_SIZES[split_model_size(model_cfg.size)[0]]  # torch-free: models.settings
+        depth, hidden = size["depth"], size["hidden_size"]
     return 18 * hidden * hidden * depth + 3 * hidden * hidden + (num_classes + 1 + 256) * hidden
 
 

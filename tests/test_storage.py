@@ -35,7 +35,9 @@ def test_each_fault_names_the_path_what_happened_and_what_to_do(tmp_path, number
     path = tmp_path / "run" / "metrics.jsonl"
     fault = storage_error(OSError(number, os.strerror(number), str(path)), path, needed=3 * 2**20)
     text = _one_line(fault)
-    assert says in text and str(path.parent if number == errno.ESTALE else path) in text
+    assert says in text and str(path) in text
+    if number == errno.ESTALE:  # the removed folder is the one named, not only the file's path
+        assert text.startswith(f"the folder {path.parent} was removed"), text
     assert "run the same command again" in text and fault.errno == number
     if number == errno.ENOSPC:
         assert "needs about 3.0 MB" in text and " MB free" in text
@@ -146,16 +148,13 @@ def test_a_job_stopped_by_a_storage_fault_is_not_requeued_and_status_shows_why(t
 def test_the_size_only_parameter_estimate_matches_the_published_model_sizes():
     """DiT's Table 1 (SiT has the same backbones): S/2 33M, B/2 130M, L/2 458M, XL/2 675M; the
     estimate leaves out the embeddings and the output layer, within 1%."""
-    from models.backbone import MODEL_SIZES
-
-    assert {k: (v["depth"], v["hidden_size"]) for k, v in MODEL_SIZES.items()} == storage.MODEL_SIZES
     for size, published in {"S": 33e6, "B": 130e6, "L": 458e6, "XL": 675e6}.items():
         cfg = load_config(["spec=latent_only", f"model.size={size}/2"])
         estimate = storage.estimate_parameters(cfg.model, 1000)
         assert abs(estimate - published) / published < 0.01, (size, estimate)
 
 
-def test_the_checkpoint_estimate_is_within_10_percent_of_a_real_checkpoint(prepared_dir, tmp_path):
+def test_the_checkpoint_estimate_is_within_6_percent_above_a_real_checkpoint(prepared_dir, tmp_path):
     """The estimate `bench train` warns with (from the built model) against the bytes on disk of a
     real checkpoint of the tiny model (where its fixed 64 kB allowance weighs most: 5% high)."""
     from bench.prepare.dataset import read_manifest
@@ -168,7 +167,7 @@ def test_the_checkpoint_estimate_is_within_10_percent_of_a_real_checkpoint(prepa
     model = build_model(cfg, read_manifest(prepared_dir))
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     estimate = storage.checkpoint_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad), weights)
-    assert abs(estimate - on_disk) / on_disk < 0.10, (estimate, on_disk)
+    assert 0 <= (estimate - on_disk) / on_disk < 0.06, (estimate, on_disk)  # warns early, never late
     rough = storage.checkpoint_bytes(storage.estimate_parameters(cfg.model, cfg.num_model_classes))
     assert abs(rough - on_disk) / on_disk < 0.25, (rough, on_disk)  # size-only: embeddings left out
 

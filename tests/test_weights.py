@@ -134,7 +134,6 @@ def test_download_offline_is_one_line_at_once(elsewhere, monkeypatch, capsys):
 
 def test_the_real_registry_agrees_with_the_evaluator_and_the_encoders():
     from bench.evaluate.adm import ADM_IMAGENET256
-    from bench.prepare.encoders import DINOV2_TIMM_NAMES
     from bench.report.comparability import INCEPTION_2015_SHA256_PREFIX
 
     cfg = load_config(["scale=paper"], site=False)
@@ -145,7 +144,6 @@ def test_the_real_registry_agrees_with_the_evaluator_and_the_encoders():
     assert registry["eval.reference"].size_bytes == ADM_IMAGENET256.size_bytes
     assert registry["eval.inception_weights"].sha256_prefix == INCEPTION_2015_SHA256_PREFIX
     assert registry["encoder.weights"].hf_repo == "timm/vit_base_patch14_reg4_dinov2.lvd142m"
-    assert all(weights.dinov2_timm_name(v) == name for v, name in DINOV2_TIMM_NAMES.items())
 
 
 def test_the_embedded_scale_needs_nothing_fetched(elsewhere, capsys):

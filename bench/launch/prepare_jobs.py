@@ -207,11 +207,27 @@ def submit_prepare(overrides: Sequence[str], options: Any, cluster: Optional[str
     return summary
 
 
+def _cancel_untracked(handles: list[Any]) -> None:
+    """Cancel jobs submitted before a later submission failed: jobs.jsonl never records them, so a
+    second `bench prepare --cluster` would submit the same shards again beside them."""
+    for handle in handles:
+        try:
+            handle.cancel(check=False)
+        except Exception:  # best effort: the submission error is what the user must see
+            pass
+
+
 def _check_folder_settings(out: Path, settings_hash: str, options: Any) -> None:
     import json
 
     path = out / "settings.json"
-    previous = json.loads(path.read_text()).get("settings_hash") if path.is_file() else settings_hash
+    previous = settings_hash
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text()).get("settings_hash")
+        except (ValueError, AttributeError):
+            raise LaunchError(f"{path} is not a prepare's settings file (not a JSON object); remove the "
+                              "folder or choose another data.prepared_dir") from None
     if previous != settings_hash:
         fix = ("remove the folder first (array tasks cannot clear it together)" if options.overwrite
                else "choose another data.prepared_dir or remove the folder")
@@ -250,10 +266,9 @@ def _submit_jobs(cfg: ExperimentConfig, out: Path, options: Any, profile: Profil
         finish = PrepareJob(FINISH, cfg, out, replace(options, task_index=0, task_count=1, shards=(), lanes=1), after)
         finish.threads = profile.cpus_per_task if kind == "local" else None
         handles.append(executor.submit(finish))
-    except LaunchError:
-        raise
     except Exception as err:
-        if kind != "slurm":
+        _cancel_untracked(handles)  # an array whose PCA job failed to submit would run unrecorded
+        if isinstance(err, LaunchError) or kind != "slurm":
             raise
         raise scheduler_error(f"could not submit the prepare of {out}", profile, err) from None
     rows, submission = [], f"{time.time():.6f}"
@@ -332,6 +347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise LaunchError("--task-index/--task-count are set by the launcher; leave them out with --cluster")
     if args.tasks is not None and args.tasks < 1:
         raise LaunchError(f"--tasks must be >= 1, got {args.tasks}")
+    if args.hours is not None and not args.hours > 0:
+        raise LaunchError(f"--hours must be > 0, got {args.hours}")
     summary = submit_prepare(args.overrides, pipeline.options_from_args(args), cluster=args.cluster,
                              local=args.local, debug=args.debug, tasks=args.tasks, hours=args.hours)
     return 1 if summary.get("failed") else 0

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from bench import resources
 from bench.compose import load_config
-from bench.config import ExperimentConfig
+from bench.config import DINOV2_TIMM_NAMES, ExperimentConfig
 from bench.site import SITE_KEYS, get_key, load_site, set_key
 
 DOWNLOAD_TIMEOUT_S = 30  # per network read: a dead connection fails instead of hanging
@@ -76,18 +76,11 @@ class Note:
     detail: str
 
 
-def dinov2_timm_name(variant: str) -> str:
-    """timm's model name of a DINOv2 variant (bench.prepare.encoders.DINOV2_TIMM_NAMES, without
-    importing torch): vitb14_reg -> vit_base_patch14_reg4_dinov2."""
-    size = {"s": "small", "b": "base", "l": "large", "g": "giant"}[variant[3]]
-    return f"vit_{size}_patch14{'_reg4' if variant.endswith('_reg') else ''}_dinov2"
-
-
 def default_registry(cfg: ExperimentConfig) -> dict[str, WeightFile]:
     """The files of `cfg`, by key: SD-VAE, DINOv2, the 2015 Inception port, ADM's reference batch."""
     from bench.evaluate.adm import REFERENCE_BATCHES
 
-    name = dinov2_timm_name(cfg.encoder.variant)
+    name = DINOV2_TIMM_NAMES[cfg.encoder.variant]
     out = {
         "vae.path": WeightFile(
             "vae.path", "SD-VAE (sd-vae-ft-ema), a diffusers AutoencoderKL folder",

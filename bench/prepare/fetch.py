@@ -19,6 +19,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,7 +53,7 @@ def content_sha256(path: Path) -> str:
         with gzip.open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged deflate stream
         raise DatasetError(f"{path} is not a readable gzip file ({err})") from err
     return digest.hexdigest()
 
@@ -69,6 +70,11 @@ def fashion_mnist_root(data_root: Optional[str], fetch: bool = True) -> Optional
         if missing:
             raise DatasetError(f"--data-root {folder}: {', '.join(missing)} not found; the folder must "
                                f"hold the four Fashion-MNIST files ({', '.join(FASHION_MNIST_CONTENT_SHA256)})")
+        damaged = [name for name, sha in FASHION_MNIST_CONTENT_SHA256.items()
+                   if content_sha256(folder / name) != sha]  # a partly copied file is not taken as the data
+        if damaged:
+            raise DatasetError(f"--data-root {folder}: {', '.join(damaged)} differ from Fashion-MNIST's files "
+                               "(a partial copy?); copy them again")
         return str(folder.resolve())
     if complete(Path(FASHION_MNIST_DIR)):
         return None

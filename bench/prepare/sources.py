@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -86,7 +87,7 @@ def read_idx_gz(path: Path) -> np.ndarray:
     """Parse an idx file (gzip) into a uint8 array; raises DatasetError on a malformed file."""
     try:
         data = gzip.open(path).read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:  # zlib.error: a damaged deflate stream
         raise DatasetError(f"cannot read {path}: {err}; reinstall dataset-fashion-mnist") from err
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise DatasetError(f"{path} is not a uint8 idx file (bad magic number)")

@@ -203,6 +203,9 @@ def rehearse(workdir: Path, where: Sequence[str], timeout_s: float = 3600, say: 
     except RehearsalError as err:
         record["failed"] = str(err)
         raise
+    except Exception as err:  # any other failure is recorded as one too, never as a success
+        record["failed"] = f"{type(err).__name__}: {err}"
+        raise
     finally:
         os.chdir(previous[0])
         if previous[1] is None:
