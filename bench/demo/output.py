@@ -280,7 +280,7 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
         "that contains 0 shows no difference in either direction):", "",
         *(paired or ["- none measurable yet (needs a seed measured for both)"]), "",
         "With two seeds the t-interval is wide (t = 12.7 for one degree of freedom): the demo shows the "
-        "machinery and the direction; `results/studies/embedded/` has the study with three seeds.", "",
+        "machinery, not which method wins; `results/studies/embedded/confirm/` tests that on five seeds.", "",
         "Files: `convergence.png`, " + ", ".join(f"`{p.name}`" for p in figures)
         + ", `table.csv`, `report/` (`bench report` of this grid: report.md, CSV, LaTeX, plots).", ""]
     atomic_write_text(out / "summary.md", "\n".join(lines))
