@@ -1,11 +1,12 @@
-"""Run grid `embedded_confirm` on this machine from nothing: prepare the embedded default exactly as
-`bench demo` does (the local profile's lanes), train the 15 cells in the local executor's lanes, then
-score them. Resumable: running the same command again reuses the prepared data, skips finished
+"""Run an embedded grid on this machine from nothing: prepare the embedded default exactly as
+`bench demo` does (the local profile's lanes), train the grid's cells in the local executor's lanes,
+then score them. Resumable: running the same command again reuses the prepared data, skips finished
 cells, resumes killed ones from their checkpoints and scores only what has no metric yet.
 
-    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python results/studies/embedded/confirm/run_confirm.py ROOT
+    PYTHONPATH=$PWD HF_HUB_OFFLINE=1 python results/studies/embedded/confirm/run_confirm.py ROOT [GRID]
 
-ROOT (absolute) receives prepared/ and runs/; one line per stage and poll goes to stdout.
+ROOT (absolute) receives prepared/ and runs/; GRID defaults to `embedded_confirm`, the grid this
+runner was written for; one line per stage and poll goes to stdout.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from bench.launch.grids import expand, load_grid
 from bench.launch.submit import grid_status, submit_grid
 from bench.prepare.pipeline import prepare_embedded
 
-GRID = "embedded_confirm"
 POLL_S = 60
 
 
@@ -53,22 +53,22 @@ def wait_eval(grid, cells, overrides) -> None:
         time.sleep(POLL_S)
 
 
-def main(root: Path) -> None:
+def main(root: Path, name: str) -> None:
     plan = make_plan(False, str(root / "demo-unused"), str(root / "runs"), str(root / "prepared"),
                      progress=False, calibrate=False)
     say(f"prepare -> {plan.prepared_dir}")
     prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16)
-    grid = load_grid(GRID)
+    grid = load_grid(name)
     cells = expand(grid, plan.overrides)
     say("train: submitting (finished cells are skipped)")
-    submit_grid(GRID, "train", local=True, overrides=plan.overrides)
+    submit_grid(name, "train", local=True, overrides=plan.overrides)
     wait_train(grid, plan.overrides)
     if eval_todo(grid, cells):
         say("eval: submitting")
-        submit_grid(GRID, "eval", local=True, overrides=plan.overrides)
+        submit_grid(name, "eval", local=True, overrides=plan.overrides)
     wait_eval(grid, cells, plan.overrides)
     say("done")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve())
+    main(Path(sys.argv[1]).resolve(), sys.argv[2] if len(sys.argv) > 2 else "embedded_confirm")
