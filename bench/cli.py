@@ -40,9 +40,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("state of every cell of a grid: bench status NAME (a prepare: bench status --prepare [key=value])",
                "bench.launch.submit:main_status"),
     "sample": ("sample images from a run folder with a chosen sampler and guidance",
-               "bench.evaluate.evaluation:main_sample"),
+               "bench.evaluate.score_run:main_sample"),
     "eval": ("evaluate a run's checkpoints (FD/FID and friends) with provenance",
-             "bench.evaluate.evaluation:main_eval"),
+             "bench.evaluate.score_run:main_eval"),
     "export": ("an evaluated step's samples as ADM's .npz: bench export RUN --step N",
                "bench.evaluate.export:main_export"),
     "sample-sweep": ("one picture of the same samples under several values of a setting (Fig. 8's w_r sweep)",
@@ -50,7 +50,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("tables in the paper's layout, convergence plots, speed-ups: bench report NAME",
                "bench.report.summary:main"),
     "import-official": ("a released SiT-ReDi checkpoint as a run folder: bench import-official CKPT "
-                        "[--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.official:main"),
+                        "[--pca PCA --trust-pickle] [--grid NAME]", "bench.launch.import_official:main"),
     "perf": ("throughput benchmarks (training, sampling, prepare, evaluation)", "bench.perf.command:main"),
     "weights": ("the pretrained files a scale needs: present, verified, or how to fetch them: "
                 "bench weights [scale=paper] [--download]", "bench.perf.weights:main"),

@@ -6,7 +6,7 @@ hold deltas, and `bench.compose.load_config` turns the composed DictConfig into 
 bad value fails when the config loads, with a message that names the key and the allowed values.
 
 Fields whose metadata says `identity=False` do not change results (logging, paths, workers) and are
-left out of the run hash (`bench.identity`). Defaults follow the paper's Table 8 and section 4 of
+left out of the run hash (`bench.run_hash`). Defaults follow the paper's Table 8 and section 4 of
 the reference where the paper states them; the embedded CPU default is a YAML delta
 (`ablations/scale/embedded.yaml`).
 """
@@ -44,7 +44,7 @@ def _not_identity(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
 
 def _identity_when_set(default: Any = None) -> Any:
     """A field that enters the run hash only when it is not None: adding it left every existing
-    run's hash (and so its folder) unchanged (bench.identity.identity_dict)."""
+    run's hash (and so its folder) unchanged (bench.run_hash.identity_dict)."""
     return field(default=default, metadata={"identity": "when_set"})
 
 

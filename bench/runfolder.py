@@ -1,6 +1,6 @@
 """The run folder: its file names, its JSONL logs, its checkpoint listing, its config and its lock.
 
-One run lives in `results/runs/<grid>/<spec>-<hash>/` (`bench.identity.run_dir`):
+One run lives in `results/runs/<grid>/<spec>-<hash>/` (`bench.run_hash.run_dir`):
 
     config.json                    CONFIG_FILE: the resolved config, written once by `bench train`
     DONE                           DONE_FILE: written after the checkpoint at train.max_steps

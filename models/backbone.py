@@ -14,7 +14,7 @@ The architecture is DiT's (Peebles & Xie 2023), which SiT reuses unchanged. ReDi
 Module names follow the official layout (t_embedder.mlp.{0,2}, y_embedder.embedding_table,
 blocks.N.attn.{qkv,proj}, blocks.N.mlp.{fc1,fc2}, blocks.N.adaLN_modulation.1, final_layer.linear,
 final_layer.adaLN_modulation.1, pos_embed, projector.{0,2,4}). Our extra names: `z_embedder.proj`
-(semantic patch embedding) and `final_layer.linear_z` (semantic output head). `models/official.py`
+(semantic patch embedding) and `final_layer.linear_z` (semantic output head). `models/official_checkpoint.py`
 maps the official channel-concatenated layout onto these.
 """
 

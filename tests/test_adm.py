@@ -260,9 +260,9 @@ def test_precision_recall_fall_back_to_float32_per_block_as_adm():
 
 def test_tf32_is_off_while_evaluation_features_are_computed(tmp_path):
     """On CPU the flags change nothing numerically, but the context must set and restore them."""
-    from bench.evaluate.evaluation import compute_metrics
     from bench.evaluate.features import ModuleFeatures, tf32_off
     from bench.evaluate.reference import Reference
+    from bench.evaluate.score_run import compute_metrics
 
     seen = []
 
@@ -308,9 +308,9 @@ def test_precision_recall_orientation_mode_collapse():
 def test_precision_recall_orientation_through_bench_evals_code_path(tmp_path):
     """The same mode collapse through `compute_metrics`, the function `bench eval` calls, with
     shards on disk and a reference of real images: precision ~1, recall ~0."""
-    from bench.evaluate.evaluation import compute_metrics
     from bench.evaluate.features import ModuleFeatures
     from bench.evaluate.reference import Reference
+    from bench.evaluate.score_run import compute_metrics
 
     class Pixels(torch.nn.Module):  # features = the pixels: copies of an image are that image
         def features(self, images):

@@ -17,7 +17,7 @@ from fixtures_train import GRID, one_thread, tensors_of, tiny_config, write_prep
 from bench import runfolder
 from bench.compose import load_config
 from bench.config import ConfigError
-from bench.identity import run_dir, run_hash
+from bench.run_hash import run_dir, run_hash
 from bench.train.loop import GlobalBatchSampler, train
 
 TRAIN_COUNT, BATCH = 48, 8
@@ -194,7 +194,7 @@ def test_the_report_tells_apart_runs_aligned_to_another_encoder():
     import numpy as np
     import pandas as pd
 
-    from bench.report.groups import label_runs
+    from bench.report.conditions import label_runs
 
     base = {"status": "done", "train.seed": 0, "model.size": "XL/2"}
     runs = pd.DataFrame([

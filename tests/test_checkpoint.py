@@ -13,7 +13,7 @@ from fixtures_train import one_thread, prepared_dir, tensors_of, tiny_config  # 
 from torch import nn
 
 from bench import runfolder
-from bench.identity import run_dir
+from bench.run_hash import run_dir
 from bench.train import checkpoint as ckpt
 from bench.train.loop import train
 

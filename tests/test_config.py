@@ -9,7 +9,7 @@ import pytest
 
 from bench.compose import available, dumps, from_dict, load_config, to_dict
 from bench.config import ConfigError, ExperimentConfig
-from bench.identity import run_dir, run_hash
+from bench.run_hash import run_dir, run_hash
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = ["latent_only", "redi", "redi_repa", "redi_rg", "repa"]

@@ -1,4 +1,4 @@
-"""The sampling and evaluation driver (bench.evaluate.sampling, bench.evaluate.evaluation) on a tiny trained run.
+"""The sampling and evaluation driver (bench.evaluate.sampling, bench.evaluate.score_run) on a tiny trained run.
 
 What is measured: resumed / array-split sampling is bit-identical to an uninterrupted run; a shard
 equals an independent re-implementation of the pipeline (checkpoint -> sampler -> VAE decode of the
@@ -28,13 +28,6 @@ import torch
 from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared
 
 from bench.config import ConfigError, GuidanceConfig
-from bench.evaluate.evaluation import (
-    EvaluationError,
-    evaluate,
-    main_eval,
-    main_sample,
-    missing_evaluations,
-)
 from bench.evaluate.sampling import (
     SamplingError,
     apply_eval_overrides,
@@ -43,6 +36,13 @@ from bench.evaluate.sampling import (
     sample,
     semantic_pca_rgb,
     shard_labels,
+)
+from bench.evaluate.score_run import (
+    EvaluationError,
+    evaluate,
+    main_eval,
+    main_sample,
+    missing_evaluations,
 )
 from bench.metrics_log import MetricsLogger
 from bench.prepare.embedded import load_classifier
@@ -158,8 +158,8 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     rounding."""
     from diffusers import AutoencoderKL
 
-    from bench.identity import derive_seed
     from bench.prepare.dataset import read_manifest
+    from bench.run_hash import derive_seed
     from bench.runfolder import checkpoint_path
     from bench.train.build import build_model
     from bench.train.checkpoint import load_weights
@@ -357,7 +357,7 @@ def test_adm_metrics_on_inception_against_a_reference_batch(run, tmp_path, monke
     np.savez(reference, arr_0=real, **stats)
     # 8 samples stand in for 50K: the sample-count guard of the Frechet distances (tested in
     # test_metrics.py) is lifted, the formulas are the same.
-    import bench.evaluate.evaluation as evaluation_module
+    import bench.evaluate.score_run as evaluation_module
 
     for module in (quality, evaluation_module):  # both call it: the early check and the metric itself
         monkeypatch.setattr(module, "check_sample_count", lambda *args, **kwargs: None)

@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from bench.compose import load_config
-from bench.identity import run_dir
 from bench.launch.grids import (
     GRIDS_DIR,
     GridError,
@@ -29,6 +28,7 @@ from bench.launch.grids import (
     settings_for,
 )
 from bench.launch.jobs import metric_names
+from bench.run_hash import run_dir
 
 PAPER_CSV = Path(__file__).resolve().parents[1] / "results" / "paper"
 MINI = ("mini_table1", "mini_table4", "mini_table6", "mini_figure7")
@@ -55,7 +55,7 @@ def test_every_cell_and_every_setting_composes(name):
         for setting in settings:
             cfg = eval_config(cell, setting)
             assert run_dir(cfg) == cell.run_dir  # evaluation never changes the run's identity
-            assert metric_names(cfg)  # bench.evaluate.evaluation can compute every requested metric
+            assert metric_names(cfg)  # bench.evaluate.score_run can compute every requested metric
     for table in grid.regenerates:  # bench report pairs the grid with these published numbers
         assert (PAPER_CSV / f"{table}.csv").is_file() or table == "figure2", table
 

@@ -70,7 +70,7 @@ def test_run_folder_holds_the_config_the_weights_describe(imported):
     record = json.loads((run / "imported.json").read_text())
     assert record["sets"] == ["ema", "model"] and record["args"]["model"] == "SiT-XL/2"
     # the folder is the config's own (bench train with this config finds the run finished)
-    from bench.identity import run_hash
+    from bench.run_hash import run_hash
     assert meta["state"]["run_hash"] == run_hash(cfg) and run.name == f"redi-{run_hash(cfg)}"
 
 

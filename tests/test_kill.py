@@ -28,8 +28,8 @@ from fixtures_train import add_embedded_eval_assets, one_thread, prepared_dir, t
 from bench import runfolder
 from bench.atomic import KILL_ENV, TMP_MARK
 from bench.compose import dumps
-from bench.evaluate.evaluation import evaluate
 from bench.evaluate.sampling import read_shard, sample
+from bench.evaluate.score_run import evaluate
 from bench.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]

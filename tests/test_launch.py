@@ -76,7 +76,7 @@ def preempted_once(cfg, run_dir):
 
 
 def standin_eval(cfg, run_dir, steps, setting="default"):
-    """Stand-in for bench.evaluate.evaluation.evaluate: one row per (requested step, metric name)."""
+    """Stand-in for bench.evaluate.score_run.evaluate: one row per (requested step, metric name)."""
     rows = [{"step": s, "metric": m, "value": 1.0 + s, "setting": setting} for s in steps
             for m in launch_jobs.metric_names(cfg)]
     runfolder.append_jsonl(Path(run_dir) / runfolder.EVAL_FILE, rows)
@@ -115,7 +115,7 @@ def test_debug_runs_the_grid_in_process_and_resubmitting_submits_nothing(out):
 
 
 def test_debug_runs_the_smoke_grid_with_the_real_trainer_and_evaluator(tmp_path):
-    """No stand-ins: bench.train.loop.train and bench.evaluate.evaluation.evaluate run in this process through the
+    """No stand-ins: bench.train.loop.train and bench.evaluate.score_run.evaluate run in this process through the
     debug executor (train stage, then eval stage), status reads what they wrote, and submitting
     either stage again submits nothing."""
     import torch
@@ -383,7 +383,7 @@ def test_queued_or_running_cells_are_not_submitted_twice(out, monkeypatch):
 def test_eval_stage_submits_only_missing_pairs(out):
     submit_grid("smoke", debug=True, job_fn=standin_train, overrides=out, quiet=True)
     first = expand("smoke", out)[0]
-    # the names bench.evaluate.evaluation records (e.g. fd_classifier, accuracy)
+    # the names bench.evaluate.score_run records (e.g. fd_classifier, accuracy)
     names = launch_jobs.metric_names(first.cfg)
     standin_eval(first.cfg, first.run_dir, [2], "default")  # step 2 of the first cell is measured
     sub = submit_grid("smoke", stage="eval", debug=True, job_fn=standin_eval, overrides=out, quiet=True)

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = ("prepare", "train", "evaluate", "launch", "report")  # a wing may import the ones before it
 BESIDE = ("perf", "demo", "rehearse")  # beside the pipeline: may import any wing, and nothing imports them
-SHARED = ("config", "compose", "identity", "atomic", "runfolder", "metrics_log", "lanes", "resources", "site",
+SHARED = ("config", "compose", "run_hash", "atomic", "runfolder", "metrics_log", "process_lanes", "resources", "site",
           "storage", "locks", "progress")
 FRONT_DOOR = ("cli", "__main__")
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from official_reference import OfficialReDiSiT, mae_pos_embed
 
-from bench.train.official import load_official_checkpoint
+from bench.train.released_checkpoints import load_official_checkpoint
 from models.backbone import BackboneConfig, JointDiT, sincos_pos_embed_2d
-from models.official import (
+from models.official_checkpoint import (
     config_from_official_state_dict,
     export_official_state_dict,
     extract_official_weights,

@@ -235,7 +235,7 @@ STAND_IN_MODELS = '''
 concatenation, computing redi-bench's merged JointDiT; state_dict() in the official layout."""
 import torch
 from models.backbone import BackboneConfig, JointDiT
-from models.official import export_official_state_dict
+from models.official_checkpoint import export_official_state_dict
 
 OFFSET = 0.0  # a test sets it to make the network differ from redi-bench's
 
@@ -299,7 +299,7 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
     times its step round-robin with the default step, and checks the two networks' losses agree."""
     import sys
 
-    import bench.perf.official as official
+    import bench.perf.official_step as official
 
     checkout = _stand_in_checkout(tmp_path / "ReDi")
     status, text = run_cli(["--quick", "--device", "cpu", "--specs", "redi", "--kinds", "train", "--no-reference",

@@ -130,7 +130,7 @@ def test_training_under_torchrun_prints_from_rank_0_only(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_sampling_and_evaluation_print_progress(tmp_path, capsys, monkeypatch):
-    from bench.evaluate.evaluation import evaluate
+    from bench.evaluate.score_run import evaluate
     from bench.train.loop import train
 
     monkeypatch.setenv(progress_module.EVERY_ENV, "3600")  # first and last lines only

@@ -32,11 +32,11 @@ from bench.config import (
     TrainConfig,
     VAEConfig,
 )
-from bench.report.common import NOT_MEASURED
 from bench.report.published import load_paper_numbers
 from bench.report.stats import speedup
 from bench.report.summary import ReportError, gather, main, mean_ci95, summarize, write_report
 from bench.report.tables import render_markdown
+from bench.report.vocabulary import NOT_MEASURED
 
 GOLDEN = Path(__file__).parent / "golden" / "report_mini_fixture.md"
 GRID = "mini_fixture"
@@ -46,7 +46,7 @@ T975 = {1: 12.706204736174707, 2: 4.302652729749464}
 # Exact up to float64 rounding of a handful of operations.
 TOL = 1e-9
 
-# Provenance as bench.evaluate.evaluation records it (sample count under "n", sampling steps under
+# Provenance as bench.evaluate.score_run records it (sample count under "n", sampling steps under
 # "sampling_steps", the classifier's network id; accuracy rows carry no reference hash).
 PROV = dict(backend="torch-fidelity", backend_version="0.3.0",
             feature_network="fmnist-classifier-d64", feature_weights_sha256="ab" * 32,
@@ -463,19 +463,19 @@ def test_truncated_last_line_is_skipped_but_corrupt_middle_line_is_an_error(tmp_
 
 
 # ------------------------------------------------------------------------------------------------
-# Run folders written by the real trainer and evaluator (bench.train.loop, bench.evaluate.evaluation, tiny sizes)
+# Run folders written by the real trainer and evaluator (bench.train.loop, bench.evaluate.score_run, tiny sizes)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Three 4-step runs (latent_only seed 0, redi seeds 0 and 1) trained by bench.train.loop.train and
-    scored by bench.evaluate.evaluation.evaluate (FD and accuracy on a tiny classifier, 16 samples, checkpoints
+    scored by bench.evaluate.score_run.evaluate (FD and accuracy on a tiny classifier, 16 samples, checkpoints
     2 and 4), on the trainer's test fixture data with a tiny VAE and classifier from bench.prepare.embedded
     (the way tests/test_evaluate.py builds its prepared folder)."""
     import torch
     from fixtures_train import add_embedded_eval_assets, tiny_config, write_prepared  # tests/ is on sys.path
 
-    from bench.evaluate.evaluation import evaluate
+    from bench.evaluate.score_run import evaluate
     from bench.train.loop import train
 
     root = tmp_path_factory.mktemp("real")
@@ -578,7 +578,7 @@ def test_report_imports_no_training_code(tmp_path):
             f"r'{tmp_path / 'out'}']) == 0; "
             "core = {m for m in sys.modules if m.split('.')[0] == 'models'} - {'models', 'models.settings'}; "
             "bad = sorted(core | {m for m in sys.modules if m in "
-            "('bench.train.loop', 'bench.train.build', 'bench.evaluate.sampling', 'bench.evaluate.evaluation')}); "
+            "('bench.train.loop', 'bench.train.build', 'bench.evaluate.sampling', 'bench.evaluate.score_run')}); "
             "assert not bad, bad")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120)
@@ -633,13 +633,13 @@ def test_plots_have_log_steps_evaluator_axis_one_line_per_condition_and_seed_ban
 
 def test_real_folders_with_another_sample_count_are_set_apart(trained, tmp_path):
     """On folders written by the real trainer and evaluator: one ReDi seed re-scored by
-    bench.evaluate.evaluation with 8 samples instead of 16 is not averaged with the other seed; it is set
+    bench.evaluate.score_run with 8 samples instead of 16 is not averaged with the other seed; it is set
     apart, and the report says why."""
     import shutil
 
     import torch
 
-    from bench.evaluate.evaluation import evaluate
+    from bench.evaluate.score_run import evaluate
 
     root = tmp_path / "runs"
     shutil.copytree(trained / "real_fixture", root / "real_fixture")

@@ -22,8 +22,8 @@ from fixtures_train import one_thread, prepared_dir, tiny_config  # noqa: F401
 from bench import runfolder
 from bench.atomic import atomic_torch_module_dir, atomic_write_text
 from bench.config import ConfigError
-from bench.identity import run_hash
 from bench.metrics_log import MetricsLogger
+from bench.run_hash import run_hash
 from bench.runfolder import RunFolderError, append_jsonl, read_jsonl, truncate_jsonl
 from bench.train.loop import train
 
@@ -137,7 +137,7 @@ def test_two_identical_runs_store_identical_python_and_numpy_rng_states(prepared
 
 def test_a_second_trainer_on_a_locked_run_refuses(prepared_dir, tmp_path):
     cfg = tiny_config(prepared_dir, tmp_path, "train.max_steps=2")
-    from bench.identity import run_dir
+    from bench.run_hash import run_dir
 
     with runfolder.train_lock(run_dir(cfg)):
         with pytest.raises(RunFolderError, match=r"is being trained by pid \d+ on .*\.train\.lock"):

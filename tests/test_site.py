@@ -20,10 +20,10 @@ import pytest
 from bench import resources
 from bench.cli import main as cli_main
 from bench.compose import available, load_config, to_dict
-from bench.identity import run_hash
 from bench.launch.grids import eval_config, expand, list_grids, load_grid, settings_for
 from bench.launch.profiles import list_profiles, load_profile
 from bench.launch.submit import format_catalogue
+from bench.run_hash import run_hash
 from bench.site import SITE_KEYS, SiteError, load_site
 
 PAPER_PATHS = {"output_root": "runs", "data.root": "/data/imagenet", "data.prepared_dir": "prepared/in256",

@@ -8,7 +8,7 @@ the second by submitit's preemption path (SIGTERM + USR2: TrainJob.checkpoint() 
 must resume from their checkpoint (the trainer logs "resuming from checkpoint step N", N > 0) and
 finish, and end with the same checkpoint tensors (weights, EMA, optimiser, RNG) and the same
 metrics.jsonl rows (apart from wall-clock fields) as an uninterrupted run of the same cell, trained
-in this process meanwhile; the eval stage runs the real `bench.evaluate.evaluation.evaluate`;
+in this process meanwhile; the eval stage runs the real `bench.evaluate.score_run.evaluate`;
 submitting again submits nothing; an unreachable controller is one clear SchedulerError; `bench
 status` shows a cancelled job as cancelled and a timed-out one as timeout; `local-cluster.sh stop`
 leaves no process of its jobs behind.

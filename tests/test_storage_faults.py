@@ -35,8 +35,8 @@ from test_prepare import _cli, _shards, tiny_vae_dir  # noqa: F401
 from bench import cli, runfolder
 from bench.atomic import TMP_MARK
 from bench.compose import dumps
-from bench.evaluate.evaluation import evaluate
 from bench.evaluate.sampling import read_shard
+from bench.evaluate.score_run import evaluate
 from bench.train.checkpoint import verify_checkpoint
 from bench.train.loop import train
 

@@ -21,7 +21,7 @@ from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_con
 from bench import runfolder
 from bench.compose import dumps
 from bench.config import ConfigError
-from bench.identity import run_dir
+from bench.run_hash import run_dir
 from bench.train.checkpoint import verify_checkpoint
 from bench.train.loop import GlobalBatchSampler, train
 from bench.train.step import NonFiniteLossError, resolve_precision

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from bench.lanes import lane_pool
 from bench.launch.plan import assign_lanes
+from bench.process_lanes import lane_pool
 
 SECONDS_PER_WORKLOAD = 2.0  # timed per workload and lane, after one warm-up call
 EVAL_OVERHEAD_S = 3.0  # per evaluation: loading the checkpoint, decoder and classifier (measured ~2-4 s)
@@ -61,7 +61,7 @@ def _time(run, budget_s: float) -> float:
 
 
 def _measure_lane(job: dict) -> dict:
-    """One lane's measurements (runs in a bench.lanes process, so each lane owns its threads)."""
+    """One lane's measurements (runs in a bench.process_lanes process, so each lane owns its threads)."""
     import torch
 
     from bench.compose import load_config

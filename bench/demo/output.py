@@ -30,11 +30,11 @@ import pandas as pd
 from bench.atomic import atomic_write_bytes, atomic_write_text
 from bench.launch.grids import eval_config, settings_for
 from bench.perf.timing import cpu_kernels, cpu_model, git_commit
-from bench.report.common import fmt_steps
 from bench.report.plots import COLORS, log_steps_axis
 from bench.report.stats import speedup
 from bench.report.summary import ReportError, gather, summarize, to_markdown, write_report
 from bench.report.tables import paired_sentences, paired_table
+from bench.report.vocabulary import fmt_steps
 
 FD, ACC = "fd_classifier", "accuracy"
 

@@ -6,7 +6,7 @@
                 conditional accuracy, and the interchangeable backends (`get_backend`)
 - `adm`:        ADM's evaluator written out: its reference batch, sFID features, IS, precision/recall
 - `reference`:  eval.reference / eval.expected_reference: statistics, images, the facts rows record
-- `evaluation`: `bench eval`: the (step, metric, setting) rows of eval.jsonl
+- `score_run`: `bench eval`: the (step, metric, setting) rows of eval.jsonl
 - `export`:     `bench export`: evaluated samples as the .npz ADM's evaluator reads
 - `sweep`:      `bench sample-sweep`: the same samples under several values of a setting (Fig. 8)
 

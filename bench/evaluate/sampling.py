@@ -46,10 +46,10 @@ from bench.atomic import atomic_write_bytes, atomic_write_json, crash_point, sha
 from bench.compose import from_dict, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.evaluate.quality import to_uint8
-from bench.identity import derive_seed, run_hash
 from bench.prepare.dataset import PreparedDataError, read_manifest
 from bench.prepare.encoders import EncoderError, load_vae
 from bench.progress import Progress
+from bench.run_hash import derive_seed, run_hash
 from bench.runfolder import (
     checkpoint_path,
     checkpoint_steps,
@@ -348,7 +348,7 @@ def shard_labels(start: int, count: int, num_classes: int, mode: str,
 
 
 def _derive_seed(seed: int, *names: object) -> int:
-    """Sampling's streams of the run's seed (bench.identity.derive_seed, shared with training)."""
+    """Sampling's streams of the run's seed (bench.run_hash.derive_seed, shared with training)."""
     return derive_seed(seed, "sampling", *names)
 
 

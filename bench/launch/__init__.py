@@ -8,5 +8,5 @@
 - `submit`:   `bench grid` / `bench status` command lines: `submit_grid`, `main_grid`, `main_status`
 - `prepare_jobs`: `bench prepare --cluster/--local/--debug`: an encoding array and the PCA job after
   it; `bench status --prepare`
-- `official`: `bench import-official`: a released checkpoint as a grid's (or its own) run folder
+- `import_official`: `bench import-official`: a released checkpoint as a grid's (or its own) run folder
 """

@@ -20,7 +20,7 @@ A grid is specs x axes x seeds in a few lines (ablations/README.md has the full 
 The keys and their types are the dataclasses `GridSchema` and friends below, merged with the YAML
 through OmegaConf as experiment configs are. A cell is the list of overrides base + [spec=S] + axes
 + patches + extra + command line + [train.milestones=..., grid=NAME]; `bench.compose.load_config`
-turns it into a config, and `bench.identity.run_dir` into its folder. Names, overrides and folders
+turns it into a config, and `bench.run_hash.run_dir` into its folder. Names, overrides and folders
 depend only on the YAML's content, never on the order of its mapping keys. Evaluation settings may
 only change `eval.*` keys (non-identity), so every setting of a cell evaluates the same run folder;
 `eval.*` keys given on the command line win over them.
@@ -43,11 +43,11 @@ from omegaconf import MISSING
 from bench import resources
 from bench.compose import ABLATIONS_DIR, available, load_config
 from bench.config import ConfigError, ExperimentConfig
-from bench.identity import run_dir as identity_run_dir
+from bench.run_hash import run_dir as identity_run_dir
 
 GRIDS_DIR = ABLATIONS_DIR / "grids"  # the shipped grids; a user folder's grids/ come first (bench.resources)
 SEED_KEY = "train.seed"  # the axis `seeds: {paired: [...]}` adds (with eval.seed of the same value)
-SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")  # what bench.evaluate.evaluation accepts
+SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*")  # what bench.evaluate.score_run accepts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,16 +35,16 @@ def append_record(run_dir: Path, row: dict) -> None:
 
 
 def metric_names(cfg: ExperimentConfig) -> list[str]:
-    """The eval.jsonl metric names an evaluation of `cfg` records (bench.evaluate.evaluation's naming).
+    """The eval.jsonl metric names an evaluation of `cfg` records (bench.evaluate.score_run's naming).
 
-    Without bench.evaluate.evaluation, the names of eval.metrics as written. Raises ValueError
-    (bench.evaluate.evaluation's EvaluationError) when the metrics cannot be computed for this config.
+    Without bench.evaluate.score_run, the names of eval.metrics as written. Raises ValueError
+    (bench.evaluate.score_run's EvaluationError) when the metrics cannot be computed for this config.
     """
     # Imported here, not at the top: it pulls in torch, and `bench grid`/`bench status` stay torch-free.
-    from bench.evaluate import evaluation
+    from bench.evaluate import score_run
 
-    kinds = evaluation.plan_metrics(cfg, evaluation.DEFAULT_BACKEND)
-    return [name for kind in kinds for name in evaluation.metric_names(kind, cfg.eval.feature_network)]
+    kinds = score_run.plan_metrics(cfg, score_run.DEFAULT_BACKEND)
+    return [name for kind in kinds for name in score_run.metric_names(kind, cfg.eval.feature_network)]
 
 
 def measured_steps(cfg: ExperimentConfig, run_dir: Path, steps: Sequence[int], setting: str) -> set[int]:
@@ -202,10 +202,10 @@ class EvalJob(CellJob):
     def run(self) -> Any:
         fn = self.fn
         if fn is None:  # imported on the node only: submitting stays torch-free
-            from bench.evaluate.evaluation import evaluate as fn
+            from bench.evaluate.score_run import evaluate as fn
         env = _job_environment()
         extra = {"setting": self.setting}
-        if env is not None and env.num_tasks > 1:  # bench.evaluate.evaluation splits the sample shards over tasks
+        if env is not None and env.num_tasks > 1:  # bench.evaluate.score_run splits the sample shards over tasks
             extra.update(task_index=env.global_rank, num_tasks=env.num_tasks)
         params = inspect.signature(fn).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -148,7 +148,7 @@ def plan_eval(grid: Grid, cells: Sequence[Cell], job_fn: Optional[Callable]) -> 
             tag = {"cell": cell.name, "setting": setting.name}
             try:
                 measured = measured_steps(cfg, run, steps, setting.name)
-            except ValueError as err:  # bench.evaluate.evaluation's EvaluationError: metrics it cannot compute
+            except ValueError as err:  # bench.evaluate.score_run's EvaluationError: metrics it cannot compute
                 raise LaunchError(f"grid {grid.name}, cell {cell.name}, eval setting {setting.name}: {err}") from None
             missing = [s for s in steps if s not in measured]
             todo = [s for s in missing if s in ready]

@@ -247,7 +247,7 @@ def grid_status(name: str | Grid, overrides: Sequence[str] = (), grids_dir: Path
         for setting, cfg, steps in eval_pairs(grid, cell, run):
             try:
                 done = measured_steps(cfg, run, steps, setting.name)
-            except ValueError as err:  # bench.evaluate.evaluation cannot compute the requested metrics
+            except ValueError as err:  # bench.evaluate.score_run cannot compute the requested metrics
                 notes.append(f"{setting.name}: cannot evaluate")
                 row["eval_errors"].append(f"{setting.name}: {err}")
                 continue

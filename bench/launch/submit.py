@@ -179,7 +179,7 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
 
     cluster: a profile of slurm/profiles/ (its `executor` says slurm or local); local: the `local`
     profile; debug: in-process, now (with the `local` profile's resources). job_fn replaces
-    bench.train.loop.train (train: fn(cfg, run_dir)) or bench.evaluate.evaluation.evaluate (eval: fn(cfg, run_dir,
+    bench.train.loop.train (train: fn(cfg, run_dir)) or bench.evaluate.score_run.evaluate (eval: fn(cfg, run_dir,
     steps=[...], setting=NAME)); it must be picklable for slurm/local. overrides go to every cell
     (e.g. output_root=..., data.prepared_dir=...). dry_run prints the jobs, their resources and
     GPU-hours and submits nothing.

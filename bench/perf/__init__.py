@@ -4,7 +4,7 @@
 - `run`:      configs -> workloads -> timing -> rows and targets (`run_perf`, `write_results`)
 - `setup`:    model size, specs, precision policy and data the workloads run on
 - `training`: the training-step workloads (the default row runs bench.train.step, as `bench train`)
-- `official`: `--official PATH`, the official ReDi step from the user's checkout, timed beside the default
+- `official_step`: `--official PATH`, the official ReDi step from the user's checkout, timed beside the default
 - `roofline`: the matmul peak (fp32, bf16), the model FLOPs of a training image, the arithmetic floor and
               the attention forms timed at the step's shape
 - `profile`:  `--profile`: a training step's time by category (matmul, attention, elementwise, ...)

@@ -15,7 +15,7 @@ created_at), the checked targets in `<out>/<run>.targets.json`, and a printed ta
 Rows with `kind: train` and `mode: default` are what `bench grid --dry-run` turns into GPU-hours.
 `--official PATH` (your checkout of https://github.com/zelaki/ReDi) adds a row `official`: the
 official training step, timed round-robin with the default step in the same run, with a loss check
-(bench/perf/official.py); speed-ups are only ever ratios of two rows of one run. `--ladder` adds
+(bench/perf/official_step.py); speed-ups are only ever ratios of two rows of one run. `--ladder` adds
 one row per optimisation between the official-style step and the default (no checkpointing, fused
 AdamW, then torch.compile), so each one's gain is measured. Every training row carries its model
 FLOPs per image, achieved GFLOP/s and share of this machine's matmul peak (bench/perf/roofline.py).

@@ -24,7 +24,7 @@ from bench.perf.infer import (
     build_sample_workloads,
     build_table6_workload,
 )
-from bench.perf.official import (
+from bench.perf.official_step import (
     build_official_workload,
     check_official_spec,
     load_official_code,

@@ -42,7 +42,6 @@ from bench.atomic import (
 )
 from bench.compose import load_config
 from bench.config import DataConfig, EncoderConfig, VAEConfig
-from bench.lanes import start_lane
 from bench.prepare.dataset import (  # noqa: F401
     FORMAT_VERSION,
     MANIFEST,
@@ -63,6 +62,7 @@ from bench.prepare.embedded import (
 from bench.prepare.encoders import LatentVAE, SemanticEncoder, build_semantic_encoder, load_vae
 from bench.prepare.pca import PCAError, PCAModel, PCAStats, import_official_pca
 from bench.prepare.sources import DatasetError, ImageSource, open_split
+from bench.process_lanes import start_lane
 from bench.progress import Progress
 from bench.storage import guard
 
@@ -366,7 +366,7 @@ def _train_assets(out: Path, cfg_data, sources: dict, options: PrepareOptions, t
 
 
 def _classifier_lane(cfg_data, options: PrepareOptions, out: Path) -> None:
-    """The evaluation classifier in a lane of its own (bench.lanes: a spawned process, one thread)."""
+    """The evaluation classifier in a lane of its own (bench.process_lanes: a spawned process, one thread)."""
     train = open_split(cfg_data, "train")
     _train_assets(out, cfg_data, {}, options, train, train.images(range(len(train))), False, True)
 

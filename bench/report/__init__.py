@@ -1,9 +1,9 @@
 """Report: a grid's run folders as the paper's tables, plots and speed-ups. Reads only files.
 
 - `summary`:     `bench report`: `gather` (tidy tables), `summarize` (a `Report`), `main`
-- `records`:     the `Gathered` tables and the `Report` the other modules render
-- `common`:      shared vocabulary: metric names and labels, provenance fields, `ReportError`
-- `groups`:      conditions (spec + varying settings) and provenance groups
+- `tidy_tables`: the `Gathered` tables and the `Report` the other modules render
+- `vocabulary`:  shared vocabulary: metric names and labels, provenance fields, `ReportError`
+- `conditions`:  conditions (spec + varying settings) and provenance groups
 - `stats`:       seed means with 95% t-intervals and the speed-up (`mean_ci95`, `speedup`); paired
                  differences, their p and Holm's step-down (`paired_comparisons`, `holm_adjust`)
 - `wording`:     the one wording of a paired difference (`describe_difference`)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from bench.report.common import PAPER_METRICS, as_int
+from bench.report.vocabulary import PAPER_METRICS, as_int
 
 # torch hub names a weights file <name>-<first 8 hex digits of its SHA-256>.pth: torch-fidelity's
 # and pytorch-fid's port of the 2015 Inception graph is `...inception-2015-12-05-6726825d.pth`.

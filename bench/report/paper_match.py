@@ -18,10 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.report.common import ITERATIONS_PER_EPOCH, PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
 from bench.report.comparability import protocol_differences, scale_differences
-from bench.report.groups import guidance_of, model_name
+from bench.report.conditions import guidance_of, model_name
 from bench.report.published import PaperNumbersError, load_paper_numbers
+from bench.report.vocabulary import ITERATIONS_PER_EPOCH, PAPER_METRICS, SIZE_RANK, SPEC_SUFFIX, as_int, fmt_steps
 
 
 @dataclass(frozen=True)

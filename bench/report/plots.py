@@ -20,8 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
 from bench.atomic import atomic_write_bytes
-from bench.report.common import fmt_steps, metric_label, metric_range
-from bench.report.records import Report
+from bench.report.tidy_tables import Report
+from bench.report.vocabulary import fmt_steps, metric_label, metric_range
 
 LOSS_TERMS = ("loss", "loss/latent", "loss/semantic", "loss/repa", "loss/vlb")
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",

@@ -17,9 +17,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from bench.report.common import BASELINE_SPECS, ReportError, fmt_steps, is_lower_better
-from bench.report.groups import CONDITION_INFO
+from bench.report.conditions import CONDITION_INFO
 from bench.report.published import PaperNumbersError, load_convergence_claims
+from bench.report.vocabulary import BASELINE_SPECS, ReportError, fmt_steps, is_lower_better
 
 
 def mean_ci95(values: Iterable[float]) -> tuple[float, float, int]:
@@ -277,7 +277,7 @@ def paired_comparisons(values: pd.DataFrame, pairs: Sequence[tuple[str, str]],
     and the paired difference method - baseline with its interval, n and whether it excludes 0.
 
     `values`: one value per run with columns setting, metric, step, provenance, condition, seed,
-    value (bench.report.groups.per_run_values plus the run's condition and train.seed). `pairs`:
+    value (bench.report.conditions.per_run_values plus the run's condition and train.seed). `pairs`:
     (method condition, baseline condition). `main` maps (setting, metric, condition) to the
     provenance of the report's main table; only values of that provenance are paired (never
     numbers of different evaluators or sample counts). `p` is the paired t-test's; the rows are

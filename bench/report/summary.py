@@ -20,7 +20,7 @@ and `evals` (eval.jsonl joined with its run's config). Everything else is comput
 The work is split over the modules of bench/report/: `common` (the vocabulary), `groups`
 (conditions and provenance groups), `published` and `paper_match` (the paper's numbers), `stats`
 (seed statistics and speed-ups) and `tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
-folders into tidy tables, summarizes them into a `Report` (bench/report/records.py) and holds the
+folders into tidy tables, summarizes them into a `Report` (bench/report/tidy_tables.py) and holds the
 command line.
 """
 
@@ -39,15 +39,8 @@ import pandas as pd
 from bench import runfolder
 from bench.atomic import OutputPathError, check_writable_dir
 from bench.launch import grids
-from bench.report.common import (
-    EVAL_ALIASES,
-    PROVENANCE_FIELDS,
-    SEED_COLUMN,
-    ReportError,
-    metric_rank,
-)
 from bench.report.comparability import ACCEPTABLE, check_accept
-from bench.report.groups import (
+from bench.report.conditions import (
     assign_groups,
     evaluator_label,
     label_runs,
@@ -61,13 +54,20 @@ from bench.report.paper_match import (
     paper_tables,
     published_only,
 )
-from bench.report.records import CELL_COLUMNS, Gathered, Report
 from bench.report.stats import find_speedups, mean_ci95, split_sampling_seed_setting, without_sampling_seed_settings
 from bench.report.tables import (
     blocks,
     not_comparable_lines,
     to_markdown,
     write_report,
+)
+from bench.report.tidy_tables import CELL_COLUMNS, Gathered, Report
+from bench.report.vocabulary import (
+    EVAL_ALIASES,
+    PROVENANCE_FIELDS,
+    SEED_COLUMN,
+    ReportError,
+    metric_rank,
 )
 from bench.site import load_site
 from bench.storage import guard

@@ -12,7 +12,19 @@ import numpy as np
 import pandas as pd
 
 from bench.atomic import atomic_write_text, remove_stale_temporaries
-from bench.report.common import (
+from bench.report.conditions import describe_provenance, guidance_of, label_runs, per_run_values
+from bench.report.paper_match import paper_tables
+from bench.report.plots import plot_convergence, plot_losses
+from bench.report.stats import (
+    holm_family,
+    paired_comparisons,
+    sampling_spread,
+    speedup_pairs,
+    split_sampling_seed_setting,
+    without_sampling_seed_settings,
+)
+from bench.report.tidy_tables import Report
+from bench.report.vocabulary import (
     NOT_MEASURED,
     SAMPLING_FIELDS,
     SEED_COLUMN,
@@ -21,18 +33,6 @@ from bench.report.common import (
     metric_decimals,
     metric_label,
     metric_rank,
-)
-from bench.report.groups import describe_provenance, guidance_of, label_runs, per_run_values
-from bench.report.paper_match import paper_tables
-from bench.report.plots import plot_convergence, plot_losses
-from bench.report.records import Report
-from bench.report.stats import (
-    holm_family,
-    paired_comparisons,
-    sampling_spread,
-    speedup_pairs,
-    split_sampling_seed_setting,
-    without_sampling_seed_settings,
 )
 from bench.report.wording import describe_difference, fmt_p
 

@@ -4,6 +4,6 @@
 - `loop`:        `bench train`: the training loop, its data order and logging (`train`, `main`)
 - `step`:        the training step `bench train` and `bench perf` both run (`TrainStep`, `make_train_step`)
 - `checkpoint`:  atomic safetensors + JSON checkpoints: `save_checkpoint`, `load_checkpoint`, `list_checkpoints`
-- `official`:    released SiT-ReDi checkpoint files -> a JointDiT (`load_official_checkpoint`)
+- `released_checkpoints`: released SiT-ReDi checkpoint files -> a JointDiT (`load_official_checkpoint`)
 - `distributed`: process groups from torchrun, submitit or a single process: `init_distributed`
 """

@@ -1,6 +1,6 @@
 """`bench train`: one training run, resumable, on one process or many (DDP).
 
-Run folder (`bench.identity.run_dir(cfg)`, layout in bench.runfolder): `config.json` (the resolved
+Run folder (`bench.run_hash.run_dir(cfg)`, layout in bench.runfolder): `config.json` (the resolved
 config, written once), `checkpoints/<step>/` (bench.train.checkpoint), `metrics.jsonl` (one row per log
 tick, rank 0, through bench.metrics_log) and `DONE` once the checkpoint at `train.max_steps` exists.
 Re-running a finished run returns at once (after verifying the final checkpoint: a corrupt one is
@@ -68,8 +68,6 @@ from bench import runfolder
 from bench.atomic import atomic_write_text, check_writable_dir, crash_point, remove_stale_temporaries
 from bench.compose import dumps, load_config, load_config_file, to_dict
 from bench.config import ConfigError, ExperimentConfig
-from bench.identity import derive_seed, identity_dict, run_hash
-from bench.identity import run_dir as default_run_dir
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
 from bench.prepare.dataset import (
     FeatureRows,
@@ -82,6 +80,8 @@ from bench.prepare.dataset import (
 from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
 from bench.prepare.sources import DatasetError, open_split
 from bench.progress import Progress, every_seconds
+from bench.run_hash import derive_seed, identity_dict, run_hash
+from bench.run_hash import run_dir as default_run_dir
 from bench.storage import checkpoint_bytes, checkpoints_held, guard, preflight_warning
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils

@@ -63,9 +63,9 @@ from bench.evaluate.sampling import (
     samples_folder,
     sampling_setting,
 )
-from bench.identity import run_hash
 from bench.metrics_log import MetricsLogger
 from bench.progress import Progress
+from bench.run_hash import run_hash
 from bench.runfolder import EVAL_FILE, checkpoint_path, checkpoint_steps, checkpoints_dir, eval_key, read_eval_rows
 from bench.storage import guard
 from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, read_meta

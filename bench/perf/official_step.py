@@ -33,7 +33,7 @@ from bench.perf.roofline import train_flops_per_image
 from bench.perf.setup import BatchPool, Geometry, PerfError
 from bench.perf.timing import Workload
 from bench.train.build import backbone_settings, build_model
-from models.official import import_official_state_dict
+from models.official_checkpoint import import_official_state_dict
 
 # The official code's literal choices (train_redi.py): AdamW(lr=1e-4, weight_decay=0), EMA decay 0.9999.
 OFFICIAL_LR, OFFICIAL_EMA_DECAY = 1e-4, 0.9999

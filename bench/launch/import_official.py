@@ -22,9 +22,9 @@ from typing import Sequence
 
 from bench.compose import load_config
 from bench.config import ConfigError
-from bench.identity import run_dir as identity_run_dir
 from bench.launch import grids
-from bench.train.official import (
+from bench.run_hash import run_dir as identity_run_dir
+from bench.train.released_checkpoints import (
     OfficialImportError,
     extract_official_weights,
     import_official_run,

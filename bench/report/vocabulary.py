@@ -21,7 +21,7 @@ EVALUATOR_FIELDS = ("feature_network", "feature_weights_sha256", "reference_sha2
                     "backend", "reference_is_adm")
 SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "guidance", "weights")
 PROVENANCE_FIELDS = EVALUATOR_FIELDS + SAMPLING_FIELDS
-# Metric names as bench.evaluate.evaluation records them: the suffix names the feature network
+# Metric names as bench.evaluate.score_run records them: the suffix names the feature network
 # (fid = FD on Inception; fd_classifier, kid_dinov2, precision_classifier, is_classifier, ...).
 METRIC_ORDER = ("fid", "fd", "sfid", "is", "kid", "precision", "recall", "accuracy")  # by family
 METRIC_LABELS = {"fid": "FID", "fd": "FD", "sfid": "sFID", "is": "IS", "kid": "KID",
@@ -29,7 +29,7 @@ METRIC_LABELS = {"fid": "FID", "fd": "FD", "sfid": "sFID", "is": "IS", "kid": "K
 HIGHER_IS_BETTER = frozenset({"accuracy", "is", "precision", "recall"})  # families; others: lower
 DECIMALS = {"kid": 4, "accuracy": 3, "precision": 3, "recall": 3}  # by family; others: 2
 PAPER_METRICS = frozenset({"fid", "sfid", "is", "precision", "recall"})  # bench.report.published VOCABULARY
-# eval.jsonl field names of bench.evaluate.evaluation -> the names used here (the issue's names).
+# eval.jsonl field names of bench.evaluate.score_run -> the names used here (the issue's names).
 EVAL_ALIASES = {"n": "n_samples", "sampling_steps": "num_sampling_steps"}
 SPEC_ORDER = ("latent_only", "repa", "redi", "redi_repa", "redi_rg")
 SPEC_SUFFIX = {"latent_only": "", "repa": " w/ REPA", "redi": " w/ ReDi",

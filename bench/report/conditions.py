@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bench.config import ExperimentConfig
-from bench.report.common import (
+from bench.report.vocabulary import (
     DATA_NAMES,
     EVALUATOR_FIELDS,
     PROVENANCE_FIELDS,

@@ -1,7 +1,7 @@
-"""Released SiT-ReDi checkpoints read from disk (the file side of models/official.py, which only maps
+"""Released SiT-ReDi checkpoints read from disk (the file side of models/official_checkpoint.py, which only maps
 tensors): `.pt`/`.pth` through `torch.load(weights_only=True)` with the one class the official files
 need allow-listed, or `.safetensors`; and `import_official_run`, which turns one into a run folder
-(`bench import-official`, bench/launch/official.py)."""
+(`bench import-official`, bench/launch/import_official.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ import torch
 
 from bench.atomic import atomic_write_json, atomic_write_text, sha256_file
 from bench.compose import dumps
-from bench.identity import run_hash
 from bench.prepare.dataset import PreparedDataError, read_manifest
 from bench.prepare.pca import PCAError, PCAModel, import_official_pca
+from bench.run_hash import run_hash
 from bench.train import checkpoint as ckpt_io
 from bench.train.build import backbone_settings
 from models.backbone import MODEL_SIZES, BackboneConfig, JointDiT
-from models.official import config_from_official_state_dict, extract_official_weights, import_official_state_dict
+from models.official_checkpoint import (
+    config_from_official_state_dict,
+    extract_official_weights,
+    import_official_state_dict,
+)
 
 
 def load_official_checkpoint(path: str | Path, *, use_ema: bool = True, latent_channels: int = 4,
