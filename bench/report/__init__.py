@@ -6,6 +6,7 @@
 - `conditions`:  conditions (spec + varying settings) and provenance groups
 - `stats`:       seed means with 95% t-intervals and the speed-up (`mean_ci95`, `speedup`); paired
                  differences, their p and Holm's step-down (`paired_comparisons`, `holm_adjust`)
+- `noise`:       the evaluation noise split into checkpoints and samplings (`split_variance`)
 - `wording`:     the one wording of a paired difference (`describe_difference`)
 - `published`:   the paper's numbers from `results/paper/*.csv`: `load_paper_numbers`
 - `paper_match`: the paper's number beside a measured one, or why it is not comparable
