@@ -144,6 +144,11 @@ def test_the_real_registry_agrees_with_the_evaluator_and_the_encoders():
     assert registry["eval.reference"].size_bytes == ADM_IMAGENET256.size_bytes
     assert registry["eval.inception_weights"].sha256_prefix == INCEPTION_2015_SHA256_PREFIX
     assert registry["encoder.weights"].hf_repo == "timm/vit_base_patch14_reg4_dinov2.lvd142m"
+    # FD-DINOv2 is needed only where the evaluation uses it, and then from the ViT-L/14 repository
+    cfg = load_config(["scale=paper", "eval.feature_network=dinov2"], site=False)
+    registry = default_registry(cfg)
+    assert "eval.dinov2_weights" in [w.key for w in weights.needed(cfg, registry)]
+    assert registry["eval.dinov2_weights"].hf_repo == "timm/vit_large_patch14_dinov2.lvd142m"
 
 
 def test_the_embedded_scale_needs_nothing_fetched(elsewhere, capsys):

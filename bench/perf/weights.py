@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from bench import resources
 from bench.compose import load_config
-from bench.config import DINOV2_TIMM_NAMES, ExperimentConfig
+from bench.config import DINOV2_TIMM_NAMES, FD_DINOV2_TIMM_NAMES, ExperimentConfig
 from bench.site import SITE_KEYS, get_key, load_site, set_key
 
 DOWNLOAD_TIMEOUT_S = 30  # per network read: a dead connection fails instead of hanging
@@ -77,7 +77,8 @@ class Note:
 
 
 def default_registry(cfg: ExperimentConfig) -> dict[str, WeightFile]:
-    """The files of `cfg`, by key: SD-VAE, DINOv2, the 2015 Inception port, ADM's reference batch."""
+    """The files of `cfg`, by key: SD-VAE, DINOv2 (the encoder and FD-DINOv2's), the 2015 Inception port,
+    ADM's reference batch."""
     from bench.evaluate.adm import REFERENCE_BATCHES
 
     name = DINOV2_TIMM_NAMES[cfg.encoder.variant]
@@ -98,6 +99,12 @@ def default_registry(cfg: ExperimentConfig) -> dict[str, WeightFile]:
             sha256_prefix="6726825d", sha256_note="first 8 hex digits only, from torch hub's "
             "file-name convention; the full hash is not published"),
     }
+    fd_name = FD_DINOV2_TIMM_NAMES[cfg.eval.dinov2_variant]
+    out["eval.dinov2_weights"] = WeightFile(
+        "eval.dinov2_weights", f"DINOv2 {cfg.eval.dinov2_variant} for FD-DINOv2 (timm's {fd_name})",
+        ("model.safetensors",), hf_repo=f"timm/{fd_name}.lvd142m",
+        size="about 1.2 GB (304M float32 parameters)" if cfg.eval.dinov2_variant == "vitl14" else "not recorded",
+        sha256_note="not recorded here (the Hub checks its own LFS hash while downloading)")
     batch = REFERENCE_BATCHES.get(cfg.eval.expected_reference or "")
     if batch is not None:
         out["eval.reference"] = WeightFile(
