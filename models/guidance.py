@@ -123,8 +123,9 @@ def _branch_inputs(
 
 def _guide(parts: list[tuple[Tensor, Tensor]], w1: Tensor | None, wr1: float | None) -> Tensor:
     """One modality's guided output from its n branch chunks (prediction (B, C, H, W), variance):
-    f_hat = f_c + (w - 1)(f_c - f_u) + (w_r - 1)(f_c - f_r), added in this order; w1 None skips
-    the CFG term, wr1 None the RG term. Returns (B, C*k, H, W): f_hat joined with f_c's variance."""
+    f_hat = f_c + (w - 1)(f_c - f_u) + (w_r - 1)(f_c - f_r) (eq. 13 when w = 1; models/GUIDANCE.md),
+    added in this order; w1 None skips the CFG term, wr1 None the RG term. Returns (B, C*k, H, W):
+    f_hat joined with f_c's variance channels."""
     f_c = parts[0][0]
     guided = f_c
     if w1 is not None:
