@@ -223,9 +223,9 @@ class ObjectiveConfig:
     path: str = "linear"
     lambda_z: float = 1.0
     p_drop: float = 0.0
-    """Probability of dropping the semantic modality (0.2 for Representation Guidance)."""
+    """The modality drop's probability (0.2 for Representation Guidance); docs/method.md, "The modality drop"."""
     drop_mode: str = "sample"
-    """sample: per-sample drop, semantic input zeroed (the paper); batch_official: the official code."""
+    """sample (the paper) or batch_official (the released code); docs/method.md, "The modality drop"."""
     lambda_repa: float = 0.0
     align_layer: int = 8
     projector_hidden: int = 2048

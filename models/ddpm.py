@@ -272,13 +272,9 @@ class DDPMTransport:
         generator: torch.Generator,
         align_target: Optional[Tensor] = None,
     ) -> DDPMTerms:
-        """The per-sample terms of one training step (see training_losses).
-
-        Random draws, in this order, all from `generator` and whatever the settings (so the stream
-        does not depend on p_drop etc., as in FlowTransport): t (B,) uniform on {0..T-1}; eps_x;
-        label uniforms (B,); drop uniforms (B,) ("batch_official" uses the first of each of the
-        `drop_groups` blocks; models.joint_objective); eps_z (if any) last.
-        """
+        """The per-sample terms of one training step (see training_losses). Draws, all from
+        `generator`: t (B,) uniform on {0..T-1}, then `JointObjective.draw`'s (docs/method.md,
+        "The modality drop", gives the order and the drop rule)."""
         cfg, diff, objective = self.config, self.diffusion, self.objective
         objective.check_inputs(x, z, y, generator)
         dtype = torch.promote_types(x.dtype, torch.float32)  # loss math in >= float32

@@ -95,6 +95,28 @@ def _maybe(tensor: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if tensor is None else tensor.to(dtype)
 
 
+def _checked_shapes(
+    shape_x: Sequence[int], shape_z: Optional[Sequence[int]], y: Tensor, guidance: Optional[Guidance]
+) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
+    """shape_x (B, C_x, H, W) and shape_z (B, C_z, H, W) or None as tuples, checked against y (B,)
+    long and the guidance's channel counts."""
+    shape_x = tuple(shape_x)
+    if len(shape_x) != 4 or y.shape != (shape_x[0],) or y.dtype != torch.long:
+        raise ValueError(f"shape_x must be (B, C, H, W) and y a (B,) long tensor; got {shape_x}, {tuple(y.shape)}")
+    if shape_z is not None:
+        shape_z = tuple(shape_z)
+        if len(shape_z) != 4 or shape_z[0] != shape_x[0] or shape_z[2:] != shape_x[2:]:
+            raise ValueError(f"shape_z must be (B, C_z, H, W) on x's grid, got {shape_z} for x {shape_x}")
+    if guidance is not None and (
+        guidance.latent_channels != shape_x[1] or guidance.semantic_channels != (0 if shape_z is None else shape_z[1])
+    ):
+        raise ValueError(
+            f"Guidance channels ({guidance.latent_channels}, {guidance.semantic_channels}) do not match "
+            f"shape_x {shape_x} / shape_z {shape_z}"
+        )
+    return shape_x, shape_z
+
+
 @torch.no_grad()
 def sample_ddpm(
     model: Callable[..., Any],
@@ -122,20 +144,7 @@ def sample_ddpm(
     """
     if not isinstance(generator, torch.Generator):
         raise ValueError("sample_ddpm needs an explicit torch.Generator (all randomness is seeded)")
-    shape_x = tuple(shape_x)
-    if len(shape_x) != 4 or y.shape != (shape_x[0],) or y.dtype != torch.long:
-        raise ValueError(f"shape_x must be (B, C, H, W) and y a (B,) long tensor; got {shape_x}, {tuple(y.shape)}")
-    if shape_z is not None:
-        shape_z = tuple(shape_z)
-        if len(shape_z) != 4 or shape_z[0] != shape_x[0] or shape_z[2:] != shape_x[2:]:
-            raise ValueError(f"shape_z must be (B, C_z, H, W) on x's grid, got {shape_z} for x {shape_x}")
-    if guidance is not None and (
-        guidance.latent_channels != shape_x[1] or guidance.semantic_channels != (0 if shape_z is None else shape_z[1])
-    ):
-        raise ValueError(
-            f"Guidance channels ({guidance.latent_channels}, {guidance.semantic_channels}) do not match "
-            f"shape_x {shape_x} / shape_z {shape_z}"
-        )
+    shape_x, shape_z = _checked_shapes(shape_x, shape_z, y, guidance)
     if diffusion is None:
         diffusion = GaussianDiffusion(named_beta_schedule("linear", 1000))
     kept, spaced = respace(diffusion, num_steps)

@@ -147,13 +147,8 @@ class FlowTransport:
         """Joint velocity loss (eq. 18) with label dropout, modality drop and optional REPA.
 
         x (B, C_x, H, W) clean latent, z (B, C_z, H, W) clean semantic features or None, y (B,) long.
-        Random draws, in this order, all from `generator` (the network draws nothing):
-        t (B,) ~ U[0,1); eps_x like x; label uniforms (B,); drop uniforms (B,); eps_z like z (if any)
-        last, so specs with and without semantic channels share every other draw of a seed.
-        All are drawn whatever the settings, so the stream does not depend on p_drop etc.
-
-        Modality drop (Representation Guidance, paper §3.5), probability p_drop, in either
-        drop_mode: docs/method.md, "The modality drop" (models.joint_objective.JointObjective.modality_drop).
+        Draws, all from `generator` (the network draws nothing): t (B,) ~ U[0,1), then
+        `JointObjective.draw`'s (docs/method.md, "The modality drop", gives the order and the drop rule).
 
         Returns `loss` (to backprop), `loss/latent`, and `loss/semantic` (only when C_z > 0;
         mean over the samples not dropped; 0 when every sample was dropped) and `loss/repa`

@@ -94,6 +94,48 @@ def _split(out_part: Tensor, channels: int) -> tuple[Tensor, Tensor]:
     return pred.to(torch.promote_types(pred.dtype, torch.float32)), out_part[:, channels:]
 
 
+def _check_inputs(x: Tensor, z: Tensor | None, guidance: Guidance) -> None:
+    """x (B, C_x, H, W) and z (B, C_z, H, W) or None against the guidance's channel counts."""
+    cx, cz = guidance.latent_channels, guidance.semantic_channels
+    if x.shape[1] != cx:
+        raise ValueError(f"x has {x.shape[1]} channels, Guidance.latent_channels is {cx}")
+    if z is None:
+        if guidance.rg_scale != 1.0:
+            raise ValueError("Representation Guidance (rg_scale != 1) needs a semantic input z; "
+                             "this model is latent-only")
+    elif z.shape[1] != cz:
+        raise ValueError(f"z has {z.shape[1]} channels, Guidance.semantic_channels is {cz}")
+
+
+def _branch_inputs(
+    x: Tensor, z: Tensor | None, t_vec: Tensor, y: Tensor, guidance: Guidance, use_cfg: bool, use_rg: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(x, t, y, z) of the n = 1 + use_cfg + use_rg branches joined along the batch, each (n*B, ...):
+    [f_c: (x, z, c), f_u: (x, z, null) if use_cfg, f_r: (x, zeros, c) if use_rg]."""
+    xs, zs, ys = [x], [z], [y]
+    if use_cfg:
+        xs.append(x), zs.append(z), ys.append(torch.full_like(y, guidance.null_class))
+    if use_rg:
+        xs.append(x), zs.append(torch.zeros_like(z)), ys.append(y)
+    z_in = None if z is None else torch.cat(zs)
+    return torch.cat(xs), t_vec.repeat(len(xs)), torch.cat(ys), z_in
+
+
+def _guide(parts: list[tuple[Tensor, Tensor]], w1: Tensor | None, wr1: float | None) -> Tensor:
+    """One modality's guided output from its n branch chunks (prediction (B, C, H, W), variance):
+    f_hat = f_c + (w - 1)(f_c - f_u) + (w_r - 1)(f_c - f_r) (eq. 13 when w = 1; models/GUIDANCE.md),
+    added in this order; w1 None skips the CFG term, wr1 None the RG term. Returns (B, C*k, H, W):
+    f_hat joined with f_c's variance channels."""
+    f_c = parts[0][0]
+    guided = f_c
+    if w1 is not None:
+        guided = guided + w1 * (f_c - parts[1][0])
+    if wr1 is not None:
+        guided = guided + wr1 * (f_c - parts[-1][0])
+    # Learned-variance channels (beyond C) from the conditional branch, as DiT does.
+    return torch.cat([guided, parts[0][1].to(guided.dtype)], dim=1)
+
+
 def guided_prediction(
     model: Callable[..., Any],
     x: Tensor,
@@ -111,18 +153,9 @@ def guided_prediction(
     z likewise, aligned from the conditional branch; guided parts are in float32 (or float64),
     learned-variance channels come from f_c unguided.
     """
+    _check_inputs(x, z, guidance)
     batch = x.shape[0]
-    cx, cz = guidance.latent_channels, guidance.semantic_channels
-    if x.shape[1] != cx:
-        raise ValueError(f"x has {x.shape[1]} channels, Guidance.latent_channels is {cx}")
-    if z is None:
-        if guidance.rg_scale != 1.0:
-            raise ValueError("Representation Guidance (rg_scale != 1) needs a semantic input z; "
-                             "this model is latent-only")
-    elif z.shape[1] != cz:
-        raise ValueError(f"z has {z.shape[1]} channels, Guidance.semantic_channels is {cz}")
     t_vec = _as_batch(t, batch, x, "t")
-
     cfg_on = torch.zeros(batch, dtype=torch.bool, device=x.device)
     if guidance.cfg_scale != 1.0:
         cfg_on = _cfg_active(guidance, noise_level, batch, x)
@@ -131,36 +164,22 @@ def guided_prediction(
     if not (use_cfg or use_rg):
         return model(x, t_vec, y, z=z)
 
-    # Branch inputs, each (B, ...): [conditional, class-dropped?, representation-dropped?].
-    xs, zs, ys = [x], [z], [y]
+    x_in, t_in, y_in, z_in = _branch_inputs(x, z, t_vec, y, guidance, use_cfg, use_rg)
+    out = model(x_in, t_in, y_in, z=z_in)
+    # out.x (n*B, C_x*k, H, W) -> n chunks (B, ...), each split into prediction and variance.
+    x_parts = [_split(p, guidance.latent_channels) for p in out.x.split(batch)]
+    z_parts = None if z is None else [_split(p, guidance.semantic_channels) for p in out.z.split(batch)]
+    w1 = wr1 = None
     if use_cfg:
-        xs.append(x), zs.append(z), ys.append(torch.full_like(y, guidance.null_class))
-    if use_rg:
-        xs.append(x), zs.append(torch.zeros_like(z)), ys.append(y)
-    n = len(xs)
-    z_in = None if z is None else torch.cat(zs)
-    out = model(torch.cat(xs), t_vec.repeat(n), torch.cat(ys), z=z_in)
-
-    x_parts = [_split(p, cx) for p in out.x.split(batch)]  # n chunks of (B, ...)
-    z_parts = None if z is None else [_split(p, cz) for p in out.z.split(batch)]
-    gx = x_parts[0][0]
-    gz = None if z_parts is None else z_parts[0][0]
-    if use_cfg:
-        # (w - 1) per sample: 0 outside the interval, so f_hat = f_c there.
+        # (w - 1) per sample, (B, 1, 1, 1): 0 outside the interval, so f_hat = f_c there.
         # Built in the output dtype (0/1 mask times a Python float): exact in float64.
-        w1 = (cfg_on.to(gx.dtype) * (guidance.cfg_scale - 1.0)).view(-1, 1, 1, 1)
-        gx = gx + w1 * (x_parts[0][0] - x_parts[1][0])
-        if gz is not None and guidance.cfg_channels == "all":
-            gz = gz + w1 * (z_parts[0][0] - z_parts[1][0])
+        w1 = (cfg_on.to(x_parts[0][0].dtype) * (guidance.cfg_scale - 1.0)).view(-1, 1, 1, 1)
     if use_rg:
         wr1 = guidance.rg_scale - 1.0
-        gx = gx + wr1 * (x_parts[0][0] - x_parts[-1][0])
-        if guidance.rg_channels == "all":
-            gz = gz + wr1 * (z_parts[0][0] - z_parts[-1][0])
-
-    # Learned-variance channels (beyond C_x / C_z) from the conditional branch, as DiT does.
-    gx = torch.cat([gx, x_parts[0][1].to(gx.dtype)], dim=1)
-    if gz is not None:
-        gz = torch.cat([gz, z_parts[0][1].to(gz.dtype)], dim=1)
+    gx = _guide(x_parts, w1, wr1)
+    gz = None
+    if z_parts is not None:
+        gz = _guide(z_parts, w1 if guidance.cfg_channels == "all" else None,
+                    wr1 if guidance.rg_channels == "all" else None)
     aligned = None if out.aligned is None else out.aligned[:batch]
     return type(out)(x=gx, z=gz, aligned=aligned)

@@ -54,9 +54,8 @@ class JointObjectiveConfig:
     class_dropout_prob: float = 0.1  # CFG label dropout (SiT/DiT default)
     lambda_repa: float = 0.0  # REPA weight (official 0.5)
     drop_groups: int = 1
-    """batch_official only: the batch is `drop_groups` equal blocks of rows, each dropped on its own
-    draw. The official code draws once per step per process, so under DDP this is the number of
-    processes (rank r's local batch is block r); 1 on one process."""
+    """batch_official only: the number of training processes, rank r's rows being block r of the
+    batch (the rule: docs/method.md, "The modality drop"); 1 on one process."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -173,10 +172,9 @@ class JointObjective:
     @staticmethod
     def draw(generator: torch.Generator, x: Tensor, z: Optional[Tensor], dtype: torch.dtype) -> Draws:
         """eps_x, label uniforms (B,), drop uniforms (B,), then eps_z (if z), in this order, from
-        `generator` on its own device, moved to x's device. Drawn whatever the settings, so the
-        stream does not depend on p_drop etc.; eps_z comes last so that specs with and without
-        semantic channels draw the same eps_x and the same label dropout from the same seed (paired
-        seeds: their differences then do not carry label-dropout noise)."""
+        `generator` on its own device, moved to x's device. Drawn whatever the settings; eps_z last so
+        that specs with and without semantic channels share the rest (why: docs/method.md, "The
+        modality drop")."""
         gdev, batch = generator.device, x.shape[0]
 
         def normal(like: Tensor) -> Tensor:
@@ -196,12 +194,9 @@ class JointObjective:
         return torch.where(label_u < cfg.class_dropout_prob, torch.full_like(y, cfg.num_classes), y)
 
     def modality_drop(self, z_clean: Tensor, drop_u: Tensor) -> tuple[Tensor, Tensor]:
-        """(keep (B,) bool, the clean semantic target to noise) for the modality drop (paper §3.5;
-        the rule in both modes: docs/method.md, "The modality drop").
-
-        "sample" keeps the clean target (`semantic_input` zeroes the noised input of a dropped
-        sample); "batch_official" decides once per block of rows on the block's first uniform and
-        zeroes a dropped block's clean target before noising. The loss masks a dropped sample."""
+        """(keep (B,) bool, the clean semantic target (B, C_z, H, W) to noise) for the modality drop
+        (paper §3.5; the rule: docs/method.md, "The modality drop"). batch_official decides each
+        block of rows on the block's first uniform."""
         cfg = self.config
         if cfg.drop_mode == "sample":
             return drop_u >= cfg.p_drop, z_clean

@@ -56,9 +56,8 @@ def p_drop_problem(p_drop: float, has_semantic: bool) -> Optional[str]:
 
 
 def p_drop_run_problem(p_drop: float, has_semantic: bool) -> Optional[str]:
-    """What a training run accepts: p_drop_problem, and not 1, which drops the semantic channels at
-    every step so that the semantic head is never trained (the core still computes it: its mask
-    arithmetic is well defined, and tests of the drop use it)."""
+    """What a training run accepts: p_drop_problem, and not 1 (why: docs/method.md, "The modality
+    drop"); the core still computes 1, whose mask arithmetic is well defined and tested."""
     problem = p_drop_problem(p_drop, has_semantic)
     if problem is None and p_drop == 1.0:
         problem = ("=1.0 drops the semantic channels at every step, so the semantic head is never "

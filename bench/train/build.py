@@ -77,9 +77,8 @@ def build_model(cfg: ExperimentConfig, manifest: dict, align_manifest: Optional[
 def build_transport(cfg: ExperimentConfig, manifest: dict, processes: int = 1) -> Transport:
     """The training objective of `cfg` (flow: SiT velocity loss; ddpm: DiT's hybrid loss).
 
-    `processes` is the number of training processes (DDP ranks). Only objective.drop_mode=
-    batch_official reads it: the official code draws its drop decision once per step per process,
-    so each rank's local batch is dropped on its own draw (models.joint_objective.modality_drop).
+    `processes` is the number of training processes (DDP ranks); only objective.drop_mode=
+    batch_official reads it (docs/method.md, "The modality drop").
     """
     objective = cfg.objective
     shared = dict(  # models.joint_objective.JointObjectiveConfig: the fields both transports share

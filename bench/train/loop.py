@@ -35,8 +35,7 @@ scaling the loss by W before DDP's gradient averaging gives exactly the single-p
 REPA is the exception that keeps its large tensors local: projector outputs and encoder targets of
 other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
 global mean and the logged value is the sum over ranks. objective.drop_mode=batch_official depends
-on the number of ranks on purpose: the official code draws its drop decision once per step per
-process, so rank r's rows are dropped on their own draw (block r of the objective's drop uniforms).
+on the number of ranks on purpose (docs/method.md, "The modality drop").
 
 Paired seeds (common random numbers): every stream is derived from (train.seed, purpose) by
 `derive_seed`: data order ("order", epoch), VAE posterior noise ("latent_noise"), the objective's
