@@ -76,10 +76,17 @@ class Check:
         return f"{self.status:4s} {self.name}: {self.detail}"
 
 
+class _Skip(Exception):
+    """Raised by a check's body when there is nothing to check yet, which is no fault: a SKIP line."""
+
+
 def _run(name: str, body: Callable[[], str]) -> Check:
-    """PASS with body's detail; FAIL with the error (an AssertionError's message is the finding)."""
+    """PASS with body's detail; SKIP with a `_Skip`'s reason; FAIL with any other error (an
+    AssertionError's message is the finding)."""
     try:
         return Check(name, "PASS", body())
+    except _Skip as skip:
+        return Check(name, "SKIP", str(skip))
     except Exception as err:  # a preflight reports every failure as a line, never a traceback
         return Check(name, "FAIL", f"{type(err).__name__}: {err}")
 
@@ -135,12 +142,7 @@ def vae_check(cfg) -> Check:
     if not path:
         return _not_set("weights/vae", "vae.path", "prepare and eval need SD-VAE")
     if not Path(path).is_dir() and not Path(path).exists() and not path.startswith((".", os.sep, "~")):
-        try:
-            load_vae(cfg.vae)
-        except ValueError:  # EncoderError: not in the Hugging Face cache
-            return Check("weights/vae", "SKIP", f"vae.path={path!r} is a Hugging Face repo id not in the local "
-                         "cache (nothing is downloaded); `bench weights` prints the command that fetches it")
-        return Check("weights/vae", "PASS", f"vae.path={path!r} loads from the Hugging Face cache")
+        return _run("weights/vae", lambda: _load_hub_vae(cfg))
 
     def body() -> str:
         if not Path(path).is_dir():
@@ -150,6 +152,16 @@ def vae_check(cfg) -> Check:
         shas = ", ".join(f"{p.name} {_sha256(p)[:12]}" for p in files) or "no safetensors"
         return f"loads ({loaded.info.latent_channels} latent channels); {shas} (no published hash)"
     return _run("weights/vae", body)
+
+
+def _load_hub_vae(cfg) -> str:
+    """vae.path is a Hugging Face repo id: load it from the cache; one the cache lacks is skipped."""
+    try:
+        load_vae(cfg.vae)
+    except ValueError as err:  # EncoderError: not in the Hugging Face cache
+        raise _Skip(f"vae.path={cfg.vae.path!r} is a Hugging Face repo id not in the local cache (nothing is "
+                    "downloaded); `bench weights` prints the command that fetches it") from err
+    return f"vae.path={cfg.vae.path!r} loads from the Hugging Face cache"
 
 
 def encoder_check(cfg) -> Check:
