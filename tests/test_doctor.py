@@ -105,6 +105,35 @@ def test_reference_batch_is_checked_against_adms_sha256(overrides, tmp_path, cap
     assert "is ADM's reference batch" in capsys.readouterr().out
 
 
+def test_a_hub_vae_that_fails_to_load_is_one_fail_line(capsys, monkeypatch):
+    """vae.path as a Hub repo id: a cached VAE that fails to load (a damaged file) is one FAIL line
+    naming the error, not a traceback; one the cache lacks is still skipped, one that loads passes."""
+    import bench.perf.doctor as doctor
+    from bench.prepare.encoders import EncoderError
+
+    args = ["doctor", "vae.kind=diffusers", "vae.path=stabilityai/sd-vae-ft-ema",
+            "--skip", "loss,ddp,data,throughput"]
+
+    def damaged(cfg_vae):
+        raise RuntimeError("Error while deserializing header: HeaderTooLarge")
+
+    def not_cached(cfg_vae):
+        raise EncoderError("not in the Hugging Face cache")
+
+    monkeypatch.setattr(doctor, "load_vae", damaged)
+    assert bench(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL weights/vae: RuntimeError: Error while deserializing header: HeaderTooLarge" in out.splitlines()
+    assert _lines(out) == {"weights/vae": "FAIL", "weights/encoder": "SKIP", "weights/inception": "SKIP",
+                           "weights/reference": "SKIP"}
+    monkeypatch.setattr(doctor, "load_vae", not_cached)
+    assert bench(args) == 0
+    assert "is a Hugging Face repo id not in the local cache" in capsys.readouterr().out
+    monkeypatch.setattr(doctor, "load_vae", lambda cfg_vae: None)
+    assert bench(args) == 0
+    assert _lines(capsys.readouterr().out)["weights/vae"] == "PASS"
+
+
 def test_throughput_rows_land_where_the_dry_run_reads_them(tmp_path):
     # On a GPU node doctor runs this with device cuda; here the same rows on the CPU.
     from bench.perf.doctor import throughput_checks

@@ -76,10 +76,17 @@ class Check:
         return f"{self.status:4s} {self.name}: {self.detail}"
 
 
+class _Skip(Exception):
+    """Raised by a check's body when there is nothing to check yet, which is no fault: a SKIP line."""
+
+
 def _run(name: str, body: Callable[[], str]) -> Check:
-    """PASS with body's detail; FAIL with the error (an AssertionError's message is the finding)."""
+    """PASS with body's detail; SKIP with a `_Skip`'s reason; FAIL with any other error (an
+    AssertionError's message is the finding)."""
     try:
         return Check(name, "PASS", body())
+    except _Skip as skip:
+        return Check(name, "SKIP", str(skip))
     except Exception as err:  # a preflight reports every failure as a line, never a traceback
         return Check(name, "FAIL", f"{type(err).__name__}: {err}")
 
@@ -135,12 +142,7 @@ def vae_check(cfg) -> Check:
     if not path:
         return _not_set("weights/vae", "vae.path", "prepare and eval need SD-VAE")
     if not Path(path).is_dir() and not Path(path).exists() and not path.startswith((".", os.sep, "~")):
-        try:
-            load_vae(cfg.vae)
-        except ValueError:  # EncoderError: not in the Hugging Face cache
-            return Check("weights/vae", "SKIP", f"vae.path={path!r} is a Hugging Face repo id not in the local "
-                         "cache (nothing is downloaded); `bench weights` prints the command that fetches it")
-        return Check("weights/vae", "PASS", f"vae.path={path!r} loads from the Hugging Face cache")
+        return _run("weights/vae", lambda: _load_hub_vae(cfg))
 
     def body() -> str:
         if not Path(path).is_dir():
@@ -150,6 +152,16 @@ def vae_check(cfg) -> Check:
         shas = ", ".join(f"{p.name} {_sha256(p)[:12]}" for p in files) or "no safetensors"
         return f"loads ({loaded.info.latent_channels} latent channels); {shas} (no published hash)"
     return _run("weights/vae", body)
+
+
+def _load_hub_vae(cfg) -> str:
+    """vae.path is a Hugging Face repo id: load it from the cache; one the cache lacks is skipped."""
+    try:
+        load_vae(cfg.vae)
+    except ValueError as err:  # EncoderError: not in the Hugging Face cache
+        raise _Skip(f"vae.path={cfg.vae.path!r} is a Hugging Face repo id not in the local cache (nothing is "
+                    "downloaded); `bench weights` prints the command that fetches it") from err
+    return f"vae.path={cfg.vae.path!r} loads from the Hugging Face cache"
 
 
 def encoder_check(cfg) -> Check:
@@ -419,7 +431,8 @@ _NO_GRID = _NoGrid()
 # The command
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `bench doctor` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="bench doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="the config to check (as for bench train), e.g. scale=paper vae.path=...")
@@ -432,42 +445,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--perf-dir", default="results/perf")
     parser.add_argument("--skip", default="", help="comma-separated groups to skip: loss, ddp, "
                         "weights, data, throughput")
-    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    return parser
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     if args.cluster:
         load_profile(args.cluster)  # a wrong name is one clear error
-    specs = [s for s in args.specs.split(",") if s]
-    skip = {s for s in args.skip.split(",") if s}
     cfg = load_config(args.overrides)
-    scale = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("scale=")), "embedded")
     cuda = torch.cuda.is_available()
-    checks: list[Check] = []
     print(f"bench doctor: torch {torch.__version__}, CUDA {'yes: ' + torch.cuda.get_device_name(0) if cuda else 'no'}"
           f", cluster profile {args.cluster or 'none'}, train.precision={cfg.train.precision}", flush=True)
+    checks = run_checks(args, cfg)
+    for check in checks:
+        print(check.line(), flush=True)
+    failed = [c for c in checks if c.status == "FAIL"]
+    skipped = [c for c in checks if c.status == "SKIP"]
+    print(f"bench doctor: {len(checks) - len(failed) - len(skipped)} passed, {len(failed)} failed, "
+          f"{len(skipped)} skipped")
+    return 1 if failed else 0
 
-    def cfg_of(size: str) -> Callable[[str], object]:
-        choice = parse_size(size)
-        user = [o for o in args.overrides if not o.startswith(("spec=", "model.size", "model.depth",
-                                                               "model.hidden_size", "model.num_heads",
-                                                               "model.patch_size"))]
-        return lambda spec: check_model_config([*user, f"spec={spec}", *choice.overrides])
 
+def run_checks(args: argparse.Namespace, cfg) -> list[Check]:
+    """Every group of checks --skip does not name, in the order they are printed."""
+    specs = [s for s in args.specs.split(",") if s]
+    skip = {s for s in args.skip.split(",") if s}
+    scale = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("scale=")), "embedded")
+    checks: list[Check] = []
     if "loss" not in skip:
-        cpu_size = args.size or "custom:2,64,2,2"
-        checks += loss_checks(cfg_of(cpu_size), specs, torch.device("cpu"),
-                              resolve_precision(cfg.train.precision, torch.device("cpu")))
-        if cuda:
-            gpu_size = args.size or cfg.model.size
-            checks += loss_checks(cfg_of(gpu_size), specs, torch.device("cuda"),
-                                  resolve_precision(cfg.train.precision, torch.device("cuda")))
-        else:
-            checks.append(Check("loss/*/cuda", "SKIP", "no GPU: the GPU path was not checked"))
+        checks += _loss_groups(args, cfg, specs)
     if "ddp" not in skip:
-        tiny = [*args.overrides, "model.size=custom", "model.depth=2", "model.hidden_size=64",
-                "model.num_heads=2", "model.patch_size=2", "train.batch_size=8"]
-        checks.append(ddp_check(tiny))
-        if checks[-1].status == "SKIP":  # no 2 GPUs: the harness's DDP path on 2 CPU processes
-            checks.append(ddp_check(tiny, backend="gloo"))
+        checks += _ddp_checks(args.overrides)
     if "weights" not in skip:
         checks += weights_checks(cfg)
     if "data" not in skip:
@@ -476,10 +484,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "throughput" not in skip:
         checks += throughput_checks(specs, args.size or cfg.model.size, args.batch, scale,
                                     args.perf_dir, cfg.train.precision, cfg.train.compile)
-    for check in checks:
-        print(check.line(), flush=True)
-    failed = [c for c in checks if c.status == "FAIL"]
-    skipped = [c for c in checks if c.status == "SKIP"]
-    print(f"bench doctor: {len(checks) - len(failed) - len(skipped)} passed, {len(failed)} failed, "
-          f"{len(skipped)} skipped")
-    return 1 if failed else 0
+    return checks
+
+
+# Overrides that set the spec or the model's shape: the check model sets its own.
+_MODEL_SETTINGS = ("spec=", "model.size", "model.depth", "model.hidden_size", "model.num_heads", "model.patch_size")
+
+
+def spec_configs(overrides: Sequence[str], size: str) -> Callable[[str], object]:
+    """spec -> the config of the check model of that spec at `size`, with the user's other overrides."""
+    choice = parse_size(size)
+    user = [o for o in overrides if not o.startswith(_MODEL_SETTINGS)]
+    return lambda spec: check_model_config([*user, f"spec={spec}", *choice.overrides])
+
+
+def _loss_groups(args: argparse.Namespace, cfg, specs: Sequence[str]) -> list[Check]:
+    """The loss checks on the CPU (at --size or a tiny model) and, when there is one, on the GPU."""
+    cpu = torch.device("cpu")
+    checks = loss_checks(spec_configs(args.overrides, args.size or "custom:2,64,2,2"), specs, cpu,
+                         resolve_precision(cfg.train.precision, cpu))
+    if not torch.cuda.is_available():
+        return checks + [Check("loss/*/cuda", "SKIP", "no GPU: the GPU path was not checked")]
+    cuda = torch.device("cuda")
+    return checks + loss_checks(spec_configs(args.overrides, args.size or cfg.model.size), specs, cuda,
+                                resolve_precision(cfg.train.precision, cuda))
+
+
+def _ddp_checks(overrides: Sequence[str]) -> list[Check]:
+    """ddp/nccl on 2 GPUs; without them, the harness's DDP path on 2 CPU processes (ddp/gloo)."""
+    tiny = [*overrides, "model.size=custom", "model.depth=2", "model.hidden_size=64",
+            "model.num_heads=2", "model.patch_size=2", "train.batch_size=8"]
+    checks = [ddp_check(tiny)]
+    if checks[0].status == "SKIP":
+        checks.append(ddp_check(tiny, backend="gloo"))
+    return checks

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,6 +35,8 @@ from bench.perf.official_step import (
 from bench.perf.profile import profile_workload
 from bench.perf.roofline import MATMUL_SIZE, attention_forms, matmul_peak
 from bench.perf.setup import (
+    BatchPool,
+    Geometry,
     PerfError,
     SizeChoice,
     compose_spec,
@@ -79,167 +83,262 @@ def _log(message: str) -> None:
     print(f"perf: {message}", file=sys.stderr, flush=True)
 
 
+@dataclass
+class PerfPlan:
+    """What every workload of one run shares: its options, configs, data pool and device."""
+
+    args: argparse.Namespace
+    device: torch.device
+    kinds: list[str]
+    specs: list[str]
+    configs: dict[str, ExperimentConfig]
+    scale: str
+    precision: str
+    """The default training path's, resolved for the device."""
+    model_size: str
+    batch: int
+    geometry: Geometry
+    pool: BatchPool
+    _encoder: Optional[tuple] = field(default=None, repr=False)
+
+    @property
+    def first(self) -> ExperimentConfig:
+        return self.configs[self.specs[0]]
+
+    @property
+    def prepared_dir(self) -> Optional[str]:
+        return self.args.prepared_dir if self.args.data == "real" else None
+
+    @property
+    def encoder_batch(self) -> int:
+        return self.args.encoder_batch or self.batch
+
+    def encoder(self) -> tuple:
+        """The online semantic encoder and its label, built on first use (reference mode, prepare)."""
+        if self._encoder is None:
+            self._encoder = build_online_encoder(self.first, self.geometry, self.device)
+        return self._encoder
+
+
 def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> dict:
     """Build, warm up and time every requested workload; write the results; return the report."""
-
-    size: Optional[SizeChoice] = parse_size(args.size) if args.size else None
-    scale = args.scale or ("paper" if size is not None and size.registry else "embedded")
-    kinds = _csv(args.kinds, "--kinds", KINDS)
-    specs = _csv(args.specs, "--specs")
-    no_size = SizeChoice("", (), registry=False)
-    # --reference, --ladder and --official all time --reference-spec, which --specs need not name
-    uses_reference_spec = args.reference or args.ladder or bool(args.official)
-    configs = {spec: compose_spec(spec, size or no_size, scale, args.overrides)
-               for spec in dict.fromkeys(specs + ([args.reference_spec] if uses_reference_spec else []))}
-    first = configs[specs[0]]
-    # Unless --precision says otherwise, the precision bench train would use for this config.
-    precision = resolve_precision(args.precision or first.train.precision, device)
-    model_size = _size_label(first)
-    batch = args.batch or first.train.batch_size
-    rank = max([cfg.semantic_channels for cfg in configs.values()] + [1])
-    needs_encoder = ("train" in kinds and args.reference) or "prepare" in kinds
-    if args.data == "real":
-        manifest = read_manifest(args.prepared_dir)
-        for cfg in configs.values():  # the same refusals as `bench train` (encoder, data, ranks)
-            check_prepared(cfg, manifest, args.prepared_dir)
-        pool, geometry, _ = real_pool(args.prepared_dir, batch, rank, device, args.data_root,
-                                      need_images=needs_encoder, seed=args.seed)
-    else:
-        geometry = synthetic_geometry(first)
-        pool = synthetic_pool(geometry, batch, rank, device, seed=args.seed)
+    plan = plan_run(args, device)
     env = environment(device, command)
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_id = f"perf-{created}-{re.sub(r'[^A-Za-z0-9]+', '_', model_size).strip('_')}-b{batch}"
-    _log(f"{run_id}: {model_size}, batch {batch}, {args.data} data, {scale} scale, {precision}, "
+    run_id = f"perf-{created}-{re.sub(r'[^A-Za-z0-9]+', '_', plan.model_size).strip('_')}-b{plan.batch}"
+    _log(f"{run_id}: {plan.model_size}, batch {plan.batch}, {args.data} data, {plan.scale} scale, {plan.precision}, "
          f"device {device} ({env['device_name']}, {env['threads']} threads), load {env['load_avg_start']}")
-
-    encoder_cache: dict[str, tuple] = {}
-
-    def encoder():
-        if "encoder" not in encoder_cache:
-            encoder_cache["encoder"] = build_online_encoder(configs[specs[0]], geometry, device)
-        return encoder_cache["encoder"]
-
-    default = StepOptions(precision=precision, checkpointing=args.checkpointing, compile=args.compile)
-    groups: dict[str, list[Callable[[], list[Workload]]]] = {kind: [] for kind in kinds}
-    official_code = None
-    if args.official and "train" in kinds:
-        official_code = load_official_code(args.official)  # one clear error before anything is timed
-        check_official_spec(configs[args.reference_spec])
-        groups["train"].append(_labelled("official", lambda: [build_official_workload(
-            official_code, configs[args.reference_spec], geometry, pool, device, args.seed)],
-            reference_of=args.reference_spec))
-    if "train" in kinds:
-        for spec in specs:
-            groups["train"].append(_labelled(spec, lambda s=spec: [build_train_workload(
-                s, configs[s], geometry, pool, device, default, args.seed)]))
-        if args.reference:
-            ref = args.reference_spec
-            precomputed = StepOptions(mode="reference-precomputed", precision="fp32", checkpointing=True,
-                                      fused_optimizer=False, foreach_ema=False)
-            groups["train"].append(_labelled("reference", lambda: [build_train_workload(
-                "reference", configs[ref], geometry, pool, device, StepOptions.reference(), args.seed,
-                encoder=encoder())], reference_of=ref))
-            groups["train"].append(_labelled("reference_precomputed", lambda: [build_train_workload(
-                "reference_precomputed", configs[ref], geometry, pool, device, precomputed, args.seed)],
-                reference_of=ref))
-        if args.ladder:  # one optimisation at a time, from the reference mode (fp32) to the default
-            ref = args.reference_spec
-            base = dict(mode="reference-precomputed", precision="fp32", foreach_ema=False)
-            rungs = [("ladder 1: - checkpointing", StepOptions(**base, checkpointing=False, fused_optimizer=False)),
-                     ("ladder 2: + fused AdamW", StepOptions(**base, checkpointing=False, fused_optimizer=True)),
-                     # rung 3 is the default row itself (+ foreach EMA, NaN guard, its precision)
-                     ("ladder 4: default step + torch.compile", dataclasses.replace(default, compile=True))]
-            for label, options in rungs:
-                groups["train"].append(_labelled(label, lambda label=label, options=options: [build_train_workload(
-                    label, configs[ref], geometry, pool, device, options, args.seed)], reference_of=ref))
-    if "train" in kinds and args.roofline:  # the arithmetic floor of every (network, precision) timed
-        needed = {(spec, precision): None for spec in specs}
-        if args.official or args.reference or args.ladder:
-            needed[(args.reference_spec, "fp32")] = None
-        for spec, floor_precision in needed:
-            groups["train"].append(_labelled(f"floor {spec} {floor_precision}", lambda s=spec, fp=floor_precision: [
-                build_floor_workload(f"arithmetic floor: {s} ({fp})", configs[s], geometry, batch, device, fp,
-                                     args.quick)], reference_of=spec))
-    if "sample" in kinds:
-        sample_batch = args.sample_batch or batch
-        # `bench sample` always runs fp32 (no autocast): time what it runs, not the training precision
-        for spec in specs:
-            groups["sample"].append(_labelled(spec, lambda s=spec: build_sample_workloads(
-                s, configs[s], geometry, sample_batch, device, SAMPLING_PRECISION, args.seed)))
-    encoder_batch = args.encoder_batch or batch
-    if "prepare" in kinds:
-        prepared_dir = args.prepared_dir if args.data == "real" else None
-        groups["prepare"].append(lambda: build_prepare_workloads(
-            configs[specs[0]], geometry, encoder_batch, device, encoder(), prepared_dir, args.seed))
-    if "table6" in kinds:
-        cells = [spec for spec in specs if spec in TABLE6_SPECS] or [specs[0]]
-        for spec in cells:
-            groups["table6"].append(_labelled(spec, lambda s=spec: [build_table6_workload(
-                s, configs[s], geometry, args.table6_batch, args.table6_steps, device,
-                args.prepared_dir if args.data == "real" else None, args.seed)]))
-    if "eval" in kinds:
-        prepared_dir = args.prepared_dir if args.data == "real" else None
-        groups["eval"].append(lambda: build_eval_workloads(configs[specs[0]], geometry, encoder_batch,
-                                                           device, prepared_dir, args.seed))
-
-    measured: dict[str, list[Workload]] = {}
-    for kind in kinds:
-        measured[kind] = _measure(kind, groups[kind], args, device)
-
-    checks = []
-    if "train" in kinds:
-        check_spec = args.reference_spec if args.reference_spec in configs else specs[0]
-        _log(f"loss agreement of {check_spec}: float64 vs fp32 vs {precision} vs reference")
-        checks.append(loss_agreement(configs[check_spec], geometry, pool, device, precision, args.seed))
-        if official_code is not None:
-            _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, "
-                 "same weights and inputs")
-            checks.append(official_loss_agreement(official_code, configs[args.reference_spec], geometry, device,
-                                                  args.seed))
-    peaks = {}
-    if args.roofline and "train" in kinds:
-        size = 256 if args.quick else MATMUL_SIZE
-        _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
-        peaks = {"size": size, "fp32": matmul_peak(device, torch.float32, size),
-                 "bf16": matmul_peak(device, torch.bfloat16, size)}
-    attention = None
-    if args.roofline and "train" in kinds:  # the measurement behind models.backbone.attention_form
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        _log(f"attention forms at the step's shape in {precision}: SDPA, SDPA on fp32 copies, math path")
-        attention = attention_forms(backbone_settings(first, geometry.manifest()), batch, device, dtype)
-
-    base = env | {"run_id": run_id, "created_at": utc_now(), "model_size": model_size, "scale": scale,
-                  "data": pool.source, "warmup": args.warmup, "quick": bool(args.quick),
-                  "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
-    base["matmul_peak_gflops"] = peaks or None
-    base["native_bf16"] = native_bf16(device)
-    base["attention_forms"] = attention  # every row carries the measurement behind the attention rule
-    rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in kinds for w in measured[kind]])
+    official_code = _official_code(plan)  # one clear error before anything is timed
+    groups = {kind: kind_factories(kind, plan, official_code) for kind in plan.kinds}
+    measured = {kind: _measure(kind, groups[kind], args, device) for kind in plan.kinds}
+    checks = _loss_checks(plan, official_code)
+    peaks, attention = _roofline_measurements(plan)
+    base = _row_base(plan, env, run_id, peaks, attention)
+    rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in plan.kinds for w in measured[kind]])
     amx = device.type == "cpu" and "amx_bf16" in env["cpu_flags"]  # the 4x bf16 target is an AMX CPU's
-    targets = compute_targets(measured, checks, model_size, batch, attention, amx=amx)
+    targets = compute_targets(measured, checks, plan.model_size, plan.batch, attention, amx=amx)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "cpu_kernels": env["cpu_kernels"],
                    "threads": env["threads"],
                    "load_avg_start": env["load_avg_start"], "load_avg_end": base["load_avg_end"],
                    "targets": targets, "loss_checks": checks}
-
     jsonl, targets_file = write_results(args.out, run_id, rows, targets_doc)
     failed = [t["name"] for t in targets if t["status"] == "FAIL"]
-    report = format_report(rows, targets, base, precision, batch, quick=args.quick)
+    report = format_report(rows, targets, base, plan.precision, plan.batch, quick=args.quick)
     return {"rows": rows, "targets": targets, "report": report, "jsonl": jsonl,
             "targets_file": targets_file, "checks": checks, "failed": failed}
 
 
-def _labelled(label: str, factory: Callable[[], list[Workload]], **extra) -> Callable[[], list[Workload]]:
-    """Wrap a factory so its workloads carry `spec` (and any extra fields) in their rows."""
-    def build() -> list[Workload]:
-        workloads = factory()
+def plan_run(args: argparse.Namespace, device: torch.device) -> PerfPlan:
+    """The configs of every spec timed, the precision, the batch and the pool of batches."""
+    size: Optional[SizeChoice] = parse_size(args.size) if args.size else None
+    scale = args.scale or ("paper" if size is not None and size.registry else "embedded")
+    kinds = _csv(args.kinds, "--kinds", KINDS)
+    specs = _csv(args.specs, "--specs")
+    # --reference, --ladder and --official all time --reference-spec, which --specs need not name
+    uses_reference_spec = args.reference or args.ladder or bool(args.official)
+    timed = dict.fromkeys(specs + ([args.reference_spec] if uses_reference_spec else []))
+    configs = {spec: compose_spec(spec, size or SizeChoice("", (), registry=False), scale, args.overrides)
+               for spec in timed}
+    first = configs[specs[0]]
+    # Unless --precision says otherwise, the precision bench train would use for this config.
+    precision = resolve_precision(args.precision or first.train.precision, device)
+    model_size = _size_label(first)
+    batch = args.batch or first.train.batch_size
+    geometry, pool = _batch_pool(args, configs, first, kinds, batch, device)
+    return PerfPlan(args, device, kinds, specs, configs, scale, precision, model_size, batch, geometry, pool)
+
+
+def _batch_pool(args: argparse.Namespace, configs: dict[str, ExperimentConfig], first: ExperimentConfig,
+                kinds: list[str], batch: int, device: torch.device) -> tuple[Geometry, BatchPool]:
+    """Synthetic batches shaped like `first`'s data, or (--data real) batches of a prepared folder."""
+    rank = max([cfg.semantic_channels for cfg in configs.values()] + [1])
+    if args.data != "real":
+        geometry = synthetic_geometry(first)
+        return geometry, synthetic_pool(geometry, batch, rank, device, seed=args.seed)
+    manifest = read_manifest(args.prepared_dir)
+    for cfg in configs.values():  # the same refusals as `bench train` (encoder, data, ranks)
+        check_prepared(cfg, manifest, args.prepared_dir)
+    needs_encoder = ("train" in kinds and args.reference) or "prepare" in kinds
+    pool, geometry, _ = real_pool(args.prepared_dir, batch, rank, device, args.data_root,
+                                  need_images=needs_encoder, seed=args.seed)
+    return geometry, pool
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A workload factory whose workloads carry `spec` = label (and any extra fields) in their rows."""
+
+    label: str
+    build: Callable[[], list[Workload]]
+    extra: dict = field(default_factory=dict)
+
+    def __call__(self) -> list[Workload]:
+        workloads = self.build()
         for workload in workloads:
-            workload.fields.setdefault("spec", label)
-            workload.fields.update(extra)
+            workload.fields.setdefault("spec", self.label)
+            workload.fields.update(self.extra)
         return workloads
-    return build
+
+
+def _official_code(plan: PerfPlan):
+    """The official checkout's code (--official), its spec checked; None when no train row needs it."""
+    if not (plan.args.official and "train" in plan.kinds):
+        return None
+    code = load_official_code(plan.args.official)
+    check_official_spec(plan.configs[plan.args.reference_spec])
+    return code
+
+
+def kind_factories(kind: str, plan: PerfPlan, official_code) -> list[Callable[[], list[Workload]]]:
+    """The factories of one kind's workloads, in the order they are built (nothing is built here)."""
+    args = plan.args
+    if kind == "train":
+        return _train_factories(plan, official_code)
+    if kind == "sample":  # `bench sample` always runs fp32 (no autocast): time what it runs
+        return [Labelled(spec, partial(build_sample_workloads, spec, plan.configs[spec], plan.geometry,
+                                       args.sample_batch or plan.batch, plan.device, SAMPLING_PRECISION, args.seed))
+                for spec in plan.specs]
+    if kind == "prepare":
+        return [partial(_prepare_workloads, plan)]
+    if kind == "table6":
+        cells = [spec for spec in plan.specs if spec in TABLE6_SPECS] or [plan.specs[0]]
+        return [Labelled(spec, partial(_table6_workload, plan, spec)) for spec in cells]
+    # eval, the last of KINDS
+    return [partial(build_eval_workloads, plan.first, plan.geometry, plan.encoder_batch, plan.device,
+                    plan.prepared_dir, args.seed)]
+
+
+def _train_factories(plan: PerfPlan, official_code) -> list[Labelled]:
+    """The official step (--official), each spec's default step, the reference modes (--reference),
+    the ladder's rungs (--ladder) and the arithmetic floors (--roofline), in that order."""
+    args, ref = plan.args, plan.args.reference_spec
+    default = StepOptions(precision=plan.precision, checkpointing=args.checkpointing, compile=args.compile)
+    factories = []
+    if official_code is not None:
+        factories.append(Labelled("official", partial(_official_workload, plan, official_code),
+                                  {"reference_of": ref}))
+    factories += [Labelled(spec, partial(_train_workload, plan, spec, spec, default)) for spec in plan.specs]
+    if args.reference:
+        precomputed = StepOptions(mode="reference-precomputed", precision="fp32", checkpointing=True,
+                                  fused_optimizer=False, foreach_ema=False)
+        factories += [
+            Labelled("reference", partial(_train_workload, plan, "reference", ref, StepOptions.reference(),
+                                          online_encoder=True), {"reference_of": ref}),
+            Labelled("reference_precomputed", partial(_train_workload, plan, "reference_precomputed", ref,
+                                                      precomputed), {"reference_of": ref})]
+    if args.ladder:
+        factories += [Labelled(label, partial(_train_workload, plan, label, ref, options), {"reference_of": ref})
+                      for label, options in _ladder_rungs(default)]
+    if args.roofline:  # the arithmetic floor of every (network, precision) timed
+        needed = {(spec, plan.precision): None for spec in plan.specs}
+        if args.official or args.reference or args.ladder:
+            needed[(ref, "fp32")] = None
+        factories += [Labelled(f"floor {spec} {precision}", partial(_floor_workload, plan, spec, precision),
+                               {"reference_of": spec}) for spec, precision in needed]
+    return factories
+
+
+def _ladder_rungs(default: StepOptions) -> list[tuple[str, StepOptions]]:
+    """One optimisation at a time, from the reference mode (fp32) to the default step."""
+    base = dict(mode="reference-precomputed", precision="fp32", foreach_ema=False)
+    return [("ladder 1: - checkpointing", StepOptions(**base, checkpointing=False, fused_optimizer=False)),
+            ("ladder 2: + fused AdamW", StepOptions(**base, checkpointing=False, fused_optimizer=True)),
+            # rung 3 is the default row itself (+ foreach EMA, NaN guard, its precision)
+            ("ladder 4: default step + torch.compile", dataclasses.replace(default, compile=True))]
+
+
+def _train_workload(plan: PerfPlan, name: str, spec: str, options: StepOptions,
+                    online_encoder: bool = False) -> list[Workload]:
+    encoder = plan.encoder() if online_encoder else None
+    return [build_train_workload(name, plan.configs[spec], plan.geometry, plan.pool, plan.device, options,
+                                 plan.args.seed, encoder=encoder)]
+
+
+def _official_workload(plan: PerfPlan, official_code) -> list[Workload]:
+    return [build_official_workload(official_code, plan.configs[plan.args.reference_spec], plan.geometry,
+                                    plan.pool, plan.device, plan.args.seed)]
+
+
+def _floor_workload(plan: PerfPlan, spec: str, precision: str) -> list[Workload]:
+    return [build_floor_workload(f"arithmetic floor: {spec} ({precision})", plan.configs[spec], plan.geometry,
+                                 plan.batch, plan.device, precision, plan.args.quick)]
+
+
+def _prepare_workloads(plan: PerfPlan) -> list[Workload]:
+    return build_prepare_workloads(plan.first, plan.geometry, plan.encoder_batch, plan.device, plan.encoder(),
+                                   plan.prepared_dir, plan.args.seed)
+
+
+def _table6_workload(plan: PerfPlan, spec: str) -> list[Workload]:
+    return [build_table6_workload(spec, plan.configs[spec], plan.geometry, plan.args.table6_batch,
+                                  plan.args.table6_steps, plan.device, plan.prepared_dir, plan.args.seed)]
+
+
+def _loss_checks(plan: PerfPlan, official_code) -> list[dict]:
+    """The default precision's loss against float64 and, with --official, the official network's
+    loss against redi-bench's (same weights and inputs)."""
+    if "train" not in plan.kinds:
+        return []
+    args = plan.args
+    check_spec = args.reference_spec if args.reference_spec in plan.configs else plan.specs[0]
+    _log(f"loss agreement of {check_spec}: float64 vs fp32 vs {plan.precision} vs reference")
+    checks = [loss_agreement(plan.configs[check_spec], plan.geometry, plan.pool, plan.device, plan.precision,
+                             args.seed)]
+    if official_code is not None:
+        _log(f"loss agreement of {args.reference_spec}: the official network vs redi-bench's, "
+             "same weights and inputs")
+        checks.append(official_loss_agreement(official_code, plan.configs[args.reference_spec], plan.geometry,
+                                              plan.device, args.seed))
+    return checks
+
+
+def _roofline_measurements(plan: PerfPlan) -> tuple[dict, Optional[dict]]:
+    """The matmul peak in fp32 and bf16, and the attention forms at the step's shape (the measurement
+    behind models.backbone.attention_form); nothing without --roofline or training rows."""
+    if not (plan.args.roofline and "train" in plan.kinds):
+        return {}, None
+    size = 256 if plan.args.quick else MATMUL_SIZE
+    _log(f"roofline: {size}x{size} matmul peak in fp32 and bf16")
+    peaks = {"size": size, "fp32": matmul_peak(plan.device, torch.float32, size),
+             "bf16": matmul_peak(plan.device, torch.bfloat16, size)}
+    dtype = torch.bfloat16 if plan.precision == "bf16" else torch.float32
+    _log(f"attention forms at the step's shape in {plan.precision}: SDPA, SDPA on fp32 copies, math path")
+    attention = attention_forms(backbone_settings(plan.first, plan.geometry.manifest()), plan.batch, plan.device,
+                                dtype)
+    return peaks, attention
+
+
+def _row_base(plan: PerfPlan, env: dict, run_id: str, peaks: dict, attention: Optional[dict]) -> dict:
+    """The fields every row of the run carries: provenance, run settings and the roofline's measurements."""
+    args = plan.args
+    base = env | {"run_id": run_id, "created_at": utc_now(), "model_size": plan.model_size, "scale": plan.scale,
+                  "data": plan.pool.source, "warmup": args.warmup, "quick": bool(args.quick),
+                  "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
+    base["matmul_peak_gflops"] = peaks or None
+    base["native_bf16"] = native_bf16(plan.device)
+    base["attention_forms"] = attention  # every row carries the measurement behind the attention rule
+    return base
 
 
 def _measure(kind: str, factories: list, args: argparse.Namespace, device: torch.device) -> list[Workload]:

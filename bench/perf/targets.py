@@ -47,75 +47,92 @@ def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], mod
     """Every target the issue states, PASS/FAIL with the measured value; INFO for reported-only
     ratios; SKIP (with the reason) when a needed workload was not run."""
     targets: list[dict] = [] if attention is None else [attention_target(attention)]
-    train = measured.get("train", [])
-    if train:
-        reference = _find(train, spec="reference")
-        ref_spec = reference.fields.get("reference_of") if reference else None
-        default = _find(train, spec=ref_spec, mode="default") if ref_spec else None
-        if reference and default:
-            name = f"train: default >= {SPEEDUP_OVER_REFERENCE:.1f}x reference mode ({ref_spec}, batch {batch})"
-            targets.append(_check(name, paired_time_ratio(reference, default), SPEEDUP_OVER_REFERENCE, ">=",
-                                  "speed-up = reference time per step / default time per step"))
-            precomputed = _find(train, spec="reference_precomputed")
-            if precomputed:
-                targets.append(_target("train: default speed-up over the reference without its online encoder",
-                                       "INFO", paired_time_ratio(precomputed, default),
-                                       detail="fp32 + checkpointing only"))
-        else:
-            targets.append(_target(f"train: default >= {SPEEDUP_OVER_REFERENCE:.1f}x reference mode", "SKIP",
-                                   None, detail="needs --reference and --reference-spec among --specs"))
-        latent = _find(train, spec="latent_only", mode="default")
-        merged = _find(train, spec="redi", mode="default")
-        if latent and merged:
-            targets.append(_check(f"train: redi merged <= {MERGED_OVERHEAD:.2f}x latent_only time per step",
-                                  paired_time_ratio(merged, latent), MERGED_OVERHEAD, "<="))
-        else:
-            targets.append(_target(f"train: redi merged <= {MERGED_OVERHEAD:.2f}x latent_only", "SKIP", None,
-                                   detail="needs specs latent_only and redi"))
-        for spec in ("redi_separate", "repa", "redi_repa"):
-            other = _find(train, spec=spec, mode="default")
-            if latent and other:
-                targets.append(_target(f"train: {spec} / latent_only time per step", "INFO",
-                                       paired_time_ratio(other, latent)))
-        official = _find(train, spec="official")
-        if official is not None:
-            targets += official_targets(train, official, batch, amx)
-        elif any(str(w.fields.get("spec", "")).startswith("ladder") for w in train):
-            precomputed = _find(train, spec="reference_precomputed")
-            for rung in train:
-                if precomputed and str(rung.fields.get("spec", "")).startswith("ladder"):
-                    targets.append(_target(f"train: {rung.fields['spec']} / reference without online encoder",
-                                           "INFO", paired_time_ratio(precomputed, rung)))
-    sample = measured.get("sample", [])
-    if sample:
-        spec = "redi" if _find(sample, spec="redi") else sample[0].fields.get("spec")
-        unguided = _find(sample, spec=spec, guidance="none")
-        for mode, limit in (("cfg", GUIDED_STEP), ("rg", GUIDED_STEP), ("cfg+rg", None)):
-            guided = _find(sample, spec=spec, guidance=mode)
-            if guided is None or unguided is None:
-                if limit is not None:
-                    targets.append(_target(f"sample: {mode} step <= {limit:.1f}x unguided", "SKIP", None,
-                                           detail=f"spec {spec} has no {mode} guidance"))
-                continue
-            ratio = paired_time_ratio(guided, unguided)
-            if limit is None:
-                targets.append(_target(f"sample: {mode} step / unguided ({spec}, 3 branches)", "INFO", ratio))
-            else:
-                targets.append(_check(f"sample: {mode} step <= {limit:.1f}x unguided ({spec}, one batched call)",
-                                      ratio, limit, "<="))
+    if measured.get("train"):
+        targets += train_targets(measured["train"], batch, amx)
+    if measured.get("sample"):
+        targets += sample_targets(measured["sample"])
     for check in checks:
-        if "official" in check:  # the official network vs redi-bench's, same weights and inputs
-            targets.append(_check(f"loss: official network vs redi-bench's (fp32, same weights and inputs), "
-                                  f"relative, {check['spec']}", check["rel_err"], check["rtol"], "<="))
-            continue
-        rel, precision = check["rel_err"], check["precision"]
-        loss = check["loss"]
-        vs_fp32 = abs(loss["default"] - loss["fp32"]) / abs(loss["fp32"])
-        targets.append(_check(f"loss: default ({precision}) vs float64, relative, {check['spec']}",
-                              rel["default"], check["default_rtol"], "<=", f"fp32 vs default: {vs_fp32:.2e}"))
-        targets.append(_check(f"loss: fp32 and reference (checkpointed) vs float64, relative, {check['spec']}",
-                              max(rel["fp32"], rel["reference"]), check["fp32_rtol"], "<="))
+        targets += loss_targets(check)
     return targets
+
+
+def train_targets(train: list[Workload], batch: int, amx: bool) -> list[dict]:
+    """The default step against the reference mode, ReDi's merged tokens against latent-only, the
+    other specs (INFO), and the official step (--official) or else the ladder's rungs (INFO)."""
+    targets = []
+    reference = _find(train, spec="reference")
+    ref_spec = reference.fields.get("reference_of") if reference else None
+    default = _find(train, spec=ref_spec, mode="default") if ref_spec else None
+    if reference and default:
+        name = f"train: default >= {SPEEDUP_OVER_REFERENCE:.1f}x reference mode ({ref_spec}, batch {batch})"
+        targets.append(_check(name, paired_time_ratio(reference, default), SPEEDUP_OVER_REFERENCE, ">=",
+                              "speed-up = reference time per step / default time per step"))
+        precomputed = _find(train, spec="reference_precomputed")
+        if precomputed:
+            targets.append(_target("train: default speed-up over the reference without its online encoder",
+                                   "INFO", paired_time_ratio(precomputed, default),
+                                   detail="fp32 + checkpointing only"))
+    else:
+        targets.append(_target(f"train: default >= {SPEEDUP_OVER_REFERENCE:.1f}x reference mode", "SKIP",
+                               None, detail="needs --reference and --reference-spec among --specs"))
+    latent = _find(train, spec="latent_only", mode="default")
+    merged = _find(train, spec="redi", mode="default")
+    if latent and merged:
+        targets.append(_check(f"train: redi merged <= {MERGED_OVERHEAD:.2f}x latent_only time per step",
+                              paired_time_ratio(merged, latent), MERGED_OVERHEAD, "<="))
+    else:
+        targets.append(_target(f"train: redi merged <= {MERGED_OVERHEAD:.2f}x latent_only", "SKIP", None,
+                               detail="needs specs latent_only and redi"))
+    for spec in ("redi_separate", "repa", "redi_repa"):
+        other = _find(train, spec=spec, mode="default")
+        if latent and other:
+            targets.append(_target(f"train: {spec} / latent_only time per step", "INFO",
+                                   paired_time_ratio(other, latent)))
+    official = _find(train, spec="official")
+    if official is not None:
+        return targets + official_targets(train, official, batch, amx)
+    precomputed = _find(train, spec="reference_precomputed")
+    for rung in train:  # the ladder's rungs against the reference without its online encoder
+        if precomputed and str(rung.fields.get("spec", "")).startswith("ladder"):
+            targets.append(_target(f"train: {rung.fields['spec']} / reference without online encoder",
+                                   "INFO", paired_time_ratio(precomputed, rung)))
+    return targets
+
+
+def sample_targets(sample: list[Workload]) -> list[dict]:
+    """A guided sampling step (CFG, RG: one batched call) against an unguided one; CFG+RG is INFO."""
+    targets = []
+    spec = "redi" if _find(sample, spec="redi") else sample[0].fields.get("spec")
+    unguided = _find(sample, spec=spec, guidance="none")
+    for mode, limit in (("cfg", GUIDED_STEP), ("rg", GUIDED_STEP), ("cfg+rg", None)):
+        guided = _find(sample, spec=spec, guidance=mode)
+        if guided is None or unguided is None:
+            if limit is not None:
+                targets.append(_target(f"sample: {mode} step <= {limit:.1f}x unguided", "SKIP", None,
+                                       detail=f"spec {spec} has no {mode} guidance"))
+            continue
+        ratio = paired_time_ratio(guided, unguided)
+        if limit is None:
+            targets.append(_target(f"sample: {mode} step / unguided ({spec}, 3 branches)", "INFO", ratio))
+        else:
+            targets.append(_check(f"sample: {mode} step <= {limit:.1f}x unguided ({spec}, one batched call)",
+                                  ratio, limit, "<="))
+    return targets
+
+
+def loss_targets(check: dict) -> list[dict]:
+    """One loss check's targets: the official network against redi-bench's, or the default
+    precision, fp32 and the reference against float64."""
+    if "official" in check:  # the official network vs redi-bench's, same weights and inputs
+        return [_check(f"loss: official network vs redi-bench's (fp32, same weights and inputs), "
+                       f"relative, {check['spec']}", check["rel_err"], check["rtol"], "<=")]
+    rel, precision = check["rel_err"], check["precision"]
+    loss = check["loss"]
+    vs_fp32 = abs(loss["default"] - loss["fp32"]) / abs(loss["fp32"])
+    return [_check(f"loss: default ({precision}) vs float64, relative, {check['spec']}",
+                   rel["default"], check["default_rtol"], "<=", f"fp32 vs default: {vs_fp32:.2e}"),
+            _check(f"loss: fp32 and reference (checkpointed) vs float64, relative, {check['spec']}",
+                   max(rel["fp32"], rel["reference"]), check["fp32_rtol"], "<=")]
 
 
 def attention_target(forms: dict) -> dict:

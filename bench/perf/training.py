@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -123,12 +124,7 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
     transport = build_transport(cfg, geometry.manifest())
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     forward = torch.compile(model) if options.compile else model
-    params = list(model.parameters())
-    trainable = [p for p in params if p.requires_grad]
     generator = torch.Generator(device=device).manual_seed(seed)
-    semantic = cfg.semantic_channels
-    use_repa = cfg.objective.lambda_repa > 0
-    token_grid = model.config.grid_size
     if options.online_encoder and encoder is None:
         encoder = build_online_encoder(cfg, geometry, device)
     if options.online_encoder and pool.pca is None:
@@ -142,33 +138,60 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
     else:
         optimizer, optimizer_name = reference_optimizer(model, cfg, options.fused_optimizer)
         train_step = _reference_step(model, ema, optimizer, transport, cfg, options)
-    fields: dict = {}
+    online = (encoder[0], pool.pca, geometry.latent_grid) if options.online_encoder else None
+    inputs = partial(_semantic_inputs, channels=cfg.semantic_channels, use_repa=cfg.objective.lambda_repa > 0,
+                     token_grid=model.config.grid_size, online=online)
+    batch_size = pool.batches[0]["moments"].shape[0]
+    fields = _train_fields(cfg, model, options, optimizer_name, encoder, batch_size)
+    run = _training_step(forward, train_step, pool, inputs, geometry.scaling_factor, generator, fields)
+    return Workload(kind="train", name=name, run=run, images_per_call=batch_size, fields=fields, device=device)
+
+
+def _semantic_inputs(batch: dict, channels: int, use_repa: bool, token_grid: int,
+                     online: Optional[tuple[nn.Module, object, int]] = None):
+    """z (B, r, h, w) and the REPA target (B, L, D) of a batch, None where the spec has none: as
+    prepare stored them, or (`online` = encoder, PCA, latent grid) from the encoder run on the images."""
+    z = target = None
+    if online is None:
+        if channels:
+            z = batch["semantic"][:, :channels]  # (B, r, h, w), precomputed by prepare
+        if use_repa:
+            target = repa_tokens(batch["features"], token_grid)
+        return z, target
+    encoder, pca, grid = online
+    with torch.no_grad():  # official: DINOv2 -> standardise -> PCA -> bilinear to the latent grid
+        feats = encoder.encode(batch["images"])  # (B, D, gh, gw)
+        if channels:
+            z = pca.project_map(feats, channels)  # (B, r, gh, gw)
+            z = align_to_grid(z, (grid, grid))  # (B, r, h, w)
+        if use_repa:
+            target = repa_tokens(feats, token_grid)  # (B, L, D)
+    return z, target
+
+
+def _training_step(forward, train_step, pool: BatchPool, inputs, scaling_factor: float,
+                   generator: torch.Generator, fields: dict):
+    """run() of a training workload: one step on the pool's next batch; the first call also counts the
+    bytes autograd saves (fields["activation_memory_mb"])."""
 
     def step() -> None:
         batch = pool.next()
-        z = target = None
-        if options.online_encoder:
-            with torch.no_grad():  # official: DINOv2 -> standardise -> PCA -> bilinear to the latent grid
-                feats = encoder[0].encode(batch["images"])  # (B, D, gh, gw)
-                if semantic:
-                    z = pool.pca.project_map(feats, semantic)  # (B, r, gh, gw)
-                    z = align_to_grid(z, (geometry.latent_grid, geometry.latent_grid))  # (B, r, h, w)
-                if use_repa:
-                    target = repa_tokens(feats, token_grid)  # (B, L, D)
-        else:
-            if semantic:
-                z = batch["semantic"][:, :semantic]  # (B, r, h, w), precomputed by prepare
-            if use_repa:
-                target = repa_tokens(batch["features"], token_grid)
-        x = sample_latents(batch["moments"], geometry.scaling_factor, generator)  # (B, C_x, h, w)
+        z, target = inputs(batch)
+        x = sample_latents(batch["moments"], scaling_factor, generator)  # (B, C_x, h, w)
         probe = _SavedBytes() if "activation_memory_mb" not in fields else contextlib.nullcontext()
         with probe:
             train_step(forward, x, z, batch["labels"], generator, target)
         if isinstance(probe, _SavedBytes):
             fields["activation_memory_mb"] = round(probe.total / 2**20, 2)
+    return step
 
-    batch_size = pool.batches[0]["moments"].shape[0]
-    fields.update({
+
+def _train_fields(cfg: ExperimentConfig, model: nn.Module, options: StepOptions, optimizer_name: str,
+                  encoder: Optional[tuple[nn.Module, str]], batch_size: int) -> dict:
+    """What a training row says about its step, its model and the memory its state takes."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    return {
         "mode": options.mode, "precision": options.precision,
         "dtype": "bf16-autocast (fp32 weights)" if options.precision == "bf16" else "fp32",
         "activation_checkpointing": options.checkpointing, "optimizer": optimizer_name,
@@ -177,14 +200,13 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
         "step_function": "bench.train.step.TrainStep" if options.mode == "default" else "reference",
         "semantic_features": "online" if options.online_encoder else "precomputed",
         "online_encoder": encoder[1] if options.online_encoder else None,
-        "fusion": cfg.model.fusion, "semantic_channels": semantic, "lambda_repa": cfg.objective.lambda_repa,
-        "tokens": model.num_tokens, "parameters": sum(p.numel() for p in model.parameters()),
+        "fusion": cfg.model.fusion, "semantic_channels": cfg.semantic_channels,
+        "lambda_repa": cfg.objective.lambda_repa,
+        "tokens": model.num_tokens, "parameters": sum(p.numel() for p in params),
         "batch": batch_size, "train_flops_per_image": train_flops_per_image(model.config),
         # exact bytes of what training keeps per model: weights, gradients, AdamW moments, EMA
         "state_memory_mb": round((2 * _nbytes(params) + 3 * _nbytes(trainable)) / 2**20, 2),
-    })
-    return Workload(kind="train", name=name, run=step, images_per_call=batch_size, fields=fields,
-                    device=device)
+    }
 
 
 def build_floor_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, batch: int, device: torch.device,
