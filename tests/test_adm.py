@@ -336,10 +336,15 @@ def test_precision_recall_orientation_through_bench_evals_code_path(tmp_path):
 
 
 def test_adm_reference_identity_and_config_names_agree():
-    from bench.config import REFERENCE_BATCHES
+    """One table of reference batches: the config accepts its names and refuses others, and ADM's
+    evaluator identifies files by its SHA-256s."""
+    from bench.config import ADM_IMAGENET256, REFERENCE_BATCHES, ConfigError, EvalConfig
 
-    assert tuple(adm.REFERENCE_BATCHES) == REFERENCE_BATCHES
-    batch = adm.ADM_IMAGENET256
+    assert adm.REFERENCE_BATCHES is REFERENCE_BATCHES
+    assert EvalConfig(expected_reference="adm-imagenet256").expected_reference == "adm-imagenet256"
+    with pytest.raises(ConfigError, match=r"eval.expected_reference='adm-imagenet512' .*\['adm-imagenet256'\]"):
+        EvalConfig(expected_reference="adm-imagenet512")
+    batch = ADM_IMAGENET256
     assert batch.filename == "VIRTUAL_imagenet256_labeled.npz" and batch.url.endswith(batch.filename)
     assert len(batch.sha256) == 64 and int(batch.sha256, 16) > 0
     assert adm.identify_reference(batch.sha256) == "adm-imagenet256"
@@ -374,7 +379,7 @@ def test_expected_reference_missing_or_another_file(tmp_path, monkeypatch):
     """eval.expected_reference=adm-imagenet256: an unset or absent eval.reference is one error
     naming the setting, the file and its URL; a file is identified by its SHA-256 (here a stand-in
     registered as ADM's), and any other file is evaluated with a warning, recorded as not ADM's."""
-    from bench.config import EvalConfig, ExperimentConfig
+    from bench.config import REFERENCE_BATCHES, EvalConfig, ExperimentConfig, ReferenceBatch
     from bench.evaluate.reference import ReferenceBatchError, identify, reference_file
 
     def config(**fields) -> ExperimentConfig:
@@ -389,8 +394,8 @@ def test_expected_reference_missing_or_another_file(tmp_path, monkeypatch):
 
     stand_in = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
     np.savez(stand_in, mu=np.zeros(2), sigma=np.eye(2))
-    registered = adm.ReferenceBatch("adm-imagenet256", stand_in.name, sha256_file(stand_in), 0, "file://")
-    monkeypatch.setattr(adm, "REFERENCE_BATCHES", {"adm-imagenet256": registered})
+    registered = ReferenceBatch("adm-imagenet256", stand_in.name, sha256_file(stand_in), 0, "file://")
+    monkeypatch.setitem(REFERENCE_BATCHES, "adm-imagenet256", registered)
     facts = identify(stand_in, "adm-imagenet256")
     assert facts["reference_is_adm"] and facts["reference_batch"] == "adm-imagenet256"
     assert facts["reference_sha256"] == registered.sha256 and facts["reference_source"] == str(stand_in.resolve())
