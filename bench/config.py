@@ -88,7 +88,33 @@ FD_DINOV2_TIMM_NAMES = {
 }
 FD_DINOV2_VARIANTS = tuple(FD_DINOV2_TIMM_NAMES)
 FEATURE_NETWORKS = ("classifier", "inception", "dinov2")
-REFERENCE_BATCHES = ("adm-imagenet256",)  # bench.evaluate.adm.REFERENCE_BATCHES
+
+
+@dataclass(frozen=True)
+class ReferenceBatch:
+    """A published reference batch, known by its SHA-256 (and its size, a quick first check)."""
+
+    name: str
+    filename: str
+    sha256: str
+    size_bytes: int
+    url: str
+
+
+# ADM's ImageNet 256 reference batch, defined here once so that eval.expected_reference is checked
+# without loading torch; bench.evaluate identifies reference files by it.
+ADM_IMAGENET256 = ReferenceBatch(
+    name="adm-imagenet256",
+    filename="VIRTUAL_imagenet256_labeled.npz",
+    # The file at `url`. Public repositories that track it with Git LFS store this oid and size, and
+    # other evaluation scripts verify their downloads against the same checksum.
+    sha256="b32732719497e42660a9affb4a966068cba0855ac449b82015e34ec376d20758",
+    size_bytes=2_037_122_530,
+    url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+        "VIRTUAL_imagenet256_labeled.npz",
+)
+REFERENCE_BATCHES = {ADM_IMAGENET256.name: ADM_IMAGENET256}  # the names eval.expected_reference takes
+
 # objective.align_encoder: the start of the encoder_id a prepared folder's manifest records
 # (bench.prepare.encoders: efficientnet_lite0_block7_128px, dinov2_vitb14_224px).
 ALIGN_ENCODERS = ("efficientnet_lite0", *(f"dinov2_{v}" for v in DINOV2_VARIANTS))
@@ -365,7 +391,7 @@ class EvalConfig:
         _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
         _choice("eval.dinov2_variant", self.dinov2_variant, FD_DINOV2_VARIANTS)
         if self.expected_reference is not None:
-            _choice("eval.expected_reference", self.expected_reference, REFERENCE_BATCHES)
+            _choice("eval.expected_reference", self.expected_reference, tuple(REFERENCE_BATCHES))
         _range("eval.num_sampling_steps", self.num_sampling_steps, 1)
         _range("eval.num_samples", self.num_samples, 1)
         _range("eval.batch_size", self.batch_size, 1)

@@ -133,7 +133,7 @@ def test_download_offline_is_one_line_at_once(elsewhere, monkeypatch, capsys):
 
 
 def test_the_real_registry_agrees_with_the_evaluator_and_the_encoders():
-    from bench.evaluate.adm import ADM_IMAGENET256
+    from bench.config import ADM_IMAGENET256
     from bench.report.comparability import INCEPTION_2015_SHA256_PREFIX
 
     cfg = load_config(["scale=paper"], site=False)

@@ -1,43 +1,22 @@
 """ADM's evaluator (guided-diffusion `evaluations/evaluator.py`, the one behind the paper's FID, sFID,
-IS, precision and recall) written out: its ImageNet 256 reference batch, which tensor of
-torch-fidelity's Inception port is its sFID feature, its Inception Score and its k-NN precision and
-recall. Where the harness and ADM still differ is listed once, in `bench/evaluate/README.md`, and
+IS, precision and recall) written out: which of its reference batches a file is (the batches
+themselves are in bench.config, where eval.expected_reference is checked without torch), which
+tensor of torch-fidelity's Inception port is its sFID feature, its Inception Score and its k-NN
+precision and recall. Where the harness and ADM still differ is listed once, in `bench/evaluate/README.md`, and
 recorded in every Inception row of eval.jsonl as `ADM_DIFFERENCES`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from bench.config import REFERENCE_BATCHES
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-
-@dataclass(frozen=True)
-class ReferenceBatch:
-    """A published reference batch, known by its SHA-256 (and its size, a quick first check)."""
-
-    name: str
-    filename: str
-    sha256: str
-    size_bytes: int
-    url: str
-
-
-ADM_IMAGENET256 = ReferenceBatch(
-    name="adm-imagenet256",
-    filename="VIRTUAL_imagenet256_labeled.npz",
-    # The file at `url`. Public repositories that track it with Git LFS store this oid and size, and
-    # other evaluation scripts verify their downloads against the same checksum.
-    sha256="b32732719497e42660a9affb4a966068cba0855ac449b82015e34ec376d20758",
-    size_bytes=2_037_122_530,
-    url="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
-        "VIRTUAL_imagenet256_labeled.npz",
-)
-REFERENCE_BATCHES = {ADM_IMAGENET256.name: ADM_IMAGENET256}  # the names eval.expected_reference takes
 
 # sFID. ADM reads `mixed_6/conv:0` of the 2015 TF Inception graph and keeps its first 7 channels.
 # torch-fidelity's weight converter (utils/util_convert_inception_weights.py) maps that scope's

@@ -416,6 +416,69 @@ def _check_image_size(hw: tuple[int, int], image_size, source: str) -> None:
                           "(same crop, e.g. ADM center crop) or resize it once, explicitly")
 
 
+def _precomputed_statistics(path: Path, reference_sha: str, feature_network: FeatureNetwork, image_size,
+                            use_precomputed: bool) -> Optional[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    """`(mu, sigma, provenance)` from a `.npz`'s precomputed statistics when they belong to this
+    network and `use_precomputed`; None when its `arr_0` images must be used instead."""
+    network_id, source = feature_network.network_id, str(path)
+    stat_keys = PRECOMPUTED_KEYS.get(network_id)
+    with _open_npz(path) as npz:  # lazy: arr_0 is not read here
+        keys = list(npz.files)
+        has_images = REFERENCE_IMAGES_KEY in keys
+        if not has_images and not all(k in keys for k in REFERENCE_STAT_KEYS):
+            raise _reference_keys_error(path, keys)
+        use_stats = (use_precomputed and stat_keys is not None
+                     and all(k in keys for k in stat_keys))
+        if use_stats:
+            mu, sigma = as_float64(npz[stat_keys[0]]), as_float64(npz[stat_keys[1]])
+            # ADM batches hold the images beside their statistics: a reference of another
+            # resolution is refused here too (a mu/sigma-only file cannot be checked).
+            shape = _npz_member_shape(npz, REFERENCE_IMAGES_KEY) if has_images else None
+    if not use_stats:
+        if not has_images:
+            wanted = f"'{stat_keys[0]}'/'{stat_keys[1]}' or " if stat_keys else ""
+            raise MetricError(f"reference {path} holds only precomputed statistics ({sorted(keys)}), "
+                              f"none of them for {network_id}, which needs {wanted}reference images "
+                              f"under '{REFERENCE_IMAGES_KEY}'")
+        return None
+    if shape is not None:
+        if len(shape) != 4 or shape[-1] != 3:
+            raise MetricError(f"reference {source}: '{REFERENCE_IMAGES_KEY}' must be uint8 "
+                              f"(N, H, W, 3); got shape {shape}")
+        _check_image_size(shape[1:3], image_size, source)
+    if mu.shape != (feature_network.feature_dim,):
+        raise MetricError(f"reference {path}: precomputed '{stat_keys[0]}' has shape "
+                          f"{mu.shape} but {network_id} gives {feature_network.feature_dim} "
+                          "features; pass use_precomputed=False to use its images instead")
+    return mu, sigma, {"reference_source": source, "reference_sha256": reference_sha,
+                       "statistics_source": f"precomputed {'/'.join(stat_keys)} in the npz",
+                       "n_reference": None, "cache_hit": False, "cache_file": None,
+                       "image_hw": tuple(shape[1:3]) if shape is not None else None}
+
+
+def _npz_images(path: Path) -> torch.Tensor:
+    """The uint8 NCHW images under `arr_0` of a reference `.npz`."""
+    with _open_npz(path) as npz:
+        array = npz[REFERENCE_IMAGES_KEY]
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+        raise MetricError(f"reference {path}: '{REFERENCE_IMAGES_KEY}' must be uint8 "
+                          f"(N, H, W, 3); got {array.dtype} {array.shape}")
+    return as_uint8_nchw(array)
+
+
+def _image_statistics(images: torch.Tensor, feature_network: FeatureNetwork, batch_size: int,
+                      allow_rank_deficient: bool, progress: bool) -> tuple[np.ndarray, np.ndarray, int]:
+    """`(mu, sigma, count)` of the network's features of `images`, streamed batch by batch."""
+    stats = FeatureStatistics(feature_network.feature_dim)
+    with Progress(f"eval reference {feature_network.network_id}: images", len(images), enabled=progress) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start: start + batch_size]
+            stats.update(feature_network.extract(batch))
+            bar.update(len(batch))
+    mu, sigma = stats.finalize(allow_rank_deficient)
+    return mu, sigma, stats.count
+
+
 @tf32_off()
 def reference_statistics(reference: Union[str, Path, ImagesLike], feature_network: FeatureNetwork,
                          cache_dir: Union[str, Path], image_size=None, batch_size: int = 256,
@@ -439,38 +502,9 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
         if not path.is_file():
             raise MetricError(f"reference file {path} does not exist (eval.reference)")
         reference_sha, source = reference_sha256 or sha256_file(path), str(path)
-        stat_keys = PRECOMPUTED_KEYS.get(network_id)
-        with _open_npz(path) as npz:  # lazy: arr_0 is not read here
-            keys = list(npz.files)
-            has_images = REFERENCE_IMAGES_KEY in keys
-            if not has_images and not all(k in keys for k in REFERENCE_STAT_KEYS):
-                raise _reference_keys_error(path, keys)
-            use_stats = (use_precomputed and stat_keys is not None
-                         and all(k in keys for k in stat_keys))
-            if use_stats:
-                mu, sigma = as_float64(npz[stat_keys[0]]), as_float64(npz[stat_keys[1]])
-                # ADM batches hold the images beside their statistics: a reference of another
-                # resolution is refused here too (a mu/sigma-only file cannot be checked).
-                shape = _npz_member_shape(npz, REFERENCE_IMAGES_KEY) if has_images else None
-        if use_stats:
-            if shape is not None:
-                if len(shape) != 4 or shape[-1] != 3:
-                    raise MetricError(f"reference {source}: '{REFERENCE_IMAGES_KEY}' must be uint8 "
-                                      f"(N, H, W, 3); got shape {shape}")
-                _check_image_size(shape[1:3], image_size, source)
-            if mu.shape != (feature_network.feature_dim,):
-                raise MetricError(f"reference {path}: precomputed '{stat_keys[0]}' has shape "
-                                  f"{mu.shape} but {network_id} gives {feature_network.feature_dim} "
-                                  "features; pass use_precomputed=False to use its images instead")
-            return mu, sigma, {"reference_source": source, "reference_sha256": reference_sha,
-                               "statistics_source": f"precomputed {'/'.join(stat_keys)} in the npz",
-                               "n_reference": None, "cache_hit": False, "cache_file": None,
-                               "image_hw": tuple(shape[1:3]) if shape is not None else None}
-        if not has_images:
-            wanted = f"'{stat_keys[0]}'/'{stat_keys[1]}' or " if stat_keys else ""
-            raise MetricError(f"reference {path} holds only precomputed statistics ({sorted(keys)}), "
-                              f"none of them for {network_id}, which needs {wanted}reference images "
-                              f"under '{REFERENCE_IMAGES_KEY}'")
+        precomputed = _precomputed_statistics(path, reference_sha, feature_network, image_size, use_precomputed)
+        if precomputed is not None:
+            return precomputed
     else:
         images = as_uint8_nchw(reference).cpu()
         reference_sha, source = _images_sha256(images), "in-memory images"
@@ -487,23 +521,12 @@ def reference_statistics(reference: Union[str, Path, ImagesLike], feature_networ
         return mu, sigma, {**provenance, "n_reference": count, "image_hw": hw, "cache_hit": True}
 
     if images is None:
-        with _open_npz(path) as npz:
-            array = npz[REFERENCE_IMAGES_KEY]
-        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-            raise MetricError(f"reference {source}: '{REFERENCE_IMAGES_KEY}' must be uint8 "
-                              f"(N, H, W, 3); got {array.dtype} {array.shape}")
-        images = as_uint8_nchw(array)
+        images = _npz_images(path)
     hw = (int(images.shape[2]), int(images.shape[3]))
     _check_image_size(hw, image_size, source)
-    stats = FeatureStatistics(feature_network.feature_dim)
-    with Progress(f"eval reference {network_id}: images", len(images), enabled=progress) as bar:
-        for start in range(0, len(images), batch_size):
-            batch = images[start: start + batch_size]
-            stats.update(feature_network.extract(batch))
-            bar.update(len(batch))
-    mu, sigma = stats.finalize(allow_rank_deficient)
-    _write_cache(cache_file, mu, sigma, stats.count, hw, reference_sha, network_id, weights_sha)
-    return mu, sigma, {**provenance, "n_reference": stats.count, "image_hw": hw, "cache_hit": False}
+    mu, sigma, count = _image_statistics(images, feature_network, batch_size, allow_rank_deficient, progress)
+    _write_cache(cache_file, mu, sigma, count, hw, reference_sha, network_id, weights_sha)
+    return mu, sigma, {**provenance, "n_reference": count, "image_hw": hw, "cache_hit": False}
 
 
 def _write_cache(path: Path, mu, sigma, count, hw, reference_sha, network_id, weights_sha) -> None:

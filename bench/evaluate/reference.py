@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from bench.atomic import sha256_file
-from bench.config import ExperimentConfig
+from bench.config import ADM_IMAGENET256, REFERENCE_BATCHES, ExperimentConfig
 from bench.evaluate import adm
 from bench.evaluate.features import REFERENCE_IMAGES_KEY, extract_features, reference_statistics
 from bench.prepare.sources import open_split
@@ -52,7 +52,7 @@ class Reference:
 def reference_file(cfg: ExperimentConfig) -> Optional[Path]:
     """eval.reference as a path (None: the test split), checked against eval.expected_reference."""
     expected = cfg.eval.expected_reference
-    batch = adm.REFERENCE_BATCHES.get(expected) if expected else None
+    batch = REFERENCE_BATCHES.get(expected) if expected else None
     where = (f"; this scale compares with {batch.filename} (eval.expected_reference={expected}): "
              f"download {batch.url} once and set eval.reference=/path/to/{batch.filename}") if batch else ""
     if not cfg.eval.reference:
@@ -70,12 +70,12 @@ def identify(path: Path, expected: Optional[str]) -> dict:
     sha = sha256_file(path)
     name = adm.identify_reference(sha)
     if expected and name != expected:
-        batch = adm.REFERENCE_BATCHES[expected]
+        batch = REFERENCE_BATCHES[expected]
         warnings.warn(f"eval.reference={path} has SHA-256 {sha}, not the published {batch.filename} "
                       f"({batch.sha256}); its rows are recorded as reference_is_adm=false and the "
                       "report will not call them comparable with the paper", RuntimeWarning, stacklevel=2)
     return {"reference_source": str(path.resolve()), "reference_sha256": sha,
-            "reference_batch": name, "reference_is_adm": name == adm.ADM_IMAGENET256.name,
+            "reference_batch": name, "reference_is_adm": name == ADM_IMAGENET256.name,
             "reference_expected": expected}
 
 

@@ -237,6 +237,43 @@ def compute_metrics(kinds: Sequence[str], network, reference: Reference, backend
 # The driver
 
 
+def _wanted_steps(run_dir: Path, cfg: ExperimentConfig, steps: Optional[list[int]]) -> list[int]:
+    """The requested checkpoint steps (steps, else eval.steps, else every checkpoint); each must exist."""
+    available = checkpoint_steps(run_dir)
+    if not available:
+        raise SamplingError(f"{checkpoints_dir(run_dir)} holds no checkpoints; train the run first")
+    wanted = sorted(set(int(s) for s in (steps or cfg.eval.steps or available)))
+    absent = [s for s in wanted if s not in available]
+    if absent:
+        raise SamplingError(f"{run_dir} has no checkpoint at steps {absent}; available: {available}")
+    return wanted
+
+
+def _score_step(log: MetricsLogger, run_dir: Path, cfg: ExperimentConfig, step: int, setting: str,
+                kinds: Sequence[str], existing: dict, network, reference: Reference, *, manifest: dict,
+                backend: str, shard_size: int, task_index: int, num_tasks: int, device: torch.device,
+                progress: bool, allow_rank_deficient: bool) -> list[dict]:
+    """Sample one checkpoint (this task's shards) and, once every shard is there, log the rows of
+    the metrics it lacks; returns them (none while other tasks' shards are missing)."""
+    common = _provenance(run_dir, cfg, manifest, step, setting, shard_size, network, reference)
+    missing = [k for k in kinds if any((step, n, setting) not in existing
+                                       for n in metric_names(k, cfg.eval.feature_network))]
+    _check_protocol(existing, step, setting, common)
+    samples = sample(run_dir, step, cfg, num_samples=cfg.eval.num_samples, shard_size=shard_size,
+                     task_index=task_index, num_tasks=num_tasks, device=device, progress=progress)
+    if not samples.complete:
+        print(f"eval: step {step}: this task's shards are done; the metrics wait for the other "
+              f"{num_tasks - 1} task(s) (re-run any task once they finish)", flush=True)
+        return []
+    began = time.perf_counter()
+    results = compute_metrics(missing, network, reference, backend, samples.shards, cfg.eval.feature_network,
+                              allow_rank_deficient, progress=progress, total=sum(samples.counts))
+    seconds = (samples.sampling_seconds(), time.perf_counter() - began)
+    crash_point("eval:rows")
+    return log.log_eval([_row(common, name, value, used, extra, kind, *seconds)
+                         for name, kind, value, used, extra in results])
+
+
 def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[list[int]] = None,
              setting: str = "default", overrides: Sequence[str] = (), *,
              backend: str = DEFAULT_BACKEND, shard_size: int = DEFAULT_SHARD_SIZE,
@@ -257,53 +294,30 @@ def evaluate(cfg: Optional[ExperimentConfig], run_dir: Path, steps: Optional[lis
         raise EvaluationError(f"setting name {setting!r} must be a short word (letters, digits, _.+=-)")
     cfg = resolve_run_config(run_dir, cfg, overrides)
     allow_rank_deficient = allow_rank_deficient or cfg.eval.allow_rank_deficient
-    available = checkpoint_steps(run_dir)
-    if not available:
-        raise SamplingError(f"{checkpoints_dir(run_dir)} holds no checkpoints; train the run first")
-    wanted = sorted(set(int(s) for s in (steps or cfg.eval.steps or available)))
-    absent = [s for s in wanted if s not in available]
-    if absent:
-        raise SamplingError(f"{run_dir} has no checkpoint at steps {absent}; available: {available}")
+    wanted = _wanted_steps(run_dir, cfg, steps)
     kinds = plan_metrics(cfg, backend)
     reference_file(cfg)  # an unset or missing eval.reference fails here, before anything is built
     manifest = read_run_manifest(cfg)
     run_device = resolve_device(device)
     network = build_network(cfg, manifest, run_device)
-    network_kind = cfg.eval.feature_network
     if "fd" in kinds:  # before sampling, not after it: the count and the width are known now
-
         check_sample_count(int(cfg.eval.num_samples), int(network.feature_dim), allow_rank_deficient,
                            f"FD of {cfg.eval.num_samples} samples on {network.network_id} "
                            "(raise eval.num_samples, or pass --allow-rank-deficient to accept it)")
-    names = [name for kind in kinds for name in metric_names(kind, network_kind)]
+    names = [name for kind in kinds for name in metric_names(kind, cfg.eval.feature_network)]
     existing = {eval_key(r): r for r in read_eval_rows(run_dir)}
     todo = [s for s in wanted if any((s, name, setting) not in existing for name in names)]
     if not todo:
         return []
     reference = load_reference(cfg, network, kinds, progress=progress)
-
-    written: list[dict] = []
     with MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
                        config=to_dict(cfg)) as log:
+        written: list[dict] = []
         for step in todo:
-            common = _provenance(run_dir, cfg, manifest, step, setting, shard_size, network, reference)
-            missing = [k for k in kinds if any((step, n, setting) not in existing
-                                               for n in metric_names(k, network_kind))]
-            _check_protocol(existing, step, setting, common)
-            samples = sample(run_dir, step, cfg, num_samples=cfg.eval.num_samples, shard_size=shard_size,
-                             task_index=task_index, num_tasks=num_tasks, device=run_device,
-                             progress=progress)
-            if not samples.complete:
-                print(f"eval: step {step}: this task's shards are done; the metrics wait for the other "
-                      f"{num_tasks - 1} task(s) (re-run any task once they finish)", flush=True)
-                continue
-            began = time.perf_counter()
-            results = compute_metrics(missing, network, reference, backend, samples.shards, network_kind,
-                                      allow_rank_deficient, progress=progress, total=sum(samples.counts))
-            seconds = (samples.sampling_seconds(), time.perf_counter() - began)
-            crash_point("eval:rows")
-            written += log.log_eval([_row(common, name, value, used, extra, kind, *seconds)
-                                     for name, kind, value, used, extra in results])
+            written += _score_step(log, run_dir, cfg, step, setting, kinds, existing, network, reference,
+                                   manifest=manifest, backend=backend, shard_size=shard_size,
+                                   task_index=task_index, num_tasks=num_tasks, device=run_device,
+                                   progress=progress, allow_rank_deficient=allow_rank_deficient)
     return written
 
 

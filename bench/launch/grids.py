@@ -303,6 +303,63 @@ def _eval_only(path: Path, where: str, overrides: list[str]) -> list[str]:
     return overrides
 
 
+def _check_axes(path: Path, axes: dict) -> dict:
+    """Every axis is a non-empty list of values or a non-empty mapping of labelled override bundles."""
+    for key, values in axes.items():
+        if isinstance(values, dict):
+            if not values:
+                raise _fail(path, f"axes.{key} has no bundles")
+            for label, bundle in values.items():
+                if not isinstance(bundle, list) or not all(isinstance(v, str) for v in bundle):
+                    raise _fail(path, f"axes.{key}.{label} must be a list of `key=value` strings, got {bundle!r}")
+        elif not isinstance(values, list) or not values:
+            raise _fail(path, f"axes.{key} must be a non-empty list of values or a mapping of bundles")
+    return axes
+
+
+def _cells(path: Path, items: list) -> list[dict]:
+    cells = []
+    for index, item in enumerate(items):
+        cell: CellSchema = _typed(path, f"cells[{index}]", CellSchema,
+                                  {"overrides": item} if isinstance(item, list) else item)
+        cells.append({"name": cell.name, "overrides": cell.overrides,
+                      "eval_steps": _steps(path, f"cells[{index}].eval_steps", cell.eval_steps) or None})
+    return cells
+
+
+def _patches(path: Path, items: list, labels: Sequence[str]) -> list[dict]:
+    patches = []
+    for index, item in enumerate(items):
+        patch: PatchSchema = _typed(path, f"patches[{index}]", PatchSchema, item)
+        patches.append({"match": _keys(path, f"patches[{index}].match", patch.match, labels),
+                        "overrides": patch.overrides,
+                        "eval_steps": _steps(path, f"patches[{index}].eval_steps", patch.eval_steps) or None})
+    return patches
+
+
+def _evaluation(path: Path, data: EvalSchema, labels: Sequence[str], cells: list[dict], patches: list[dict]) -> dict:
+    """The eval section: named settings of eval.* overrides, scoring only steps the eval stage scores."""
+    settings = []
+    for index, item in enumerate(data.settings):
+        where = f"eval.settings[{index}]"
+        setting: SettingSchema = _typed(path, where, SettingSchema, item)
+        if not SETTING_NAME.fullmatch(setting.name):
+            raise _fail(path, f"{where} needs a name of letters, digits and _.+=- "
+                              f"(it is recorded in eval.jsonl), got {setting.name!r}")
+        settings.append({"name": setting.name, "overrides": _eval_only(path, where, setting.overrides),
+                         "match": _keys(path, f"{where}.match", setting.match, labels),
+                         "steps": _steps(path, f"{where}.steps", setting.steps)})
+    scored = set(data.steps) | {s for c in cells for s in c["eval_steps"] or ()} \
+        | {s for p in patches for s in p["eval_steps"] or ()}
+    for index, setting in enumerate(settings):
+        if stray := sorted(set(setting["steps"]) - scored):
+            raise _fail(path, f"eval.settings[{index}].steps {stray} are not steps the eval stage scores "
+                              f"(eval.steps and the cells' eval_steps: {sorted(scored)})")
+    return {"steps": _steps(path, "eval.steps", data.steps),
+            "overrides": _eval_only(path, "eval.overrides", data.overrides),
+            "settings": settings, "resources": _resources(path, "eval.resources", data.resources)}
+
+
 def parse_grid(raw: Any, path: Path) -> Grid:
     """Validate the YAML content of a grid file: types and keys through `GridSchema`, then the
     rules a schema cannot state (names, specs, axes, labels, eval-only overrides)."""
@@ -314,50 +371,12 @@ def parse_grid(raw: Any, path: Path) -> Grid:
     known = available("spec")
     if any(s not in known for s in data.specs):
         raise _fail(path, f"specs: {data.specs!r} must be a list of specs from {known}")
-    axes = data.axes
-    axes = with_paired_seeds(path, data.seeds, axes)
-    for key, values in axes.items():
-        if isinstance(values, dict):
-            if not values:
-                raise _fail(path, f"axes.{key} has no bundles")
-            for label, bundle in values.items():
-                if not isinstance(bundle, list) or not all(isinstance(v, str) for v in bundle):
-                    raise _fail(path, f"axes.{key}.{label} must be a list of `key=value` strings, got {bundle!r}")
-        elif not isinstance(values, list) or not values:
-            raise _fail(path, f"axes.{key} must be a non-empty list of values or a mapping of bundles")
+    axes = _check_axes(path, with_paired_seeds(path, data.seeds, data.axes))
     labels = _label_keys(axes)
-    cells = []
-    for index, item in enumerate(data.cells):
-        cell: CellSchema = _typed(path, f"cells[{index}]", CellSchema,
-                                  {"overrides": item} if isinstance(item, list) else item)
-        cells.append({"name": cell.name, "overrides": cell.overrides,
-                      "eval_steps": _steps(path, f"cells[{index}].eval_steps", cell.eval_steps) or None})
-    patches = []
-    for index, item in enumerate(data.patches):
-        patch: PatchSchema = _typed(path, f"patches[{index}]", PatchSchema, item)
-        patches.append({"match": _keys(path, f"patches[{index}].match", patch.match, labels),
-                        "overrides": patch.overrides,
-                        "eval_steps": _steps(path, f"patches[{index}].eval_steps", patch.eval_steps) or None})
+    cells = _cells(path, data.cells)
+    patches = _patches(path, data.patches, labels)
     exclude = [_keys(path, f"exclude[{i}]", m, labels) for i, m in enumerate(data.exclude)]
-    settings = []
-    for index, item in enumerate(data.eval.settings):
-        where = f"eval.settings[{index}]"
-        setting: SettingSchema = _typed(path, where, SettingSchema, item)
-        if not SETTING_NAME.fullmatch(setting.name):
-            raise _fail(path, f"{where} needs a name of letters, digits and _.+=- "
-                              f"(it is recorded in eval.jsonl), got {setting.name!r}")
-        settings.append({"name": setting.name, "overrides": _eval_only(path, where, setting.overrides),
-                         "match": _keys(path, f"{where}.match", setting.match, labels),
-                         "steps": _steps(path, f"{where}.steps", setting.steps)})
-    scored = set(data.eval.steps) | {s for c in cells for s in c["eval_steps"] or ()} \
-        | {s for p in patches for s in p["eval_steps"] or ()}
-    for index, setting in enumerate(settings):
-        if stray := sorted(set(setting["steps"]) - scored):
-            raise _fail(path, f"eval.settings[{index}].steps {stray} are not steps the eval stage scores "
-                              f"(eval.steps and the cells' eval_steps: {sorted(scored)})")
-    evaluation = {"steps": _steps(path, "eval.steps", data.eval.steps),
-                  "overrides": _eval_only(path, "eval.overrides", data.eval.overrides),
-                  "settings": settings, "resources": _resources(path, "eval.resources", data.eval.resources)}
+    evaluation = _evaluation(path, data.eval, labels, cells, patches)
     if not all(v > 0 for v in data.throughput.values()):
         raise _fail(path, f"throughput must map model sizes to images/s per GPU (> 0), got {data.throughput!r}")
     return Grid(name=path.stem, path=path, title=data.title, regenerates=data.regenerates, base=data.base,

@@ -171,6 +171,81 @@ def disk_space_note(plan: Sequence[Any], stage: str, output_root: str) -> Option
     return preflight_warning(output_root, needed, f"the {len(plan)} {stage} job(s) of this submission")
 
 
+def _check_where(stage: str, cluster: Optional[str], local: bool, debug: bool, dry_run: bool,
+                 profiles_dir: Path | str | None) -> None:
+    """One clear error for an unknown stage or for no (or more than one) place to run."""
+    if stage not in STAGES:
+        raise LaunchError(f"stage {stage!r} is not one of {list(STAGES)}")
+    if sum((cluster is not None, bool(local), bool(debug))) > 1:
+        raise LaunchError("choose one of --cluster PROFILE, --local or --debug")
+    if cluster is None and not local and not debug and not dry_run:
+        raise LaunchError("where should the jobs run? use --cluster PROFILE "
+                          f"({', '.join(list_profiles(profiles_dir))}), "
+                          "--local or --debug (or --dry-run to see the plan)")
+
+
+def _add_estimates(out: Submission, plan: Sequence[PlannedJob], grid: Grid, profile: Optional[Profile],
+                   perf_dir: Path | str) -> None:
+    """Each job's cost, the submission's total, and a note for a job beyond the requeue budget."""
+    for job in plan:
+        job.estimate = estimate(job, out.resources, grid, profile, perf_dir)
+        if profile and job.estimate.get("wall_h") and profile.executor == "slurm":
+            budget = profile.time_min / 60 * (profile.max_num_timeout + 1)
+            if job.estimate["wall_h"] > budget:
+                out.notes.append(f"{job.cell.name}: ~{job.estimate['wall_h']:.0f} h exceeds the requeue budget of "
+                                 f"{budget:.0f} h (time_min x (max_num_timeout + 1)); raise max_num_timeout")
+    known = [j.estimate for j in plan if j.estimate.get("wall_h") is not None]
+    out.estimate = {"gpu_h": sum(e["gpu_h"] for e in known), "wall_h": sum(e["wall_h"] for e in known),
+                    "unknown": len([j for j in plan if j.job.stage == "train"]) - len(known)}
+
+
+def _lanes(plan: Sequence[PlannedJob], kind: str, profile: Profile) -> tuple[list[Any], list[int]]:
+    """What to submit (one job per cell, or for `local` beyond its parallelism, `Lane`s of cells
+    balanced by their work) and, for each planned job, the index of what runs it."""
+    if kind != "local" or len(plan) <= profile.array_parallelism:
+        return [j.job for j in plan], list(range(len(plan)))
+    groups = assign_lanes([work_units(j) for j in plan], profile.array_parallelism)  # no scheduler caps it
+    lane_of = [0] * len(plan)
+    for lane, group in enumerate(groups):
+        for i in group:
+            lane_of[i] = lane
+    return [Lane([plan[i].job for i in group]) for group in groups], lane_of
+
+
+def _submit_array(executor: submitit.AutoExecutor, lanes: Sequence[Any], kind: str, grid: Grid,
+                  profile: Profile) -> list[Any]:
+    """One job array of `lanes`; a failed sbatch is one SchedulerError line."""
+    try:
+        with executor.batch():  # sbatch runs when the block ends
+            handles = [executor.submit(fn) for fn in lanes]
+    except SchedulerError:
+        raise
+    except Exception as err:
+        if kind != "slurm":
+            raise
+        raise scheduler_error(f"could not submit grid {grid.name}", profile, err) from None
+    return handles
+
+
+def _record_submissions(out: Submission, plan: Sequence[PlannedJob], handles: Sequence[Any],
+                        lane_of: Sequence[int], lanes_used: int, profile: Profile) -> None:
+    """A `submit` row in every planned run folder's jobs.jsonl, and the job id and log in `out.jobs`."""
+    for index, job in enumerate(plan):
+        handle = handles[lane_of[index]]
+        array_id, _, array_index = handle.job_id.partition("_")
+        record = {"event": "submit", "stage": out.stage, "cell": job.cell.name, "grid": out.grid,
+                  "executor": out.executor, "profile": profile.name, "job_id": handle.job_id,
+                  "array_id": array_id, "array_index": int(array_index) if array_index.isdigit() else None,
+                  "lane": lane_of[index] if lanes_used < len(plan) else None,
+                  "stdout": str(handle.paths.stdout), "stderr": str(handle.paths.stderr),
+                  "submitit_folder": str(handle.paths.folder), "resources": out.resources,
+                  "overrides": list(job.cell.overrides)}
+        if job.setting is not None:
+            record.update(setting=job.setting, steps=list(job.steps))
+        append_record(job.run_dir, record)
+        out.jobs[index].update(job_id=handle.job_id, log=record["stdout"])
+
+
 def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, local: bool = False,
                 debug: bool = False, dry_run: bool = False, job_fn: Optional[Callable] = None,
                 overrides: Sequence[str] = (), quiet: bool = False, grids_dir: Path | str | None = None,
@@ -184,14 +259,7 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     (e.g. output_root=..., data.prepared_dir=...). dry_run prints the jobs, their resources and
     GPU-hours and submits nothing.
     """
-    if stage not in STAGES:
-        raise LaunchError(f"stage {stage!r} is not one of {list(STAGES)}")
-    if sum((cluster is not None, bool(local), bool(debug))) > 1:
-        raise LaunchError("choose one of --cluster PROFILE, --local or --debug")
-    if cluster is None and not local and not debug and not dry_run:
-        raise LaunchError("where should the jobs run? use --cluster PROFILE "
-                          f"({', '.join(list_profiles(profiles_dir))}), "
-                          "--local or --debug (or --dry-run to see the plan)")
+    _check_where(stage, cluster, local, debug, dry_run, profiles_dir)
     grid = load_grid(name, grids_dir)
     profile = load_profile(cluster, profiles_dir) if cluster else (
         load_profile("local", profiles_dir) if (local or debug) else None)
@@ -200,16 +268,7 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     out = Submission(grid.name, stage, kind, profile.name if profile else None, {}, [], [], dry_run)
     plan, out.skipped = (plan_train if stage == "train" else plan_eval)(grid, cells, job_fn)
     out.resources = res = job_resources(grid, profile, stage)
-    for job in plan:
-        job.estimate = estimate(job, res, grid, profile, perf_dir)
-        if profile and job.estimate.get("wall_h") and profile.executor == "slurm":
-            budget = profile.time_min / 60 * (profile.max_num_timeout + 1)
-            if job.estimate["wall_h"] > budget:
-                out.notes.append(f"{job.cell.name}: ~{job.estimate['wall_h']:.0f} h exceeds the requeue budget of "
-                                 f"{budget:.0f} h (time_min x (max_num_timeout + 1)); raise max_num_timeout")
-    known = [j.estimate for j in plan if j.estimate.get("wall_h") is not None]
-    out.estimate = {"gpu_h": sum(e["gpu_h"] for e in known), "wall_h": sum(e["wall_h"] for e in known),
-                    "unknown": len([j for j in plan if j.job.stage == "train"]) - len(known)}
+    _add_estimates(out, plan, grid, profile, perf_dir)
     out.notes += [f"also measure: {command}" for command in grid.perf]
     if plan:
         out.notes += [note for note in [disk_space_note(plan, stage, cells[0].cfg.output_root)] if note]
@@ -220,9 +279,9 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
                          f"PROFILE ({', '.join(list_profiles(profiles_dir))}) to plan for that cluster. Costs "
                          "need a training throughput: `bench perf` on the target machine (rows in "
                          f"{perf_dir}) or `throughput` in the grid or the profile")
+    if not plan and not dry_run:
+        out.notes.append("nothing to submit")
     if dry_run or not plan:
-        if not plan and not dry_run:
-            out.notes.append("nothing to submit")
         if not quiet:
             print(format_submission(out))
         return out
@@ -233,40 +292,9 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     if kind == "local":
         for job in plan:
             job.job.threads = res["cpus_per_task"]
-    lanes: list[Any] = [j.job for j in plan]
-    lane_of = list(range(len(plan)))
-    if kind == "local" and len(plan) > profile.array_parallelism:  # local: no scheduler caps the parallelism
-        groups = assign_lanes([work_units(j) for j in plan], profile.array_parallelism)
-        lanes = [Lane([plan[i].job for i in group]) for group in groups]
-        lane_of = [0] * len(plan)
-        for lane, group in enumerate(groups):
-            for i in group:
-                lane_of[i] = lane
-    try:
-        with executor.batch():
-            handles = [executor.submit(fn) for fn in lanes]
-    except SchedulerError:
-        raise
-    except Exception as err:
-        if kind != "slurm":
-            raise
-        raise SchedulerError(f"could not submit grid {grid.name} to SLURM (profile {profile.name}, SLURM_CONF="
-                             f"{os.environ.get('SLURM_CONF', 'unset')}): {_sbatch_error(err)}. Is the controller "
-                             "running and reachable? (local test cluster: slurm/local-cluster.sh start)") from None
-    for index, job in enumerate(plan):
-        handle = handles[lane_of[index]]
-        array_id, _, array_index = handle.job_id.partition("_")
-        record = {"event": "submit", "stage": stage, "cell": job.cell.name, "grid": grid.name, "executor": kind,
-                  "profile": profile.name, "job_id": handle.job_id, "array_id": array_id,
-                  "array_index": int(array_index) if array_index.isdigit() else None,
-                  "lane": lane_of[index] if len(lanes) < len(plan) else None,
-                  "stdout": str(handle.paths.stdout), "stderr": str(handle.paths.stderr),
-                  "submitit_folder": str(handle.paths.folder), "resources": res,
-                  "overrides": list(job.cell.overrides)}
-        if job.setting is not None:
-            record.update(setting=job.setting, steps=list(job.steps))
-        append_record(job.run_dir, record)
-        out.jobs[index].update(job_id=handle.job_id, log=record["stdout"])
+    lanes, lane_of = _lanes(plan, kind, profile)
+    handles = _submit_array(executor, lanes, kind, grid, profile)
+    _record_submissions(out, plan, handles, lane_of, len(lanes), profile)
     if kind == "debug":
         out.failed = _run_debug(plan, handles, quiet)
     if not quiet:

@@ -37,7 +37,7 @@ import torch
 
 from bench.atomic import sha256_file
 from bench.compose import dumps, from_dict, load_config, to_dict
-from bench.evaluate.adm import ADM_IMAGENET256
+from bench.config import ADM_IMAGENET256
 from bench.launch.plan import find_throughput
 from bench.launch.profiles import load_profile
 from bench.perf.command import main as perf
@@ -62,7 +62,7 @@ DDP_RTOL = 1e-5
 
 
 def _adm_reference_sha256() -> Optional[str]:
-    """The SHA-256 of ADM's VIRTUAL_imagenet256_labeled.npz (bench.evaluate.adm records it)."""
+    """The SHA-256 of ADM's VIRTUAL_imagenet256_labeled.npz (bench.config records it)."""
     return ADM_IMAGENET256.sha256
 
 

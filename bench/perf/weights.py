@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 from bench import resources
 from bench.compose import load_config
-from bench.config import DINOV2_TIMM_NAMES, FD_DINOV2_TIMM_NAMES, ExperimentConfig
+from bench.config import DINOV2_TIMM_NAMES, FD_DINOV2_TIMM_NAMES, REFERENCE_BATCHES, ExperimentConfig
 from bench.site import SITE_KEYS, get_key, load_site, set_key
 
 DOWNLOAD_TIMEOUT_S = 30  # per network read: a dead connection fails instead of hanging
@@ -79,8 +79,6 @@ class Note:
 def default_registry(cfg: ExperimentConfig) -> dict[str, WeightFile]:
     """The files of `cfg`, by key: SD-VAE, DINOv2 (the encoder and FD-DINOv2's), the 2015 Inception port,
     ADM's reference batch."""
-    from bench.evaluate.adm import REFERENCE_BATCHES
-
     name = DINOV2_TIMM_NAMES[cfg.encoder.variant]
     out = {
         "vae.path": WeightFile(
