@@ -26,6 +26,7 @@ from bench.report.groups import describe_provenance, guidance_of, label_runs, pe
 from bench.report.paper_match import paper_tables
 from bench.report.plots import plot_convergence, plot_losses
 from bench.report.records import Report
+from bench.report.speedups import paired_cell, speedup_cell
 from bench.report.stats import (
     holm_family,
     paired_comparisons,
@@ -237,20 +238,25 @@ def _published_section(report: Report) -> list[str]:
 
 
 def _speedup_section(report: Report) -> list[str]:
+    """The speed-ups: a factor only where bench.report.speedups licenses it, else why none."""
     lines = [f"## Speed-ups ({report.metric}): reaches the baseline's final value N times sooner", ""]
     if not report.speedups:
         return [*lines, "No method/baseline pair with measured curves yet.", ""]
     rows = [{"Setting": s["setting"], "Method": s["method"], "Baseline": s["baseline"],
              "baseline final": f"{s['target']:.4g} at {fmt_steps(s['baseline_final_step'])}",
-             "reached at": fmt_steps(s["step"]) if s["reached"]
-             else f"not reached (by {fmt_steps(json.loads(s['points'])[-1][0])})",
-             "speed-up": f"{s['factor']:.2f}x" if s["reached"] else "not reached",
-             "points used": ", ".join(f"({fmt_steps(a)}, {b:.4g})" for a, b in json.loads(s["points"])),
+             "speed-up": speedup_cell(s),
+             "paired Δ at that step": paired_cell(s),
+             "points used (seed means)": ", ".join(f"({fmt_steps(a)}, {b:.4g})"
+                                                   for a, b in json.loads(s["points"])),
              "note": s["note"], "paper states (ImageNet, context)": s["paper_claim"]}
             for s in report.speedups]
-    return [*lines, to_markdown(pd.DataFrame(rows)), "", "Linear interpolation of the seed-mean "
-            "value against log(step) between the points used; the factor is the baseline's "
-            "final step divided by the step found.", ""]
+    return [*lines, to_markdown(pd.DataFrame(rows)), "",
+            "A factor is stated only where the paired difference method − baseline at the baseline's "
+            "step (section \"Paired comparisons\", the same family) has a Holm-adjusted p < 0.05 and "
+            "points the factor's way, and only for a method evaluated at two steps or more; "
+            "otherwise the row says why there is none. The factor interpolates the seed-mean value "
+            "linearly against log(step) between the points used: the baseline's final step divided "
+            "by the step found.", "", *(f"- `{s['setting']}`: {s['sentence']}" for s in report.speedups), ""]
 
 
 def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> Path:
