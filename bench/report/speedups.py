@@ -22,8 +22,6 @@ from bench.report.common import fmt_steps, is_lower_better, metric_decimals
 from bench.report.stats import ALPHA, SpeedUp
 from bench.report.wording import describe_difference, describe_speedup, fmt_p, short_verdict
 
-LICENSE_COLUMNS = ["licensed", "paired_step", "n_pairs", "diff_mean", "diff_low", "diff_high", "p_holm"]
-
 
 def paired_at(paired: pd.DataFrame, setting: str, metric: str, step: int, method: str, baseline: str,
               baseline_setting: str | None = None) -> pd.Series | None:
