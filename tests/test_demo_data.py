@@ -119,12 +119,25 @@ def test_the_data_root_reaches_every_cell_of_the_grid(tmp_path):
 def test_a_setting_evaluated_at_one_step_gets_no_speedup_factor():
     from bench.demo.output import FD, speedup_lines
 
-    rows = pd.DataFrame([("latent_only", "no guidance", 300, 68.6), ("latent_only", "no guidance", 600, 40.6),
-                         ("redi_rg", "RG w_r=1.5", 600, 35.7), ("repa", "CFG w=2", 300, 50.0),
-                         ("repa", "CFG w=2", 600, 30.0)], columns=["spec", "sampling", "step", FD])
+    rows = pd.DataFrame([("latent_only", "plain", "no guidance", 300, 68.6),
+                         ("latent_only", "plain", "no guidance", 600, 40.6),
+                         ("redi_rg", "rg1.5", "RG w_r=1.5", 600, 35.7), ("repa", "cfg2", "CFG w=2", 300, 50.0),
+                         ("repa", "cfg2", "CFG w=2", 600, 30.0)], columns=["spec", "setting", "sampling", "step", FD])
     report = SimpleNamespace(speedups=[], conditions=pd.DataFrame({"spec": ["latent_only", "redi_rg", "repa"],
                                                                    "condition": ["SiT", "ReDi", "REPA"]}))
-    one, two = speedup_lines(report, rows, "latent_only")
-    assert one == (f"[RG w_r=1.5 against no guidance] ReDi + RG w_r=1.5: evaluated at 600 only ({FD} 35.70, "
-                   "SiT 40.60); no speed-up factor from a single evaluated step")
-    assert "sooner" in two and "x" in two  # two evaluated steps: the interpolated factor stands
+
+    def paired(p_holm: float) -> pd.DataFrame:  # bench.report.tables.paired_table's rows at 600
+        return pd.DataFrame({"setting": ["rg1.5", "cfg2"], "metric": [FD, FD], "step": [600, 600],
+                             "method": ["ReDi", "REPA"], "baseline": ["SiT", "SiT"],
+                             "baseline_setting": ["plain", "plain"], "diff_mean": [-4.9, -10.6],
+                             "diff_low": [-6.0, -12.0], "diff_high": [-3.8, -9.2], "n_pairs": [3, 3],
+                             "p_holm": [0.001, p_holm], "family_size": [4, 4]})
+
+    one, two = speedup_lines(report, rows, "latent_only", paired(0.001))
+    assert one.startswith("[RG w_r=1.5 against no guidance] ReDi + RG w_r=1.5 vs SiT's final fd_classifier "
+                          "40.6 (at 600): ReDi + RG w_r=1.5 evaluated at 600 only (fd_classifier 35.7), "
+                          "no speed-up factor from a single evaluated step; at 600: ReDi + RG w_r=1.5 is "
+                          "better than SiT")  # a shown difference, but one point gives no factor
+    assert "x sooner" in two  # two evaluated steps and a difference shown after Holm: the factor stands
+    _, unshown = speedup_lines(report, rows, "latent_only", paired(0.2))
+    assert "sooner" not in unshown and "no difference shown after the correction for 4" in unshown

@@ -31,6 +31,7 @@ from bench.atomic import atomic_write_bytes, atomic_write_text
 from bench.launch.grids import eval_config, settings_for
 from bench.perf.timing import cpu_kernels, cpu_model, git_commit
 from bench.report.plots import COLORS, log_steps_axis
+from bench.report.speedups import license_speedup, paired_at
 from bench.report.stats import speedup
 from bench.report.summary import ReportError, gather, summarize, to_markdown, write_report
 from bench.report.tables import paired_sentences, paired_table
@@ -115,40 +116,41 @@ def markdown_table(rows: pd.DataFrame) -> str:
     return to_markdown(pd.DataFrame(out))
 
 
-def paired_lines(report) -> tuple[list[str], int]:
+def paired_lines(paired: pd.DataFrame) -> tuple[list[str], int]:
     """The report's sentences on paired differences (FD and accuracy, at the last step measured),
     in bench.report.wording's words: 'better' only where the Holm-adjusted p < 0.05 over the
-    report's family of comparisons. Also returns the family's size."""
-    paired = paired_table(report)
+    report's family of comparisons (`paired`: bench.report.tables.paired_table). Also returns the
+    family's size."""
     if paired.empty:
         return [], 0
     return paired_sentences(paired[paired["metric"].isin([FD, ACC])]), int(paired["family_size"].max())
 
 
-def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
+def speedup_lines(report, rows: pd.DataFrame, baseline: str, paired: pd.DataFrame) -> list[str]:
     """The report's speed-ups, plus every guided setting against the unguided baseline.
 
-    A setting evaluated at one step gets no factor: one point says where the curve stands, not
-    when it reached the baseline's value (the factor would be 1 or a bound nobody can use). Its
-    line gives the two FDs at that step instead."""
+    Each guided line follows the report's rule (bench.report.speedups): a factor only where the
+    paired difference at the baseline's step, in the report's Holm family (`paired`), licenses it;
+    a setting evaluated at one step gets none (one point says where the curve stands, not when it
+    reached the baseline's value)."""
 
     lines = [f"[{s['setting']}] {s['sentence']}" for s in report.speedups]
-    base = rows[(rows["spec"] == baseline) & (rows["sampling"] == "no guidance")].set_index("step")[FD]
+    unguided = rows[(rows["spec"] == baseline) & (rows["sampling"] == "no guidance")]
+    base = unguided.set_index("step")[FD]
+    base_setting = str(unguided["setting"].iloc[0]) if len(unguided) else None
     name = dict(zip(report.conditions["spec"], report.conditions["condition"]))
-    for (spec, sampling), part in rows[rows["sampling"] != "no guidance"].groupby(["spec", "sampling"]):
-        method, base_name = f"{name.get(spec, spec)} + {sampling}", name.get(baseline, baseline)
+    guided = rows[rows["sampling"] != "no guidance"].groupby(["spec", "setting", "sampling"])
+    for (spec, setting, sampling), part in guided:
+        method, base_name = name.get(spec, spec), name.get(baseline, baseline)
         curve = part.set_index("step")[FD].dropna()
-        if len(curve) == 1:
-            step, value = int(curve.index[0]), float(curve.iloc[0])
-            beside = f", {base_name} {base[step]:.2f}" if step in base.index and pd.notna(base[step]) else ""
-            lines.append(f"[{sampling} against no guidance] {method}: evaluated at {fmt_steps(step)} only "
-                         f"({FD} {value:.2f}{beside}); no speed-up factor from a single evaluated step")
-            continue
         try:
-            result = speedup(base, curve, method_name=method, baseline_name=base_name, metric=FD)
+            result = speedup(base, curve, method_name=f"{method} + {sampling}", baseline_name=base_name,
+                             metric=FD)
         except ReportError:
             continue
-        lines.append(f"[{sampling} against no guidance] {result.describe()}")
+        difference = paired_at(paired, setting, FD, result.baseline_step, method, base_name, base_setting)
+        line = license_speedup(result, len(curve), difference)["sentence"]
+        lines.append(f"[{sampling} against no guidance] {line}")
     return lines
 
 
@@ -223,6 +225,40 @@ def sample_figures(report, rows: pd.DataFrame, out: Path) -> list[Path]:
     return written
 
 
+def record_call(log: Path, times: dict, reused: dict, total: float,
+                estimate: Optional[dict]) -> tuple[dict, list[dict]]:
+    """Append this call's record (date, stage times, what was reused, machine, commit, estimate) to
+    invocations.jsonl; returns it and the records of earlier calls."""
+    record = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "total_s": round(total, 1),
+              **{f"{k}_s": round(v, 1) for k, v in times.items()}, **reused, "machine": machine(),
+              "commit": git_commit(), "estimate": estimate}
+    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
+        if log.is_file() else []
+    atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in [*history, record]))
+    return record, history
+
+
+def call_lines(plan, record: dict, history: list[dict], times: dict, total: float, did: str,
+               estimate: Optional[dict]) -> list[str]:
+    """The summary's list of what this call was: date, machine, data, time, the first call, the estimate."""
+    m, first = record["machine"], history[0] if history else record
+    return [
+        f"- date: {record['date']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}, {m['platform']}"
+        + (f"; CPU kernels {m['kernels']}, the CPU has native bf16: {'yes' if m['bf16_native'] else 'no'}"
+           if "kernels" in m else ""),
+        f"- data: {plan.prepare_note}",
+        f"- this call: {total / 60:.1f} min ("
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" min); {did}",
+        *([f"- first call in this folder: {first['total_s'] / 60:.1f} min on {first['date']}"]
+          if history else []),
+        *([f"- jobs: {estimate['lanes']} at a time, {estimate['threads']} compute thread(s) each; "
+           f"estimated before any work (a {estimate['calibration_s']:.0f} s measurement of this machine): "
+           f"prepare {estimate['prepare_s'] / 60:.1f}, train {estimate['train_s'] / 60:.1f}, "
+           f"eval {estimate['eval_s'] / 60:.1f} min"] if estimate else [])]
+
+
 def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
                   estimate: Optional[dict] = None) -> str:
     """Run the report, draw the figures, write summary.md; returns the text to print. `estimate`:
@@ -238,40 +274,21 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
     figures = sample_figures(report, rows, out)
     times = {**times, "report": time.time() - began - sum(times.values())}
     total = time.time() - began
-    record = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "total_s": round(total, 1),
-              **{f"{k}_s": round(v, 1) for k, v in times.items()}, **reused, "machine": machine(),
-              "commit": git_commit(), "estimate": estimate}
-    log = out / "invocations.jsonl"
-    history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
-        if log.is_file() else []
-    atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in [*history, record]))
-    m = record["machine"]
-    table, speedups = markdown_table(rows), speedup_lines(report, rows, grid.baseline or "latent_only")
-    paired, family = paired_lines(report)
+    record, history = record_call(out / "invocations.jsonl", times, reused, total, estimate)
+    paired_rows = paired_table(report)
+    table, speedups = markdown_table(rows), speedup_lines(report, rows, grid.baseline or "latent_only", paired_rows)
+    paired, family = paired_lines(paired_rows)
     did = (f"reused: prepare {'yes' if reused['prepare'] else 'no'}, "
            f"{reused['cells'] - reused['trained']}/{reused['cells']} trained cells, "
            f"evaluations run now: {reused['evaluated']}")
-    first = history[0] if history else record
     lines = [
-        f"# {grid.title}", "",
-        f"- date: {record['date']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"Python {m['python']}, {m['platform']}"
-        + (f"; CPU kernels {m['kernels']}, the CPU has native bf16: {'yes' if m['bf16_native'] else 'no'}"
-           if "kernels" in m else ""),
-        f"- data: {plan.prepare_note}",
-        f"- this call: {total / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" min); {did}",
-        *([f"- first call in this folder: {first['total_s'] / 60:.1f} min on {first['date']}"]
-          if history else []),
-        *([f"- jobs: {estimate['lanes']} at a time, {estimate['threads']} compute thread(s) each; "
-           f"estimated before any work (a {estimate['calibration_s']:.0f} s measurement of this machine): "
-           f"prepare {estimate['prepare_s'] / 60:.1f}, train {estimate['train_s'] / 60:.1f}, "
-           f"eval {estimate['eval_s'] / 60:.1f} min"] if estimate else []),
+        f"# {grid.title}", "", *call_lines(plan, record, history, times, total, did, estimate),
         f"- evaluator: {evaluator.iloc[0] if len(evaluator) else 'FD'} against the test split; "
         "accuracy = share of samples the classifier assigns to their conditioning class", "",
         table, "", "Speed-ups (FD; \"reaches the baseline's final FD N times sooner\", or its best FD "
-        "where the baseline got worse with training; interpolated in log steps, docs/method.md):", "",
+        "where the baseline got worse with training; interpolated in log steps, docs/method.md; a factor "
+        "only where the paired difference at the baseline's step has a Holm-adjusted p < 0.05 over the "
+        "family below and the method was evaluated at two steps or more, else why there is none):", "",
         *(f"- {s}" for s in speedups or ["none measurable yet"]), "",
         "Paired differences (method − baseline, seed k of every spec shares its data order, noise and "
         "evaluation labels; 95% t-interval over the pairs and the paired t-test's p; the comparisons "

@@ -102,37 +102,55 @@ def match_paper(paper: pd.DataFrame, tables: Sequence[str], cfg: dict, provenanc
     if paper.empty or not tables or paper_metric is None:
         return None
     guidance = guidance_of(provenance)
-    method = paper_method(str(cfg.get("spec")), guidance)
     scale = scale_differences(cfg, metric)
     reasons = not_comparable_reasons(cfg, provenance, metric) if scale else []
-    rows = paper[paper["table"].isin(list(tables)) & (paper["metric"] == paper_metric)]
+    rows = _same_method_rows(paper[paper["table"].isin(list(tables)) & (paper["metric"] == paper_metric)],
+                             cfg, guidance, soft=bool(reasons))
+    if not scale:
+        return _exact_match(rows, tables, cfg, provenance, metric, step, accept)
+    return _context_match(rows, cfg, context or {}, reasons)
+
+
+def _same_method_rows(rows: pd.DataFrame, cfg: dict, guidance: dict, *, soft: bool) -> pd.DataFrame:
+    """`rows` of the cell's method, fusion, conditioning and CFG channels, r and w_r (`soft`: r and
+    w_r only where the paper has them), with `_iterations`."""
+    method = paper_method(str(cfg.get("spec")), guidance)
     for column, value in (("method", method), ("fusion", cfg.get("model.fusion")),
                           ("conditional", bool(cfg.get("model.conditional", True))),
                           ("cfg", paper_cfg(guidance))):
         rows = _filter(rows, column, value)
     if method.startswith("redi"):
-        rows = _filter(rows, "pca_rank", as_int(cfg.get("model.pca_rank")), soft=bool(reasons))
+        rows = _filter(rows, "pca_rank", as_int(cfg.get("model.pca_rank")), soft=soft)
     if method == "redi_rg":
-        rows = _filter(rows, "rg_scale", float(guidance.get("rg_scale")), soft=bool(reasons))
-    rows = with_iterations(rows)
-    if not scale:
-        rows = _filter(rows, "model", model_name(cfg))
-        rows = same_length(rows, int(step))
-        if paper_cfg(guidance) != "none":
-            rows = _filter(rows, "cfg_scale", float(guidance["cfg_scale"]))
-        # Tables repeat rows (Table 9 = Table 1 at 400K): the grid's first table wins.
-        rows = next((rows[rows["table"] == t] for t in tables if (rows["table"] == t).sum() == 1),
-                    rows)
-        if len(rows) != 1:
-            return None
-        row = rows.iloc[0]
-        differ = protocol_differences(cfg, json.loads(provenance), metric, guidance,
-                                      str(row["sampler"] or ""), accept)
-        if "do not compare IS/precision/recall" in str(row["note"]) and \
-                paper_metric in ("is", "precision", "recall"):
-            differ.append("the README's IS/precision/recall come from swapped evaluator arguments")
-        return PaperMatch(float(row["value"]), not differ, _paper_label(row), "; ".join(differ))
-    context = context or {}
+        rows = _filter(rows, "rg_scale", float(guidance.get("rg_scale")), soft=soft)
+    return with_iterations(rows)
+
+
+def _exact_match(rows: pd.DataFrame, tables: Sequence[str], cfg: dict, provenance: str, metric: str,
+                 step: int, accept: Sequence[str]) -> PaperMatch | None:
+    """The one paper row of the same model, length and CFG scale; comparable when no protocol
+    setting differs."""
+    guidance = guidance_of(provenance)
+    rows = _filter(rows, "model", model_name(cfg))
+    rows = same_length(rows, int(step))
+    if paper_cfg(guidance) != "none":
+        rows = _filter(rows, "cfg_scale", float(guidance["cfg_scale"]))
+    # Tables repeat rows (Table 9 = Table 1 at 400K): the grid's first table wins.
+    rows = next((rows[rows["table"] == t] for t in tables if (rows["table"] == t).sum() == 1), rows)
+    if len(rows) != 1:
+        return None
+    row = rows.iloc[0]
+    differ = protocol_differences(cfg, json.loads(provenance), metric, guidance,
+                                  str(row["sampler"] or ""), accept)
+    if "do not compare IS/precision/recall" in str(row["note"]) and \
+            row["metric"] in ("is", "precision", "recall"):
+        differ.append("the README's IS/precision/recall come from swapped evaluator arguments")
+    return PaperMatch(float(row["value"]), not differ, _paper_label(row), "; ".join(differ))
+
+
+def _context_match(rows: pd.DataFrame, cfg: dict, context: dict, reasons: list[str]) -> PaperMatch | None:
+    """The full-scale row shown as context for a cell of another scale: the grid's `paper:` model
+    and iterations where it names them, else the same family's largest model, earliest length."""
     family = "DiT" if cfg.get("objective.transport") == "ddpm" else "SiT"
     rows = rows[rows["_iterations"].notna()]
     rows = _filter(rows, "model", context.get("model"), soft=True)

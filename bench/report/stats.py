@@ -4,6 +4,7 @@ A cell's seeds give a mean and a two-sided 95% t-interval (`mean_ci95`). The spe
 baseline's final FID N times sooner" (paper Fig. 2; its best FID where the baseline got worse) is
 interpolated linearly in log(step) on the method's seed-mean curve (`speedup`); `find_speedups`
 pairs every method with its baseline (`speedup_pairs`) and sets the paper's stated factor beside it, as context.
+Whether a report may state a factor is bench.report.speedups' decision (the paired test behind it).
 """
 
 from __future__ import annotations
@@ -54,10 +55,16 @@ class SpeedUp:
     def reached(self) -> bool:
         return self.step is not None
 
-    def describe(self) -> str:
-        """One sentence in the paper's words, with the points used."""
-        head = (f"{self.method} vs {self.baseline}'s {self.target_kind} {self.metric} {self.target:.4g} "
+    @property
+    def head(self) -> str:
+        """What is compared: "<method> vs <baseline>'s final <metric> <target> (at <step>)"."""
+        return (f"{self.method} vs {self.baseline}'s {self.target_kind} {self.metric} {self.target:.4g} "
                 f"(at {fmt_steps(self.baseline_step)})")
+
+    def describe(self) -> str:
+        """One sentence in the paper's words, with the points used, read off the seed-mean curves
+        alone (bench.report.speedups decides whether a report may state it)."""
+        head = self.head
         if not self.reached:
             return f"{head}: not reached ({self.note})"
         points = ", ".join(f"{fmt_steps(s)}: {v:.4g}" for s, v in self.points)
@@ -170,6 +177,7 @@ def find_speedups(cells: pd.DataFrame, conditions: pd.DataFrame, metric: str, gr
                         "reached": result.reached, "step": result.step, "factor": result.factor,
                         "points": json.dumps([[float(a), float(b)] for a, b in result.points]),
                         "note": result.note, "sentence": result.describe(),
+                        "target_kind": result.target_kind, "method_steps": int(curves[method].notna().sum()),
                         "paper_claim": "; ".join(f"x{r.speedup_stated:g} ({r.model}, {r.claim})"
                                                  for r in claim.itertuples())})
     return out

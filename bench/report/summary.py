@@ -15,13 +15,14 @@ and `evals` (eval.jsonl joined with its run's config). Everything else is comput
   Inception, 50K samples, same table, model, method, iterations); otherwise the paper's number of
   the corresponding full-scale setting is shown once, as labelled context, with no difference;
 - the speed-up "reaches the baseline's final FID N times sooner" (Fig. 2) is interpolated linearly
-  in log(step) on the method's seed-mean curve.
+  in log(step) on the method's seed-mean curve, and stated only where the paired difference at the
+  baseline's step survives the report's Holm correction (bench/report/speedups.py).
 
-The work is split over the modules of bench/report/: `common` (the vocabulary), `groups`
+The work is split over the modules of bench/report/: `vocabulary` (the shared words), `conditions`
 (conditions and provenance groups), `published` and `paper_match` (the paper's numbers), `stats`
-(seed statistics and speed-ups) and `tables` (Markdown, LaTeX, CSV); this file gathers a grid's run
-folders into tidy tables, summarizes them into a `Report` (bench/report/tidy_tables.py) and holds the
-command line.
+(seed statistics and speed-ups), `speedups` (which factors may be stated) and `tables` (Markdown,
+LaTeX, CSV); this file gathers a grid's run folders into tidy tables, summarizes them into a
+`Report` (bench/report/tidy_tables.py; its cells through `cell_table`) and holds the command line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,25 +39,23 @@ import pandas as pd
 from bench import runfolder
 from bench.atomic import OutputPathError, check_writable_dir
 from bench.launch import grids
+from bench.report.cell_table import CellTable
 from bench.report.comparability import ACCEPTABLE, check_accept
 from bench.report.conditions import (
-    assign_groups,
-    evaluator_label,
     label_runs,
     per_run_values,
-    provenance_difference,
-    rank_provenance,
 )
 from bench.report.paper_match import (
     load_paper,
-    match_paper,
     paper_tables,
     published_only,
 )
-from bench.report.stats import find_speedups, mean_ci95, split_sampling_seed_setting, without_sampling_seed_settings
+from bench.report.speedups import license_speedups
+from bench.report.stats import find_speedups, without_sampling_seed_settings
 from bench.report.tables import (
     blocks,
     not_comparable_lines,
+    paired_table,
     to_markdown,
     write_report,
 )
@@ -209,18 +207,6 @@ def trained_precision(folder: Path, setting: Any) -> str:
 # The summary every output is rendered from
 
 
-def _grid_settings(grid: dict) -> list[str]:
-    settings = (grid.get("eval") or {}).get("settings") or []
-    return [str(s.get("name")) if isinstance(s, dict) else str(s) for s in settings]
-
-
-def _setting_steps(grid: dict) -> dict[str, set[int]]:
-    """setting -> the only steps it scores, for settings the grid restricts (`steps:`)."""
-    settings = (grid.get("eval") or {}).get("settings") or []
-    return {str(s["name"]): {int(v) for v in s["steps"]} for s in settings
-            if isinstance(s, dict) and s.get("steps")}
-
-
 def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None = None,
               accept: Sequence[str] = ()) -> Report:
     """Aggregate seeds, separate provenance groups, attach the paper's numbers, find speed-ups.
@@ -231,12 +217,7 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
     # `bench eval --sampling-seeds` rows (setting '<name>+seed=<k>') measure evaluation noise of one
     # checkpoint; tables.py shows them in their own section, not as settings of the grid.
     values = without_sampling_seed_settings(values)
-    measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
-    metric = metric or next((m for m in ("fid", "fd_classifier", "fd_dinov2") if m in measured),
-                            measured[0] if measured else "fid")
-    if measured and metric not in measured:
-        raise ReportError(f"--metric {metric!r} was not measured in grid {g.name!r}; "
-                          f"measured metrics: {measured}")
+    metric = _primary_metric(values, metric, g.name)
     notes = list(g.notes)
     paper = load_paper(notes) if paper is None else paper
     tables = paper_tables(g.grid)
@@ -244,93 +225,31 @@ def summarize(g: Gathered, metric: str | None = None, paper: pd.DataFrame | None
         notes.append("the grid does not say which paper table it regenerates: no paper column")
     notes += [f"--accept {a}: rows differing from the paper only in {ACCEPTABLE[a]} are counted "
               "as comparable, at the user's request" for a in check_accept(accept)]
-    configs = runs.dropna(subset=["spec"]).groupby("condition").first() \
-        if "spec" in runs else pd.DataFrame()
-    seed_of = dict(zip(runs["run"], runs[SEED_COLUMN])) if SEED_COLUMN in runs else {}
-    n_runs = dict(zip(conditions["condition"], conditions["n_runs"]))
-    grid_steps = sorted({int(s) for s in ((g.grid.get("eval") or {}).get("steps") or [])})
-    expected = {c: json.loads(t) or grid_steps
-                for c, t in zip(conditions["condition"], conditions["expected_steps"])}
-    rows, missing = [], []
-    applies = _settings_per_condition(runs)
-    only = _setting_steps(g.grid)
-
-    def expected_for(setting: str, condition: str) -> list[int]:
-        return [s for s in expected[condition] if setting not in only or s in only[setting]]
-
-    def add(setting: str, name: str, group: int, reason: str, condition: str,
-            provenance: str, steps: Sequence[int], part: pd.DataFrame) -> None:
-        cfg = configs.loc[condition].to_dict() if condition in configs.index else {}
-        for step in steps:
-            cell = part[(part["condition"] == condition) & (part["step"] == step)
-                        & (part["provenance"] == provenance)]
-            mean, half, n = mean_ci95(cell["value"])
-            if n == 0:
-                missing.append(f"{setting}/{name}: {condition} at step {step}")
-            match = match_paper(paper, tables, cfg, provenance, name, step,
-                                g.grid.get("paper"), accept) if cfg else None
-            if match and not match.same_step and step != steps[-1]:
-                match = None  # context of another length is shown once, at the final length
-            rows.append({
-                "setting": setting, "metric": name, "group": group, "provenance": provenance,
-                "set_apart_reason": reason, "condition": condition, "spec": cfg.get("spec"),
-                "evaluator": evaluator_label(name, provenance, cfg.get("data.name")),
-                "step": int(step), "n_seeds": n, "n_runs": n_runs[condition], "mean": mean,
-                "half_width": half, "ci_low": mean - half, "ci_high": mean + half,
-                "seeds": json.dumps(sorted(int(seed_of[r]) for r in cell["run"] if r in seed_of)),
-                "paper": match.value if match else math.nan,
-                "paper_comparable": bool(match and match.comparable),
-                "paper_exact": bool(match and match.same_step),
-                "paper_label": match.label if match else "",
-                "paper_reason": match.reason if match else "",
-                "diff": mean - match.value if match and match.comparable else math.nan})
-
+    builder = CellTable.for_grid(g.grid, runs, conditions, paper, tables, accept)
     for (setting, name), frame in values.groupby(["setting", "metric"], sort=True):
-        main, apart = assign_groups(frame)
-        fallback = rank_provenance(frame)[0]
-        in_main = [main.get(c) == p for c, p in zip(frame["condition"], frame["provenance"])]
-        main_steps = sorted(frame.loc[in_main, "step"].unique())
-        for condition in conditions["condition"]:
-            if setting not in applies.get(condition, {setting}):
-                continue  # the grid's `match` does not give this condition that setting
-            provenance = main.get(condition, fallback)
-            own = frame[(frame["condition"] == condition) & (frame["provenance"] == provenance)]
-            steps = sorted({*(expected_for(setting, condition) or main_steps), *own["step"]})
-            add(setting, name, 0, "", condition, provenance, steps, frame)
-        for index, provenance in enumerate(apart, start=1):
-            part = frame[frame["provenance"] == provenance]
-            for condition in conditions["condition"]:
-                if main.get(condition) == provenance or condition not in set(part["condition"]):
-                    continue
-                reason = provenance_difference(provenance, main.get(condition, fallback))
-                steps = sorted(part.loc[part["condition"] == condition, "step"].unique())
-                add(setting, name, index, reason, condition, provenance, steps, part)
-    for name in dict.fromkeys(_grid_settings(g.grid)):
-        if name in set(values["setting"]) or split_sampling_seed_setting(name) is not None:
-            continue
-        todo = [f"setting {name}: {c} at step {step} (nothing measured in this setting yet)"
-                for c in conditions["condition"] if name in applies.get(c, {name})
-                for step in expected_for(name, c)]
-        missing += todo or [f"setting {name}: nothing measured yet"]
-    cells = pd.DataFrame(rows, columns=CELL_COLUMNS)
-    final = {c: (steps[-1] if steps else None) for c, steps in expected.items()}
-    speedups = find_speedups(cells, conditions, metric, g.grid, final)
+        builder.add_setting(setting, name, frame)
+    builder.list_unmeasured_settings(set(values["setting"]))
+    cells = pd.DataFrame(builder.rows, columns=CELL_COLUMNS)
+    final = {c: (steps[-1] if steps else None) for c, steps in builder.expected.items()}
     # Methods the grid trains (at any size: a miniature grid stands for the full-scale rows)
     trained = set(runs["spec"].dropna()) if "spec" in runs else set()
     published = published_only(paper, tables, trained | ({"redi"} if "redi_rg" in trained else set()))
-    return Report(g, metric, conditions, cells, speedups, missing, notes, published)
+    report = Report(g, metric, conditions, cells, [], builder.missing, notes, published)
+    # A factor read off seed means is stated only where the paired test behind it licenses it.
+    report.speedups = license_speedups(find_speedups(cells, conditions, metric, g.grid, final),
+                                       paired_table(report))
+    return report
 
 
-def _settings_per_condition(runs: pd.DataFrame) -> dict[str, set[str]]:
-    """condition -> the eval settings the grid applies to its runs (absent: every setting)."""
-    if "expected_settings" not in runs or "condition" not in runs:
-        return {}
-    out: dict[str, set[str]] = {}
-    for condition, part in runs.groupby("condition", sort=False):
-        texts = [t for t in part["expected_settings"] if isinstance(t, str)]
-        if len(texts) == len(part):  # every run of it came from the grid
-            out[condition] = {name for text in texts for name in json.loads(text)}
-    return out
+def _primary_metric(values: pd.DataFrame, metric: str | None, grid_name: str) -> str:
+    """The metric of plots and speed-ups: the one asked for, else FID, else a classifier FD."""
+    measured = sorted(values["metric"].dropna().unique(), key=metric_rank)
+    metric = metric or next((m for m in ("fid", "fd_classifier", "fd_dinov2") if m in measured),
+                            measured[0] if measured else "fid")
+    if measured and metric not in measured:
+        raise ReportError(f"--metric {metric!r} was not measured in grid {grid_name!r}; "
+                          f"measured metrics: {measured}")
+    return metric
 
 
 def main(argv: Sequence[str] | None = None) -> int:

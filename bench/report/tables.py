@@ -15,6 +15,7 @@ from bench.atomic import atomic_write_text, remove_stale_temporaries
 from bench.report.conditions import describe_provenance, guidance_of, label_runs, per_run_values
 from bench.report.paper_match import paper_tables
 from bench.report.plots import plot_convergence, plot_losses
+from bench.report.speedups import paired_cell, speedup_cell
 from bench.report.stats import (
     holm_family,
     paired_comparisons,
@@ -161,6 +162,19 @@ def not_comparable_lines(report: Report) -> list[str]:
 
 def render_markdown(report: Report) -> str:
     """The whole report as Markdown; deterministic (no paths, no clocks) for the golden test."""
+    lines = [*_header_lines(report), *_setting_lines(report), *_not_comparable_section(report),
+             *_published_section(report), *_speedup_section(report), *render_paired_section(report)]
+    runs = report.conditions[["condition", "n_runs", "status", "runs"]]
+    lines += ["## Runs", "", to_markdown(runs.set_axis(["Condition", "runs", "status", "folders"],
+                                                       axis=1)), ""]
+    if report.missing:
+        lines += ["## Not measured yet", "", *(f"- {m}" for m in report.missing), ""]
+    lines += ["## Notes", "", *(f"- {n}" for n in report.notes), ""] if report.notes else []
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _header_lines(report: Report) -> list[str]:
+    """Title, the paper table, the runs' states and how to read ±, Δ and "not measured"."""
     g = report.gathered
     tables = paper_tables(g.grid)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(g.runs["status"].value_counts().items()))
@@ -176,6 +190,12 @@ def render_markdown(report: Report) -> str:
     if report.cells.empty:
         lines += ["Nothing is evaluated yet: run the grid's eval stage "
                   f"(`bench grid {g.name} --stage eval`).", ""]
+    return lines
+
+
+def _setting_lines(report: Report) -> list[str]:
+    """Per setting: its main table, then each set-apart table, with their provenance and context."""
+    lines = []
     for setting, title, cells, table in blocks(report):
         lines += [f"## Setting `{setting}`: main" if title == "main" else f"### {title}", ""]
         if title != "main":
@@ -189,49 +209,54 @@ def render_markdown(report: Report) -> str:
             lines += ["Paper context: the paper's number for the corresponding full-scale setting "
                       "(named in the last column) is shown for orientation only. No difference is "
                       f"computed: {'; '.join(reasons)}.", ""]
-    if lines_off := not_comparable_lines(report):
-        lines += ["## Not comparable with the paper", "", "The paper's number for the same model, "
-                  "method and length is shown, without a difference, because these differ:", "",
-                  *(f"- {line.removeprefix('not comparable with the paper: ')}"
-                    for line in lines_off), ""]
-    if not report.published.empty:
-        metrics = [m for m in report.published.columns
-                   if m in ("fid", "sfid", "is", "precision", "recall")]
-        shown = report.published.astype(object)
-        for m in metrics:  # as printed; "–" where the paper prints none
-            shown[m] = [f"{v:g}" if pd.notna(v) else "–" for v in report.published[m]]
-        shown = shown.fillna("").rename(columns={"table": "Table", "system": "System",
-                                                 "length": "Training", "note": "Note",
-                                                 **{m: metric_label(m) for m in metrics}})
-        lines += ["## As published, not trained by this grid", "",
-                  "Other rows of the paper's table: other papers' numbers as the ReDi paper prints "
-                  "them (\"–\": not reported). Nothing here was measured by this harness.", "",
-                  to_markdown(shown), ""]
-    lines += [f"## Speed-ups ({report.metric}): reaches the baseline's final value N times "
-              "sooner", ""]
-    if report.speedups:
-        rows = [{"Setting": s["setting"], "Method": s["method"], "Baseline": s["baseline"],
-                 "baseline final": f"{s['target']:.4g} at {fmt_steps(s['baseline_final_step'])}",
-                 "reached at": fmt_steps(s["step"]) if s["reached"]
-                 else f"not reached (by {fmt_steps(json.loads(s['points'])[-1][0])})",
-                 "speed-up": f"{s['factor']:.2f}x" if s["reached"] else "not reached",
-                 "points used": ", ".join(f"({fmt_steps(a)}, {b:.4g})"
-                                          for a, b in json.loads(s["points"])),
-                 "note": s["note"], "paper states (ImageNet, context)": s["paper_claim"]}
-                for s in report.speedups]
-        lines += [to_markdown(pd.DataFrame(rows)), "", "Linear interpolation of the seed-mean "
-                  "value against log(step) between the points used; the factor is the baseline's "
-                  "final step divided by the step found.", ""]
-    else:
-        lines += ["No method/baseline pair with measured curves yet.", ""]
-    lines += render_paired_section(report)
-    runs = report.conditions[["condition", "n_runs", "status", "runs"]]
-    lines += ["## Runs", "", to_markdown(runs.set_axis(["Condition", "runs", "status", "folders"],
-                                                       axis=1)), ""]
-    if report.missing:
-        lines += ["## Not measured yet", "", *(f"- {m}" for m in report.missing), ""]
-    lines += ["## Notes", "", *(f"- {n}" for n in report.notes), ""] if report.notes else []
-    return "\n".join(lines).rstrip("\n") + "\n"
+    return lines
+
+
+def _not_comparable_section(report: Report) -> list[str]:
+    if not (lines_off := not_comparable_lines(report)):
+        return []
+    return ["## Not comparable with the paper", "", "The paper's number for the same model, "
+            "method and length is shown, without a difference, because these differ:", "",
+            *(f"- {line.removeprefix('not comparable with the paper: ')}" for line in lines_off), ""]
+
+
+def _published_section(report: Report) -> list[str]:
+    """The regenerated table's rows the grid does not train, as the paper prints them."""
+    if report.published.empty:
+        return []
+    metrics = [m for m in report.published.columns if m in ("fid", "sfid", "is", "precision", "recall")]
+    shown = report.published.astype(object)
+    for m in metrics:  # as printed; "–" where the paper prints none
+        shown[m] = [f"{v:g}" if pd.notna(v) else "–" for v in report.published[m]]
+    shown = shown.fillna("").rename(columns={"table": "Table", "system": "System",
+                                             "length": "Training", "note": "Note",
+                                             **{m: metric_label(m) for m in metrics}})
+    return ["## As published, not trained by this grid", "",
+            "Other rows of the paper's table: other papers' numbers as the ReDi paper prints "
+            "them (\"–\": not reported). Nothing here was measured by this harness.", "",
+            to_markdown(shown), ""]
+
+
+def _speedup_section(report: Report) -> list[str]:
+    """The speed-ups: a factor only where bench.report.speedups licenses it, else why none."""
+    lines = [f"## Speed-ups ({report.metric}): reaches the baseline's final value N times sooner", ""]
+    if not report.speedups:
+        return [*lines, "No method/baseline pair with measured curves yet.", ""]
+    rows = [{"Setting": s["setting"], "Method": s["method"], "Baseline": s["baseline"],
+             "baseline final": f"{s['target']:.4g} at {fmt_steps(s['baseline_final_step'])}",
+             "speed-up": speedup_cell(s),
+             "paired Δ at that step": paired_cell(s),
+             "points used (seed means)": ", ".join(f"({fmt_steps(a)}, {b:.4g})"
+                                                   for a, b in json.loads(s["points"])),
+             "note": s["note"], "paper states (ImageNet, context)": s["paper_claim"]}
+            for s in report.speedups]
+    return [*lines, to_markdown(pd.DataFrame(rows)), "",
+            "A factor is stated only where the paired difference method − baseline at the baseline's "
+            "step (section \"Paired comparisons\", the same family) has a Holm-adjusted p < 0.05 and "
+            "points the factor's way, and only for a method evaluated at two steps or more; "
+            "otherwise the row says why there is none. The factor interpolates the seed-mean value "
+            "linearly against log(step) between the points used: the baseline's final step divided "
+            "by the step found.", "", *(f"- `{s['setting']}`: {s['sentence']}" for s in report.speedups), ""]
 
 
 def write_report(report: Report, out_dir: str | Path, *, plots: bool = True) -> Path:
