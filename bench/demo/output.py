@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -234,42 +235,77 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
     rows = rows_of(report, grid, cells)
     atomic_write_text(out / "table.csv", rows.to_csv(index=False))
     evaluator = report.cells.loc[report.cells["metric"] == FD, "evaluator"]
-    plot_convergence(rows, evaluator.iloc[0] if len(evaluator) else "FD", out / "convergence.png")
+    evaluator = evaluator.iloc[0] if len(evaluator) else "FD"
+    plot_convergence(rows, evaluator, out / "convergence.png")
     figures = sample_figures(report, rows, out)
+    call = _record_call(out / "invocations.jsonl", times, reused, began, estimate)
+    table, speedups = markdown_table(rows), speedup_lines(report, rows, grid.baseline or "latent_only")
+    paired, family = paired_lines(report)
+    lines = [*_summary_head(grid.title, plan.prepare_note, call, estimate, evaluator), "",
+             *_summary_body(table, speedups, paired, family, figures)]
+    atomic_write_text(out / "summary.md", "\n".join(lines))
+    return "\n".join([f"\n{grid.title}\n", table, "", *speedups, "", *paired, "",
+                      f"this call: {call.total / 60:.1f} min; {call.did}", f"summary: {out / 'summary.md'}"])
+
+
+@dataclass
+class _Call:
+    """This `bench demo` call as invocations.jsonl records it, and the earlier calls' records."""
+
+    record: dict
+    history: list[dict]
+    times: dict
+    """Seconds per stage, the report's included."""
+    total: float
+    did: str
+    """What was reused and what ran now, in words."""
+
+
+def _record_call(log: Path, times: dict, reused: dict, began: float, estimate: Optional[dict]) -> _Call:
+    """Append this call (date, stage times, what was reused, machine, commit, estimate) to `log`."""
     times = {**times, "report": time.time() - began - sum(times.values())}
     total = time.time() - began
     record = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "total_s": round(total, 1),
               **{f"{k}_s": round(v, 1) for k, v in times.items()}, **reused, "machine": machine(),
               "commit": git_commit(), "estimate": estimate}
-    log = out / "invocations.jsonl"
     history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
         if log.is_file() else []
     atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in [*history, record]))
-    m = record["machine"]
-    table, speedups = markdown_table(rows), speedup_lines(report, rows, grid.baseline or "latent_only")
-    paired, family = paired_lines(report)
     did = (f"reused: prepare {'yes' if reused['prepare'] else 'no'}, "
            f"{reused['cells'] - reused['trained']}/{reused['cells']} trained cells, "
            f"evaluations run now: {reused['evaluated']}")
+    return _Call(record, history, times, total, did)
+
+
+def _summary_head(title: str, data_note: str, call: _Call, estimate: Optional[dict],
+                  evaluator: str) -> list[str]:
+    """summary.md's title and its list: date, machine, data, this call's times, the estimate."""
+    record, history, m = call.record, call.history, call.record["machine"]
     first = history[0] if history else record
-    lines = [
-        f"# {grid.title}", "",
+    return [
+        f"# {title}", "",
         f"- date: {record['date']}",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}, {m['platform']}"
         + (f"; CPU kernels {m['kernels']}, the CPU has native bf16: {'yes' if m['bf16_native'] else 'no'}"
            if "kernels" in m else ""),
-        f"- data: {plan.prepare_note}",
-        f"- this call: {total / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" min); {did}",
+        f"- data: {data_note}",
+        f"- this call: {call.total / 60:.1f} min ("
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in call.times.items()) + f" min); {call.did}",
         *([f"- first call in this folder: {first['total_s'] / 60:.1f} min on {first['date']}"]
           if history else []),
         *([f"- jobs: {estimate['lanes']} at a time, {estimate['threads']} compute thread(s) each; "
            f"estimated before any work (a {estimate['calibration_s']:.0f} s measurement of this machine): "
            f"prepare {estimate['prepare_s'] / 60:.1f}, train {estimate['train_s'] / 60:.1f}, "
            f"eval {estimate['eval_s'] / 60:.1f} min"] if estimate else []),
-        f"- evaluator: {evaluator.iloc[0] if len(evaluator) else 'FD'} against the test split; "
-        "accuracy = share of samples the classifier assigns to their conditioning class", "",
+        f"- evaluator: {evaluator} against the test split; "
+        "accuracy = share of samples the classifier assigns to their conditioning class"]
+
+
+def _summary_body(table: str, speedups: list[str], paired: list[str], family: int,
+                  figures: list[Path]) -> list[str]:
+    """summary.md after its list: the table, the speed-ups, the paired differences, the files."""
+    return [
         table, "", "Speed-ups (FD; \"reaches the baseline's final FD N times sooner\", or its best FD "
         "where the baseline got worse with training; interpolated in log steps, docs/method.md):", "",
         *(f"- {s}" for s in speedups or ["none measurable yet"]), "",
@@ -283,6 +319,3 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
         "machinery, not which method wins; `results/studies/embedded/confirm/` tests that on five seeds.", "",
         "Files: `convergence.png`, " + ", ".join(f"`{p.name}`" for p in figures)
         + ", `table.csv`, `report/` (`bench report` of this grid: report.md, CSV, LaTeX, plots).", ""]
-    atomic_write_text(out / "summary.md", "\n".join(lines))
-    return "\n".join([f"\n{grid.title}\n", table, "", *speedups, "", *paired, "",
-                      f"this call: {total / 60:.1f} min; {did}", f"summary: {out / 'summary.md'}"])
