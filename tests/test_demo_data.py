@@ -128,3 +128,30 @@ def test_a_setting_evaluated_at_one_step_gets_no_speedup_factor():
     assert one == (f"[RG w_r=1.5 against no guidance] ReDi + RG w_r=1.5: evaluated at 600 only ({FD} 35.70, "
                    "SiT 40.60); no speed-up factor from a single evaluated step")
     assert "sooner" in two and "x" in two  # two evaluated steps: the interpolated factor stands
+
+
+def test_the_report_s_speedups_give_no_factor_for_a_setting_evaluated_at_one_step():
+    """The report's own speed-ups (bench.report.stats.find_speedups) pass through the summary only where
+    the method's curve in that setting has two or more evaluated steps: REPA at 300 and 600 keeps its
+    interpolated factor; ReDi in a setting evaluated only at 600 would get 'reached at the first
+    evaluated step', a factor from one point, and gets the two values at that step instead."""
+    from bench.demo.output import FD, speedup_lines
+    from bench.report.stats import find_speedups
+
+    conditions = pd.DataFrame({"condition": ["SiT", "REPA", "ReDi"], "spec": ["latent_only", "repa", "redi"],
+                               "model": ["SiT-tiny/1"] * 3})
+    measured = [("plain", "SiT", 300, 68.6), ("plain", "SiT", 600, 40.6), ("plain", "REPA", 300, 50.0),
+                ("plain", "REPA", 600, 30.0), ("late", "SiT", 600, 40.0), ("late", "ReDi", 600, 35.0)]
+    cells = pd.DataFrame([{"setting": s, "condition": c, "step": step, "mean": v, "metric": FD, "group": 0,
+                           "n_seeds": 2} for s, c, step, v in measured])
+    found = find_speedups(cells, conditions, FD, {"baseline": "latent_only"})
+    single = next(s for s in found if s["setting"] == "late" and s["method"] == "ReDi")
+    assert single["factor"] is not None and "first evaluated step" in single["note"]  # what would be said
+    report = SimpleNamespace(speedups=found, cells=cells, conditions=conditions)
+    rows = pd.DataFrame(columns=["spec", "sampling", "step", FD])  # no guided settings in this grid
+    lines = speedup_lines(report, rows, "latent_only")
+    assert f"[late] ReDi: evaluated at 600 only ({FD} 35.00, SiT 40.00); no speed-up factor from a single " \
+           "evaluated step" in lines
+    assert not any("sooner" in line or "factor 1" in line for line in lines if line.startswith("[late]"))
+    repa = [line for line in lines if line.startswith("[plain] REPA vs SiT")]
+    assert len(repa) == 1 and "sooner" in repa[0] and "interpolated" in repa[0]

@@ -129,21 +129,19 @@ def paired_lines(report) -> tuple[list[str], int]:
 def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
     """The report's speed-ups, plus every guided setting against the unguided baseline.
 
-    A setting evaluated at one step gets no factor: one point says where the curve stands, not
-    when it reached the baseline's value (the factor would be 1 or a bound nobody can use). Its
-    line gives the two FDs at that step instead."""
+    A setting evaluated at one step gets no factor, in either kind of line: one point says where
+    the curve stands, not when it reached the baseline's value (the factor would be 1 or a bound
+    nobody can use). Its line gives the two values at that step instead."""
 
-    lines = [f"[{s['setting']}] {s['sentence']}" for s in report.speedups]
+    lines = [_report_speedup_line(report, s) for s in report.speedups]
     base = rows[(rows["spec"] == baseline) & (rows["sampling"] == "no guidance")].set_index("step")[FD]
     name = dict(zip(report.conditions["spec"], report.conditions["condition"]))
     for (spec, sampling), part in rows[rows["sampling"] != "no guidance"].groupby(["spec", "sampling"]):
         method, base_name = f"{name.get(spec, spec)} + {sampling}", name.get(baseline, baseline)
         curve = part.set_index("step")[FD].dropna()
         if len(curve) == 1:
-            step, value = int(curve.index[0]), float(curve.iloc[0])
-            beside = f", {base_name} {base[step]:.2f}" if step in base.index and pd.notna(base[step]) else ""
-            lines.append(f"[{sampling} against no guidance] {method}: evaluated at {fmt_steps(step)} only "
-                         f"({FD} {value:.2f}{beside}); no speed-up factor from a single evaluated step")
+            lines.append(_single_step_line(f"{sampling} against no guidance", method, base_name, FD,
+                                           curve, base))
             continue
         try:
             result = speedup(base, curve, method_name=method, baseline_name=base_name, metric=FD)
@@ -151,6 +149,28 @@ def speedup_lines(report, rows: pd.DataFrame, baseline: str) -> list[str]:
             continue
         lines.append(f"[{sampling} against no guidance] {result.describe()}")
     return lines
+
+
+def _report_speedup_line(report, found: dict) -> str:
+    """One of the report's speed-ups (bench.report.stats.find_speedups), or, where the method's
+    curve in that setting has a single evaluated step, the two values at that step instead."""
+    cells = report.cells
+    main = cells[(cells["metric"] == found["metric"]) & (cells["group"] == 0) & (cells["n_seeds"] > 0)
+                 & (cells["setting"] == found["setting"])]
+    curve = main[main["condition"] == found["method"]].set_index("step")["mean"].dropna()
+    base = main[main["condition"] == found["baseline"]].set_index("step")["mean"].dropna()
+    if len(curve) == 1:
+        return _single_step_line(found["setting"], found["method"], found["baseline"], found["metric"],
+                                 curve, base)
+    return f"[{found['setting']}] {found['sentence']}"
+
+
+def _single_step_line(label: str, method: str, base_name: str, metric: str, curve: pd.Series,
+                      base: pd.Series) -> str:
+    step, value = int(curve.index[0]), float(curve.iloc[0])
+    beside = f", {base_name} {base[step]:.2f}" if step in base.index and pd.notna(base[step]) else ""
+    return (f"[{label}] {method}: evaluated at {fmt_steps(step)} only ({metric} {value:.2f}{beside}); "
+            "no speed-up factor from a single evaluated step")
 
 
 def _figure():
