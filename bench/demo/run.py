@@ -409,57 +409,13 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     began = time.time()
     grid = load_grid(plan.grid)
     cells = expand(grid, plan.overrides)
-    specs = sorted({c.cfg.spec for c in cells}, key=[c.cfg.spec for c in cells].index)
-    seeds = sorted({c.cfg.train.seed for c in cells})
-    printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid}: "
-                f"{', '.join(specs)}; {len(seeds)} paired seed(s) each; {len(cells)} cells\n"
-                + (f"  measured elsewhere: {plan.measured}\n" if plan.measured else "")
-                + f"  data: {plan.prepare_note}"
-                f"{f' from {plan.data_root}' if plan.data_root else ''}\n"
-                f"  prepared: {plan.prepared_dir}\n  runs: {plan.runs_root / plan.grid}\n"
-                f"  output: {plan.out_dir}")
+    _announce(plan, cells, printer)
     manifest = plan.prepared_dir / "manifest.json"
     stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
     work = Work(cells, started=began)
-    try:
-        counts = None if stamp else prepare_counts(plan)
-    except DatasetError as err:
-        if plan.grid == "demo_quick":
-            raise
-        raise DemoError(f"{err}; or run `bench demo --quick` (scikit-learn digits, nothing to "
-                        "install)") from None
-    rows = grid_status(grid, plan.overrides)
-    todo = eval_todo(grid, cells)
-    if stamp is None or todo or any(r["state"] != "done" for r in rows):  # else: nothing to estimate
-        work.costs = calibrate_machine(plan, cells, grid, printer, first_run=stamp is None)
-    if work.costs is not None:
-        est = stage_estimate(work, rows, todo, counts)
-        finish = time.strftime("%H:%M", time.localtime(time.time() + est.total_s))
-        train_units = ", ".join(f"{spec} {work.costs.train_step_s[spec]:.2f}" for spec in work.costs.train_step_s)
-        printer.say(f"estimate for this machine (measured in {work.costs.seconds:.0f} s; s/step {train_units}): "
-                    + (f"prepare ~{fmt_time(est.prepare_s)} (first run only), " if counts else "")
-                    + f"training ~{fmt_time(est.train_s)}, evaluation ~{fmt_time(est.eval_s)}; "
-                    f"total ~{fmt_time(est.total_s)}, done around {finish} if the machine stays as "
-                    "loaded as now")
-        if plan.grid == "demo" and est.total_s > BUDGET_S:
-            printer.say(f"  that is over the demo's {BUDGET_S // 60:.0f}-minute budget on this machine (slower "
-                        "or busier than the one it was sized on); it still runs to the end and resumes "
-                        "after Ctrl-C. The smaller setting, `bench demo --quick`, is a few-minute smoke run "
-                        "of the same path on digits.")
-    printer.say("prepare: " + ("checking the cached prepared data ..." if stamp else
-                               "first run: training the VAE and the evaluation classifier, then "
-                               "encoding the images (cached for every later run) ..."))
+    est = _estimate_before_work(plan, grid, cells, work, printer, stamp)
     t0 = time.time()
-    try:
-        prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16,
-                         data_root=plan.data_root)
-    except DatasetError as err:
-        if plan.grid == "demo_quick":
-            raise
-        raise DemoError(f"{err}; or run `bench demo --quick` (scikit-learn digits, nothing to "
-                        "install)") from None
-    except PrepareError as err:  # e.g. the folder holds another prepare: name the demo's option
-        raise DemoError(f"{err} (bench demo: --prepared-dir DIR chooses the folder)") from None
+    _prepare(plan, printer, stamp)
     times = {"prepare": time.time() - t0}
     t0 = time.time()
     trained = run_train(plan, grid, cells, work, printer)
@@ -476,6 +432,72 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
                            "threads": plan.threads, **{k: round(v, 1) for k, v in vars(est).items()}}
     printer.say(write_outputs(plan, grid, cells, times, reused, began, estimate_record))
     return plan.out_dir
+
+
+def _announce(plan: DemoPlan, cells, printer: Printer) -> None:
+    """What runs (specs, seeds, cells) and where everything comes from and goes."""
+    specs = sorted({c.cfg.spec for c in cells}, key=[c.cfg.spec for c in cells].index)
+    seeds = sorted({c.cfg.train.seed for c in cells})
+    printer.say(f"bench demo{' --quick' if plan.grid == 'demo_quick' else ''}: grid {plan.grid}: "
+                f"{', '.join(specs)}; {len(seeds)} paired seed(s) each; {len(cells)} cells\n"
+                + (f"  measured elsewhere: {plan.measured}\n" if plan.measured else "")
+                + f"  data: {plan.prepare_note}"
+                f"{f' from {plan.data_root}' if plan.data_root else ''}\n"
+                f"  prepared: {plan.prepared_dir}\n  runs: {plan.runs_root / plan.grid}\n"
+                f"  output: {plan.out_dir}")
+
+
+@contextlib.contextmanager
+def _fetch_hint(plan: DemoPlan):
+    """The full demo's missing or unreadable Fashion-MNIST also names `--quick`, which needs no files."""
+    try:
+        yield
+    except DatasetError as err:
+        if plan.grid == "demo_quick":
+            raise
+        raise DemoError(f"{err}; or run `bench demo --quick` (scikit-learn digits, nothing to "
+                        "install)") from None
+
+
+def _estimate_before_work(plan: DemoPlan, grid, cells, work: Work, printer: Printer,
+                          stamp: Optional[int]) -> Optional[Estimate]:
+    """Calibrate this machine (sets `work.costs`) unless everything is done, and print what every
+    stage will take. `stamp`: the prepared manifest's mtime (None: prepare has not finished)."""
+    with _fetch_hint(plan):
+        counts = None if stamp else prepare_counts(plan)
+    rows = grid_status(grid, plan.overrides)
+    todo = eval_todo(grid, cells)
+    if stamp is None or todo or any(r["state"] != "done" for r in rows):  # else: nothing to estimate
+        work.costs = calibrate_machine(plan, cells, grid, printer, first_run=stamp is None)
+    if work.costs is None:
+        return None
+    est = stage_estimate(work, rows, todo, counts)
+    finish = time.strftime("%H:%M", time.localtime(time.time() + est.total_s))
+    train_units = ", ".join(f"{spec} {work.costs.train_step_s[spec]:.2f}" for spec in work.costs.train_step_s)
+    printer.say(f"estimate for this machine (measured in {work.costs.seconds:.0f} s; s/step {train_units}): "
+                + (f"prepare ~{fmt_time(est.prepare_s)} (first run only), " if counts else "")
+                + f"training ~{fmt_time(est.train_s)}, evaluation ~{fmt_time(est.eval_s)}; "
+                f"total ~{fmt_time(est.total_s)}, done around {finish} if the machine stays as "
+                "loaded as now")
+    if plan.grid == "demo" and est.total_s > BUDGET_S:
+        printer.say(f"  that is over the demo's {BUDGET_S // 60:.0f}-minute budget on this machine (slower "
+                    "or busier than the one it was sized on); it still runs to the end and resumes "
+                    "after Ctrl-C. The smaller setting, `bench demo --quick`, is a few-minute smoke run "
+                    "of the same path on digits.")
+    return est
+
+
+def _prepare(plan: DemoPlan, printer: Printer, stamp: Optional[int]) -> None:
+    """The embedded default's prepared data: made on a first run, checked (and reused) after."""
+    printer.say("prepare: " + ("checking the cached prepared data ..." if stamp else
+                               "first run: training the VAE and the evaluation classifier, then "
+                               "encoding the images (cached for every later run) ..."))
+    try:
+        with _fetch_hint(plan):
+            prepare_embedded(plan.prepared_dir, plan.data_name, plan.prepare, pca_rank_max=16,
+                             data_root=plan.data_root)
+    except PrepareError as err:  # e.g. the folder holds another prepare: name the demo's option
+        raise DemoError(f"{err} (bench demo: --prepared-dir DIR chooses the folder)") from None
 
 
 # ------------------------------------------------------------------------------------------------

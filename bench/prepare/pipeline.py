@@ -519,6 +519,25 @@ def prepare_state(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptio
     return PrepareState(out, settings_hash, names, encoded, final, complete, sum(len(r) for *_, r in plan))
 
 
+@dataclass
+class _PrepareCall:
+    """What the steps of one `run_prepare` call share: the configs, this task, the checked inputs."""
+
+    cfg_data: DataConfig
+    cfg_vae: VAEConfig
+    cfg_encoder: EncoderConfig
+    options: PrepareOptions
+    out: Path
+    task_index: int
+    task_count: int
+    sources: dict[str, ImageSource]
+    encoder: SemanticEncoder
+    vae: Optional[LatentVAE]
+    settings_hash: str
+    started: float
+    device: torch.device = CPU
+
+
 def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions] = None) -> Path:
     """Prepare `cfg_data` with the VAE and semantic encoder of the configs (bench.config's
     DataConfig, VAEConfig, EncoderConfig) into `cfg_data.prepared_dir`; returns that folder.
@@ -531,67 +550,94 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
     out = Path(cfg_data.prepared_dir)
     started = time.time()
     sources, encoder, vae, settings, settings_hash = _checked(cfg_data, cfg_vae, cfg_encoder, options)
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file() and _up_to_date(out, settings_hash, options):
+    if (out / MANIFEST).is_file() and _up_to_date(out, settings_hash, options):
         return out
     pca = _supplied_pca(encoder, options, out, settings_hash)  # validated before anything is written
     if pca is None and "train" not in sources:
         raise PrepareError("the PCA is fitted on the train split; include 'train' in splits or "
                            "pass pca_path (a PCA fitted earlier)")
+    call = _PrepareCall(cfg_data, cfg_vae, cfg_encoder, options, out, task_index, task_count,
+                        sources, encoder, vae, settings_hash, started)
+    pca = _start_folder(call, settings, pca)
+    lane_timings = {}
+    if task_count == 1 and options.lanes > 1:
+        lane_timings = _run_lanes(call)
+        call.options = replace(options, lanes=1)
+    call.vae = call.vae or load_vae(cfg_vae, embedded_dir=out / "vae")
+    call.device = _device(call.options)
+    call.vae, call.encoder = call.vae.to(call.device), encoder.to(call.device)
 
+    plan = _plan(sources, call.options)
+    pca_rows = pca_fit_selection(sum(len(r) for s, _, r in plan if s == "train"), cfg_encoder,
+                                 call.options.seed) if pca is None else None
+    mine, count, encode_seconds = _encode_share(call, plan, pca_rows)
+    if pca is None:
+        pca = _fitted_pca(call, plan, pca_rows)
+    if pca is None:
+        print("prepare: this task's shards are encoded; the PCA waits for the other tasks' "
+              "train shards. Re-run prepare (any task) once they finish.", flush=True)
+        return out
+    _project_and_finish(call, plan, mine, pca, {"encode_seconds": encode_seconds,
+                                                "encoded_images": count, **lane_timings})
+    return out
+
+
+def _start_folder(call: _PrepareCall, settings: dict, pca: Optional[PCAModel]) -> Optional[PCAModel]:
+    """Claim the folder for these settings, clear a killed run's temporaries (a lone task only),
+    store a supplied PCA or read one an earlier run fitted, and train the embedded VAE and the
+    classifier if they are missing. Returns the PCA known so far (None: still to fit)."""
+    out, info = call.out, call.encoder.info
     out.mkdir(parents=True, exist_ok=True)
-    _claim_folder(out, settings_hash, settings, options)
-    if task_count == 1:
+    _claim_folder(out, call.settings_hash, settings, call.options)
+    if call.task_count == 1:
         remove_stale_temporaries(out)
-        for split in sources:
+        for split in call.sources:
             remove_stale_temporaries(out / split)
     if pca is not None and not (out / "pca.safetensors").is_file():
         pca.save(out / "pca.safetensors")  # a supplied/imported PCA, converted once
     elif pca is None and (out / "pca.safetensors").is_file():  # fitted by an earlier (array) run
-        info = encoder.info
         pca = PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
-    _ensure_embedded_assets(out, cfg_data, cfg_vae, sources, options, task_index)
-    if task_count == 1 and options.lanes > 1:
-        # This machine's lanes: tasks 1..lanes-1 in spawned processes, task 0 here, one thread each;
-        # then this call finishes as the only task (fits the PCA if no task did, projects what is
-        # left, writes the manifest), exactly as after a SLURM array.
-        # Shards are claimed, not dealt: with a fixed half each, one lane of a 2-vCPU EPYC encoded
-        # at 99-102 images/s and the other at 133-135, and the faster one idled for 80-90 s.
-        lanes_started = time.time()
-        claims = tempfile.mkdtemp(prefix="redi-bench-prepare-claims-")
-        try:
-            lane_options = replace(options, claims_dir=claims)
-            lanes = [start_lane(_encode_lane, cfg_data, cfg_vae, cfg_encoder, lane_options, i)
-                     for i in range(1, options.lanes)]
-            with _threads(1):
-                _encode_lane(cfg_data, cfg_vae, cfg_encoder, lane_options, 0)
-            for lane in lanes:
-                lane.result()
-        finally:
-            shutil.rmtree(claims, ignore_errors=True)
-        lane_timings = {"lanes": options.lanes, "lanes_seconds": time.time() - lanes_started}
-        options = replace(options, lanes=1)
-    else:
-        lane_timings = {}
-    vae = vae or load_vae(cfg_vae, embedded_dir=out / "vae")
-    device = _device(options)
-    vae, encoder = vae.to(device), encoder.to(device)
+    _ensure_embedded_assets(out, call.cfg_data, call.cfg_vae, call.sources, call.options, call.task_index)
+    return pca
 
-    plan = _plan(sources, options)
-    pca_rows = pca_fit_selection(sum(len(r) for s, _, r in plan if s == "train"), cfg_encoder,
-                                 options.seed) if pca is None else None
+
+def _run_lanes(call: _PrepareCall) -> dict:
+    """This machine's lanes: tasks 1..lanes-1 in spawned processes, task 0 here, one thread each;
+    then the calling `run_prepare` finishes as the only task (fits the PCA if no task did, projects
+    what is left, writes the manifest), exactly as after a SLURM array. Returns their timings."""
+    # Shards are claimed, not dealt: with a fixed half each, one lane of a 2-vCPU EPYC encoded
+    # at 99-102 images/s and the other at 133-135, and the faster one idled for 80-90 s.
+    options, configs = call.options, (call.cfg_data, call.cfg_vae, call.cfg_encoder)
+    lanes_started = time.time()
+    claims = tempfile.mkdtemp(prefix="redi-bench-prepare-claims-")
+    try:
+        lane_options = replace(options, claims_dir=claims)
+        lanes = [start_lane(_encode_lane, *configs, lane_options, i) for i in range(1, options.lanes)]
+        with _threads(1):
+            _encode_lane(*configs, lane_options, 0)
+        for lane in lanes:
+            lane.result()
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
+    return {"lanes": options.lanes, "lanes_seconds": time.time() - lanes_started}
+
+
+def _encode_share(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) -> tuple[list, int, float]:
+    """Pass 1 over this task's shards not encoded yet. Returns the shards this call projects (its
+    share; a lane: the shards it claimed), the images encoded and the seconds that took."""
+    options, out = call.options, call.out
     claims = options.claims_dir
     if options.shards:  # the launcher's list for this array task
         mine = [item for item in plan if f"{item[0]}/{item[1]}" in set(options.shards)]
     else:
         mine = plan if claims else [item for position, item in enumerate(plan)
-                                    if position % task_count == task_index]
+                                    if position % call.task_count == call.task_index]
     todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
             and not (out / _enc_name(s, i)).is_file()]
     encode_start = time.time()
     count, claimed = 0, []
     # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
-    with Progress(f"prepare task {task_index}/{task_count}: images",
+    with Progress(f"prepare task {call.task_index}/{call.task_count}: images",
                   sum(len(r) for _, _, r in todo) // (options.lanes if claims else 1),
                   enabled=options.progress) as bar:
         for split, index, indices in todo:
@@ -599,27 +645,31 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
                 continue  # another lane has it
             count += len(indices)
             claimed.append((split, index, indices))
-            tensors = _encode_shard(vae, encoder, sources[split], indices, options.batch_size,
-                                    fit_pca=(split == "train"), bar=bar, device=device,
-                                    pca_rows=pca_rows)
+            tensors = _encode_shard(call.vae, call.encoder, call.sources[split], indices,
+                                    options.batch_size, fit_pca=(split == "train"), bar=bar,
+                                    device=call.device, pca_rows=pca_rows)
             atomic_save_safetensors(out / _enc_name(split, index), tensors,
                                     metadata={"format": FORMAT_VERSION, "pass": "1"})
             crash_point(f"prepare:encoded:{split}/{index}")
     encode_seconds = time.time() - encode_start
-    if claims:  # a lane projects (below) what it encoded; the call that started the lanes, the rest
-        mine = claimed
     if count:
         print(f"prepare: encoded {count} images in {encode_seconds:.1f}s "
               f"({count / max(encode_seconds, 1e-9):.1f} images/s)", flush=True)
+    # A lane projects what it encoded; the call that started the lanes, the rest.
+    return (claimed if claims else mine), count, encode_seconds
 
-    if pca is None and (out / "pca.safetensors").is_file():  # another task fitted it meanwhile
-        pca = PCAModel.load(out / "pca.safetensors", encoder.info.encoder_id, encoder.info.channels)
-    if pca is None:
-        pca = _fit_pca(out, plan, encoder, pca_rows)
-        if pca is None:
-            print("prepare: this task's shards are encoded; the PCA waits for the other tasks' "
-                  "train shards. Re-run prepare (any task) once they finish.", flush=True)
-            return out
+
+def _fitted_pca(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) -> Optional[PCAModel]:
+    """The PCA another task fitted meanwhile, else one fitted here; None while train sums are missing."""
+    info = call.encoder.info
+    if (call.out / "pca.safetensors").is_file():
+        return PCAModel.load(call.out / "pca.safetensors", info.encoder_id, info.channels)
+    return _fit_pca(call.out, plan, call.encoder, pca_rows)
+
+
+def _project_and_finish(call: _PrepareCall, plan, mine: list, pca: PCAModel, timings: dict) -> None:
+    """Pass 2 over `mine`; then, once every shard of the plan is final, the manifest."""
+    out, cfg_encoder = call.out, call.cfg_encoder
     for split, index, _ in mine:
         if not (out / shard_name(split, index)).is_file():
             _project_shard(out, split, index, pca, cfg_encoder.pca_rank_max,
@@ -627,14 +677,12 @@ def run_prepare(cfg_data, cfg_vae, cfg_encoder, options: Optional[PrepareOptions
         else:  # killed between writing the final shard and removing its pass-1 file
             (out / _enc_name(split, index)).unlink(missing_ok=True)
     if all((out / shard_name(s, i)).is_file() for s, i, _ in plan):
-        write_manifest(out, settings_hash, cfg_data, cfg_encoder, vae.info, encoder.info, pca,
-                       plan, classifier_info(out / "classifier"),
-                       {"last_task_seconds": time.time() - started,
-                        "encode_seconds": encode_seconds, "encoded_images": count, **lane_timings})
+        write_manifest(out, call.settings_hash, call.cfg_data, cfg_encoder, call.vae.info,
+                       call.encoder.info, pca, plan, classifier_info(out / "classifier"),
+                       {"last_task_seconds": time.time() - call.started, **timings})
         print(f"prepare: finished {out} ({len(plan)} shards)", flush=True)
     else:
         print("prepare: this task is done; other tasks' shards are still missing", flush=True)
-    return out
 
 
 def prepare_embedded(prepared_dir: str | Path = "results/prepared", data_name: str = "fashion_mnist",
