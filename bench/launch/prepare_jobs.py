@@ -237,7 +237,7 @@ def _check_folder_settings(out: Path, settings_hash: str, options: Any) -> None:
 def _submit_jobs(cfg: ExperimentConfig, out: Path, options: Any, profile: Profile, kind: str,
                  groups: list[list[str]], hours: Optional[float], total: int) -> list[dict]:
     """The array (one task per group of shards) and the PCA job after it; their submit rows."""
-    from bench.launch.submit import make_executor, scheduler_error
+    from bench.launch.executors import make_executor, scheduler_error  # submitit: only where jobs are submitted
 
     out.mkdir(parents=True, exist_ok=True)
     folder = out / ".submitit" / STAGE / "%j"

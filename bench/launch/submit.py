@@ -19,9 +19,9 @@ Submitting again skips finished cells and cells whose job is queued or running; 
 submits only the (checkpoint, setting) pairs that have no metric in eval.jsonl yet.
 
 The work is split over the modules of bench/launch/: `profiles` (cluster profiles, resources,
-errors), `jobs` (the jobs and the run-folder files), `status` (job states, `bench status`), `plan`
-(what to submit, its cost, the local lanes) and `grids` (grid files to cells); this file submits and
-holds the command line. Every public name of those modules is importable from here.
+errors), `jobs` (the jobs and the run-folder files), `executors` (submitit's executors), `status`
+(job states, `bench status`), `plan` (what to submit, its cost, the local lanes) and `grids` (grid
+files to cells); this file submits and holds the command line. Every public name of those modules is importable from here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -39,9 +38,10 @@ import submitit
 
 from bench import resources
 from bench.atomic import check_writable_dir
-from bench.launch.grids import Cell, Grid, expand, load_grid, settings_for
 
 # Also re-exported: `from bench.launch.submit import X` works for every public name of bench/launch_*.py.
+from bench.launch.executors import make_executor, scheduler_error
+from bench.launch.grids import Cell, Grid, expand, load_grid, settings_for
 from bench.launch.jobs import (
     Lane,
     append_record,
@@ -72,64 +72,6 @@ STAGES = ("train", "eval")
 
 # ----------------------------------------------------------------------------------------------
 # Submitting: the executor, one job array per stage, debug runs in this process
-
-
-def _check_slurm_client() -> None:
-    conf = os.environ.get("SLURM_CONF")
-    if conf and not Path(conf).is_file():
-        raise SchedulerError(f"SLURM_CONF={conf} does not exist; unset it or point it at the cluster's slurm.conf "
-                             "(for the local test cluster: eval \"$(slurm/local-cluster.sh start)\")")
-    if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise SchedulerError("sbatch/srun not found: this machine is not a SLURM client; use --local or --debug, "
-                             "or install slurm-wlm and start slurm/local-cluster.sh")
-
-
-def _executor(kind: str, folder: Path, profile: Profile, res: dict, name: str) -> submitit.AutoExecutor:
-    """A submitit AutoExecutor of `kind` with the profile's and the grid's parameters."""
-    if kind == "slurm":
-        _check_slurm_client()
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=profile.max_num_timeout)
-        params: dict[str, Any] = {"slurm_signal_delay_s": profile.signal_delay_s,
-                                  "slurm_array_parallelism": profile.array_parallelism,
-                                  "nodes": res["nodes"], "cpus_per_task": res["cpus_per_task"]}
-        params.update({f"slurm_{k}": getattr(profile, k) for k in ("partition", "account", "qos", "constraint")
-                       if getattr(profile, k)})
-        if res["gpus_per_node"]:
-            params["gpus_per_node"] = res["gpus_per_node"]
-        if res["mem_gb"]:
-            params["mem_gb"] = float(res["mem_gb"])
-        if profile.setup:
-            params["slurm_setup"] = list(profile.setup)
-        if profile.additional_parameters:
-            params["slurm_additional_parameters"] = dict(profile.additional_parameters)
-    elif kind == "local":
-        executor = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=profile.max_num_timeout)
-        params = {"gpus_per_node": res["gpus_per_node"]} if res["gpus_per_node"] else {}
-        if profile.setup:
-            params["local_setup"] = list(profile.setup)
-    else:
-        executor, params = submitit.AutoExecutor(folder=folder, cluster="debug"), {}
-    executor.update_parameters(name=name, timeout_min=res["timeout_min"], tasks_per_node=res["tasks_per_node"],
-                               **params)
-    return executor
-
-
-def make_executor(kind: str, folder: Path, profile: Profile, res: dict, name: str) -> submitit.AutoExecutor:
-    """The executor `bench grid` uses, for the launcher's other submissions (bench.launch.prepare_jobs)."""
-    return _executor(kind, folder, profile, res, name)
-
-
-def scheduler_error(what: str, profile: Profile, err: BaseException) -> SchedulerError:
-    """One line for a failed sbatch: what, the profile, SLURM_CONF, sbatch's own error, the likely fix."""
-    return SchedulerError(f"{what} to SLURM (profile {profile.name}, SLURM_CONF="
-                          f"{os.environ.get('SLURM_CONF', 'unset')}): {_sbatch_error(err)}. Is the controller "
-                          "running and reachable? (local test cluster: slurm/local-cluster.sh start)")
-
-
-def _sbatch_error(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Command")]
-    return (useful or lines or [type(err).__name__])[-1][:400]
 
 
 def _run_debug(plan: Sequence[PlannedJob], handles: Sequence[Any], quiet: bool) -> list[str]:
@@ -288,7 +230,7 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     assert profile is not None and kind is not None
     check_writable_dir(cells[0].cfg.output_root, "output_root=")  # one line now, not a traceback later
     folder = Path(cells[0].cfg.output_root).resolve() / grid.name / ".submitit" / stage / "%j"
-    executor = _executor(kind, folder, profile, res, f"{grid.name}-{stage}")
+    executor = make_executor(kind, folder, profile, res, f"{grid.name}-{stage}")
     if kind == "local":
         for job in plan:
             job.job.threads = res["cpus_per_task"]
