@@ -50,3 +50,36 @@ def test_a_ragged_or_too_small_table_is_one_clear_error():
         split_variance([[1.0, 2.0]])
     with pytest.raises(ReportError, match=r"got \[3, 2\] seeds per checkpoint"):
         split_variance([[1.0, 2.0, 3.0], [1.0, 2.0]])
+
+
+def test_crossed_mean_squares_match_statsmodels_two_way_anova():
+    import pandas as pd
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    from bench.report.noise import split_crossed
+
+    rng = np.random.default_rng(5)
+    y = 36 + rng.normal(0, 1.0, (5, 1)) + rng.normal(0, 0.8, (1, 4)) + rng.normal(0, 0.4, (5, 4))
+    frame = pd.DataFrame([(i, j, y[i, j]) for i in range(5) for j in range(4)], columns=["ckpt", "seed", "fd"])
+    table = anova_lm(smf.ols("fd ~ C(ckpt) + C(seed)", data=frame).fit())
+    ms_rows, ms_cols, ms_res = table["mean_sq"]
+    split = split_crossed(y)
+    assert split.sd_residual ** 2 == pytest.approx(ms_res, rel=1e-10)
+    assert split.sd_checkpoint ** 2 == pytest.approx((ms_rows - ms_res) / 4, rel=1e-10)
+    assert split.sd_seed ** 2 == pytest.approx((ms_cols - ms_res) / 5, rel=1e-10)
+    assert split.seed_effect_p == pytest.approx(table["PR(>F)"].iloc[1], rel=1e-10)
+
+
+def test_crossed_intervals_cover_each_component_at_their_nominal_level():
+    from bench.report.noise import split_crossed
+
+    # 1,000 simulated 5 checkpoints x 4 shared seeds; bounds as in the one-way test above
+    rng = np.random.default_rng(1)
+    hits = np.zeros(3)
+    for _ in range(1000):
+        y = rng.normal(0, 1.0, (5, 1)) + rng.normal(0, 0.7, (1, 4)) + rng.normal(0, 0.5, (5, 4))
+        s = split_crossed(y)
+        hits += [s.sd_checkpoint_ci[0] <= 1.0 <= s.sd_checkpoint_ci[1], s.sd_seed_ci[0] <= 0.7 <= s.sd_seed_ci[1],
+                 s.sd_residual_ci[0] <= 0.5 <= s.sd_residual_ci[1]]
+    assert np.all((0.93 <= hits / 1000) & (hits / 1000 <= 0.97)), hits / 1000
