@@ -57,8 +57,9 @@ import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -368,27 +369,6 @@ def seed_global_rngs(seed: int) -> None:
     np.random.seed(derive_seed(seed, "numpy") % 2**32)
 
 
-def _log_window(sums: dict[str, torch.Tensor], steps: int) -> dict:
-    """The partial logging window at a checkpoint: every rank's float32 sums (exact as JSON floats)."""
-    if not steps:
-        return {"steps": 0, "sums": {}}
-    keys = sorted(sums)
-    ranks = dist_utils.all_gather_rows(torch.stack([sums[k] for k in keys]))
-    return {"steps": steps, "sums": {k: [float(r[i]) for r in ranks] for i, k in enumerate(keys)}}
-
-
-def _resume_window(window: Optional[dict], rank: int, world: int, device: torch.device
-                   ) -> tuple[dict[str, torch.Tensor], int]:
-    """This rank's sums and step count of the window a checkpoint carried (none in older ones). With
-    another number of ranks the ranks' mean is used: the same row up to float rounding."""
-    if not window or not window.get("steps"):
-        return {}, 0
-    sums = {key: torch.tensor(values[rank] if len(values) == world else sum(values) / len(values),
-                              dtype=torch.float32, device=device)
-            for key, values in window["sums"].items()}
-    return sums, int(window["steps"])
-
-
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -407,34 +387,88 @@ def _restore_rng(state: dict[str, torch.Tensor], generators: dict[str, torch.Gen
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The run state
 
 
-def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
-    """Train `cfg` in `run_dir` (default: its identity folder), resuming if it has checkpoints.
+class _LogWindow:
+    """The steps since the last log row: every term's sum (tensors: no host sync per step), their
+    count and the clock. A checkpoint inside a window carries it (`carried`) and a resume continues
+    it, so a row is the same number whether or not the run was interrupted."""
 
-    Every check that can fail (config vs. saved config, prepared shards vs. config, model and
-    objective settings, batch vs. ranks) runs before the first file is written. Returns the run folder.
-    """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    joined = dist_utils.is_distributed()  # a caller's process group is left alone at the end
-    info = dist_utils.init_distributed()
-    owns_group = info.world_size > 1 and not joined
-    try:
-        return _train(cfg, run_dir, info)
-    finally:
-        if owns_group:
-            dist_utils.cleanup()
+    def __init__(self, carried: Optional[dict], rank: int, world: int, device: torch.device) -> None:
+        """Continue the window a checkpoint carried (none in older ones). With another number of
+        ranks the ranks' mean is used: the same row up to float rounding."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        if carried and carried.get("steps"):
+            self.sums = {key: torch.tensor(values[rank] if len(values) == world else sum(values) / len(values),
+                                           dtype=torch.float32, device=device)
+                         for key, values in carried["sums"].items()}
+            self.steps = int(carried["steps"])
+        self.timed, self.since, self.began = 0, time.perf_counter(), time.time()
+
+    def add(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+        self.steps, self.timed = self.steps + 1, self.timed + 1
+
+    def row(self, cfg: ExperimentConfig, step: int, world: int, device: torch.device) -> dict:
+        """The log row of `step` (every rank takes part in the reduction); starts the next window."""
+        record = _log_record(self.sums, self.steps, self.timed, world, cfg, step,
+                             time.perf_counter() - self.since, time.time() - self.began, device)
+        self.sums, self.steps, self.timed, self.since = {}, 0, 0, time.perf_counter()
+        return record
+
+    def carried(self) -> dict:
+        """The partial window at a checkpoint: every rank's float32 sums (exact as JSON floats);
+        every rank takes part in the gather."""
+        if not self.steps:
+            return {"steps": 0, "sums": {}}
+        keys = sorted(self.sums)
+        ranks = dist_utils.all_gather_rows(torch.stack([self.sums[k] for k in keys]))
+        return {"steps": self.steps, "sums": {k: [float(r[i]) for r in ranks] for i, k in enumerate(keys)}}
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
+@dataclass
+class RunState:
+    """One run between two steps. `setup_run` builds it before the first file is written; the
+    resume and `_open_outputs` fill in the rest under the run folder's lock. The loop reads and
+    updates only this."""
 
+    cfg: ExperimentConfig
+    run_dir: Path
+    info: dist_utils.DistInfo
+    manifest: dict
+    data: TrainingData  # the prepared train split and the global batch order
+    model: nn.Module  # fp32 master weights: what checkpoints hold
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep  # the objective, precision, backward, NaN guard, clipping, AdamW, EMA
+    generators: dict[str, torch.Generator]  # "objective" (re-seeded every step), "latent_noise"
+    has_config: bool  # config.json is already in the run folder
+    local_rows: slice  # this rank's rows of the global batch
+    token_grid: int  # the model's token grid (REPA targets are resized to it)
+    keep: set[int]  # checkpoints never pruned: the milestones and the final step
+    step: int = 0  # the last step done: the resume point, then every step
+    last_saved: int = 0  # the newest checkpoint's step (the NaN error names it)
+    carried_window: Optional[dict] = None  # the log window the resumed checkpoint carried
+    forward: Optional[Callable] = None  # the network as the step calls it (DDP, torch.compile, _RankRows)
+    window: Optional[_LogWindow] = None
+    bar: Optional[Progress] = None
+    log: Optional[MetricsLogger] = None  # rank 0 only
+
+
+def setup_run(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Optional[RunState]:
+    """The run's state, built and checked before anything is written (config vs. saved config,
+    prepared shards vs. config, model and objective settings, batch vs. ranks); None when the run
+    is finished and its final checkpoint verifies."""
     device, world, main = info.device, info.world_size, info.is_main
     has_config = _check_saved_config(run_dir, cfg)
     if has_config and _finished(run_dir, cfg, main):
         if main:
             print(f"train: {run_dir} is finished (step {cfg.train.max_steps}); nothing to do", flush=True)
-        return run_dir
+        return None
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
     check_sinks(cfg.train.log_to)
@@ -455,133 +489,193 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     ema = copy.deepcopy(model).requires_grad_(False)  # initialised from the model (official)
     optimizer = build_optimizer(model, cfg)
     train_step = make_train_step(model, ema, transport, cfg, device, world, optimizer)
-    autocast_dtype = train_step.autocast_dtype
     generators = {name: torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, name))
                   for name in ("objective", "latent_noise")}
-
     if main:
         warn_if_disk_is_short(cfg, run_dir, model)
+    local = cfg.train.batch_size // world
+    return RunState(cfg=cfg, run_dir=run_dir, info=info, manifest=manifest, data=data, model=model, ema=ema,
+                    optimizer=optimizer, train_step=train_step, generators=generators, has_config=has_config,
+                    local_rows=slice(info.rank * local, (info.rank + 1) * local),
+                    token_grid=model.config.grid_size, keep=set(cfg.train.milestones) | {cfg.train.max_steps})
 
-    # -- first write: the lock, the run folder, its config, leftovers of a killed writer --------
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
+    """Train `cfg` in `run_dir` (default: its identity folder), resuming if it has checkpoints.
+
+    Every check that can fail runs before the first file is written (`setup_run`). Returns the run folder.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    joined = dist_utils.is_distributed()  # a caller's process group is left alone at the end
+    info = dist_utils.init_distributed()
+    owns_group = info.world_size > 1 and not joined
+    try:
+        return _train(cfg, run_dir, info)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
+    """The whole run on one page: setup, then under the run folder's lock (rank 0) the resume and
+    the steps; the lock, the progress bar and the metrics logger close with `held`, however the loop ends."""
+    run = setup_run(cfg, run_dir, info)
+    if run is None:
+        return run_dir
     with contextlib.ExitStack() as held:
-        refused = None
-        if main:
-            try:
-                held.enter_context(runfolder.train_lock(run_dir))
-                held.enter_context(guard(run_dir))  # a removed run folder is an error, not re-created
-            except runfolder.RunFolderError as err:
-                refused = err
-        if dist_utils.broadcast_int(int(refused is not None)):
-            raise refused or runfolder.RunFolderError(f"{run_dir} is being trained by another process")
-        return _train_locked(cfg, run_dir, info, has_config, manifest, data, model, transport, autocast_dtype,
-                             ema, optimizer, train_step, generators, held)
+        _take_lock(run, held)
+        _clean_run_folder(run)  # config.json; leftovers of a killed writer
+        _resume(run)  # the newest valid checkpoint, if any; metrics.jsonl cut after it
+        _open_outputs(run, held)  # the network as the step calls it, the bar, the metrics logger
+        schedule, data = cfg.train, run.data
+        run.model.train()
+        for step in range(run.step + 1, schedule.max_steps + 1):
+            x, z, y, align = data.batch(step - 1, run.generators["latent_noise"], run.local_rows, run.token_grid)
+            losses, grad_norm = _step(run, step, x, z, y, align)  # loss, backward, clip, AdamW, EMA
+            run.window.add(losses, grad_norm)
+            run.step = step
+            crash_point("train:step")
+            if step % schedule.log_every == 0 or step == schedule.max_steps:
+                _log_row(run, step)
+            run.bar.update(1)  # after the row: a line printed at this step shows its loss
+            if step % schedule.ckpt_every == 0 or step in run.keep:
+                _save_checkpoint(run, step)
+        _finish(run)
+    return run_dir
 
 
-def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, has_config: bool,
-                  manifest: dict, data: TrainingData, model: nn.Module, transport, autocast_dtype, ema: nn.Module,
-                  optimizer: torch.optim.Optimizer, train_step: TrainStep, generators: dict,
-                  held: contextlib.ExitStack) -> Path:
-    """The part of `_train` that writes, holding the run folder's lock (rank 0) until `held` closes;
-    the progress bar and the metrics logger close with it, however the loop ends."""
-    device, world, main = info.device, info.world_size, info.is_main
-    if main:
-        if not has_config:
-            atomic_write_text(runfolder.config_path(run_dir), dumps(cfg) + "\n")
+def _take_lock(run: RunState, held: contextlib.ExitStack) -> None:
+    """Rank 0 holds the run folder's lock and the guard against its removal until `held` closes;
+    when the lock is refused, every rank stops with the holder's name."""
+    refused = None
+    if run.info.is_main:
+        try:
+            held.enter_context(runfolder.train_lock(run.run_dir))
+            held.enter_context(guard(run.run_dir))  # a removed run folder is an error, not re-created
+        except runfolder.RunFolderError as err:
+            refused = err
+    if dist_utils.broadcast_int(int(refused is not None)):
+        raise refused or runfolder.RunFolderError(f"{run.run_dir} is being trained by another process")
+
+
+def _clean_run_folder(run: RunState) -> None:
+    """The first writes (rank 0): config.json once, leftovers of a killed writer removed."""
+    run_dir = run.run_dir
+    if run.info.is_main:
+        if not run.has_config:
+            atomic_write_text(runfolder.config_path(run_dir), dumps(run.cfg) + "\n")
         ckpt.remove_stale_temporaries(run_dir)
         remove_stale_temporaries(run_dir)  # config.json / DONE of a killed trainer (none other writes here)
         if runfolder.is_done(run_dir):  # stale (_finished said so): the rebuilt final checkpoint writes it again
             (run_dir / runfolder.DONE_FILE).unlink()
     dist_utils.barrier()
 
-    start, window = 0, None
+
+def _resume(run: RunState) -> None:
+    """Weights, optimiser, RNG states, step and log window from the newest valid checkpoint, if
+    any; then rows past the resume point (any, on a fresh start) were a killed process's: cut them."""
+    main, run_dir = run.info.is_main, run.run_dir
     resume = ckpt.select_resume_checkpoint(run_dir) if main else None
     resume_step = dist_utils.broadcast_int(-1 if resume is None else int(resume.name))
     if resume_step >= 0:
-        meta, rng = ckpt.load_checkpoint(runfolder.checkpoint_path(run_dir, resume_step), model=model, ema=ema,
-                                         optimizer=optimizer, device=device)
-        _restore_rng(rng, generators)
-        start, window = int(meta["step"]), meta["state"].get("log_window")
-        if meta["state"].get("prepared") != manifest.get("settings_hash") or \
-                meta["state"]["data"] != data.sampler.position(start):
-            raise ConfigError(f"{run_dir} was trained on other prepared data (settings "
-                              f"{meta['state'].get('prepared')}) than {cfg.data.prepared_dir} holds now "
-                              f"({manifest.get('settings_hash')}); point data.prepared_dir at the original "
-                              "shards or start a new run")
-        if meta["state"].get("align") != (data.alignment_source() if data.aligned is not None else None):
-            raise ConfigError(f"{run_dir} was trained on REPA targets from {meta['state'].get('align')} but "
-                              f"data.align_prepared_dir={cfg.data.align_prepared_dir} holds other ones; point "
-                              "it at the original folder or start a new run")
+        meta, rng = ckpt.load_checkpoint(runfolder.checkpoint_path(run_dir, resume_step), model=run.model,
+                                         ema=run.ema, optimizer=run.optimizer, device=run.info.device)
+        _restore_rng(rng, run.generators)
+        run.step, run.carried_window = int(meta["step"]), meta["state"].get("log_window")
+        _check_same_data(run, meta["state"])
         if main:
-            print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
-    if main:  # rows past the resume point (any, on a fresh start) were a killed process's: cut them
-        forget_after(run_dir, start)
+            print(f"train: resuming from checkpoint step {run.step} in {run_dir}", flush=True)
+    run.last_saved = run.step
+    if main:
+        forget_after(run_dir, run.step)
 
-    local_batch = cfg.train.batch_size // world
-    net: nn.Module = model
+
+def _check_same_data(run: RunState, state: dict) -> None:
+    """ConfigError when the checkpoint was trained on other prepared shards or REPA targets."""
+    cfg, data, manifest = run.cfg, run.data, run.manifest
+    if state.get("prepared") != manifest.get("settings_hash") or state["data"] != data.sampler.position(run.step):
+        raise ConfigError(f"{run.run_dir} was trained on other prepared data (settings "
+                          f"{state.get('prepared')}) than {cfg.data.prepared_dir} holds now "
+                          f"({manifest.get('settings_hash')}); point data.prepared_dir at the original "
+                          "shards or start a new run")
+    if state.get("align") != (data.alignment_source() if data.aligned is not None else None):
+        raise ConfigError(f"{run.run_dir} was trained on REPA targets from {state.get('align')} but "
+                          f"data.align_prepared_dir={cfg.data.align_prepared_dir} holds other ones; point "
+                          "it at the original folder or start a new run")
+
+
+def _open_outputs(run: RunState, held: contextlib.ExitStack) -> None:
+    """The network as the step calls it (DDP, torch.compile, this rank's rows), the progress bar
+    (on a terminal a bar; in a batch job's log a plain line every REDI_BENCH_PROGRESS_EVERY
+    seconds) and rank 0's metrics logger; the bar and the logger close with `held`."""
+    cfg, info, run_dir = run.cfg, run.info, run.run_dir
+    world, device = info.world_size, info.device
+    net: nn.Module = run.model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
-    forward = _RankRows(net, info.rank, world, local_batch) if world > 1 else net
-    local_rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
-    token_grid = model.config.grid_size
-    keep = set(cfg.train.milestones) | {cfg.train.max_steps}
-    state_extra = {"run_hash": run_hash(cfg), "world_size": world, "prepared": manifest.get("settings_hash"),
-                   "precision": "fp32" if autocast_dtype is None else "bf16", "tf32": device.type == "cuda"}
-    if data.aligned is not None:  # which encoder's stored features were the REPA target
-        state_extra["align"] = data.alignment_source()
+    run.forward = _RankRows(net, info.rank, world, cfg.train.batch_size // world) if world > 1 else net
+    run.bar = Progress("train step", cfg.train.max_steps, initial=run.step, images_per_unit=cfg.train.batch_size,
+                       enabled=info.is_main)
+    held.callback(run.bar.close)
+    run.log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
+                                               config=to_dict(cfg), resume_step=run.step)) if info.is_main else None
+    run.window = _LogWindow(run.carried_window, info.rank, world, device)
 
-    # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
-    bar = Progress("train step", cfg.train.max_steps, initial=start, images_per_unit=cfg.train.batch_size,
-                   enabled=main)
-    held.callback(bar.close)
-    log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
-                                           config=to_dict(cfg), resume_step=start)) if main else None
-    sums, tick_steps = _resume_window(window, info.rank, world, device)
-    timed_steps, tick_time, began = 0, time.perf_counter(), time.time()
-    last_saved = start
-    model.train()
-    for step in range(start + 1, cfg.train.max_steps + 1):
-        x, z, y, align = data.batch(step - 1, generators["latent_noise"], local_rows, token_grid)
-        try:
-            objective_rng = reseed_for_step(generators["objective"], cfg.train.seed, "objective", step)
-            losses, grad_norm = train_step(forward, x, z, y, objective_rng, align_target=align)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {step} (loss={err.loss:.4g}, grad_norm={err.grad_norm:.4g}); "
-                f"stopped before the update. The last good checkpoint is step {last_saved} in "
-                f"{runfolder.checkpoints_dir(run_dir)}. Lower optim.lr, set optim.max_grad_norm (e.g. 1.0)"
-                + (" or train.precision=fp32" if autocast_dtype else "")) from None
 
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
-        tick_steps, timed_steps = tick_steps + 1, timed_steps + 1
-        crash_point("train:step")
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            record = _log_record(sums, tick_steps, timed_steps, world, cfg, step, time.perf_counter() - tick_time,
-                                 time.time() - began, device)
-            if log is not None:
-                log.log_train(record)
-                bar.set_postfix(loss=float(record["loss"]))
-            sums, tick_steps, timed_steps, tick_time = {}, 0, 0, time.perf_counter()
-        bar.update(1)  # after the tick: a line printed at this step shows its loss
-        if step % cfg.train.ckpt_every == 0 or step in keep:  # keep = milestones and the final step
-            log_window = _log_window(sums, tick_steps)  # every rank takes part in the gather
-            if main:
-                ckpt.save_checkpoint(run_dir, step, model=model, ema=ema, optimizer=optimizer,
-                                     rng=_rng_state(generators),
-                                     state={"data": data.sampler.position(step), **state_extra,
-                                            "log_window": log_window})
-                ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
-            last_saved = step
-            dist_utils.barrier()
-    bar.close()  # its last line before "finished", while a W&B sink still records the output
-    if main:
-        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
-        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
+def _step(run: RunState, step: int, x: torch.Tensor, z: Optional[torch.Tensor], y: torch.Tensor,
+          align: Optional[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One training step on the step's own objective draws; a NaN names the last good checkpoint."""
+    try:
+        objective_rng = reseed_for_step(run.generators["objective"], run.cfg.train.seed, "objective", step)
+        return run.train_step(run.forward, x, z, y, objective_rng, align_target=align)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step} (loss={err.loss:.4g}, grad_norm={err.grad_norm:.4g}); "
+            f"stopped before the update. The last good checkpoint is step {run.last_saved} in "
+            f"{runfolder.checkpoints_dir(run.run_dir)}. Lower optim.lr, set optim.max_grad_norm (e.g. 1.0)"
+            + (" or train.precision=fp32" if run.train_step.autocast_dtype else "")) from None
+
+
+def _log_row(run: RunState, step: int) -> None:
+    """The mean of every term since the last row (every rank reduces; rank 0 writes it)."""
+    record = run.window.row(run.cfg, step, run.info.world_size, run.info.device)
+    if run.log is not None:
+        run.log.log_train(record)
+        run.bar.set_postfix(loss=float(record["loss"]))
+
+
+def _save_checkpoint(run: RunState, step: int) -> None:
+    """Checkpoint `step` (rank 0 writes it and prunes the old ones it need not keep; every rank
+    gathers the log window and waits)."""
+    cfg, data, info = run.cfg, run.data, run.info
+    log_window = run.window.carried()
+    if info.is_main:
+        state = {"data": data.sampler.position(step), "run_hash": run_hash(cfg), "world_size": info.world_size,
+                 "prepared": run.manifest.get("settings_hash"),
+                 "precision": "fp32" if run.train_step.autocast_dtype is None else "bf16",
+                 "tf32": info.device.type == "cuda"}
+        if data.aligned is not None:  # which encoder's stored features were the REPA target
+            state["align"] = data.alignment_source()
+        ckpt.save_checkpoint(run.run_dir, step, model=run.model, ema=run.ema, optimizer=run.optimizer,
+                             rng=_rng_state(run.generators), state={**state, "log_window": log_window})
+        ckpt.prune_checkpoints(run.run_dir, cfg.train.keep_last, run.keep)
+    run.last_saved = step
     dist_utils.barrier()
-    return run_dir
+
+
+def _finish(run: RunState) -> None:
+    """The bar's last line before "finished" (while a W&B sink still records the output), then DONE."""
+    run.bar.close()
+    if run.info.is_main:
+        runfolder.write_done(run.run_dir, run.cfg.train.max_steps, time.time())
+        print(f"train: finished {run.cfg.train.max_steps} steps in {run.run_dir}", flush=True)
+    dist_utils.barrier()
 
 
 def warn_if_disk_is_short(cfg: ExperimentConfig, run_dir: Path, model: nn.Module) -> None:
