@@ -1,50 +1,19 @@
 """`bench train`: one training run, resumable, on one process or many (DDP).
 
-Run folder (`bench.identity.run_dir(cfg)`, layout in bench.runfolder): `config.json` (the resolved
-config, written once), `checkpoints/<step>/` (bench.train.checkpoint), `metrics.jsonl` (one row per log
-tick, rank 0, through bench.metrics_log) and `DONE` once the checkpoint at `train.max_steps` exists.
-Re-running a finished run returns at once (after verifying the final checkpoint: a corrupt one is
-rebuilt from the newest good checkpoint); re-running an unfinished one resumes from its newest valid
-checkpoint, bit-exactly. One `bench train` at a time works on a run folder: it holds the folder's
-`.train.lock` (flock, released by the kernel when the process ends however it ends; where the file
-system refuses flock, an owner file with a heartbeat: bench.locks), and a second one refuses with a
-message naming the holder.
+`setup_run` builds the run's state (`RunState`: data, model, EMA, optimiser, the training step,
+generators) and checks everything that can fail before the first file is written. `_train` is then
+the whole run on one page: under the run folder's `.train.lock` (rank 0; bench.locks) it cleans the
+folder, resumes from the newest valid checkpoint, and runs the steps: batch -> step (loss, backward,
+NaN guard, clipping, AdamW, EMA: bench/train/step.py) -> log row -> checkpoint.
 
-Nothing lost, nothing doubled. A resume from step S (S = 0 for a fresh start) first cuts
-metrics.jsonl after its last row at or before S, so the rows of a killed process are logged again,
-once. Each row is the mean over the steps since the previous row; when a checkpoint falls inside
-such a window (ckpt_every not a multiple of log_every), the checkpoint carries the window's partial
-sums and step count (`state.log_window`, per rank), and the resumed run continues them: the row is
-the same number whether or not the run was interrupted. Python's and NumPy's global RNGs are seeded
-from train.seed (nothing here draws from them, but a library might), so their states stored in the
-checkpoints are the same for two runs of one config. After a kill at any moment and a re-run of the
-same command, the checkpoints and metrics.jsonl are byte-identical to an uninterrupted run's except
-the measured fields of a row (`time`, `elapsed_s`, `images_per_s`: wall clock; `peak_memory_mb`: the
-process's memory) and DONE's `time` (tests/test_kill.py).
+Run folder (layout in bench.runfolder): `config.json`, `checkpoints/<step>/` (bench.train.checkpoint),
+`metrics.jsonl` (one row per log tick, rank 0) and `DONE` once the final checkpoint exists. Re-running
+a finished run returns at once; re-running an unfinished one resumes bit-exactly, and after a kill at
+any moment they are byte-identical to an uninterrupted run's but for measured fields (test_kill.py).
 
-Randomness and ranks (why a run does not depend on the number of ranks). Each step takes the global
-batch of B samples at positions [step*B, (step+1)*B) of an endless stream of per-epoch permutations
-(`GlobalBatchSampler`, seeded by (seed, epoch)): the position is a function of the step, so resume
-continues the exact order. EVERY rank assembles the whole global batch of latent moments, PCA
-coordinates and labels (a few MB), draws the VAE posterior noise and calls the objective on all B
-samples with the same seeded generators, so every rank draws exactly the numbers a single process
-would. Only the network is split: `_RankRows` runs it on rank r's rows [r*B/W, (r+1)*B/W) and fills
-the other rows with the other ranks' outputs (all_gather, detached). Every rank therefore computes
-the single-process loss on the single-process draws, but back-propagates only through its own rows;
-scaling the loss by W before DDP's gradient averaging gives exactly the single-process gradient.
-REPA is the exception that keeps its large tensors local: projector outputs and encoder targets of
-other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
-global mean and the logged value is the sum over ranks. objective.drop_mode=batch_official depends
-on the number of ranks on purpose: the official code draws its drop decision once per step per
-process, so rank r's rows are dropped on their own draw (block r of the objective's drop uniforms).
-
-Paired seeds (common random numbers): every stream is derived from (train.seed, purpose) by
-`derive_seed`: data order ("order", epoch), VAE posterior noise ("latent_noise"), the objective's
-draws ("objective", step; re-seeded every step by `reseed_for_step`). So seed k of latent-only,
-REPA and ReDi trains on the same batches with the same t and latent noise eps_x at every step.
-
-Precision, optimiser, EMA, NaN guard and clipping: the one training step in bench/train/step.py,
-which `bench perf` times as its default row.
+Why that holds, and why a run does not depend on the number of ranks or the spec's draws (the
+global batch order, every rank drawing the whole batch's noise, `_RankRows`, REPA's per-rank share,
+the carried log window, paired seeds): docs/runs.md, "Training: resume, ranks and paired seeds".
 """
 
 from __future__ import annotations
@@ -52,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import math
 import random
 import resource
 import sys
@@ -72,22 +40,16 @@ from bench.config import ConfigError, ExperimentConfig
 from bench.identity import derive_seed, identity_dict, run_hash
 from bench.identity import run_dir as default_run_dir
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
-from bench.prepare.dataset import (
-    FeatureRows,
-    Manifest,
-    PreparedDataError,
-    check_same_images,
-    load_prepared,
-    read_manifest,
-)
-from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
-from bench.prepare.sources import DatasetError, open_split
+from bench.prepare.dataset import PreparedDataError, read_manifest
+from bench.prepare.encoders import EncoderError
+from bench.prepare.sources import DatasetError
 from bench.progress import Progress, every_seconds
 from bench.storage import checkpoint_bytes, checkpoints_held, guard, preflight_warning
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
-from bench.train.step import NonFiniteLossError, TrainStep, build_optimizer, make_train_step, repa_tokens
+from bench.train.data import TrainingData, check_prepared, read_align_manifest
+from bench.train.step import NonFiniteLossError, TrainStep, build_optimizer, make_train_step
 from models.backbone import BackboneOutput
 
 
@@ -105,192 +67,14 @@ def reseed_for_step(generator: torch.Generator, seed: int, purpose: str, step: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-class GlobalBatchSampler:
-    """Global batch `step` = positions [step*B, (step+1)*B) of the concatenated per-epoch permutations."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.num_items, generator=generator)
-        return self._perms[epoch]
-
-    def position(self, step: int) -> dict:
-        """The stream position before global batch `step` (saved in checkpoints)."""
-        seen = step * self.batch_size
-        return {"samples_seen": seen, "epoch": seen // self.num_items, "offset": seen % self.num_items}
-
-    def indices(self, step: int) -> torch.Tensor:
-        positions = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, offsets = positions // self.num_items, positions % self.num_items
-        out = torch.empty_like(positions)
-        for epoch in epochs.unique().tolist():
-            mask = epochs == epoch
-            out[mask] = self.permutation(epoch)[offsets[mask]]
-        return out
-
-
-def _encoder_matches(kind: str, variant: str, encoder_id: str) -> bool:
-    if kind == "dinov2":
-        return encoder_id.startswith(f"dinov2_{variant}_") and encoder_id.endswith("px") and \
-            encoder_id[len(f"dinov2_{variant}_"):-2].isdigit()
-    return encoder_id.startswith(f"{kind}_")
-
-
-def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str,
-                   align: Optional[Manifest] = None) -> None:
-    """ConfigError when the prepared shards do not fit the config (nothing has been written yet).
-    `align`: the manifest of data.align_prepared_dir (read it with `read_align_manifest`)."""
-    where = f"data.prepared_dir={prepared_dir}"
-    encoder_id = manifest["encoder"]["encoder_id"]
-    if not _encoder_matches(cfg.encoder.kind, cfg.encoder.variant, encoder_id):
-        wanted = cfg.encoder.kind + (f" {cfg.encoder.variant}" if cfg.encoder.kind == "dinov2" else "")
-        raise ConfigError(f"{where}: shards from another encoder ({encoder_id!r}) but encoder.kind/"
-                          f"variant ask for {wanted}; point data.prepared_dir at shards of this encoder "
-                          "or re-run `bench prepare`")
-    for key in ("name", "image_size", "num_classes"):
-        if manifest["data"][key] != getattr(cfg.data, key):
-            raise ConfigError(f"{where}: shards were prepared with data.{key}={manifest['data'][key]!r}, "
-                              f"the config says {getattr(cfg.data, key)!r}")
-    if manifest["vae"]["kind"] != cfg.vae.kind:
-        raise ConfigError(f"{where}: shards were encoded by a {manifest['vae']['kind']!r} VAE, the config "
-                          f"says vae.kind={cfg.vae.kind!r}")
-    if cfg.vae.kind == "diffusers" and not math.isclose(manifest["scaling_factor"], cfg.vae.scaling_factor):
-        raise ConfigError(f"{where}: shards record vae.scaling_factor={manifest['scaling_factor']}, the "
-                          f"config says {cfg.vae.scaling_factor}")
-    if cfg.semantic_channels:
-        try:
-            manifest.check_rank(cfg.semantic_channels)
-        except PreparedDataError as err:
-            raise ConfigError(str(err)) from None
-    if align is not None:
-        check_align_prepared(cfg, manifest, align)
-    elif cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
-        raise ConfigError(f"objective.lambda_repa > 0 needs the raw encoder features, but {prepared_dir} "
-                          "was prepared with encoder.store_features=false; re-run prepare with "
-                          "encoder.store_features=true or set encoder.online_features=true")
-
-
-def read_align_manifest(cfg: ExperimentConfig) -> Optional[Manifest]:
-    """The manifest of data.align_prepared_dir, or None when the REPA target comes from
-    data.prepared_dir (or the encoder online)."""
-    return read_manifest(cfg.data.align_prepared_dir) if cfg.data.align_prepared_dir else None
-
-
-def check_align_prepared(cfg: ExperimentConfig, manifest: Manifest, align: Manifest) -> None:
-    """ConfigError unless data.align_prepared_dir holds objective.align_encoder's raw features of
-    the same images, in the same row order, as data.prepared_dir: row i of its features is then the
-    REPA target of row i of the latents."""
-    where, name = f"data.align_prepared_dir={cfg.data.align_prepared_dir}", cfg.objective.align_encoder
-    kind, variant = ("dinov2", name.removeprefix("dinov2_")) if name.startswith("dinov2_") else (name, "")
-    encoder_id = align["encoder"]["encoder_id"]
-    if not _encoder_matches(kind, variant, encoder_id):
-        raise ConfigError(f"{where}: its shards come from encoder {encoder_id!r}, but "
-                          f"objective.align_encoder={name}; set objective.align_encoder to that folder's "
-                          "encoder or point data.align_prepared_dir at shards of this one")
-    if not align["store_features"]:
-        raise ConfigError(f"{where} was prepared with encoder.store_features=false: it holds no raw "
-                          "features to align to; prepare it again with encoder.store_features=true")
-    try:
-        check_same_images(manifest, align)
-    except PreparedDataError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-class TrainingData:
-    """The train split of the prepared folder and how one global batch becomes model inputs.
-
-    The REPA target is the stored raw encoder features (default), those stored in a second prepared
-    folder of the same images (data.align_prepared_dir: another encoder, e.g. DINOv2-B/14 without
-    registers as REPA published, while the PCA channels keep theirs; rank r reads its own rows of
-    it) or, with encoder.online_features, the encoder run on this rank's images each step (the
-    official code's way; the images are read again from data.name through the shards' `indices`).
-    """
-
-    def __init__(self, cfg: ExperimentConfig, manifest: dict, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.use_features = cfg.objective.lambda_repa > 0
-        self.online = self.use_features and cfg.encoder.online_features
-        self.aligned = (FeatureRows(cfg.data.align_prepared_dir, "train")
-                        if self.use_features and cfg.data.align_prepared_dir else None)
-        self.dataset = load_prepared(cfg.data.prepared_dir, "train", max(cfg.semantic_channels, 1),
-                                     whiten=cfg.model.whiten,
-                                     with_features=self.use_features and not self.online and self.aligned is None)
-        self.scaling_factor = float(manifest["scaling_factor"])
-        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
-        if self.online:
-            self._open_encoder(manifest)
-
-    def _open_encoder(self, manifest: dict) -> None:
-        from safetensors import safe_open
-
-
-        self.encoder = build_semantic_encoder(self.cfg.encoder, self.cfg.data.image_size,
-                                              int(manifest["encoder"]["input_size"])).to(self.device)
-        if self.encoder.info.encoder_id != manifest["encoder"]["encoder_id"]:
-            raise ConfigError(f"encoder.online_features: the encoder is {self.encoder.info.encoder_id!r} but "
-                              f"the shards were prepared with {manifest['encoder']['encoder_id']!r}")
-        self.images = open_split(self.cfg.data, "train")
-        parts = []
-        for shard in self.dataset.shards:  # dataset row -> image index in the split
-            with safe_open(str(shard), framework="pt") as handle:
-                parts.append(handle.get_tensor("indices").clone())
-        self.image_index = torch.cat(parts)
-
-    def alignment_source(self) -> dict:
-        """The provenance of the REPA targets read from data.align_prepared_dir (checkpoint state)."""
-        manifest = self.aligned.manifest
-        return {"encoder_id": manifest["encoder"]["encoder_id"], "prepared": manifest.get("settings_hash")}
-
-    def _rows(self, indices: torch.Tensor, local: slice) -> dict[str, torch.Tensor]:
-        ds, stored = self.dataset, self.use_features and not self.online and self.aligned is None
-        if ds.in_memory:
-            out = {"moments": ds.moments[indices], "semantic": ds.semantic[indices], "label": ds.labels[indices]}
-            if stored:
-                out["features"] = ds.features[indices[local]]
-        else:  # larger-than-memory splits: item by item from the memory-mapped shards
-            items = [ds[int(i)] for i in indices]
-            out = {key: torch.stack([item[key] for item in items]) for key in ("moments", "semantic", "label")}
-            if stored:
-                out["features"] = torch.stack([item["features"] for item in items[local]])
-        if self.aligned is not None:
-            out["features"] = self.aligned.rows(indices[local])
-        if self.online:
-            images = self.images.images(self.image_index[indices[local]].tolist())
-            out["features"] = self.encoder.encode(images.to(self.device))  # (B_local, D, gh, gw)
-        return out
-
-    def batch(self, step: int, generator: torch.Generator, local: slice, token_grid: int):
-        """(x, z, y, align_target) of global batch `step`; align_target has zeros outside `local`."""
-
-        rows = self._rows(self.sampler.indices(step), local)
-        moments = rows["moments"].to(self.device, torch.float32)
-        x = sample_latents(moments, self.scaling_factor, generator)  # (B, C_x, h, w), official sample_posterior
-        z = rows["semantic"].to(self.device, torch.float32) if self.cfg.semantic_channels else None
-        y = rows["label"].to(self.device, torch.long)
-        if not self.cfg.model.conditional:
-            y = torch.zeros_like(y)
-        target = None
-        if self.use_features:
-            feats = repa_tokens(rows["features"].to(self.device), token_grid)  # (B_local, L, D)
-            target = feats.new_zeros((x.shape[0], *feats.shape[1:]))
-            target[local] = feats
-        return x, z, y, target
-
-
-# ----------------------------------------------------------------------------------------------
 # Model pieces
 
 
 class _RankRows:
-    """Runs the network on this rank's rows of the global batch; see the module docstring."""
+    """Runs the network on this rank's rows of the global batch and fills the other rows with the
+    other ranks' outputs (detached), so every rank computes the single-process loss but
+    back-propagates only through its own rows; REPA's projector outputs of other rows are zeros
+    (docs/runs.md, "Training: resume, ranks and paired seeds")."""
 
     def __init__(self, net: nn.Module, rank: int, world: int, local_batch: int) -> None:
         self.net, self.rank, self.world = net, rank, world
