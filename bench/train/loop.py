@@ -308,7 +308,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     """The whole run on one page: setup, then under the run folder's lock (rank 0) the resume and
     the steps; the lock, the progress bar and the metrics logger close with `held`, however the loop ends."""
     run = setup_run(cfg, run_dir, info)
-    if run is None:
+    if run is None:  # finished, and its final checkpoint verifies
         return run_dir
     with contextlib.ExitStack() as held:
         _take_lock(run, held)
@@ -326,7 +326,7 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
             if step % schedule.log_every == 0 or step == schedule.max_steps:
                 _log_row(run, step)
             run.bar.update(1)  # after the row: a line printed at this step shows its loss
-            if step % schedule.ckpt_every == 0 or step in run.keep:
+            if step % schedule.ckpt_every == 0 or step in run.keep:  # keep: milestones, the final step
                 _save_checkpoint(run, step)
         _finish(run)
     return run_dir
