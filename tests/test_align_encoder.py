@@ -18,7 +18,8 @@ from bench import runfolder
 from bench.compose import load_config
 from bench.config import ConfigError
 from bench.run_hash import run_dir, run_hash
-from bench.train.loop import GlobalBatchSampler, train
+from bench.train.data import GlobalBatchSampler
+from bench.train.loop import train
 
 TRAIN_COUNT, BATCH = 48, 8
 ALIGN_ID = "dinov2_vitb14_224px"  # what `bench prepare` records for DINOv2-B/14 without registers

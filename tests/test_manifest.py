@@ -13,7 +13,7 @@ from fixtures_train import R_MAX, prepared_dir, tiny_config  # noqa: F401
 
 from bench.config import ConfigError
 from bench.prepare.dataset import MANIFEST, Manifest, PreparedDataError, load_prepared, read_manifest
-from bench.train.loop import check_prepared
+from bench.train.data import check_prepared
 
 
 def test_manifest_is_read_into_a_frozen_typed_dataclass(prepared_dir):

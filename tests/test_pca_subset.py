@@ -67,7 +67,7 @@ def test_repa_can_align_to_its_own_encoder():
     # REPA's published numbers used DINOv2-B/14 without registers; the spec defaults to ReDi's.
     from bench.compose import load_config
     from bench.run_hash import run_dir
-    from bench.train.loop import check_prepared
+    from bench.train.data import check_prepared
 
     default = load_config(["scale=paper", "spec=repa"])
     published = load_config(["scale=paper", "spec=repa", "encoder.variant=vitb14"])

@@ -23,7 +23,8 @@ from bench.compose import dumps
 from bench.config import ConfigError
 from bench.run_hash import run_dir
 from bench.train.checkpoint import verify_checkpoint
-from bench.train.loop import GlobalBatchSampler, train
+from bench.train.data import GlobalBatchSampler
+from bench.train.loop import train
 from bench.train.step import NonFiniteLossError, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def test_finished_run_returns_at_once_and_changes_nothing(prepared_dir, tmp_path
 
     # "At once" means no model is built and no data is opened, which a clock under load cannot tell.
     monkeypatch.setattr("bench.train.loop.build_model", refuse)
-    monkeypatch.setattr("bench.train.loop.open_split", refuse)
+    monkeypatch.setattr("bench.train.data.open_split", refuse)
     assert train(cfg) == out
     assert "is finished" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -298,7 +299,7 @@ def test_online_encoder_features_equal_the_stored_ones(tmp_path):
     from bench.prepare.dataset import read_manifest
     from bench.prepare.encoders import build_semantic_encoder
     from bench.prepare.sources import open_split
-    from bench.train.loop import TrainingData
+    from bench.train.data import TrainingData
 
     encoder = build_semantic_encoder(EncoderConfig(kind="efficientnet_lite0"), 32)
     image_indices = torch.arange(40, 24, -1)  # 16 rows, not the identity map

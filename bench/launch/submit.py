@@ -21,7 +21,8 @@ submits only the (checkpoint, setting) pairs that have no metric in eval.jsonl y
 The work is split over the modules of bench/launch/: `profiles` (cluster profiles, resources,
 errors), `jobs` (the jobs and the run-folder files), `executors` (submitit's executors), `status`
 (job states, `bench status`), `plan` (what to submit, its cost, the local lanes) and `grids` (grid
-files to cells); this file submits and holds the command line. Every public name of those modules is importable from here.
+files to cells); this file submits and holds the command line. Every public name of those modules
+is importable from here.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ from bench.storage import (
     sample_bytes,
 )
 from bench.train.checkpoint import checkpoint_path
-from bench.train.loop import check_prepared, read_align_manifest
+from bench.train.data import check_prepared, read_align_manifest
 
 SPECS = ("latent_only", "repa", "redi", "redi_rg", "redi_repa")
 DDP_RTOL = 1e-5

@@ -57,7 +57,7 @@ from bench.perf.training import (
 )
 from bench.prepare.dataset import read_manifest
 from bench.train.build import backbone_settings
-from bench.train.loop import check_prepared
+from bench.train.data import check_prepared
 from bench.train.step import native_bf16
 
 KINDS = ("train", "sample", "table6", "prepare", "eval")

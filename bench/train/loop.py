@@ -1,49 +1,19 @@
 """`bench train`: one training run, resumable, on one process or many (DDP).
 
-Run folder (`bench.run_hash.run_dir(cfg)`, layout in bench.runfolder): `config.json` (the resolved
-config, written once), `checkpoints/<step>/` (bench.train.checkpoint), `metrics.jsonl` (one row per log
-tick, rank 0, through bench.metrics_log) and `DONE` once the checkpoint at `train.max_steps` exists.
-Re-running a finished run returns at once (after verifying the final checkpoint: a corrupt one is
-rebuilt from the newest good checkpoint); re-running an unfinished one resumes from its newest valid
-checkpoint, bit-exactly. One `bench train` at a time works on a run folder: it holds the folder's
-`.train.lock` (flock, released by the kernel when the process ends however it ends; where the file
-system refuses flock, an owner file with a heartbeat: bench.locks), and a second one refuses with a
-message naming the holder.
+`setup_run` builds the run's state (`RunState`: data, model, EMA, optimiser, the training step,
+generators) and checks everything that can fail before the first file is written. `_train` is then
+the whole run on one page: under the run folder's `.train.lock` (rank 0; bench.locks) it cleans the
+folder, resumes from the newest valid checkpoint, and runs the steps: batch -> step (loss, backward,
+NaN guard, clipping, AdamW, EMA: bench/train/step.py) -> log row -> checkpoint.
 
-Nothing lost, nothing doubled. A resume from step S (S = 0 for a fresh start) first cuts
-metrics.jsonl after its last row at or before S, so the rows of a killed process are logged again,
-once. Each row is the mean over the steps since the previous row; when a checkpoint falls inside
-such a window (ckpt_every not a multiple of log_every), the checkpoint carries the window's partial
-sums and step count (`state.log_window`, per rank), and the resumed run continues them: the row is
-the same number whether or not the run was interrupted. Python's and NumPy's global RNGs are seeded
-from train.seed (nothing here draws from them, but a library might), so their states stored in the
-checkpoints are the same for two runs of one config. After a kill at any moment and a re-run of the
-same command, the checkpoints and metrics.jsonl are byte-identical to an uninterrupted run's except
-the measured fields of a row (`time`, `elapsed_s`, `images_per_s`: wall clock; `peak_memory_mb`: the
-process's memory) and DONE's `time` (tests/test_kill.py).
+Run folder (layout in bench.runfolder): `config.json`, `checkpoints/<step>/` (bench.train.checkpoint),
+`metrics.jsonl` (one row per log tick, rank 0) and `DONE` once the final checkpoint exists. Re-running
+a finished run returns at once; re-running an unfinished one resumes bit-exactly, and after a kill at
+any moment they are byte-identical to an uninterrupted run's but for measured fields (test_kill.py).
 
-Randomness and ranks (why a run does not depend on the number of ranks). Each step takes the global
-batch of B samples at positions [step*B, (step+1)*B) of an endless stream of per-epoch permutations
-(`GlobalBatchSampler`, seeded by (seed, epoch)): the position is a function of the step, so resume
-continues the exact order. EVERY rank assembles the whole global batch of latent moments, PCA
-coordinates and labels (a few MB), draws the VAE posterior noise and calls the objective on all B
-samples with the same seeded generators, so every rank draws exactly the numbers a single process
-would. Only the network is split: `_RankRows` runs it on rank r's rows [r*B/W, (r+1)*B/W) and fills
-the other rows with the other ranks' outputs (all_gather, detached). Every rank therefore computes
-the single-process loss on the single-process draws, but back-propagates only through its own rows;
-scaling the loss by W before DDP's gradient averaging gives exactly the single-process gradient.
-REPA is the exception that keeps its large tensors local: projector outputs and encoder targets of
-other ranks' rows are zeros (cosine 0, no gradient), so each rank's `loss/repa` is its share of the
-global mean and the logged value is the sum over ranks. objective.drop_mode=batch_official depends
-on the number of ranks on purpose (docs/method.md, "The modality drop").
-
-Paired seeds (common random numbers): every stream is derived from (train.seed, purpose) by
-`derive_seed`: data order ("order", epoch), VAE posterior noise ("latent_noise"), the objective's
-draws ("objective", step; re-seeded every step by `reseed_for_step`). So seed k of latent-only,
-REPA and ReDi trains on the same batches with the same t and latent noise eps_x at every step.
-
-Precision, optimiser, EMA, NaN guard and clipping: the one training step in bench/train/step.py,
-which `bench perf` times as its default row.
+Why that holds, and why a run does not depend on the number of ranks or the spec's draws (the
+global batch order, every rank drawing the whole batch's noise, `_RankRows`, REPA's per-rank share,
+the carried log window, paired seeds): docs/runs.md, "Training: resume, ranks and paired seeds".
 """
 
 from __future__ import annotations
@@ -51,13 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import math
 import random
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -68,16 +38,9 @@ from bench.atomic import atomic_write_text, check_writable_dir, crash_point, rem
 from bench.compose import dumps, load_config, load_config_file, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.metrics_log import MetricsLogger, check_sinks, forget_after
-from bench.prepare.dataset import (
-    FeatureRows,
-    Manifest,
-    PreparedDataError,
-    check_same_images,
-    load_prepared,
-    read_manifest,
-)
-from bench.prepare.encoders import EncoderError, build_semantic_encoder, sample_latents
-from bench.prepare.sources import DatasetError, open_split
+from bench.prepare.dataset import PreparedDataError, read_manifest
+from bench.prepare.encoders import EncoderError
+from bench.prepare.sources import DatasetError
 from bench.progress import Progress, every_seconds
 from bench.run_hash import derive_seed, identity_dict, run_hash
 from bench.run_hash import run_dir as default_run_dir
@@ -85,7 +48,8 @@ from bench.storage import checkpoint_bytes, checkpoints_held, guard, preflight_w
 from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
-from bench.train.step import NonFiniteLossError, TrainStep, build_optimizer, make_train_step, repa_tokens
+from bench.train.data import TrainingData, check_prepared, read_align_manifest
+from bench.train.step import NonFiniteLossError, TrainStep, build_optimizer, make_train_step
 from models.backbone import BackboneOutput
 
 
@@ -103,192 +67,14 @@ def reseed_for_step(generator: torch.Generator, seed: int, purpose: str, step: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-
-
-class GlobalBatchSampler:
-    """Global batch `step` = positions [step*B, (step+1)*B) of the concatenated per-epoch permutations."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int) -> None:
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.num_items, generator=generator)
-        return self._perms[epoch]
-
-    def position(self, step: int) -> dict:
-        """The stream position before global batch `step` (saved in checkpoints)."""
-        seen = step * self.batch_size
-        return {"samples_seen": seen, "epoch": seen // self.num_items, "offset": seen % self.num_items}
-
-    def indices(self, step: int) -> torch.Tensor:
-        positions = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
-        epochs, offsets = positions // self.num_items, positions % self.num_items
-        out = torch.empty_like(positions)
-        for epoch in epochs.unique().tolist():
-            mask = epochs == epoch
-            out[mask] = self.permutation(epoch)[offsets[mask]]
-        return out
-
-
-def _encoder_matches(kind: str, variant: str, encoder_id: str) -> bool:
-    if kind == "dinov2":
-        return encoder_id.startswith(f"dinov2_{variant}_") and encoder_id.endswith("px") and \
-            encoder_id[len(f"dinov2_{variant}_"):-2].isdigit()
-    return encoder_id.startswith(f"{kind}_")
-
-
-def check_prepared(cfg: ExperimentConfig, manifest: Manifest, prepared_dir: str,
-                   align: Optional[Manifest] = None) -> None:
-    """ConfigError when the prepared shards do not fit the config (nothing has been written yet).
-    `align`: the manifest of data.align_prepared_dir (read it with `read_align_manifest`)."""
-    where = f"data.prepared_dir={prepared_dir}"
-    encoder_id = manifest["encoder"]["encoder_id"]
-    if not _encoder_matches(cfg.encoder.kind, cfg.encoder.variant, encoder_id):
-        wanted = cfg.encoder.kind + (f" {cfg.encoder.variant}" if cfg.encoder.kind == "dinov2" else "")
-        raise ConfigError(f"{where}: shards from another encoder ({encoder_id!r}) but encoder.kind/"
-                          f"variant ask for {wanted}; point data.prepared_dir at shards of this encoder "
-                          "or re-run `bench prepare`")
-    for key in ("name", "image_size", "num_classes"):
-        if manifest["data"][key] != getattr(cfg.data, key):
-            raise ConfigError(f"{where}: shards were prepared with data.{key}={manifest['data'][key]!r}, "
-                              f"the config says {getattr(cfg.data, key)!r}")
-    if manifest["vae"]["kind"] != cfg.vae.kind:
-        raise ConfigError(f"{where}: shards were encoded by a {manifest['vae']['kind']!r} VAE, the config "
-                          f"says vae.kind={cfg.vae.kind!r}")
-    if cfg.vae.kind == "diffusers" and not math.isclose(manifest["scaling_factor"], cfg.vae.scaling_factor):
-        raise ConfigError(f"{where}: shards record vae.scaling_factor={manifest['scaling_factor']}, the "
-                          f"config says {cfg.vae.scaling_factor}")
-    if cfg.semantic_channels:
-        try:
-            manifest.check_rank(cfg.semantic_channels)
-        except PreparedDataError as err:
-            raise ConfigError(str(err)) from None
-    if align is not None:
-        check_align_prepared(cfg, manifest, align)
-    elif cfg.objective.lambda_repa > 0 and not cfg.encoder.online_features and not manifest["store_features"]:
-        raise ConfigError(f"objective.lambda_repa > 0 needs the raw encoder features, but {prepared_dir} "
-                          "was prepared with encoder.store_features=false; re-run prepare with "
-                          "encoder.store_features=true or set encoder.online_features=true")
-
-
-def read_align_manifest(cfg: ExperimentConfig) -> Optional[Manifest]:
-    """The manifest of data.align_prepared_dir, or None when the REPA target comes from
-    data.prepared_dir (or the encoder online)."""
-    return read_manifest(cfg.data.align_prepared_dir) if cfg.data.align_prepared_dir else None
-
-
-def check_align_prepared(cfg: ExperimentConfig, manifest: Manifest, align: Manifest) -> None:
-    """ConfigError unless data.align_prepared_dir holds objective.align_encoder's raw features of
-    the same images, in the same row order, as data.prepared_dir: row i of its features is then the
-    REPA target of row i of the latents."""
-    where, name = f"data.align_prepared_dir={cfg.data.align_prepared_dir}", cfg.objective.align_encoder
-    kind, variant = ("dinov2", name.removeprefix("dinov2_")) if name.startswith("dinov2_") else (name, "")
-    encoder_id = align["encoder"]["encoder_id"]
-    if not _encoder_matches(kind, variant, encoder_id):
-        raise ConfigError(f"{where}: its shards come from encoder {encoder_id!r}, but "
-                          f"objective.align_encoder={name}; set objective.align_encoder to that folder's "
-                          "encoder or point data.align_prepared_dir at shards of this one")
-    if not align["store_features"]:
-        raise ConfigError(f"{where} was prepared with encoder.store_features=false: it holds no raw "
-                          "features to align to; prepare it again with encoder.store_features=true")
-    try:
-        check_same_images(manifest, align)
-    except PreparedDataError as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-class TrainingData:
-    """The train split of the prepared folder and how one global batch becomes model inputs.
-
-    The REPA target is the stored raw encoder features (default), those stored in a second prepared
-    folder of the same images (data.align_prepared_dir: another encoder, e.g. DINOv2-B/14 without
-    registers as REPA published, while the PCA channels keep theirs; rank r reads its own rows of
-    it) or, with encoder.online_features, the encoder run on this rank's images each step (the
-    official code's way; the images are read again from data.name through the shards' `indices`).
-    """
-
-    def __init__(self, cfg: ExperimentConfig, manifest: dict, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.use_features = cfg.objective.lambda_repa > 0
-        self.online = self.use_features and cfg.encoder.online_features
-        self.aligned = (FeatureRows(cfg.data.align_prepared_dir, "train")
-                        if self.use_features and cfg.data.align_prepared_dir else None)
-        self.dataset = load_prepared(cfg.data.prepared_dir, "train", max(cfg.semantic_channels, 1),
-                                     whiten=cfg.model.whiten,
-                                     with_features=self.use_features and not self.online and self.aligned is None)
-        self.scaling_factor = float(manifest["scaling_factor"])
-        self.sampler = GlobalBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.train.seed)
-        if self.online:
-            self._open_encoder(manifest)
-
-    def _open_encoder(self, manifest: dict) -> None:
-        from safetensors import safe_open
-
-
-        self.encoder = build_semantic_encoder(self.cfg.encoder, self.cfg.data.image_size,
-                                              int(manifest["encoder"]["input_size"])).to(self.device)
-        if self.encoder.info.encoder_id != manifest["encoder"]["encoder_id"]:
-            raise ConfigError(f"encoder.online_features: the encoder is {self.encoder.info.encoder_id!r} but "
-                              f"the shards were prepared with {manifest['encoder']['encoder_id']!r}")
-        self.images = open_split(self.cfg.data, "train")
-        parts = []
-        for shard in self.dataset.shards:  # dataset row -> image index in the split
-            with safe_open(str(shard), framework="pt") as handle:
-                parts.append(handle.get_tensor("indices").clone())
-        self.image_index = torch.cat(parts)
-
-    def alignment_source(self) -> dict:
-        """The provenance of the REPA targets read from data.align_prepared_dir (checkpoint state)."""
-        manifest = self.aligned.manifest
-        return {"encoder_id": manifest["encoder"]["encoder_id"], "prepared": manifest.get("settings_hash")}
-
-    def _rows(self, indices: torch.Tensor, local: slice) -> dict[str, torch.Tensor]:
-        ds, stored = self.dataset, self.use_features and not self.online and self.aligned is None
-        if ds.in_memory:
-            out = {"moments": ds.moments[indices], "semantic": ds.semantic[indices], "label": ds.labels[indices]}
-            if stored:
-                out["features"] = ds.features[indices[local]]
-        else:  # larger-than-memory splits: item by item from the memory-mapped shards
-            items = [ds[int(i)] for i in indices]
-            out = {key: torch.stack([item[key] for item in items]) for key in ("moments", "semantic", "label")}
-            if stored:
-                out["features"] = torch.stack([item["features"] for item in items[local]])
-        if self.aligned is not None:
-            out["features"] = self.aligned.rows(indices[local])
-        if self.online:
-            images = self.images.images(self.image_index[indices[local]].tolist())
-            out["features"] = self.encoder.encode(images.to(self.device))  # (B_local, D, gh, gw)
-        return out
-
-    def batch(self, step: int, generator: torch.Generator, local: slice, token_grid: int):
-        """(x, z, y, align_target) of global batch `step`; align_target has zeros outside `local`."""
-
-        rows = self._rows(self.sampler.indices(step), local)
-        moments = rows["moments"].to(self.device, torch.float32)
-        x = sample_latents(moments, self.scaling_factor, generator)  # (B, C_x, h, w), official sample_posterior
-        z = rows["semantic"].to(self.device, torch.float32) if self.cfg.semantic_channels else None
-        y = rows["label"].to(self.device, torch.long)
-        if not self.cfg.model.conditional:
-            y = torch.zeros_like(y)
-        target = None
-        if self.use_features:
-            feats = repa_tokens(rows["features"].to(self.device), token_grid)  # (B_local, L, D)
-            target = feats.new_zeros((x.shape[0], *feats.shape[1:]))
-            target[local] = feats
-        return x, z, y, target
-
-
-# ----------------------------------------------------------------------------------------------
 # Model pieces
 
 
 class _RankRows:
-    """Runs the network on this rank's rows of the global batch; see the module docstring."""
+    """Runs the network on this rank's rows of the global batch and fills the other rows with the
+    other ranks' outputs (detached), so every rank computes the single-process loss but
+    back-propagates only through its own rows; REPA's projector outputs of other rows are zeros
+    (docs/runs.md, "Training: resume, ranks and paired seeds")."""
 
     def __init__(self, net: nn.Module, rank: int, world: int, local_batch: int) -> None:
         self.net, self.rank, self.world = net, rank, world
@@ -367,27 +153,6 @@ def seed_global_rngs(seed: int) -> None:
     np.random.seed(derive_seed(seed, "numpy") % 2**32)
 
 
-def _log_window(sums: dict[str, torch.Tensor], steps: int) -> dict:
-    """The partial logging window at a checkpoint: every rank's float32 sums (exact as JSON floats)."""
-    if not steps:
-        return {"steps": 0, "sums": {}}
-    keys = sorted(sums)
-    ranks = dist_utils.all_gather_rows(torch.stack([sums[k] for k in keys]))
-    return {"steps": steps, "sums": {k: [float(r[i]) for r in ranks] for i, k in enumerate(keys)}}
-
-
-def _resume_window(window: Optional[dict], rank: int, world: int, device: torch.device
-                   ) -> tuple[dict[str, torch.Tensor], int]:
-    """This rank's sums and step count of the window a checkpoint carried (none in older ones). With
-    another number of ranks the ranks' mean is used: the same row up to float rounding."""
-    if not window or not window.get("steps"):
-        return {}, 0
-    sums = {key: torch.tensor(values[rank] if len(values) == world else sum(values) / len(values),
-                              dtype=torch.float32, device=device)
-            for key, values in window["sums"].items()}
-    return sums, int(window["steps"])
-
-
 def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -406,34 +171,88 @@ def _restore_rng(state: dict[str, torch.Tensor], generators: dict[str, torch.Gen
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The run state
 
 
-def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
-    """Train `cfg` in `run_dir` (default: its identity folder), resuming if it has checkpoints.
+class _LogWindow:
+    """The steps since the last log row: every term's sum (tensors: no host sync per step), their
+    count and the clock. A checkpoint inside a window carries it (`carried`) and a resume continues
+    it, so a row is the same number whether or not the run was interrupted."""
 
-    Every check that can fail (config vs. saved config, prepared shards vs. config, model and
-    objective settings, batch vs. ranks) runs before the first file is written. Returns the run folder.
-    """
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    joined = dist_utils.is_distributed()  # a caller's process group is left alone at the end
-    info = dist_utils.init_distributed()
-    owns_group = info.world_size > 1 and not joined
-    try:
-        return _train(cfg, run_dir, info)
-    finally:
-        if owns_group:
-            dist_utils.cleanup()
+    def __init__(self, carried: Optional[dict], rank: int, world: int, device: torch.device) -> None:
+        """Continue the window a checkpoint carried (none in older ones). With another number of
+        ranks the ranks' mean is used: the same row up to float rounding."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        if carried and carried.get("steps"):
+            self.sums = {key: torch.tensor(values[rank] if len(values) == world else sum(values) / len(values),
+                                           dtype=torch.float32, device=device)
+                         for key, values in carried["sums"].items()}
+            self.steps = int(carried["steps"])
+        self.timed, self.since, self.began = 0, time.perf_counter(), time.time()
+
+    def add(self, losses: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + grad_norm.detach().float()
+        self.steps, self.timed = self.steps + 1, self.timed + 1
+
+    def row(self, cfg: ExperimentConfig, step: int, world: int, device: torch.device) -> dict:
+        """The log row of `step` (every rank takes part in the reduction); starts the next window."""
+        record = _log_record(self.sums, self.steps, self.timed, world, cfg, step,
+                             time.perf_counter() - self.since, time.time() - self.began, device)
+        self.sums, self.steps, self.timed, self.since = {}, 0, 0, time.perf_counter()
+        return record
+
+    def carried(self) -> dict:
+        """The partial window at a checkpoint: every rank's float32 sums (exact as JSON floats);
+        every rank takes part in the gather."""
+        if not self.steps:
+            return {"steps": 0, "sums": {}}
+        keys = sorted(self.sums)
+        ranks = dist_utils.all_gather_rows(torch.stack([self.sums[k] for k in keys]))
+        return {"steps": self.steps, "sums": {k: [float(r[i]) for r in ranks] for i, k in enumerate(keys)}}
 
 
-def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
+@dataclass
+class RunState:
+    """One run between two steps. `setup_run` builds it before the first file is written; the
+    resume and `_open_outputs` fill in the rest under the run folder's lock. The loop reads and
+    updates only this."""
 
+    cfg: ExperimentConfig
+    run_dir: Path
+    info: dist_utils.DistInfo
+    manifest: dict
+    data: TrainingData  # the prepared train split and the global batch order
+    model: nn.Module  # fp32 master weights: what checkpoints hold
+    ema: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep  # the objective, precision, backward, NaN guard, clipping, AdamW, EMA
+    generators: dict[str, torch.Generator]  # "objective" (re-seeded every step), "latent_noise"
+    has_config: bool  # config.json is already in the run folder
+    local_rows: slice  # this rank's rows of the global batch
+    token_grid: int  # the model's token grid (REPA targets are resized to it)
+    keep: set[int]  # checkpoints never pruned: the milestones and the final step
+    step: int = 0  # the last step done: the resume point, then every step
+    last_saved: int = 0  # the newest checkpoint's step (the NaN error names it)
+    carried_window: Optional[dict] = None  # the log window the resumed checkpoint carried
+    forward: Optional[Callable] = None  # the network as the step calls it (DDP, torch.compile, _RankRows)
+    window: Optional[_LogWindow] = None
+    bar: Optional[Progress] = None
+    log: Optional[MetricsLogger] = None  # rank 0 only
+
+
+def setup_run(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Optional[RunState]:
+    """The run's state, built and checked before anything is written (config vs. saved config,
+    prepared shards vs. config, model and objective settings, batch vs. ranks); None when the run
+    is finished and its final checkpoint verifies."""
     device, world, main = info.device, info.world_size, info.is_main
     has_config = _check_saved_config(run_dir, cfg)
     if has_config and _finished(run_dir, cfg, main):
         if main:
             print(f"train: {run_dir} is finished (step {cfg.train.max_steps}); nothing to do", flush=True)
-        return run_dir
+        return None
     if cfg.train.batch_size % world:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {world} ranks")
     check_sinks(cfg.train.log_to)
@@ -454,133 +273,193 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
     ema = copy.deepcopy(model).requires_grad_(False)  # initialised from the model (official)
     optimizer = build_optimizer(model, cfg)
     train_step = make_train_step(model, ema, transport, cfg, device, world, optimizer)
-    autocast_dtype = train_step.autocast_dtype
     generators = {name: torch.Generator(device).manual_seed(derive_seed(cfg.train.seed, name))
                   for name in ("objective", "latent_noise")}
-
     if main:
         warn_if_disk_is_short(cfg, run_dir, model)
+    local = cfg.train.batch_size // world
+    return RunState(cfg=cfg, run_dir=run_dir, info=info, manifest=manifest, data=data, model=model, ema=ema,
+                    optimizer=optimizer, train_step=train_step, generators=generators, has_config=has_config,
+                    local_rows=slice(info.rank * local, (info.rank + 1) * local),
+                    token_grid=model.config.grid_size, keep=set(cfg.train.milestones) | {cfg.train.max_steps})
 
-    # -- first write: the lock, the run folder, its config, leftovers of a killed writer --------
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: ExperimentConfig, run_dir: Optional[Path] = None) -> Path:
+    """Train `cfg` in `run_dir` (default: its identity folder), resuming if it has checkpoints.
+
+    Every check that can fail runs before the first file is written (`setup_run`). Returns the run folder.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    joined = dist_utils.is_distributed()  # a caller's process group is left alone at the end
+    info = dist_utils.init_distributed()
+    owns_group = info.world_size > 1 and not joined
+    try:
+        return _train(cfg, run_dir, info)
+    finally:
+        if owns_group:
+            dist_utils.cleanup()
+
+
+def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> Path:
+    """The whole run on one page: setup, then under the run folder's lock (rank 0) the resume and
+    the steps; the lock, the progress bar and the metrics logger close with `held`, however the loop ends."""
+    run = setup_run(cfg, run_dir, info)
+    if run is None:  # finished, and its final checkpoint verifies
+        return run_dir
     with contextlib.ExitStack() as held:
-        refused = None
-        if main:
-            try:
-                held.enter_context(runfolder.train_lock(run_dir))
-                held.enter_context(guard(run_dir))  # a removed run folder is an error, not re-created
-            except runfolder.RunFolderError as err:
-                refused = err
-        if dist_utils.broadcast_int(int(refused is not None)):
-            raise refused or runfolder.RunFolderError(f"{run_dir} is being trained by another process")
-        return _train_locked(cfg, run_dir, info, has_config, manifest, data, model, transport, autocast_dtype,
-                             ema, optimizer, train_step, generators, held)
+        _take_lock(run, held)
+        _clean_run_folder(run)  # config.json; leftovers of a killed writer
+        _resume(run)  # the newest valid checkpoint, if any; metrics.jsonl cut after it
+        _open_outputs(run, held)  # the network as the step calls it, the bar, the metrics logger
+        schedule, data = cfg.train, run.data
+        run.model.train()
+        for step in range(run.step + 1, schedule.max_steps + 1):
+            x, z, y, align = data.batch(step - 1, run.generators["latent_noise"], run.local_rows, run.token_grid)
+            losses, grad_norm = _step(run, step, x, z, y, align)  # loss, backward, clip, AdamW, EMA
+            run.window.add(losses, grad_norm)
+            run.step = step
+            crash_point("train:step")
+            if step % schedule.log_every == 0 or step == schedule.max_steps:
+                _log_row(run, step)
+            run.bar.update(1)  # after the row: a line printed at this step shows its loss
+            if step % schedule.ckpt_every == 0 or step in run.keep:  # keep: milestones, the final step
+                _save_checkpoint(run, step)
+        _finish(run)
+    return run_dir
 
 
-def _train_locked(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo, has_config: bool,
-                  manifest: dict, data: TrainingData, model: nn.Module, transport, autocast_dtype, ema: nn.Module,
-                  optimizer: torch.optim.Optimizer, train_step: TrainStep, generators: dict,
-                  held: contextlib.ExitStack) -> Path:
-    """The part of `_train` that writes, holding the run folder's lock (rank 0) until `held` closes;
-    the progress bar and the metrics logger close with it, however the loop ends."""
-    device, world, main = info.device, info.world_size, info.is_main
-    if main:
-        if not has_config:
-            atomic_write_text(runfolder.config_path(run_dir), dumps(cfg) + "\n")
+def _take_lock(run: RunState, held: contextlib.ExitStack) -> None:
+    """Rank 0 holds the run folder's lock and the guard against its removal until `held` closes;
+    when the lock is refused, every rank stops with the holder's name."""
+    refused = None
+    if run.info.is_main:
+        try:
+            held.enter_context(runfolder.train_lock(run.run_dir))
+            held.enter_context(guard(run.run_dir))  # a removed run folder is an error, not re-created
+        except runfolder.RunFolderError as err:
+            refused = err
+    if dist_utils.broadcast_int(int(refused is not None)):
+        raise refused or runfolder.RunFolderError(f"{run.run_dir} is being trained by another process")
+
+
+def _clean_run_folder(run: RunState) -> None:
+    """The first writes (rank 0): config.json once, leftovers of a killed writer removed."""
+    run_dir = run.run_dir
+    if run.info.is_main:
+        if not run.has_config:
+            atomic_write_text(runfolder.config_path(run_dir), dumps(run.cfg) + "\n")
         ckpt.remove_stale_temporaries(run_dir)
         remove_stale_temporaries(run_dir)  # config.json / DONE of a killed trainer (none other writes here)
         if runfolder.is_done(run_dir):  # stale (_finished said so): the rebuilt final checkpoint writes it again
             (run_dir / runfolder.DONE_FILE).unlink()
     dist_utils.barrier()
 
-    start, window = 0, None
+
+def _resume(run: RunState) -> None:
+    """Weights, optimiser, RNG states, step and log window from the newest valid checkpoint, if
+    any; then rows past the resume point (any, on a fresh start) were a killed process's: cut them."""
+    main, run_dir = run.info.is_main, run.run_dir
     resume = ckpt.select_resume_checkpoint(run_dir) if main else None
     resume_step = dist_utils.broadcast_int(-1 if resume is None else int(resume.name))
     if resume_step >= 0:
-        meta, rng = ckpt.load_checkpoint(runfolder.checkpoint_path(run_dir, resume_step), model=model, ema=ema,
-                                         optimizer=optimizer, device=device)
-        _restore_rng(rng, generators)
-        start, window = int(meta["step"]), meta["state"].get("log_window")
-        if meta["state"].get("prepared") != manifest.get("settings_hash") or \
-                meta["state"]["data"] != data.sampler.position(start):
-            raise ConfigError(f"{run_dir} was trained on other prepared data (settings "
-                              f"{meta['state'].get('prepared')}) than {cfg.data.prepared_dir} holds now "
-                              f"({manifest.get('settings_hash')}); point data.prepared_dir at the original "
-                              "shards or start a new run")
-        if meta["state"].get("align") != (data.alignment_source() if data.aligned is not None else None):
-            raise ConfigError(f"{run_dir} was trained on REPA targets from {meta['state'].get('align')} but "
-                              f"data.align_prepared_dir={cfg.data.align_prepared_dir} holds other ones; point "
-                              "it at the original folder or start a new run")
+        meta, rng = ckpt.load_checkpoint(runfolder.checkpoint_path(run_dir, resume_step), model=run.model,
+                                         ema=run.ema, optimizer=run.optimizer, device=run.info.device)
+        _restore_rng(rng, run.generators)
+        run.step, run.carried_window = int(meta["step"]), meta["state"].get("log_window")
+        _check_same_data(run, meta["state"])
         if main:
-            print(f"train: resuming from checkpoint step {start} in {run_dir}", flush=True)
-    if main:  # rows past the resume point (any, on a fresh start) were a killed process's: cut them
-        forget_after(run_dir, start)
+            print(f"train: resuming from checkpoint step {run.step} in {run_dir}", flush=True)
+    run.last_saved = run.step
+    if main:
+        forget_after(run_dir, run.step)
 
-    local_batch = cfg.train.batch_size // world
-    net: nn.Module = model
+
+def _check_same_data(run: RunState, state: dict) -> None:
+    """ConfigError when the checkpoint was trained on other prepared shards or REPA targets."""
+    cfg, data, manifest = run.cfg, run.data, run.manifest
+    if state.get("prepared") != manifest.get("settings_hash") or state["data"] != data.sampler.position(run.step):
+        raise ConfigError(f"{run.run_dir} was trained on other prepared data (settings "
+                          f"{state.get('prepared')}) than {cfg.data.prepared_dir} holds now "
+                          f"({manifest.get('settings_hash')}); point data.prepared_dir at the original "
+                          "shards or start a new run")
+    if state.get("align") != (data.alignment_source() if data.aligned is not None else None):
+        raise ConfigError(f"{run.run_dir} was trained on REPA targets from {state.get('align')} but "
+                          f"data.align_prepared_dir={cfg.data.align_prepared_dir} holds other ones; point "
+                          "it at the original folder or start a new run")
+
+
+def _open_outputs(run: RunState, held: contextlib.ExitStack) -> None:
+    """The network as the step calls it (DDP, torch.compile, this rank's rows), the progress bar
+    (on a terminal a bar; in a batch job's log a plain line every REDI_BENCH_PROGRESS_EVERY
+    seconds) and rank 0's metrics logger; the bar and the logger close with `held`."""
+    cfg, info, run_dir = run.cfg, run.info, run.run_dir
+    world, device = info.world_size, info.device
+    net: nn.Module = run.model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.train.compile:
         net = torch.compile(net)
-    forward = _RankRows(net, info.rank, world, local_batch) if world > 1 else net
-    local_rows = slice(info.rank * local_batch, (info.rank + 1) * local_batch)
-    token_grid = model.config.grid_size
-    keep = set(cfg.train.milestones) | {cfg.train.max_steps}
-    state_extra = {"run_hash": run_hash(cfg), "world_size": world, "prepared": manifest.get("settings_hash"),
-                   "precision": "fp32" if autocast_dtype is None else "bf16", "tf32": device.type == "cuda"}
-    if data.aligned is not None:  # which encoder's stored features were the REPA target
-        state_extra["align"] = data.alignment_source()
+    run.forward = _RankRows(net, info.rank, world, cfg.train.batch_size // world) if world > 1 else net
+    run.bar = Progress("train step", cfg.train.max_steps, initial=run.step, images_per_unit=cfg.train.batch_size,
+                       enabled=info.is_main)
+    held.callback(run.bar.close)
+    run.log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
+                                               config=to_dict(cfg), resume_step=run.step)) if info.is_main else None
+    run.window = _LogWindow(run.carried_window, info.rank, world, device)
 
-    # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
-    bar = Progress("train step", cfg.train.max_steps, initial=start, images_per_unit=cfg.train.batch_size,
-                   enabled=main)
-    held.callback(bar.close)
-    log = held.enter_context(MetricsLogger(run_dir, cfg.train.log_to, run_name=run_dir.name, run_id=run_hash(cfg),
-                                           config=to_dict(cfg), resume_step=start)) if main else None
-    sums, tick_steps = _resume_window(window, info.rank, world, device)
-    timed_steps, tick_time, began = 0, time.perf_counter(), time.time()
-    last_saved = start
-    model.train()
-    for step in range(start + 1, cfg.train.max_steps + 1):
-        x, z, y, align = data.batch(step - 1, generators["latent_noise"], local_rows, token_grid)
-        try:
-            objective_rng = reseed_for_step(generators["objective"], cfg.train.seed, "objective", step)
-            losses, grad_norm = train_step(forward, x, z, y, objective_rng, align_target=align)
-        except NonFiniteLossError as err:
-            raise NonFiniteLossError(
-                f"non-finite loss or gradient at step {step} (loss={err.loss:.4g}, grad_norm={err.grad_norm:.4g}); "
-                f"stopped before the update. The last good checkpoint is step {last_saved} in "
-                f"{runfolder.checkpoints_dir(run_dir)}. Lower optim.lr, set optim.max_grad_norm (e.g. 1.0)"
-                + (" or train.precision=fp32" if autocast_dtype else "")) from None
 
-        for key, value in losses.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()
-        tick_steps, timed_steps = tick_steps + 1, timed_steps + 1
-        crash_point("train:step")
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            record = _log_record(sums, tick_steps, timed_steps, world, cfg, step, time.perf_counter() - tick_time,
-                                 time.time() - began, device)
-            if log is not None:
-                log.log_train(record)
-                bar.set_postfix(loss=float(record["loss"]))
-            sums, tick_steps, timed_steps, tick_time = {}, 0, 0, time.perf_counter()
-        bar.update(1)  # after the tick: a line printed at this step shows its loss
-        if step % cfg.train.ckpt_every == 0 or step in keep:  # keep = milestones and the final step
-            log_window = _log_window(sums, tick_steps)  # every rank takes part in the gather
-            if main:
-                ckpt.save_checkpoint(run_dir, step, model=model, ema=ema, optimizer=optimizer,
-                                     rng=_rng_state(generators),
-                                     state={"data": data.sampler.position(step), **state_extra,
-                                            "log_window": log_window})
-                ckpt.prune_checkpoints(run_dir, cfg.train.keep_last, keep)
-            last_saved = step
-            dist_utils.barrier()
-    bar.close()  # its last line before "finished", while a W&B sink still records the output
-    if main:
-        runfolder.write_done(run_dir, cfg.train.max_steps, time.time())
-        print(f"train: finished {cfg.train.max_steps} steps in {run_dir}", flush=True)
+def _step(run: RunState, step: int, x: torch.Tensor, z: Optional[torch.Tensor], y: torch.Tensor,
+          align: Optional[torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One training step on the step's own objective draws; a NaN names the last good checkpoint."""
+    try:
+        objective_rng = reseed_for_step(run.generators["objective"], run.cfg.train.seed, "objective", step)
+        return run.train_step(run.forward, x, z, y, objective_rng, align_target=align)
+    except NonFiniteLossError as err:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step} (loss={err.loss:.4g}, grad_norm={err.grad_norm:.4g}); "
+            f"stopped before the update. The last good checkpoint is step {run.last_saved} in "
+            f"{runfolder.checkpoints_dir(run.run_dir)}. Lower optim.lr, set optim.max_grad_norm (e.g. 1.0)"
+            + (" or train.precision=fp32" if run.train_step.autocast_dtype else "")) from None
+
+
+def _log_row(run: RunState, step: int) -> None:
+    """The mean of every term since the last row (every rank reduces; rank 0 writes it)."""
+    record = run.window.row(run.cfg, step, run.info.world_size, run.info.device)
+    if run.log is not None:
+        run.log.log_train(record)
+        run.bar.set_postfix(loss=float(record["loss"]))
+
+
+def _save_checkpoint(run: RunState, step: int) -> None:
+    """Checkpoint `step` (rank 0 writes it and prunes the old ones it need not keep; every rank
+    gathers the log window and waits)."""
+    cfg, data, info = run.cfg, run.data, run.info
+    log_window = run.window.carried()
+    if info.is_main:
+        state = {"data": data.sampler.position(step), "run_hash": run_hash(cfg), "world_size": info.world_size,
+                 "prepared": run.manifest.get("settings_hash"),
+                 "precision": "fp32" if run.train_step.autocast_dtype is None else "bf16",
+                 "tf32": info.device.type == "cuda"}
+        if data.aligned is not None:  # which encoder's stored features were the REPA target
+            state["align"] = data.alignment_source()
+        ckpt.save_checkpoint(run.run_dir, step, model=run.model, ema=run.ema, optimizer=run.optimizer,
+                             rng=_rng_state(run.generators), state={**state, "log_window": log_window})
+        ckpt.prune_checkpoints(run.run_dir, cfg.train.keep_last, run.keep)
+    run.last_saved = step
     dist_utils.barrier()
-    return run_dir
+
+
+def _finish(run: RunState) -> None:
+    """The bar's last line before "finished" (while a W&B sink still records the output), then DONE."""
+    run.bar.close()
+    if run.info.is_main:
+        runfolder.write_done(run.run_dir, run.cfg.train.max_steps, time.time())
+        print(f"train: finished {run.cfg.train.max_steps} steps in {run.run_dir}", flush=True)
+    dist_utils.barrier()
 
 
 def warn_if_disk_is_short(cfg: ExperimentConfig, run_dir: Path, model: nn.Module) -> None:

@@ -103,7 +103,8 @@ class TrainStep:
     max_grad_norm: float
     ema_decay: float
     world: int = 1
-    """Ranks: the loss is scaled by W before DDP averages the gradients (see bench/train/loop.py)."""
+    """Ranks: the loss is scaled by W before DDP averages the gradients (docs/runs.md, "Training:
+    resume, ranks and paired seeds")."""
 
     def __post_init__(self) -> None:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
