@@ -146,3 +146,20 @@ def test_the_bench_command_sets_hf_hub_offline_before_a_subcommand_runs(monkeypa
     monkeypatch.setattr(cli, "_resolve", lambda target: probe)
     assert cli.main(["probe"]) == 0
     assert seen["HF_HUB_OFFLINE"] == "1"
+
+
+FUNCTION_LINES = 60  # bench/README.md: every function reads top to bottom on one page
+
+
+def test_every_function_fits_on_one_page():
+    """No function (or method) of bench/ or models/ runs past FUNCTION_LINES lines from its `def` to
+    its last line (docstring included): a longer one is split into named steps."""
+    long = []
+    for package in ("bench", "models"):
+        for path in _modules(package).values():
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > FUNCTION_LINES:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "functions longer than a page:\n" + "\n".join(long)
