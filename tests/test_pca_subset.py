@@ -12,7 +12,8 @@ from test_prepare import R_MAX, _configs, _options, tiny_vae_dir  # noqa: F401  
 
 from bench.config import ConfigError, EncoderConfig
 from bench.prepare.encoders import build_efficientnet_lite0
-from bench.prepare.pipeline import PrepareError, pca_fit_selection, run_prepare
+from bench.prepare.pipeline import PrepareError, run_prepare
+from bench.prepare.shards import pca_fit_selection
 from bench.prepare.sources import digits
 
 TRAIN = 96

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import bench.prepare.pipeline as prepare
+import bench.prepare.shards as shards
 from bench.config import DataConfig, EncoderConfig, VAEConfig
 from bench.prepare.dataset import PreparedDataError, check_manifest, load_prepared
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings, load_classifier
@@ -139,7 +139,7 @@ def test_second_call_is_cached(reference_run, tiny_vae_dir, capsys, monkeypatch)
         raise AssertionError("a cached prepare encoded a shard")
 
     # No encoding at all, checked directly: a wall-time bound (it was < 5 s) fails on a busy machine.
-    monkeypatch.setattr(prepare, "_encode_shard", no_encoding)
+    monkeypatch.setattr(shards, "encode_shard", no_encoding)
     run_prepare(*_configs(reference_run, tiny_vae_dir), _options())
     assert "up to date" in capsys.readouterr().out
     assert mtimes == {p: p.stat().st_mtime_ns for p in reference_run.rglob("*") if p.is_file()}
@@ -147,7 +147,7 @@ def test_second_call_is_cached(reference_run, tiny_vae_dir, capsys, monkeypatch)
 
 def test_crash_and_resume_equals_uninterrupted(reference_run, tiny_vae_dir, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
-    real = prepare._encode_shard
+    real = shards.encode_shard
     calls = []
 
     def crash_after_two(*args, **kwargs):
@@ -156,7 +156,7 @@ def test_crash_and_resume_equals_uninterrupted(reference_run, tiny_vae_dir, tmp_
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "_encode_shard", crash_after_two)
+    monkeypatch.setattr(shards, "encode_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(*_configs(out, tiny_vae_dir), _options())
     finished = sorted(p.name for p in out.rglob("*.enc.safetensors"))
@@ -165,8 +165,8 @@ def test_crash_and_resume_equals_uninterrupted(reference_run, tiny_vae_dir, tmp_
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.enc.safetensors")}
 
     resumed = []
-    monkeypatch.setattr(prepare, "_encode_shard", lambda *a, **k: resumed.append(1) or real(*a, **k))
-    monkeypatch.setattr(prepare, "_project_shard", _checking_projection(mtimes, prepare._project_shard))
+    monkeypatch.setattr(shards, "encode_shard", lambda *a, **k: resumed.append(1) or real(*a, **k))
+    monkeypatch.setattr(shards, "project_shard", _checking_projection(mtimes, shards.project_shard))
     run_prepare(*_configs(out, tiny_vae_dir), _options())
     assert len(resumed) == 3  # 5 shards in all, 2 were finished before the crash
     reference, again = _shards(reference_run), _shards(out)
@@ -214,16 +214,14 @@ def test_two_lanes_claim_shards_and_equal_a_single_run(reference_run, tiny_vae_d
     folder, removed afterwards), every shard exactly once, and the result is byte-identical."""
     import tempfile
 
-    from bench.prepare import pipeline
-
-    claimed, claim = [], pipeline._claim
+    claimed, claim = [], shards.claim_shard
 
     def recording_claim(folder, split, index):  # lane 0 runs in this process: its claims are seen
         won = claim(folder, split, index)
         claimed.append((folder, split, index, won))
         return won
 
-    monkeypatch.setattr(pipeline, "_claim", recording_claim)
+    monkeypatch.setattr(shards, "claim_shard", recording_claim)
     claims_before = set(Path(tempfile.gettempdir()).glob("redi-bench-prepare-claims-*"))
     out = tmp_path / "lanes"
     run_prepare(*_configs(out, tiny_vae_dir), _options(lanes=2))
@@ -481,7 +479,7 @@ def test_official_pca_is_unpickled_once(tiny_vae_dir, tmp_path, monkeypatch):
     with pytest.raises(PCAError, match="DINOv2 ViT-B/14-reg features, but the encoder is 'efficientnet"):
         run_prepare(*_configs(out, tiny_vae_dir), _options(**small))
     assert not out.exists()
-    monkeypatch.setattr(prepare, "OFFICIAL_PCA_ENCODER", "efficientnet_lite0_")  # an 80-d stand-in file
+    monkeypatch.setattr(shards, "OFFICIAL_PCA_ENCODER", "efficientnet_lite0_")  # an 80-d stand-in file
     run_prepare(*_configs(out, tiny_vae_dir), _options(**small))
     assert json.loads((out / "pca.json").read_text())["source"] == "official:dino_pca_model.pth"
     (out / "manifest.json").unlink()  # as if killed before the end
@@ -490,7 +488,7 @@ def test_official_pca_is_unpickled_once(tiny_vae_dir, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the pickle was loaded again")
 
-    monkeypatch.setattr(prepare, "import_official_pca", refuse)
+    monkeypatch.setattr(shards, "import_official_pca", refuse)
     run_prepare(*_configs(out, tiny_vae_dir), _options(**small))
     assert (out / "manifest.json").is_file()
 

@@ -1,7 +1,7 @@
 """`bench prepare ... --cluster PROFILE | --local | --debug`: prepare as jobs, through the launcher.
 
 One command submits two things and returns: a job array whose tasks encode the shards still
-missing (pass 1 of bench.prepare.pipeline: VAE moments, encoder features and each shard's float64
+missing (pass 1 of bench.prepare.shards: VAE moments, encoder features and each shard's float64
 PCA sums), dealt round-robin over `--tasks` tasks; and one job that starts when every task has
 succeeded (SLURM `afterok`) and fits the PCA, projects every shard and writes `manifest.json`.
 Both run with the profile's partition, account, QOS, setup lines and time limit (bench.launch.profiles);
@@ -170,9 +170,9 @@ def _retire(subs: Sequence[dict], states: dict, records: list[dict]) -> list[dic
 def submit_prepare(overrides: Sequence[str], options: Any, cluster: Optional[str] = None, local: bool = False,
                    debug: bool = False, tasks: Optional[int] = None, hours: Optional[float] = None,
                    quiet: bool = False, profiles_dir: Path | str | None = None) -> dict:
-    """Submit the prepare of `overrides` (bench.prepare.pipeline.PrepareOptions `options`) as an
+    """Submit the prepare of `overrides` (bench.prepare.options.PrepareOptions `options`) as an
     encoding array and a dependent PCA job; return what was submitted, without waiting."""
-    from bench.prepare.pipeline import prepare_state
+    from bench.prepare.shards import prepare_state
 
     if sum((cluster is not None, bool(local), bool(debug))) != 1:
         raise LaunchError("choose one of --cluster PROFILE, --local or --debug")

@@ -5,6 +5,8 @@
 - `encoders`:  frozen VAE and semantic encoders from local files: `load_vae`, `build_semantic_encoder`
 - `pca`:       streaming float64 PCA of encoder tokens: `PCAModel`, `PCAStats`, `import_official_pca`
 - `embedded`:  the embedded default's own VAE and evaluation classifier, trained on CPU
-- `pipeline`:  `bench prepare` itself: `run_prepare`, `prepare_embedded`, `PrepareOptions`
+- `options`:   what a prepare is asked to do: `PrepareOptions`, `PrepareError`, its command line, the content hash
+- `shards`:    the folder shard by shard: the plan, the encode/fit/project passes, `prepare_state`
+- `pipeline`:  `bench prepare` itself: `run_prepare`, `prepare_embedded` (task, lanes, the passes in order)
 - `dataset`:   the prepared folder's format and the loader training reads: `read_manifest`, `load_prepared`
 """
