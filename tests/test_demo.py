@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from bench.demo.calibrate import Costs, estimate, lane_split
-from bench.demo.run import MIN_TICKS, DemoError, Printer, Work, first_failure, fmt_time
+from bench.demo.plan import MIN_TICKS, Printer, Work, fmt_time
+from bench.demo.run import DemoError, first_failure
 
 DEMO_TIMEOUT_S = 1500  # one `bench demo --quick` call: 2x the slowest first call measured (11.8 min)
 pytestmark = pytest.mark.timeout(DEMO_TIMEOUT_S + 300)  # one call + a reusing one + the checks
@@ -247,7 +248,7 @@ _SUBMIT_AND_WAIT = """
 import sys, time
 from pathlib import Path
 import submitit
-from bench.demo.run import children_stderr_to
+from bench.demo.local_jobs import children_stderr_to
 folder = Path(sys.argv[1])
 executor = submitit.LocalExecutor(folder=folder / "%j")
 executor.update_parameters(timeout_min=5)

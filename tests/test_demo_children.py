@@ -117,7 +117,7 @@ def test_jobs_started_inside_still_run_to_the_end(tmp_path):
     parent-death signal): the cells finish and are reported done; leaving ends nothing that is left."""
     import cloudpickle
 
-    from bench.demo.run import owned_local_jobs
+    from bench.demo.local_jobs import owned_local_jobs
     from bench.launch.submit import grid_status, submit_grid
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

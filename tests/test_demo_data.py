@@ -106,7 +106,7 @@ def test_bench_demo_data_root_errors_are_one_line(tmp_path, capsys):
 def test_the_data_root_reaches_every_cell_of_the_grid(tmp_path):
     from dataclasses import replace
 
-    from bench.demo.run import make_plan
+    from bench.demo.plan import make_plan
     from bench.launch.grids import expand, load_grid
 
     plan = replace(make_plan(False, str(tmp_path / "o"), str(tmp_path / "r"), str(tmp_path / "p")),

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.demo.run import eval_todo, first_failure, make_plan
+from bench.demo.plan import eval_todo, make_plan
+from bench.demo.run import first_failure
 from bench.launch.grids import expand, load_grid
 from bench.launch.submit import grid_status, submit_grid
 from bench.prepare.pipeline import prepare_embedded
