@@ -136,7 +136,7 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
     base = _row_base(plan, env, run_id, peaks, attention)
     rows = _with_floor_shares([_roofline(_row(base, w), peaks) for kind in plan.kinds for w in measured[kind]])
     amx = device.type == "cpu" and "amx_bf16" in env["cpu_flags"]  # the 4x bf16 target is an AMX CPU's
-    targets = compute_targets(measured, checks, plan.model_size, plan.batch, attention, amx=amx)
+    targets = compute_targets(measured, checks, plan.batch, attention, amx=amx)
     targets_doc = {"run_id": run_id, "command": command, "created_at": base["created_at"],
                    "device": env["device"], "device_name": env["device_name"], "cpu_kernels": env["cpu_kernels"],
                    "threads": env["threads"],

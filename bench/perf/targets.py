@@ -42,9 +42,9 @@ def _find(workloads: list[Workload], **fields) -> Optional[Workload]:
     return None
 
 
-def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], model_size: str,
-                    batch: int, attention: Optional[dict] = None, amx: bool = False) -> list[dict]:
-    """Every target the issue states, PASS/FAIL with the measured value; INFO for reported-only
+def compute_targets(measured: dict[str, list[Workload]], checks: list[dict], batch: int,
+                    attention: Optional[dict] = None, amx: bool = False) -> list[dict]:
+    """Every target `bench perf` checks, PASS/FAIL with the measured value; INFO for reported-only
     ratios; SKIP (with the reason) when a needed workload was not run."""
     targets: list[dict] = [] if attention is None else [attention_target(attention)]
     if measured.get("train"):

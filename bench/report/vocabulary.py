@@ -13,10 +13,11 @@ class ReportError(ValueError):
     """A run folder, grid or option the report cannot use; the message says what to fix."""
 
 
-# Eval-row fields that change the number: the provenance key (`weights`, EMA or raw, is added to
-# the issue's list). Evaluator fields must agree across a whole column. Sampling fields must agree
-# within a cell (the seeds that are averaged); across rows they may differ where the grid's setting
-# says so (Table 4 scores B with w_r = 1.5 and XL with w_r = 1.1) and are then shown per row.
+# Eval-row fields that change the number: the provenance key (`weights`, EMA or raw, among them:
+# the two give different numbers from one checkpoint). Evaluator fields must agree across a whole
+# column. Sampling fields must agree within a cell (the seeds that are averaged); across rows they
+# may differ where the grid's setting says so (Table 4 scores B with w_r = 1.5 and XL with
+# w_r = 1.1) and are then shown per row.
 EVALUATOR_FIELDS = ("feature_network", "feature_weights_sha256", "reference_sha256", "n_samples",
                     "backend", "reference_is_adm")
 SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "guidance", "weights")
@@ -29,7 +30,7 @@ METRIC_LABELS = {"fid": "FID", "fd": "FD", "sfid": "sFID", "is": "IS", "kid": "K
 HIGHER_IS_BETTER = frozenset({"accuracy", "is", "precision", "recall"})  # families; others: lower
 DECIMALS = {"kid": 4, "accuracy": 3, "precision": 3, "recall": 3}  # by family; others: 2
 PAPER_METRICS = frozenset({"fid", "sfid", "is", "precision", "recall"})  # bench.report.published VOCABULARY
-# eval.jsonl field names of bench.evaluate.score_run -> the names used here (the issue's names).
+# eval.jsonl field names of bench.evaluate.score_run -> the names the report's tables and CSVs use.
 EVAL_ALIASES = {"n": "n_samples", "sampling_steps": "num_sampling_steps"}
 SPEC_ORDER = ("latent_only", "repa", "redi", "redi_repa", "redi_rg")
 SPEC_SUFFIX = {"latent_only": "", "repa": " w/ REPA", "redi": " w/ ReDi",
