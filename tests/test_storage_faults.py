@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pytest
 from fixtures_train import add_embedded_eval_assets, one_thread, prepared_dir, tiny_config, write_prepared  # noqa: F401
-from test_kill import EVAL_OVERRIDES, TRAIN_MEASURED, _env, _files, _outputs, _rows
+from test_kill import EVAL_OVERRIDES, TRAIN_MEASURED, _env, _files, _outputs, _rows, trained_run  # noqa: F401
 from test_prepare import _cli, _shards, tiny_vae_dir  # noqa: F401
 
 from bench import cli, runfolder
@@ -218,21 +218,6 @@ def test_train_run_folder_removed_midway_is_one_error_and_is_not_recreated(train
 
 # ----------------------------------------------------------------------------------------------
 # bench eval: a full disk at a sample shard and at the first eval.jsonl row
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """test_kill's 4-step run (checkpoints 2 and 4) on data with the embedded VAE and classifier."""
-    import torch
-
-    root = tmp_path_factory.mktemp("storage_eval")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        prepared = add_embedded_eval_assets(write_prepared(root / "prepared"))
-        return train(tiny_config(prepared, root / "runs", *EVAL_OVERRIDES))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(600)

@@ -9,21 +9,13 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from test_site import elsewhere  # noqa: F401  (a fixture: an unrelated working folder)
 
 from bench import resources
 from bench.cli import main as cli_main
 from bench.compose import load_config
 from bench.perf import weights
 from bench.perf.weights import WeightFile, WeightsError, check, default_registry, report
-
-
-@pytest.fixture
-def elsewhere(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.delenv(resources.SEARCH_ENV, raising=False)
-    return work
 
 
 def fake_files(root: Path) -> dict[str, Path]:

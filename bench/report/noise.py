@@ -79,7 +79,7 @@ def _table(values: Sequence[Sequence[float]]) -> np.ndarray:
 
 def _mls_interval(s1: float, s2: float, n1: int, n2: int, n: int, alpha: float) -> tuple[float, float]:
     """MLS interval on (s1 - s2) / n, s1 and s2 mean squares with n1 and n2 degrees of freedom
-    (Burdick and Graybill 1992, eqs. 3.8-3.9); the lower end truncated at 0."""
+    (Burdick and Graybill 1992, section 3.3); the lower end truncated at 0."""
     def upper(q: float, d1: float, d2: float = math.inf) -> float:  # F quantile with q in its upper tail
         return stats.chi2.ppf(1 - q, d1) / d1 if math.isinf(d2) else stats.f.ppf(1 - q, d1, d2)
 
