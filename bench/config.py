@@ -362,6 +362,10 @@ class EvalConfig:
     label_sampling: str = "random"
     use_ema: bool = True
     seed: int = 0
+    precision: str = "fp32"
+    """The sampler's network: fp32 (no autocast; RAE's advice when FID is low, and the paper scale's
+    default), bf16 autocast, or auto (bf16 where the device runs it natively, else fp32). The
+    resolved precision is part of the samples folder's hash and of every eval row."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     steps: list[int] = field(default_factory=list)
     """Training steps to evaluate; empty = every kept checkpoint."""
@@ -387,6 +391,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _choice("eval.sampler", self.sampler, SAMPLERS)
+        _choice("eval.precision", self.precision, PRECISIONS)
         _choice("eval.label_sampling", self.label_sampling, LABEL_SAMPLING)
         _choice("eval.feature_network", self.feature_network, FEATURE_NETWORKS)
         _choice("eval.dinov2_variant", self.dinov2_variant, FD_DINOV2_VARIANTS)

@@ -42,6 +42,14 @@ def test_paper_scale_follows_table8_and_section4():
     assert (cfg.encoder.pca_fit_images, cfg.encoder.pca_fit_subset) == (76_800, "random")  # paper 4.1
 
 
+def test_embedded_scale_trains_and_samples_in_bf16_where_native_and_the_paper_scale_in_fp32():
+    embedded, paper = load_config(["scale=embedded"]), load_config(["scale=paper"])
+    assert (embedded.train.precision, embedded.eval.precision) == ("auto", "auto")
+    assert paper.eval.precision == "fp32"  # the official sample.py runs fp32
+    with pytest.raises(ConfigError, match="eval.precision"):
+        load_config(["eval.precision=fp16"])
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [

@@ -203,6 +203,25 @@ def test_shard_equals_independent_pipeline(run, use_ema, which):
     assert np.count_nonzero(difference) <= 1e-3 * difference.size, np.count_nonzero(difference)
 
 
+def test_bf16_sampling_is_its_own_setting_and_close_to_fp32(run):
+    """eval.precision=bf16 runs the sampler's network under bf16 autocast: another samples folder
+    (the precision is in its hash and plan.json), the same labels and noise, and the generated
+    semantic channels within bf16's error of the fp32 ones. Tolerance: 5% relative (Frobenius) after
+    3 Euler steps; bf16 keeps 8 significant bits (0.4% per rounding), and a few roundings per layer
+    of a 2-block network, compounded over 3 steps, stay well under it."""
+    common = dict(num_samples=SHARD, shard_size=SHARD, progress=False)
+    fp32 = sample(run, 2, overrides=["eval.precision=fp32"], **common)
+    bf16 = sample(run, 2, overrides=["eval.precision=bf16"], **common)
+    assert (fp32.setting.precision, bf16.setting.precision) == ("fp32", "bf16")
+    assert fp32.folder != bf16.folder
+    assert json.loads((bf16.folder / "plan.json").read_text())["precision"] == "bf16"
+    ours, theirs = read_shard(bf16.shards[0]), read_shard(fp32.shards[0])
+    assert np.array_equal(ours["labels"], theirs["labels"])
+    z_bf16, z_fp32 = (torch.from_numpy(s["semantic_grid"]).double() for s in (ours, theirs))
+    relative = float((z_bf16 - z_fp32).norm() / z_fp32.norm())
+    assert 0 < relative < 0.05, relative  # > 0: the bf16 path really ran
+
+
 def test_guidance_settings_reach_the_sampler(run):
     from bench.prepare.dataset import read_manifest
     from models.guidance import Guidance

@@ -65,9 +65,11 @@ def _measure_lane(job: dict) -> dict:
     import torch
 
     from bench.compose import load_config
+    from bench.evaluate.sampling import sampling_precision
     from bench.perf.infer import build_sample_workloads
     from bench.perf.setup import synthetic_geometry, synthetic_pool
     from bench.perf.training import StepOptions, build_train_workload
+    from bench.train.step import resolve_precision
 
     cpu = torch.device("cpu")
     out: dict = {"train": {}}
@@ -75,12 +77,13 @@ def _measure_lane(job: dict) -> dict:
         cfg = load_config(overrides)
         geometry = synthetic_geometry(cfg)
         pool = synthetic_pool(geometry, cfg.train.batch_size, max(cfg.semantic_channels, 1), cpu)
-        precision = "fp32" if cfg.train.precision in ("fp32", "auto") else cfg.train.precision
+        precision = "fp32" if resolve_precision(cfg.train.precision, cpu) is None else "bf16"  # as bench train
         workload = build_train_workload(spec, cfg, geometry, pool, cpu, StepOptions(precision=precision))
         out["train"][spec] = _time(workload.run, job["budget_s"])
         if spec == job["sample_spec"]:
             batch = cfg.eval.batch_size
-            sample = build_sample_workloads(spec, cfg, geometry, batch, cpu, "fp32")[0]  # no guidance
+            sample = build_sample_workloads(spec, cfg, geometry, batch, cpu,
+                                            sampling_precision(cfg, cpu))[0]  # no guidance
             out["sample_unit_s"] = _time(sample.run, job["budget_s"]) / batch
     if job["prepare"]:
         out.update(_measure_prepare(job["budget_s"], *job["prepare"]))

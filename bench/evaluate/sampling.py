@@ -61,6 +61,7 @@ from bench.runfolder import (
 from bench.site import apply_site, load_site, site_paths_of
 from bench.train.build import build_model, build_transport
 from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, load_weights, read_meta
+from bench.train.step import resolve_precision
 from models.ddpm_sampling import sample_ddpm
 from models.flow_sampling import sample_flow
 from models.guidance import Guidance
@@ -68,8 +69,24 @@ from models.guidance import Guidance
 SHARD_FORMAT = "redi-bench-samples/1"
 DEFAULT_SHARD_SIZE = 1000
 GRID_SAMPLES = 64
-SAMPLING_PRECISION = "fp32"
-"""Sampling runs in fp32 without autocast (RAE's advice when FID is low)."""
+
+
+def sampling_precision(cfg: ExperimentConfig, device: torch.device) -> str:
+    """"fp32" or "bf16": eval.precision resolved on `device` (auto = bf16 where it is native)."""
+    return "fp32" if resolve_precision(cfg.eval.precision, device) is None else "bf16"
+
+
+def in_precision(model, precision: str, device: torch.device):
+    """`model` called under bf16 autocast when `precision` is "bf16", its outputs returned in fp32,
+    so the sampler's updates, guidance's differences and the decoder stay in fp32."""
+    if precision == "fp32":
+        return model
+
+    def call(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(*args, **kwargs)
+        return type(out)(*(None if part is None else part.float() for part in out))
+    return call
 
 
 class SamplingError(ValueError):
@@ -273,7 +290,7 @@ class SamplingSetting:
     num_classes: int
     shard_size: int
     batch_size: int
-    precision: str = SAMPLING_PRECISION
+    precision: str = "fp32"  # the network's, resolved (sampling_precision)
     format: str = SHARD_FORMAT
     noise: str = "per_batch"  # one noise stream per (shard, batch); shards of the older per-shard stream are not reused
 
@@ -286,7 +303,10 @@ class SamplingSetting:
 
 
 def sampling_setting(cfg: ExperimentConfig, manifest: dict, step: int, weights_sha256: str,
-                     shard_size: int = DEFAULT_SHARD_SIZE) -> SamplingSetting:
+                     shard_size: int = DEFAULT_SHARD_SIZE, device: Optional[torch.device] = None
+                     ) -> SamplingSetting:
+    """What the samples of (cfg, step) depend on; `device` resolves eval.precision (None: this
+    machine's CPU, as `bench eval` reads rows back)."""
     if shard_size < 1:
         raise SamplingError(f"shard_size must be >= 1, got {shard_size}")
     e = cfg.eval
@@ -295,7 +315,8 @@ def sampling_setting(cfg: ExperimentConfig, manifest: dict, step: int, weights_s
         prepared_settings_hash=str(manifest.get("settings_hash")), sampler=e.sampler,
         num_sampling_steps=e.num_sampling_steps, guidance=dataclasses.asdict(e.guidance),
         seed=e.seed, label_sampling=e.label_sampling, num_classes=cfg.num_model_classes,
-        shard_size=int(shard_size), batch_size=e.batch_size)
+        shard_size=int(shard_size), batch_size=e.batch_size,
+        precision=sampling_precision(cfg, device or torch.device("cpu")))
 
 
 def samples_folder(run_dir: Path, setting: SamplingSetting) -> Path:
@@ -363,6 +384,7 @@ def draw_batch(model, transport, guidance, cfg: ExperimentConfig, manifest: dict
     shape_x = (b, int(manifest["latent_channels"]), h, w)
     shape_z = (b, cfg.semantic_channels, h, w) if cfg.semantic_channels else None
     y = y.to(device)
+    model = in_precision(model, sampling_precision(cfg, device), device)
     if cfg.eval.sampler == "ddpm":
         return sample_ddpm(model, shape_x, shape_z, y, guidance, cfg.eval.num_sampling_steps,
                            generator=generator, diffusion=transport.diffusion, device=device)
@@ -450,7 +472,7 @@ def sample(run_dir: Path, step: Optional[int] = None, cfg: Optional[ExperimentCo
     guidance = build_guidance(cfg, manifest)  # validates before any file is written
     warn_if_ema_is_mostly_init(cfg, int(step))
     model, weights_sha = load_sampling_model(run_dir, cfg, manifest, int(step), cfg.eval.use_ema, device)
-    setting = sampling_setting(cfg, manifest, int(step), weights_sha, shard_size)
+    setting = sampling_setting(cfg, manifest, int(step), weights_sha, shard_size, device)
     folder = samples_folder(run_dir, setting)
     counts = shard_counts(total, setting.shard_size)
     todo = [i for i in range(len(counts)) if i % num_tasks == task_index

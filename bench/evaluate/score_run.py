@@ -255,7 +255,7 @@ def _score_step(log: MetricsLogger, run_dir: Path, cfg: ExperimentConfig, step: 
                 progress: bool, allow_rank_deficient: bool) -> list[dict]:
     """Sample one checkpoint (this task's shards) and, once every shard is there, log the rows of
     the metrics it lacks; returns them (none while other tasks' shards are missing)."""
-    common = _provenance(run_dir, cfg, manifest, step, setting, shard_size, network, reference)
+    common = _provenance(run_dir, cfg, manifest, step, setting, shard_size, network, reference, device)
     missing = [k for k in kinds if any((step, n, setting) not in existing
                                        for n in metric_names(k, cfg.eval.feature_network))]
     _check_protocol(existing, step, setting, common)
@@ -355,11 +355,11 @@ def format_spread(rows: Sequence[dict]) -> str:
 
 
 def _provenance(run_dir: Path, cfg: ExperimentConfig, manifest: dict, step: int, setting: str,
-                shard_size: int, network, reference: Reference) -> dict:
+                shard_size: int, network, reference: Reference, device: torch.device) -> dict:
     """The fields every row of this (step, setting) carries."""
 
     weights_sha = read_meta(checkpoint_path(run_dir, step))["sha256"][WEIGHTS_FILE]
-    plan = sampling_setting(cfg, manifest, step, weights_sha, shard_size)
+    plan = sampling_setting(cfg, manifest, step, weights_sha, shard_size, device)
     return {"step": int(step), "setting": setting, "setting_hash": plan.hash,
             "n": int(cfg.eval.num_samples), "seed": plan.seed, "sampling_seed": plan.seed, "sampler": plan.sampler,
             "sampling_steps": plan.num_sampling_steps, "guidance": plan.guidance,

@@ -2,8 +2,8 @@
 
 - sample: one sampling step = one network evaluation through `guided_prediction` (one batched call
   of 1, 2 or 3 branches) plus the Euler update, on the EMA network in eval mode, without the REPA
-  projector (`return_aligned=False`: sampling never needs it), in `bench sample`'s precision (fp32,
-  bench.evaluate.sampling.SAMPLING_PRECISION; --precision applies to training only). images/s counts the B
+  projector (`return_aligned=False`: sampling never needs it), in `bench sample`'s precision (eval.precision as
+  bench.evaluate.sampling.sampling_precision resolves it; --precision applies to training only). images/s counts the B
   images being sampled, i.e. per-image network evaluations per second (divide by the step count for
   finished images/s, as Table 6 reports), so `guided / unguided` time per step is the cost of guidance.
 - table6: finished images/s as the paper's Appendix B measures Table 6's throughput: a batch
@@ -34,8 +34,8 @@ from bench.evaluate.features import (
     ModuleFeatures,
     build_feature_network,
 )
-from bench.evaluate.sampling import SAMPLING_PRECISION, decode_to_uint8, draw_batch
-from bench.perf.setup import Geometry, autocast
+from bench.evaluate.sampling import decode_to_uint8, draw_batch, in_precision, sampling_precision
+from bench.perf.setup import Geometry
 from bench.perf.timing import Workload
 from bench.prepare import encoders
 from bench.prepare.embedded import EmbeddedVAESettings, EvalClassifier
@@ -93,14 +93,13 @@ def _sampling_step(network, x: torch.Tensor, z: Optional[torch.Tensor], y: torch
     """One Euler step from t = 0.5 with a fixed dt (the state is not carried over: every call costs
     the same, and the numbers stay finite however many calls are timed)."""
 
-    predict = guided_velocity(network, y, guidance)
+    predict = guided_velocity(in_precision(network, precision, device), y, guidance)  # as draw_batch
     t = torch.full((x.shape[0],), 0.5, device=device)
     dt = 1.0 / 250  # 250 steps, the paper's SDE/ODE budget
 
     @torch.no_grad()
     def step() -> None:
-        with autocast(device, precision):
-            vx, vz = predict(x, z, t)
+        vx, vz = predict(x, z, t)
         _ = x + dt * vx
         if z is not None:
             _ = z + dt * vz
@@ -144,8 +143,9 @@ def build_table6_workload(spec_label: str, cfg: ExperimentConfig, geometry: Geom
                     device=device,
                     fields={"spec": cfg.spec if spec_label == cfg.spec else spec_label, "mode": "default",
                             "sampler": cfg.eval.sampler, "sampling_steps": steps, "guidance": "none",
-                            "vae": f"{cfg.vae.kind} {weights}", "precision": SAMPLING_PRECISION,
-                            "dtype": SAMPLING_PRECISION, "fusion": cfg.model.fusion, "tokens": model.num_tokens,
+                            "vae": f"{cfg.vae.kind} {weights}", "precision": sampling_precision(cfg, device),
+                            "dtype": sampling_precision(cfg, device), "fusion": cfg.model.fusion,
+                            "tokens": model.num_tokens,
                             "batch": batch, "paper_setting": steps == 250 and batch == 64,
                             "image_size": geometry.image_size})
 

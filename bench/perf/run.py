@@ -18,7 +18,7 @@ import torch
 
 from bench.atomic import atomic_write_json, atomic_write_text
 from bench.config import ExperimentConfig
-from bench.evaluate.sampling import SAMPLING_PRECISION
+from bench.evaluate.sampling import sampling_precision
 from bench.perf.infer import (
     TABLE6_SPECS,
     build_eval_workloads,
@@ -215,9 +215,10 @@ def kind_factories(kind: str, plan: PerfPlan, official_code) -> list[Callable[[]
     args = plan.args
     if kind == "train":
         return _train_factories(plan, official_code)
-    if kind == "sample":  # `bench sample` always runs fp32 (no autocast): time what it runs
+    if kind == "sample":  # in eval.precision, as `bench sample` runs it
         return [Labelled(spec, partial(build_sample_workloads, spec, plan.configs[spec], plan.geometry,
-                                       args.sample_batch or plan.batch, plan.device, SAMPLING_PRECISION, args.seed))
+                                       args.sample_batch or plan.batch, plan.device,
+                                       sampling_precision(plan.configs[spec], plan.device), args.seed))
                 for spec in plan.specs]
     if kind == "prepare":
         return [partial(_prepare_workloads, plan)]

@@ -8,7 +8,7 @@ Precision: fp32 master weights and losses; `auto` = bf16 autocast where the devi
 natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
 the official code. Inside bf16 autocast on a CPU the network's attention takes the math path
 (models.backbone.attention_form: torch's fused CPU attention is slower in bf16 than in fp32). The
-embedded default pins train.precision=fp32 (ablations/scale/embedded.yaml, docs/performance.md).
+embedded default uses `auto` too (ablations/scale/embedded.yaml; its measurements in docs/performance.md).
 Optimiser and EMA: fused AdamW and one foreach lerp for the EMA.
 """
 
