@@ -203,6 +203,50 @@ def test_estimate_follows_the_lanes_and_the_counts():
     assert estimate(costs, [], [], None).total_s == 0.0
 
 
+@pytest.mark.parametrize("setting", ["fp32", "bf16", "auto"])
+def test_calibration_times_the_precision_the_runs_resolve(setting, monkeypatch):
+    """The estimate's training and sampling units run in the precision `bench train` and `bench
+    sample` resolve from the same config (auto: bf16 only where this CPU runs it natively)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import bench.perf.infer as infer
+    import bench.perf.training as training
+    from bench.demo.calibrate import _measure_lane
+    from bench.train.step import resolve_precision
+
+    seen = {}
+
+    def train_workload(spec, cfg, geometry, pool, device, options):
+        seen["train"] = options.precision
+        return SimpleNamespace(run=lambda: None)
+
+    def sample_workloads(spec, cfg, geometry, batch, device, precision, seed=0):
+        seen["sample"] = precision
+        return [SimpleNamespace(run=lambda: None)]
+
+    monkeypatch.setattr(training, "build_train_workload", train_workload)
+    monkeypatch.setattr(infer, "build_sample_workloads", sample_workloads)
+    overrides = ["spec=redi", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
+                 f"train.precision={setting}", f"eval.precision={setting}"]
+    _measure_lane({"specs": {"redi": overrides}, "sample_spec": "redi", "prepare": None, "budget_s": 0.0})
+    expected = "fp32" if resolve_precision(setting, torch.device("cpu")) is None else "bf16"
+    assert seen == {"train": expected, "sample": expected}
+
+
+def test_the_summary_states_the_t_quantile_of_its_seed_count():
+    from types import SimpleNamespace
+
+    from bench.demo.output import seeds_note
+
+    def cells(*seeds):
+        return [SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(seed=s))) for s in seeds]
+    assert "With 3 seeds the t-interval is wide (t = 4.30 for 2 degrees" in seeds_note(cells(0, 1, 2, 0, 1, 2))
+    assert "t = 12.71 for 1 degree of" in seeds_note(cells(0, 1, 0, 1))
+    assert seeds_note(cells(0, 0)).startswith("With one seed there is no interval")
+
+
 def test_unwritable_output_folder_fails_before_any_work(tmp_path):
     """Found out up front, one line, not at the report stage after all the work."""
     for option in ("--out", "--runs-root", "--prepared-dir"):

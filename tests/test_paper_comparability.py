@@ -143,6 +143,7 @@ PAPER_CFG = {"train.precision": "fp32", "train.batch_size": 256}
     ({"sampler": "euler", "sampling_steps": 50}, ["sampled with euler-50, the paper with sde-em-250"]),
     ({"guidance": {**GOOD["guidance"], "interval_low": 0.1}}, ["guidance interval [0.1, 1]"]),
     ({"weights": "raw"}, ["raw weights, the paper samples the EMA"]),
+    ({"precision": "bf16"}, ["sampled in bf16, the paper in fp32"]),
 ])
 def test_each_protocol_difference_is_named(changes, expected):
     prov = _prov(**changes)

@@ -259,6 +259,18 @@ def call_lines(plan, record: dict, history: list[dict], times: dict, total: floa
            f"eval {estimate['eval_s'] / 60:.1f} min"] if estimate else [])]
 
 
+def seeds_note(cells) -> str:
+    """What the grid's seed count allows: the 95% t quantile its intervals are built with."""
+    from scipy import stats
+
+    n = len({cell.cfg.train.seed for cell in cells})
+    if n < 2:
+        return "With one seed there is no interval: the demo shows the machinery, not which method wins."
+    return (f"With {n} seeds the t-interval is wide (t = {stats.t.ppf(0.975, n - 1):.2f} for {n - 1} "
+            f"degree{'s' if n > 2 else ''} of freedom): the demo shows the machinery, not which method "
+            "wins; `results/studies/embedded/confirm/` tests that on five seeds.")
+
+
 def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
                   estimate: Optional[dict] = None) -> str:
     """Run the report, draw the figures, write summary.md; returns the text to print. `estimate`:
@@ -296,8 +308,7 @@ def write_outputs(plan, grid, cells, times: dict, reused: dict, began: float,
         "a method is called better only where the Holm-adjusted p < 0.05, marked ✱; an interval "
         "that contains 0 shows no difference in either direction):", "",
         *(paired or ["- none measurable yet (needs a seed measured for both)"]), "",
-        "With two seeds the t-interval is wide (t = 12.7 for one degree of freedom): the demo shows the "
-        "machinery, not which method wins; `results/studies/embedded/confirm/` tests that on five seeds.", "",
+        seeds_note(cells), "",
         "Files: `convergence.png`, " + ", ".join(f"`{p.name}`" for p in figures)
         + ", `table.csv`, `report/` (`bench report` of this grid: report.md, CSV, LaTeX, plots).", ""]
     atomic_write_text(out / "summary.md", "\n".join(lines))

@@ -64,7 +64,8 @@ def evaluator_differences(provenance: dict, metric: str) -> list[str]:
 
 
 def sampling_differences(provenance: dict, guidance: dict, paper_sampler: str) -> list[str]:
-    """Sampler and steps against the paper row's, guidance details the row does not key on, EMA."""
+    """Sampler and steps against the paper row's, guidance details the row does not key on, EMA,
+    and the sampler network's precision (None: rows written before it was recorded, all fp32)."""
     reasons = []
     protocol = sampler_protocol(provenance)
     if paper_sampler and protocol != paper_sampler:
@@ -76,6 +77,8 @@ def sampling_differences(provenance: dict, guidance: dict, paper_sampler: str) -
         reasons.append(f"RG on {guidance.get('rg_channels')} channels, the paper on all")
     if provenance.get("weights") not in (None, "ema"):
         reasons.append(f"{provenance.get('weights')} weights, the paper samples the EMA")
+    if provenance.get("precision") not in (None, "fp32"):
+        reasons.append(f"sampled in {provenance.get('precision')}, the paper in fp32")
     return reasons
 
 

@@ -14,13 +14,13 @@ class ReportError(ValueError):
 
 
 # Eval-row fields that change the number: the provenance key (`weights`, EMA or raw, among them:
-# the two give different numbers from one checkpoint). Evaluator fields must agree across a whole
-# column. Sampling fields must agree within a cell (the seeds that are averaged); across rows they
-# may differ where the grid's setting says so (Table 4 scores B with w_r = 1.5 and XL with
-# w_r = 1.1) and are then shown per row.
+# the two give different numbers from one checkpoint; `precision`, the sampler network's).
+# Evaluator fields must agree across a whole column. Sampling fields must agree within a cell (the
+# seeds that are averaged); across rows they may differ where the grid's setting says so (Table 4
+# scores B with w_r = 1.5 and XL with w_r = 1.1) and are then shown per row.
 EVALUATOR_FIELDS = ("feature_network", "feature_weights_sha256", "reference_sha256", "n_samples",
                     "backend", "reference_is_adm")
-SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "guidance", "weights")
+SAMPLING_FIELDS = ("sampler", "num_sampling_steps", "guidance", "weights", "precision")
 PROVENANCE_FIELDS = EVALUATOR_FIELDS + SAMPLING_FIELDS
 # Metric names as bench.evaluate.score_run records them: the suffix names the feature network
 # (fid = FD on Inception; fd_classifier, kid_dinov2, precision_classifier, is_classifier, ...).

@@ -1,0 +1,79 @@
+"""The demo's FD in bf16 against fp32 on the same paired seeds: does switching the embedded default
+to bf16 (training and sampling; scale=embedded's precision auto) cost anything beyond seed noise?
+
+Both arms are the `demo` grid (three paired seeds per spec, 600 steps, the same prepared data, the
+same evaluation seeds); only train.precision and eval.precision differ. Arm bf16 is `bench demo` on
+a fresh clone (auto resolves to bf16 on the AMX Xeon); arm fp32 is
+
+    bench grid demo --local train.precision=fp32 eval.precision=fp32 \
+        output_root=FP32_RUNS data.prepared_dir=PREPARED
+
+Each (spec, seed, sampling setting, step) is one pair: the same data order, diffusion times, noise
+and evaluation noise in both arms. The paired difference bf16 - fp32 is summarised per spec and
+setting (3 pairs) and over all of them (the RG setting shares its checkpoints with redi_rg's plain
+one, so the pooled pairs are not all independent; the per-spec lines are the ones to read).
+
+    PYTHONPATH=$PWD python results/studies/embedded/precision/compare.py [BF16_RUNS FP32_RUNS]
+
+Without arguments the checked-in fd_by_precision.csv is read. Prints the tables README.md shows.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.report.stats import mean_ci95, paired_t_p
+
+HERE = Path(__file__).resolve().parent
+CSV = HERE / "fd_by_precision.csv"
+METRIC = "fd_classifier"
+
+
+def gather(runs: Path, precision: str) -> pd.DataFrame:
+    """One row per FD value of the demo grid's run folders under `runs`."""
+    rows = []
+    for run in sorted(p for p in runs.iterdir() if (p / "eval.jsonl").is_file()):
+        config = json.loads((run / "config.json").read_text())
+        for line in (run / "eval.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["metric"] == METRIC:
+                rows.append({"precision": precision, "spec": config["spec"], "seed": config["train"]["seed"],
+                             "setting": r["setting"], "step": r["step"], "fd": r["value"],
+                             "sampled_in": r["precision"], "run": run.name})
+    return pd.DataFrame(rows)
+
+
+def fmt(mean: float, half: float) -> str:
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def table(frame: pd.DataFrame) -> str:
+    wide = frame.pivot_table(index=["spec", "setting", "step", "seed"], columns="precision", values="fd").dropna()
+    wide["diff"] = wide["bf16"] - wide["fp32"]
+    lines = ["| spec | sampling | step | pairs | FD fp32 (mean) | FD bf16 (mean) | bf16 - fp32 [95% CI] | p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (spec, setting, step), part in wide.groupby(level=["spec", "setting", "step"]):
+        mean, half, n = mean_ci95(part["diff"])
+        lines.append(f"| {spec} | {setting} | {step} | {n} | {part['fp32'].mean():.2f} | {part['bf16'].mean():.2f} "
+                     f"| {fmt(mean, half)} | {paired_t_p(part['diff']):.2f} |")
+    for step, part in wide.groupby(level="step"):
+        mean, half, n = mean_ci95(part["diff"])
+        lines.append(f"| all | all | {step} | {n} | {part['fp32'].mean():.2f} | {part['bf16'].mean():.2f} "
+                     f"| {fmt(mean, half)} | {paired_t_p(part['diff']):.2f} |")
+    seed_sd = wide.groupby(level=["spec", "setting", "step"])["fp32"].std().mean()
+    note = f"SD of FD between the three seeds within a cell (fp32 arm, mean over cells): {seed_sd:.2f}"
+    return "\n".join(lines) + "\n\n" + note
+
+
+def main(argv: list[str]) -> None:
+    if argv:
+        frame = pd.concat([gather(Path(argv[0]), "bf16"), gather(Path(argv[1]), "fp32")], ignore_index=True)
+        frame.sort_values(["spec", "setting", "step", "seed", "precision"]).to_csv(CSV, index=False)
+    frame = pd.read_csv(CSV)
+    print(table(frame))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
