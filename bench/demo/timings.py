@@ -59,14 +59,15 @@ def measured_elsewhere(records: Path = RECORDS) -> Optional[str]:
 
 def table(records: Path = RECORDS) -> str:
     """The Markdown table of docs/demo.md: one row per indexed first run."""
-    rows = ["| CPU kernels | finished (UTC) | commit | RG sampled at | first run, min | prepare | train | "
-            "evaluate | report | estimate printed up front |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| CPU | CPU kernels | cells | finished (UTC) | commit | RG sampled at | first run, min | prepare | "
+            "train | evaluate | report | estimate printed up front |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in first_runs(records):
         notes, est = run["notes"], run.get("estimate") or {}
         estimate = sum(est.get(k, 0.0) for k in ("prepare_s", "train_s", "eval_s"))
-        rows.append(f"| {notes['kernels']} | {run['date'][:16].replace('T', ' ')} | "
-                    f"{run.get('commit') or notes['commit'] or 'not recorded'} | {notes['rg_steps']} | "
+        rows.append(f"| {run['machine']['cpu']} | {notes['kernels']} | {run['cells']} | "
+                    f"{run['date'][:16].replace('T', ' ')} | "
+                    f"{(run.get('commit') or notes['commit'] or '')[:7] or 'not recorded'} | {notes['rg_steps']} | "
                     f"**{minutes(run['total_s'])}** | {minutes(run['prepare_s'])} | {minutes(run['train_s'])} | "
                     f"{minutes(run['eval_s'])} | {minutes(run['report_s'])} | "
                     f"{minutes(estimate) if est else 'none'} |")
