@@ -43,7 +43,7 @@ def quick_run(tmp_path_factory):
     training is asked for explicitly so that the precision fields are checked on any CPU."""
     out = tmp_path_factory.mktemp("perf")
     status, text = run_cli(["--quick", "--device", "cpu", "--specs", "latent_only,redi", "--out", str(out),
-                            "--precision", "bf16"])
+                            "--precision", "bf16", "--set", "eval.precision=fp32"])
     files = sorted(out.glob("*.jsonl"))
     assert status == 0 and len(files) == 1, text
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
@@ -87,7 +87,7 @@ def test_rows_have_the_schema_and_consistent_numbers(quick_run):
         assert row["state_memory_mb"] == pytest.approx((2 * row["parameters"] + 3 * trainable) * 4 / 2**20, abs=0.01)
     assert train["redi"]["semantic_channels"] == 8 and train["latent_only"]["semantic_channels"] == 0
     guidance = {(r["spec"], r["guidance"]): r["branches"] for r in rows if r["kind"] == "sample"}
-    # sampling is timed as `bench sample` runs it: fp32, whatever the training precision
+    # sampling is timed as `bench sample` runs it: in eval.precision (fp32 here), whatever training's
     assert {(r["precision"], r["dtype"]) for r in rows if r["kind"] == "sample"} == {("fp32", "fp32")}
     assert guidance == {("latent_only", "none"): 1, ("latent_only", "cfg"): 2, ("redi", "none"): 1,
                         ("redi", "cfg"): 2, ("redi", "rg"): 2, ("redi", "cfg+rg"): 3}
@@ -194,7 +194,7 @@ def test_real_prepared_data(tmp_path):
                             "--specs", "redi,redi_repa", "--no-reference", "--set", f"model.pca_rank={R_MAX}",
                             "--set", f"encoder.pca_rank_max={R_MAX}", "--set", "data.name=digits",
                             "--set", "objective.align_layer=1", "--repeats", "1", "--warmup", "0",
-                            "--min-repeat-seconds", "0", "--out", str(tmp_path / "out")])
+                            "--min-repeat-seconds", "0", "--precision", "fp32", "--out", str(tmp_path / "out")])
     assert status == 0, text
     rows = [json.loads(line) for f in (tmp_path / "out").glob("*.jsonl") for line in f.read_text().splitlines()]
     assert {r["spec"] for r in rows} == {"redi", "redi_repa", "floor redi fp32", "floor redi_repa fp32"}
@@ -473,7 +473,7 @@ def test_compiled_step_equals_the_eager_step():
     from bench.train.build import build_model, build_transport
     from bench.train.step import make_train_step
 
-    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", [])
+    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", ["train.precision=fp32"])
     geometry = synthetic_geometry(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, geometry.manifest())

@@ -344,14 +344,17 @@ def ddp_check(overrides: Sequence[str], backend: str = "nccl", two_rank_override
     the harness's DDP code (its row split, gathers and loss scaling) but not NCCL.
     `two_rank_overrides` are added to the 2-rank run only: tests pass a perturbation there to prove
     the check fails when the two paths differ. Each child gets the whole config as a file, every
-    path in it absolute (it runs in a temporary folder); without a prepared folder it is skipped."""
+    path in it absolute (it runs in a temporary folder); without a prepared folder it is skipped.
+    Always in fp32: the check is of the row split, gathers and reduction (of fp32 gradients in any
+    precision), and bf16 matmuls round differently on half the rows, far above DDP_RTOL."""
     name = f"ddp/{backend}"
     if backend == "nccl" and (not torch.cuda.is_available() or torch.cuda.device_count() < 2):
         return Check(name, "SKIP", f"needs 2 GPUs, found {torch.cuda.device_count()}"
                      " (ddp/gloo runs the same check on 2 CPU processes)")
     try:
         configs = {world: with_absolute_paths(check_model_config(
-            [*overrides, *(two_rank_overrides if world == 2 else ()), "train.max_steps=1", "train.ckpt_every=1"]))
+            [*overrides, *(two_rank_overrides if world == 2 else ()), "train.max_steps=1", "train.ckpt_every=1",
+             "train.precision=fp32"]))
             for world in (1, 2)}
     except ValueError as err:  # ConfigError: the config itself is wrong
         return Check(name, "FAIL", f"{type(err).__name__}: {err}")

@@ -64,22 +64,23 @@ def _train(run: list[dict], **fields) -> Optional[dict]:
 
 def run_line(run: list[dict]) -> Optional[list[str]]:
     """One table line for a run that timed the default step (None otherwise)."""
-    default = _train(run, spec="redi", mode="default", compile=False) or _train(run, mode="default", compile=False)
+    eager = _train(run, spec="redi", mode="default", compile=False) or _train(run, mode="default", compile=False)
+    compiled = _train(run, mode="default", compile=True)
+    default = eager or compiled  # a `--compile` run times only the compiled step: its line says so
     if default is None:
         return None
     official = _train(run, spec="official")
     spec = default["spec"]
     floors = {p: _train(run, mode="floor", precision=p, reference_of=spec) for p in ("fp32", "bf16")}
-    compiled = _train(run, mode="default", compile=True)
-    ms = lambda row: f"{1000 * row['seconds_per_call']:,.0f}"  # noqa: E731
+    ms = lambda row: "-" if row is None else f"{1000 * row['seconds_per_call']:,.0f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{paired_ratio(a, b):.2f}x"  # noqa: E731
     own_floor = floors.get(default["precision"])
     load = f"{default['load_avg_start'][0]:.1f} / {default['load_avg_end'][0]:.1f}"
     return [f"`{default['_file']}`", str(default["git_commit"])[:7],
             f"{default['model_size']}, {default['batch']}", f"{default['threads']}, {load}",
-            "-" if official is None else ms(official), default["precision"], ms(default),
-            ratio(official, default), f"{ratio(official, floors['fp32'])} / {ratio(official, floors['bf16'])}",
-            "-" if own_floor is None else f"{100 * paired_ratio(own_floor, default):.0f}%",
+            ms(official), default["precision"], ms(eager), ratio(official, eager),
+            f"{ratio(official, floors['fp32'])} / {ratio(official, floors['bf16'])}",
+            "-" if own_floor is None or eager is None else f"{100 * paired_ratio(own_floor, eager):.0f}%",
             "-" if compiled is None else (ratio(official, compiled) if official else f"{ms(compiled)} ms")]
 
 
