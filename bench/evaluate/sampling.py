@@ -73,7 +73,7 @@ GRID_SAMPLES = 64
 
 def sampling_precision(cfg: ExperimentConfig, device: torch.device) -> str:
     """"fp32" or "bf16": eval.precision resolved on `device` (auto = bf16 where it is native)."""
-    return "fp32" if resolve_precision(cfg.eval.precision, device) is None else "bf16"
+    return "fp32" if resolve_precision(cfg.eval.precision, device, "eval.precision") is None else "bf16"
 
 
 def in_precision(model, precision: str, device: torch.device):
@@ -303,10 +303,9 @@ class SamplingSetting:
 
 
 def sampling_setting(cfg: ExperimentConfig, manifest: dict, step: int, weights_sha256: str,
-                     shard_size: int = DEFAULT_SHARD_SIZE, device: Optional[torch.device] = None
-                     ) -> SamplingSetting:
-    """What the samples of (cfg, step) depend on; `device` resolves eval.precision (None: this
-    machine's CPU, as `bench eval` reads rows back)."""
+                     shard_size: int, device: torch.device) -> SamplingSetting:
+    """What the samples of (cfg, step) depend on; `device`, the one that samples, resolves
+    eval.precision."""
     if shard_size < 1:
         raise SamplingError(f"shard_size must be >= 1, got {shard_size}")
     e = cfg.eval
@@ -316,7 +315,7 @@ def sampling_setting(cfg: ExperimentConfig, manifest: dict, step: int, weights_s
         num_sampling_steps=e.num_sampling_steps, guidance=dataclasses.asdict(e.guidance),
         seed=e.seed, label_sampling=e.label_sampling, num_classes=cfg.num_model_classes,
         shard_size=int(shard_size), batch_size=e.batch_size,
-        precision=sampling_precision(cfg, device or torch.device("cpu")))
+        precision=sampling_precision(cfg, device))
 
 
 def samples_folder(run_dir: Path, setting: SamplingSetting) -> Path:

@@ -51,12 +51,13 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(setting: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively."""
+def resolve_precision(setting: str, device: torch.device, key: str = "train.precision") -> Optional[torch.dtype]:
+    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively. `key` is
+    the setting the value came from, for the error."""
     if setting == "fp32" or (setting == "auto" and not native_bf16(device)):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision=bf16 but this GPU has no bf16 support; use auto or fp32")
+        raise ConfigError(f"{key}=bf16 but this GPU has no bf16 support; use auto or fp32")
     return torch.bfloat16
 
 
