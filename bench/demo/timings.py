@@ -65,7 +65,7 @@ def table(records: Path = RECORDS) -> str:
     for run in first_runs(records):
         notes, est = run["notes"], run.get("estimate") or {}
         estimate = sum(est.get(k, 0.0) for k in ("prepare_s", "train_s", "eval_s"))
-        rows.append(f"| {run['machine']['cpu']} | {notes['kernels']} | {run['cells']} | "
+        rows.append(f"| {run['machine']['cpu']} | {notes['kernels']} | {run.get('cells', 'not recorded')} | "
                     f"{run['date'][:16].replace('T', ' ')} | "
                     f"{(run.get('commit') or notes['commit'] or '')[:7] or 'not recorded'} | {notes['rg_steps']} | "
                     f"**{minutes(run['total_s'])}** | {minutes(run['prepare_s'])} | {minutes(run['train_s'])} | "
