@@ -138,9 +138,19 @@ class DataConfig:
     comes from prepared_dir, or the encoder online). Same images in the same row order as
     prepared_dir, prepared with encoder.store_features=true; objective.align_encoder names its
     encoder (that name, not this path, is in the run hash)."""
+    prepare_precision: str = _not_identity("auto")
+    """The precision `bench prepare` runs its networks in: the embedded VAE's training, the VAE's
+    encoder and the semantic encoder. fp32, bf16 (autocast; fp32 weights and outputs) or auto (bf16
+    where the device runs it natively, as train.precision). bf16 moves the embedded VAE's moments by
+    about 0.5% and EfficientNet-Lite0's features by about 6% (their PCA coordinates by 3-4%; the
+    demo's FD under it in docs/performance.md). The evaluation classifier trains in fp32 whatever
+    this says: it is the Frechet distance's feature network. A prepare setting: the
+    prepared folder's settings hash covers the resolved value, not the run hash. The paper scale
+    pins fp32 (SD-VAE and DINOv2 as the official code runs them)."""
 
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
+        _choice("data.prepare_precision", self.prepare_precision, PRECISIONS)
         _range("data.image_size", self.image_size, 8)
         _range("data.num_classes", self.num_classes, 1)
 

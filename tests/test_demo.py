@@ -235,6 +235,38 @@ def test_calibration_times_the_precision_the_runs_resolve(setting, monkeypatch):
     assert seen == {"train": expected, "sample": expected}
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_calibration_times_prepare_in_the_precision_prepare_resolves(precision, monkeypatch):
+    """The VAE step and the encoders run under data.prepare_precision as prepare resolves it; the
+    classifier in fp32, as prepare trains it."""
+    import torch
+
+    import bench.prepare.embedded as embedded
+    from bench.demo.calibrate import _measure_prepare
+    from bench.prepare.encoders import SemanticEncoder
+
+    seen = set()
+
+    def autocast_dtype():
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+    def watch(name, real):
+        def run(self, *args, **kwargs):
+            seen.add((name, autocast_dtype()))
+            return real(self, *args, **kwargs)
+        return run
+
+    vae_losses = embedded.vae_losses
+    monkeypatch.setattr(embedded, "vae_losses", lambda vae, x, g, dtype=None: (
+        seen.add(("vae", dtype)) or vae_losses(vae, x, g, dtype)))
+    monkeypatch.setattr(SemanticEncoder, "encode", watch("encoder", SemanticEncoder.encode))
+    monkeypatch.setattr(embedded.EvalClassifier, "logits", watch("classifier", embedded.EvalClassifier.logits))
+    _measure_prepare(0.0, embedded.EmbeddedVAESettings(block_out_channels=(8, 8), batch_size=2),
+                     embedded.ClassifierSettings(width=8, feature_dim=8, batch_size=2), 2, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    assert seen == {("vae", dtype), ("encoder", dtype), ("classifier", None)}
+
+
 def test_the_summary_states_the_t_quantile_of_its_seed_count():
     from types import SimpleNamespace
 

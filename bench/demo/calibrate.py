@@ -90,11 +90,13 @@ def _measure_lane(job: dict) -> dict:
     return out
 
 
-def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: int) -> dict:
+def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: int, precision: str) -> dict:
     """One step of the embedded VAE and of the evaluation classifier (the settings prepare will
     train with), and the encoders per image at prepare's own encoder batch (`encode_batch`: on a
     2-vCPU AMD EPYC, EfficientNet-Lite0 ran at ~150 images/s per lane at batch 16 and ~75 at batch
-    64, so timing another batch than prepare's misstates the encoding by up to 2x)."""
+    64, so timing another batch than prepare's misstates the encoding by up to 2x). `precision`
+    (fp32 or bf16) is data.prepare_precision as prepare resolves it: the VAE and the encoders run
+    in it, the classifier in fp32, as prepare runs them."""
     import torch
     import torch.nn.functional as F
 
@@ -108,12 +110,12 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
     vae = embedded.build_embedded_vae(vae_settings, image_size=32)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=vae_settings.lr)
 
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
     def vae_step() -> None:
-        x = embedded.to_unit_range(images[: vae_settings.batch_size])
-        posterior = vae.encode(x).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample(generator=g)).sample, x) + posterior.kl().mean()
+        mse, kl = embedded.vae_losses(vae, embedded.to_unit_range(images[: vae_settings.batch_size]), g, dtype)
         vae_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (mse + vae_settings.kl_weight * kl).backward()
         vae_opt.step()
 
     classifier = embedded.EvalClassifier(10, cls_settings.width, cls_settings.feature_dim).to(
@@ -134,8 +136,9 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
 
     @torch.no_grad()
     def encode() -> None:  # prepare's pass 1: VAE moments, encoder features, their float64 PCA sums
-        vae.encode(embedded.to_unit_range(batch))
-        features = encoder.encode(batch)
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            vae.encode(embedded.to_unit_range(batch))
+            features = encoder.encode(batch)
         stats.update(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
 
     return {"vae_step_s": _time(vae_step, budget_s), "classifier_step_s": _time(classifier_step, budget_s),
@@ -147,7 +150,8 @@ def measure(spec_overrides: dict, sample_spec: str, lanes: int, threads: int, pr
     """Time every unit in `lanes` processes at once (`threads` each); medians over the lanes.
 
     `spec_overrides`: spec -> the config overrides of one of its cells (the demo's own shapes);
-    `prepare`: (EmbeddedVAESettings, ClassifierSettings, encoder batch) on a first run, else None."""
+    `prepare`: (EmbeddedVAESettings, ClassifierSettings, encoder batch, precision) on a first run,
+    else None."""
     started = time.time()
     job = {"specs": spec_overrides, "sample_spec": sample_spec, "threads": threads, "prepare": prepare,
            "budget_s": budget_s}

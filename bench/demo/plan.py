@@ -23,7 +23,7 @@ from bench.launch.grids import eval_config, settings_for
 from bench.launch.jobs import measured_steps
 from bench.launch.profiles import load_profile
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
-from bench.prepare.options import PrepareOptions
+from bench.prepare.options import PrepareOptions, prepare_dtype
 from bench.prepare.sources import open_split
 
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
@@ -224,8 +224,9 @@ def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: 
         specs.setdefault(cell.cfg.spec, [*grid.base, f"spec={cell.cfg.spec}"])
     sample_spec = next(iter(specs))
     quick = plan.grid == "demo_quick"  # its units take milliseconds: a short look is enough
+    precision = "fp32" if prepare_dtype(plan.data, plan.prepare) is None else "bf16"  # as prepare_embedded
     return measure(specs, sample_spec, plan.lanes, plan.threads,
-                   prepare=(plan.prepare.vae, plan.prepare.classifier, plan.prepare.batch_size)
+                   prepare=(plan.prepare.vae, plan.prepare.classifier, plan.prepare.batch_size, precision)
                    if first_run else None,
                    budget_s=0.5 if quick else 2.0)
 

@@ -89,10 +89,32 @@ def build_embedded_vae(settings: EmbeddedVAESettings, image_size: int):
         sample_size=image_size)
 
 
+def vae_losses(vae, x: torch.Tensor, generator: torch.Generator,
+               autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction MSE, KL) of the tiny AutoencoderKL on images `x` in [-1, 1], the KL summed
+    over latent elements and averaged over the batch. With `autocast_dtype` the encoder and decoder
+    run under autocast; the posterior (its sample and KL) and the MSE stay fp32, so in fp32 this is
+    the plain diffusers computation."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    def precision():
+        return torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                              enabled=autocast_dtype is not None)
+
+    with precision():
+        moments = vae.encode(x).latent_dist.parameters  # (B, 2 * latent_channels, h, w)
+    posterior = DiagonalGaussianDistribution(moments.float())
+    with precision():
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+    return F.mse_loss(reconstruction.float(), x), posterior.kl().mean()
+
+
 def train_embedded_vae(images: torch.Tensor, settings: EmbeddedVAESettings, seed: int,
-                       out_dir: str | Path, progress: bool = True) -> dict:
-    """Train the tiny AutoencoderKL on uint8 `(N, 3, S, S)` and save it with `save_pretrained` to
-    `out_dir` (atomically); returns a summary (loss, reconstruction PSNR, scaling factor, seconds)."""
+                       out_dir: str | Path, progress: bool = True,
+                       autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """Train the tiny AutoencoderKL on uint8 `(N, 3, S, S)` (under `autocast_dtype` when given,
+    fp32 weights) and save it with `save_pretrained` to `out_dir` (atomically); returns a summary
+    (loss, reconstruction PSNR, scaling factor, seconds, precision)."""
     torch.manual_seed(seed)  # parameter initialisation
     vae = build_embedded_vae(settings, int(images.shape[-1]))
     generator = torch.Generator().manual_seed(seed)
@@ -103,15 +125,9 @@ def train_embedded_vae(images: torch.Tensor, settings: EmbeddedVAESettings, seed
     bar = Progress("prepare embedded VAE step", settings.steps, images_per_unit=settings.batch_size,
                    enabled=progress, iterable=_batches(len(images), settings.batch_size, settings.steps, generator))
     for index in bar:
-        x = to_unit_range(images[index])
-        posterior = vae.encode(x).latent_dist
-        z = posterior.sample(generator=generator)
-        reconstruction = vae.decode(z).sample
-        mse = F.mse_loss(reconstruction, x)
-        kl = posterior.kl().mean()  # summed over latent elements, mean over the batch
-        loss = mse + settings.kl_weight * kl
+        mse, kl = vae_losses(vae, to_unit_range(images[index]), generator, autocast_dtype)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (mse + settings.kl_weight * kl).backward()
         optimizer.step()
         loss_value = mse.item()
         bar.set_postfix(mse=loss_value)
@@ -121,7 +137,8 @@ def train_embedded_vae(images: torch.Tensor, settings: EmbeddedVAESettings, seed
     atomic_torch_module_dir(out_dir, vae.save_pretrained)
     summary = {"final_mse": loss_value, "train_psnr_db": psnr, "scaling_factor": scale,
                "seconds": time.time() - start, "parameters": sum(p.numel() for p in vae.parameters()),
-               "settings": asdict(settings), "seed": seed}
+               "settings": asdict(settings), "seed": seed,
+               "precision": "fp32" if autocast_dtype is None else "bf16"}
     atomic_write_json(Path(out_dir) / "training.json", summary)
     return summary
 

@@ -79,6 +79,14 @@ def resolve_device(options: PrepareOptions) -> torch.device:
     return torch.device(options.device)
 
 
+def prepare_dtype(cfg_data, options: PrepareOptions) -> Optional[torch.dtype]:
+    """The autocast dtype prepare's networks run in (None = fp32): data.prepare_precision on the
+    device prepare encodes on (auto = bf16 where that device runs it natively)."""
+    from bench.train.step import resolve_precision
+
+    return resolve_precision(cfg_data.prepare_precision, resolve_device(options), key="data.prepare_precision")
+
+
 def array_task(options: PrepareOptions) -> tuple[int, int]:
     """(index, count) of this array task: from the options, else from SLURM's variables, else (0, 1)."""
     index = options.task_index
@@ -129,6 +137,8 @@ def content_settings(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions,
         "shard_size": options.shard_size,
         "classifier": (asdict(classifier_settings(cfg_data, options)) | {"seed": options.seed}
                        if wants_classifier(cfg_data, options) else None),
+        # Only a bf16 prepare names its precision, so fp32 folders keep the hash they always had.
+        **({"precision": "bf16"} if prepare_dtype(cfg_data, options) is not None else {}),
     }
 
 

@@ -40,6 +40,7 @@ from bench.prepare.options import (
     check_inputs,
     classifier_settings,
     options_from_args,
+    prepare_dtype,
     resolve_device,
     wants_classifier,
 )
@@ -166,9 +167,9 @@ def _train_assets(out: Path, cfg_data, sources: dict, options: PrepareOptions, t
     if need_vae:
         print("prepare: training the embedded AutoencoderKL ...", flush=True)
         summary = train_embedded_vae(train_images, options.vae, options.seed, out / "vae",
-                                     options.progress)
-        print(f"prepare: VAE done in {summary['seconds']:.0f}s, PSNR {summary['train_psnr_db']:.1f} dB, "
-              f"scaling factor {summary['scaling_factor']:.4f}", flush=True)
+                                     options.progress, prepare_dtype(cfg_data, options))
+        print(f"prepare: VAE done in {summary['seconds']:.0f}s ({summary['precision']}), PSNR "
+              f"{summary['train_psnr_db']:.1f} dB, scaling factor {summary['scaling_factor']:.4f}", flush=True)
     if need_classifier:
         test = sources.get("test") or open_split(cfg_data, "test")
         print("prepare: training the evaluation classifier ...", flush=True)
@@ -239,7 +240,7 @@ def _encode_share(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) ->
     todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
             and not (out / shards.encoded_name(s, i)).is_file()]
     encode_start = time.time()
-    count, claimed = 0, []
+    count, claimed, dtype = 0, [], prepare_dtype(call.cfg_data, options)
     # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
     with Progress(f"prepare task {call.task_index}/{call.task_count}: images",
                   sum(len(r) for _, _, r in todo) // (options.lanes if claims else 1),
@@ -251,7 +252,7 @@ def _encode_share(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) ->
             claimed.append((split, index, indices))
             tensors = shards.encode_shard(call.vae, call.encoder, call.sources[split], indices,
                                           options.batch_size, fit_pca=(split == "train"), bar=bar,
-                                          device=call.device, pca_rows=pca_rows)
+                                          device=call.device, pca_rows=pca_rows, autocast_dtype=dtype)
             atomic_save_safetensors(out / shards.encoded_name(split, index), tensors,
                                     metadata={"format": FORMAT_VERSION, "pass": "1"})
             crash_point(f"prepare:encoded:{split}/{index}")
@@ -291,13 +292,14 @@ def _project_and_finish(call: _PrepareCall, plan, mine: list, pca: PCAModel, tim
 
 def prepare_embedded(prepared_dir: str | Path = "results/prepared", data_name: str = "fashion_mnist",
                      options: Optional[PrepareOptions] = None, pca_rank_max: int = 16,
-                     data_root: Optional[str] = None) -> Path:
+                     data_root: Optional[str] = None, precision: str = "auto") -> Path:
     """The embedded default: Fashion-MNIST 32x32 (or digits for tests), the tiny AutoencoderKL and
-    the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max."""
+    the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max;
+    `precision` is data.prepare_precision (the embedded scale's auto)."""
 
     options = options or PrepareOptions()
     cfg_data = DataConfig(name=data_name, root=data_root, image_size=32, num_classes=10,
-                          prepared_dir=str(prepared_dir))
+                          prepared_dir=str(prepared_dir), prepare_precision=precision)
     cfg_encoder = EncoderConfig(kind="efficientnet_lite0", pca_rank_max=pca_rank_max)
     return run_prepare(cfg_data, VAEConfig(kind="embedded"), cfg_encoder, options)
 

@@ -90,16 +90,19 @@ def encoded_name(split: str, index: int) -> str:
 def encode_shard(vae: LatentVAE, encoder: SemanticEncoder, source: ImageSource, indices: range,
                  batch_size: int, fit_pca: bool, bar,
                  device: torch.device = CPU,
-                 pca_rows: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                 pca_rows: Optional[torch.Tensor] = None,
+                 autocast_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Pass 1 for one shard: moments, float16 features, labels, indices (+ float64 PCA sums over the
-    images `pca_rows` selects, a bool per image of the split; None: all)."""
+    images `pca_rows` selects, a bool per image of the split; None: all). With `autocast_dtype`
+    (data.prepare_precision) both networks run under autocast; what they return is float32."""
     moments, features = [], []
     stats = PCAStats(encoder.info.channels) if fit_pca else None
     for start in range(indices.start, indices.stop, batch_size):
         batch = range(start, min(indices.stop, start + batch_size))
         images = source.images(batch).to(device)
-        moments.append(vae.encode_moments(images).cpu())
-        feats = encoder.encode(images).cpu()  # (B, D, gh, gw) float32
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            moments.append(vae.encode_moments(images).cpu())
+            feats = encoder.encode(images).cpu()  # (B, D, gh, gw) float32
         if stats is not None:
             fitted = feats if pca_rows is None else feats[pca_rows[batch.start:batch.stop]]
             stats.update(fitted.permute(0, 2, 3, 1).reshape(-1, feats.shape[1]))
