@@ -138,19 +138,8 @@ class DataConfig:
     comes from prepared_dir, or the encoder online). Same images in the same row order as
     prepared_dir, prepared with encoder.store_features=true; objective.align_encoder names its
     encoder (that name, not this path, is in the run hash)."""
-    prepare_precision: str = _not_identity("auto")
-    """The precision `bench prepare` runs its networks in: the embedded VAE's training, the VAE's
-    encoder and the semantic encoder. fp32, bf16 (autocast; fp32 weights and outputs) or auto (bf16
-    where the device runs it natively, as train.precision). bf16 moves the embedded VAE's moments by
-    about 0.5% and EfficientNet-Lite0's features by about 6% (their PCA coordinates by 3-4%; the
-    demo's FD under it in docs/performance.md). The evaluation classifier trains in fp32 whatever
-    this says: it is the Frechet distance's feature network. A prepare setting: the
-    prepared folder's settings hash covers the resolved value, not the run hash. The paper scale
-    pins fp32 (SD-VAE and DINOv2 as the official code runs them)."""
-
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
-        _choice("data.prepare_precision", self.prepare_precision, PRECISIONS)
         _range("data.image_size", self.image_size, 8)
         _range("data.num_classes", self.num_classes, 1)
 
@@ -194,12 +183,22 @@ class EncoderConfig:
     hash), and a run refuses to resume on shards prepared with another fit."""
     pca_fit_subset: str = _not_identity("random")
     """random: a subset drawn with the prepare seed (the paper); first: the first N in dataset order."""
+    precision: str = _not_identity("auto")
+    """What `bench prepare` runs this encoder in: fp32, bf16 (autocast; the features come back in
+    fp32 and are stored in float16 as always) or auto (bf16 where the device runs it natively, as
+    train.precision). bf16 moves EfficientNet-Lite0's block-7 features by about 6% (their PCA
+    coordinates by 3-4%). Prepare's other networks stay fp32: the VAE (trained and encoded in bf16
+    it moved the demo's FD by +1.8 for every spec, latent-only included; docs/performance.md) and
+    the evaluation classifier (the metric's network). A prepare setting: the prepared folder's
+    settings hash covers the resolved value, not the run hash. The paper scale pins fp32 (DINOv2
+    features as the official code extracts them)."""
 
     def __post_init__(self) -> None:
         _choice("encoder.kind", self.kind, ENCODER_KINDS)
         _choice("encoder.variant", self.variant, DINOV2_VARIANTS)
         _range("encoder.pca_rank_max", self.pca_rank_max, 1)
         _choice("encoder.pca_fit_subset", self.pca_fit_subset, ("random", "first"))
+        _choice("encoder.precision", self.precision, PRECISIONS)
         if self.pca_fit_images is not None:
             _range("encoder.pca_fit_images", self.pca_fit_images, 2)
 

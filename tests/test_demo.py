@@ -237,9 +237,10 @@ def test_calibration_times_the_precision_the_runs_resolve(setting, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_calibration_times_prepare_in_the_precision_prepare_resolves(precision, monkeypatch):
-    """The VAE step and the encoders run under data.prepare_precision as prepare resolves it; the
-    classifier in fp32, as prepare trains it."""
+    """The semantic encoder runs under encoder.precision as prepare resolves it; the VAE and the
+    classifier in fp32, as prepare runs them."""
     import torch
+    from diffusers import AutoencoderKL
 
     import bench.prepare.embedded as embedded
     from bench.demo.calibrate import _measure_prepare
@@ -258,13 +259,14 @@ def test_calibration_times_prepare_in_the_precision_prepare_resolves(precision, 
 
     vae_losses = embedded.vae_losses
     monkeypatch.setattr(embedded, "vae_losses", lambda vae, x, g, dtype=None: (
-        seen.add(("vae", dtype)) or vae_losses(vae, x, g, dtype)))
+        seen.add(("vae step", dtype)) or vae_losses(vae, x, g, dtype)))
+    monkeypatch.setattr(AutoencoderKL, "encode", watch("vae", AutoencoderKL.encode))
     monkeypatch.setattr(SemanticEncoder, "encode", watch("encoder", SemanticEncoder.encode))
     monkeypatch.setattr(embedded.EvalClassifier, "logits", watch("classifier", embedded.EvalClassifier.logits))
     _measure_prepare(0.0, embedded.EmbeddedVAESettings(block_out_channels=(8, 8), batch_size=2),
                      embedded.ClassifierSettings(width=8, feature_dim=8, batch_size=2), 2, precision)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    assert seen == {("vae", dtype), ("encoder", dtype), ("classifier", None)}
+    assert seen == {("vae step", None), ("vae", None), ("encoder", dtype), ("classifier", None)}
 
 
 def test_the_summary_states_the_t_quantile_of_its_seed_count():

@@ -50,11 +50,11 @@ def tiny_vae_dir(tmp_path_factory):
     return folder
 
 
-def _configs(out: Path, vae_dir: Path, precision: str = "fp32", **encoder):
+def _configs(out: Path, vae_dir: Path, **encoder):
     # fp32 unless asked: the shards are checked against an independent fp32 computation
-    return (DataConfig(name="digits", prepared_dir=str(out), prepare_precision=precision),
+    return (DataConfig(name="digits", prepared_dir=str(out)),
             VAEConfig(kind="diffusers", path=str(vae_dir), scaling_factor=0.5),
-            EncoderConfig(pca_rank_max=R_MAX, **encoder))
+            EncoderConfig(pca_rank_max=R_MAX, **({"precision": "fp32"} | encoder)))
 
 
 def _options(**kw) -> PrepareOptions:

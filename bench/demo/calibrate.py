@@ -95,8 +95,8 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
     train with), and the encoders per image at prepare's own encoder batch (`encode_batch`: on a
     2-vCPU AMD EPYC, EfficientNet-Lite0 ran at ~150 images/s per lane at batch 16 and ~75 at batch
     64, so timing another batch than prepare's misstates the encoding by up to 2x). `precision`
-    (fp32 or bf16) is data.prepare_precision as prepare resolves it: the VAE and the encoders run
-    in it, the classifier in fp32, as prepare runs them."""
+    (fp32 or bf16) is encoder.precision as prepare resolves it: the semantic encoder runs in it,
+    the VAE and the classifier in fp32, as prepare runs them."""
     import torch
     import torch.nn.functional as F
 
@@ -113,7 +113,7 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
     dtype = torch.bfloat16 if precision == "bf16" else None
 
     def vae_step() -> None:
-        mse, kl = embedded.vae_losses(vae, embedded.to_unit_range(images[: vae_settings.batch_size]), g, dtype)
+        mse, kl = embedded.vae_losses(vae, embedded.to_unit_range(images[: vae_settings.batch_size]), g)
         vae_opt.zero_grad(set_to_none=True)
         (mse + vae_settings.kl_weight * kl).backward()
         vae_opt.step()
@@ -136,8 +136,8 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
 
     @torch.no_grad()
     def encode() -> None:  # prepare's pass 1: VAE moments, encoder features, their float64 PCA sums
+        vae.encode(embedded.to_unit_range(batch))
         with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            vae.encode(embedded.to_unit_range(batch))
             features = encoder.encode(batch)
         stats.update(features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]))
 

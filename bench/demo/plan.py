@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import runfolder
-from bench.config import DataConfig
+from bench.config import DataConfig, EncoderConfig
 from bench.demo.calibrate import Costs, Estimate, measure
 from bench.demo.calibrate import estimate as calibrate_estimate
 from bench.demo.timings import measured_elsewhere
@@ -23,7 +23,7 @@ from bench.launch.grids import eval_config, settings_for
 from bench.launch.jobs import measured_steps
 from bench.launch.profiles import load_profile
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
-from bench.prepare.options import PrepareOptions, prepare_dtype
+from bench.prepare.options import PrepareOptions, encoder_dtype
 from bench.prepare.sources import open_split
 
 # Smoothing of the measured training speed behind every time-left figure: an exponential moving
@@ -224,7 +224,8 @@ def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: 
         specs.setdefault(cell.cfg.spec, [*grid.base, f"spec={cell.cfg.spec}"])
     sample_spec = next(iter(specs))
     quick = plan.grid == "demo_quick"  # its units take milliseconds: a short look is enough
-    precision = "fp32" if prepare_dtype(plan.data, plan.prepare) is None else "bf16"  # as prepare_embedded
+    # prepare_embedded's encoder config: encoder.precision at its default, auto
+    precision = "fp32" if encoder_dtype(EncoderConfig(), plan.prepare) is None else "bf16"
     return measure(specs, sample_spec, plan.lanes, plan.threads,
                    prepare=(plan.prepare.vae, plan.prepare.classifier, plan.prepare.batch_size, precision)
                    if first_run else None,

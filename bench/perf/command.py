@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="default training path (default: the config's train.precision, as bench train "
                         "runs it; auto = bf16 autocast where the device runs bf16 natively). Sampling "
-                        "is timed in fp32, as bench sample runs")
+                        "runs in eval.precision and prepare's encoder in encoder.precision, as bench "
+                        "sample and bench prepare resolve them (--set eval.precision=fp32 to change)")
     p.add_argument("--compile", action="store_true", help="torch.compile the default path")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="a checkout of the official ReDi code: time its training step beside the default")

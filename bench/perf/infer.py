@@ -10,7 +10,8 @@
   (paper: 64) drawn from noise with the run's sampler in `steps` steps (paper: 250), unguided, then
   decoded by the scale's VAE to uint8 images, exactly as `bench sample` draws and decodes
   (bench.evaluate.sampling.draw_batch, decode_to_uint8). One call = one finished batch.
-- prepare: images/s of each frozen encoder `bench prepare` runs (VAE moments, semantic features).
+- prepare: images/s of each frozen encoder `bench prepare` runs (VAE moments in fp32, semantic
+  features in the precision prepare resolves from encoder.precision: bf16 autocast or fp32).
 - eval: images/s of the evaluation feature network (the embedded classifier, or Inception-v3).
 Weights are random unless a local file is configured: cost depends on shapes, not values.
 """
@@ -40,6 +41,7 @@ from bench.perf.timing import Workload
 from bench.prepare import encoders
 from bench.prepare.embedded import EmbeddedVAESettings, EvalClassifier
 from bench.train.build import build_model, build_transport
+from bench.train.step import resolve_precision
 from models.flow_sampling import guided_velocity
 from models.guidance import Guidance
 
@@ -191,22 +193,30 @@ def build_vae(cfg: ExperimentConfig, geometry: Geometry, prepared_dir: Optional[
 def build_prepare_workloads(cfg: ExperimentConfig, geometry: Geometry, batch: int, device: torch.device,
                             online_encoder: tuple[nn.Module, str], prepared_dir: Optional[str],
                             seed: int = 0) -> list[Workload]:
-    """VAE moments and semantic features, each on a batch of random uint8 images."""
+    """VAE moments (fp32) and semantic features (encoder.precision as `bench prepare` resolves it on
+    `device`), each on a batch of random uint8 images."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, 3, geometry.image_size, geometry.image_size), generator=g,
                            dtype=torch.uint8).to(device)
     vae, vae_weights = build_vae(cfg, geometry, prepared_dir)
     vae = vae.to(device)
     encoder, encoder_label = online_encoder
-    common = {"spec": "-", "mode": "prepare", "batch": batch, "image_size": geometry.image_size,
-              "precision": "fp32", "dtype": "fp32"}
+    dtype = resolve_precision(cfg.encoder.precision, device, key="encoder.precision")
+
+    def encode():
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return encoder.encode(images)
+
+    common = {"spec": "-", "mode": "prepare", "batch": batch, "image_size": geometry.image_size}
+    fp32 = {"precision": "fp32", "dtype": "fp32"}
     return [
         Workload(kind="prepare", name=f"vae ({cfg.vae.kind})", images_per_call=batch, device=device,
                  run=lambda: vae.encode_moments(images),
-                 fields=common | {"encoder": f"vae_{cfg.vae.kind}", "weights": vae_weights}),
-        Workload(kind="prepare", name=geometry.encoder_kind, images_per_call=batch, device=device,
-                 run=lambda: encoder.encode(images),
-                 fields=common | {"encoder": geometry.encoder_kind, "weights": encoder_label}),
+                 fields=common | fp32 | {"encoder": f"vae_{cfg.vae.kind}", "weights": vae_weights}),
+        Workload(kind="prepare", name=geometry.encoder_kind, images_per_call=batch, device=device, run=encode,
+                 fields=common | {"precision": "bf16" if dtype else "fp32",
+                                  "dtype": "bf16-autocast" if dtype else "fp32",
+                                  "encoder": geometry.encoder_kind, "weights": encoder_label}),
     ]
 
 

@@ -79,12 +79,12 @@ def resolve_device(options: PrepareOptions) -> torch.device:
     return torch.device(options.device)
 
 
-def prepare_dtype(cfg_data, options: PrepareOptions) -> Optional[torch.dtype]:
-    """The autocast dtype prepare's networks run in (None = fp32): data.prepare_precision on the
-    device prepare encodes on (auto = bf16 where that device runs it natively)."""
+def encoder_dtype(cfg_encoder, options: PrepareOptions) -> Optional[torch.dtype]:
+    """The autocast dtype prepare runs the semantic encoder in (None = fp32): encoder.precision on
+    the device prepare encodes on (auto = bf16 where that device runs it natively)."""
     from bench.train.step import resolve_precision
 
-    return resolve_precision(cfg_data.prepare_precision, resolve_device(options), key="data.prepare_precision")
+    return resolve_precision(cfg_encoder.precision, resolve_device(options), key="encoder.precision")
 
 
 def array_task(options: PrepareOptions) -> tuple[int, int]:
@@ -127,7 +127,9 @@ def content_settings(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions,
         "encoder": {"info": encoder.info.to_json() | {"weights": None},
                     "weights_sha256": _weights_fingerprint(encoder.info.weights),
                     "pca_rank_max": cfg_encoder.pca_rank_max,
-                    "store_features": cfg_encoder.store_features},
+                    "store_features": cfg_encoder.store_features,
+                    # only bf16 is named, so fp32 folders keep the hash they always had
+                    **({"precision": "bf16"} if encoder_dtype(cfg_encoder, options) is not None else {})},
         "pca": {"path_sha256": _weights_fingerprint(options.pca_path and
                                                     str(Path(options.pca_path).with_suffix(
                                                         ".safetensors"))),
@@ -137,8 +139,6 @@ def content_settings(cfg_data, cfg_vae, cfg_encoder, options: PrepareOptions,
         "shard_size": options.shard_size,
         "classifier": (asdict(classifier_settings(cfg_data, options)) | {"seed": options.seed}
                        if wants_classifier(cfg_data, options) else None),
-        # Only a bf16 prepare names its precision, so fp32 folders keep the hash they always had.
-        **({"precision": "bf16"} if prepare_dtype(cfg_data, options) is not None else {}),
     }
 
 

@@ -39,8 +39,8 @@ from bench.prepare.options import (
     build_parser,
     check_inputs,
     classifier_settings,
+    encoder_dtype,
     options_from_args,
-    prepare_dtype,
     resolve_device,
     wants_classifier,
 )
@@ -167,9 +167,9 @@ def _train_assets(out: Path, cfg_data, sources: dict, options: PrepareOptions, t
     if need_vae:
         print("prepare: training the embedded AutoencoderKL ...", flush=True)
         summary = train_embedded_vae(train_images, options.vae, options.seed, out / "vae",
-                                     options.progress, prepare_dtype(cfg_data, options))
-        print(f"prepare: VAE done in {summary['seconds']:.0f}s ({summary['precision']}), PSNR "
-              f"{summary['train_psnr_db']:.1f} dB, scaling factor {summary['scaling_factor']:.4f}", flush=True)
+                                     options.progress)
+        print(f"prepare: VAE done in {summary['seconds']:.0f}s, PSNR {summary['train_psnr_db']:.1f} dB, "
+              f"scaling factor {summary['scaling_factor']:.4f}", flush=True)
     if need_classifier:
         test = sources.get("test") or open_split(cfg_data, "test")
         print("prepare: training the evaluation classifier ...", flush=True)
@@ -240,7 +240,7 @@ def _encode_share(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) ->
     todo = [(s, i, r) for s, i, r in mine if not (out / shard_name(s, i)).is_file()
             and not (out / shards.encoded_name(s, i)).is_file()]
     encode_start = time.time()
-    count, claimed, dtype = 0, [], prepare_dtype(call.cfg_data, options)
+    count, claimed, dtype = 0, [], encoder_dtype(call.cfg_encoder, options)
     # A bar on a terminal; in a batch job's log, a plain line every REDI_BENCH_PROGRESS_EVERY seconds.
     with Progress(f"prepare task {call.task_index}/{call.task_count}: images",
                   sum(len(r) for _, _, r in todo) // (options.lanes if claims else 1),
@@ -295,12 +295,12 @@ def prepare_embedded(prepared_dir: str | Path = "results/prepared", data_name: s
                      data_root: Optional[str] = None, precision: str = "auto") -> Path:
     """The embedded default: Fashion-MNIST 32x32 (or digits for tests), the tiny AutoencoderKL and
     the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max;
-    `precision` is data.prepare_precision (the embedded scale's auto)."""
+    `precision` is encoder.precision (the embedded scale's auto)."""
 
     options = options or PrepareOptions()
     cfg_data = DataConfig(name=data_name, root=data_root, image_size=32, num_classes=10,
-                          prepared_dir=str(prepared_dir), prepare_precision=precision)
-    cfg_encoder = EncoderConfig(kind="efficientnet_lite0", pca_rank_max=pca_rank_max)
+                          prepared_dir=str(prepared_dir))
+    cfg_encoder = EncoderConfig(kind="efficientnet_lite0", pca_rank_max=pca_rank_max, precision=precision)
     return run_prepare(cfg_data, VAEConfig(kind="embedded"), cfg_encoder, options)
 
 

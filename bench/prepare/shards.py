@@ -94,14 +94,15 @@ def encode_shard(vae: LatentVAE, encoder: SemanticEncoder, source: ImageSource, 
                  autocast_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Pass 1 for one shard: moments, float16 features, labels, indices (+ float64 PCA sums over the
     images `pca_rows` selects, a bool per image of the split; None: all). With `autocast_dtype`
-    (data.prepare_precision) both networks run under autocast; what they return is float32."""
+    (encoder.precision) the semantic encoder runs under autocast, its features back in float32;
+    the VAE always runs in fp32."""
     moments, features = [], []
     stats = PCAStats(encoder.info.channels) if fit_pca else None
     for start in range(indices.start, indices.stop, batch_size):
         batch = range(start, min(indices.stop, start + batch_size))
         images = source.images(batch).to(device)
+        moments.append(vae.encode_moments(images).cpu())
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            moments.append(vae.encode_moments(images).cpu())
             feats = encoder.encode(images).cpu()  # (B, D, gh, gw) float32
         if stats is not None:
             fitted = feats if pca_rows is None else feats[pca_rows[batch.start:batch.stop]]

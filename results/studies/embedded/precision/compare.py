@@ -16,6 +16,11 @@ one, so the pooled pairs are not all independent; the per-spec lines are the one
     PYTHONPATH=$PWD python results/studies/embedded/precision/compare.py [BF16_RUNS FP32_RUNS]
 
 Without arguments the checked-in fd_by_precision.csv is read. Prints the tables README.md shows.
+
+With --prepare the arms are the prepared data instead (fd_by_prepare_precision.csv): BF16_RUNS
+trained on a folder `bench prepare` made with data.prepare_precision=bf16, FP32_RUNS on one made in
+fp32, training and sampling in the same precision in both. The same seeds then draw the same data
+order and noise over different latents and features, so a pair shares its randomness, not its data.
 """
 
 import json
@@ -68,10 +73,12 @@ def table(frame: pd.DataFrame) -> str:
 
 
 def main(argv: list[str]) -> None:
+    csv = HERE / "fd_by_prepare_precision.csv" if "--prepare" in argv else CSV
+    argv = [a for a in argv if a != "--prepare"]
     if argv:
         frame = pd.concat([gather(Path(argv[0]), "bf16"), gather(Path(argv[1]), "fp32")], ignore_index=True)
-        frame.sort_values(["spec", "setting", "step", "seed", "precision"]).to_csv(CSV, index=False)
-    frame = pd.read_csv(CSV)
+        frame.sort_values(["spec", "setting", "step", "seed", "precision"]).to_csv(csv, index=False)
+    frame = pd.read_csv(csv)
     print(table(frame))
 
 
