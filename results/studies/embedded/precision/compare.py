@@ -13,14 +13,15 @@ and evaluation noise in both arms. The paired difference bf16 - fp32 is summaris
 setting (3 pairs) and over all of them (the RG setting shares its checkpoints with redi_rg's plain
 one, so the pooled pairs are not all independent; the per-spec lines are the ones to read).
 
-    PYTHONPATH=$PWD python results/studies/embedded/precision/compare.py [BF16_RUNS FP32_RUNS]
+    PYTHONPATH=$PWD python results/studies/embedded/precision/compare.py [--csv NAME] [BF16_RUNS FP32_RUNS]
 
 Without arguments the checked-in fd_by_precision.csv is read. Prints the tables README.md shows.
 
-With --prepare the arms are the prepared data instead (fd_by_prepare_precision.csv): BF16_RUNS
-trained on a folder `bench prepare` made with data.prepare_precision=bf16, FP32_RUNS on one made in
-fp32, training and sampling in the same precision in both. The same seeds then draw the same data
-order and noise over different latents and features, so a pair shares its randomness, not its data.
+With --csv NAME the table is another study's (a file in this folder): fd_by_prepare_*.csv compare
+prepared data instead, BF16_RUNS trained on a folder `bench prepare` made with some of its networks
+in bf16 and FP32_RUNS on one made in fp32, training and sampling in bf16 in both. The same seeds then
+draw the same data order and noise over different latents or features, so a pair shares its
+randomness, not its data.
 """
 
 import json
@@ -73,8 +74,9 @@ def table(frame: pd.DataFrame) -> str:
 
 
 def main(argv: list[str]) -> None:
-    csv = HERE / "fd_by_prepare_precision.csv" if "--prepare" in argv else CSV
-    argv = [a for a in argv if a != "--prepare"]
+    csv = CSV
+    if argv[:1] == ["--csv"]:
+        csv, argv = HERE / argv[1], argv[2:]
     if argv:
         frame = pd.concat([gather(Path(argv[0]), "bf16"), gather(Path(argv[1]), "fp32")], ignore_index=True)
         frame.sort_values(["spec", "setting", "step", "seed", "precision"]).to_csv(csv, index=False)
