@@ -214,7 +214,7 @@ def test_calibration_times_the_precision_the_runs_resolve(setting, monkeypatch):
     import bench.perf.infer as infer
     import bench.perf.training as training
     from bench.demo.calibrate import _measure_lane
-    from bench.train.step import resolve_precision
+    from bench.precision import resolve_precision
 
     seen = {}
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PIPELINE = ("prepare", "train", "evaluate", "launch", "report")  # a wing may import the ones before it
 BESIDE = ("perf", "demo", "rehearse")  # beside the pipeline: may import any wing, and nothing imports them
 SHARED = ("config", "compose", "run_hash", "atomic", "runfolder", "metrics_log", "process_lanes", "resources", "site",
-          "storage", "locks", "progress")
+          "storage", "locks", "progress", "precision")
 FRONT_DOOR = ("cli", "__main__")
 
 

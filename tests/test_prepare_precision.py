@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-import bench.train.step as step
+import bench.precision as precision
 from bench.compose import load_config
 from bench.config import ConfigError, DataConfig, EncoderConfig, VAEConfig
 from bench.prepare.dataset import load_prepared
@@ -66,7 +66,7 @@ def test_a_bf16_encoder_is_its_own_setting_close_to_fp32_and_leaves_the_vae_alon
 def test_auto_encodes_in_bf16_only_where_the_device_runs_it_natively(monkeypatch):
     options = PrepareOptions(device="cpu")
     for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(step, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
         assert encoder_dtype(EncoderConfig(precision="auto"), options) is expected
     assert encoder_dtype(EncoderConfig(precision="bf16"), options) is torch.bfloat16  # asked: emulated if need be
     assert encoder_dtype(EncoderConfig(precision="fp32"), options) is None

@@ -21,11 +21,12 @@ from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_con
 from bench import runfolder
 from bench.compose import dumps
 from bench.config import ConfigError
+from bench.precision import resolve_precision
 from bench.run_hash import run_dir
 from bench.train.checkpoint import verify_checkpoint
 from bench.train.data import GlobalBatchSampler
 from bench.train.loop import train
-from bench.train.step import NonFiniteLossError, resolve_precision
+from bench.train.step import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,11 +103,11 @@ def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
 
 
 def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
-    from bench.train import step as step_module
+    import bench.precision as precision_module
 
     cpu = torch.device("cpu")
     for native in (False, True):  # auto = bf16 exactly where the device runs it natively
-        monkeypatch.setattr(step_module, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(precision_module, "native_bf16", lambda device, native=native: native)
         assert resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
     monkeypatch.undo()
     assert resolve_precision("fp32", torch.device("cpu")) is None

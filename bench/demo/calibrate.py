@@ -69,7 +69,7 @@ def _measure_lane(job: dict) -> dict:
     from bench.perf.infer import build_sample_workloads
     from bench.perf.setup import synthetic_geometry, synthetic_pool
     from bench.perf.training import StepOptions, build_train_workload
-    from bench.train.step import resolve_precision
+    from bench.precision import resolve_precision
 
     cpu = torch.device("cpu")
     out: dict = {"train": {}}

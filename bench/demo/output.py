@@ -45,7 +45,7 @@ def machine() -> dict:
     timings."""
     import torch
 
-    from bench.train.step import native_bf16
+    from bench.precision import native_bf16
 
     model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

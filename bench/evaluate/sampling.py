@@ -46,6 +46,7 @@ from bench.atomic import atomic_write_bytes, atomic_write_json, crash_point, sha
 from bench.compose import from_dict, to_dict
 from bench.config import ConfigError, ExperimentConfig
 from bench.evaluate.quality import to_uint8
+from bench.precision import resolve_precision
 from bench.prepare.dataset import PreparedDataError, read_manifest
 from bench.prepare.encoders import EncoderError, load_vae
 from bench.progress import Progress
@@ -61,7 +62,6 @@ from bench.runfolder import (
 from bench.site import apply_site, load_site, site_paths_of
 from bench.train.build import build_model, build_transport
 from bench.train.checkpoint import WEIGHTS_FILE, CorruptCheckpointError, load_weights, read_meta
-from bench.train.step import resolve_precision
 from models.ddpm_sampling import sample_ddpm
 from models.flow_sampling import sample_flow
 from models.guidance import Guidance

@@ -38,10 +38,10 @@ from bench.evaluate.features import (
 from bench.evaluate.sampling import decode_to_uint8, draw_batch, in_precision, sampling_precision
 from bench.perf.setup import Geometry
 from bench.perf.timing import Workload
+from bench.precision import resolve_precision
 from bench.prepare import encoders
 from bench.prepare.embedded import EmbeddedVAESettings, EvalClassifier
 from bench.train.build import build_model, build_transport
-from bench.train.step import resolve_precision
 from models.flow_sampling import guided_velocity
 from models.guidance import Guidance
 

@@ -55,10 +55,10 @@ from bench.perf.training import (
     build_train_workload,
     loss_agreement,
 )
+from bench.precision import native_bf16
 from bench.prepare.dataset import read_manifest
 from bench.train.build import backbone_settings
 from bench.train.data import check_prepared
-from bench.train.step import native_bf16
 
 KINDS = ("train", "sample", "table6", "prepare", "eval")
 DEFAULT_KINDS = ("train", "sample", "prepare", "eval")

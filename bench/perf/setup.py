@@ -21,10 +21,10 @@ import torch
 
 from bench.compose import available, load_config
 from bench.config import ConfigError, DataConfig, ExperimentConfig
+from bench.precision import resolve_precision as train_precision
 from bench.prepare.dataset import load_prepared
 from bench.prepare.pca import PCAModel
 from bench.prepare.sources import open_split
-from bench.train.step import resolve_precision as train_precision
 from models.backbone import MODEL_SIZES, PATCH_SIZES
 
 SPEC_ALIASES = {"redi_separate": ("redi", ["model.fusion=separate"])}
@@ -86,7 +86,7 @@ def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> E
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 where it is
-    native, see bench.train.step.native_bf16), so "default" rows time the trainer's real step."""
+    native, see bench.precision.native_bf16), so "default" rows time the trainer's real step."""
 
     if precision not in ("auto", "bf16", "fp32"):
         raise PerfError(f"--precision {precision!r}: choose auto, bf16 or fp32")

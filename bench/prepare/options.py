@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from bench.atomic import sha256_file, sha256_json
+from bench.precision import resolve_precision
 from bench.prepare.dataset import FORMAT_VERSION
 from bench.prepare.embedded import ClassifierSettings, EmbeddedVAESettings
 from bench.prepare.encoders import SemanticEncoder, build_semantic_encoder, load_vae
@@ -82,8 +83,6 @@ def resolve_device(options: PrepareOptions) -> torch.device:
 def encoder_dtype(cfg_encoder, options: PrepareOptions) -> Optional[torch.dtype]:
     """The autocast dtype prepare runs the semantic encoder in (None = fp32): encoder.precision on
     the device prepare encodes on (auto = bf16 where that device runs it natively)."""
-    from bench.train.step import resolve_precision
-
     return resolve_precision(cfg_encoder.precision, resolve_device(options), key="encoder.precision")
 
 

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bench.config import ConfigError, ExperimentConfig
+from bench.config import ExperimentConfig
+from bench.precision import resolve_precision
 from bench.train import distributed as dist_utils
 from models.repa import align_to_grid
 
@@ -32,33 +33,6 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, loss: float = math.nan, grad_norm: float = math.nan) -> None:
         super().__init__(message)
         self.loss, self.grad_norm = loss, grad_norm
-
-
-def native_bf16(device: torch.device) -> bool:
-    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
-    AMX-BF16. Elsewhere bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return bool(set(line.split(":", 1)[1].split()) & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def resolve_precision(setting: str, device: torch.device, key: str = "train.precision") -> Optional[torch.dtype]:
-    """The autocast dtype (None = fp32): `auto` = bf16 where the device has it natively. `key` is
-    the setting the value came from, for the error."""
-    if setting == "fp32" or (setting == "auto" and not native_bf16(device)):
-        return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{key}=bf16 but this GPU has no bf16 support; use auto or fp32")
-    return torch.bfloat16
 
 
 def build_optimizer(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.AdamW:
