@@ -138,6 +138,7 @@ class DataConfig:
     comes from prepared_dir, or the encoder online). Same images in the same row order as
     prepared_dir, prepared with encoder.store_features=true; objective.align_encoder names its
     encoder (that name, not this path, is in the run hash)."""
+
     def __post_init__(self) -> None:
         _choice("data.name", self.name, DATASETS)
         _range("data.image_size", self.image_size, 8)
@@ -187,9 +188,10 @@ class EncoderConfig:
     """What `bench prepare` runs this encoder in: fp32, bf16 (autocast; the features come back in
     fp32 and are stored in float16 as always) or auto (bf16 where the device runs it natively, as
     train.precision). bf16 moves EfficientNet-Lite0's block-7 features by about 6% (their PCA
-    coordinates by 3-4%). Prepare's other networks stay fp32: the VAE (trained and encoded in bf16
-    it moved the demo's FD by +1.8 for every spec, latent-only included; docs/performance.md) and
-    the evaluation classifier (the metric's network). A prepare setting: the prepared folder's
+    coordinates by 3-4.4%; results/studies/embedded/precision/feature_error.json). Prepare's other
+    networks stay fp32: the VAE (trained and encoded in bf16 it moved the demo's FD by +1.8 for
+    every spec, latent-only included; docs/performance.md) and the evaluation classifier (the
+    metric's network). A prepare setting: the prepared folder's
     settings hash covers the resolved value, not the run hash. The paper scale pins fp32 (DINOv2
     features as the official code extracts them)."""
 

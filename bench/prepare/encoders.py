@@ -287,12 +287,9 @@ class LatentVAE(nn.Module):
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 `(B, 3, S, S)` -> `(B, 2*C_x, S/f, S/f)` = [posterior mean, posterior std]."""
         _check_uint8_images(images)
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         x = images.float() / 127.5 - 1.0  # the VAE's input range [-1, 1]
-        # the std from fp32 moments, also under autocast (exp of a bf16 log-variance loses bits)
-        posterior = DiagonalGaussianDistribution(self.vae.encode(x).latent_dist.parameters.float())
-        return torch.cat([posterior.mean, posterior.std], dim=1)
+        posterior = self.vae.encode(x).latent_dist
+        return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -292,15 +292,15 @@ def _project_and_finish(call: _PrepareCall, plan, mine: list, pca: PCAModel, tim
 
 def prepare_embedded(prepared_dir: str | Path = "results/prepared", data_name: str = "fashion_mnist",
                      options: Optional[PrepareOptions] = None, pca_rank_max: int = 16,
-                     data_root: Optional[str] = None, precision: str = "auto") -> Path:
+                     data_root: Optional[str] = None) -> Path:
     """The embedded default: Fashion-MNIST 32x32 (or digits for tests), the tiny AutoencoderKL and
-    the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max;
-    `precision` is encoder.precision (the embedded scale's auto)."""
+    the evaluation classifier trained here, EfficientNet-Lite0 block-7 features PCA'd to r_max (in
+    the precision encoder.precision's default, auto, resolves to)."""
 
     options = options or PrepareOptions()
     cfg_data = DataConfig(name=data_name, root=data_root, image_size=32, num_classes=10,
                           prepared_dir=str(prepared_dir))
-    cfg_encoder = EncoderConfig(kind="efficientnet_lite0", pca_rank_max=pca_rank_max, precision=precision)
+    cfg_encoder = EncoderConfig(kind="efficientnet_lite0", pca_rank_max=pca_rank_max)
     return run_prepare(cfg_data, VAEConfig(kind="embedded"), cfg_encoder, options)
 
 
