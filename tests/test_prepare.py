@@ -711,6 +711,11 @@ def test_cli_kill9_at_each_point_then_rerun_is_byte_identical(cli_run, tiny_vae_
         assert not (out / "manifest.json").exists()
     result = subprocess.run(_cli(out, tiny_vae_dir), env=_cli_env(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
+    _assert_same_folder(reference, out)
+
+
+def _assert_same_folder(reference: Path, out: Path) -> None:
+    """Every file of `out` byte-identical to `reference`'s; the manifest equal but for its timings."""
     files = sorted(str(p.relative_to(reference)) for p in reference.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     for name in files:
@@ -719,3 +724,43 @@ def test_cli_kill9_at_each_point_then_rerun_is_byte_identical(cli_run, tiny_vae_
             assert {**first, "timings": None} == {**again, "timings": None}
         else:
             assert (reference / name).read_bytes() == (out / name).read_bytes(), name
+
+
+@pytest.mark.timeout(600)
+def test_two_tasks_that_finish_together_fit_the_pca_one_after_the_other(cli_run, tiny_vae_dir, tmp_path):
+    """Array tasks that find every train shard's sums at the same moment both go for the PCA. Task 0
+    is stopped (REDI_BENCH_KILL_AT=...:STOP) with the sums present and none read; task 1, run again
+    meanwhile, must wait for the folder's PCA lock rather than fit and project beside it, which
+    removes a pass-1 file task 0 is about to read. Resumed, both finish and the folder equals an
+    uninterrupted run's."""
+    reference, _ = cli_run
+    out = tmp_path / "together"
+
+    def task(index: int) -> list[str]:
+        return [*_cli(out, tiny_vae_dir), "--task-index", str(index), "--task-count", "2"]
+
+    alone = subprocess.run(task(1), env=_cli_env(), capture_output=True, text=True, timeout=240)
+    assert alone.returncode == 0 and "waits for the other tasks" in alone.stdout, alone.stdout + alone.stderr
+    first = subprocess.Popen(task(0), env={**_cli_env(), "REDI_BENCH_KILL_AT": "prepare:pca-fit:STOP"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "second.log"
+    second = None
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"task 0 ended before fitting the PCA: {first.communicate()}"
+        with open(log, "w") as handle:
+            second = subprocess.Popen(task(1), env=_cli_env(), stdout=handle, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240  # until it waits for the lock (or, unlocked, has finished beside task 0)
+        while second.poll() is None and "waiting for it" not in log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        first.send_signal(signal.SIGCONT)
+        printed, _ = first.communicate(timeout=240)
+        second.wait(timeout=240)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert first.returncode == 0, printed
+    assert second.returncode == 0 and "another task is fitting or writing the PCA" in log.read_text(), log.read_text()
+    _assert_same_folder(reference, out)

@@ -156,7 +156,7 @@ def test_local_jobs_pca_waits_for_the_tasks_and_a_second_submit_waits(vae_dir, t
     while time.time() < deadline and not all(j["state"] == "done" for j in prepare_jobs.prepare_status(out)["jobs"]):
         time.sleep(1)
     rows = read_jsonl(out / JOBS_FILE)
-    assert {r["outcome"] for r in rows if r["event"] == "end"} == {"done"}, rows
+    assert {r["outcome"] for r in rows if r["event"] == "end"} == {"done"}, [r for r in rows if r["event"] == "end"]
     ends = [r["unix"] for r in rows if r["event"] == "end" and r["cell"].startswith("encode-")]
     (start,) = [r["unix"] for r in rows if r["event"] == "start" and r["cell"] == "pca"]
     assert len(ends) == 2 and (out / "manifest.json").is_file()

@@ -6,8 +6,8 @@ sums), the PCA is fitted once every train shard has its sums, and pass 2 project
 Shards are dealt to array tasks round-robin (task index/count from the options or
 SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT). A task finds finished work and skips it, so a killed
 run resumes, and any task that finds all train sums present fits the PCA (the result is the same
-whoever does it). `manifest.json` is written when every shard is final, and a second call with the
-same settings (same content hash) returns at once.
+whoever does it; one task at a time, under the folder's PCA lock). `manifest.json` is written when
+every shard is final, and a second call with the same settings (same content hash) returns at once.
 
 The embedded default (`prepare_embedded`) also trains the tiny AutoencoderKL and the evaluation
 classifier first (bench.prepare.embedded), in task 0.
@@ -124,17 +124,18 @@ def _start_folder(call: _PrepareCall, settings: dict, pca: Optional[PCAModel]) -
     """Claim the folder for these settings, clear a killed run's temporaries (a lone task only),
     store a supplied PCA or read one an earlier run fitted, and train the embedded VAE and the
     classifier if they are missing. Returns the PCA known so far (None: still to fit)."""
-    out, info = call.out, call.encoder.info
+    out = call.out
     out.mkdir(parents=True, exist_ok=True)
     shards.claim_folder(out, call.settings_hash, settings, call.options)
     if call.task_count == 1:
         remove_stale_temporaries(out)
         for split in call.sources:
             remove_stale_temporaries(out / split)
-    if pca is not None and not (out / "pca.safetensors").is_file():
-        pca.save(out / "pca.safetensors")  # a supplied/imported PCA, converted once
-    elif pca is None and (out / "pca.safetensors").is_file():  # fitted by an earlier (array) run
-        pca = PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
+    with shards.pca_lock(out):
+        if pca is not None and not (out / "pca.safetensors").is_file():
+            pca.save(out / "pca.safetensors")  # a supplied/imported PCA, converted once
+        elif pca is None:  # fitted by an earlier (array) run, if any
+            pca = shards.stored_pca(out, call.encoder)
     _ensure_embedded_assets(out, call.cfg_data, call.cfg_vae, call.sources, call.options, call.task_index)
     return pca
 
@@ -266,10 +267,8 @@ def _encode_share(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) ->
 
 def _fitted_pca(call: _PrepareCall, plan, pca_rows: Optional[torch.Tensor]) -> Optional[PCAModel]:
     """The PCA another task fitted meanwhile, else one fitted here; None while train sums are missing."""
-    info = call.encoder.info
-    if (call.out / "pca.safetensors").is_file():
-        return PCAModel.load(call.out / "pca.safetensors", info.encoder_id, info.channels)
-    return shards.fit_pca(call.out, plan, call.encoder, pca_rows)
+    with shards.pca_lock(call.out):
+        return shards.stored_pca(call.out, call.encoder) or shards.fit_pca(call.out, plan, call.encoder, pca_rows)
 
 
 def _project_and_finish(call: _PrepareCall, plan, mine: list, pca: PCAModel, timings: dict) -> None:

@@ -8,21 +8,25 @@ finished in it, and the passes that write it.
   pass 2  `project_shard`: the features onto the first r_max components -> the final
           `<split>/shard-XXXXX.safetensors` (format in bench.prepare.dataset); the pass-1 file is removed.
 Every file is written atomically (temporary name, then os.replace), so a finished file is a whole one.
+The PCA files are read, fitted and written under `pca_lock`: array tasks that finish together would
+otherwise fit side by side, and the first to project removes pass-1 files the other is still reading.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
 from bench.atomic import atomic_save_safetensors, atomic_write_json, crash_point
+from bench.locks import LockBusy, exclusive
 from bench.prepare.dataset import (
     FORMAT_VERSION,
     MANIFEST,
@@ -36,6 +40,7 @@ from bench.prepare.options import PrepareError, PrepareOptions, check_inputs
 from bench.prepare.pca import PCAError, PCAModel, PCAStats, import_official_pca
 from bench.prepare.sources import ImageSource
 
+PCA_LOCK = ".pca.lock"
 OFFICIAL_PCA_ENCODER = "dinov2_vitb14_reg_"
 """ReDi's dino_pca_model.pth was fitted on DINOv2 ViT-B/14-reg tokens; its 768 dimensions would also
 fit ViT-B/14 without registers, so the encoder is checked by id (the pickle does not record it)."""
@@ -117,6 +122,28 @@ def encode_shard(vae: LatentVAE, encoder: SemanticEncoder, source: ImageSource, 
     return out
 
 
+@contextlib.contextmanager
+def pca_lock(out: Path) -> Iterator[None]:
+    """Hold the folder's PCA lock (bench.locks: flock, or an owner file where flock is refused);
+    says so when another task holds it, then waits: its fit takes seconds to minutes."""
+    path = Path(out) / PCA_LOCK
+    with open(path, "a+b") as handle, contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive(handle, path, blocking=False))
+        except LockBusy:
+            print(f"prepare: another task is fitting or writing the PCA of {out}; waiting for it", flush=True)
+            held.enter_context(exclusive(handle, path))
+        yield
+
+
+def stored_pca(out: Path, encoder: SemanticEncoder) -> Optional[PCAModel]:
+    """The PCA an earlier run or another task saved in `out`, checked against the encoder; None if
+    there is none. Call it under `pca_lock`: a PCA is two files, written one after the other."""
+    if not (out / "pca.safetensors").is_file():
+        return None
+    return PCAModel.load(out / "pca.safetensors", encoder.info.encoder_id, encoder.info.channels)
+
+
 def supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
                  settings_hash: str) -> Optional[PCAModel]:
     """The PCA given by pca_path or official_pca, checked against the encoder (None: fit one)."""
@@ -125,7 +152,8 @@ def supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
         if same_settings(out, settings_hash) and (out / "pca.safetensors").is_file():
             # Converted by an earlier (killed or array) run of these settings, whose hash covers the
             # pickle's sha256: read the safetensors copy and never unpickle the file again.
-            return PCAModel.load(out / "pca.safetensors", info.encoder_id, info.channels)
+            with pca_lock(out):
+                return stored_pca(out, encoder)
         if options.trust_pickle and not info.encoder_id.startswith(OFFICIAL_PCA_ENCODER):
             raise PCAError(f"official_pca (--official-pca) is ReDi's PCA of DINOv2 ViT-B/14-reg "
                            f"features, but the encoder is {info.encoder_id!r}; set encoder.kind=dinov2 "
@@ -140,7 +168,8 @@ def supplied_pca(encoder: SemanticEncoder, options: PrepareOptions, out: Path,
 
 def fit_pca(out: Path, plan, encoder: SemanticEncoder,
             pca_rows: Optional[torch.Tensor] = None) -> Optional[PCAModel]:
-    """Merge every train shard's sums (in shard order) and fit; None while some are missing."""
+    """Merge every train shard's sums (in shard order) and fit; None while some are missing.
+    Call it under `pca_lock` (module docstring)."""
     from safetensors.torch import load_file
 
     train = [(split, index) for split, index, _ in plan if split == "train"]
@@ -150,6 +179,7 @@ def fit_pca(out: Path, plan, encoder: SemanticEncoder,
     files = [out / encoded_name(split, index) for split, index in train]
     if not all(f.is_file() for f in files):
         return None
+    crash_point("prepare:pca-fit")  # every train shard's sums present, none read yet
     total = PCAStats(encoder.info.channels)
     images = 0
     for f in files:
