@@ -8,6 +8,7 @@ Layout of a prepared folder (`data.prepared_dir`):
     settings.json            the settings being prepared (guards against mixing two settings)
     pca.safetensors/.json    the PCA (full basis, float64) fitted on the train split
     pca_stats.safetensors    the merged float64 sums it came from
+    .pca.lock                empty; array tasks read, fit and write the PCA under its lock
     vae/                     the embedded AutoencoderKL (save_pretrained), when vae.kind=embedded
     classifier/              the evaluation CNN (model.safetensors + classifier.json), if trained
     train/shard-00000.safetensors, ...   and test/...
