@@ -17,6 +17,10 @@ one, so the pooled pairs are not all independent; the per-spec lines are the one
 
 Without arguments the checked-in fd_by_precision.csv is read. Prints the tables README.md shows.
 
+With --arms NEW,BASE the two run folders are other arms than bf16 and fp32 (the first is measured
+against the second), e.g. `--csv fd_by_compile.csv --arms compiled,eager COMPILED_RUNS EAGER_RUNS`:
+the demo grid trained with train.compile=true against the same grid trained eager.
+
 With --csv NAME the table is another study's (a file in this folder): fd_by_prepare_*.csv compare
 prepared data instead, BF16_RUNS trained on a folder `bench prepare` made with some of its networks
 in bf16 and FP32_RUNS on one made in fp32, training and sampling in bf16 in both. The same seeds then
@@ -37,15 +41,15 @@ CSV = HERE / "fd_by_precision.csv"
 METRIC = "fd_classifier"
 
 
-def gather(runs: Path, precision: str) -> pd.DataFrame:
-    """One row per FD value of the demo grid's run folders under `runs`."""
+def gather(runs: Path, arm: str) -> pd.DataFrame:
+    """One row per FD value of the demo grid's run folders under `runs`, labelled `arm`."""
     rows = []
     for run in sorted(p for p in runs.iterdir() if (p / "eval.jsonl").is_file()):
         config = json.loads((run / "config.json").read_text())
         for line in (run / "eval.jsonl").read_text().splitlines():
             r = json.loads(line)
             if r["metric"] == METRIC:
-                rows.append({"precision": precision, "spec": config["spec"], "seed": config["train"]["seed"],
+                rows.append({"arm": arm, "spec": config["spec"], "seed": config["train"]["seed"],
                              "setting": r["setting"], "step": r["step"], "fd": r["value"],
                              "sampled_in": r["precision"], "run": run.name})
     return pd.DataFrame(rows)
@@ -55,33 +59,37 @@ def fmt(mean: float, half: float) -> str:
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
 
-def table(frame: pd.DataFrame) -> str:
-    wide = frame.pivot_table(index=["spec", "setting", "step", "seed"], columns="precision", values="fd").dropna()
-    wide["diff"] = wide["bf16"] - wide["fp32"]
-    lines = ["| spec | sampling | step | pairs | FD fp32 (mean) | FD bf16 (mean) | bf16 - fp32 [95% CI] | p |",
+def table(frame: pd.DataFrame, arms: tuple[str, str] = ("bf16", "fp32")) -> str:
+    new, base = arms
+    wide = frame.pivot_table(index=["spec", "setting", "step", "seed"], columns="arm", values="fd").dropna()
+    wide["diff"] = wide[new] - wide[base]
+    lines = [f"| spec | sampling | step | pairs | FD {base} (mean) | FD {new} (mean) | {new} - {base} [95% CI] | p |",
              "|---|---|---|---|---|---|---|---|"]
-    for (spec, setting, step), part in wide.groupby(level=["spec", "setting", "step"]):
+    groups = [((spec, setting, step), part) for (spec, setting, step), part
+              in wide.groupby(level=["spec", "setting", "step"])]
+    groups += [(("all", "all", step), part) for step, part in wide.groupby(level="step")]
+    for (spec, setting, step), part in groups:
         mean, half, n = mean_ci95(part["diff"])
-        lines.append(f"| {spec} | {setting} | {step} | {n} | {part['fp32'].mean():.2f} | {part['bf16'].mean():.2f} "
+        lines.append(f"| {spec} | {setting} | {step} | {n} | {part[base].mean():.2f} | {part[new].mean():.2f} "
                      f"| {fmt(mean, half)} | {paired_t_p(part['diff']):.2f} |")
-    for step, part in wide.groupby(level="step"):
-        mean, half, n = mean_ci95(part["diff"])
-        lines.append(f"| all | all | {step} | {n} | {part['fp32'].mean():.2f} | {part['bf16'].mean():.2f} "
-                     f"| {fmt(mean, half)} | {paired_t_p(part['diff']):.2f} |")
-    seed_sd = wide.groupby(level=["spec", "setting", "step"])["fp32"].std().mean()
-    note = f"SD of FD between the three seeds within a cell (fp32 arm, mean over cells): {seed_sd:.2f}"
+    seed_sd = wide.groupby(level=["spec", "setting", "step"])[base].std().mean()
+    note = f"SD of FD between the three seeds within a cell ({base} arm, mean over cells): {seed_sd:.2f}"
     return "\n".join(lines) + "\n\n" + note
 
 
 def main(argv: list[str]) -> None:
-    csv = CSV
-    if argv[:1] == ["--csv"]:
-        csv, argv = HERE / argv[1], argv[2:]
+    csv, arms = CSV, ("bf16", "fp32")
+    while argv[:1] in (["--csv"], ["--arms"]):
+        if argv[0] == "--csv":
+            csv = HERE / argv[1]
+        else:
+            arms = tuple(argv[1].split(","))
+        argv = argv[2:]
     if argv:
-        frame = pd.concat([gather(Path(argv[0]), "bf16"), gather(Path(argv[1]), "fp32")], ignore_index=True)
-        frame.sort_values(["spec", "setting", "step", "seed", "precision"]).to_csv(csv, index=False)
-    frame = pd.read_csv(csv)
-    print(table(frame))
+        frame = pd.concat([gather(Path(argv[0]), arms[0]), gather(Path(argv[1]), arms[1])], ignore_index=True)
+        frame.sort_values(["spec", "setting", "step", "seed", "arm"]).to_csv(csv, index=False)
+    frame = pd.read_csv(csv).rename(columns={"precision": "arm"})  # the first studies' CSVs say precision
+    print(table(frame, arms))
 
 
 if __name__ == "__main__":
