@@ -30,6 +30,7 @@ import json
 import os
 import secrets
 import signal
+import stat
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
@@ -250,6 +251,23 @@ class OutputPathError(ValueError):
     """A folder the command must write to cannot be written; the message names it and the option."""
 
 
+def _probe(path: Path, made: list[Path], attempts: int = 5) -> None:
+    """Create `path` and a file in it. Processes that start together (the ranks of one torchrun, the
+    tasks of an array) probe the same new folder: one may remove it, empty, between another's mkdir
+    and its probe file (ENOENT), or between the two halves of pathlib's mkdir of a missing parent
+    (EEXIST, then not a folder); the other one makes it again. `made` gathers every folder this
+    call found missing before an attempt: the caller removes them again."""
+    for attempt in range(attempts):
+        made += [p for p in (path, *path.parents) if not p.exists() and p not in made]
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            os.unlink(_create_temporary_file(path / ".write-probe"))
+            return
+        except (FileNotFoundError, FileExistsError):
+            if attempt == attempts - 1:
+                raise
+
+
 def check_writable_dir(path: PathLike, option: str) -> Path:
     """Create `path` if needed and prove it takes a file, before any work is done.
 
@@ -262,20 +280,24 @@ def check_writable_dir(path: PathLike, option: str) -> Path:
                               "under the current folder)")
     path = Path(path).expanduser()
     named = f"{option}{path}" if option.endswith("=") else f"{option} {path}"
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise OutputPathError(f"{named}: {existing} is not a folder; choose another path")
+    for existing in (path, *path.parents):  # the nearest that exists, in one stat (others may probe it)
+        try:
+            if not stat.S_ISDIR(existing.stat().st_mode):
+                raise OutputPathError(f"{named}: {existing} is not a folder; choose another path")
+            break
+        except (FileNotFoundError, NotADirectoryError):  # missing, or below a file (/dev/null/x)
+            continue
     # Folders made for the probe are removed again: a command that fails later (a config or data
-    # error) leaves no empty run folder behind; the real writes create them.
-    made = [p for p in (path, *path.parents) if not p.exists()]
+    # error) leaves no empty run folder behind; the real writes create them. (One that another
+    # process is probing at that moment stays, empty.)
+    made: list[Path] = []
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        os.unlink(_create_temporary_file(path / ".write-probe"))
+        _probe(path, made)
     except OSError as err:
         raise OutputPathError(f"{named}: cannot write there ({err.strerror or err}); "
                               "choose a writable folder") from None
     finally:
-        for folder in made:  # deepest first
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # deepest first
             try:
                 folder.rmdir()
             except OSError:

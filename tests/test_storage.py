@@ -83,6 +83,36 @@ def test_a_guard_on_a_folder_not_made_yet_watches_it_from_its_first_write(tmp_pa
             atomic_write_text(out / "c.txt", "c")
 
 
+def test_processes_that_probe_one_new_folder_together_all_pass(tmp_path):
+    """The ranks of one torchrun (and the tasks of an array) check the same new run folder at once:
+    one probe removes the empty folder it made while another is between its mkdir and its probe
+    file. Each must still pass, and no probe file is left (the folder itself may stay, empty, when
+    its maker could not remove it while another probe was inside). 8 threads x 150 rounds: without
+    the retries this failed within the first rounds here."""
+    import threading
+
+    from bench.atomic import check_writable_dir
+
+    errors, gate = [], threading.Barrier(8)
+
+    def probe(folder: Path) -> None:
+        gate.wait()
+        try:
+            check_writable_dir(folder, "--run-dir")
+        except Exception as err:  # noqa: BLE001 - collected and reported by the assertion
+            errors.append(err)
+
+    for round_ in range(150):
+        folder = tmp_path / f"grid{round_}" / "run"
+        threads = [threading.Thread(target=probe, args=(folder,)) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not folder.exists() or not any(folder.iterdir())
+    assert errors == []
+
+
 def test_a_refused_append_leaves_the_log_as_it_was(tmp_path, monkeypatch):
     """The storage takes part of the bytes, then refuses: the file is cut back, no torn line."""
     log = tmp_path / "metrics.jsonl"
