@@ -147,3 +147,21 @@ def test_ranks_come_from_submitit_inside_a_multi_task_slurm_job(monkeypatch):
     assert (info.rank, info.world_size, info.local_rank, info.device) == (3, 4, 1, torch.device("cpu"))
     assert calls == [dict(backend="gloo", init_method="env://", rank=3, world_size=4)]
     assert os.environ["MASTER_ADDR"] == "gpu17" and int(os.environ["MASTER_PORT"]) > 1024
+
+
+def test_only_a_finished_torchrun_rank_leaves_without_the_teardown(monkeypatch):
+    """torchrun's ranks (TORCHELASTIC_RUN_ID, WORLD_SIZE > 1) leave through os._exit once the run
+    is finished; one process, a one-rank torchrun, submitit and Python callers return the code."""
+    from bench.train import loop
+
+    exits = []
+    monkeypatch.setattr(loop.os, "_exit", exits.append)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # submitit's multi-task jobs set it too, without torchrun
+    assert loop.leave_finished_rank(0) == 0 and exits == []
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert loop.leave_finished_rank(0) == 0 and exits == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    loop.leave_finished_rank(0)
+    assert exits == [0]

@@ -128,6 +128,9 @@ def test_training_under_torchrun_prints_from_rank_0_only(tmp_path):
     assert done.returncode == 0, "\n".join(reasons) + "\n...\n" + done.stderr[-2000:]
     lines = _lines(done.stdout, "train step")
     assert [(m["done"], m["total"]) for m in lines] == [("1", "3"), ("2", "3"), ("3", "3")], done.stdout
+    # the ranks leave without the interpreter's teardown (bench.train.loop.leave_finished_rank):
+    # what they printed last is still flushed
+    assert done.stdout.rstrip().endswith(f"train: finished 3 steps in {tmp_path / 'run'}"), done.stdout[-500:]
     assert re.fullmatch(r" loss \d+\.\d{4} [\d.]+ img/s", lines[-1]["rest"]), lines[-1][0]
     assert re.fullmatch(r" loss \d+\.\d{4} [\d.]+ img/s eta \d+:\d\d:\d\d", lines[0]["rest"]), lines[0][0]
 
