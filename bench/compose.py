@@ -102,6 +102,19 @@ def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
+AUTO_IS_NULL = ("train.compile",)
+"""Optional booleans whose None means `auto`: `key=auto` is spelled `key=null` for Hydra."""
+
+
+def _spell_auto(overrides: Sequence[str]) -> list[str]:
+    """`train.compile=auto` as Hydra reads it (`train.compile=null`); everything else unchanged."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        out.append(f"{key}=null" if key.strip() in AUTO_IS_NULL and value.strip().lower() == "auto" else item)
+    return out
+
+
 def _check_overrides(overrides: Sequence[str]) -> None:
     for item in overrides:
         key = item.split("=", 1)[0].strip().lstrip("+~")
@@ -120,7 +133,7 @@ def load_config(overrides: Iterable[str] = (), site: bool = True) -> ExperimentC
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    overrides = list(overrides)
+    overrides = _spell_auto(list(overrides))
     _check_overrides(overrides)
     paths = load_site() if site else None
     _register_schema()

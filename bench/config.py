@@ -316,7 +316,10 @@ class TrainConfig:
     precision: str = "auto"
     """auto = bf16 autocast where the device supports it, else fp32 (fp32 master weights always)."""
     seed: int = 0
-    compile: bool = False
+    compile: Optional[bool] = False
+    """torch.compile the network: true, false (the official code), or None, written `auto` or
+    `null` (scale=embedded): compile on a CPU when the run is long enough to pay the compile back,
+    falling back to eager with one warning if compiling fails (bench.train.step.resolve_compile)."""
     ckpt_every: int = _not_identity(50_000)
     keep_last: int = _not_identity(2)
     milestones: list[int] = _not_identity(default_factory=list)

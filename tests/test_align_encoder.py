@@ -151,8 +151,8 @@ def test_incomplete_or_contradictory_settings_fail_at_load(overrides, fragment):
 
 def test_the_alignment_encoder_is_in_the_run_hash_only_when_set():
     # Hashes of main before the setting existed: unset, they must not move (existing run folders;
-    # scale=embedded trained in fp32 then, `auto` now).
-    assert run_hash(load_config(["spec=repa", "train.precision=fp32"])) == "5a69c8f9"
+    # scale=embedded trained in fp32 and eagerly then, `auto` for both now).
+    assert run_hash(load_config(["spec=repa", "train.precision=fp32", "train.compile=false"])) == "5a69c8f9"
     assert run_hash(load_config(["scale=paper", "spec=repa"])) == "4eacb17b"
     assert run_hash(load_config(["scale=paper", "spec=redi_repa"])) == "c096e6fd"
     base = ["scale=paper", "spec=repa", "data.align_prepared_dir=/data/a"]

@@ -11,6 +11,7 @@ never kills a demo that is still within its own limit."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -201,6 +202,38 @@ def test_estimate_follows_the_lanes_and_the_counts():
     assert got.prepare_s == max(100 * 0.4, 300 * 0.2) + 1000 * 0.01 / 2  # VAE beside classifier
     assert got.total_s == got.prepare_s + got.train_s + got.eval_s
     assert estimate(costs, [], [], None).total_s == 0.0
+    # A compiled spec pays its compile once per cell that still trains: lanes b (100 s) and a, a (120 s).
+    compiled = dataclasses.replace(costs, train_compile_s={"a": 10.0})
+    assert estimate(compiled, [("a", 100), ("b", 100), ("a", 100)], [], None).train_s == 2 * (100 * 0.5 + 10.0)
+    assert estimate(compiled, [("a", 0)], [], None).train_s == 0.0
+
+
+@pytest.mark.parametrize("steps, compiles", [(600, True), (200, False)])
+def test_calibration_compiles_where_the_runs_compile_and_times_the_compile(steps, compiles, monkeypatch):
+    """train.compile=auto: the demo's 600-step cells compile on a CPU, the quick demo's 200-step ones
+    do not; a compiled spec's warm-cache compile (a fresh compile's first call, less a step) is measured."""
+    import time as time_module
+    from types import SimpleNamespace
+
+    import bench.perf.infer as infer
+    import bench.perf.training as training
+    from bench.demo.calibrate import _measure_lane
+
+    built = []
+
+    def train_workload(spec, cfg, geometry, pool, device, options):
+        built.append(options.compile)
+        first = len(built) == 2  # the rebuilt workload's first call stands for the warm compile
+        return SimpleNamespace(run=lambda: time_module.sleep(0.05 if first else 0.0))
+
+    monkeypatch.setattr(training, "build_train_workload", train_workload)
+    monkeypatch.setattr(infer, "build_sample_workloads", lambda *a, **k: [SimpleNamespace(run=lambda: None)])
+    overrides = ["spec=redi", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", f"train.max_steps={steps}"]
+    out = _measure_lane({"specs": {"redi": overrides}, "sample_spec": "redi", "prepare": None, "budget_s": 0.0})
+    assert built == ([True, True] if compiles else [False])
+    assert ("compile" in out) is compiles
+    if compiles:
+        assert 0.03 <= out["compile"]["redi"] < 1.0  # the 50 ms call (this VM's clock: 46-50 ms)
 
 
 @pytest.mark.parametrize("setting", ["fp32", "bf16", "auto"])

@@ -597,6 +597,28 @@ def test_official_targets_follow_what_the_machine_allows(amx):
     assert ceilings == pytest.approx([2.0, 8.0 / 1.5])
 
 
+def test_a_compiled_default_is_checked_and_its_eager_rung_reported():
+    """When the default step compiles (train.compile=auto on a CPU), the checked targets are the
+    compiled step's; the ladder's eager rung gets the same measures as INFO, and it sits before the
+    default in the ladder."""
+    from bench.perf.targets import official_targets
+
+    official = _timed("official", [8.0, 8.0, 8.0], spec="official", reference_of="redi")
+    default = _timed("redi", [2.0, 2.0, 2.0], spec="redi", mode="default", precision="bf16", compile=True)
+    eager = _timed("ladder 3", [4.0, 4.0, 4.0], spec="ladder 3: default step without torch.compile", mode="default",
+                   precision="bf16", compile=False)
+    rung1 = _timed("ladder 1", [6.0, 6.0, 6.0], spec="ladder 1: - checkpointing", mode="reference-precomputed")
+    targets = official_targets([official, default, rung1, eager], official, 4, amx=True)
+    checked = [t for t in targets if t["status"] in ("PASS", "FAIL")]
+    assert [t["measured"] for t in checked] == [pytest.approx(4.0)] and checked[0]["status"] == "PASS"
+    info = [t for t in targets if t["name"].startswith("train: default without compile")]
+    assert len(info) == 1 and info[0]["status"] == "INFO" and info[0]["measured"] == pytest.approx(2.0)
+    ladder = [t["name"] for t in targets if "ladder" in t["name"]]
+    assert ladder == ["train: ladder 1: - checkpointing / official step",
+                      "train: ladder 3: default step without torch.compile / official step",
+                      "train: ladder 4: default step (+ torch.compile) / official step"]
+
+
 def test_performance_doc_tables_are_generated_from_the_checked_in_records(tmp_path):
     """docs/performance.md's tables are what bench.perf.records makes of results/readme/perf (one table per
     machine type, ratios only within a run), and a speed-up in them is the paired median of the rounds."""
@@ -618,7 +640,13 @@ def test_performance_doc_tables_are_generated_from_the_checked_in_records(tmp_pa
     table = records.tables(records.load_runs(tmp_path))
     assert "**Some CPU (flags amx_bf16; native bf16: True)**" in table
     # paired: rounds give 4x, 2x, 4x -> 4x (a ratio of medians would say 3.2x); floor share 50%, 25%, 50% -> 50%
-    assert "| 8,000 | bf16 | 2,500 | 4.00x | - / 8.00x | 50% | - |" in table
+    assert "| 8,000 | bf16 | 2,500 | 4.00x | - / 8.00x | 50% | 4.00x / - |" in table
+    # A run whose default step compiles (train.compile=auto on a CPU): its ladder rung is the eager one.
+    compiled = [run[0], run[2], run[1] | dict(compile=True, times_s=[1.0, 4.0, 1.0], seconds_per_call=1.0),
+                run[1] | dict(spec="ladder 3: default step without torch.compile")]
+    (tmp_path / "run.jsonl").write_text("".join(json.dumps(row) + "\n" for row in compiled))
+    table = records.tables(records.load_runs(tmp_path))
+    assert "| 8,000 | bf16, compiled | 1,000 | 8.00x | - / 8.00x | 100% | 4.00x / 8.00x |" in table
 
 
 @pytest.mark.parametrize("dtype, form", [(torch.float32, "sdpa"), (torch.bfloat16, "math")])

@@ -19,7 +19,7 @@ import torch
 from fixtures_train import SPECS, one_thread, prepared_dir, tensors_of, tiny_config, tiny_overrides, write_prepared  # noqa: F401
 
 from bench import runfolder
-from bench.compose import dumps
+from bench.compose import dumps, load_config
 from bench.config import ConfigError
 from bench.precision import resolve_precision
 from bench.run_hash import run_dir
@@ -126,6 +126,68 @@ def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_di
     seen = _spy_on_dtypes(monkeypatch)  # and auto on CPU is plain fp32
     train(tiny_config(prepared_dir, tmp_path, "train.max_steps=1", "spec=redi"))
     assert seen["output"] == {torch.float32} and seen["losses"] == {torch.float32}
+
+
+def test_compile_auto_resolves_per_device_and_run_length():
+    """auto (None, written `auto` or `null`) compiles on a CPU for runs of AUTO_COMPILE_MIN_STEPS or
+    more, never on a GPU (not measured there); true and false are taken as said. The embedded scale
+    is auto, the paper scale keeps the official code's eager step."""
+    from bench.train.step import AUTO_COMPILE_MIN_STEPS, resolve_compile
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_compile(None, cpu, AUTO_COMPILE_MIN_STEPS) is True
+    assert resolve_compile(None, cpu, AUTO_COMPILE_MIN_STEPS - 1) is False
+    assert resolve_compile(None, gpu, 10**6) is False
+    assert resolve_compile(True, gpu, 1) is True and resolve_compile(False, cpu, 10**6) is False
+    assert load_config([]).train.compile is None and load_config(["scale=paper"]).train.compile is False
+    assert load_config(["train.compile=auto"]).train.compile is None
+    assert load_config(["scale=paper", "train.compile=AUTO"]).train.compile is None
+    assert load_config(["train.compile=null"]).train.compile is None
+    with pytest.raises(ConfigError, match="train.compile"):
+        load_config(["train.compile=sometimes"])
+
+
+class _FailingCompile:
+    """What torch.compile returns when inductor cannot build its kernels: a callable that raises."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("InductorError: CppCompileError: C++ compile error\nno compiler found")
+
+
+def test_compile_auto_falls_back_to_eager_with_one_warning_and_true_stops(prepared_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A run that compiles under auto but whose first compiled call fails trains eagerly: the same
+    weights bit for bit as train.compile=false, one warning on stderr. With train.compile=true the
+    failure stops the run with the setting to change named."""
+    import bench.train.step as step_module
+
+    monkeypatch.setattr(step_module, "AUTO_COMPILE_MIN_STEPS", 1)
+    eager = train(tiny_config(prepared_dir, tmp_path / "eager", "train.max_steps=2"))
+    monkeypatch.setattr(step_module.torch, "compile", _FailingCompile)
+    capsys.readouterr()
+    fallback = train(tiny_config(prepared_dir, tmp_path / "auto", "train.max_steps=2", "train.compile=auto"))
+    err = capsys.readouterr().err
+    assert err.count("torch.compile could not compile the network") == 1 and "training eagerly" in err
+    a, b = tensors_of(eager / "checkpoints" / "0000002"), tensors_of(fallback / "checkpoints" / "0000002")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RuntimeError, match="set train.compile=false"):
+        train(tiny_config(prepared_dir, tmp_path / "true", "train.max_steps=2", "train.compile=true"))
+
+
+def test_compiled_training_reports_the_compile_and_matches_eager(prepared_dir, tmp_path, capsys):
+    """train.compile=true through the real loop: inductor on this CPU, the first step's time (the
+    compile) printed once, and the weights within float32 rounding of the eager run's (1e-5, as
+    tests/test_perf.py's compiled step: fused kernels sum in another order)."""
+    eager = train(tiny_config(prepared_dir, tmp_path / "eager", "train.max_steps=2"))
+    capsys.readouterr()
+    compiled = train(tiny_config(prepared_dir, tmp_path / "compiled", "train.max_steps=2", "train.compile=true"))
+    out = capsys.readouterr().out
+    assert out.count("torch.compile (train.compile=true): the first step, which compiles the network, took") == 1
+    a, b = tensors_of(eager / "checkpoints" / "0000002"), tensors_of(compiled / "checkpoints" / "0000002")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_gradient_clipping_bounds_the_update_norm_and_logs_the_raw_norm(prepared_dir, tmp_path):

@@ -9,7 +9,9 @@ shared caches, memory bandwidth, SMT siblings; timing them alone would promise t
 
     prepare   max(VAE steps x s/step, classifier steps x s/step)    the two train side by side
               + images x encoder s/image / lanes                    (first run only)
-    train     the longest lane: sum over its cells of steps x s/step of the cell's spec
+    train     the longest lane: sum over its cells of steps x s/step of the cell's spec, plus each
+              cell's compile where train.compile resolves to compiling (timed on the warm cache
+              the calibration's own cold compile leaves, as the cells find it)
     evaluate  sum over evaluations of samples x solver steps x passes x s per image-step / lanes
 
 The estimate is what this machine can do *now*: other load that starts later slows the demo down,
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from bench.launch.plan import assign_lanes
@@ -38,6 +40,8 @@ class Costs:
     """spec -> seconds per training step at the demo's batch."""
     sample_unit_s: float
     """Seconds per image x Euler step x guidance pass (one network evaluation of one image)."""
+    train_compile_s: dict = field(default_factory=dict)
+    """spec -> seconds a run of the spec spends compiling its step (absent: the step runs eagerly)."""
     vae_step_s: Optional[float] = None
     classifier_step_s: Optional[float] = None
     encode_image_s: Optional[float] = None
@@ -70,6 +74,7 @@ def _measure_lane(job: dict) -> dict:
     from bench.perf.setup import synthetic_geometry, synthetic_pool
     from bench.perf.training import StepOptions, build_train_workload
     from bench.precision import resolve_precision
+    from bench.train.step import resolve_compile
 
     cpu = torch.device("cpu")
     out: dict = {"train": {}}
@@ -78,8 +83,13 @@ def _measure_lane(job: dict) -> dict:
         geometry = synthetic_geometry(cfg)
         pool = synthetic_pool(geometry, cfg.train.batch_size, max(cfg.semantic_channels, 1), cpu)
         precision = "fp32" if resolve_precision(cfg.train.precision, cpu) is None else "bf16"  # as bench train
-        workload = build_train_workload(spec, cfg, geometry, pool, cpu, StepOptions(precision=precision))
+        options = StepOptions(precision=precision, compile=resolve_compile(cfg.train.compile, cpu,
+                                                                           cfg.train.max_steps))
+        workload = build_train_workload(spec, cfg, geometry, pool, cpu, options)
         out["train"][spec] = _time(workload.run, job["budget_s"])
+        if options.compile:
+            out.setdefault("compile", {})[spec] = _warm_compile_s(spec, cfg, geometry, pool, options,
+                                                                  out["train"][spec])
         if spec == job["sample_spec"]:
             batch = cfg.eval.batch_size
             sample = build_sample_workloads(spec, cfg, geometry, batch, cpu,
@@ -88,6 +98,20 @@ def _measure_lane(job: dict) -> dict:
     if job["prepare"]:
         out.update(_measure_prepare(job["budget_s"], *job["prepare"]))
     return out
+
+
+def _warm_compile_s(spec: str, cfg, geometry, pool, options, step_s: float) -> float:
+    """What a training run pays to compile its step once the calibration's own compile has filled
+    inductor's on-disk cache: the first call of a freshly compiled step, less one step."""
+    import torch
+
+    from bench.perf.training import build_train_workload
+
+    torch._dynamo.reset()  # forget the in-memory compile, as a new process would; the disk cache stays
+    workload = build_train_workload(spec, cfg, geometry, pool, torch.device("cpu"), options)
+    start = time.perf_counter()
+    workload.run()
+    return max(time.perf_counter() - start - step_s, 0.0)
 
 
 def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: int, precision: str) -> dict:
@@ -163,7 +187,9 @@ def measure(spec_overrides: dict, sample_spec: str, lanes: int, threads: int, pr
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
+    compiled = [spec for spec in spec_overrides if all(spec in r.get("compile", {}) for r in results)]
     return Costs(train_step_s={spec: median("train", spec) for spec in spec_overrides},
+                 train_compile_s={spec: median("compile", spec) for spec in compiled},
                  sample_unit_s=median("sample_unit_s"), vae_step_s=median("vae_step_s"),
                  classifier_step_s=median("classifier_step_s"), encode_image_s=median("encode_image_s"),
                  lanes=lanes, threads=threads, seconds=time.time() - started)
@@ -193,7 +219,8 @@ def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], evaluations: 
     solver steps, passes) per evaluation still to run; prepare_counts: {"vae_steps", "classifier_steps",
     "images"} on a first run, else None."""
     lanes = costs.lanes
-    seconds = [steps * costs.train_step_s[spec] for spec, steps in train_cells]
+    seconds = [steps * costs.train_step_s[spec] + (costs.train_compile_s.get(spec, 0.0) if steps else 0.0)
+               for spec, steps in train_cells]
     train = max((sum(lane) for lane in lane_split(seconds, seconds, lanes)), default=0.0)
     units = [n * steps * passes * costs.sample_unit_s + EVAL_OVERHEAD_S for n, steps, passes in evaluations]
     evaluate = max((sum(lane) for lane in lane_split(units, units, lanes)), default=0.0)

@@ -237,7 +237,9 @@ def _estimate_before_work(plan: DemoPlan, grid, cells, work: Work, printer: Prin
         return None
     est = stage_estimate(work, rows, todo, counts)
     finish = time.strftime("%H:%M", time.localtime(time.time() + est.total_s))
-    train_units = ", ".join(f"{spec} {work.costs.train_step_s[spec]:.2f}" for spec in work.costs.train_step_s)
+    compile_s = work.costs.train_compile_s
+    train_units = ", ".join(f"{spec} {seconds:.2f}" + (f" + {compile_s[spec]:.0f} s compile" if spec in compile_s
+                                                       else "") for spec, seconds in work.costs.train_step_s.items())
     printer.say(f"estimate for this machine (measured in {work.costs.seconds:.0f} s; s/step {train_units}): "
                 + (f"prepare ~{fmt_time(est.prepare_s)} (first run only), " if counts else "")
                 + f"training ~{fmt_time(est.train_s)}, evaluation ~{fmt_time(est.eval_s)}; "

@@ -44,7 +44,7 @@ from bench.perf.run import DEFAULT_KINDS, KINDS, run_perf
 from bench.perf.setup import DEFAULT_SPECS, PerfError
 
 QUICK = dict(size="custom:2,64,2,1", batch=4, repeats=3, warmup=1, min_repeat_seconds=0.05,
-             table6_steps=2, table6_batch=2)
+             table6_steps=2, table6_batch=2, compile=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs it; auto = bf16 autocast where the device runs bf16 natively). Sampling "
                         "runs in eval.precision and prepare's encoder in encoder.precision, as bench "
                         "sample and bench prepare resolve them (--set eval.precision=fp32 to change)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the default path")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the default path (default: as bench train resolves the config's "
+                        "train.compile; auto compiles on a CPU for runs of 500 steps or more)")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="a checkout of the official ReDi code: time its training step beside the default")
     p.add_argument("--ladder", action="store_true",
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a target FAILs")
     p.add_argument("--quick", action="store_true",
                    help=f"CI run: size {QUICK['size']}, batch {QUICK['batch']}, {QUICK['repeats']} repeats, "
-                        f"{QUICK['warmup']} warm-up (explicit --size/--batch still win)")
+                        f"{QUICK['warmup']} warm-up, eager (explicit --size/--batch/--compile still win)")
     return p
 
 
@@ -127,7 +129,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         for key, value in QUICK.items():
             if key in ("size", "batch") and getattr(args, key) is not None:
                 continue
-            if key not in ("size", "batch") and f"--{key.replace('_', '-')}" in argv:
+            if key not in ("size", "batch") and {f"--{key.replace('_', '-')}", f"--no-{key}"} & set(argv):
                 continue
             setattr(args, key, value)
     for option in ("batch", "sample_batch", "encoder_batch", "repeats", "threads", "table6_steps", "table6_batch"):

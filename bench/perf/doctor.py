@@ -393,7 +393,7 @@ def ddp_check(overrides: Sequence[str], backend: str = "nccl", two_rank_override
 
 
 def throughput_checks(specs: Sequence[str], size: str, batch: int, scale: str, perf_dir: str,
-                      precision: str = "fp32", compile_: bool = False,
+                      precision: str = "fp32", compile_: Optional[bool] = False,
                       device: Optional[str] = None, extra: Sequence[str] = ()) -> list[Check]:
     """`bench perf --kinds train` on this GPU (`device` cuda; cpu in tests); its rows land where
     `bench grid --dry-run` reads them, which the check confirms by reading them back the same way."""
@@ -405,7 +405,7 @@ def throughput_checks(specs: Sequence[str], size: str, batch: int, scale: str, p
     def body() -> str:
         code = perf(["--size", size, "--batch", str(batch), "--device", device, "--kinds", "train",
                      "--specs", ",".join(specs), "--scale", scale, "--no-reference",
-                     "--precision", precision, *(["--compile"] if compile_ else []),
+                     "--precision", precision, *{True: ["--compile"], False: ["--no-compile"]}.get(compile_, []),
                      *extra, "--out", perf_dir])
         if code:
             raise RuntimeError(f"bench perf exited {code}")

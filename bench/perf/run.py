@@ -59,6 +59,7 @@ from bench.precision import native_bf16
 from bench.prepare.dataset import read_manifest
 from bench.train.build import backbone_settings
 from bench.train.data import check_prepared
+from bench.train.step import resolve_compile
 
 KINDS = ("train", "sample", "table6", "prepare", "eval")
 DEFAULT_KINDS = ("train", "sample", "prepare", "eval")
@@ -95,6 +96,8 @@ class PerfPlan:
     scale: str
     precision: str
     """The default training path's, resolved for the device."""
+    compile: bool
+    """Whether the default training path runs under torch.compile, as bench train resolves it."""
     model_size: str
     batch: int
     geometry: Geometry
@@ -163,10 +166,13 @@ def plan_run(args: argparse.Namespace, device: torch.device) -> PerfPlan:
     first = configs[specs[0]]
     # Unless --precision says otherwise, the precision bench train would use for this config.
     precision = resolve_precision(args.precision or first.train.precision, device)
+    compiled = args.compile if args.compile is not None else resolve_compile(
+        first.train.compile, device, first.train.max_steps)
     model_size = _size_label(first)
     batch = args.batch or first.train.batch_size
     geometry, pool = _batch_pool(args, configs, first, kinds, batch, device)
-    return PerfPlan(args, device, kinds, specs, configs, scale, precision, model_size, batch, geometry, pool)
+    return PerfPlan(args, device, kinds, specs, configs, scale, precision, compiled, model_size, batch, geometry,
+                    pool)
 
 
 def _batch_pool(args: argparse.Namespace, configs: dict[str, ExperimentConfig], first: ExperimentConfig,
@@ -234,7 +240,7 @@ def _train_factories(plan: PerfPlan, official_code) -> list[Labelled]:
     """The official step (--official), each spec's default step, the reference modes (--reference),
     the ladder's rungs (--ladder) and the arithmetic floors (--roofline), in that order."""
     args, ref = plan.args, plan.args.reference_spec
-    default = StepOptions(precision=plan.precision, checkpointing=args.checkpointing, compile=args.compile)
+    default = StepOptions(precision=plan.precision, checkpointing=args.checkpointing, compile=plan.compile)
     factories = []
     if official_code is not None:
         factories.append(Labelled("official", partial(_official_workload, plan, official_code),
@@ -261,12 +267,15 @@ def _train_factories(plan: PerfPlan, official_code) -> list[Labelled]:
 
 
 def _ladder_rungs(default: StepOptions) -> list[tuple[str, StepOptions]]:
-    """One optimisation at a time, from the reference mode (fp32) to the default step."""
+    """One optimisation at a time, from the reference mode (fp32) to the default step. The default
+    row itself is rung 3 when it runs eagerly (rung 4 adds torch.compile), rung 4 when it compiles
+    (rung 3 is then the same step eager)."""
     base = dict(mode="reference-precomputed", precision="fp32", foreach_ema=False)
-    return [("ladder 1: - checkpointing", StepOptions(**base, checkpointing=False, fused_optimizer=False)),
-            ("ladder 2: + fused AdamW", StepOptions(**base, checkpointing=False, fused_optimizer=True)),
-            # rung 3 is the default row itself (+ foreach EMA, NaN guard, its precision)
-            ("ladder 4: default step + torch.compile", dataclasses.replace(default, compile=True))]
+    rungs = [("ladder 1: - checkpointing", StepOptions(**base, checkpointing=False, fused_optimizer=False)),
+             ("ladder 2: + fused AdamW", StepOptions(**base, checkpointing=False, fused_optimizer=True))]
+    if default.compile:
+        return rungs + [("ladder 3: default step without torch.compile", dataclasses.replace(default, compile=False))]
+    return rungs + [("ladder 4: default step + torch.compile", dataclasses.replace(default, compile=True))]
 
 
 def _train_workload(plan: PerfPlan, name: str, spec: str, options: StepOptions,

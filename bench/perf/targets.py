@@ -150,7 +150,7 @@ def attention_target(forms: dict) -> dict:
 def official_targets(train: list[Workload], official: Workload, batch: int, amx: bool) -> list[dict]:
     """The default step against the official step of one run: speed-up (>= 4x in bf16 on AMX,
     >= 90% of the ceiling otherwise) and its arithmetic share, checked; the same two for the
-    compiled rung of --ladder, the ceilings and the ladder, as INFO."""
+    --ladder rung with the other train.compile, the ceilings and the ladder, as INFO."""
     ref_spec = official.fields.get("reference_of")
     fast = _find(train, spec=ref_spec, mode="default")
     floors = {w.fields["precision"]: w for w in train
@@ -165,13 +165,17 @@ def official_targets(train: list[Workload], official: Workload, batch: int, amx:
     if fast is not None:
         targets += _step_targets(fast, "default", official, floors, amx, where, checked=True)
     rungs = [w for w in train if str(w.fields.get("spec", "")).startswith("ladder")]
-    compiled = next((w for w in rungs if w.fields.get("compile") and w.fields.get("mode") == "default"), None)
-    if compiled is not None and fast is not None and not fast.fields.get("compile"):
-        targets += _step_targets(compiled, "default + compile", official, floors, amx, where, checked=False)
-    if rungs and fast is not None:  # rung 3 of the ladder is the default row itself
-        rungs.insert(2, fast)
+    compiles = fast is not None and bool(fast.fields.get("compile"))
+    other = next((w for w in rungs if w.fields.get("mode") == "default"), None)  # the default's other compile state
+    if other is not None and fast is not None:
+        label = "default without compile" if compiles else "default + compile"
+        targets += _step_targets(other, label, official, floors, amx, where, checked=False)
+    if rungs and fast is not None:  # the default row is rung 3 (eager) or rung 4 (compiled)
+        rungs.insert(3 if compiles else 2, fast)
+    fast_label = ("ladder 4: default step (+ torch.compile)" if compiles
+                  else "ladder 3: default step (+ foreach EMA, NaN guard)")
     for rung in rungs:
-        label = rung.fields["spec"] if rung is not fast else "ladder 3: default step (+ foreach EMA, NaN guard)"
+        label = rung.fields["spec"] if rung is not fast else fast_label
         targets.append(_target(f"train: {label} / official step", "INFO",
                                paired_time_ratio(official, rung), detail="speed-up, paired repeats"))
     return targets
@@ -180,8 +184,8 @@ def official_targets(train: list[Workload], official: Workload, batch: int, amx:
 def _step_targets(step: Workload, label: str, official: Workload, floors: dict[str, Workload], amx: bool,
                   where: str, checked: bool) -> list[dict]:
     """`step`'s speed-up target (>= 4x in bf16 on AMX, else >= 90% of its precision's ceiling) and its
-    floor share (>= 75%): PASS/FAIL for the default step, INFO for another row (the compiled rung, which
-    shows what train.compile=true would give)."""
+    floor share (>= 75%): PASS/FAIL for the default step, INFO for another row (the ladder's rung with
+    the other train.compile, which shows what that setting would give)."""
 
     def measure(name: str, value: float, threshold: float, detail: str) -> dict:
         if checked:

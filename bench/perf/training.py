@@ -12,7 +12,7 @@ resize), forward through the objective, backward, optimiser step, EMA update.
 | optimiser | AdamW, `fused=True` where available | AdamW with torch's default implementation |
 | EMA | one `_foreach_lerp_` over all parameters | a Python loop over parameters (`update_ema`) |
 | NaN guard | gradient norm + one host sync per step, as `bench train` | none |
-| torch.compile | optional (`--compile`) | no |
+| torch.compile | as `bench train` resolves `train.compile` (`--compile` / `--no-compile`) | no |
 
 The online encoder is the scale's own: EfficientNet-Lite0 with its real ImageNet weights for the
 embedded scale; DINOv2-B/14-reg for the paper scale, from local weights when they exist, otherwise
@@ -38,7 +38,7 @@ from bench.perf.timing import Workload
 from bench.prepare import encoders
 from bench.prepare.encoders import sample_latents
 from bench.train.build import backbone_settings, build_model, build_transport
-from bench.train.step import build_optimizer, make_train_step, repa_tokens, update_ema
+from bench.train.step import CompiledNetwork, build_optimizer, make_train_step, repa_tokens, update_ema
 from models.repa import align_to_grid
 
 # Relative |loss_default - loss_float64| / loss_float64 accepted for the default (bf16 autocast)
@@ -123,7 +123,7 @@ def build_train_workload(name: str, cfg: ExperimentConfig, geometry: Geometry, p
     model = build_model(cfg, geometry.manifest()).to(device).train()
     transport = build_transport(cfg, geometry.manifest())
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    forward = torch.compile(model) if options.compile else model
+    forward = CompiledNetwork(model, fallback=False) if options.compile else model
     generator = torch.Generator(device=device).manual_seed(seed)
     if options.online_encoder and encoder is None:
         encoder = build_online_encoder(cfg, geometry, device)

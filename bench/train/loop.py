@@ -51,7 +51,14 @@ from bench.train import checkpoint as ckpt
 from bench.train import distributed as dist_utils
 from bench.train.build import build_model, build_transport
 from bench.train.data import TrainingData, check_prepared, read_align_manifest
-from bench.train.step import NonFiniteLossError, TrainStep, build_optimizer, make_train_step
+from bench.train.step import (
+    CompiledNetwork,
+    NonFiniteLossError,
+    TrainStep,
+    build_optimizer,
+    make_train_step,
+    resolve_compile,
+)
 from models.backbone import BackboneOutput
 
 
@@ -240,6 +247,7 @@ class RunState:
     last_saved: int = 0  # the newest checkpoint's step (the NaN error names it)
     carried_window: Optional[dict] = None  # the log window the resumed checkpoint carried
     forward: Optional[Callable] = None  # the network as the step calls it (DDP, torch.compile, _RankRows)
+    compiled: Optional[CompiledNetwork] = None  # the torch.compile wrapper when the step compiles
     window: Optional[_LogWindow] = None
     bar: Optional[Progress] = None
     log: Optional[MetricsLogger] = None  # rank 0 only
@@ -319,9 +327,12 @@ def _train(cfg: ExperimentConfig, run_dir: Path, info: dist_utils.DistInfo) -> P
         _open_outputs(run, held)  # the network as the step calls it, the bar, the metrics logger
         schedule, data = cfg.train, run.data
         run.model.train()
-        for step in range(run.step + 1, schedule.max_steps + 1):
+        first, started = run.step + 1, time.perf_counter()
+        for step in range(first, schedule.max_steps + 1):
             x, z, y, align = data.batch(step - 1, run.generators["latent_noise"], run.local_rows, run.token_grid)
             losses, grad_norm = _step(run, step, x, z, y, align)  # loss, backward, clip, AdamW, EMA
+            if step == first:
+                _report_compile(run, time.perf_counter() - started)
             run.window.add(losses, grad_norm)
             run.step = step
             crash_point("train:step")
@@ -400,11 +411,11 @@ def _open_outputs(run: RunState, held: contextlib.ExitStack) -> None:
     seconds) and rank 0's metrics logger; the bar and the logger close with `held`."""
     cfg, info, run_dir = run.cfg, run.info, run.run_dir
     world, device = info.world_size, info.device
-    net: nn.Module = run.model
+    net: Callable = run.model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        net = torch.compile(net)
+    if resolve_compile(cfg.train.compile, device, cfg.train.max_steps):
+        net = run.compiled = CompiledNetwork(net, fallback=cfg.train.compile is None)
     run.forward = _RankRows(net, info.rank, world, cfg.train.batch_size // world) if world > 1 else net
     run.bar = Progress("train step", cfg.train.max_steps, initial=run.step, images_per_unit=cfg.train.batch_size,
                        enabled=info.is_main)
@@ -426,6 +437,14 @@ def _step(run: RunState, step: int, x: torch.Tensor, z: Optional[torch.Tensor], 
             f"stopped before the update. The last good checkpoint is step {run.last_saved} in "
             f"{runfolder.checkpoints_dir(run.run_dir)}. Lower optim.lr, set optim.max_grad_norm (e.g. 1.0)"
             + (" or train.precision=fp32" if run.train_step.autocast_dtype else "")) from None
+
+
+def _report_compile(run: RunState, seconds: float) -> None:
+    """The compile's cost, once: the first step compiles the forward and the backward."""
+    if run.compiled is not None and run.compiled.active and run.info.is_main:
+        setting = "auto" if run.cfg.train.compile is None else "true"
+        print(f"train: torch.compile (train.compile={setting}): the first step, which compiles the network, "
+              f"took {seconds:.1f} s", flush=True)
 
 
 def _log_row(run: RunState, step: int) -> None:
@@ -529,7 +548,6 @@ def leave_finished_rank(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
 
 
 if __name__ == "__main__":
