@@ -214,11 +214,20 @@ def measured_sample_step(cells) -> Optional[float]:
 
 
 def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: bool) -> Optional[Costs]:
-    """Time this machine's units of work (~30 s) and print what every stage will take."""
+    """Time this machine's units of work (~30 s, more when the runs compile their step on a cold
+    inductor cache) and print what every stage will take."""
     if not plan.calibrate:
         return None
+    import torch
+
+    from bench.train.step import resolve_compile
+
+    cpu = torch.device("cpu")
+    compiles = any(resolve_compile(c.cfg.train.compile, cpu, c.cfg.train.max_steps) for c in cells)
     printer.say(f"measuring this machine ({plan.lanes} lane(s) x {plan.threads} thread(s), "
-                f"about {10 if plan.grid == 'demo_quick' else 30} s) ...")
+                f"about {10 if plan.grid == 'demo_quick' else 30} s"
+                + ("; up to 2 min more the first time torch.compile builds the training step's kernels "
+                   "here, which the runs then reuse" if compiles else "") + ") ...")
     specs = {}
     for cell in cells:
         specs.setdefault(cell.cfg.spec, [*grid.base, f"spec={cell.cfg.spec}"])

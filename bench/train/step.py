@@ -19,6 +19,7 @@ keeps the official code's eager step.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ class CompiledNetwork:
     def __init__(self, net: Callable, fallback: bool) -> None:
         self.eager, self.compiled, self.fallback = net, torch.compile(net), fallback
         self.called = False
+        if not torch.cuda.is_available():
+            # Without a GPU, inductor's C++ build logs "No CUDA runtime is found" on every compile
+            # wherever a CUDA toolkit is installed: noise in every run's log, not a problem.
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
     @property
     def active(self) -> bool:
