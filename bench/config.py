@@ -317,9 +317,10 @@ class TrainConfig:
     """auto = bf16 autocast where the device supports it, else fp32 (fp32 master weights always)."""
     seed: int = 0
     compile: Optional[bool] = False
-    """torch.compile the network: true, false (the official code), or None, written `auto` or
-    `null` (scale=embedded): compile on a CPU when the run is long enough to pay the compile back,
-    falling back to eager with one warning if compiling fails (bench.train.step.resolve_compile)."""
+    """torch.compile the network: true, false (the official code), or None = auto (scale=embedded):
+    compile on a CPU when the run is long enough to pay the compile back, falling back to eager
+    with one warning if compiling fails (bench.train.step.resolve_compile). On the command line
+    `train.compile=auto` or `null`; in YAML and config.json `null`."""
     ckpt_every: int = _not_identity(50_000)
     keep_last: int = _not_identity(2)
     milestones: list[int] = _not_identity(default_factory=list)

@@ -64,9 +64,13 @@ def _train(run: list[dict], **fields) -> Optional[dict]:
 
 def _default_row(run: list[dict]) -> Optional[dict]:
     """The run's default step: mode default and not a rung of --ladder (which may time the other
-    train.compile beside it)."""
-    return next((row for row in run if row["kind"] == "train" and row.get("mode") == "default"
-                 and not str(row.get("spec", "")).startswith("ladder")), None)
+    train.compile beside it); of several specs, the one the official step is paired with, else
+    redi, else the first."""
+    rows = [row for row in run if row["kind"] == "train" and row.get("mode") == "default"
+            and not str(row.get("spec", "")).startswith("ladder")]
+    official = _train(run, spec="official")
+    preferred = [official.get("reference_of") if official else None, "redi"]
+    return next((row for spec in preferred for row in rows if row["spec"] == spec), rows[0] if rows else None)
 
 
 def run_line(run: list[dict]) -> Optional[list[str]]:

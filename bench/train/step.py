@@ -79,7 +79,8 @@ class CompiledNetwork:
             reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
             if not self.fallback:
                 raise RuntimeError(f"torch.compile could not compile the network ({reason[:300]}); "
-                                   "set train.compile=false (or auto) to train it eagerly") from err
+                                   "set train.compile=false (or auto; bench perf: --no-compile) to run "
+                                   "it eagerly") from err
             print(f"bench train: torch.compile could not compile the network ({reason[:300]}); "
                   "training eagerly (train.compile=auto)", file=sys.stderr, flush=True)
             self.compiled = None
