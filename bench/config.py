@@ -316,11 +316,11 @@ class TrainConfig:
     precision: str = "auto"
     """auto = bf16 autocast where the device supports it, else fp32 (fp32 master weights always)."""
     seed: int = 0
-    compile: Optional[bool] = False
-    """torch.compile the network: true, false (the official code), or None = auto (scale=embedded):
-    compile on a CPU when the run is long enough to pay the compile back, falling back to eager
-    with one warning if compiling fails (bench.train.step.resolve_compile). On the command line
-    `train.compile=auto` or `null`; in YAML and config.json `null`."""
+    compile: Optional[bool] = None
+    """torch.compile the network: true, false, or None = auto (both scales' default): compile on a
+    CPU when the run is long enough to pay the compile back, falling back to eager with one warning
+    if compiling fails; eager on a GPU, as the official code (bench.train.step.resolve_compile). On
+    the command line `train.compile=auto` or `null`; in YAML and config.json `null`."""
     ckpt_every: int = _not_identity(50_000)
     keep_last: int = _not_identity(2)
     milestones: list[int] = _not_identity(default_factory=list)

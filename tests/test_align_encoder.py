@@ -151,15 +151,16 @@ def test_incomplete_or_contradictory_settings_fail_at_load(overrides, fragment):
 
 def test_the_alignment_encoder_is_in_the_run_hash_only_when_set():
     # Hashes of main before the setting existed: unset, they must not move (existing run folders;
-    # scale=embedded trained in fp32 and eagerly then, `auto` for both now).
+    # both scales compiled no step then, and scale=embedded trained in fp32; `auto` for both now).
     assert run_hash(load_config(["spec=repa", "train.precision=fp32", "train.compile=false"])) == "5a69c8f9"
-    assert run_hash(load_config(["scale=paper", "spec=repa"])) == "4eacb17b"
-    assert run_hash(load_config(["scale=paper", "spec=redi_repa"])) == "c096e6fd"
-    base = ["scale=paper", "spec=repa", "data.align_prepared_dir=/data/a"]
+    assert run_hash(load_config(["scale=paper", "spec=repa", "train.compile=false"])) == "4eacb17b"
+    assert run_hash(load_config(["scale=paper", "spec=redi_repa", "train.compile=false"])) == "c096e6fd"
+    base = ["scale=paper", "spec=repa", "train.compile=false", "data.align_prepared_dir=/data/a"]
     vitb14 = run_hash(load_config([*base, "objective.align_encoder=dinov2_vitb14"]))
     assert vitb14 not in ("4eacb17b", run_hash(load_config([*base, "objective.align_encoder=dinov2_vitb14_reg"])))
     # The folder is a path (not in the hash): moving the prepared data keeps the run.
-    assert vitb14 == run_hash(load_config(["scale=paper", "spec=repa", "data.align_prepared_dir=/elsewhere",
+    assert vitb14 == run_hash(load_config(["scale=paper", "spec=repa", "train.compile=false",
+                                           "data.align_prepared_dir=/elsewhere",
                                            "objective.align_encoder=dinov2_vitb14"]))
 
 

@@ -130,8 +130,8 @@ def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_di
 
 def test_compile_auto_resolves_per_device_and_run_length():
     """auto (None, written `auto` or `null`) compiles on a CPU for runs of AUTO_COMPILE_MIN_STEPS or
-    more, never on a GPU (not measured there); true and false are taken as said. The embedded scale
-    is auto, the paper scale keeps the official code's eager step."""
+    more, never on a GPU (the official code's eager step; not measured there); true and false are
+    taken as said. Both scales are auto, so a paper-scale run on a GPU stays eager."""
     from bench.train.step import AUTO_COMPILE_MIN_STEPS, resolve_compile
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
@@ -139,8 +139,12 @@ def test_compile_auto_resolves_per_device_and_run_length():
     assert resolve_compile(None, cpu, AUTO_COMPILE_MIN_STEPS - 1) is False
     assert resolve_compile(None, gpu, 10**6) is False
     assert resolve_compile(True, gpu, 1) is True and resolve_compile(False, cpu, 10**6) is False
-    assert load_config([]).train.compile is None and load_config(["scale=paper"]).train.compile is False
+    assert load_config([]).train.compile is None and load_config(["scale=paper"]).train.compile is None
+    paper = load_config(["scale=paper"]).train
+    assert resolve_compile(paper.compile, gpu, paper.max_steps) is False
+    assert resolve_compile(paper.compile, cpu, paper.max_steps) is True
     assert load_config(["train.compile=auto"]).train.compile is None
+    assert load_config(["scale=paper", "train.compile=FALSE"]).train.compile is False
     assert load_config(["scale=paper", "train.compile=AUTO"]).train.compile is None
     assert load_config(["train.compile=null"]).train.compile is None
     with pytest.raises(ConfigError, match="train.compile"):

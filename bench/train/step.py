@@ -13,8 +13,8 @@ Optimiser and EMA: fused AdamW and one foreach lerp for the EMA.
 
 torch.compile: `train.compile` true or false, or auto (None): compile on a CPU for runs of at least
 AUTO_COMPILE_MIN_STEPS steps (`resolve_compile`), falling back to the eager network with one warning
-when the first call cannot compile (`CompiledNetwork`). The embedded default is auto; the paper scale
-keeps the official code's eager step.
+when the first call cannot compile (`CompiledNetwork`). Both scales default to auto, so a GPU keeps
+the official code's eager step.
 """
 
 from __future__ import annotations
