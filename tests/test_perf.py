@@ -384,6 +384,15 @@ def test_profile_categories():
     assert categorize("aten::mul_", ("aten::mul_", "ema")) == "ema"
     assert categorize("aten::addcmul_", ("aten::addcmul_", "Optimizer.step#AdamW.step")) == "optimizer"
     assert categorize("autograd::engine::evaluate_function: MmBackward0", ()) == "autograd"
+    # a compiled step's kernels, named by compiled_kernel_names(): the first category their operators name
+    kernel = "graph_0_cpp_fused_{}_7".format
+    assert categorize(kernel("_softmax_clone_permute_unbind_view"), ()) == "attention"
+    assert categorize(kernel("_to_copy_add_cat_mul_native_layer_norm_sigmoid_backward"), ()) == "layernorm"
+    assert categorize(kernel("_to_copy_add_mul_sigmoid_view"), ()) == "activation"
+    assert categorize(kernel("_unsafe_view_clone_permute_stack_transpose_view"), ()) == "copies"
+    assert categorize(kernel("clone_mul_permute_transpose_unbind_view"), ()) == "elementwise"  # a scale fused in
+    assert categorize("graph_12_cpp_fused__to_copy_mul_split_sum_unsqueeze_view_3", ()) == "elementwise"
+    assert categorize("## Call CompiledFxGraph fto24ubvlstenx ##", ()) == "unattributed"
     with pytest.raises(PerfError, match="--profile .* drop --no-interleave"):
         perf.main(["--quick", "--kinds", "train", "--profile", "--no-interleave"])
 
@@ -497,6 +506,28 @@ def test_compiled_step_equals_the_eager_step():
     # entry's update by up to lr = 1e-4 per step; measured 4e-6 after two steps
     torch.testing.assert_close(compiled_w, eager_w, rtol=1e-5, atol=2e-5)
     assert not torch.equal(eager_w, torch.cat([p.detach().flatten() for p in model.parameters()]))  # it trained
+
+
+def test_a_compiled_steps_profile_names_its_fused_kernels():
+    """Under --profile a compiled step's time is split by its fused kernels' names, not left as one
+    opaque graph call: the GELU's and the layer norms' kernels are found, the categories still sum
+    to the profiled wall time, and the naming ends with the context (inductor's config restored)."""
+    import torch._inductor.config as inductor_config
+
+    from bench.perf.profile import compiled_kernel_names, profile_workload
+    from bench.perf.training import StepOptions, build_train_workload
+
+    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", ["train.precision=fp32"])
+    geometry = synthetic_geometry(cfg)
+    pool = synthetic_pool(geometry, 8, 8, torch.device("cpu"))
+    with compiled_kernel_names():
+        workload = build_train_workload("redi", cfg, geometry, pool, torch.device("cpu"),
+                                        StepOptions(precision="fp32", compile=True))
+        workload.run()  # compiles, with the names
+        profiled = profile_workload(workload)
+    assert inductor_config.cpp.enable_kernel_profile is False
+    assert profiled["activation"] > 0 and profiled["layernorm"] > 0 and profiled["matmul"] > 0, profiled
+    assert sum(v for k, v in profiled.items() if k != "wall") == pytest.approx(profiled["wall"], rel=0.02)
 
 
 def test_table6_times_finished_images_with_every_step_and_the_decode(monkeypatch):

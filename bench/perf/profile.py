@@ -17,12 +17,23 @@ Categories, by operator name, or by the region an operator runs inside (the opti
 | autograd | the autograd engine's own per-node time (`autograd::...` events) |
 | unattributed | the step's wall time minus all of the above: Python, dispatch, the profiler itself |
 
+A compiled step's fused kernels (torch.compile on a CPU) are named by `compiled_kernel_names()`,
+which `bench perf --profile` turns on before it builds the workloads: each C++ kernel inductor
+generates then records `graph_<n>_cpp_fused_<its operators>_<k>`, and lands in the first category
+its operators name, in this order: attention (a softmax), layernorm, activation (sigmoid, the
+compiled GELU's form, or tanh, SiLU, GELU), copies (only layout and dtype operators: clone, permute,
+view, cat, _to_copy, ...), elementwise (anything else). A kernel that fuses an activation's backward
+into a layer norm's counts as layernorm; the categories of a compiled step are therefore where its
+kernels' time goes, named by the most distinctive operator each fuses. The compiled graph's own
+wrapper (`## Call CompiledFxGraph ...`) is Python: unattributed.
+
 The profiler adds a few microseconds per operator, so the shares of small operators are
 overstated; the timed rows (images/s) never run under it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 
@@ -46,6 +57,35 @@ _COPIES = ("aten::copy_", "aten::cat", "aten::clone", "aten::contiguous", "aten:
            "aten::flatten", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::_reshape_alias")
 
 
+# Operators inductor names in a fused kernel that move or cast data without arithmetic
+_LAYOUT_OPS = ("_unsafe_view", "_to_copy", "as_strided", "unsqueeze", "transpose", "contiguous", "permute",
+               "squeeze", "select", "unbind", "expand", "stack", "split", "slice", "clone", "view", "cat")
+_INDUCTOR_KERNEL = re.compile(r"^graph_\d+_cpp_fused_(?P<ops>.+?)(_\d+)?$")
+
+
+def compiled_kernel_names():
+    """A context in which torch.compile's C++ kernels for a CPU record their names in a torch
+    profile (they are otherwise one opaque call per compiled graph). The names cost one profiler
+    record per kernel launch, microseconds in a step of hundreds of milliseconds."""
+    import torch._inductor.config as inductor_config  # imported on use: heavy, and only --profile needs it
+
+    return inductor_config.patch({"cpp.enable_kernel_profile": True})
+
+
+def _compiled_kernel_category(ops: str) -> str:
+    """The category of an inductor kernel from the operators its name lists (module docstring)."""
+    if "softmax" in ops:
+        return "attention"
+    if "layer_norm" in ops:
+        return "layernorm"
+    if any(a in ops for a in ("sigmoid", "gelu", "tanh", "silu")):
+        return "activation"
+    rest = ops
+    for op in _LAYOUT_OPS:
+        rest = rest.replace(op, "")
+    return "copies" if not rest.strip("_") else "elementwise"
+
+
 def categorize(name: str, regions: tuple[str, ...]) -> str:
     """The category of one operator event, given the names of the regions it runs inside."""
     if any(r.startswith(("Optimizer.step", "Optimizer.zero_grad")) for r in regions):
@@ -54,6 +94,11 @@ def categorize(name: str, regions: tuple[str, ...]) -> str:
         return "ema"
     if name.startswith("autograd::") or name.startswith("torch::autograd::"):
         return "autograd"
+    kernel = _INDUCTOR_KERNEL.match(name)
+    if kernel:
+        return _compiled_kernel_category(kernel["ops"])
+    if name.startswith("## Call CompiledFxGraph"):
+        return "unattributed"  # the compiled graph's Python wrapper; its kernels are named apart
     lowered = name.lower()
     if any(key in lowered for key in ("scaled_dot_product", "flash_attention", "efficient_attention", "softmax")):
         return "attention"

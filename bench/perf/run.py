@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -32,7 +33,7 @@ from bench.perf.official_step import (
     load_official_code,
     official_loss_agreement,
 )
-from bench.perf.profile import profile_workload
+from bench.perf.profile import compiled_kernel_names, profile_workload
 from bench.perf.roofline import MATMUL_SIZE, attention_forms, matmul_peak
 from bench.perf.setup import (
     BatchPool,
@@ -133,7 +134,10 @@ def run_perf(args: argparse.Namespace, device: torch.device, command: str) -> di
          f"device {device} ({env['device_name']}, {env['threads']} threads), load {env['load_avg_start']}")
     official_code = _official_code(plan)  # one clear error before anything is timed
     groups = {kind: kind_factories(kind, plan, official_code) for kind in plan.kinds}
-    measured = {kind: _measure(kind, groups[kind], args, device) for kind in plan.kinds}
+    # --profile names a compiled step's kernels; the names are compiled in, so before the first call
+    naming = compiled_kernel_names() if args.profile else contextlib.nullcontext()
+    with naming:
+        measured = {kind: _measure(kind, groups[kind], args, device) for kind in plan.kinds}
     checks = _loss_checks(plan, official_code)
     peaks, attention = _roofline_measurements(plan)
     base = _row_base(plan, env, run_id, peaks, attention)
