@@ -161,6 +161,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def tokens_of(maps: torch.Tensor) -> torch.Tensor:
+    """Patch-embedding maps (B, D, h, w) -> tokens (B, h*w, D), row-major, laid out token-major.
+
+    timm's PatchEmbed (and so the official code) returns the transposed view, whose memory order
+    stays (B, D, L): every residual add then keeps that order and every layer norm first copies or
+    transposes its input, in each block, forward and backward. One copy here gives the whole
+    residual stream its natural order; values are unchanged (the fp32 forward stays bit-identical).
+    """
+    return maps.flatten(2).transpose(1, 2).contiguous()
+
+
 class PatchEmbed(nn.Module):
     """(B, C, H, W) -> (B, L, D) with a stride-p conv (`proj`, as timm's PatchEmbed)."""
 
@@ -169,7 +180,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return tokens_of(self.proj(x))
 
 
 class TimestepEmbedder(nn.Module):
@@ -425,7 +436,7 @@ class JointDiT(nn.Module):
             # eq. 7 as the official single conv over [x, z]: weight (D, C_x + C_z, p, p), one bias.
             weight = torch.cat([self.x_embedder.proj.weight, self.z_embedder.proj.weight], dim=1)
             h = F.conv2d(torch.cat([x, z], dim=1), weight, self.x_embedder.proj.bias, stride=self.config.patch_size)
-            return h.flatten(2).transpose(1, 2) + self.pos_embed
+            return tokens_of(h) + self.pos_embed
         h = self.x_embedder(x) + self.pos_embed
         if fusion == "separate":
             # No official scheme for separate tokens: both halves share the same sin-cos positions.

@@ -122,6 +122,33 @@ def test_output_shapes_and_token_count(fusion, c_z, learn_sigma):
     assert torch.count_nonzero(out.x) == 0  # DiT init: zeroed output heads
 
 
+@pytest.mark.parametrize("fusion, c_z", [("none", 0), ("merged", 3), ("separate", 3)])
+def test_the_residual_stream_is_token_major_and_its_values_as_the_transposed_view(fusion, c_z, monkeypatch):
+    """Every block reads and writes (B, N, D) in token-major memory order (timm's transposed view
+    keeps (B, D, N) order through every residual add); the fp32 outputs and gradients equal,
+    bit for bit, those of the official layout (the transposed view, patched back in)."""
+    config = BackboneConfig(**TINY, fusion=fusion, semantic_channels=c_z, projector_dim=16, projector_hidden=32,
+                            align_layer=1)
+    layouts, results = [], []
+    for tokens_of in (backbone.tokens_of, lambda maps: maps.flatten(2).transpose(1, 2)):
+        monkeypatch.setattr(backbone, "tokens_of", tokens_of)
+        torch.manual_seed(0)
+        model = randomize(JointDiT(config))
+        for block in model.blocks:
+            block.register_forward_hook(lambda mod, args, out: layouts.append((args[0].is_contiguous(),
+                                                                                out.is_contiguous())))
+        out = model(*batch(config))
+        (out.x.square().sum() + out.aligned.sin().sum()).backward()
+        results.append((out.x, out.aligned, [p.grad for p in model.parameters() if p.grad is not None]))
+    assert layouts[:config.depth] == [(True, True)] * config.depth  # ours
+    # the transposed view: each block keeps (B, D, N) order, except where separate tokens' cat copies
+    view_layout = fusion == "separate"
+    assert layouts[config.depth:] == [(view_layout, view_layout)] * config.depth
+    (x, aligned, grads), (x_view, aligned_view, grads_view) = results
+    assert torch.equal(x, x_view) and torch.equal(aligned, aligned_view)
+    assert len(grads) == len(grads_view) and all(torch.equal(a, b) for a, b in zip(grads, grads_view))
+
+
 @pytest.mark.parametrize("fusion, c_z", [("merged", 3), ("separate", 3)])
 def test_aligned_is_projector_on_latent_tokens_after_align_layer(fusion, c_z):
     config = BackboneConfig(**TINY, fusion=fusion, semantic_channels=c_z, projector_dim=16, projector_hidden=32,
