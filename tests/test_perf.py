@@ -509,20 +509,23 @@ def test_compiled_step_equals_the_eager_step():
 
 
 def test_a_compiled_steps_profile_names_its_fused_kernels():
-    """Under --profile a compiled step's time is split by its fused kernels' names, not left as one
-    opaque graph call: the GELU's and the layer norms' kernels are found, the categories still sum
-    to the profiled wall time, and the naming ends with the context (inductor's config restored)."""
+    """Under --profile a compiled network's time is split by its fused kernels' names, not left as
+    one opaque graph call: a block's GELU and layer-norm kernels are found, the categories still sum
+    to the profiled wall time, and the naming ends with the context (inductor's config restored).
+    One compiled block stands for the step: the naming does not depend on the graph's size."""
     import torch._inductor.config as inductor_config
 
     from bench.perf.profile import compiled_kernel_names, profile_workload
-    from bench.perf.training import StepOptions, build_train_workload
+    from models.backbone import DiTBlock
 
-    cfg = compose_spec("redi", parse_size("custom:2,64,2,1"), "embedded", ["train.precision=fp32"])
-    geometry = synthetic_geometry(cfg)
-    pool = synthetic_pool(geometry, 8, 8, torch.device("cpu"))
+    torch.manual_seed(0)
+    block, x, c = DiTBlock(64, 2, 4.0), torch.randn(4, 16, 64), torch.randn(4, 64)
+    with torch.no_grad():
+        block.adaLN_modulation[1].weight.normal_(0, 0.1)  # adaLN-Zero would zero both branches' gates
     with compiled_kernel_names():
-        workload = build_train_workload("redi", cfg, geometry, pool, torch.device("cpu"),
-                                        StepOptions(precision="fp32", compile=True))
+        compiled = torch.compile(block)
+        workload = Workload(kind="train", name="block", run=lambda: compiled(x, c).square().sum().backward(),
+                            images_per_call=4, fields={}, device=torch.device("cpu"))
         workload.run()  # compiles, with the names
         profiled = profile_workload(workload)
     assert inductor_config.cpp.enable_kernel_profile is False
