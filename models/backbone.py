@@ -273,7 +273,9 @@ class TanhGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.compiler.is_compiling():
-            two_u = x * (_TWO_SQRT_2_OVER_PI + (_TWO_SQRT_2_OVER_PI * 0.044715) * x * x)
+            # Constants only multiply: a constant added to a bf16 tensor is rounded to bf16 first
+            # (2 sqrt(2/pi) = 1.5958 would become 1.5938), which biased the bf16 GELU by 1e-3.
+            two_u = (_TWO_SQRT_2_OVER_PI * x) * (1 + 0.044715 * x * x)
             return x * torch.sigmoid(two_u)
         return F.gelu(x, approximate="tanh")
 
