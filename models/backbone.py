@@ -274,7 +274,7 @@ class TanhGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.compiler.is_compiling():
             # Constants only multiply: a constant added to a bf16 tensor is rounded to bf16 first
-            # (2 sqrt(2/pi) = 1.5958 would become 1.5938), which biased the bf16 GELU by 1e-3.
+            # (2 sqrt(2/pi) = 1.5958 would become 1.5938, a 1e-3 bias in the bf16 GELU).
             two_u = (_TWO_SQRT_2_OVER_PI * x) * (1 + 0.044715 * x * x)
             return x * torch.sigmoid(two_u)
         return F.gelu(x, approximate="tanh")
