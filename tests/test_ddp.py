@@ -5,6 +5,7 @@ drop_mode=batch_official drops each rank's rows on that rank's own draw, as the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -83,13 +84,15 @@ def test_two_gloo_ranks_match_one_process(prepared_dir, tmp_path):
 
 
 @pytest.mark.timeout(400)
-def test_two_gloo_ranks_under_torch_compile_match_one_compiled_process(prepared_dir, tmp_path):
+def test_two_gloo_ranks_under_torch_compile_match_one_process(prepared_dir, tmp_path):
     """train.compile=auto compiles an embedded run of 500 steps or more on a CPU, torchrun's ranks
-    included: DDP around the compiled network trains what one compiled process trains. 1e-5 as
-    above (summation order); measured 3e-8 after 6 steps."""
+    included: DDP around the compiled network trains what one (eager) process trains. 1e-5 as above:
+    measured 3e-8 after 3 steps, for 2 compiled ranks and for 1 compiled process alike; the one
+    process stays eager because a compile there costs CI another 15-20 s and tests nothing new."""
     cfg = tiny_config(prepared_dir, tmp_path / "runs", "train.compile=true", "train.max_steps=3",
                       "train.ckpt_every=3", f"optim.lr={LR}", spec="redi")
-    single = tensors_of(train_one_thread(cfg, tmp_path / "single") / "checkpoints" / f"{3:07d}")
+    eager = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False))
+    single = tensors_of(train_one_thread(eager, tmp_path / "single") / "checkpoints" / f"{3:07d}")
     ranks = train_two_gloo_ranks(cfg, tmp_path, tmp_path / "ddp")
     assert "the first step, which compiles the network, took" in ranks.stdout + ranks.stderr  # compiled
     ddp = tensors_of(tmp_path / "ddp" / "checkpoints" / f"{3:07d}")
