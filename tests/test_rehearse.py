@@ -4,15 +4,15 @@ cluster, run as a cluster user runs it.
 The package is built as a wheel and installed (not editable) into a folder of its own; the
 command runs from a folder outside the checkout with only that folder on PYTHONPATH (the
 dependencies come from this environment). It writes the miniature's files (generated
-ImageNet-layout JPEGs; SD-VAE, DINOv2-B/14-reg and Inception of the real architectures with random
-weights; an ADM-layout reference batch), a site.yaml and a user grid `table1`, and runs `bench
+ImageNet-layout JPEGs; SD-VAE (a quarter of its width), DINOv2-B/14-reg and Inception of the real
+architectures with random weights; an ADM-layout reference batch), a site.yaml and a user grid `table1`, and runs `bench
 weights`, `bench prepare --cluster`, `bench grid table1 --cluster` (train, then eval), `bench
 status`, `bench report` and `bench export`. Each stage is checked on what it leaves: the prepare's
 shards and manifest (the PCA job started only after every encoding task ended: afterok), a
 checkpoint per cell, eval rows with FID, sFID, IS, precision and recall, the report's tables and
 plots, the exported .npz's keys and shapes, and that the jobs' logs say what they are doing.
 
-Slow (a few minutes on two cores: the SD-VAE encodes and decodes 256 px images on CPU) and needs the
+Slow (about three minutes on two cores: 15 SLURM jobs, each a new process) and needs the
 local cluster (root, slurm-wlm, munge): skipped with the reason without it, except under
 REDI_BENCH_CI=1, where it must run.
 """

@@ -4,8 +4,10 @@ paper's own architectures, in the formats the real files come in.
 - `imagenet/`: ImageNet's layout (`train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG`) of 256x256 JPEGs,
   a few classes, each image a smooth colour field (per-class hue plus noise) so the encoders see
   images that differ;
-- `sd-vae-ft-ema/`: a diffusers AutoencoderKL with sd-vae-ft-ema's config (block_out_channels
-  128, 256, 512, 512; 4 latent channels; f = 8), random weights, `save_pretrained`;
+- `sd-vae-ft-ema/`: a diffusers AutoencoderKL with sd-vae-ft-ema's config at a quarter of its
+  width (block_out_channels 32, 64, 128, 128 for 128, 256, 512, 512; 4 latent channels; f = 8;
+  the same blocks, GroupNorm of 32 groups and mid-block attention), random weights,
+  `save_pretrained`;
 - `dinov2_vitb14_reg4_pretrain.pth`: timm's vit_base_patch14_reg4_dinov2 (DINOv2-B/14 with
   registers at 518 px, as Meta publishes it), random weights, a plain state dict that
   bench.prepare.encoders loads as it loads the real file;
@@ -29,9 +31,11 @@ import torch
 
 from bench.atomic import atomic_write_bytes, atomic_write_json
 
-# sd-vae-ft-ema's config.json (diffusers), less the bookkeeping keys.
+# sd-vae-ft-ema's config.json (diffusers), less the bookkeeping keys, at a quarter of its width
+# (128, 256, 512, 512): the width runs through no branch of the loaders, and on CPU the full-width
+# decoder made the rehearsal's evaluation jobs its slowest stage (docs/cluster.md).
 SD_VAE_CONFIG = {
-    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "in_channels": 3, "latent_channels": 4,
+    "act_fn": "silu", "block_out_channels": [32, 64, 128, 128], "in_channels": 3, "latent_channels": 4,
     "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
