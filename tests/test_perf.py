@@ -686,6 +686,11 @@ def test_performance_doc_tables_are_generated_from_the_checked_in_records(tmp_pa
                run[0] | dict(reference_of="redi"), *run[1:]]
     (tmp_path / "run.jsonl").write_text("".join(json.dumps(row) + "\n" for row in several))
     assert "| 8,000 | bf16 | 2,500 | 4.00x |" in records.tables(records.load_runs(tmp_path))
+    # One device name, two machine types: the same CPU name without AMX is a table of its own.
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(row | dict(cpu_flags=["avx512_bf16"])) + "\n"
+                                                  for row in run))
+    table = records.tables(records.load_runs(tmp_path))
+    assert table.count("**Some CPU (flags") == 2 and "**Some CPU (flags avx512_bf16; native bf16: True)**" in table
 
 
 @pytest.mark.parametrize("dtype, form", [(torch.float32, "sdpa"), (torch.bfloat16, "math")])

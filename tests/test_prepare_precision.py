@@ -65,8 +65,8 @@ def test_a_bf16_encoder_is_its_own_setting_close_to_fp32_and_leaves_the_vae_alon
 
 def test_auto_encodes_in_bf16_only_where_the_device_runs_it_natively(monkeypatch):
     options = PrepareOptions(device="cpu")
-    for native, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+    for flags, expected in (({"amx_bf16"}, torch.bfloat16), ({"avx512_bf16"}, torch.bfloat16), ({"avx2"}, None)):
+        monkeypatch.setattr(precision, "cpu_flags", lambda flags=flags: frozenset(flags))
         assert encoder_dtype(EncoderConfig(precision="auto"), options) is expected
     assert encoder_dtype(EncoderConfig(precision="bf16"), options) is torch.bfloat16  # asked: emulated if need be
     assert encoder_dtype(EncoderConfig(precision="fp32"), options) is None

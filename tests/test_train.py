@@ -102,13 +102,19 @@ def _spy_on_dtypes(monkeypatch) -> dict[str, set]:
     return seen
 
 
-def test_precision_auto_follows_native_bf16_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
+def test_precision_auto_follows_the_cpus_bf16_units_and_bf16_autocast_trains(prepared_dir, tmp_path, monkeypatch):
     import bench.precision as precision_module
 
     cpu = torch.device("cpu")
-    for native in (False, True):  # auto = bf16 exactly where the device runs it natively
-        monkeypatch.setattr(precision_module, "native_bf16", lambda device, native=native: native)
-        assert resolve_precision("auto", cpu) is (torch.bfloat16 if native else None)
+    # auto = bf16 where it was measured faster: training and sampling with AMX only, the encoder
+    # with AVX512-BF16 too; without either, fp32 everywhere
+    for flags, train_and_eval, encoder in (({"avx2"}, None, None), ({"avx512_bf16"}, None, torch.bfloat16),
+                                           ({"avx512_bf16", "amx_bf16"}, torch.bfloat16, torch.bfloat16)):
+        monkeypatch.setattr(precision_module, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert resolve_precision("auto", cpu) is train_and_eval
+        assert resolve_precision("auto", cpu, "eval.precision") is train_and_eval
+        assert resolve_precision("auto", cpu, "encoder.precision") is encoder
+        assert resolve_precision("bf16", cpu) is torch.bfloat16 and resolve_precision("fp32", cpu) is None
     monkeypatch.undo()
     assert resolve_precision("fp32", torch.device("cpu")) is None
     assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16

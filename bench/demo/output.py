@@ -29,7 +29,7 @@ import pandas as pd
 
 from bench.atomic import atomic_write_bytes, atomic_write_text
 from bench.launch.grids import eval_config, settings_for
-from bench.perf.timing import cpu_kernels, cpu_model, git_commit
+from bench.perf.timing import cpu_flags, cpu_kernels, cpu_model, git_commit
 from bench.report.plots import COLORS, log_steps_axis
 from bench.report.speedups import license_speedup, paired_at
 from bench.report.stats import speedup
@@ -50,7 +50,7 @@ def machine() -> dict:
     model = cpu_model()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": model, "cores": cores, "kernels": cpu_kernels(), "bf16_native": native_bf16(torch.device("cpu")),
-            "torch": torch.__version__,
+            "cpu_flags": cpu_flags(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform(terse=True)}
 
@@ -247,7 +247,8 @@ def call_lines(plan, record: dict, history: list[dict], times: dict, total: floa
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}, {m['platform']}"
         + (f"; CPU kernels {m['kernels']}, the CPU has native bf16: {'yes' if m['bf16_native'] else 'no'}"
-           if "kernels" in m else ""),
+           if "kernels" in m else "")
+        + (f" (flags {' '.join(m['cpu_flags'])})" if m.get("cpu_flags") else ""),
         f"- data: {plan.prepare_note}",
         f"- this call: {total / 60:.1f} min ("
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in times.items()) + f" min); {did}",

@@ -97,14 +97,20 @@ def run_line(run: list[dict]) -> Optional[list[str]]:
             " / ".join("-" if row is None else over_official(row) for row in (eager, compiled))]
 
 
+def machine_type(run: list[dict]) -> tuple[str, tuple[str, ...]]:
+    """What tells machine types apart: the device name and the recorded CPU flags. One name can
+    cover CPUs with and without AMX ("Intel(R) Xeon(R) Processor" in a VM), whose bf16 differs."""
+    return run[0]["device_name"], tuple(sorted(run[0].get("cpu_flags") or []))
+
+
 def tables(runs: list[list[dict]]) -> str:
-    """Markdown: one section and table per machine type (device name), runs in time order."""
-    by_machine: dict[str, list[list[dict]]] = defaultdict(list)
+    """Markdown: one section and table per machine type, runs in time order."""
+    by_machine: dict[tuple, list[list[dict]]] = defaultdict(list)
     for run in runs:
         if run_line(run) is not None:
-            by_machine[run[0]["device_name"]].append(run)
+            by_machine[machine_type(run)].append(run)
     out = []
-    for device_name, machine_runs in by_machine.items():
+    for (device_name, _), machine_runs in by_machine.items():
         out += [f"**{machine_heading(device_name, machine_runs)}**", "",
                 "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         out += ["| " + " | ".join(run_line(run)) + " |" for run in machine_runs] + [""]

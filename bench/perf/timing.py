@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from bench import resources
+from bench import precision, resources
 
 # The checkout the code runs from; an installed wheel has none (git_commit is then None).
 REPO_ROOT = resources.source_root() or Path(__file__).resolve().parents[2]
@@ -252,15 +252,8 @@ SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile
 
 def cpu_flags() -> list[str]:
     """The SPEED_FLAGS this CPU has (empty where /proc/cpuinfo is not readable)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in SPEED_FLAGS if flag in have]
-    except OSError:
-        pass
-    return []
+    have = precision.cpu_flags()
+    return [flag for flag in SPEED_FLAGS if flag in have]
 
 
 def git_commit() -> Optional[str]:

@@ -6,9 +6,10 @@ timed in paired rounds (one round = each unit once in each precision, so load la
 - the evaluation classifier's training step (batch 128), which prepare keeps in fp32: its row says
   what that choice costs.
 
-    PYTHONPATH=$PWD python results/studies/embedded/precision/prepare_speed.py [--rounds 15]
+    PYTHONPATH=$PWD python results/studies/embedded/precision/prepare_speed.py [--rounds 15] [--out NAME]
 
-One compute thread (a prepare lane's). Writes prepare_speed.json (medians, every round, machine,
+One compute thread (a prepare lane's). Writes prepare_speed.json, or NAME in this folder for
+another machine's record (medians, every round, machine,
 load, commit, date) and prints the table README.md shows. Random images and weights: the cost
 depends on shapes, not values.
 """
@@ -103,13 +104,14 @@ def table(record: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default="prepare_speed.json", help="file name in this folder")
     args = parser.parse_args()
     load_before = list(os.getloadavg())
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
               "machine": machine(), "threads": 1, "rounds": args.rounds, "load_before": load_before}
     record["units"] = measure(args.rounds)
     record["load_after"] = list(os.getloadavg())
-    (HERE / "prepare_speed.json").write_text(json.dumps(record, indent=1) + "\n")
+    (HERE / args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(table(record))
 
 
