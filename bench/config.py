@@ -186,14 +186,14 @@ class EncoderConfig:
     """random: a subset drawn with the prepare seed (the paper); first: the first N in dataset order."""
     precision: str = _not_identity("auto")
     """What `bench prepare` runs this encoder in: fp32, bf16 (autocast; the features come back in
-    fp32 and are stored in float16 as always) or auto (bf16 where the device runs it natively, as
-    train.precision). bf16 moves EfficientNet-Lite0's block-7 features by about 6% (their PCA
-    coordinates by 3-4.4%; results/studies/embedded/precision/feature_error.json). Prepare's other
-    networks stay fp32: the VAE (trained and encoded in bf16 it moved the demo's FD by +1.8 for
-    every spec, latent-only included; docs/performance.md) and the evaluation classifier (the
-    metric's network). A prepare setting: the prepared folder's
-    settings hash covers the resolved value, not the run hash. The paper scale pins fp32 (DINOv2
-    features as the official code extracts them)."""
+    fp32 and are stored in float16 as always) or auto (bf16 on a GPU with bf16 and on a CPU with
+    AMX-BF16 or AVX512-BF16, where it was measured faster; bench/precision.py). bf16 moves
+    EfficientNet-Lite0's block-7 features by about 6% (their PCA coordinates by 3-4.4%;
+    results/studies/embedded/precision/feature_error.json). Prepare's other networks stay fp32:
+    the VAE (trained and encoded in bf16 it moved the demo's FD by +1.8 for every spec, latent-only
+    included; docs/performance.md) and the evaluation classifier (the metric's network). A prepare
+    setting: the prepared folder's settings hash covers the resolved value, not the run hash. The
+    paper scale pins fp32 (DINOv2 features as the official code extracts them)."""
 
     def __post_init__(self) -> None:
         _choice("encoder.kind", self.kind, ENCODER_KINDS)
@@ -379,8 +379,9 @@ class EvalConfig:
     seed: int = 0
     precision: str = "fp32"
     """The sampler's network: fp32 (no autocast; RAE's advice when FID is low, and the paper scale's
-    default), bf16 autocast, or auto (bf16 where the device runs it natively, else fp32). The
-    resolved precision is part of the samples folder's hash and of every eval row."""
+    default), bf16 autocast, or auto (bf16 on a GPU with bf16 and on a CPU with AMX-BF16, else
+    fp32; bench/precision.py). The resolved precision is part of the samples folder's hash and of
+    every eval row."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     steps: list[int] = field(default_factory=list)
     """Training steps to evaluate; empty = every kept checkpoint."""

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="the images for --data real (reference mode, prepare)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="default training path (default: the config's train.precision, as bench train "
-                        "runs it; auto = bf16 autocast where the device runs bf16 natively). Sampling "
+                        "runs it; auto = bf16 autocast on a GPU with bf16 or a CPU with AMX-BF16). Sampling "
                         "runs in eval.precision and prepare's encoder in encoder.precision, as bench "
                         "sample and bench prepare resolve them (--set eval.precision=fp32 to change)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

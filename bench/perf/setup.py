@@ -85,8 +85,8 @@ def compose_spec(spec: str, size: SizeChoice, scale: str, extra: list[str]) -> E
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 where it is
-    native, see bench.precision.native_bf16), so "default" rows time the trainer's real step."""
+    """`auto` -> what `bench train` runs with train.precision=auto on this device (bf16 on a GPU with
+    bf16 or a CPU with AMX-BF16, see bench.precision.auto_is_bf16), so "default" rows time the trainer's real step."""
 
     if precision not in ("auto", "bf16", "fp32"):
         raise PerfError(f"--precision {precision!r}: choose auto, bf16 or fp32")

@@ -82,7 +82,7 @@ def resolve_device(options: PrepareOptions) -> torch.device:
 
 def encoder_dtype(cfg_encoder, options: PrepareOptions) -> Optional[torch.dtype]:
     """The autocast dtype prepare runs the semantic encoder in (None = fp32): encoder.precision on
-    the device prepare encodes on (auto = bf16 where that device runs it natively)."""
+    the device prepare encodes on (auto: bench.precision.auto_is_bf16)."""
     return resolve_precision(cfg_encoder.precision, resolve_device(options), key="encoder.precision")
 
 

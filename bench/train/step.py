@@ -4,9 +4,9 @@ One step = the objective under the precision rule, backward, the NaN guard, grad
 fused AdamW and the EMA update. What goes in (x, z, y, the REPA tokens) is the caller's: the loop
 reads it from the prepared shards, `bench perf` from a pool of synthetic or prepared batches.
 
-Precision: fp32 master weights and losses; `auto` = bf16 autocast where the device runs bf16
-natively (CUDA with bf16, CPUs with AMX-BF16 or AVX512-BF16), else fp32; TF32 matmuls on CUDA as
-the official code. Inside bf16 autocast on a CPU the network's attention takes the math path
+Precision: fp32 master weights and losses; `auto` = bf16 autocast on CUDA with bf16 and on CPUs
+with AMX-BF16 (with AVX512-BF16 alone it was slower; bench/precision.py), else fp32; TF32 matmuls
+on CUDA as the official code. Inside bf16 autocast on a CPU the network's attention takes the math path
 (models.backbone.attention_form: torch's fused CPU attention is slower in bf16 than in fp32). The
 embedded default uses `auto` too (ablations/scale/embedded.yaml; its measurements in docs/performance.md).
 Optimiser and EMA: fused AdamW and one foreach lerp for the EMA.
