@@ -12,8 +12,8 @@ from bench.config import ConfigError
 # The CPU flags under which `auto` means bf16, per setting: where bf16 autocast was measured
 # faster than fp32 at the embedded default's shapes (docs/performance.md, "The embedded default's
 # precision"). The transformer's training step and the sampler gain only from AMX's bf16 tiles:
-# on a Xeon with AVX512-BF16 and no AMX they took 1.31x and 1.08-1.18x the fp32 time. EfficientNet's
-# features gain from AVX512-BF16 alone (0.84x there).
+# on a Xeon with AVX512-BF16 and no AMX they took 1.26-1.33x and 1.08-1.18x the fp32 time.
+# EfficientNet's features gain from AVX512-BF16 alone (0.76x there).
 AUTO_BF16_CPU_FLAGS = {"encoder.precision": frozenset({"amx_bf16", "avx512_bf16"})}
 AUTO_BF16_CPU_FLAGS_ELSE = frozenset({"amx_bf16"})
 
@@ -31,8 +31,9 @@ def cpu_flags() -> frozenset[str]:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """True when bf16 matmuls run natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or
-    AMX-BF16. Elsewhere bf16 is emulated and slower than fp32."""
+    """True where the device has bf16 instructions: CUDA with bf16 support, or a CPU with AVX512-BF16
+    or AMX-BF16 (elsewhere bf16 is emulated). Recorded beside timings; whether bf16 is also the
+    faster choice is auto_is_bf16's rule (with AVX512-BF16 alone it was not)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return device.type == "cpu" and bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
