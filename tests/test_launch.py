@@ -558,6 +558,31 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     assert proc.wait(timeout=300) == 141 and err == "", err
 
 
+def test_eval_work_units_count_what_follows_sampling():
+    """The demo's evaluation jobs: nine cells scored unguided at two checkpoints, three redi_rg
+    cells with RG at the last one only. Both kinds sample the same network evaluations (2 x 1
+    pass, 1 x 2 passes), but each checkpoint also decodes and scores its samples, so the unguided
+    jobs weigh more, the guided jobs are dealt last and split between the lanes (with equal
+    weights all three went to one lane, which ran 1.5 min after the other)."""
+    from types import SimpleNamespace
+
+    from bench.compose import load_config
+    from bench.launch.plan import FINISH_UNITS_PER_SAMPLE, PlannedJob, assign_lanes, work_units
+
+    def job(rg_scale: float, steps: tuple[int, ...]) -> PlannedJob:
+        cfg = load_config(["scale=embedded", "spec=redi_rg", "eval.num_samples=1000", "eval.num_sampling_steps=25",
+                           f"eval.guidance.rg_scale={rg_scale}"])
+        return PlannedJob(cell=None, run_dir=Path("."), job=SimpleNamespace(cfg=cfg), setting="s", steps=steps)
+
+    plain, guided = job(1.0, (300, 600)), job(1.5, (600,))
+    assert work_units(plain) == 2 * 1000 * (25 + FINISH_UNITS_PER_SAMPLE)
+    assert work_units(guided) == 1000 * (2 * 25 + FINISH_UNITS_PER_SAMPLE) < work_units(plain)
+    jobs = [plain] * 6 + [plain, guided] * 3  # latent only and REPA x 3 seeds, then ReDi's two settings
+    lanes = assign_lanes([work_units(j) for j in jobs], 2)
+    guided_at = {i for i, j in enumerate(jobs) if j is guided}
+    assert 0 < len(guided_at & set(lanes[0])) < 3
+
+
 def test_local_lanes_balance_the_work_longest_first():
     """The demo's evaluations: four cells with one setting and two redi_rg cells with a second,
     guided setting (twice the network evaluations). Round-robin put both guided jobs in one lane;
