@@ -191,21 +191,56 @@ def test_time_left_is_smoothed_and_shown_only_when_measured():
 
 def test_estimate_follows_the_lanes_and_the_counts():
     """bench.demo.calibrate.estimate against arithmetic done here by hand."""
-    costs = Costs(train_step_s={"a": 0.5, "b": 1.0}, sample_unit_s=0.002, vae_step_s=0.4,
-                  classifier_step_s=0.2, encode_image_s=0.01, lanes=2, threads=1)
+    costs = Costs(train_step_s={"a": 0.5, "b": 1.0}, sample_step_s={"none": 0.002, "rg": 0.005},
+                  decode_image_s=0.01, score_image_s=0.02, vae_step_s=0.4, classifier_step_s=0.2,
+                  encode_image_s=0.01, lanes=2, threads=1)
     # as bench.launch.submit deals jobs: longest first to the least loaded lane
     assert lane_split(["a", "b", "c", "d", "e"], [1, 1, 2, 2, 1], 2) == [["a", "c", "e"], ["b", "d"]]
-    got = estimate(costs, [("a", 100), ("b", 100), ("a", 100)], [(10, 5, 1), (10, 5, 2)],
-                   {"vae_steps": 100, "classifier_steps": 300, "images": 1000})
+    plain, guided = (10, 5, "none"), (10, 5, "rg")
+    got = estimate(costs, [("a", 100), ("b", 100), ("a", 100)], [[plain, plain], [guided]],
+                   {"vae_steps": 100, "classifier_steps": 300, "images": 1000, "reference_images": 500})
     assert got.train_s == 100 * 0.5 + 100 * 0.5  # lane 0: b (100 s); lane 1: a, a (100 s)
-    assert got.eval_s == 10 * 5 * 2 * 0.002 + 3.0  # the longer lane: the guided evaluation
+    plain_s = 10 * (5 * 0.002 + 0.01 + 0.02) + 3.0  # sampling, decoding and scoring, the overhead
+    guided_s = 10 * (5 * 0.005 + 0.01 + 0.02) + 3.0  # the guided step as timed, not 2x the plain one
+    assert got.eval_s == pytest.approx(2 * plain_s + 500 * 0.02)  # the longer lane's job + the reference
+    assert 2 * plain_s > guided_s
     assert got.prepare_s == max(100 * 0.4, 300 * 0.2) + 1000 * 0.01 / 2  # VAE beside classifier
     assert got.total_s == got.prepare_s + got.train_s + got.eval_s
     assert estimate(costs, [], [], None).total_s == 0.0
+    assert estimate(costs, [], [[guided]], None).eval_s == pytest.approx(guided_s)  # no reference: cached
+    # A mode not timed costs its passes times the unguided step.
+    assert costs.evaluation_s(10, 5, "cfg+rg") == pytest.approx(10 * (5 * 3 * 0.002 + 0.03) + 3.0)
     # A compiled spec pays its compile once per cell that still trains: lanes b (100 s) and a, a (120 s).
     compiled = dataclasses.replace(costs, train_compile_s={"a": 10.0})
     assert estimate(compiled, [("a", 100), ("b", 100), ("a", 100)], [], None).train_s == 2 * (100 * 0.5 + 10.0)
     assert estimate(compiled, [("a", 0)], [], None).train_s == 0.0
+
+
+def test_guidance_modes_and_their_passes():
+    from bench.demo.calibrate import guidance_mode, passes
+
+    modes = {(c, r): guidance_mode(c, r) for c in (1.0, 4.0) for r in (1.0, 1.5)}
+    assert modes == {(1.0, 1.0): "none", (4.0, 1.0): "cfg", (1.0, 1.5): "rg", (4.0, 1.5): "cfg+rg"}
+    assert [passes(m) for m in ("none", "cfg", "rg", "cfg+rg")] == [1, 2, 2, 3]
+
+
+def test_measured_eval_speed_compares_wall_times_with_the_calibration(tmp_path):
+    """Once evaluations finish, the time left uses their wall times over the calibration's
+    prediction (each (checkpoint, setting) once, though eval.jsonl has a row per metric)."""
+    from types import SimpleNamespace
+
+    from bench.demo.plan import measured_eval_speed
+
+    costs = Costs(train_step_s={}, sample_step_s={"none": 0.002, "rg": 0.005})
+    rows = [{"step": 300, "setting": "plain", "metric": metric, "n": 100, "sampling_steps": 10,
+             "guidance": {"cfg_scale": 1.0, "rg_scale": 1.0}, "wall_time_s": 10.0} for metric in ("fd", "acc")]
+    rows.append({"step": 600, "setting": "rg1.5", "metric": "fd", "n": 100, "sampling_steps": 10,
+                 "guidance": {"cfg_scale": 1.0, "rg_scale": 1.5}, "wall_time_s": 16.0})
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    predicted = costs.evaluation_s(100, 10, "none") + costs.evaluation_s(100, 10, "rg")  # 5 s + 8 s
+    got = measured_eval_speed([SimpleNamespace(run_dir=tmp_path)], costs)
+    assert got == pytest.approx(predicted / 26.0)
+    assert measured_eval_speed([SimpleNamespace(run_dir=tmp_path / "none")], costs) is None
 
 
 @pytest.mark.parametrize("steps, compiles", [(600, True), (200, False)])
@@ -215,7 +250,6 @@ def test_calibration_compiles_where_the_runs_compile_and_times_the_compile(steps
     import time as time_module
     from types import SimpleNamespace
 
-    import bench.perf.infer as infer
     import bench.perf.training as training
     from bench.demo.calibrate import _measure_lane
 
@@ -227,13 +261,42 @@ def test_calibration_compiles_where_the_runs_compile_and_times_the_compile(steps
         return SimpleNamespace(run=lambda: time_module.sleep(0.05 if first else 0.0))
 
     monkeypatch.setattr(training, "build_train_workload", train_workload)
-    monkeypatch.setattr(infer, "build_sample_workloads", lambda *a, **k: [SimpleNamespace(run=lambda: None)])
     overrides = ["spec=redi", "model.hidden_size=32", "model.depth=1", "model.num_heads=2", f"train.max_steps={steps}"]
-    out = _measure_lane({"specs": {"redi": overrides}, "sample_spec": "redi", "prepare": None, "budget_s": 0.0})
+    out = _measure_lane({"specs": {"redi": overrides}, "sampling": {}, "prepare": None, "budget_s": 0.0})
     assert built == ([True, True] if compiles else [False])
     assert ("compile" in out) is compiles
     if compiles:
         assert 0.03 <= out["compile"]["redi"] < 1.0  # the 50 ms call (this VM's clock: 46-50 ms)
+
+
+def test_calibration_times_each_guidance_mode_and_what_follows_sampling(monkeypatch):
+    """Each mode the evaluations sample in is timed on its own workload (a guided step is not
+    assumed to cost its passes times the plain one), and the decode and the scoring per sample
+    on the evaluation's networks (random weights)."""
+    import time as time_module
+    from types import SimpleNamespace
+
+    import bench.perf.infer as infer
+    import bench.perf.training as training
+    import bench.prepare.embedded as embedded
+    from bench.demo.calibrate import _measure_lane
+
+    sleeps = {"none": 0.0, "cfg": 0.0, "rg": 0.02}
+
+    def sample_workloads(spec, cfg, geometry, batch, device, precision, seed=0):
+        return [SimpleNamespace(run=lambda s=s: time_module.sleep(s), fields={"guidance": mode})
+                for mode, s in sleeps.items()]
+
+    monkeypatch.setattr(training, "build_train_workload", lambda *a, **k: SimpleNamespace(run=lambda: None))
+    monkeypatch.setattr(infer, "build_sample_workloads", sample_workloads)
+    overrides = ["spec=redi_rg", "model.hidden_size=32", "model.depth=1", "model.num_heads=2"]
+    out = _measure_lane({"specs": {"redi_rg": overrides}, "sampling": {"none": ("redi_rg", 4), "rg": ("redi_rg", 4)},
+                         "finish": (embedded.EmbeddedVAESettings(block_out_channels=(8, 8)),
+                                    embedded.ClassifierSettings(width=8, feature_dim=8), 4),
+                         "prepare": None, "budget_s": 0.0})
+    assert set(out["sample_step_s"]) == {"none", "rg"}
+    assert out["sample_step_s"]["rg"] >= 0.02 / 4 > out["sample_step_s"]["none"]  # per image of the batch
+    assert out["decode_image_s"] > 0 and out["score_image_s"] > 0
 
 
 @pytest.mark.parametrize("setting", ["fp32", "bf16", "auto"])
@@ -246,6 +309,7 @@ def test_calibration_times_the_precision_the_runs_resolve(setting, monkeypatch):
 
     import bench.perf.infer as infer
     import bench.perf.training as training
+    import bench.prepare.embedded as embedded
     from bench.demo.calibrate import _measure_lane
     from bench.precision import resolve_precision
 
@@ -257,13 +321,15 @@ def test_calibration_times_the_precision_the_runs_resolve(setting, monkeypatch):
 
     def sample_workloads(spec, cfg, geometry, batch, device, precision, seed=0):
         seen["sample"] = precision
-        return [SimpleNamespace(run=lambda: None)]
+        return [SimpleNamespace(run=lambda: None, fields={"guidance": "none"})]
 
     monkeypatch.setattr(training, "build_train_workload", train_workload)
     monkeypatch.setattr(infer, "build_sample_workloads", sample_workloads)
     overrides = ["spec=redi", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
                  f"train.precision={setting}", f"eval.precision={setting}"]
-    _measure_lane({"specs": {"redi": overrides}, "sample_spec": "redi", "prepare": None, "budget_s": 0.0})
+    _measure_lane({"specs": {"redi": overrides}, "sampling": {"none": ("redi", 4)}, "prepare": None,
+                   "finish": (embedded.EmbeddedVAESettings(block_out_channels=(8, 8)),
+                              embedded.ClassifierSettings(width=8, feature_dim=8), 4), "budget_s": 0.0})
     expected = "fp32" if resolve_precision(setting, torch.device("cpu")) is None else "bf16"
     assert seen == {"train": expected, "sample": expected}
 

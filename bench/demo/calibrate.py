@@ -12,7 +12,14 @@ shared caches, memory bandwidth, SMT siblings; timing them alone would promise t
     train     the longest lane: sum over its cells of steps x s/step of the cell's spec, plus each
               cell's compile where train.compile resolves to compiling (timed on the warm cache
               the calibration's own cold compile leaves, as the cells find it)
-    evaluate  sum over evaluations of samples x solver steps x passes x s per image-step / lanes
+    evaluate  the longest lane of evaluation jobs (one per cell and sampling setting, as the eval
+              stage submits them): per evaluation samples x (solver steps x s per image-step of its
+              guidance mode + s per sample to decode and score it) + EVAL_OVERHEAD_S,
+              + reference images x s per image to score   (first run: each lane's first job
+                                                           computes the reference statistics)
+
+Guided modes are timed, not scaled from the unguided step: the guided passes run as one batch of
+twice the images, which cost 2.2-2.4x the unguided step per image on a 2-vCPU Xeon without AMX.
 
 The estimate is what this machine can do *now*: other load that starts later slows the demo down,
 and the progress line's time left (from the runs' own measured speed) follows it.
@@ -38,18 +45,39 @@ class Costs:
 
     train_step_s: dict
     """spec -> seconds per training step at the demo's batch."""
-    sample_unit_s: float
-    """Seconds per image x Euler step x guidance pass (one network evaluation of one image)."""
+    sample_step_s: dict
+    """guidance mode ("none", "cfg", "rg", "cfg+rg") -> seconds per image x solver step, the mode's
+    passes batched in one call as the sampler runs them."""
     train_compile_s: dict = field(default_factory=dict)
     """spec -> seconds a run of the spec spends compiling its step (absent: the step runs eagerly)."""
     vae_step_s: Optional[float] = None
     classifier_step_s: Optional[float] = None
     encode_image_s: Optional[float] = None
     """Prepare's units (None when the prepared data is cached)."""
+    decode_image_s: float = 0.0
+    """Seconds per sample to decode its latents with the VAE."""
+    score_image_s: float = 0.0
+    """Seconds per image for the classifier's features and logits (samples and reference)."""
     lanes: int = 1
     threads: int = 1
     seconds: float = 0.0
     """How long the measurement took."""
+
+    def evaluation_s(self, samples: int, steps: int, mode: str) -> float:
+        """Seconds of one evaluation: sampling in guidance `mode` (a mode not timed costs its passes
+        times the unguided step), decoding and scoring every sample, and the evaluation's overhead."""
+        step_s = self.sample_step_s.get(mode, passes(mode) * self.sample_step_s.get("none", 0.0))
+        return samples * (steps * step_s + self.decode_image_s + self.score_image_s) + EVAL_OVERHEAD_S
+
+
+def guidance_mode(cfg_scale: float, rg_scale: float) -> str:
+    """The sampler's guidance mode of these scales: none, cfg, rg or cfg+rg (bench.perf.infer's names)."""
+    return "+".join(name for name, on in (("cfg", cfg_scale != 1.0), ("rg", rg_scale != 1.0)) if on) or "none"
+
+
+def passes(mode: str) -> int:
+    """Network evaluations per image and solver step in guidance `mode`."""
+    return 1 if mode == "none" else 1 + len(mode.split("+"))
 
 
 def _time(run, budget_s: float) -> float:
@@ -69,8 +97,6 @@ def _measure_lane(job: dict) -> dict:
     import torch
 
     from bench.compose import load_config
-    from bench.evaluate.sampling import sampling_precision
-    from bench.perf.infer import build_sample_workloads
     from bench.perf.setup import synthetic_geometry, synthetic_pool
     from bench.perf.training import StepOptions, build_train_workload
     from bench.precision import resolve_precision
@@ -90,14 +116,55 @@ def _measure_lane(job: dict) -> dict:
         if options.compile:
             out.setdefault("compile", {})[spec] = _warm_compile_s(spec, cfg, geometry, pool, options,
                                                                   out["train"][spec])
-        if spec == job["sample_spec"]:
-            batch = cfg.eval.batch_size
-            sample = build_sample_workloads(spec, cfg, geometry, batch, cpu,
-                                            sampling_precision(cfg, cpu))[0]  # no guidance
-            out["sample_unit_s"] = _time(sample.run, job["budget_s"]) / batch
+        for mode, (sample_spec, batch) in job["sampling"].items():
+            if sample_spec == spec:
+                out.setdefault("sample_step_s", {})[mode] = _sample_step_s(spec, cfg, geometry, mode, batch,
+                                                                           job["budget_s"])
+    if job["sampling"]:  # the image size and latent grid every spec shares
+        out.update(_measure_finish(cfg, geometry, *job["finish"], job["budget_s"]))
     if job["prepare"]:
         out.update(_measure_prepare(job["budget_s"], *job["prepare"]))
     return out
+
+
+def _sample_step_s(spec: str, cfg, geometry, mode: str, batch: int, budget_s: float) -> float:
+    """Seconds per image of one solver step in guidance `mode` at the evaluation's batch, in the
+    precision the evaluation samples in."""
+    import torch
+
+    from bench.evaluate.sampling import sampling_precision
+    from bench.perf.infer import build_sample_workloads
+
+    cpu = torch.device("cpu")
+    workloads = build_sample_workloads(spec, cfg, geometry, batch, cpu, sampling_precision(cfg, cpu))
+    workload = next(w for w in workloads if w.fields["guidance"] == mode)
+    return _time(workload.run, budget_s) / batch
+
+
+def _measure_finish(cfg, geometry, vae_settings, cls_settings, batch: int, budget_s: float) -> dict:
+    """Seconds per sample of what an evaluation does after sampling, at its batch: decode the
+    latents with the embedded VAE of `vae_settings` (in fp32, as bench.evaluate.sampling decodes)
+    and score the images with the classifier of `cls_settings` (features and logits), random
+    weights and inputs of the evaluation's shapes."""
+    import torch
+
+    from bench.evaluate.features import ModuleFeatures
+    from bench.prepare import embedded
+
+    g = torch.Generator().manual_seed(0)
+    size = cfg.data.image_size
+    vae = embedded.build_embedded_vae(vae_settings, image_size=size).eval().requires_grad_(False)
+    latents = torch.randn(batch, geometry.latent_channels, geometry.latent_grid, geometry.latent_grid, generator=g)
+    classifier = ModuleFeatures(embedded.EvalClassifier(10, cls_settings.width, cls_settings.feature_dim),
+                                network_id="calibration", weights_sha256="-", feature_dim=cls_settings.feature_dim)
+    images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
+
+    @torch.no_grad()
+    def decode() -> None:
+        vae.decode(latents)
+
+    return {"decode_image_s": _time(decode, budget_s) / batch,
+            "score_image_s": _time(lambda: classifier.outputs(images, logits=True), budget_s) / batch}
 
 
 def _warm_compile_s(spec: str, cfg, geometry, pool, options, step_s: float) -> float:
@@ -169,30 +236,35 @@ def _measure_prepare(budget_s: float, vae_settings, cls_settings, encode_batch: 
             "encode_image_s": _time(encode, budget_s) / len(batch)}
 
 
-def measure(spec_overrides: dict, sample_spec: str, lanes: int, threads: int, prepare: Optional[tuple],
-            budget_s: float = SECONDS_PER_WORKLOAD) -> Costs:
+def measure(spec_overrides: dict, sampling: dict, finish: tuple, lanes: int, threads: int,
+            prepare: Optional[tuple], budget_s: float = SECONDS_PER_WORKLOAD) -> Costs:
     """Time every unit in `lanes` processes at once (`threads` each); medians over the lanes.
 
     `spec_overrides`: spec -> the config overrides of one of its cells (the demo's own shapes);
+    `sampling`: guidance mode -> (spec, batch) of an evaluation that samples in it; `finish`:
+    (EmbeddedVAESettings, ClassifierSettings) of the decoder and classifier the evaluations use;
     `prepare`: (EmbeddedVAESettings, ClassifierSettings, encoder batch, precision) on a first run,
     else None."""
     started = time.time()
-    job = {"specs": spec_overrides, "sample_spec": sample_spec, "threads": threads, "prepare": prepare,
-           "budget_s": budget_s}
+    job = {"specs": spec_overrides, "sampling": sampling, "finish": finish, "threads": threads,
+           "prepare": prepare, "budget_s": budget_s}
     with lane_pool(lanes, threads) as pool:
         results = list(pool.map(_measure_lane, [job] * lanes))
 
-    def median(key: str, sub: Optional[str] = None) -> Optional[float]:
-        values = [r[key][sub] if sub else r.get(key) for r in results]
+    def median(key: str, sub: Optional[str] = None, default=None):
+        values = [r.get(key, {}).get(sub) if sub else r.get(key) for r in results]
         values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
+        return statistics.median(values) if values else default
 
     compiled = [spec for spec in spec_overrides if all(spec in r.get("compile", {}) for r in results)]
     return Costs(train_step_s={spec: median("train", spec) for spec in spec_overrides},
                  train_compile_s={spec: median("compile", spec) for spec in compiled},
-                 sample_unit_s=median("sample_unit_s"), vae_step_s=median("vae_step_s"),
-                 classifier_step_s=median("classifier_step_s"), encode_image_s=median("encode_image_s"),
-                 lanes=lanes, threads=threads, seconds=time.time() - started)
+                 sample_step_s={mode: median("sample_step_s", mode) for mode in sampling},
+                 decode_image_s=median("decode_image_s", default=0.0),
+                 score_image_s=median("score_image_s", default=0.0),
+                 vae_step_s=median("vae_step_s"), classifier_step_s=median("classifier_step_s"),
+                 encode_image_s=median("encode_image_s"), lanes=lanes, threads=threads,
+                 seconds=time.time() - started)
 
 
 @dataclass(frozen=True)
@@ -211,22 +283,25 @@ def lane_split(items: Sequence, costs: Sequence[float], lanes: int) -> list[list
     return [[items[i] for i in group] for group in assign_lanes(list(costs), lanes)] if items else []
 
 
-def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], evaluations: Sequence[tuple[int, int, int]],
+def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], eval_jobs: Sequence[Sequence[tuple[int, int, str]]],
              prepare_counts: Optional[dict]) -> Estimate:
     """Seconds of each stage.
 
-    train_cells: (spec, steps still to train) per cell, in submission order; evaluations: (samples,
-    solver steps, passes) per evaluation still to run; prepare_counts: {"vae_steps", "classifier_steps",
-    "images"} on a first run, else None."""
+    train_cells: (spec, steps still to train) per cell, in submission order; eval_jobs: per
+    evaluation job still to run, its evaluations (samples, solver steps, guidance mode);
+    prepare_counts: {"vae_steps", "classifier_steps", "images", "reference_images"} on a first
+    run, else None."""
     lanes = costs.lanes
     seconds = [steps * costs.train_step_s[spec] + (costs.train_compile_s.get(spec, 0.0) if steps else 0.0)
                for spec, steps in train_cells]
     train = max((sum(lane) for lane in lane_split(seconds, seconds, lanes)), default=0.0)
-    units = [n * steps * passes * costs.sample_unit_s + EVAL_OVERHEAD_S for n, steps, passes in evaluations]
-    evaluate = max((sum(lane) for lane in lane_split(units, units, lanes)), default=0.0)
+    jobs = [sum(costs.evaluation_s(*evaluation) for evaluation in job) for job in eval_jobs]
+    evaluate = max((sum(lane) for lane in lane_split(jobs, jobs, lanes)), default=0.0)
     prepare = 0.0
     if prepare_counts and costs.vae_step_s is not None:
         prepare = max(prepare_counts["vae_steps"] * costs.vae_step_s,
                       prepare_counts["classifier_steps"] * costs.classifier_step_s) \
             + prepare_counts["images"] * costs.encode_image_s / lanes
+    if prepare_counts and jobs:  # every lane's first job scores the new classifier's reference, at once
+        evaluate += prepare_counts.get("reference_images", 0) * costs.score_image_s
     return Estimate(prepare, train, evaluate)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 from bench import runfolder
 from bench.config import DataConfig, EncoderConfig
-from bench.demo.calibrate import Costs, Estimate, measure
+from bench.demo.calibrate import Costs, Estimate, guidance_mode, measure
 from bench.demo.calibrate import estimate as calibrate_estimate
 from bench.demo.timings import measured_elsewhere
 from bench.launch.grids import eval_config, settings_for
@@ -141,7 +141,7 @@ class Work:
     started: float = field(default_factory=time.time)
     speed: float = 1.0
     ticks: int = 0  # log ticks folded into `speed`
-    sample_unit_s: Optional[float] = None  # measured seconds per (image x solver step x pass)
+    eval_speed: Optional[float] = None  # the finished evaluations' predicted over measured seconds
     _seen: set = field(default_factory=set)
 
     def observe(self, run: str, tick: dict, predicted_images_per_s: Optional[float] = None) -> None:
@@ -172,16 +172,21 @@ def eval_todo(grid, cells) -> list[tuple]:
     return todo
 
 
-def _passes(cfg) -> int:
-    """Network evaluations per image and solver step (guided passes are batched together)."""
-    g = cfg.eval.guidance
-    return 1 + (g.cfg_scale != 1.0) + (g.rg_scale != 1.0)
+def eval_jobs(todo: Sequence[tuple]) -> list[list[tuple[int, int, str]]]:
+    """The evaluations of `todo` (eval_todo's) grouped into the jobs the eval stage submits (one per
+    cell and sampling setting, in submission order), each as (samples, solver steps, guidance mode)."""
+    jobs: dict = {}
+    for cell, setting, cfg, _ in todo:
+        g = cfg.eval.guidance
+        jobs.setdefault((cell.name, setting), []).append(
+            (cfg.eval.num_samples, cfg.eval.num_sampling_steps, guidance_mode(g.cfg_scale, g.rg_scale)))
+    return list(jobs.values())
 
 
 def stage_estimate(work: Work, rows: Optional[Sequence[dict]], todo: Sequence[tuple],
                    prepare_counts: Optional[dict] = None) -> Optional[Estimate]:
     """Seconds left of each stage from the calibration, scaled by the measured training speed;
-    evaluation uses its own measured speed once an evaluation has finished. None uncalibrated."""
+    evaluation by its own measured speed once an evaluation has finished. None uncalibrated."""
     if work.costs is None:
         return None
     left = []
@@ -189,33 +194,31 @@ def stage_estimate(work: Work, rows: Optional[Sequence[dict]], todo: Sequence[tu
         row = rows[index] if rows else {"state": "", "step": 0}
         if row["state"] != "done":
             left.append((cell.cfg.spec, cell.cfg.train.max_steps - (row["step"] or 0)))
-    evaluations = [(cfg.eval.num_samples, cfg.eval.num_sampling_steps, _passes(cfg)) for _, _, cfg, _ in todo]
-    raw = calibrate_estimate(work.costs, left, evaluations, prepare_counts)
-    eval_s = raw.eval_s / work.speed
-    if work.sample_unit_s:  # measured by the evaluations themselves: no scaling needed
-        eval_s = calibrate_estimate(replace(work.costs, sample_unit_s=work.sample_unit_s), [], evaluations,
-                                    None).eval_s
-    return Estimate(raw.prepare_s, raw.train_s / work.speed, eval_s)
+    raw = calibrate_estimate(work.costs, left, eval_jobs(todo), prepare_counts)
+    return Estimate(raw.prepare_s, raw.train_s / work.speed, raw.eval_s / (work.eval_speed or work.speed))
 
 
-def measured_sample_step(cells) -> Optional[float]:
-    """Seconds per image x solver step x pass, from the wall times eval.jsonl records."""
-    total = cost = 0.0
+def measured_eval_speed(cells, costs: Costs) -> Optional[float]:
+    """The calibration's seconds over the measured ones (eval.jsonl's wall times) of every finished
+    evaluation: below 1 where evaluations ran slower than predicted."""
+    predicted = measured = 0.0
     for cell in cells:
         seen = {}
         for r in runfolder.read_eval_rows(cell.run_dir):
             g = r.get("guidance") or {}
-            units = r.get("n", 0) * r.get("sampling_steps", 0) * (
-                1 + (g.get("cfg_scale", 1.0) != 1.0) + (g.get("rg_scale", 1.0) != 1.0))
-            seen[(r.get("step"), r.get("setting"))] = (r.get("wall_time_s") or 0.0, units)
-        for seconds, units in seen.values():
-            total, cost = total + seconds, cost + units
-    return total / cost if cost and total else None
+            mode = guidance_mode(g.get("cfg_scale", 1.0), g.get("rg_scale", 1.0))
+            seen[(r.get("step"), r.get("setting"))] = (
+                r.get("wall_time_s") or 0.0, costs.evaluation_s(r.get("n", 0), r.get("sampling_steps", 0), mode))
+        for seconds, expected in seen.values():
+            measured, predicted = measured + seconds, predicted + expected
+    return predicted / measured if predicted and measured else None
 
 
-def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: bool) -> Optional[Costs]:
+def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: bool,
+                      todo: Sequence[tuple] = ()) -> Optional[Costs]:
     """Time this machine's units of work (~30 s, more when the runs compile their step on a cold
-    inductor cache) and print what every stage will take."""
+    inductor cache) and print what every stage will take. `todo`: eval_todo's evaluations, whose
+    guidance modes and batch the sampling is timed in."""
     if not plan.calibrate:
         return None
     import torch
@@ -231,11 +234,15 @@ def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: 
     specs = {}
     for cell in cells:
         specs.setdefault(cell.cfg.spec, [*grid.base, f"spec={cell.cfg.spec}"])
-    sample_spec = next(iter(specs))
+    sampling = {}  # guidance mode -> (a spec sampled in it, the evaluation's batch)
+    for cell, _, cfg, _ in todo:
+        g = cfg.eval.guidance
+        sampling.setdefault(guidance_mode(g.cfg_scale, g.rg_scale), (cell.cfg.spec, cfg.eval.batch_size))
+    finish = (plan.prepare.vae, plan.prepare.classifier, todo[0][2].eval.batch_size if todo else 0)
     quick = plan.grid == "demo_quick"  # its units take milliseconds: a short look is enough
     # prepare_embedded's encoder config: encoder.precision at its default, auto
     precision = "fp32" if encoder_dtype(EncoderConfig(), plan.prepare) is None else "bf16"
-    return measure(specs, sample_spec, plan.lanes, plan.threads,
+    return measure(specs, sampling, finish, plan.lanes, plan.threads,
                    prepare=(plan.prepare.vae, plan.prepare.classifier, plan.prepare.batch_size, precision)
                    if first_run else None,
                    budget_s=0.5 if quick else 2.0)
@@ -247,4 +254,5 @@ def prepare_counts(plan: DemoPlan) -> dict:
     train = len(open_split(plan.data, "train"))
     c = plan.prepare.classifier
     return {"vae_steps": plan.prepare.vae.steps, "images": images,
-            "classifier_steps": max(1, int(c.epochs * train / c.batch_size)) if plan.prepare.train_classifier else 0}
+            "classifier_steps": max(1, int(c.epochs * train / c.batch_size)) if plan.prepare.train_classifier else 0,
+            "reference_images": len(open_split(plan.data, "test"))}  # the embedded FD's reference

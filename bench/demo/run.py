@@ -47,7 +47,7 @@ from bench.demo.plan import (
     eval_todo,
     fmt_time,
     make_plan,
-    measured_sample_step,
+    measured_eval_speed,
     prepare_counts,
     stage_estimate,
 )
@@ -160,7 +160,7 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
             if eval_todo(grid, cells):
                 raise DemoError(f"the evaluation jobs ended with {len(todo)} evaluations missing; "
                                 f"see the logs under {Path(sub.jobs[0]['log']).parent}")
-        work.sample_unit_s = measured_sample_step(cells) or work.sample_unit_s
+        work.eval_speed = measured_eval_speed(cells, work.costs) if work.costs else None
         est = stage_estimate(work, None, todo)
         left = f"demo ~{fmt_time(est.eval_s)} left" if est else "time left: measuring"
         printer.line(f"eval {total - len(todo)}/{total} done  {left} (elapsed "
@@ -232,7 +232,7 @@ def _estimate_before_work(plan: DemoPlan, grid, cells, work: Work, printer: Prin
     rows = grid_status(grid, plan.overrides)
     todo = eval_todo(grid, cells)
     if stamp is None or todo or any(r["state"] != "done" for r in rows):  # else: nothing to estimate
-        work.costs = calibrate_machine(plan, cells, grid, printer, first_run=stamp is None)
+        work.costs = calibrate_machine(plan, cells, grid, printer, first_run=stamp is None, todo=todo)
     if work.costs is None:
         return None
     est = stage_estimate(work, rows, todo, counts)
