@@ -237,7 +237,8 @@ def test_measured_eval_speed_compares_wall_times_with_the_calibration(tmp_path):
     rows.append({"step": 600, "setting": "rg1.5", "metric": "fd", "n": 100, "sampling_steps": 10,
                  "guidance": {"cfg_scale": 1.0, "rg_scale": 1.5}, "wall_time_s": 16.0})
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    predicted = costs.evaluation_s(100, 10, "none") + costs.evaluation_s(100, 10, "rg")  # 5 s + 8 s
+    # wall_time_s covers sampling and metrics, not the start EVAL_OVERHEAD_S stands for
+    predicted = 100 * 10 * 0.002 + 100 * 10 * 0.005  # 2 s + 5 s
     got = measured_eval_speed([SimpleNamespace(run_dir=tmp_path)], costs)
     assert got == pytest.approx(predicted / 26.0)
     assert measured_eval_speed([SimpleNamespace(run_dir=tmp_path / "none")], costs) is None

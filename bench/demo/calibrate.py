@@ -242,7 +242,8 @@ def measure(spec_overrides: dict, sampling: dict, finish: tuple, lanes: int, thr
 
     `spec_overrides`: spec -> the config overrides of one of its cells (the demo's own shapes);
     `sampling`: guidance mode -> (spec, batch) of an evaluation that samples in it; `finish`:
-    (EmbeddedVAESettings, ClassifierSettings) of the decoder and classifier the evaluations use;
+    (EmbeddedVAESettings, ClassifierSettings, batch) of the decoder and classifier the evaluations
+    use and the batch they run at;
     `prepare`: (EmbeddedVAESettings, ClassifierSettings, encoder batch, precision) on a first run,
     else None."""
     started = time.time()

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from bench import runfolder
 from bench.config import DataConfig, EncoderConfig
-from bench.demo.calibrate import Costs, Estimate, guidance_mode, measure
+from bench.demo.calibrate import EVAL_OVERHEAD_S, Costs, Estimate, guidance_mode, measure
 from bench.demo.calibrate import estimate as calibrate_estimate
 from bench.demo.timings import measured_elsewhere
 from bench.launch.grids import eval_config, settings_for
@@ -199,8 +199,9 @@ def stage_estimate(work: Work, rows: Optional[Sequence[dict]], todo: Sequence[tu
 
 
 def measured_eval_speed(cells, costs: Costs) -> Optional[float]:
-    """The calibration's seconds over the measured ones (eval.jsonl's wall times) of every finished
-    evaluation: below 1 where evaluations ran slower than predicted."""
+    """The calibration's seconds over the measured ones (eval.jsonl's wall times: sampling and
+    metrics, without the start that EVAL_OVERHEAD_S stands for) of every finished evaluation:
+    below 1 where evaluations ran slower than predicted."""
     predicted = measured = 0.0
     for cell in cells:
         seen = {}
@@ -208,7 +209,8 @@ def measured_eval_speed(cells, costs: Costs) -> Optional[float]:
             g = r.get("guidance") or {}
             mode = guidance_mode(g.get("cfg_scale", 1.0), g.get("rg_scale", 1.0))
             seen[(r.get("step"), r.get("setting"))] = (
-                r.get("wall_time_s") or 0.0, costs.evaluation_s(r.get("n", 0), r.get("sampling_steps", 0), mode))
+                r.get("wall_time_s") or 0.0,
+                costs.evaluation_s(r.get("n", 0), r.get("sampling_steps", 0), mode) - EVAL_OVERHEAD_S)
         for seconds, expected in seen.values():
             measured, predicted = measured + seconds, predicted + expected
     return predicted / measured if predicted and measured else None
