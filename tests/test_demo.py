@@ -118,6 +118,9 @@ def test_quick_demo_writes_every_promised_file(first_run):
     calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     assert len(calls) == 1 and calls[0]["prepare"] is False and calls[0]["trained"] == len(SPECS) * len(SEEDS)
     assert calls[0]["evaluated"] == EVALUATIONS and calls[0]["estimate"]["lanes"] == 2
+    units = calls[0]["estimate"]["units"]  # what the estimate came from, to check it against the stages
+    assert set(units["sample_step_s"]) == {"none", "rg"} and units["decode_image_s"] > 0
+    assert units["vae_step_s"] > 0 and units["encode_image_s"] > 0 and set(units["train_step_s"]) == set(SPECS)
     assert calls[0]["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", calls[0]["commit"])
 
 
@@ -214,6 +217,16 @@ def test_estimate_follows_the_lanes_and_the_counts():
     compiled = dataclasses.replace(costs, train_compile_s={"a": 10.0})
     assert estimate(compiled, [("a", 100), ("b", 100), ("a", 100)], [], None).train_s == 2 * (100 * 0.5 + 10.0)
     assert estimate(compiled, [("a", 0)], [], None).train_s == 0.0
+
+
+def test_costs_units_are_the_measurements_rounded():
+    costs = Costs(train_step_s={"a": 0.123456789}, sample_step_s={"none": 0.00123456}, decode_image_s=0.5,
+                  lanes=2, threads=1, seconds=30.0)
+    units = costs.units()
+    assert units["train_step_s"] == {"a": 0.1235} and units["sample_step_s"] == {"none": 0.001235}
+    assert units["decode_image_s"] == 0.5 and units["vae_step_s"] is None
+    assert not {"lanes", "threads", "seconds"} & set(units)  # recorded beside, not among, the units
+    json.dumps(units)  # goes into invocations.jsonl as is
 
 
 def test_guidance_modes_and_their_passes():

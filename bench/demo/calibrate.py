@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Sequence
 
 from bench.launch.plan import assign_lanes
@@ -62,6 +62,15 @@ class Costs:
     threads: int = 1
     seconds: float = 0.0
     """How long the measurement took."""
+
+    def units(self) -> dict:
+        """The measured units, rounded, for the demo's record: what each stage's estimate came from."""
+        def rounded(value):
+            if isinstance(value, dict):
+                return {key: rounded(v) for key, v in value.items()}
+            return None if value is None else float(f"{value:.4g}")
+        skip = ("lanes", "threads", "seconds")
+        return {f.name: rounded(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
 
     def evaluation_s(self, samples: int, steps: int, mode: str) -> float:
         """Seconds of one evaluation: sampling in guidance `mode` (a mode not timed costs its passes

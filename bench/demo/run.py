@@ -193,7 +193,8 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     estimate_record = None
     if work.costs is not None:
         estimate_record = {"calibration_s": round(work.costs.seconds, 1), "lanes": plan.lanes,
-                           "threads": plan.threads, **{k: round(v, 1) for k, v in vars(est).items()}}
+                           "threads": plan.threads, **{k: round(v, 1) for k, v in vars(est).items()},
+                           "units": work.costs.units()}
     printer.say(write_outputs(plan, grid, cells, times, reused, began, estimate_record))
     return plan.out_dir
 
