@@ -229,6 +229,24 @@ def test_costs_units_are_the_measurements_rounded():
     json.dumps(units)  # goes into invocations.jsonl as is
 
 
+def test_the_unguided_step_is_timed_whenever_evaluations_are_left():
+    """Even when only guided evaluations are left (a resumed demo), the unguided step is timed: the
+    time left predicts the finished unguided evaluations with it."""
+    from types import SimpleNamespace
+
+    from bench.demo.plan import sampling_to_time
+
+    def evaluation(spec, rg_scale, batch=250):
+        cfg = SimpleNamespace(eval=SimpleNamespace(guidance=SimpleNamespace(cfg_scale=1.0, rg_scale=rg_scale),
+                                                   batch_size=batch))
+        return (SimpleNamespace(cfg=SimpleNamespace(spec=spec)), "s", cfg, 600)
+
+    assert sampling_to_time([evaluation("redi_rg", 1.5)]) == {"rg": ("redi_rg", 250), "none": ("redi_rg", 250)}
+    assert sampling_to_time([evaluation("latent_only", 1.0, 64), evaluation("redi_rg", 1.5)]) == {
+        "none": ("latent_only", 64), "rg": ("redi_rg", 250)}
+    assert sampling_to_time([]) == {}
+
+
 def test_guidance_modes_and_their_passes():
     from bench.demo.calibrate import guidance_mode, passes
 

@@ -19,7 +19,8 @@ shared caches, memory bandwidth, SMT siblings; timing them alone would promise t
                                                            computes the reference statistics)
 
 Guided modes are timed, not scaled from the unguided step: the guided passes run as one batch of
-twice the images, which cost 2.2-2.4x the unguided step per image on a 2-vCPU Xeon without AMX.
+twice the images, which cost 2.2-3.1x the unguided step per image on a 2-vCPU Xeon without AMX
+(two measurements, both lanes busy).
 
 The estimate is what this machine can do *now*: other load that starts later slows the demo down,
 and the progress line's time left (from the runs' own measured speed) follows it.
@@ -164,7 +165,8 @@ def _measure_finish(cfg, geometry, vae_settings, cls_settings, batch: int, budge
     size = cfg.data.image_size
     vae = embedded.build_embedded_vae(vae_settings, image_size=size).eval().requires_grad_(False)
     latents = torch.randn(batch, geometry.latent_channels, geometry.latent_grid, geometry.latent_grid, generator=g)
-    classifier = ModuleFeatures(embedded.EvalClassifier(10, cls_settings.width, cls_settings.feature_dim),
+    classifier = ModuleFeatures(embedded.EvalClassifier(cfg.data.num_classes, cls_settings.width,
+                                                        cls_settings.feature_dim),
                                 network_id="calibration", weights_sha256="-", feature_dim=cls_settings.feature_dim)
     images = torch.randint(0, 256, (batch, 3, size, size), generator=g, dtype=torch.uint8)
 

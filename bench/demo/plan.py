@@ -216,6 +216,20 @@ def measured_eval_speed(cells, costs: Costs) -> Optional[float]:
     return predicted / measured if predicted and measured else None
 
 
+def sampling_to_time(todo: Sequence[tuple]) -> dict:
+    """Guidance mode -> (a spec sampled in it, the evaluation's batch) for every mode of `todo`
+    (eval_todo's), and the unguided step always: a mode not timed is scaled from it, and the time
+    left predicts finished evaluations of any mode with it (a resumed demo whose only evaluations
+    left are guided has finished unguided ones)."""
+    sampling: dict = {}
+    for cell, _, cfg, _ in todo:
+        g = cfg.eval.guidance
+        sampling.setdefault(guidance_mode(g.cfg_scale, g.rg_scale), (cell.cfg.spec, cfg.eval.batch_size))
+    if sampling:
+        sampling.setdefault("none", next(iter(sampling.values())))
+    return sampling
+
+
 def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: bool,
                       todo: Sequence[tuple] = ()) -> Optional[Costs]:
     """Time this machine's units of work (~30 s, more when the runs compile their step on a cold
@@ -236,10 +250,7 @@ def calibrate_machine(plan: DemoPlan, cells, grid, printer: Printer, first_run: 
     specs = {}
     for cell in cells:
         specs.setdefault(cell.cfg.spec, [*grid.base, f"spec={cell.cfg.spec}"])
-    sampling = {}  # guidance mode -> (a spec sampled in it, the evaluation's batch)
-    for cell, _, cfg, _ in todo:
-        g = cfg.eval.guidance
-        sampling.setdefault(guidance_mode(g.cfg_scale, g.rg_scale), (cell.cfg.spec, cfg.eval.batch_size))
+    sampling = sampling_to_time(todo)
     finish = (plan.prepare.vae, plan.prepare.classifier, todo[0][2].eval.batch_size if todo else 0)
     quick = plan.grid == "demo_quick"  # its units take milliseconds: a short look is enough
     # prepare_embedded's encoder config: encoder.precision at its default, auto

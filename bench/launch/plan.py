@@ -33,7 +33,7 @@ class PlannedJob:
 
 # What an evaluation does besides sampling (decode, score, its start), per sample, in network
 # evaluations of one image: on the embedded demo (a 2-vCPU Xeon, both lanes busy) decoding and
-# scoring took 6.7 ms a sample and the start ~3 ms, against 2.0 ms per network evaluation. Without
+# scoring took 6.7-8.6 ms a sample and the start ~3 ms, against ~2 ms per network evaluation. Without
 # it a job of two unguided checkpoints weighs as much as one of a single guided checkpoint, though
 # it runs ~10% longer, and all the guided jobs went to one lane.
 FINISH_UNITS_PER_SAMPLE = 4.0
