@@ -217,6 +217,15 @@ def test_estimate_follows_the_lanes_and_the_counts():
     compiled = dataclasses.replace(costs, train_compile_s={"a": 10.0})
     assert estimate(compiled, [("a", 100), ("b", 100), ("a", 100)], [], None).train_s == 2 * (100 * 0.5 + 10.0)
     assert estimate(compiled, [("a", 0)], [], None).train_s == 0.0
+    # Lanes that end training first evaluate meanwhile: lane 0 trains b (100 s), lane 1 a (50 s), so
+    # 50 lane-seconds of evaluation are done by the end of training and the rest spreads over both.
+    big_plain, big_guided = (1000, 5, "none"), (1000, 5, "rg")
+    plain_job, guided_job = 2 * (1000 * 0.04 + 3.0), 1000 * 0.055 + 3.0  # 86 s and 58 s, in two lanes
+    apart = estimate(costs, [("a", 100), ("b", 100)], [[big_plain, big_plain], [big_guided]], None)
+    assert apart.eval_s == pytest.approx(plain_job * (1 - 50 / (plain_job + guided_job)))
+    # Not more than all jobs but the largest: a cell still training keeps its own evaluations.
+    one_left = estimate(costs, [("b", 1000)], [[big_plain, big_plain], [big_guided]], None)
+    assert one_left.eval_s == pytest.approx(plain_job * (1 - guided_job / (plain_job + guided_job)))
 
 
 def test_costs_units_are_the_measurements_rounded():

@@ -440,6 +440,13 @@ def test_dry_run_without_a_profile_uses_the_grids_request(capsys, out):
     assert "no job has a throughput figure" in capsys.readouterr().out
 
 
+def test_only_submits_the_named_cells_of_what_the_stage_would_submit(out):
+    cells = [job["cell"] for job in submit_grid("smoke", dry_run=True, overrides=out, quiet=True).jobs]
+    sub = submit_grid("smoke", dry_run=True, overrides=out, quiet=True, only={(cells[1], None)})
+    assert [job["cell"] for job in sub.jobs] == [cells[1]]
+    assert submit_grid("smoke", dry_run=True, overrides=out, quiet=True, only={(cells[1], "default")}).jobs == []
+
+
 # ----------------------------------------------------------------------------------------------
 # Profiles, options, errors
 

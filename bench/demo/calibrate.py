@@ -17,6 +17,9 @@ shared caches, memory bandwidth, SMT siblings; timing them alone would promise t
               guidance mode + s per sample to decode and score it) + EVAL_OVERHEAD_S,
               + reference images x s per image to score   (first run: each lane's first job
                                                            computes the reference statistics)
+              x (1 - the lane-seconds training leaves idle / all jobs' seconds): the lanes that end
+                training first evaluate finished cells while the last cells train
+                (bench.demo.idle_lane), at most all jobs but the largest
 
 Guided modes are timed, not scaled from the unguided step: the guided passes run as one batch of
 twice the images, which cost 2.2-3.1x the unguided step per image on a 2-vCPU Xeon without AMX
@@ -306,14 +309,21 @@ def estimate(costs: Costs, train_cells: Sequence[tuple[str, int]], eval_jobs: Se
     lanes = costs.lanes
     seconds = [steps * costs.train_step_s[spec] + (costs.train_compile_s.get(spec, 0.0) if steps else 0.0)
                for spec, steps in train_cells]
-    train = max((sum(lane) for lane in lane_split(seconds, seconds, lanes)), default=0.0)
+    train_lanes = [sum(lane) for lane in lane_split(seconds, seconds, lanes)]
+    train = max(train_lanes, default=0.0)
     jobs = [sum(costs.evaluation_s(*evaluation) for evaluation in job) for job in eval_jobs]
     evaluate = max((sum(lane) for lane in lane_split(jobs, jobs, lanes)), default=0.0)
+    # Lanes whose cells are done evaluate while the last cells train (bench.demo.idle_lane), up to
+    # all but the largest job (a cell still training keeps its own); the eval stage's lanes are left
+    # the rest, in the same proportion.
+    idle = sum(train - load for load in train_lanes) + (lanes - len(train_lanes)) * train
+    if jobs:
+        evaluate *= 1.0 - min(idle, sum(jobs) - max(jobs)) / sum(jobs)
+    if prepare_counts and jobs:  # the first evaluation scores the new classifier's reference
+        evaluate += prepare_counts.get("reference_images", 0) * costs.score_image_s
     prepare = 0.0
     if prepare_counts and costs.vae_step_s is not None:
         prepare = max(prepare_counts["vae_steps"] * costs.vae_step_s,
                       prepare_counts["classifier_steps"] * costs.classifier_step_s) \
             + prepare_counts["images"] * costs.encode_image_s / lanes
-    if prepare_counts and jobs:  # every lane's first job scores the new classifier's reference, at once
-        evaluate += prepare_counts.get("reference_images", 0) * costs.score_image_s
     return Estimate(prepare, train, evaluate)

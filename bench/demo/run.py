@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 from bench import runfolder
 from bench.atomic import check_writable_dir
 from bench.demo.calibrate import Estimate
+from bench.demo.idle_lane import IdleLanes, fill_idle_lanes, job_records
 from bench.demo.local_jobs import children_stderr_to, owned_local_jobs
 from bench.demo.output import write_outputs
 from bench.demo.plan import (
@@ -91,8 +92,9 @@ def _cell_label(cell) -> str:
     return f"{cell.cfg.spec} s{seed}"
 
 
-def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
-    """Submit the training cells (finished ones are skipped) and follow them; returns # trained."""
+def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer, idle: IdleLanes) -> int:
+    """Submit the training cells (finished ones are skipped) and follow them, evaluating finished
+    cells in the lanes training leaves idle (bench.demo.idle_lane); returns # trained."""
 
     with children_stderr_to(plan.runs_root / plan.grid / ".submitit" / "executors.log"):
         sub = submit_grid(plan.grid, "train", local=True, overrides=plan.overrides, quiet=True)
@@ -110,6 +112,7 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
             raise DemoError(error + "\n  fix the cause and run `bench demo` again: it resumes")
         if all(r["state"] == "done" for r in rows):
             return len(cells) - len(done_before)
+        evaluating = fill_idle_lanes(idle, plan, rows, lambda: eval_todo(grid, cells))
         running = [i for i, r in enumerate(rows) if r["state"] == "running"]
         parts, rates = [], []
         for i in running:
@@ -121,6 +124,7 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
             if isinstance(tick.get("images_per_s"), (int, float)):
                 rates.append(tick["images_per_s"])
             parts.append(f"{_cell_label(cell)} {row['step'] or 0}/{row['max_steps']}")
+        parts += [f"evaluating {label}" for label in evaluating]
         finished = sum(r["state"] == "done" for r in rows)
         speed = f"{sum(rates):.0f} img/s" if rates else "starting"
         est = stage_estimate(work, rows, todo)
@@ -134,19 +138,26 @@ def run_train(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
         time.sleep(POLL_SECONDS)
 
 
-def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
-    """Submit the missing evaluations and follow them; returns # evaluations run."""
+def evaluation_count(grid, cells) -> int:
+    """Evaluations of the grid's cells: cell x sampling setting x step."""
+    return sum(len(s.scores(c.eval_steps)) for c in cells for s in settings_for(grid, c))
+
+
+def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer, idle: IdleLanes, reused: int) -> None:
+    """Submit the missing evaluations and follow them, with those still running from the training
+    stage (`idle`); `reused`: evaluations measured before this call."""
 
     todo = eval_todo(grid, cells)
-    total = sum(len(s.scores(c.eval_steps)) for c in cells for s in settings_for(grid, c))
-    printer.say(f"eval: {total} evaluations (cell x sampling setting x step); {total - len(todo)} "
-                f"measured earlier (reused), {len(todo)} to run")
+    total = evaluation_count(grid, cells)
+    beside = f"{idle.evaluations} run beside training, " if idle.evaluations else ""
+    printer.say(f"eval: {total} evaluations (cell x sampling setting x step); {reused} measured earlier "
+                f"(reused), {beside}{total - reused - idle.evaluations} to run")
     if not todo:
-        return 0
+        return
     with children_stderr_to(plan.runs_root / plan.grid / ".submitit" / "executors.log"):
         sub = submit_grid(plan.grid, "eval", local=True, overrides=plan.overrides, quiet=True)
     jobs = [{"executor": "local", "job_id": j["job_id"]} for j in sub.jobs if j.get("job_id")]
-    first = len(todo)
+    jobs += job_records(idle)
     while True:
         rows = grid_status(grid, plan.overrides)
         error = first_failure(rows, "eval")
@@ -154,12 +165,12 @@ def run_eval(plan: DemoPlan, grid, cells, work: Work, printer: Printer) -> int:
             raise DemoError(error + "\n  fix the cause and run `bench demo` again: it resumes")
         todo = eval_todo(grid, cells)
         if not todo:
-            return first
+            return
         if jobs and all(s == "GONE" for s in scheduler_states(jobs).values()):
             time.sleep(POLL_SECONDS)  # the last row may land just after the job exits
             if eval_todo(grid, cells):
                 raise DemoError(f"the evaluation jobs ended with {len(todo)} evaluations missing; "
-                                f"see the logs under {Path(sub.jobs[0]['log']).parent}")
+                                f"see the logs under {plan.runs_root / plan.grid / '.submitit' / 'eval'}")
         work.eval_speed = measured_eval_speed(cells, work.costs) if work.costs else None
         est = stage_estimate(work, None, todo)
         left = f"demo ~{fmt_time(est.eval_s)} left" if est else "time left: measuring"
@@ -178,15 +189,18 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     stamp = manifest.stat().st_mtime_ns if manifest.is_file() else None
     work = Work(cells, started=began)
     est = _estimate_before_work(plan, grid, cells, work, printer, stamp)
+    reused_evaluations = evaluation_count(grid, cells) - len(eval_todo(grid, cells))
+    idle = IdleLanes(plan.lanes)
     t0 = time.time()
     _prepare(plan, printer, stamp)
     times = {"prepare": time.time() - t0}
     t0 = time.time()
-    trained = run_train(plan, grid, cells, work, printer)
+    trained = run_train(plan, grid, cells, work, printer, idle)
     times["train"] = time.time() - t0
     t0 = time.time()
-    evaluated = run_eval(plan, grid, cells, work, printer)
+    run_eval(plan, grid, cells, work, printer, idle, reused_evaluations)
     times["eval"] = time.time() - t0
+    evaluated = evaluation_count(grid, cells) - reused_evaluations
     printer.say("report: tables, convergence plots, paired differences and sample figures ...")
     same = manifest.is_file() and manifest.stat().st_mtime_ns == stamp  # prepare wrote nothing
     reused = {"prepare": same, "trained": trained, "cells": len(cells), "evaluated": evaluated}

@@ -33,7 +33,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import submitit
 
@@ -192,7 +192,8 @@ def _record_submissions(out: Submission, plan: Sequence[PlannedJob], handles: Se
 def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, local: bool = False,
                 debug: bool = False, dry_run: bool = False, job_fn: Optional[Callable] = None,
                 overrides: Sequence[str] = (), quiet: bool = False, grids_dir: Path | str | None = None,
-                profiles_dir: Path | str | None = None, perf_dir: Path | str = "results/perf") -> Submission:
+                profiles_dir: Path | str | None = None, perf_dir: Path | str = "results/perf",
+                only: Optional[Collection[tuple[str, Optional[str]]]] = None) -> Submission:
     """Submit the cells of grid `name` for `stage` as one job array; return without waiting.
 
     cluster: a profile of slurm/profiles/ (its `executor` says slurm or local); local: the `local`
@@ -200,7 +201,8 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     bench.train.loop.train (train: fn(cfg, run_dir)) or bench.evaluate.score_run.evaluate (eval: fn(cfg, run_dir,
     steps=[...], setting=NAME)); it must be picklable for slurm/local. overrides go to every cell
     (e.g. output_root=..., data.prepared_dir=...). dry_run prints the jobs, their resources and
-    GPU-hours and submits nothing.
+    GPU-hours and submits nothing. only: the (cell name, eval setting or None) pairs to submit of
+    what the stage would submit (`bench demo` evaluates finished cells while others still train).
     """
     _check_where(stage, cluster, local, debug, dry_run, profiles_dir)
     grid = load_grid(name, grids_dir)
@@ -210,6 +212,8 @@ def submit_grid(name: str, stage: str = "train", cluster: Optional[str] = None, 
     cells = expand(grid, overrides)
     out = Submission(grid.name, stage, kind, profile.name if profile else None, {}, [], [], dry_run)
     plan, out.skipped = (plan_train if stage == "train" else plan_eval)(grid, cells, job_fn)
+    if only is not None:
+        plan = [job for job in plan if (job.cell.name, job.setting) in only]
     out.resources = res = job_resources(grid, profile, stage)
     _add_estimates(out, plan, grid, profile, perf_dir)
     out.notes += [f"also measure: {command}" for command in grid.perf]
