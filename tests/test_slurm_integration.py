@@ -29,7 +29,6 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-import submitit
 import torch
 from fixtures_slurm import cluster, free_port, run_script, why_skip  # noqa: F401 (cluster: a fixture)
 from fixtures_train import add_embedded_eval_assets, write_prepared
@@ -87,6 +86,16 @@ def _wait(what: str, predicate, timeout: float, every: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def _preempt(job_id: str, log: Path) -> None:
+    """Preemption as submitit's SlurmJob._interrupt sends it, SIGTERM then USR2, but USR2 only once
+    the job has logged the TERM: sent back to back, they arrived in the other order on a loaded
+    machine, and the TERM killed the `scontrol requeue` that USR2's handler had started."""
+    subprocess.run(["scancel", job_id, "--signal", "TERM"], check=True, timeout=60)
+    _wait("the job to log SIGTERM",
+          lambda: log.is_file() and "Bypassing signal SIGTERM" in log.read_text(errors="replace"), 60)
+    subprocess.run(["scancel", job_id, "--signal", "USR2"], check=True, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def trained(cluster, tmp_path_factory):
     """The smoke grid trained on the cluster, with one requeue and one preemption; returns timings."""
@@ -105,8 +114,7 @@ def trained(cluster, tmp_path_factory):
     for cell in cells:  # interrupt each job once, right after its first checkpoint
         _wait(f"the first checkpoint of {cell.name}", lambda: runfolder.checkpoint_steps(cell.run_dir), 120)
     subprocess.run(["scontrol", "requeue", jobs["latent_only"]], check=True, timeout=60)
-    folder = Path(runfolder.read_jsonl(cells[1].run_dir / runfolder.JOBS_FILE)[0]["submitit_folder"]).parent / "%j"
-    submitit.SlurmJob(folder=folder, job_id=jobs["redi"])._interrupt(timeout=False)  # preemption: TERM + USR2
+    _preempt(jobs["redi"], Path(runfolder.read_jsonl(cells[1].run_dir / runfolder.JOBS_FILE)[0]["stderr"]))
     references = {}  # uninterrupted runs of the same cells, here, while the jobs run (one thread, as they do)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
