@@ -1,11 +1,12 @@
 """Evaluations that run while training still does, in the lane training has left idle.
 
 The training cells are dealt into the local lanes before they start (bench.launch.plan.assign_lanes)
-and cannot be split, so the lanes end apart: on the full demo (9 cells in 2 lanes) one lane idled
-for ~2.5 min of a first run while the other trained its last cell, and the evaluations waited for
-both. Here, while fewer lanes train than there are, a finished cell's next evaluation job (one cell
-and sampling setting, as the eval stage submits it) runs in each idle lane; the eval stage then
-skips it while it runs (bench.launch.plan.plan_eval) and deals the rest over every lane.
+and cannot be split, so the lanes end apart: on the full demo (9 cells in 2 lanes, 5 and 4) one
+lane idles while the other trains its last cell (docs/demo.md has the measured runs), and the
+evaluations waited for both. Here, while fewer lanes train than there are, a finished cell's next
+evaluation job (one cell and sampling setting, as the eval stage submits it) runs in each idle
+lane; the eval stage then skips it while it runs (bench.launch.plan.plan_eval) and deals the rest
+over every lane.
 
 One job at a time per idle lane keeps the lanes' work where the estimate puts it: a job started
 just before training ends overlaps the eval stage for at most its own length, on a core training
