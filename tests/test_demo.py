@@ -228,6 +228,26 @@ def test_estimate_follows_the_lanes_and_the_counts():
     assert one_left.eval_s == pytest.approx(plain_job * (1 - guided_job / (plain_job + guided_job)))
 
 
+def test_the_eval_stages_time_left_has_no_training_beside_it():
+    """In the eval stage (rows None) no lane idles beside training: three cells in two lanes would
+    otherwise take a phantom cell's idle lane-seconds off the evaluation's time left."""
+    from types import SimpleNamespace
+
+    from bench.demo.plan import stage_estimate
+
+    costs = Costs(train_step_s={"a": 1.0}, sample_step_s={"none": 0.002}, decode_image_s=0.01,
+                  score_image_s=0.02, lanes=2, threads=1)
+    cells = [SimpleNamespace(name=f"c{k}", cfg=SimpleNamespace(spec="a", train=SimpleNamespace(max_steps=100)))
+             for k in range(3)]
+    evaluation = SimpleNamespace(eval=SimpleNamespace(
+        num_samples=1000, num_sampling_steps=5, guidance=SimpleNamespace(cfg_scale=1.0, rg_scale=1.0)))
+    todo = [(cell, "default", evaluation, 100) for cell in cells]
+    alone = estimate(costs, [], [[(1000, 5, "none")]] * 3, None).eval_s
+    assert stage_estimate(Work(cells, costs=costs), None, todo).eval_s == pytest.approx(alone)
+    training = [{"state": "done", "step": 100}, {"state": "done", "step": 100}, {"state": "running", "step": 0}]
+    assert stage_estimate(Work(cells, costs=costs), training, todo).eval_s < alone  # the idle lane evaluates
+
+
 def test_costs_units_are_the_measurements_rounded():
     costs = Costs(train_step_s={"a": 0.123456789}, sample_step_s={"none": 0.00123456}, decode_image_s=0.5,
                   lanes=2, threads=1, seconds=30.0)

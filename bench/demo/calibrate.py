@@ -15,11 +15,11 @@ shared caches, memory bandwidth, SMT siblings; timing them alone would promise t
     evaluate  the longest lane of evaluation jobs (one per cell and sampling setting, as the eval
               stage submits them): per evaluation samples x (solver steps x s per image-step of its
               guidance mode + s per sample to decode and score it) + EVAL_OVERHEAD_S,
-              + reference images x s per image to score   (first run: each lane's first job
-                                                           computes the reference statistics)
               x (1 - the lane-seconds training leaves idle / all jobs' seconds): the lanes that end
                 training first evaluate finished cells while the last cells train
                 (bench.demo.idle_lane), at most all jobs but the largest
+              + reference images x s per image to score   (first run: each lane's first job
+                                                           computes the reference statistics)
 
 Guided modes are timed, not scaled from the unguided step: the guided passes run as one batch of
 twice the images, which cost 2.2-3.1x the unguided step per image on a 2-vCPU Xeon without AMX

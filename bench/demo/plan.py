@@ -186,14 +186,13 @@ def eval_jobs(todo: Sequence[tuple]) -> list[list[tuple[int, int, str]]]:
 def stage_estimate(work: Work, rows: Optional[Sequence[dict]], todo: Sequence[tuple],
                    prepare_counts: Optional[dict] = None) -> Optional[Estimate]:
     """Seconds left of each stage from the calibration, scaled by the measured training speed;
-    evaluation by its own measured speed once an evaluation has finished. None uncalibrated."""
+    evaluation by its own measured speed once an evaluation has finished. None uncalibrated.
+    rows: grid_status's rows, None once training is over (no lane then idles beside training, so
+    the evaluation is not shortened by one)."""
     if work.costs is None:
         return None
-    left = []
-    for index, cell in enumerate(work.cells):
-        row = rows[index] if rows else {"state": "", "step": 0}
-        if row["state"] != "done":
-            left.append((cell.cfg.spec, cell.cfg.train.max_steps - (row["step"] or 0)))
+    left = [(cell.cfg.spec, cell.cfg.train.max_steps - (row["step"] or 0))
+            for cell, row in zip(work.cells, rows or []) if row["state"] != "done"]
     raw = calibrate_estimate(work.costs, left, eval_jobs(todo), prepare_counts)
     return Estimate(raw.prepare_s, raw.train_s / work.speed, raw.eval_s / (work.eval_speed or work.speed))
 
