@@ -176,16 +176,21 @@ def test_the_timing_table_and_the_demo_line_come_from_a_record(tmp_path):
 
     from bench.demo.timings import measured_elsewhere, table
 
-    record = {"date": "2030-01-02T03:04:05+00:00", "total_s": 600.0, "prepare_s": 120.0, "train_s": 240.0,
-              "eval_s": 210.0, "report_s": 30.0, "machine": {"cpu": "Some CPU", "cores": 4}, "cells": 9,
-              "estimate": {"prepare_s": 60.0, "train_s": 120.0, "eval_s": 120.0}}
+    record = {"date": "2030-01-02T03:04:05+00:00", "total_s": 600.0, "measure_s": 12.0, "prepare_s": 108.0,
+              "train_s": 240.0, "eval_s": 210.0, "report_s": 30.0, "machine": {"cpu": "Some CPU", "cores": 4},
+              "cells": 9, "estimate": {"prepare_s": 60.0, "train_s": 120.0, "eval_s": 120.0, "calibration_s": 12.0}}
+    # the same call recorded before measure_s existed: its report_s held the up-front measurement
+    older = {k: v for k, v in record.items() if k != "measure_s"} | {"report_s": 42.0}
     (tmp_path / "inv.jsonl").write_text("{}\n" + json.dumps(record) + "\n")
+    (tmp_path / "old.jsonl").write_text(json.dumps(older) + "\n")
+    entry = {"kernels": "AVX2 (x)", "commit": "abc1234", "rg_steps": "600 only", "load": "quiet"}
     (tmp_path / "first-runs.json").write_text(json.dumps({"runs": [
-        {"record": "inv.jsonl", "line": 2, "kernels": "AVX2 (x)", "commit": "abc1234", "rg_steps": "600 only",
-         "load": "quiet", "cited_by_demo": True}]}))
-    assert table(tmp_path).splitlines()[2] == (
-        "| Some CPU | AVX2 (x) | 9 | 2030-01-02 03:04 | abc1234 | 600 only | **10.0** | 2.0 | 4.0 | 3.5 | 0.5 | 5.0 |")
+        {"record": "inv.jsonl", "line": 2, **entry, "cited_by_demo": True},
+        {"record": "old.jsonl", "line": 1, **entry, "cited_by_demo": False}]}))
+    row = ("| Some CPU | AVX2 (x) | 9 | 2030-01-02 03:04 | abc1234 | 600 only | **10.0** | 0.2 | 1.8 | 4.0 | 3.5 | "
+           "0.5 | 5.0 |")
+    assert table(tmp_path).splitlines()[2:] == [row, row]
     assert measured_elsewhere(tmp_path) == (
-        "a first run took 10.0 min on Some CPU, 4 cores, CPU kernels AVX2, quiet, 2030-01-02 (prepare 2.0, "
+        "a first run took 10.0 min on Some CPU, 4 cores, CPU kernels AVX2, quiet, 2030-01-02 (prepare 1.8, "
         "training 4.0, evaluation 3.5 min) (docs/demo.md)")
     assert measured_elsewhere(tmp_path / "nowhere") is None and table(tmp_path / "nowhere").count("\n") == 1

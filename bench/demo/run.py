@@ -192,8 +192,9 @@ def run_demo(plan: DemoPlan, printer: Printer) -> Path:
     reused_evaluations = evaluation_count(grid, cells) - len(eval_todo(grid, cells))
     idle = IdleLanes(plan.lanes)
     t0 = time.time()
+    times = {"measure": t0 - began}  # the grid, the calibration and the estimate, before any work
     _prepare(plan, printer, stamp)
-    times = {"prepare": time.time() - t0}
+    times["prepare"] = time.time() - t0
     t0 = time.time()
     trained = run_train(plan, grid, cells, work, printer, idle)
     times["train"] = time.time() - t0
