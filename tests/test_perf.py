@@ -333,8 +333,18 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
         profiled = row["profile_ms"]
         assert profiled["matmul"] > 0 and profiled["optimizer"] > 0 and profiled["ema"] > 0, profiled
         assert sum(v for k, v in profiled.items() if k != "wall") == pytest.approx(profiled["wall"], rel=0.02)
+        # the largest operators outside the floor: none of its categories, each within its category's
+        # total, the largest first, at most three
+        largest = row["profile_largest"]
+        assert largest and not set(largest) & {"matmul", "attention"}, largest
+        for category, listed in largest.items():
+            times = [ms for _, ms in listed]
+            assert 0 < len(listed) <= 3 and times == sorted(times, reverse=True), listed
+            assert sum(times) <= profiled[category] + 0.01 and times[-1] >= 0.005 * profiled["wall"], listed
         assert row["floor_share"] == pytest.approx(floor["seconds_per_call"] / row["seconds_per_call"], abs=1e-4)
     assert "where the time goes" in text and "arithmetic floor: redi (fp32)" in text
+    assert re.search(r"^    (copies|elementwise|activation|layernorm|optimizer|ema|autograd): \S+ [\d.]+ ms", text,
+                     re.M), text
     assert re.search(r"^  INFO  train: ceiling = official step / the fp32 arithmetic floor: measured [\d.]+x",
                      section, re.M)
     # the loss check can fail: an official network that differs by 1e-3 is caught
@@ -518,7 +528,7 @@ def test_a_compiled_steps_profile_names_its_fused_kernels():
     One compiled block stands for the step: the naming does not depend on the graph's size."""
     import torch._inductor.config as inductor_config
 
-    from bench.perf.profile import compiled_kernel_names, profile_workload
+    from bench.perf.profile import by_category, compiled_kernel_names, largest_outside_the_floor, profile_operators
     from models.backbone import DiTBlock
 
     torch.manual_seed(0)
@@ -530,8 +540,11 @@ def test_a_compiled_steps_profile_names_its_fused_kernels():
         workload = Workload(kind="train", name="block", run=lambda: compiled(x, c).square().sum().backward(),
                             images_per_call=4, fields={}, device=torch.device("cpu"))
         workload.run()  # compiles, with the names
-        profiled = profile_workload(workload)
+        operators, wall_ms = profile_operators(workload)
+    profiled = by_category(operators, wall_ms)
     assert inductor_config.cpp.enable_kernel_profile is False
+    # the compiled GELU (its sigmoid form) is a named kernel among the largest activations
+    assert any("sigmoid" in name for name, _ in largest_outside_the_floor(operators, wall_ms)["activation"])
     assert profiled["activation"] > 0 and profiled["layernorm"] > 0 and profiled["matmul"] > 0, profiled
     assert sum(v for k, v in profiled.items() if k != "wall") == pytest.approx(profiled["wall"], rel=0.02)
 

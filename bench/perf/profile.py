@@ -27,6 +27,11 @@ into a layer norm's counts as layernorm; the categories of a compiled step are t
 kernels' time goes, named by the most distinctive operator each fuses. The compiled graph's own
 wrapper (`## Call CompiledFxGraph ...`) is Python: unattributed.
 
+Beside the categories, each profiled row records (`profile_largest`) and prints the three largest
+operators or kernels of every category the arithmetic floor does not count (all but matmul and
+attention), those of at least half a percent of the step: the names to look at when the floor
+share is short of the step.
+
 The profiler adds a few microseconds per operator, so the shares of small operators are
 overstated; the timed rows (images/s) never run under it.
 """
@@ -44,6 +49,8 @@ from bench.perf.timing import Workload
 CATEGORIES = ("matmul", "attention", "layernorm", "activation", "elementwise", "copies", "optimizer", "ema",
               "autograd", "unattributed")
 EMA_REGION = "ema"
+FLOOR_CATEGORIES = ("matmul", "attention")  # what bench/perf/roofline.py's arithmetic floor counts
+MIN_LISTED_SHARE = 0.005  # largest_outside_the_floor leaves out operators under 0.5% of the step
 _MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
            "aten::convolution", "aten::_convolution", "aten::mkldnn_convolution", "aten::convolution_backward",
            "aten::_mkldnn_convolution", "aten::addmm_", "aten::mkldnn_linear")
@@ -115,38 +122,64 @@ def categorize(name: str, regions: tuple[str, ...]) -> str:
     return "unattributed"
 
 
-def profile_workload(workload: Workload, steps: int = 2) -> dict[str, float]:
-    """Milliseconds per call of `workload` in each category (CATEGORIES), from `steps` profiled
-    calls, and `wall`: the profiled call's wall time. CPU only: on a GPU, self CPU time is launch
-    time, not the kernels' (bench perf refuses --profile there)."""
+def profile_operators(workload: Workload, steps: int = 2) -> tuple[dict[tuple[str, str], float], float]:
+    """Milliseconds per call of `workload` of each (category, operator or kernel name), from `steps`
+    profiled calls, and the profiled call's wall time in ms. CPU only: on a GPU, self CPU time is
+    launch time, not the kernels' (bench perf refuses --profile there)."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             workload.run()
         wall = time.perf_counter() - start
-    totals: dict[str, float] = defaultdict(float)
+    operators: dict[tuple[str, str], float] = defaultdict(float)
     for event in prof.events():
         regions, parent = [event.name], event.cpu_parent  # a region's own Python time counts in it too
         while parent is not None:
             regions.append(parent.name)
             parent = parent.cpu_parent
-        totals[categorize(event.name, tuple(regions))] += event.self_cpu_time_total / 1000.0
-    out = {c: round(totals.get(c, 0.0) / steps, 2) for c in CATEGORIES if c != "unattributed"}
-    out["unattributed"] = round(max(0.0, 1000.0 * wall / steps - sum(out.values())), 2)
-    out["wall"] = round(1000.0 * wall / steps, 2)
+        operators[(categorize(event.name, tuple(regions)), event.name)] += event.self_cpu_time_total / 1000.0 / steps
+    return dict(operators), 1000.0 * wall / steps
+
+
+def by_category(operators: dict[tuple[str, str], float], wall_ms: float) -> dict[str, float]:
+    """ms per call in each category (CATEGORIES) and `wall`; unattributed is the wall time left."""
+    totals: dict[str, float] = defaultdict(float)
+    for (category, _), ms in operators.items():
+        totals[category] += ms
+    out = {c: round(totals.get(c, 0.0), 2) for c in CATEGORIES if c != "unattributed"}
+    out["unattributed"] = round(max(0.0, wall_ms - sum(out.values())), 2)
+    out["wall"] = round(wall_ms, 2)
     return out
 
 
+def largest_outside_the_floor(operators: dict[tuple[str, str], float], wall_ms: float,
+                              top: int = 3) -> dict[str, list[list]]:
+    """The `top` largest operators or kernels of each category the arithmetic floor does not count
+    (FLOOR_CATEGORIES are its matmuls and attention), as [name, ms per call], those of at least
+    MIN_LISTED_SHARE of the wall time: where the time beyond the arithmetic goes."""
+    largest: dict[str, list[list]] = {}
+    for (category, name), ms in sorted(operators.items(), key=lambda item: -item[1]):
+        if category in FLOOR_CATEGORIES or ms < MIN_LISTED_SHARE * wall_ms:
+            continue
+        listed = largest.setdefault(category, [])
+        if len(listed) < top:
+            listed.append([name, round(ms, 2)])
+    return largest
+
+
 def format_profile(rows: list[dict]) -> list[str]:
-    """The report's section: one line per profiled training row, ms per step and share."""
+    """The report's section: one line per profiled training row, ms per step and share, then the
+    largest operators of each category outside the arithmetic floor, when the row has them."""
     profiled = [r for r in rows if r.get("profile_ms")]
     if not profiled:
         return []
     lines = ["", "where the time goes (torch.profiler, self CPU time per step in ms, share of the profiled "
-                 "step's wall time; bench/perf/profile.py)"]
+                 "step's wall time; indented: the largest outside the arithmetic floor; bench/perf/profile.py)"]
     for r in profiled:
         p = r["profile_ms"]
         parts = ", ".join(f"{c} {p[c]:.0f} ({100 * p[c] / p['wall']:.0f}%)" for c in CATEGORIES if p.get(c))
         lines.append(f"  {r['name']}: {p['wall']:.0f} ms: {parts}")
+        for category, listed in (r.get("profile_largest") or {}).items():
+            lines.append(f"    {category}: " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in listed))
     return lines
 

@@ -33,7 +33,7 @@ from bench.perf.official_step import (
     load_official_code,
     official_loss_agreement,
 )
-from bench.perf.profile import compiled_kernel_names, profile_workload
+from bench.perf.profile import by_category, compiled_kernel_names, largest_outside_the_floor, profile_operators
 from bench.perf.roofline import MATMUL_SIZE, attention_forms, matmul_peak
 from bench.perf.setup import (
     BatchPool,
@@ -383,7 +383,9 @@ def _measure(kind: str, factories: list, args: argparse.Namespace, device: torch
     if kind == "train" and getattr(args, "profile", False):  # the workloads are still resident (parse_args)
         for workload in (w for w in done if w.fields.get("mode") != "floor"):  # the floor has no step to split
             _log(f"{kind}: profiling {workload.name}")
-            workload.fields["profile_ms"] = profile_workload(workload)
+            operators, wall_ms = profile_operators(workload)
+            workload.fields["profile_ms"] = by_category(operators, wall_ms)
+            workload.fields["profile_largest"] = largest_outside_the_floor(operators, wall_ms)
     for workload in done:
         workload.run = _released  # the rows need only times and fields: free models before the next kind
     return done
