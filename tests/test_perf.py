@@ -384,6 +384,16 @@ def test_ladder_times_the_reference_spec_even_when_specs_do_not_name_it(tmp_path
     assert {"latent_only", "ladder 1: - checkpointing", "floor redi fp32"} <= {r["spec"] for r in rows}
 
 
+def test_the_largest_outside_the_floor_are_three_per_category_of_half_a_percent_or_more():
+    from bench.perf.profile import largest_outside_the_floor
+
+    operators = {("matmul", "aten::mm"): 500.0, ("attention", "sdpa"): 90.0, ("copies", "aten::copy_"): 40.0,
+                 ("copies", "stack"): 30.0, ("copies", "aten::fill_"): 20.0, ("copies", "aten::cat"): 10.0,
+                 ("activation", "gelu"): 5.0, ("activation", "silu"): 4.9}
+    assert largest_outside_the_floor(operators, wall_ms=1000.0) == {
+        "copies": [["aten::copy_", 40.0], ["stack", 30.0], ["aten::fill_", 20.0]], "activation": [["gelu", 5.0]]}
+
+
 def test_profile_categories():
     """Operators land in their category by name; the optimiser's and the EMA's by region."""
     from bench.perf.profile import categorize
@@ -528,7 +538,7 @@ def test_a_compiled_steps_profile_names_its_fused_kernels():
     One compiled block stands for the step: the naming does not depend on the graph's size."""
     import torch._inductor.config as inductor_config
 
-    from bench.perf.profile import by_category, compiled_kernel_names, largest_outside_the_floor, profile_operators
+    from bench.perf.profile import by_category, compiled_kernel_names, profile_operators
     from models.backbone import DiTBlock
 
     torch.manual_seed(0)
@@ -543,8 +553,9 @@ def test_a_compiled_steps_profile_names_its_fused_kernels():
         operators, wall_ms = profile_operators(workload)
     profiled = by_category(operators, wall_ms)
     assert inductor_config.cpp.enable_kernel_profile is False
-    # the compiled GELU (its sigmoid form) is a named kernel among the largest activations
-    assert any("sigmoid" in name for name, _ in largest_outside_the_floor(operators, wall_ms)["activation"])
+    # the compiled GELU (its sigmoid form) is a named kernel, an activation (whether it reaches
+    # largest_outside_the_floor's share depends on the machine's load: the block takes microseconds)
+    assert any(category == "activation" and "sigmoid" in name for category, name in operators), operators
     assert profiled["activation"] > 0 and profiled["layernorm"] > 0 and profiled["matmul"] > 0, profiled
     assert sum(v for k, v in profiled.items() if k != "wall") == pytest.approx(profiled["wall"], rel=0.02)
 
