@@ -336,11 +336,12 @@ def test_official_side_by_side_with_a_stand_in_checkout(tmp_path):
         # the largest operators outside the floor: none of its categories, each within its category's
         # total, the largest first, at most three
         largest = row["profile_largest"]
-        assert largest and not set(largest) & {"matmul", "attention"}, largest
+        assert largest and not set(largest) & {"matmul", "attention", "unattributed"}, largest
         for category, listed in largest.items():
             times = [ms for _, ms in listed]
             assert 0 < len(listed) <= 3 and times == sorted(times, reverse=True), listed
-            assert sum(times) <= profiled[category] + 0.01 and times[-1] >= 0.005 * profiled["wall"], listed
+            # (both sides rounded to 0.01 ms)
+            assert sum(times) <= profiled[category] + 0.01 and times[-1] >= 0.005 * profiled["wall"] - 0.01, listed
         assert row["floor_share"] == pytest.approx(floor["seconds_per_call"] / row["seconds_per_call"], abs=1e-4)
     assert "where the time goes" in text and "arithmetic floor: redi (fp32)" in text
     assert re.search(r"^    (copies|elementwise|activation|layernorm|optimizer|ema|autograd): \S+ [\d.]+ ms", text,
@@ -389,7 +390,7 @@ def test_the_largest_outside_the_floor_are_three_per_category_of_half_a_percent_
 
     operators = {("matmul", "aten::mm"): 500.0, ("attention", "sdpa"): 90.0, ("copies", "aten::copy_"): 40.0,
                  ("copies", "stack"): 30.0, ("copies", "aten::fill_"): 20.0, ("copies", "aten::cat"): 10.0,
-                 ("activation", "gelu"): 5.0, ("activation", "silu"): 4.9}
+                 ("activation", "gelu"): 5.0, ("activation", "silu"): 4.9, ("unattributed", "AddmmBackward0"): 9.0}
     assert largest_outside_the_floor(operators, wall_ms=1000.0) == {
         "copies": [["aten::copy_", 40.0], ["stack", 30.0], ["aten::fill_", 20.0]], "activation": [["gelu", 5.0]]}
 

@@ -28,9 +28,9 @@ kernels' time goes, named by the most distinctive operator each fuses. The compi
 wrapper (`## Call CompiledFxGraph ...`) is Python: unattributed.
 
 Beside the categories, each profiled row records (`profile_largest`) and prints the three largest
-operators or kernels of every category the arithmetic floor does not count (all but matmul and
-attention), those of at least half a percent of the step: the names to look at when the floor
-share is short of the step.
+operators or kernels of every category the arithmetic floor does not count (all but matmul,
+attention and unattributed), those of at least half a percent of the step: the names to look at
+when the floor share is short of the step.
 
 The profiler adds a few microseconds per operator, so the shares of small operators are
 overstated; the timed rows (images/s) never run under it.
@@ -156,10 +156,11 @@ def largest_outside_the_floor(operators: dict[tuple[str, str], float], wall_ms: 
                               top: int = 3) -> dict[str, list[list]]:
     """The `top` largest operators or kernels of each category the arithmetic floor does not count
     (FLOOR_CATEGORIES are its matmuls and attention), as [name, ms per call], those of at least
-    MIN_LISTED_SHARE of the wall time: where the time beyond the arithmetic goes."""
+    MIN_LISTED_SHARE of the wall time: where the time beyond the arithmetic goes. Unattributed is
+    left out: by_category makes it the wall time the named categories leave, not a sum of operators."""
     largest: dict[str, list[list]] = {}
     for (category, name), ms in sorted(operators.items(), key=lambda item: -item[1]):
-        if category in FLOOR_CATEGORIES or ms < MIN_LISTED_SHARE * wall_ms:
+        if category in (*FLOOR_CATEGORIES, "unattributed") or ms < MIN_LISTED_SHARE * wall_ms:
             continue
         listed = largest.setdefault(category, [])
         if len(listed) < top:
