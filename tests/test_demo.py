@@ -118,9 +118,10 @@ def test_quick_demo_writes_every_promised_file(first_run):
     calls = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     assert len(calls) == 1 and calls[0]["prepare"] is False and calls[0]["trained"] == len(SPECS) * len(SEEDS)
     assert calls[0]["evaluated"] == EVALUATIONS and calls[0]["estimate"]["lanes"] == 2
-    # the stages add up to the call, and the up-front measurement is its own stage, not the report's
+    # the stages add up to the call (six values rounded to 0.1 s: 0.3 s at most), and the up-front
+    # measurement is its own stage, not the report's
     stages = [calls[0][f"{stage}_s"] for stage in ("measure", "prepare", "train", "eval", "report")]
-    assert abs(sum(stages) - calls[0]["total_s"]) < 1.0 and stages[0] >= calls[0]["estimate"]["calibration_s"]
+    assert abs(sum(stages) - calls[0]["total_s"]) < 0.31 and stages[0] >= calls[0]["estimate"]["calibration_s"]
     units = calls[0]["estimate"]["units"]  # what the estimate came from, to check it against the stages
     assert set(units["sample_step_s"]) == {"none", "rg"} and units["decode_image_s"] > 0
     assert units["vae_step_s"] > 0 and units["encode_image_s"] > 0 and set(units["train_step_s"]) == set(SPECS)
